@@ -1,0 +1,25 @@
+# The two entry points of README.md. Each installs what it needs into its own virtual environment.
+PYTHON ?= python3
+SERVE_VENV := .venv-serve
+TEST_VENV := .venv
+
+.PHONY: serve test install-serve install-test
+
+# Serving install: no torch (the server never imports it).
+install-serve:
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q .
+
+serve: install-serve
+	$(SERVE_VENV)/bin/fewshot serve
+
+# Test install: torch/torchvision pinned to a pair that imports together (timm needs torchvision).
+install-test:
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q --upgrade pip
+	$(TEST_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(TEST_VENV)/bin/pip install -q -e '.[train,test]'
+
+test: install-test
+	$(TEST_VENV)/bin/python -m pytest

@@ -1,0 +1,61 @@
+"""The ``fewshot`` command. Each subcommand lives in its own module, imported only when chosen,
+so ``fewshot serve`` never imports torch and ``fewshot --help`` is instant.
+
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("fewshot_service.serve_cli", "run the gRPC + REST inference server"),
+    "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
+    "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),
+    "eval": ("fewshot_trainer.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),
+    "import-checkpoint": (
+        "fewshot_trainer.import_cli",
+        "convert official MSN or Hugging Face ViTMSN weights into a fewshot checkpoint",
+    ),
+}
+TRAIN_ONLY = {"train", "export", "import-checkpoint"}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewshot",
+        description="Label-efficient image classification with MSN-pretrained Vision Transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        _top_level_parser().parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if name in TRAIN_ONLY and exc.name in {"torch", "timm", "torchvision", "onnx"}:
+            print(
+                f"fewshot {name} needs the training extras: pip install 'fewshot[train]' ({exc})",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"fewshot {name}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Typed errors of the service core. Each transport maps them once to its own status codes:
+
+| error               | gRPC                | HTTP |
+|---------------------|---------------------|------|
+| InvalidInput        | INVALID_ARGUMENT    | 422  |
+| TooLarge            | RESOURCE_EXHAUSTED  | 413  |
+| NotFound            | NOT_FOUND           | 404  |
+| FailedPrecondition  | FAILED_PRECONDITION | 409  |
+| Unavailable         | UNAVAILABLE         | 503  |
+"""
+
+from __future__ import annotations
+
+
+class FewshotError(Exception):
+    """Base class: ``str(err)`` is a message fit to show the client."""
+
+
+class InvalidInput(FewshotError):
+    """The request is malformed: undecodable image, bad label, bad parameter."""
+
+
+class ImageError(InvalidInput):
+    """One image of a request could not be used; ``index`` says which (0-based, request order)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"image {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+class TooLarge(FewshotError):
+    """A configured limit was exceeded: bytes, pixels or images per request."""
+
+
+class NotFound(FewshotError):
+    """Unknown class or example."""
+
+
+class FailedPrecondition(FewshotError):
+    """The system is not in a state to answer: no classes yet, or a model mismatch."""
+
+
+class Unavailable(FewshotError):
+    """A dependency (Redis) cannot be reached; retrying later may succeed."""

@@ -1,0 +1,1 @@
+"""fewshot training: MSN pretraining of timm Vision Transformers, ONNX export, few-shot evaluation."""
