@@ -1,0 +1,144 @@
+"""The one object both transports call: embedding, classification and the example registry.
+
+gRPC and REST only translate; every check on a request's meaning (namespace, top_k, images) is
+made here, once, so a request is refused the same way whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from . import inference_metrics as metrics
+from .batcher import BatchConfig, DynamicBatcher
+from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
+from .embedder import Embedder
+from .errors import FailedPrecondition, InvalidInput
+
+if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
+    from .registry import ClassInfo, PrototypeSet, Registry
+
+DEFAULT_NAMESPACE = "default"
+MAX_TOP_K = 1000
+# Namespaces end up in Redis keys and URLs: keep them to a plain, safe alphabet.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def resolve_namespace(namespace: str | None) -> str:
+    """Empty means ``default``; otherwise 1-64 of ``A-Z a-z 0-9 . _ -``, starting alphanumeric."""
+    if not namespace:
+        return DEFAULT_NAMESPACE
+    if not _NAMESPACE.fullmatch(namespace):
+        raise InvalidInput(
+            f"invalid namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return namespace
+
+
+def resolve_top_k(top_k: int | None) -> int:
+    """0 (or unset) means 5; at most :data:`MAX_TOP_K`."""
+    if not top_k:
+        return DEFAULT_TOP_K
+    if top_k < 0 or top_k > MAX_TOP_K:
+        raise InvalidInput(f"top_k must be between 0 and {MAX_TOP_K}, got {top_k}")
+    return int(top_k)
+
+
+class FewShotCore:
+    def __init__(
+        self, embedder: Embedder, registry: "Registry", *, batching: BatchConfig | None = None
+    ) -> None:
+        self.embedder = embedder
+        self.registry = registry
+        self._batcher = DynamicBatcher(
+            embedder.embed_array,
+            batching or BatchConfig(max_batch_size=embedder.max_batch_size),
+        )
+        # Re-normalising and sorting prototypes once per registry generation, not per request.
+        self._matrices: dict[str, tuple[Any, PrototypeMatrix]] = {}
+        self._matrices_lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def embed(self, images: Sequence[bytes], *, operation: str = "embed") -> np.ndarray:
+        """Encoded image files -> ``[N, D]`` L2-normalised float32 embeddings."""
+        started = time.perf_counter()
+        pixels = self.embedder.load_images(images)
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+        metrics.IMAGES_TOTAL.labels(operation).inc(len(pixels))
+        return self._batcher.submit(pixels)
+
+    def classify(
+        self, images: Sequence[bytes], namespace: str | None = None, top_k: int | None = 0
+    ) -> list[list[Prediction]]:
+        """Per image, the ``top_k`` classes of ``namespace`` by cosine similarity, best first."""
+        namespace = resolve_namespace(namespace)
+        top_k = resolve_top_k(top_k)
+        # The prototypes first: a namespace we cannot answer for should not cost an inference.
+        matrix = self._prototype_matrix(namespace)
+        return matrix.top_k(self.embed(images, operation="classify"), top_k)
+
+    def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
+        prototypes: PrototypeSet = self.registry.prototypes(namespace)
+        if prototypes.model_id is not None and prototypes.model_id != self.model_id:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} holds embeddings of model {prototypes.model_id!r}, but "
+                f"this server runs model {self.model_id!r}; re-add the examples with this model "
+                "or serve the model they came from"
+            )
+        if len(prototypes.labels) == 0:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} has no classes yet; add examples first"
+            )
+        key = (prototypes.generation, prototypes.model_id, id(prototypes.matrix))
+        with self._matrices_lock:
+            cached = self._matrices.get(namespace)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        matrix = PrototypeMatrix(prototypes.labels, prototypes.matrix)
+        with self._matrices_lock:
+            self._matrices[namespace] = (key, matrix)
+        return matrix
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def add_examples(
+        self, namespace: str | None, label: str, images: Sequence[bytes]
+    ) -> "ClassInfo":
+        """Embed every image first, so one bad file adds nothing; then add them atomically."""
+        namespace = resolve_namespace(namespace)
+        embeddings = self.embed(images, operation="add_examples")
+        return self.registry.add_examples(namespace, label, embeddings, self.model_id)
+
+    def list_classes(self, namespace: str | None = None) -> Any:
+        return self.registry.list_classes(resolve_namespace(namespace))
+
+    def get_class(self, namespace: str | None, label: str) -> "ClassInfo":
+        return self.registry.get_class(resolve_namespace(namespace), label)
+
+    def delete_class(self, namespace: str | None, label: str) -> Any:
+        return self.registry.delete_class(resolve_namespace(namespace), label)
+
+    def delete_example(self, namespace: str | None, label: str, example_id: str) -> Any:
+        return self.registry.delete_example(resolve_namespace(namespace), label, example_id)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Model loaded (it is, once constructed) and Redis answering."""
+        try:
+            return bool(self.registry.ping())
+        except Exception:  # a health probe reports, it never raises
+            return False

@@ -1,0 +1,146 @@
+"""ONNX Runtime embedder: an exported fewshot model turned into L2-normalised vectors.
+
+The model file is self-describing (see :mod:`modelmeta`): its metadata gives the preprocessing,
+the embedding size and the model id, so loading needs nothing but the path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ImageError
+from .images import ImageLimits, decode_image, load_batch, preprocess
+from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
+
+# Fastest first; the first ones that this onnxruntime build offers are used.
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+class InvalidModel(ValueError):
+    """The file is not a model this server can serve (no fewshot metadata, wrong graph shape)."""
+
+
+def default_providers() -> list[str]:
+    available = set(ort.get_available_providers())
+    return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    # A zero vector stays zero instead of becoming NaN.
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+class Embedder:
+    """Loads one exported model and embeds images with it. Thread-safe: ORT sessions are."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        providers: Sequence[str] | None = None,
+        limits: ImageLimits = ImageLimits(),
+        intra_op_threads: int | None = None,
+        max_batch_size: int = 32,
+    ) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=list(providers or default_providers())
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise InvalidModel(f"{path}: not a loadable ONNX model ({exc})") from exc
+        try:
+            self.meta = ModelMeta.from_metadata_props(
+                self._session.get_modelmeta().custom_metadata_map
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidModel(f"{path}: {exc}") from exc
+        self._check_graph(path)
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self.providers: list[str] = self._session.get_providers()
+
+    def _check_graph(self, path: Path) -> None:
+        """Refuse a graph whose input/output do not match its own metadata."""
+        inputs = {node.name: node for node in self._session.get_inputs()}
+        outputs = {node.name: node for node in self._session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise InvalidModel(
+                f"{path}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}', found inputs "
+                f"{sorted(inputs)} and outputs {sorted(outputs)}"
+            )
+        size = self.meta.preprocess.input_size
+        in_shape = list(inputs[INPUT_NAME].shape)
+        if len(in_shape) != 4 or in_shape[1:] != [3, size, size] or isinstance(in_shape[0], int):
+            raise InvalidModel(
+                f"{path}: input '{INPUT_NAME}' has shape {in_shape}; the metadata needs "
+                f"[batch, 3, {size}, {size}] with a dynamic batch dimension"
+            )
+        out_shape = list(outputs[OUTPUT_NAME].shape)
+        dim = out_shape[1] if len(out_shape) == 2 else None
+        if len(out_shape) != 2 or (isinstance(dim, int) and dim != self.meta.embedding_dim):
+            raise InvalidModel(
+                f"{path}: output '{OUTPUT_NAME}' has shape {out_shape}; the metadata says "
+                f"[batch, {self.meta.embedding_dim}]"
+            )
+
+    @property
+    def model_id(self) -> str:
+        return self.meta.model_id
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.meta.embedding_dim
+
+    def embed_array(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed ``[N, 3, S, S]`` -> ``[N, D]`` float32, each row of unit L2 norm."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        chunks = [
+            self._session.run([OUTPUT_NAME], {INPUT_NAME: pixels[start : start + self.max_batch_size]})[0]
+            for start in range(0, len(pixels), self.max_batch_size)
+        ]
+        if not chunks:
+            return np.empty((0, self.embedding_dim), dtype=np.float32)
+        return l2_normalise(np.concatenate(chunks).astype(np.float32, copy=False))
+
+    def load_images(self, images: Sequence[bytes]) -> np.ndarray:
+        """Decode, check limits and preprocess: encoded files -> ``[N, 3, S, S]``."""
+        return load_batch(images, self.meta.preprocess, self.limits)
+
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
+        return self.embed_array(self.load_images(images))
+
+    def embed_paths(self, paths: Iterable[str | os.PathLike[str]]) -> np.ndarray:
+        """Embed image files, ``max_batch_size`` at a time (for the evaluator and benchmarks)."""
+        paths = list(paths)
+        if not paths:
+            return np.empty((0, self.embedding_dim), dtype=np.float32)
+        parts = []
+        for start in range(0, len(paths), self.max_batch_size):
+            chunk = paths[start : start + self.max_batch_size]
+            pixels = np.stack([self._load_path(Path(p)) for p in chunk])
+            parts.append(self.embed_array(pixels))
+        return np.concatenate(parts)
+
+    def _load_path(self, path: Path) -> np.ndarray:
+        try:
+            return preprocess(decode_image(path.read_bytes(), 0, self.limits), self.meta.preprocess)
+        except ImageError as exc:
+            raise ImageError(0, f"{path}: {exc.reason}") from None
