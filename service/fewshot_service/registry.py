@@ -1,0 +1,325 @@
+"""The few-shot registry: classes, their example embeddings and prototypes, kept in Redis.
+
+Key layout (one hash tag per namespace, so every script of a namespace runs on one Cluster slot)::
+
+    {prefix}:{ns:<hex>}:model        hash   model_id, dim   (what the namespace's embeddings came from)
+    {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), next_example_id
+    {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
+    {prefix}:{ns:<hex>}:prototypes   hash   <label hex> -> float32 LE prototype
+    {prefix}:{ns:<hex>}:ex:<label hex>  hash  <example id> -> float32 LE embedding
+
+Namespaces and labels appear in key names only as the hex of their UTF-8, so no label can reach
+another key, break out of the hash tag, or look like a glob. Writes are Lua scripts (atomic); each
+replica caches the prototype matrix per namespace and revalidates it with one HGET of the
+generation per request, so a change is seen by every replica on its next request.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterator
+
+import numpy as np
+import redis
+
+from fewshot_service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+
+MAX_NAME_CHARS = 128
+# Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
+MAX_EMBEDDING_DIM = 4096
+_FLOAT32_LE = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    label: str
+    count: int
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    label: str
+    count: int
+    example_ids: list[str]
+    # Only set by add_examples: the ids given to this call's examples, in request order.
+    added_example_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PrototypeSet:
+    """All prototypes of a namespace, rows in ``labels`` order (sorted, so ties break the same way)."""
+
+    labels: list[str]
+    matrix: np.ndarray  # [C, D] float32, rows are means of unit vectors (not re-normalised)
+    model_id: str | None
+    generation: int
+
+
+def validate_name(value: object, what: str = "label") -> str:
+    """A label or namespace: any UTF-8 string of 1-128 characters."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise InvalidInput(f"{what} must be 1-{MAX_NAME_CHARS} characters long, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8: {exc.reason}") from None
+    return value
+
+
+def _encode(name: str) -> str:
+    return name.encode("utf-8").hex()
+
+
+def _decode(field_name: bytes | str) -> str:
+    text = field_name.decode("ascii") if isinstance(field_name, bytes) else field_name
+    return bytes.fromhex(text).decode("utf-8")
+
+
+def _load_script(name: str) -> str:
+    scripts = resources.files("fewshot_service") / "registry_scripts"
+    prelude = (scripts / "prototype.lua").read_text(encoding="utf-8")
+    return prelude + "\n" + (scripts / name).read_text(encoding="utf-8")
+
+
+@contextmanager
+def _redis_errors(client: redis.Redis) -> Iterator[None]:
+    """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = client.connection_pool.connection_kwargs
+        raise Unavailable(
+            f"Redis at {where.get('host', '?')}:{where.get('port', '?')} is unreachable: {exc}"
+        ) from None
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
+            raise  # a registry script's own answer; the caller translates it
+        raise Unavailable(f"Redis refused the request: {exc}") from None
+
+
+_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE"}
+
+
+class _NamespaceKeys:
+    def __init__(self, prefix: str, namespace: str) -> None:
+        base = f"{prefix}:{{ns:{_encode(namespace)}}}"
+        self.model = f"{base}:model"
+        self.state = f"{base}:state"
+        self.counts = f"{base}:counts"
+        self.prototypes = f"{base}:prototypes"
+        self._examples = f"{base}:ex:"
+
+    def examples(self, label: str) -> str:
+        return self._examples + _encode(label)
+
+    def for_class(self, label: str) -> list[str]:
+        """The KEYS every class script takes, in its order."""
+        return [self.model, self.state, self.counts, self.prototypes, self.examples(label)]
+
+
+class Registry:
+    """Classes and prototypes per namespace; safe to share between threads and replicas."""
+
+    def __init__(self, client: redis.Redis, *, key_prefix: str = "fewshot") -> None:
+        if not key_prefix or "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must be non-empty and free of '{' and '}' (the hash tag)")
+        self._client = client
+        self._prefix = key_prefix
+        self._add = client.register_script(_load_script("add_examples.lua"))
+        self._delete_class = client.register_script(_load_script("delete_class.lua"))
+        self._delete_example = client.register_script(_load_script("delete_example.lua"))
+        self._cache: dict[str, PrototypeSet] = {}
+        self._cache_lock = threading.Lock()
+
+    @property
+    def key_prefix(self) -> str:
+        return self._prefix
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    def add_examples(
+        self, namespace: str, label: str, embeddings: np.ndarray, model_id: str
+    ) -> ClassInfo:
+        """Store ``embeddings`` [n, D] as new examples of ``label``, all or none."""
+        keys = self._keys(namespace)
+        validate_name(label)
+        if not model_id:
+            raise InvalidInput("model_id must not be empty")
+        vectors = self._check_embeddings(embeddings)
+        blobs = [row.astype(_FLOAT32_LE).tobytes() for row in vectors]
+        with _redis_errors(self._client):
+            try:
+                reply = self._add(
+                    keys=keys.for_class(label),
+                    args=[_encode(label), model_id, vectors.shape[1], *blobs],
+                )
+            except redis.exceptions.ResponseError as exc:
+                raise self._script_error(exc, namespace, label, model_id) from None
+            example_ids = self._example_ids(keys, label)
+        generation, count, *added = reply
+        del generation
+        return ClassInfo(
+            label=label,
+            count=int(count),
+            example_ids=example_ids,
+            added_example_ids=[_text(i) for i in added],
+        )
+
+    def list_classes(self, namespace: str) -> list[ClassSummary]:
+        keys = self._keys(namespace)
+        with _redis_errors(self._client):
+            counts = self._client.hgetall(keys.counts)
+        summaries = [ClassSummary(_decode(f), int(c)) for f, c in counts.items()]
+        return sorted(summaries, key=lambda s: s.label)
+
+    def get_class(self, namespace: str, label: str) -> ClassInfo:
+        keys = self._keys(namespace)
+        validate_name(label)
+        with _redis_errors(self._client):
+            example_ids = self._example_ids(keys, label)
+        if not example_ids:
+            raise NotFound(f"no class {label!r} in namespace {namespace!r}")
+        return ClassInfo(label=label, count=len(example_ids), example_ids=example_ids)
+
+    def delete_class(self, namespace: str, label: str) -> None:
+        keys = self._keys(namespace)
+        validate_name(label)
+        with _redis_errors(self._client):
+            try:
+                self._delete_class(keys=keys.for_class(label), args=[_encode(label)])
+            except redis.exceptions.ResponseError as exc:
+                raise self._script_error(exc, namespace, label) from None
+
+    def delete_example(self, namespace: str, label: str, example_id: str) -> ClassInfo | None:
+        """Remove one example; returns the class as it is now, or None if that was its last."""
+        keys = self._keys(namespace)
+        validate_name(label)
+        if not isinstance(example_id, str) or not example_id or len(example_id) > MAX_NAME_CHARS:
+            raise InvalidInput("example id must be a non-empty string of at most 128 characters")
+        with _redis_errors(self._client):
+            try:
+                _, count = self._delete_example(
+                    keys=keys.for_class(label), args=[_encode(label), example_id]
+                )
+            except redis.exceptions.ResponseError as exc:
+                raise self._script_error(exc, namespace, label, example_id=example_id) from None
+            if int(count) == 0:
+                return None
+            example_ids = self._example_ids(keys, label)
+        return ClassInfo(label=label, count=len(example_ids), example_ids=example_ids)
+
+    def generation(self, namespace: str) -> int:
+        """The namespace's change counter: one cheap round trip."""
+        keys = self._keys(namespace)
+        with _redis_errors(self._client):
+            value = self._client.hget(keys.state, "generation")
+        return int(value or 0)
+
+    def prototypes(self, namespace: str, expected_model_id: str | None = None) -> PrototypeSet:
+        """The namespace's prototype matrix, from this replica's cache while it is current.
+
+        Raises FailedPrecondition when the namespace has no classes, or (given
+        ``expected_model_id``) when its embeddings came from another model.
+        """
+        generation = self.generation(namespace)
+        cached = self._cache.get(namespace)
+        if cached is None or cached.generation != generation:
+            cached = self._fetch_prototypes(namespace)
+            with self._cache_lock:
+                current = self._cache.get(namespace)
+                if current is None or current.generation < cached.generation:
+                    self._cache[namespace] = cached
+        if not cached.labels:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} has no classes yet: add examples to a class first"
+            )
+        if expected_model_id is not None and cached.model_id != expected_model_id:
+            raise FailedPrecondition(
+                f"namespace {namespace!r} holds embeddings of model {cached.model_id!r}, but this "
+                f"server runs model {expected_model_id!r}; embeddings of two models are not "
+                "comparable: re-add the examples under this model or use another namespace"
+            )
+        return cached
+
+    def _fetch_prototypes(self, namespace: str) -> PrototypeSet:
+        keys = self._keys(namespace)
+        with _redis_errors(self._client):
+            # One MULTI: generation, model and prototypes come from the same instant.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hget(keys.state, "generation")
+            pipe.hget(keys.model, "model_id")
+            pipe.hgetall(keys.prototypes)
+            generation, model_id, raw = pipe.execute()
+        rows = sorted((_decode(f), blob) for f, blob in raw.items())
+        labels = [label for label, _ in rows]
+        if rows:
+            matrix = np.stack([np.frombuffer(blob, dtype=_FLOAT32_LE) for _, blob in rows])
+            matrix = matrix.astype(np.float32)
+        else:
+            matrix = np.zeros((0, 0), dtype=np.float32)
+        matrix.setflags(write=False)  # shared by every request on this replica
+        return PrototypeSet(
+            labels=labels,
+            matrix=matrix,
+            model_id=_text(model_id) if model_id is not None else None,
+            generation=int(generation or 0),
+        )
+
+    def _keys(self, namespace: str) -> _NamespaceKeys:
+        return _NamespaceKeys(self._prefix, validate_name(namespace, "namespace"))
+
+    def _example_ids(self, keys: _NamespaceKeys, label: str) -> list[str]:
+        ids = [_text(i) for i in self._client.hkeys(keys.examples(label))]
+        return sorted(ids, key=lambda i: (len(i), i))  # numeric order: ids are counters
+
+    @staticmethod
+    def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(embeddings)
+        if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
+            raise InvalidInput(f"embeddings must be a non-empty [n, D] array, got {vectors.shape}")
+        if vectors.shape[1] > MAX_EMBEDDING_DIM:
+            raise InvalidInput(f"embedding dim {vectors.shape[1]} exceeds {MAX_EMBEDDING_DIM}")
+        vectors = vectors.astype(np.float32)
+        if not np.all(np.isfinite(vectors)):
+            raise InvalidInput("embeddings contain NaN or infinity")
+        if np.any(np.linalg.norm(vectors, axis=1) == 0):
+            raise InvalidInput("an embedding is all zeros and has no direction")
+        return vectors
+
+    @staticmethod
+    def _script_error(
+        exc: redis.exceptions.ResponseError,
+        namespace: str,
+        label: str,
+        model_id: str | None = None,
+        example_id: str | None = None,
+    ) -> Exception:
+        code, _, detail = str(exc).partition(" ")
+        if code == "NO_CLASS":
+            return NotFound(f"no class {label!r} in namespace {namespace!r}")
+        if code == "NO_EXAMPLE":
+            return NotFound(f"class {label!r} in namespace {namespace!r} has no example {example_id!r}")
+        if code == "MODEL_MISMATCH":
+            return FailedPrecondition(
+                f"namespace {namespace!r} holds embeddings of model {detail!r}, not {model_id!r}; "
+                "embeddings of two models are not comparable: use another namespace or delete "
+                "its classes first"
+            )
+        if code == "DIM_MISMATCH":
+            return FailedPrecondition(
+                f"namespace {namespace!r} holds {detail}-dimensional embeddings; these differ"
+            )
+        return Unavailable(f"Redis refused the request: {exc}")
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

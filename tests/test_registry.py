@@ -1,0 +1,265 @@
+"""The Redis registry against a real private Valkey/Redis server."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from fewshot_service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry import Registry
+
+DIM = 16
+MODEL = "vit_test-000000000001"
+TRICKY_LABELS = [
+    "a/b/c",
+    "*",
+    "a*b?[c]",
+    "ns:label:with:colons",
+    "{braces}",
+    "}",
+    "{",
+    "}{evil}{",
+    "two words  and spaces ",
+    "🐱 cat",
+    "ünïcödé",
+    "x" * 128,
+    "🦄" * 128,
+]
+
+
+def unit_mean(vectors: np.ndarray) -> np.ndarray:
+    v = vectors.astype(np.float64)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).mean(axis=0)
+
+
+def rand(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+@pytest.fixture
+def registry(redis_client: redis.Redis) -> Registry:
+    return Registry(redis_client)
+
+
+def test_add_get_list_and_prototype_is_mean_of_normalised(registry: Registry) -> None:
+    cats, dogs = rand(5, 1) * 7.0, rand(3, 2)
+    info = registry.add_examples("default", "cat", cats, MODEL)
+    assert (info.label, info.count, len(info.added_example_ids)) == ("cat", 5, 5)
+    assert info.example_ids == info.added_example_ids
+    registry.add_examples("default", "dog", dogs, MODEL)
+
+    assert [(c.label, c.count) for c in registry.list_classes("default")] == [("cat", 5), ("dog", 3)]
+    assert registry.get_class("default", "dog").count == 3
+    protos = registry.prototypes("default", MODEL)
+    assert protos.labels == ["cat", "dog"]
+    assert protos.model_id == MODEL
+    assert protos.matrix.dtype == np.float32 and protos.matrix.shape == (2, DIM)
+    np.testing.assert_allclose(protos.matrix[0], unit_mean(cats), atol=1e-6)
+    np.testing.assert_allclose(protos.matrix[1], unit_mean(dogs), atol=1e-6)
+
+
+def test_each_example_is_stored_so_removing_one_recomputes_the_prototype(registry: Registry) -> None:
+    first, second = rand(3, 3), rand(2, 4)
+    registry.add_examples("default", "cat", first, MODEL)
+    added = registry.add_examples("default", "cat", second, MODEL)
+    assert added.count == 5 and len(added.example_ids) == 5
+
+    remaining = registry.delete_example("default", "cat", added.added_example_ids[0])
+    assert remaining is not None and remaining.count == 4
+    assert added.added_example_ids[0] not in remaining.example_ids
+    expected = unit_mean(np.concatenate([first, second[1:]]))
+    np.testing.assert_allclose(registry.prototypes("default").matrix[0], expected, atol=1e-6)
+
+
+def test_removing_the_last_example_removes_the_class(registry: Registry) -> None:
+    info = registry.add_examples("default", "solo", rand(1, 5), MODEL)
+    assert registry.delete_example("default", "solo", info.example_ids[0]) is None
+    assert registry.list_classes("default") == []
+    with pytest.raises(NotFound):
+        registry.get_class("default", "solo")
+
+
+def test_delete_class_and_unknown_class_or_example_are_not_found(registry: Registry) -> None:
+    registry.add_examples("default", "cat", rand(2, 6), MODEL)
+    registry.add_examples("default", "dog", rand(2, 7), MODEL)
+    registry.delete_class("default", "cat")
+    assert [c.label for c in registry.list_classes("default")] == ["dog"]
+    assert registry.prototypes("default").labels == ["dog"]
+    with pytest.raises(NotFound, match="cat"):
+        registry.delete_class("default", "cat")
+    with pytest.raises(NotFound, match="cat"):
+        registry.get_class("default", "cat")
+    with pytest.raises(NotFound, match="no example '999'"):
+        registry.delete_example("default", "dog", "999")
+    with pytest.raises(NotFound, match="no class 'cat'"):
+        registry.delete_example("default", "cat", "1")
+
+
+def test_empty_namespace_has_no_prototypes(registry: Registry) -> None:
+    with pytest.raises(FailedPrecondition, match="no classes"):
+        registry.prototypes("empty")
+    assert registry.list_classes("empty") == []
+
+
+def test_namespace_records_its_model_and_refuses_another(registry: Registry) -> None:
+    registry.add_examples("shop", "cat", rand(2, 8), MODEL)
+    with pytest.raises(FailedPrecondition, match="other-model|not comparable"):
+        registry.add_examples("shop", "dog", rand(2, 9), "other-model")
+    with pytest.raises(FailedPrecondition, match=f"model '{MODEL}'.*runs model 'other-model'"):
+        registry.prototypes("shop", expected_model_id="other-model")
+    with pytest.raises(FailedPrecondition, match="dimensional"):
+        registry.add_examples("shop", "dog", rand(2, 9, dim=DIM * 2), MODEL)
+    # Nothing of the refused adds was stored.
+    assert [(c.label, c.count) for c in registry.list_classes("shop")] == [("cat", 2)]
+    # Once empty, a namespace may start over with another model.
+    registry.delete_class("shop", "cat")
+    registry.add_examples("shop", "dog", rand(2, 9), "other-model")
+    assert registry.prototypes("shop", "other-model").model_id == "other-model"
+
+
+def test_namespaces_are_independent(registry: Registry) -> None:
+    registry.add_examples("a", "cat", rand(2, 10), MODEL)
+    registry.add_examples("b", "cat", rand(4, 11), "another-model")
+    assert registry.get_class("a", "cat").count == 2
+    assert registry.get_class("b", "cat").count == 4
+    registry.delete_class("a", "cat")
+    assert registry.get_class("b", "cat").count == 4
+
+
+def test_tricky_labels_round_trip_verbatim_and_stay_in_their_namespace_slot(
+    registry: Registry, redis_client: redis.Redis
+) -> None:
+    namespace = "}{ns*:/ 🐱"
+    for seed, label in enumerate(TRICKY_LABELS):
+        registry.add_examples(namespace, label, rand(2, 100 + seed), MODEL)
+    # A label that is a prefix of another, or looks like a pattern, touches only its own class.
+    registry.delete_class(namespace, "*")
+    expected = sorted(label for label in TRICKY_LABELS if label != "*")
+    assert [c.label for c in registry.list_classes(namespace)] == expected
+    assert registry.prototypes(namespace).labels == expected
+    for label in expected:
+        assert registry.get_class(namespace, label).label == label
+
+    keys = [k.decode() for k in redis_client.scan_iter(count=1000)]
+    tag = "ns:" + namespace.encode().hex()
+    assert keys, "the registry wrote nothing"
+    for key in keys:
+        # Redis hashes only what lies between the first '{' and the next '}'.
+        assert key.startswith(f"fewshot:{{{tag}}}:"), key
+        assert key.isascii() and key.count("{") == 1 and key.count("}") == 1, key
+
+
+@pytest.mark.parametrize(
+    "label", ["", "x" * 129, "\ud800 lone surrogate", 42], ids=["empty", "129", "surrogate", "int"]
+)
+def test_bad_labels_are_invalid_input(registry: Registry, label: object) -> None:
+    with pytest.raises(InvalidInput, match="label"):
+        registry.add_examples("default", label, rand(1, 0), MODEL)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="namespace"):
+        registry.list_classes("")
+
+
+@pytest.mark.parametrize(
+    "embeddings",
+    [
+        np.zeros((0, DIM), np.float32),
+        np.ones(DIM, np.float32),
+        np.zeros((1, DIM), np.float32),
+        np.full((1, DIM), np.nan, np.float32),
+    ],
+    ids=["none", "1d", "zero", "nan"],
+)
+def test_bad_embeddings_are_invalid_input(registry: Registry, embeddings: np.ndarray) -> None:
+    with pytest.raises(InvalidInput):
+        registry.add_examples("default", "cat", embeddings, MODEL)
+    assert registry.list_classes("default") == []
+
+
+def test_generation_is_bumped_by_every_change(registry: Registry) -> None:
+    seen = [registry.generation("default")]
+    info = registry.add_examples("default", "cat", rand(2, 12), MODEL)
+    seen.append(registry.generation("default"))
+    registry.delete_example("default", "cat", info.example_ids[0])
+    seen.append(registry.generation("default"))
+    registry.delete_class("default", "cat")
+    seen.append(registry.generation("default"))
+    assert seen == sorted(set(seen)) and len(seen) == 4
+
+
+def test_replica_cache_costs_one_round_trip_and_sees_other_replicas_changes(
+    redis_url: str,
+) -> None:
+    client_a, client_b = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+    replica_a, replica_b = Registry(client_a), Registry(client_b)
+    replica_a.add_examples("default", "cat", rand(3, 13), MODEL)
+    first = replica_b.prototypes("default", MODEL)
+
+    client_a.config_resetstat()
+    for _ in range(20):
+        assert replica_b.prototypes("default", MODEL) is first  # the cached matrix, not a copy
+    stats = client_a.info("commandstats")
+    assert "cmdstat_hgetall" not in stats  # no prototype was fetched again
+    assert stats["cmdstat_hget"]["calls"] == 20  # one generation check per request
+
+    replica_a.add_examples("default", "dog", rand(3, 14), MODEL)  # a change through the other replica
+    assert replica_b.prototypes("default", MODEL).labels == ["cat", "dog"]
+    replica_a.delete_class("default", "cat")
+    assert replica_b.prototypes("default", MODEL).labels == ["dog"]
+    client_a.close()
+    client_b.close()
+
+
+def test_64_concurrent_adds_through_two_replicas_lose_nothing(redis_url: str) -> None:
+    replicas = [Registry(redis.Redis.from_url(redis_url)) for _ in range(2)]
+    shots = rand(64, 15) * np.linspace(0.5, 3.0, 64, dtype=np.float32)[:, None]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        infos = list(
+            pool.map(
+                lambda i: replicas[i % 2].add_examples("default", "crowd", shots[i : i + 1], MODEL),
+                range(64),
+            )
+        )
+    ids = [i for info in infos for i in info.added_example_ids]
+    assert len(set(ids)) == 64
+    assert sorted(info.count for info in infos) == list(range(1, 65))  # every add saw its own
+    assert registry_count(replicas[0]) == 64
+    np.testing.assert_allclose(replicas[1].prototypes("default").matrix[0], unit_mean(shots), atol=1e-6)
+
+
+def registry_count(registry: Registry) -> int:
+    return registry.get_class("default", "crowd").count
+
+
+def test_redis_down_is_unavailable_and_the_client_recovers_by_itself(tmp_path: Path) -> None:
+    server = ManagedRedis(tmp_path / "redis", persistent=True)
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=2)
+    registry = Registry(client)
+    registry.add_examples("default", "cat", rand(2, 16), MODEL)
+    port = server.port
+    server.stop()
+
+    assert registry.ping() is False
+    with pytest.raises(Unavailable, match="unreachable"):
+        registry.add_examples("default", "dog", rand(2, 17), MODEL)
+    with pytest.raises(Unavailable):
+        registry.prototypes("default")
+    with pytest.raises(Unavailable):
+        registry.list_classes("default")
+
+    # Same port, same data dir: the very same Registry object works again, and the AOF kept "cat"
+    # (scripts are re-loaded into the fresh server's empty script cache without our help).
+    restarted = ManagedRedis(tmp_path / "redis", port=port, persistent=True)
+    restarted.start()
+    try:
+        assert registry.ping() is True
+        registry.add_examples("default", "dog", rand(2, 17), MODEL)
+        assert registry.prototypes("default").labels == ["cat", "dog"]
+    finally:
+        client.close()
+        restarted.stop()
