@@ -6,7 +6,6 @@ made here, once, so a request is refused the same way whichever door it came thr
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -17,25 +16,24 @@ from . import inference_metrics as metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
 from .embedder import Embedder
-from .errors import FailedPrecondition, InvalidInput
+from .errors import InvalidInput
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .registry import ClassInfo, PrototypeSet, Registry
 
 DEFAULT_NAMESPACE = "default"
 MAX_TOP_K = 1000
-# Namespaces end up in Redis keys and URLs: keep them to a plain, safe alphabet.
-_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_NAMESPACE_CHARS = 128
 
 
 def resolve_namespace(namespace: str | None) -> str:
-    """Empty means ``default``; otherwise 1-64 of ``A-Z a-z 0-9 . _ -``, starting alphanumeric."""
+    """Empty means ``default``; otherwise any string of 1-128 characters (the registry keeps
+    names out of its key syntax by hex-encoding them, so no alphabet restriction is needed)."""
     if not namespace:
         return DEFAULT_NAMESPACE
-    if not _NAMESPACE.fullmatch(namespace):
+    if len(namespace) > MAX_NAMESPACE_CHARS:
         raise InvalidInput(
-            f"invalid namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit"
+            f"namespace must be at most {MAX_NAMESPACE_CHARS} characters, got {len(namespace)}"
         )
     return namespace
 
@@ -91,22 +89,14 @@ class FewShotCore:
         return matrix.top_k(self.embed(images, operation="classify"), top_k)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
-        prototypes: PrototypeSet = self.registry.prototypes(namespace)
-        if prototypes.model_id is not None and prototypes.model_id != self.model_id:
-            raise FailedPrecondition(
-                f"namespace {namespace!r} holds embeddings of model {prototypes.model_id!r}, but "
-                f"this server runs model {self.model_id!r}; re-add the examples with this model "
-                "or serve the model they came from"
-            )
-        if len(prototypes.labels) == 0:
-            raise FailedPrecondition(
-                f"namespace {namespace!r} has no classes yet; add examples first"
-            )
+        # The registry refuses (FailedPrecondition) an empty namespace or one whose examples
+        # came from another model, saying why.
+        prototypes: PrototypeSet = self.registry.prototypes(namespace, expected_model_id=self.model_id)
         key = (prototypes.generation, prototypes.model_id, id(prototypes.matrix))
         with self._matrices_lock:
             cached = self._matrices.get(namespace)
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        if cached is not None and cached[0] == key:
+            return cached[1]
         matrix = PrototypeMatrix(prototypes.labels, prototypes.matrix)
         with self._matrices_lock:
             self._matrices[namespace] = (key, matrix)

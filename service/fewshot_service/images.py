@@ -61,6 +61,8 @@ def decode_image(data: bytes, index: int, limits: ImageLimits = ImageLimits()) -
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires first for images far beyond its default limit.
         raise TooLarge(f"image {index}: too many pixels ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(index, "not a decodable image (unknown or unsupported format)") from None
     except Exception as exc:  # any failure to parse untrusted bytes is the client's bad image
         raise ImageError(index, f"not a decodable image ({_reason(exc)})") from None
 

@@ -1,0 +1,163 @@
+"""The gRPC transport: ``fewshot.v1.FewShot`` over :class:`FewShotCore`, plus health and reflection.
+
+Handlers only translate protobuf <-> core calls; errors are mapped to status codes in one place,
+:func:`_status_for`, following the table in :mod:`errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from concurrent import futures
+from typing import Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import errors
+from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from .core import FewShotCore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"].full_name
+DEFAULT_MAX_WORKERS = 16
+# Like Triton's HTTP default; enough for 64 phone photos. Larger messages get RESOURCE_EXHAUSTED.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HEALTH_POLL_SECONDS = 2.0
+
+_STATUS = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext], Response]
+
+
+def _status_for(error: errors.FewshotError) -> grpc.StatusCode:
+    for error_type, code in _STATUS.items():
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _translate_errors(handler: Handler) -> Handler:
+    """Turn the core's typed errors into status codes with the error's own message."""
+
+    @functools.wraps(handler)
+    def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
+        try:
+            return handler(self, request, context)
+        except errors.FewshotError as exc:
+            context.abort(_status_for(exc), str(exc))
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+
+    return wrapper
+
+
+class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
+    def __init__(self, core: FewShotCore) -> None:
+        self.core = core
+
+    @_translate_errors
+    def Embed(
+        self, request: fewshot_pb2.EmbedRequest, context: grpc.ServicerContext
+    ) -> fewshot_pb2.EmbedResponse:
+        vectors = self.core.embed(list(request.images))
+        return fewshot_pb2.EmbedResponse(
+            embeddings=[fewshot_pb2.Embedding(values=row) for row in vectors.tolist()],
+            model_id=self.core.model_id,
+        )
+
+    @_translate_errors
+    def Classify(
+        self, request: fewshot_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> fewshot_pb2.ClassifyResponse:
+        results = self.core.classify(list(request.images), request.namespace, request.top_k)
+        return fewshot_pb2.ClassifyResponse(
+            results=[
+                fewshot_pb2.Classification(
+                    predictions=[fewshot_pb2.Prediction(label=p.label, score=p.score) for p in preds]
+                )
+                for preds in results
+            ],
+            model_id=self.core.model_id,
+        )
+
+
+class ReadinessHealth(health.HealthServicer):
+    """grpc.health.v1 whose status follows ``core.ready()``: refreshed on every Check, and polled
+    while the server runs so that Watch streams see Redis going away and coming back."""
+
+    def __init__(self, core: FewShotCore) -> None:
+        super().__init__()
+        self._core = core
+        self.refresh()
+
+    def refresh(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._core.ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            self.set(service, status)
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        self.refresh()
+        return super().Check(request, context)
+
+    def poll_until_stopped(self, server: grpc.Server, seconds: float = HEALTH_POLL_SECONDS) -> None:
+        """Start a thread that refreshes the status every ``seconds`` until ``server`` stops."""
+
+        def poll() -> None:
+            # wait_for_termination returns True on timeout, False once the server has stopped.
+            while server.wait_for_termination(timeout=seconds):
+                self.refresh()
+
+        threading.Thread(target=poll, name="fewshot-health", daemon=True).start()
+
+
+def create_grpc_server(
+    core: FewShotCore,
+    *,
+    host: str = "0.0.0.0",
+    port: int,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
+    """Build and start the server; returns it with the bound port (``port=0`` picks a free one).
+
+    Stop it with ``server.stop(grace)``; the health poller stops with it. The core is not
+    closed here: it may serve other transports.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fewshot-grpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    fewshot_pb2_grpc.add_FewShotServicer_to_server(FewShotServicer(core), server)
+    health_servicer = ReadinessHealth(core)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    server.start()
+    health_servicer.poll_until_stopped(server)
+    return server, bound_port
