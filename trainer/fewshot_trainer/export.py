@@ -1,35 +1,235 @@
-"""Export a ViT encoder to ONNX: float NCHW in (dynamic batch), CLS embedding out, metadata inside."""
+"""Export a ViT encoder to ONNX: float NCHW in (dynamic batch), one embedding out, metadata inside.
+
+The exported graph is an :class:`EmbeddingHead`: the timm encoder plus the choice of output
+vector (``pool``) and optional feature centering, so the server runs one graph and needs nothing
+but the metadata to preprocess its input. Every export is checked against PyTorch.
+"""
 
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from pathlib import Path
+from typing import Iterable, Literal, Sequence, get_args
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fewshot_service.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta, Preprocess, content_model_id
 
-from .vit import ArchSpec
+from .checkpoint import load_checkpoint
+from .vit import ArchSpec, build_vit
 
 OPSET = 17
+# float32 rounding grows with the size of the values, so the bound is relative to the largest
+# reference value once that exceeds 1 (HF MSN CLS vectors reach tens).
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCH_SIZES = (1, 3, 8)
+
+Pool = Literal["cls", "cls_prenorm", "cls_mean"]
+POOLS: tuple[str, ...] = get_args(Pool)
+POOL_DESCRIPTIONS: dict[str, str] = {
+    "cls": "cls after final norm",
+    "cls_prenorm": "cls of the last block before the final norm",
+    "cls_mean": "cls after final norm, concatenated with the mean of patch tokens after final norm",
+}
+EncoderRole = Literal["target", "anchor"]
+# Checkpoint key of each encoder: the EMA target is the one MSN evaluates.
+ENCODER_KEYS: dict[str, str] = {"target": "target_encoder", "anchor": "encoder"}
+
+
+class ExportError(Exception):
+    """Export cannot produce a faithful model: bad checkpoint, bad option, or a parity failure."""
+
+
+class EmbeddingHead(nn.Module):
+    """A timm ViT followed by the vector the server returns, exported as one graph.
+
+    - ``cls``: the CLS token after the final norm (timm's and Hugging Face's embedding).
+    - ``cls_prenorm``: the CLS token of the last block without the final norm (MSN's own
+      low-shot evaluation uses this one).
+    - ``cls_mean``: ``cls`` concatenated with the mean of the patch tokens after the final norm.
+
+    ``center``, when given, is subtracted from that vector; the server L2-normalises afterwards.
+    """
+
+    def __init__(
+        self, encoder: VisionTransformer, pool: Pool = "cls", center: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ExportError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        self.encoder = encoder
+        self.pool = pool
+        self.center: torch.Tensor | None
+        self.register_buffer("center", None if center is None else center.detach().float().clone())
+
+    def _tokens_before_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's forward_features without its last step (the final norm).
+        enc = self.encoder
+        x = enc.patch_embed(x)
+        x = enc._pos_embed(x)
+        x = enc.patch_drop(x)
+        x = enc.norm_pre(x)
+        return enc.blocks(x)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The uncentred vector."""
+        tokens = self._tokens_before_norm(x)
+        if self.pool == "cls_prenorm":
+            return tokens[:, 0]
+        tokens = self.encoder.norm(tokens)
+        if self.pool == "cls":
+            return tokens[:, 0]
+        patches = tokens[:, self.encoder.num_prefix_tokens :]
+        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pooled(x)
+        return out if self.center is None else out - self.center
+
+
+def default_preprocess(spec: ArchSpec) -> Preprocess:
+    """The evaluation transform for an architecture.
+
+    224-px (and larger) models: resize the shorter side to 256/224 of the input, centre crop,
+    bicubic, ImageNet mean/std, as MSN's evaluation does. Small models (64-px data) see the
+    whole image: resize to the input size, crop nothing.
+    """
+    if spec.img_size >= 224:
+        return Preprocess(input_size=spec.img_size, resize_size=round(spec.img_size * 256 / 224))
+    return Preprocess(input_size=spec.img_size, resize_size=spec.img_size)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def encoder_from_checkpoint(
+    path: str | os.PathLike[str], role: EncoderRole = "target"
+) -> tuple[ArchSpec, VisionTransformer, Preprocess]:
+    """The ``role`` encoder of a fewshot checkpoint with its arch and preprocessing."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ExportError(str(exc)) from None
+    key = ENCODER_KEYS[role]
+    state = ckpt.get(key)
+    if not state:
+        present = [k for k, v in ENCODER_KEYS.items() if ckpt.get(v)]
+        raise ExportError(
+            f"{path} has no {role} encoder (checkpoint key {key!r}); it has: {present or 'none'}"
+        )
+    try:
+        spec = ArchSpec.from_dict(ckpt["arch"])
+    except (TypeError, KeyError) as exc:
+        raise ExportError(f"{path}: 'arch' is not an ArchSpec dict ({exc})") from None
+    preprocess = (
+        Preprocess(**{**ckpt["preprocess"], "mean": tuple(ckpt["preprocess"]["mean"]),
+                      "std": tuple(ckpt["preprocess"]["std"])})
+        if ckpt.get("preprocess")
+        else default_preprocess(spec)
+    )
+    encoder = build_vit(spec)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(
+            f"{path}: {key} does not fit {spec.name}: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    return spec, encoder, preprocess
+
+
+# --- centering ----------------------------------------------------------------------------------
+
+
+def mean_embedding(
+    head: EmbeddingHead, images: Iterable[Path], preprocess: Preprocess, *, batch_size: int = 64
+) -> tuple[torch.Tensor, int, int]:
+    """Mean uncentred output of ``head`` over ``images``, preprocessed exactly as the server does.
+
+    Returns the mean, the number of images used and the number skipped as unreadable.
+    """
+    # The server's own decoder and transform, so the mean is of the vectors the server will see.
+    from fewshot_service.errors import FewshotError
+    from fewshot_service.images import decode_image
+    from fewshot_service.images import preprocess as server_preprocess
+
+    head = head.eval()
+    total = torch.zeros((), dtype=torch.float64)  # broadcasts to [D] on the first batch
+    used = skipped = 0
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal total, used
+        with torch.no_grad():
+            total = total + head.pooled(torch.from_numpy(np.stack(batch))).double().sum(dim=0)
+        used += len(batch)
+        batch.clear()
+
+    for index, path in enumerate(images):
+        try:
+            batch.append(server_preprocess(decode_image(Path(path).read_bytes(), index), preprocess))
+        except (FewshotError, OSError):
+            skipped += 1
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if used == 0:
+        raise ExportError(f"no readable images to compute the centering mean from ({skipped} skipped)")
+    return (total / used).float(), used, skipped
+
+
+# --- ONNX ---------------------------------------------------------------------------------------
 
 
 def _onnx_bytes(encoder: nn.Module, spec: ArchSpec) -> bytes:
     dummy = torch.randn(2, 3, spec.img_size, spec.img_size)
     buffer = io.BytesIO()
-    torch.onnx.export(
-        encoder,
-        (dummy,),
-        buffer,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # timm asserts the input size while tracing; a fixed size is exactly what we export.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            encoder,
+            (dummy,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     return buffer.getvalue()
+
+
+def parity_max_abs_diff(
+    module: nn.Module,
+    onnx_model: bytes | str | Path,
+    spec: ArchSpec,
+    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Largest ``|onnx - torch|`` over random batches of each size, and the largest ``|torch|``."""
+    source = str(onnx_model) if isinstance(onnx_model, (str, Path)) else onnx_model
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst, scale = 0.0, 0.0
+    for size in batch_sizes:
+        x = torch.randn(size, 3, spec.img_size, spec.img_size, generator=generator)
+        with torch.no_grad():
+            expected = module(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"ONNX output shape {got.shape} != PyTorch {expected.shape}")
+        worst = max(worst, float(np.max(np.abs(got - expected))))
+        scale = max(scale, float(np.max(np.abs(expected))))
+    return worst, scale
 
 
 def export_onnx(
@@ -38,24 +238,37 @@ def export_onnx(
     preprocess: Preprocess,
     output: str | Path,
     *,
-    embedding: str = "cls after final norm",
+    embedding: str = POOL_DESCRIPTIONS["cls"],
     extra: dict[str, str] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
 ) -> ModelMeta:
     """Write ``encoder`` (in eval mode, on CPU) as ONNX with its :class:`ModelMeta`; return the meta.
 
-    The model id hashes the graph and weights together with the preprocessing, so two exports
+    Before writing, the graph is run in ONNX Runtime on random batches of sizes 1, 3 and 8 (the
+    batch axis is dynamic) and compared with PyTorch; the max abs difference is printed and an
+    :class:`ExportError` raised when it exceeds ``tolerance`` (relative once values exceed 1).
+
+    The model id hashes the graph and weights together with the metadata, so two exports
     differ in id exactly when they can give different embeddings.
     """
     encoder = encoder.eval().cpu()
     with torch.no_grad():
         graph = _onnx_bytes(encoder, spec)
         embedding_dim = int(encoder(torch.zeros(1, 3, spec.img_size, spec.img_size)).shape[-1])
+    diff, scale = parity_max_abs_diff(encoder, graph, spec)
+    bound = tolerance * max(1.0, scale)
+    print(
+        f"parity ONNX Runtime vs PyTorch, batch sizes {', '.join(map(str, PARITY_BATCH_SIZES))}: "
+        f"max abs diff {diff:.3g} (bound {bound:.3g}, largest value {scale:.3g})"
+    )
+    if not diff <= bound:  # also catches NaN
+        raise ExportError(f"ONNX output differs from PyTorch by {diff:.3g} > {bound:.3g}")
+
     model = onnx.load_from_string(graph)
     meta_probe = ModelMeta("", spec.name, embedding_dim, preprocess, embedding, dict(extra or {}))
     model_id = content_model_id(spec.name, graph + meta_probe.to_json().encode())
     meta = ModelMeta(model_id, spec.name, embedding_dim, preprocess, embedding, dict(extra or {}))
-    for key, value in meta.to_metadata_props().items():
-        onnx.helper.set_model_props(model, {key: value})
+    onnx.helper.set_model_props(model, meta.to_metadata_props())
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(output.suffix + ".tmp")

@@ -1,0 +1,120 @@
+"""``fewshot export``: a ViT (random, or an encoder of a checkpoint) to ONNX with its metadata."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import (
+    ENCODER_KEYS,
+    POOL_DESCRIPTIONS,
+    POOLS,
+    EmbeddingHead,
+    ExportError,
+    default_preprocess,
+    encoder_from_checkpoint,
+    export_onnx,
+    mean_embedding,
+)
+from .vit import ARCHS, build_vit, get_arch
+
+DEFAULT_ARCH = "vit_tiny_p8_64"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
+    parser.add_argument(
+        "--checkpoint", type=Path,
+        help="a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
+        "without it the model is randomly initialised",
+    )
+    parser.add_argument(
+        "--arch", choices=sorted(ARCHS),
+        help=f"architecture of a random model (default {DEFAULT_ARCH}); "
+        "with --checkpoint it must match the checkpoint's",
+    )
+    parser.add_argument(
+        "--encoder", choices=sorted(ENCODER_KEYS), default="target",
+        help="which encoder of the checkpoint: the EMA target (default, as MSN evaluates) or the anchor",
+    )
+    parser.add_argument(
+        "--pool", choices=POOLS, default="cls",
+        help="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()),
+    )
+    parser.add_argument(
+        "--center-data", type=Path,
+        help="folder of images (searched recursively): subtract their mean embedding inside the graph",
+    )
+    parser.add_argument(
+        "--center-samples", type=int, default=2000,
+        help="how many images of --center-data to average (drawn at random with --seed; default 2000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random init and centering sample (default 0)")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` whose extension Pillow can open, sorted for reproducibility."""
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+
+
+def _center_sample(folder: Path, samples: int, seed: int) -> list[Path]:
+    if not folder.is_dir():
+        raise ExportError(f"--center-data {folder} is not a folder")
+    if samples < 1:
+        raise ExportError(f"--center-samples must be >= 1, got {samples}")
+    files = image_files(folder)
+    if not files:
+        raise ExportError(f"--center-data {folder} holds no image files")
+    if len(files) <= samples:
+        return files
+    chosen = np.random.default_rng(seed).choice(len(files), size=samples, replace=False)
+    return [files[i] for i in sorted(chosen)]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ExportError as exc:
+        print(f"fewshot export: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    extra = {"pool": args.pool}
+    if args.checkpoint is None:
+        spec = get_arch(args.arch or DEFAULT_ARCH)
+        encoder, preprocess = build_vit(spec), default_preprocess(spec)
+        extra["weights"] = f"random init, seed {args.seed}"
+    else:
+        spec, encoder, preprocess = encoder_from_checkpoint(args.checkpoint, args.encoder)
+        if args.arch is not None and args.arch != spec.name:
+            raise ExportError(f"--arch {args.arch} does not match the checkpoint's arch {spec.name}")
+        extra["weights"] = f"{args.encoder} encoder of {args.checkpoint.name}"
+    head = EmbeddingHead(encoder, args.pool)
+    embedding = POOL_DESCRIPTIONS[args.pool]
+
+    if args.center_data is not None:
+        paths = _center_sample(args.center_data, args.center_samples, args.seed)
+        center, used, skipped = mean_embedding(head, paths, preprocess)
+        print(
+            f"centering: mean embedding of {used} images from {args.center_data}"
+            + (f" ({skipped} unreadable, skipped)" if skipped else "")
+        )
+        head = EmbeddingHead(encoder, args.pool, center=center)
+        embedding += f", centred (minus the mean over {used} images of {args.center_data.name})"
+        extra["center_images"] = str(used)
+
+    meta = export_onnx(head, spec, preprocess, args.output, embedding=embedding, extra=extra)
+    print(
+        f"wrote {args.output}: model_id {meta.model_id}, {meta.embedding_dim}-d ({meta.embedding}), "
+        f"input {preprocess.input_size} px (resize {preprocess.resize_size}, {preprocess.interpolation})"
+    )
+    return 0
