@@ -64,7 +64,7 @@ def decode_image(data: bytes, index: int, limits: ImageLimits = ImageLimits()) -
     except Image.UnidentifiedImageError:
         raise ImageError(index, "not a decodable image (unknown or unsupported format)") from None
     except Exception as exc:  # any failure to parse untrusted bytes is the client's bad image
-        raise ImageError(index, f"not a decodable image ({_reason(exc)})") from None
+        raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
 
     width, height = img.size
     if width * height > limits.max_pixels:

@@ -1,0 +1,132 @@
+"""Decoding, limits and preprocessing of request images (fewshot_service.images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewshot_service.errors import ImageError, InvalidInput, TooLarge
+from fewshot_service.images import ImageLimits, decode_image, load_batch, preprocess
+from fewshot_service.modelmeta import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+import image_samples as samples
+
+PRE = Preprocess(input_size=32, resize_size=36)
+
+
+def centre_pixel(img: Image.Image) -> tuple[int, int, int]:
+    return img.getpixel((img.width // 2, img.height // 2))
+
+
+@pytest.mark.parametrize("name", sorted(samples.awkward_images()))
+def test_awkward_modes_decode_to_rgb(name: str) -> None:
+    img = decode_image(samples.awkward_images()[name], 0, ImageLimits())
+    assert img.mode == "RGB"
+    assert img.size[0] > 0 and img.size[1] > 0
+
+
+def test_mode_conversions_keep_the_colours() -> None:
+    limits = ImageLimits()
+    assert centre_pixel(decode_image(samples.grey_png(), 0, limits)) == (100, 100, 100)
+    # 16-bit mid-grey must stay mid-grey (Pillow's own conversion would clip it to white).
+    assert centre_pixel(decode_image(samples.sixteen_bit_png(128 * 257), 0, limits)) == (128, 128, 128)
+    assert centre_pixel(decode_image(samples.palette_png(), 0, limits)) == (0, 128, 0)
+    red, green, blue = centre_pixel(decode_image(samples.cmyk_jpeg(), 0, limits))
+    assert red > 200 and green < 60 and blue < 60
+    # Transparency is composited onto white.
+    assert centre_pixel(decode_image(samples.transparent_png(), 0, limits)) == (255, 255, 255)
+    assert centre_pixel(decode_image(samples.transparent_palette_gif(), 0, limits)) == (255, 255, 255)
+    # 30 grey at alpha 128 over white: about (30 * 128 + 255 * 127) / 255.
+    grey = centre_pixel(decode_image(samples.grey_alpha_png(), 0, limits))
+    assert grey[0] == grey[1] == grey[2] and abs(grey[0] - 142) <= 1
+    # An animation gives its first frame (red), not a later one (blue).
+    assert centre_pixel(decode_image(samples.animated_gif(), 0, limits)) == (255, 0, 0)
+
+
+def test_exif_rotation_is_applied() -> None:
+    img = Image.new("RGB", (60, 20), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    data = samples.encode(img, "JPEG", exif=exif.tobytes())
+    assert decode_image(data, 0, ImageLimits()).size == (20, 60)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"this is not an image", "not a decodable image"),
+        (samples.solid_png((1, 2, 3))[:-30], "truncated"),
+        (samples.encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:200], "truncated"),
+    ],
+    ids=["empty", "garbage", "truncated-png", "truncated-jpeg"],
+)
+def test_bad_images_name_their_index(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, 7, ImageLimits())
+    assert caught.value.index == 7
+    assert str(caught.value).startswith("image 7: ")
+    assert reason in str(caught.value)
+
+
+def test_too_many_bytes() -> None:
+    data = samples.noise_png(0, (64, 64))
+    with pytest.raises(TooLarge, match=r"image 2: \d+ bytes exceeds the limit of 1000 bytes"):
+        decode_image(data, 2, ImageLimits(max_image_bytes=1000))
+
+
+def test_too_many_pixels_is_refused_from_the_header() -> None:
+    # 8000 x 8000 = 64 M pixels: over our 40 M default, under Pillow's own bomb limits. The file
+    # holds no pixel data, so only a check made before decoding can report "too many pixels".
+    with pytest.raises(TooLarge, match="image 0: 8000x8000 = 64000000 pixels exceeds"):
+        decode_image(samples.png_header_only(8000, 8000), 0, ImageLimits())
+    with pytest.raises(TooLarge, match="image 1: 100x100 = 10000 pixels exceeds the limit of 9999"):
+        decode_image(samples.solid_png((0, 0, 0), (100, 100)), 1, ImageLimits(max_pixels=9999))
+
+
+def test_decompression_bomb_beyond_pillows_limit_is_too_large() -> None:
+    with pytest.raises(TooLarge, match="image 3: too many pixels"):
+        decode_image(samples.png_header_only(60_000, 60_000), 3, ImageLimits(max_pixels=10**10))
+
+
+def test_preprocess_matches_torchvision_eval_transform() -> None:
+    """Same sizes, interpolation and normalisation as the trainer's eval transform."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (50, 77, 3), dtype=np.uint8))
+    reference = transforms.Compose(
+        [
+            transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )(img).numpy()
+    ours = preprocess(img, PRE)
+    assert ours.shape == (3, 32, 32) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_preprocess_normalises_with_the_meta_mean_and_std() -> None:
+    pre = Preprocess(input_size=8, resize_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    out = preprocess(Image.new("RGB", (8, 8), (255, 0, 51)), pre)
+    np.testing.assert_allclose(out[:, 0, 0], [(1 - 0.5) / 0.25, (0 - 0.5) / 0.5, 0.2 - 0.5], atol=1e-6)
+
+
+def test_load_batch_stacks_in_order_and_names_the_failing_index() -> None:
+    images = [samples.solid_png((255, 0, 0)), samples.solid_png((0, 0, 255))]
+    batch = load_batch(images, PRE, ImageLimits())
+    assert batch.shape == (2, 3, 32, 32)
+    assert batch[0, 0].mean() > batch[1, 0].mean()  # red channel of the red image is higher
+    with pytest.raises(ImageError, match="image 2: "):
+        load_batch([*images, b"\x89PNG broken"], PRE, ImageLimits())
+
+
+def test_load_batch_count_limits() -> None:
+    image = samples.solid_png((1, 1, 1))
+    with pytest.raises(TooLarge, match="3 images in one request exceeds the limit of 2"):
+        load_batch([image] * 3, PRE, ImageLimits(max_images=2))
+    with pytest.raises(InvalidInput, match="no images"):
+        load_batch([], PRE, ImageLimits())
