@@ -1,0 +1,171 @@
+"""The composition root: one :class:`Settings` in, a running gRPC + REST server stack out.
+
+Builds the Redis client (or a private :class:`ManagedRedis`), the :class:`Registry`, the
+:class:`Embedder` and one :class:`FewShotCore`, and hands that same core to both transports, so a
+class added over REST is the class that gRPC classifies. ``fewshot serve`` and the tests use it
+alike; stopping it stops everything it started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from contextlib import ExitStack
+from types import TracebackType
+
+import grpc
+import redis
+import uvicorn
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .batcher import BatchConfig
+from .core import FewShotCore
+from .embedder import Embedder
+from .grpc_server import create_grpc_server
+from .images import ImageLimits
+from .redis_server import ManagedRedis
+from .registry import Registry
+from .rest import create_app
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_START_TIMEOUT_S = 15.0
+
+
+def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A client that fails fast while Redis is away and reconnects by itself when it is back.
+
+    One quick retry covers the usual case of a pooled connection that died with a restarted server.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+        health_check_interval=30,
+    )
+
+
+def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
+    limits = ImageLimits(
+        max_image_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_pixels,
+        max_images=settings.max_images,
+    )
+    embedder = Embedder(
+        settings.model_path(),
+        providers=settings.providers or None,
+        limits=limits,
+        intra_op_threads=settings.intra_op_threads,
+        max_batch_size=settings.max_batch_size,
+    )
+    registry = Registry(client, key_prefix=settings.redis_key_prefix)
+    batching = BatchConfig(
+        max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms
+    )
+    return FewShotCore(embedder, registry, batching=batching)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket ourselves, so port 0 gives a known free port and a clash fails early."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class ServerStack:
+    """Redis (managed or external) + core + gRPC + HTTP. ``start()``, then ``stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.managed_redis: ManagedRedis | None = None
+        self.redis_url: str | None = None
+        self.core: FewShotCore | None = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._grpc: grpc.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._cleanup = ExitStack()
+
+    def start(self) -> "ServerStack":
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        settings = self.settings
+        model_path = settings.model_path()  # fail on a missing model before starting anything
+        if settings.redis_url:
+            self.redis_url = settings.redis_url
+        else:
+            self.managed_redis = ManagedRedis(settings.redis_data_dir, persistent=True)
+            self.redis_url = self.managed_redis.start()
+            self._cleanup.callback(self.managed_redis.stop)
+        client = connect_redis(self.redis_url, settings.redis_timeout_s)
+        self._cleanup.callback(client.close)
+
+        self.core = build_core(settings.model_copy(update={"model": model_path}), client)
+        self._cleanup.callback(self.core.close)
+
+        self._grpc, self.grpc_port = create_grpc_server(
+            self.core, host=settings.host, port=settings.grpc_port
+        )
+        self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
+
+        sock = _bind(settings.host, settings.http_port)
+        self.http_port = int(sock.getsockname()[1])
+        app = create_app(self.core, max_request_bytes=settings.max_request_bytes)
+        config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="off")
+        self._http = uvicorn.Server(config)
+        # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
+        self._http_thread = threading.Thread(
+            target=self._http.run, kwargs={"sockets": [sock]}, name="fewshot-http", daemon=True
+        )
+        self._cleanup.callback(sock.close)  # runs after _stop_http (ExitStack unwinds in reverse)
+        self._http_thread.start()
+        self._cleanup.callback(self._stop_http)
+        deadline = time.monotonic() + _HTTP_START_TIMEOUT_S
+        while not self._http.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {settings.host}:{self.http_port}")
+            time.sleep(0.02)
+        log.info(
+            "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
+            self.core.model_id, settings.host, self.grpc_port, settings.host, self.http_port,
+            "managed in " + str(settings.redis_data_dir) if self.managed_redis else self.redis_url,
+        )  # fmt: skip
+
+    def _stop_http(self) -> None:
+        if self._http is not None and self._http_thread is not None:
+            self._http.should_exit = True
+            self._http_thread.join(timeout=10.0)
+
+    def stop(self) -> None:
+        """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""
+        self._cleanup.close()
+
+    def __enter__(self) -> "ServerStack":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
