@@ -134,13 +134,13 @@ class Embedder:
             return np.empty((0, self.embedding_dim), dtype=np.float32)
         parts = []
         for start in range(0, len(paths), self.max_batch_size):
-            chunk = paths[start : start + self.max_batch_size]
-            pixels = np.stack([self._load_path(Path(p)) for p in chunk])
+            chunk = range(start, min(start + self.max_batch_size, len(paths)))
+            pixels = np.stack([self._load_path(Path(paths[i]), i) for i in chunk])
             parts.append(self.embed_array(pixels))
         return np.concatenate(parts)
 
-    def _load_path(self, path: Path) -> np.ndarray:
+    def _load_path(self, path: Path, index: int) -> np.ndarray:
         try:
-            return preprocess(decode_image(path.read_bytes(), 0, self.limits), self.meta.preprocess)
+            return preprocess(decode_image(path.read_bytes(), index, self.limits), self.meta.preprocess)
         except ImageError as exc:
-            raise ImageError(0, f"{path}: {exc.reason}") from None
+            raise ImageError(index, f"{path}: {exc.reason}") from None

@@ -1,0 +1,207 @@
+"""ONNX Runtime embedder on a real exported model, and the dynamic batcher in front of it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fewshot_service.batcher import BatchConfig, DynamicBatcher
+from fewshot_service.embedder import Embedder, InvalidModel, default_providers
+from fewshot_service.errors import ImageError, Unavailable
+from fewshot_service.modelmeta import METADATA_KEY, ModelMeta
+
+import image_samples as samples
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_path: Path) -> Embedder:
+    return Embedder(tiny_model_path, intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    return [samples.noise_png(seed) for seed in range(6)]
+
+
+def test_loads_the_model_metadata(embedder: Embedder, tiny_model_path: Path) -> None:
+    stored = onnx.load(str(tiny_model_path)).metadata_props
+    meta = ModelMeta.from_json(next(p.value for p in stored if p.key == METADATA_KEY))
+    assert embedder.meta == meta
+    assert embedder.model_id == meta.model_id and embedder.model_id.startswith("vit_test_p8_32-")
+    assert embedder.embedding_dim == 64
+    assert embedder.providers == ["CPUExecutionProvider"]
+
+
+def test_default_providers_prefer_accelerators_and_end_with_cpu() -> None:
+    providers = default_providers()
+    assert providers[-1] == "CPUExecutionProvider"
+    assert "AzureExecutionProvider" not in providers  # available here, but not an accelerator
+
+
+def test_embeddings_are_unit_norm_and_deterministic(embedder: Embedder, images: list[bytes]) -> None:
+    first = embedder.embed_images(images)
+    assert first.shape == (6, 64) and first.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(embedder.embed_images(images), first)
+    # Different images give different vectors (a constant model would pass the checks above).
+    assert np.abs(first[0] - first[1]).max() > 1e-3
+
+
+def test_batch_equals_single(embedder: Embedder, images: list[bytes]) -> None:
+    batch = embedder.embed_images(images)
+    singles = np.concatenate([embedder.embed_images([image]) for image in images])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_large_inputs_are_chunked_by_max_batch_size(
+    tiny_model_path: Path, embedder: Embedder, images: list[bytes]
+) -> None:
+    small_batches = Embedder(tiny_model_path, max_batch_size=4, intra_op_threads=1)
+    pixels = embedder.load_images(images * 2)  # 12 images: chunks of 4, 4, 4
+    np.testing.assert_allclose(small_batches.embed_array(pixels), embedder.embed_array(pixels), atol=1e-5)
+
+
+def test_embed_paths_equals_embed_images(
+    embedder: Embedder, images: list[bytes], tmp_path: Path
+) -> None:
+    paths = []
+    for i, data in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(data)
+    np.testing.assert_allclose(embedder.embed_paths(paths), embedder.embed_images(images), atol=1e-6)
+
+
+def test_embed_paths_names_the_bad_file(embedder: Embedder, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    good = tmp_path / "good.png"
+    good.write_bytes(samples.noise_png(0))
+    with pytest.raises(ImageError, match=r"image 1: .*broken\.jpg: not a decodable image"):
+        embedder.embed_paths([good, bad])
+
+
+def _rewrite(source: Path, target: Path, edit) -> Path:
+    model = onnx.load(str(source))
+    edit(model)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_refuses_a_model_without_fewshot_metadata(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = _rewrite(tiny_model_path, tmp_path / "bare.onnx", lambda m: m.ClearField("metadata_props"))
+    with pytest.raises(InvalidModel, match="no 'fewshot' metadata"):
+        Embedder(path)
+
+
+def test_refuses_a_graph_that_contradicts_its_metadata(tiny_model_path: Path, tmp_path: Path) -> None:
+    def claim_24_pixels(model: onnx.ModelProto) -> None:
+        meta = ModelMeta.from_metadata_props({p.key: p.value for p in model.metadata_props})
+        wrong = replace(meta, preprocess=replace(meta.preprocess, input_size=24))
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, wrong.to_metadata_props())
+
+    path = _rewrite(tiny_model_path, tmp_path / "wrong.onnx", claim_24_pixels)
+    with pytest.raises(InvalidModel, match=r"has shape \[.*3, 32, 32\]; the metadata needs \[batch, 3, 24, 24\]"):
+        Embedder(path)
+
+
+def test_refuses_files_that_are_not_models(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"definitely not protobuf")
+    with pytest.raises(InvalidModel, match="not a loadable ONNX model"):
+        Embedder(junk)
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        Embedder(tmp_path / "missing.onnx")
+
+
+# --- dynamic batcher ---------------------------------------------------------------------------
+
+
+class RecordingRun:
+    """The real embedder's run, noting the size of every batch it was given."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.batch_sizes: list[int] = []
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(pixels))
+        return self.embedder.embed_array(pixels)
+
+
+def _submit_together(batcher: DynamicBatcher, requests: list[np.ndarray]) -> list[np.ndarray]:
+    results: list[np.ndarray | None] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def worker(i: int) -> None:
+        start.wait()
+        results[i] = batcher.submit(requests[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results  # type: ignore[return-value]
+
+
+def test_batcher_merges_concurrent_requests_and_returns_each_its_rows(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    run = RecordingRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_batch_size=32, max_queue_delay_ms=200))
+    try:
+        requests = [embedder.load_images(images[i : i + 1 + i % 2]) for i in range(5)]  # 1-2 images each
+        results = _submit_together(batcher, requests)
+    finally:
+        batcher.close()
+    for request, result in zip(requests, results):
+        np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
+    assert sum(run.batch_sizes) == sum(len(r) for r in requests)
+    assert len(run.batch_sizes) < len(requests), run.batch_sizes  # some runs were merged
+
+
+def test_batcher_respects_max_batch_size_without_splitting_requests(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    run = RecordingRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_batch_size=4, max_queue_delay_ms=100))
+    try:
+        requests = [embedder.load_images(images[:3]) for _ in range(4)] + [embedder.load_images(images)]
+        results = _submit_together(batcher, requests)
+    finally:
+        batcher.close()
+    # Requests of 3 never share a batch of 4; the request of 6 runs alone, whole.
+    assert sorted(run.batch_sizes) == [3, 3, 3, 3, 6]
+    np.testing.assert_allclose(results[-1], embedder.embed_array(requests[-1]), atol=1e-5)
+
+
+def test_batcher_reports_failures_to_every_caller_in_the_batch(embedder: Embedder) -> None:
+    batcher = DynamicBatcher(embedder.embed_array, BatchConfig(max_queue_delay_ms=0))
+    try:
+        wrong_shape = np.zeros((1, 3, 16, 16), dtype=np.float32)
+        with pytest.raises(Exception, match="[Ii]nvalid|dimension"):
+            batcher.submit(wrong_shape)
+        # The worker survives a failed batch.
+        good = embedder.load_images([samples.noise_png(0)])
+        np.testing.assert_allclose(batcher.submit(good), embedder.embed_array(good), atol=1e-5)
+    finally:
+        batcher.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        batcher.submit(good)
+
+
+def test_disabled_batcher_runs_each_request_alone(embedder: Embedder, images: list[bytes]) -> None:
+    run = RecordingRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(enabled=False))
+    requests = [embedder.load_images([image]) for image in images[:4]]
+    results = _submit_together(batcher, requests)
+    batcher.close()
+    assert run.batch_sizes == [1, 1, 1, 1]
+    for request, result in zip(requests, results):
+        np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
