@@ -20,6 +20,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
@@ -115,6 +117,8 @@ class ManagedRedis:
         if self.running:
             return self.url
         binary = self.binary or find_server_binary()
+        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            raise RedisBinaryNotFound(f"Redis server binary {binary!r} does not exist or is not executable")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # A free port can be taken between our probe and the server's bind: try a few.
         attempts = 1 if self._requested_port is not None else 5
@@ -186,19 +190,24 @@ class ManagedRedis:
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
         """None once PING answers; otherwise why not."""
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),  # this loop is the retry
+        )
         deadline = time.monotonic() + _START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     return f"exited with code {process.returncode}: {self._log_tail()}"
                 try:
-                    if client.ping():
+                    # Our process must be the one answering, not whoever else holds the port.
+                    if client.info("server").get("process_id") == process.pid:
                         return None
-                except redis.exceptions.BusyLoadingError:
-                    pass  # still replaying the append-only file
-                except redis.exceptions.ConnectionError:
-                    pass
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    pass  # not listening yet, or still replaying the append-only file
                 time.sleep(0.05)
             return f"no answer to PING within {_START_TIMEOUT_S:.0f}s: {self._log_tail()}"
         finally:
