@@ -26,6 +26,22 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def other_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture as ``tiny_model_path``, other weights: a different model id."""
+    from fewshot_service.modelmeta import Preprocess
+    from fewshot_trainer.export import export_onnx
+    from fewshot_trainer.vit import build_vit, get_arch
+
+    import torch
+
+    torch.manual_seed(1)
+    spec = get_arch("vit_test_p8_32")
+    path = tmp_path_factory.mktemp("model") / "other.onnx"
+    export_onnx(build_vit(spec), spec, Preprocess(input_size=32, resize_size=36), path)
+    return path
+
+
 # --- Redis fixtures (registry/REST owner) ----------------------------------------------------------
 # One private, non-persistent server per test run (never the shared 127.0.0.1:6379), emptied before
 # each test that asks for it.

@@ -1,0 +1,184 @@
+"""Prototype top-k (fewshot_service.classifier) and FewShotCore on a real model and a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from fewshot_service.classifier import PrototypeMatrix
+from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
+from fewshot_service.embedder import Embedder
+from fewshot_service.errors import FailedPrecondition, ImageError, InvalidInput, NotFound
+from fewshot_service.registry import Registry
+
+import image_samples as samples
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_scores_are_cosine_to_the_renormalised_prototype() -> None:
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(size=(5, 8)).astype(np.float32) * 3  # not unit norm
+    queries = unit(rng.normal(size=(2, 8)))
+    top = PrototypeMatrix([f"c{i}" for i in range(5)], prototypes).top_k(queries, 5)
+    expected = queries @ unit(prototypes).T
+    for query, predictions in enumerate(top):
+        assert [p.label for p in predictions] == [f"c{i}" for i in np.argsort(-expected[query])]
+        np.testing.assert_allclose(
+            [p.score for p in predictions], np.sort(expected[query])[::-1], atol=1e-6
+        )
+
+
+def test_ties_are_ordered_by_label_whatever_the_input_order() -> None:
+    vector = np.array([[1.0, 0.0]], dtype=np.float32)
+    same = np.array([0.6, 0.8], dtype=np.float32)
+    labels = ["pear", "apple", "fig", "best", "kiwi"]
+    matrix = np.stack([same, same, same, [1.0, 0.0], same])
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1]):
+        top = PrototypeMatrix([labels[i] for i in order], matrix[order]).top_k(vector, 3)[0]
+        # "kiwi" and "pear" tie with the third place too, and lose on the label.
+        assert [p.label for p in top] == ["best", "apple", "fig"]
+        assert top[1].score == top[2].score == pytest.approx(0.6)
+
+
+def test_top_k_larger_than_the_class_count_returns_every_class() -> None:
+    matrix = PrototypeMatrix(["a", "b"], np.eye(2, dtype=np.float32))
+    assert [p.label for p in matrix.top_k(np.array([[0.0, 1.0]], np.float32), 10)[0]] == ["b", "a"]
+
+
+def test_thousands_of_classes_match_a_full_sort() -> None:
+    rng = np.random.default_rng(3)
+    labels = [f"class-{i:05d}" for i in range(5000)]
+    matrix = PrototypeMatrix(labels, rng.normal(size=(5000, 64)).astype(np.float32))
+    queries = unit(rng.normal(size=(4, 64)))
+    scores = queries @ matrix.matrix.T
+    for row, predictions in zip(scores, matrix.top_k(queries, 7)):
+        best = np.lexsort((np.arange(len(row)), -row))[:7]
+        assert [p.label for p in predictions] == [matrix.labels[i] for i in best]
+
+
+def test_dimension_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="embedding size 3 does not match prototypes of size 2"):
+        PrototypeMatrix(["a"], np.ones((1, 2), np.float32)).top_k(np.ones((1, 3), np.float32), 1)
+
+
+def test_request_parameters() -> None:
+    assert resolve_namespace("") == "default"
+    assert resolve_namespace(None) == "default"
+    assert resolve_namespace("shop/🐱 {x}") == "shop/🐱 {x}"
+    with pytest.raises(InvalidInput, match="at most 128 characters"):
+        resolve_namespace("n" * 129)
+    assert resolve_top_k(0) == 5
+    assert resolve_top_k(17) == 17
+    for bad in (-1, 1001):
+        with pytest.raises(InvalidInput, match="top_k must be between 0 and 1000"):
+            resolve_top_k(bad)
+
+
+# --- FewShotCore: a real exported model, a real private Redis ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_path: Path) -> Embedder:
+    return Embedder(tiny_model_path, intra_op_threads=1)
+
+
+@pytest.fixture
+def core(embedder: Embedder, redis_client: redis.Redis):
+    core = FewShotCore(embedder, Registry(redis_client))
+    yield core
+    core.close()
+
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220)}
+
+
+def shots(rgb: tuple[int, int, int], n: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [
+        samples.solid_png(tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in rgb))
+        for _ in range(n)
+    ]
+
+
+def test_core_classifies_held_out_images_of_added_classes(core: FewShotCore) -> None:
+    for seed, (label, rgb) in enumerate(COLOURS.items()):
+        info = core.add_examples("", label, shots(rgb, 5, seed))
+        assert info.label == label and info.count == 5
+    labels = list(COLOURS)
+    held_out = [shots(COLOURS[label], 1, 100 + i)[0] for i, label in enumerate(labels)]
+    results = core.classify(held_out, "", 0)
+    assert [r[0].label for r in results] == labels
+    assert all(len(r) == 3 for r in results)  # top_k 0 means 5, and there are only 3 classes
+    for predictions in results:
+        scores = [p.score for p in predictions]
+        assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0001
+
+
+def test_add_examples_with_one_bad_file_adds_nothing(core: FewShotCore) -> None:
+    images = [*shots(COLOURS["red"], 2, 0), b"broken", *shots(COLOURS["red"], 1, 1)]
+    with pytest.raises(ImageError, match="image 2: "):
+        core.add_examples("", "red", images)
+    with pytest.raises(NotFound):
+        core.get_class("", "red")
+    assert core.list_classes("") == []
+
+
+def test_classify_without_classes_fails_before_embedding(core: FewShotCore) -> None:
+    # The image is broken: the namespace check must come first (and cost no inference).
+    with pytest.raises(FailedPrecondition, match="no classes"):
+        core.classify([b"broken"], "empty-ns", 3)
+
+
+def test_namespaces_are_separate(core: FewShotCore) -> None:
+    core.add_examples("a", "red", shots(COLOURS["red"], 2, 0))
+    core.add_examples("b", "blue", shots(COLOURS["blue"], 2, 0))
+    image = shots(COLOURS["red"], 1, 9)
+    assert [p.label for p in core.classify(image, "a", 5)[0]] == ["red"]
+    assert [p.label for p in core.classify(image, "b", 5)[0]] == ["blue"]
+
+
+def test_a_change_is_seen_by_the_next_classify(core: FewShotCore) -> None:
+    core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
+    image = shots(COLOURS["blue"], 1, 9)
+    assert [p.label for p in core.classify(image, "", 5)[0]] == ["red"]
+    core.add_examples("", "blue", shots(COLOURS["blue"], 2, 1))
+    assert core.classify(image, "", 5)[0][0].label == "blue"
+    core.delete_class("", "blue")
+    assert [p.label for p in core.classify(image, "", 5)[0]] == ["red"]
+
+
+def test_other_models_namespace_is_refused_with_the_reason(
+    core: FewShotCore, redis_client: redis.Redis, other_model_path: Path
+) -> None:
+    core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
+    other = FewShotCore(Embedder(other_model_path, intra_op_threads=1), Registry(redis_client))
+    try:
+        assert other.model_id != core.model_id
+        with pytest.raises(FailedPrecondition, match=f"{core.model_id}.*{other.model_id}"):
+            other.classify(shots(COLOURS["red"], 1, 1), "", 5)
+    finally:
+        other.close()
+
+
+def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:
+    from fewshot_service.redis_server import ManagedRedis
+
+    server = ManagedRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
+    core = FewShotCore(embedder, Registry(client))
+    try:
+        assert core.ready()
+        server.stop()
+        assert not core.ready()
+    finally:
+        core.close()
+        client.close()
+        server.stop()
+
