@@ -204,7 +204,7 @@ def test_replica_cache_costs_one_round_trip_and_sees_other_replicas_changes(
         assert replica_b.prototypes("default", MODEL) is first  # the cached matrix, not a copy
     stats = client_a.info("commandstats")
     assert "cmdstat_hgetall" not in stats  # no prototype was fetched again
-    assert stats["cmdstat_hget"]["calls"] == 20  # one generation check per request
+    assert stats["cmdstat_hmget"]["calls"] == 20  # one generation check per request
 
     replica_a.add_examples("default", "dog", rand(3, 14), MODEL)  # a change through the other replica
     assert replica_b.prototypes("default", MODEL).labels == ["cat", "dog"]
@@ -263,3 +263,14 @@ def test_redis_down_is_unavailable_and_the_client_recovers_by_itself(tmp_path: P
     finally:
         client.close()
         restarted.stop()
+
+
+def test_cache_is_not_fooled_when_redis_loses_its_data(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    writer, reader = Registry(client), Registry(redis.Redis.from_url(redis_url))
+    writer.add_examples("default", "cat", rand(2, 18), MODEL)
+    assert reader.prototypes("default").labels == ["cat"]
+    client.flushall()  # what a restart of a Redis without persistence looks like
+    writer.add_examples("default", "dog", rand(2, 19), MODEL)
+    assert writer.generation("default") == 1  # the same generation number as the cached state
+    assert reader.prototypes("default").labels == ["dog"]

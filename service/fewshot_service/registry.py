@@ -3,20 +3,22 @@
 Key layout (one hash tag per namespace, so every script of a namespace runs on one Cluster slot)::
 
     {prefix}:{ns:<hex>}:model        hash   model_id, dim   (what the namespace's embeddings came from)
-    {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), next_example_id
+    {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), epoch, next_example_id
     {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
     {prefix}:{ns:<hex>}:prototypes   hash   <label hex> -> float32 LE prototype
     {prefix}:{ns:<hex>}:ex:<label hex>  hash  <example id> -> float32 LE embedding
 
 Namespaces and labels appear in key names only as the hex of their UTF-8, so no label can reach
 another key, break out of the hash tag, or look like a glob. Writes are Lua scripts (atomic); each
-replica caches the prototype matrix per namespace and revalidates it with one HGET of the
-generation per request, so a change is seen by every replica on its next request.
+replica caches the prototype matrix per namespace and revalidates it with one HMGET of the
+generation (and the epoch, which changes if Redis ever loses the namespace's state) per request,
+so a change is seen by every replica on its next request.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,6 +58,7 @@ class PrototypeSet:
     matrix: np.ndarray  # [C, D] float32, rows are means of unit vectors (not re-normalised)
     model_id: str | None
     generation: int
+    epoch: str = ""  # with generation, identifies this state of the namespace
 
 
 def validate_name(value: object, what: str = "label") -> str:
@@ -160,7 +163,7 @@ class Registry:
             try:
                 reply = self._add(
                     keys=keys.for_class(label),
-                    args=[_encode(label), model_id, vectors.shape[1], *blobs],
+                    args=[_encode(label), model_id, vectors.shape[1], uuid.uuid4().hex, *blobs],
                 )
             except redis.exceptions.ResponseError as exc:
                 raise self._script_error(exc, namespace, label, model_id) from None
@@ -219,10 +222,13 @@ class Registry:
 
     def generation(self, namespace: str) -> int:
         """The namespace's change counter: one cheap round trip."""
+        return self._version(namespace)[1]
+
+    def _version(self, namespace: str) -> tuple[str, int]:
         keys = self._keys(namespace)
         with _redis_errors(self._client):
-            value = self._client.hget(keys.state, "generation")
-        return int(value or 0)
+            epoch, generation = self._client.hmget(keys.state, "epoch", "generation")
+        return _text(epoch or b""), int(generation or 0)
 
     def prototypes(self, namespace: str, expected_model_id: str | None = None) -> PrototypeSet:
         """The namespace's prototype matrix, from this replica's cache while it is current.
@@ -230,13 +236,17 @@ class Registry:
         Raises FailedPrecondition when the namespace has no classes, or (given
         ``expected_model_id``) when its embeddings came from another model.
         """
-        generation = self.generation(namespace)
+        version = self._version(namespace)
         cached = self._cache.get(namespace)
-        if cached is None or cached.generation != generation:
+        if cached is None or (cached.epoch, cached.generation) != version:
             cached = self._fetch_prototypes(namespace)
             with self._cache_lock:
                 current = self._cache.get(namespace)
-                if current is None or current.generation < cached.generation:
+                if (
+                    current is None
+                    or current.epoch != cached.epoch
+                    or current.generation < cached.generation
+                ):
                     self._cache[namespace] = cached
         if not cached.labels:
             raise FailedPrecondition(
@@ -255,10 +265,10 @@ class Registry:
         with _redis_errors(self._client):
             # One MULTI: generation, model and prototypes come from the same instant.
             pipe = self._client.pipeline(transaction=True)
-            pipe.hget(keys.state, "generation")
+            pipe.hmget(keys.state, "epoch", "generation")
             pipe.hget(keys.model, "model_id")
             pipe.hgetall(keys.prototypes)
-            generation, model_id, raw = pipe.execute()
+            (epoch, generation), model_id, raw = pipe.execute()
         rows = sorted((_decode(f), blob) for f, blob in raw.items())
         labels = [label for label, _ in rows]
         if rows:
@@ -272,6 +282,7 @@ class Registry:
             matrix=matrix,
             model_id=_text(model_id) if model_id is not None else None,
             generation=int(generation or 0),
+            epoch=_text(epoch or b""),
         )
 
     def _keys(self, namespace: str) -> _NamespaceKeys:

@@ -1,8 +1,10 @@
 -- KEYS: model, state, counts, prototypes, examples (of this class)
--- ARGV: label field, model id, embedding dim, then one float32 blob per example
+-- ARGV: label field, model id, embedding dim, epoch, then one float32 blob per example
 -- Returns {generation, count, example id...}; refuses a model or dim other than the namespace's.
+-- The epoch is set once per namespace state: if Redis loses its data, the next epoch differs,
+-- so no replica mistakes a restarted generation count for the one it cached.
 local model_key, state_key, counts_key, protos_key, examples_key = unpack(KEYS)
-local field, model_id, dim = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local field, model_id, dim, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
 local recorded = redis.call('HMGET', model_key, 'model_id', 'dim')
 if recorded[1] and recorded[1] ~= model_id then
@@ -12,9 +14,10 @@ if recorded[2] and tonumber(recorded[2]) ~= dim then
   return redis.error_reply('DIM_MISMATCH ' .. recorded[2])
 end
 redis.call('HSET', model_key, 'model_id', model_id, 'dim', dim)
+redis.call('HSETNX', state_key, 'epoch', epoch)
 
 local ids = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = tostring(redis.call('HINCRBY', state_key, 'next_example_id', 1))
   redis.call('HSET', examples_key, id, ARGV[i])
   ids[#ids + 1] = id
