@@ -22,13 +22,13 @@ PROTO_FILES = ("fewshot/v1/fewshot.proto",)
 _ABSOLUTE_IMPORT = re.compile(r"^from fewshot\.v1 import (\w+_pb2) as", re.MULTILINE)
 
 
-def _protoc(*args: str) -> None:
+def _protoc(*args: str, proto_root: Path = PROTO_ROOT) -> None:
     import importlib.resources
 
     from grpc_tools import protoc  # dev-only dependency, imported on use
 
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
-    code = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", *args])
+    code = protoc.main(["grpc_tools.protoc", f"-I{proto_root}", f"-I{well_known}", *args])
     if code != 0:
         raise RuntimeError(f"protoc failed with exit code {code}: {' '.join(args)}")
 
@@ -59,13 +59,17 @@ def generate(output_root: Path = OUTPUT_ROOT) -> list[Path]:
     return written
 
 
-def descriptor_set(proto_file: str = PROTO_FILES[0]) -> bytes:
-    """The serialized ``FileDescriptorSet`` protoc builds from the ``.proto`` as it is now."""
+def descriptor_set(proto_file: str = PROTO_FILES[0], proto_root: Path = PROTO_ROOT) -> bytes:
+    """The serialized ``FileDescriptorSet`` protoc builds from the ``.proto`` as it is now.
+
+    Comparing it with the descriptor embedded in the generated module tells whether the
+    generated code is stale, independently of the protoc version that wrote either.
+    """
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
-        _protoc(f"--descriptor_set_out={out}", str(PROTO_ROOT / proto_file))
+        _protoc(f"--descriptor_set_out={out}", str(proto_root / proto_file), proto_root=proto_root)
         return out.read_bytes()
 
 
