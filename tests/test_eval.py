@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -106,9 +108,116 @@ def test_same_seed_same_numbers_and_protocols_draw_independently() -> None:
         (np.zeros((10, 4)), np.zeros(9), "labels"),
         (np.full((30, 4), np.nan), np.repeat(np.arange(5), 6), "NaN"),
         (np.ones((40, 4)), np.repeat(np.arange(4), 10), "at least 5 classes"),
-        (np.ones((50, 4)), np.repeat(np.arange(5), 10), "smallest class has 10"),
+        (np.ones((50, 4)), np.repeat(np.arange(5), 10), "need 20 images in every class; the smallest class has 10"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(embeddings, labels, message) -> None:
     with pytest.raises(ValueError, match=message):
         evaluate_embeddings(embeddings, labels, episodes=5)
+
+
+# --- the `fewshot eval` command on a real exported model -----------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from fewshot_service.cli import main  # noqa: E402
+
+COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (20, 20, 20), (200, 60, 220)]
+
+
+def _class_folders(root: Path, per_class: int, *, shuffle_labels: bool = False) -> Path:
+    """Six classes of flat-coloured noisy images (one in ten grey), clearly separable by colour."""
+    rng = np.random.default_rng(0)
+    images = []
+    for c, colour in enumerate(COLOURS):
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 15, size=(36, 44, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels, "RGB")
+            images.append((c, img.convert("L") if i % 10 == 9 else img))
+    classes = rng.permutation([c for c, _ in images]) if shuffle_labels else [c for c, _ in images]
+    for n, ((_, img), c) in enumerate(zip(images, classes)):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"{n:04d}.png")
+    return root
+
+
+def _json_last_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_eval_cli_scores_separable_classes_far_above_chance_and_matches_the_server_embedder(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fewshot_service.embedder import Embedder
+    from fewshot_trainer.eval_cli import labelled_paths
+
+    data = _class_folders(tmp_path / "data", per_class=20)
+    (data / "class_0" / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    args = ["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "100", "--json"]
+    assert main(args) == 0
+    result = _json_last_line(capsys.readouterr().out)
+    assert result["5way1shot"]["mean"] > 70 and result["5way5shot"]["mean"] > 80
+    assert result["allway5shot"]["mean"] > 70 and result["allway5shot"]["ways"] == 6
+    assert (result["classes"], result["images"], result["skipped"]) == (6, 120, 1)
+
+    # The same numbers as the server's own embedder fed straight into the protocol.
+    paths, labels, _ = labelled_paths(data)
+    readable = np.array([p.name != "zz_broken.jpg" for p in paths])
+    embeddings = Embedder(tiny_model_path).embed_paths([p for p, ok in zip(paths, readable) if ok])
+    direct = evaluate_embeddings(embeddings, labels[readable], episodes=100, seed=0)
+    for key in ("5way1shot", "5way5shot", "allway5shot"):
+        assert result[key]["mean"] == pytest.approx(direct[key]["mean"], abs=1e-9)
+        assert result[key]["ci95"] == pytest.approx(direct[key]["ci95"], abs=1e-9)
+
+
+def test_eval_cli_shuffled_labels_score_near_chance(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _class_folders(tmp_path / "data", per_class=20, shuffle_labels=True)
+    args = ["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "200", "--json"]
+    assert main(args) == 0
+    result = _json_last_line(capsys.readouterr().out)
+    assert abs(result["5way1shot"]["mean"] - 20) < 6
+    assert abs(result["5way5shot"]["mean"] - 20) < 6
+    assert result["allway5shot"]["mean"] < 30  # chance 16.7 over six classes
+
+
+def test_eval_cli_table_and_max_per_class(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _class_folders(tmp_path / "data", per_class=22)
+    base = ["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "20"]
+    assert main([*base, "--max-per-class", "20"]) == 0
+    table = capsys.readouterr().out
+    assert "6 classes, 120 images" in table
+    assert re.search(r"5-way 1-shot\s+\d+\.\d\d\s+\d+\.\d\d\s+20 \(5-way\)", table)
+    assert re.search(r"all-way 5-shot\s+\d+\.\d\d\s+\d+\.\d\d\s+10 \(6-way\)", table)
+
+    # Too few images per class for 5-shot + 15 queries: a clear message, exit 1, no traceback.
+    assert main([*base, "--max-per-class", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "need 20 images in every class; the smallest class has 10" in err
+    assert "embedding" not in err  # refused before any image was embedded
+
+
+def test_eval_cli_bad_model_or_data_exit_non_zero_with_a_message(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _class_folders(tmp_path / "data", per_class=20)
+    assert main(["eval", "--model", str(tmp_path / "none.onnx"), "--data", str(data)]) == 1
+    assert "model file not found" in capsys.readouterr().err
+
+    not_onnx = tmp_path / "bad.onnx"
+    not_onnx.write_bytes(b"definitely not a protobuf")
+    assert main(["eval", "--model", str(not_onnx), "--data", str(data)]) == 1
+    assert "not a loadable ONNX model" in capsys.readouterr().err
+
+    assert main(["eval", "--model", str(tiny_model_path), "--data", str(tmp_path / "nowhere")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert main(["eval", "--model", str(tiny_model_path), "--data", str(tmp_path / "empty")]) == 1
+    assert "no class folders with images" in capsys.readouterr().err

@@ -129,6 +129,22 @@ def allway_accuracy(
     return _summary(accuracies, ways=len(by_class), shots=shots, queries=0)
 
 
+def check_class_sizes(labels: np.ndarray, *, queries: int = EPISODE_QUERIES) -> None:
+    """Raise ``ValueError`` unless every protocol can be drawn from ``labels`` (cheap: run it
+    before embedding anything)."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    if len(counts) < EPISODE_WAYS:
+        raise ValueError(
+            f"{EPISODE_WAYS}-way episodes need at least {EPISODE_WAYS} classes, got {len(counts)}"
+        )
+    needed = max(5 + queries, ALLWAY_SHOTS + 1)
+    if counts.min() < needed:
+        raise ValueError(
+            f"5-way 5-shot episodes with {queries} queries need {needed} images in every class; "
+            f"the smallest class has {counts.min()}"
+        )
+
+
 def evaluate_embeddings(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -154,6 +170,7 @@ def evaluate_embeddings(
         raise ValueError("embeddings contain NaN or infinite values")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    check_class_sizes(labels, queries=queries)
     normalized = l2_normalize(embeddings)
     rng_1shot, rng_5shot, rng_allway = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)

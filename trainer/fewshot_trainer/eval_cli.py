@@ -1,0 +1,132 @@
+"""``fewshot eval``: the few-shot protocol on a folder-per-class set, through the server's embedder.
+
+Images go through :class:`fewshot_service.embedder.Embedder` (the server's decoder, preprocessing
+and ONNX Runtime session), so the numbers are those the running server would give. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fewshot_service.embedder import Embedder, InvalidModel
+from fewshot_service.errors import FewshotError
+
+from .fewshot_eval import check_class_sizes, evaluate_embeddings
+
+try:  # a progress bar where the training extras are installed; eval itself works without them
+    from tqdm import tqdm
+except ModuleNotFoundError:  # pragma: no cover - the serving install
+    tqdm = None
+
+PROTOCOL_NAMES = {"5way1shot": "5-way 1-shot", "5way5shot": "5-way 5-shot", "allway5shot": "all-way 5-shot"}
+
+
+class EvalError(Exception):
+    """The model or the data set cannot be evaluated; the message says why."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="an ONNX model from `fewshot export`")
+    parser.add_argument(
+        "--data", required=True, type=Path,
+        help="a folder with one sub-folder of images per class (e.g. tiny-imagenet/fewshot-dev)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of a table")
+    parser.add_argument("--episodes", type=int, default=600, help="5-way episodes per shot count (default 600)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the episode draws (default 0)")
+    parser.add_argument(
+        "--max-per-class", type=int,
+        help="use only the first N images (in name order) of each class, for a quick check",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)")
+
+
+def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """``root/<class>/**/<image>``: paths, integer labels and class names (sorted)."""
+    if not root.is_dir():
+        raise EvalError(f"--data {root} is not a folder")
+    if max_per_class is not None and max_per_class < 1:
+        raise EvalError(f"--max-per-class must be >= 1, got {max_per_class}")
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        files = files[:max_per_class]
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise EvalError(f"--data {root} has no class folders with images in them")
+    return paths, np.asarray(labels), classes
+
+
+def embed_files(embedder: Embedder, paths: list[Path], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embed each readable file; returns the embeddings and a mask of which files were readable."""
+    readable = np.ones(len(paths), dtype=bool)
+    chunks: list[np.ndarray] = []
+    pixels: list[np.ndarray] = []
+    progress = tqdm(paths, desc="embedding", unit="img", file=sys.stderr) if tqdm else paths
+    for index, path in enumerate(progress):
+        try:
+            pixels.append(embedder.load_images([path.read_bytes()])[0])
+        except (FewshotError, OSError):
+            readable[index] = False  # counted and reported; one bad file must not stop the run
+            continue
+        if len(pixels) == batch_size:
+            chunks.append(embedder.embed_array(np.stack(pixels)))
+            pixels.clear()
+    if pixels:
+        chunks.append(embedder.embed_array(np.stack(pixels)))
+    if not chunks:
+        raise EvalError("none of the images could be read")
+    return np.concatenate(chunks), readable
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (EvalError, InvalidModel, FileNotFoundError, ValueError) as exc:
+        print(f"fewshot eval: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.episodes < 1:
+        raise EvalError("--batch-size and --episodes must be >= 1")
+    embedder = Embedder(args.model, max_batch_size=args.batch_size)
+    paths, labels, classes = labelled_paths(args.data, args.max_per_class)
+    check_class_sizes(labels)  # before the slow part
+    embeddings, readable = embed_files(embedder, paths, args.batch_size)
+    skipped = int((~readable).sum())
+    results = evaluate_embeddings(embeddings, labels[readable], episodes=args.episodes, seed=args.seed)
+
+    summary = {
+        **results,
+        "model_id": embedder.model_id,
+        "data": str(args.data),
+        "classes": len(classes),
+        "images": int(readable.sum()),
+        "skipped": skipped,
+        "episodes": args.episodes,
+        "seed": args.seed,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"model  {embedder.model_id} ({embedder.embedding_dim}-d, {embedder.meta.embedding})")
+    print(
+        f"data   {args.data}: {len(classes)} classes, {int(readable.sum())} images"
+        + (f" ({skipped} unreadable, skipped)" if skipped else "")
+    )
+    print(f"{'protocol':<16}{'accuracy %':>11}{'95% CI':>9}  trials")
+    for key, name in PROTOCOL_NAMES.items():
+        r = results[key]
+        print(f"{name:<16}{r['mean']:>11.2f}{r['ci95']:>9.2f}  {r['trials']} ({r['ways']}-way)")
+    return 0
