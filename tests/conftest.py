@@ -74,3 +74,101 @@ def redis_client(redis_url: str):
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+class ServeProcess:
+    """A ``fewshot serve`` subprocess on free loopback ports; ``stop()`` sends SIGTERM."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None, log_path: Path, cwd: Path | None = None
+    ) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        command = [sys.executable, "-m", "fewshot_service.cli", "serve", "--host", "127.0.0.1",
+                   "--grpc-port", "0", "--http-port", "0", *args]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+        self.banner = ""
+        self.stdout_tail = ""
+        self.grpc_port = self.http_port = 0
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServeProcess":
+        """Read stdout until the banner with the bound ports; fail with the log if it dies."""
+        import re
+        import select
+        import time
+
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                line = self.process.stdout.readline()
+                if line.startswith("fewshot serve: model"):
+                    self.banner = line
+                    self.grpc_port = int(re.search(r"gRPC on [^ ]+:(\d+)", line).group(1))
+                    self.http_port = int(re.search(r"HTTP on http://[^ ]+:(\d+)", line).group(1))
+                    return self
+            if self.process.poll() is not None:
+                break
+        raise AssertionError(f"fewshot serve did not start: {self.output()}")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def output(self) -> str:
+        """What the process wrote to stderr (logs), and to stdout after its banner once stopped."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text() + self.stdout_tail
+
+    def stop(self, sig: int | None = None) -> int:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(sig or signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None and not self.process.stdout.closed:
+            self.stdout_tail += self.process.stdout.read()
+            self.process.stdout.close()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path):
+    """Factory: ``serve_process(["--model", path, ...], env={...}, cwd=...)`` -> a started
+    ServeProcess (call ``.wait_ready()``). Every process it made is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(
+        args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> ServeProcess:
+        log_path = tmp_path / f"serve-{len(started)}.log"
+        process = ServeProcess([str(a) for a in args], env, log_path, cwd)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

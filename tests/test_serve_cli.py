@@ -1,0 +1,124 @@
+"""`fewshot serve` as a user runs it: a subprocess, settings from flags and environment, the default
+model resolved from the working directory, clear errors, and a clean exit on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry import Registry
+
+
+def managed_redis_pid(banner: str) -> int:
+    url = re.search(r"Redis (redis://\S+)", banner).group(1)
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run_serve(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A `fewshot serve` expected to fail at start-up."""
+    return subprocess.run(
+        [sys.executable, "-m", "fewshot_service.cli", "serve", "--host", "127.0.0.1", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_and_its_managed_redis(
+    serve_process, tiny_model_path: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    server = serve_process(["--model", tiny_model_path, "--data-dir", tmp_path / "data"]).wait_ready()
+    redis_pid = managed_redis_pid(server.banner)
+    assert httpx.get(f"{server.http_url}/readyz").json()["ready"] is True
+    assert server.stop(sig) == 0, server.output()
+    assert gone(redis_pid), "the managed Redis outlived fewshot serve"
+    assert f"{sig.name}, shutting down" in server.stdout_tail
+
+
+def test_default_model_is_models_default_onnx_in_the_working_directory(
+    serve_process, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_model_path, tmp_path / "models" / "default.onnx")
+    server = serve_process([], cwd=tmp_path).wait_ready()
+    assert "vit_test_p8_32-" in server.banner
+    ready = httpx.get(f"{server.http_url}/readyz").json()
+    assert ready["model_id"].startswith("vit_test_p8_32-")
+    # The default data dir is ./.fewshot, with the append-only file under it.
+    assert (tmp_path / ".fewshot" / "redis").is_dir()
+
+
+def test_settings_come_from_the_environment(
+    serve_process, tiny_model_path: Path, redis_url: str, tmp_path: Path
+) -> None:
+    env = {"FEWSHOT_MODEL": str(tiny_model_path), "REDIS_URL": redis_url,
+           "FEWSHOT_REDIS_KEY_PREFIX": "fromenv", "FEWSHOT_MAX_IMAGES": "1"}  # fmt: skip
+    server = serve_process([], env=env, cwd=tmp_path).wait_ready()
+    assert f"Redis {redis_url}" in server.banner  # no private server was started
+    png = (tmp_path / "x.png")
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(png)
+    one = [("files", ("x.png", png.read_bytes(), "image/png"))]
+    assert httpx.post(f"{server.http_url}/v1/classes/red/examples", files=one).status_code == 201
+    assert httpx.post(f"{server.http_url}/v1/classes/red/examples", files=one * 2).status_code == 413
+    registry = Registry(redis.Redis.from_url(redis_url), key_prefix="fromenv")
+    assert [c.label for c in registry.list_classes("default")] == ["red"]
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_serve("--model", str(tmp_path / "nope.onnx"), "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "model file not found" in result.stderr and "nope.onnx" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_settings_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = run_serve("--grpc-port", "70000", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr and "grpc_port" in result.stderr
+    assert not (tmp_path / "redis").exists()
+
+
+def test_a_taken_http_port_fails_cleanly_and_leaves_no_redis_behind(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve("--model", str(tiny_model_path), "--data-dir", str(tmp_path),
+                           "--grpc-port", "0", "--http-port", str(port))  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Valkey prefixes each log line with its pid: that process must be gone.
+    log = (tmp_path / "redis" / ManagedRedis(tmp_path).log_path.name).read_text()
+    redis_pid = int(log.strip().splitlines()[0].split(":", 1)[0])
+    assert gone(redis_pid)
