@@ -1,0 +1,101 @@
+"""``fewshot train``: MSN-pretrain a ViT on a folder of unlabelled images.
+
+Settings: ``--config FILE.yaml`` (else the packaged config of ``--arch``, default
+``vit_tiny_p8_64``), then the flags below on top. The resolved config is saved as
+``<output>/config.yaml``; ``torchrun --nproc_per_node N fewshot train ...`` trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import TrainConfig, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="folder of images (recursive)")
+    parser.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, logs")
+    parser.add_argument("--config", type=Path, help="YAML config (default: the arch's packaged one)")
+    parser.add_argument("--arch", help="model architecture, e.g. vit_tiny_p8_64")
+    parser.add_argument("--epochs", type=int, help="optimization.epochs")
+    parser.add_argument("--max-steps", type=int,
+                        help="stop after this many steps in all (schedules still span --epochs)")
+    parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue exactly from <output>/checkpoint.pt")
+    parser.add_argument("--eval-dir", type=Path, help="folder-per-class set for a per-epoch probe")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    parser.add_argument("--seed", type=int, help="seed")
+    parser.add_argument("--workers", type=int, help="data.num_workers")
+    parser.add_argument("--bf16", action="store_true", default=None,
+                        help="bf16 autocast (optimization.bf16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line flags as a nested config dict; flags not given are left out."""
+    pairs = {
+        ("optimization", "epochs"): args.epochs,
+        ("data", "batch_size"): args.batch_size,
+        ("data", "num_workers"): args.workers,
+        ("optimization", "bf16"): args.bf16,
+        ("seed",): args.seed,
+    }
+    nested: dict[str, Any] = {}
+    for keys, value in pairs.items():
+        if value is None:
+            continue
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return nested
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    overrides = overrides_from_args(args)
+    checkpoint = args.output / "checkpoint.pt"
+    if args.resume:
+        # A resumed run keeps the settings it started with; only flags given now change them.
+        from .checkpoint import load_checkpoint
+        from .config import _deep_update
+
+        saved = load_checkpoint(checkpoint)["config"]
+        if args.arch is not None:
+            overrides = _deep_update(overrides, {"model": {"arch": args.arch}})
+        return TrainConfig.model_validate(_deep_update(saved, overrides))
+    return load_config(args.config, args.arch, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train import TrainOptions, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.resume and not (args.output / "checkpoint.pt").is_file():
+        print(f"fewshot train: --resume but no {args.output / 'checkpoint.pt'}", file=sys.stderr)
+        return 2
+    try:
+        config = resolve_config(args)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        print(f"fewshot train: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    options = TrainOptions(
+        data=args.data, output=args.output, max_steps=args.max_steps, resume=args.resume,
+        init=args.init, eval_dir=args.eval_dir, progress=not args.no_progress,
+    )
+    try:
+        result = train(config, options)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fewshot train: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"trained to step {result.step} (epoch {result.epoch}); "
+        f"{result.skipped_files} unreadable files skipped; checkpoint {args.output / 'checkpoint.pt'}"
+    )
+    return 0
