@@ -1,0 +1,215 @@
+"""Serving benchmark: a real gRPC server, a real model, a private Redis; prints the figures.
+
+    python bench/bench_serving.py [--model models/default.onnx] [--requests 200] [--concurrency 16]
+
+Measures, over loopback gRPC with the thin client:
+  * Embed latency for one image (p50/p95),
+  * Embed throughput at batch 32 (images/s),
+  * Classify latency for one image against 1,000 registered classes (p50/p95),
+  * throughput of single-image Embeds from many concurrent clients, with dynamic batching on
+    and off, side by side in one run.
+
+Without --model it serves models/default.onnx when present, else exports a randomly initialised
+vit_tiny_p8_64 into a temporary folder (speed does not depend on the weights; needs the train
+extra). The client runs in this process, so it shares the CPU with the server: on a small
+machine the figures are a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnxruntime
+import redis
+from PIL import Image
+
+from fewshot_service.batcher import BatchConfig
+from fewshot_service.client import FewShotClient
+from fewshot_service.core import FewShotCore
+from fewshot_service.embedder import Embedder
+from fewshot_service.grpc_server import create_grpc_server
+from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry import Registry
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "default.onnx"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="ONNX model (default: models/default.onnx or a fresh vit_tiny_p8_64)")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests per latency figure")
+    parser.add_argument("--batch-rounds", type=int, default=20, help="timed batch-32 Embed calls")
+    parser.add_argument("--classes", type=int, default=1000, help="classes registered for Classify")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--concurrent-requests", type=int, default=400, help="requests per batching mode")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic JPEGs sent")
+    parser.add_argument("--queue-delay-ms", type=float, default=BatchConfig().max_queue_delay_ms)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    return parser.parse_args()
+
+
+@contextmanager
+def model_path(requested: Path | None) -> Iterator[Path]:
+    if requested is not None:
+        yield requested
+        return
+    if DEFAULT_MODEL.is_file():
+        yield DEFAULT_MODEL
+        return
+    import torch
+    from fewshot_service.modelmeta import Preprocess
+    from fewshot_trainer.export import export_onnx
+    from fewshot_trainer.vit import build_vit, get_arch
+
+    torch.manual_seed(0)
+    spec = get_arch("vit_tiny_p8_64")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vit_tiny_p8_64.onnx"
+        export_onnx(build_vit(spec), spec, Preprocess(input_size=64, resize_size=72), path)
+        yield path
+
+
+def synthetic_jpegs(count: int, side: int) -> list[bytes]:
+    """Smooth random colour fields: JPEG-compressible like photos, different per image."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def timed(call: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def percentiles_ms(times: list[float]) -> str:
+    cuts = statistics.quantiles(times, n=100)
+    return f"p50 {cuts[49] * 1000:7.2f} ms   p95 {cuts[94] * 1000:7.2f} ms   (n={len(times)})"
+
+
+class Server:
+    def __init__(self, embedder: Embedder, redis_url: str, batching: BatchConfig) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.registry = Registry(self.redis)
+        self.core = FewShotCore(embedder, self.registry, batching=batching)
+        self.server, port = create_grpc_server(self.core, host="127.0.0.1", port=0, max_workers=64)
+        self.client = FewShotClient(f"127.0.0.1:{port}")
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop(None)
+        self.core.close()
+        self.redis.close()
+
+
+def register_classes(server: Server, count: int, namespace: str) -> None:
+    """``count`` classes of 5 examples each, written straight to the registry (faster than
+    embedding 5,000 images, and Classify's cost does not depend on what the vectors are)."""
+    rng = np.random.default_rng(1)
+    dim = server.core.embedder.embedding_dim
+    for i in range(count):
+        vectors = rng.normal(size=(5, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        server.registry.add_examples(namespace, f"class-{i:04d}", vectors, server.core.model_id)
+
+
+def concurrent_throughput(server: Server, images: list[bytes], clients: int, requests: int) -> float:
+    """Images/s for ``requests`` single-image Embeds issued by ``clients`` threads at once."""
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            server.client.embed([images[i % len(images)]])
+
+    for image in images[:clients]:  # warm up every code path once
+        server.client.embed([image])
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+    return requests / (time.perf_counter() - started)
+
+
+def main() -> int:
+    args = parse_args()
+    images = synthetic_jpegs(64, args.image_size)
+    with model_path(args.model) as path, tempfile.TemporaryDirectory() as tmp:
+        embedder = Embedder(path, intra_op_threads=args.threads)
+        print(f"model      {path.name}: {embedder.model_id}, {embedder.meta.arch}, "
+              f"input {embedder.meta.preprocess.input_size}px, dim {embedder.embedding_dim}")
+        print(f"runtime    onnxruntime {onnxruntime.__version__}, providers {embedder.providers}, "
+              f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, "
+              f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}")
+        print(f"images     synthetic {args.image_size}x{args.image_size} JPEG, "
+              f"~{sum(map(len, images)) // len(images) // 1024} KiB each")
+        with ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
+            batched = Server(embedder, store.url, BatchConfig(max_queue_delay_ms=args.queue_delay_ms))
+            try:
+                one = images[:1]
+                print(f"Embed, 1 image          {percentiles_ms(timed(lambda: batched.client.embed(one), args.requests))}")
+
+                batch = images[:32]
+                times = timed(lambda: batched.client.embed(batch), args.batch_rounds, warmup=2)
+                print(f"Embed, batch of 32      {32 / statistics.median(times):7.1f} images/s "
+                      f"(median of {len(times)} calls, {statistics.median(times) * 1000:.1f} ms each)")
+
+                register_classes(batched, args.classes, "bench")
+                classify = lambda: batched.client.classify(one, namespace="bench", top_k=5)  # noqa: E731
+                print(f"Classify, 1 image, {args.classes} classes "
+                      f"{percentiles_ms(timed(classify, args.requests))}")
+
+                # Both servers at once, measured in alternation, so that a change in background
+                # load hits both modes alike.
+                unbatched = Server(embedder, store.url, BatchConfig(enabled=False))
+                try:
+                    on, off = [], []
+                    for _ in range(args.rounds):
+                        on.append(concurrent_throughput(batched, images, args.concurrency, args.concurrent_requests))
+                        off.append(concurrent_throughput(unbatched, images, args.concurrency, args.concurrent_requests))
+                finally:
+                    unbatched.close()
+            finally:
+                batched.close()
+            rounds = lambda xs: " ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+            print(f"{args.concurrency} concurrent clients, 1 image per Embed ({args.concurrent_requests} requests "
+                  f"x {args.rounds} alternating rounds, images/s):")
+            print(f"  batching on  (max batch 32, max delay {args.queue_delay_ms} ms)  "
+                  f"median {statistics.median(on):7.1f}   rounds {rounds(on)}")
+            print(f"  batching off (one ORT run per request)          "
+                  f"median {statistics.median(off):7.1f}   rounds {rounds(off)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
