@@ -22,6 +22,7 @@ from fewshot_service.settings import Settings
 MAX_IMAGES = 4
 MAX_IMAGE_BYTES = 100_000
 MAX_REQUEST_BYTES = 300_000
+MAX_PIXELS = 250_000
 
 
 def png(colour: tuple[int, int, int], size: int = 40) -> bytes:
@@ -54,6 +55,7 @@ def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[Server
         max_images=MAX_IMAGES,
         max_image_bytes=MAX_IMAGE_BYTES,
         max_request_bytes=MAX_REQUEST_BYTES,
+        max_pixels=MAX_PIXELS,
     )
     with ServerStack(settings) as running:
         yield running
@@ -172,6 +174,10 @@ def test_limits_are_413(http: httpx.Client) -> None:
     Image.fromarray(noise).save(big, format="PNG")
     assert len(big.getvalue()) > MAX_IMAGE_BYTES
     assert_error(http.post(path("red", "/examples"), files=files(big.getvalue())), 413, "too_large")
+    wide = io.BytesIO()
+    Image.new("L", (1000, 1000)).save(wide, format="PNG")  # a few KiB, but a million pixels
+    assert_error(http.post(path("red", "/examples"), files=files(wide.getvalue())),
+                 413, "too_large", "pixels")  # fmt: skip
     huge = b"\0" * (MAX_REQUEST_BYTES + 1)
     assert_error(http.post(path("red", "/examples"), files=files(huge)), 413, "too_large", "limit")
 
@@ -256,3 +262,25 @@ def test_health_readiness_metrics_and_docs(http: httpx.Client, stack: ServerStac
     assert http.get("/docs").status_code == 200
     openapi = http.get("/openapi.json").json()
     assert "/v1/classes/{label}/examples" in openapi["paths"]
+
+
+def test_grey_palette_alpha_cmyk_16_bit_and_animated_images_are_valid_examples(http: httpx.Client) -> None:
+    def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format=fmt, **options)
+        return out.getvalue()
+
+    base = Image.new("RGB", (48, 32), (200, 40, 40))
+    frames = [Image.new("P", (32, 32), i) for i in (10, 200)]
+    images = {
+        "grey.png": encode(base.convert("L"), "PNG"),
+        "palette.gif": encode(base.convert("P"), "GIF"),
+        "alpha.png": encode(base.convert("RGBA"), "PNG"),
+        "cmyk.jpg": encode(base.convert("CMYK"), "JPEG"),
+        "deep.png": encode(Image.new("I;16", (32, 32), 40_000), "PNG"),
+        "animated.gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+    }
+    response = http.post(path("modes", "/examples"), files=files(*images.values(), names=list(images))[:MAX_IMAGES])
+    assert response.status_code == 201, response.text
+    response = http.post(path("modes", "/examples"), files=files(*images.values(), names=list(images))[MAX_IMAGES:])
+    assert response.status_code == 201 and response.json()["count"] == len(images), response.text
