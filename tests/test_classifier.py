@@ -147,6 +147,8 @@ def test_a_change_is_seen_by_the_next_classify(core: FewShotCore) -> None:
     core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
     image = shots(COLOURS["blue"], 1, 9)
     assert [p.label for p in core.classify(image, "", 5)[0]] == ["red"]
+    # Unchanged namespace: the prepared matrix is reused, not rebuilt per request.
+    assert core._prototype_matrix("default") is core._prototype_matrix("default")
     core.add_examples("", "blue", shots(COLOURS["blue"], 2, 1))
     assert core.classify(image, "", 5)[0][0].label == "blue"
     core.delete_class("", "blue")

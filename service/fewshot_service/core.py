@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .embedder import Embedder
 from .errors import InvalidInput
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
-    from .registry import ClassInfo, PrototypeSet, Registry
+    from .registry import ClassInfo, ClassSummary, PrototypeSet, Registry
 
 DEFAULT_NAMESPACE = "default"
 MAX_TOP_K = 1000
@@ -57,8 +57,8 @@ class FewShotCore:
             embedder.embed_array,
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
-        # Re-normalising and sorting prototypes once per registry generation, not per request.
-        self._matrices: dict[str, tuple[Any, PrototypeMatrix]] = {}
+        # Re-normalised, label-sorted prototypes, rebuilt only when the registry's matrix changes.
+        self._matrices: dict[str, tuple[np.ndarray, PrototypeMatrix]] = {}
         self._matrices_lock = threading.Lock()
 
     @property
@@ -92,14 +92,15 @@ class FewShotCore:
         # The registry refuses (FailedPrecondition) an empty namespace or one whose examples
         # came from another model, saying why.
         prototypes: PrototypeSet = self.registry.prototypes(namespace, expected_model_id=self.model_id)
-        key = (prototypes.generation, prototypes.model_id, id(prototypes.matrix))
+        # The registry hands out the same PrototypeSet until the namespace changes; holding its
+        # matrix in the cache entry keeps the identity check sound (no id reuse).
         with self._matrices_lock:
             cached = self._matrices.get(namespace)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] is prototypes.matrix:
             return cached[1]
         matrix = PrototypeMatrix(prototypes.labels, prototypes.matrix)
         with self._matrices_lock:
-            self._matrices[namespace] = (key, matrix)
+            self._matrices[namespace] = (prototypes.matrix, matrix)
         return matrix
 
     # -- registry ----------------------------------------------------------------------------
@@ -112,16 +113,19 @@ class FewShotCore:
         embeddings = self.embed(images, operation="add_examples")
         return self.registry.add_examples(namespace, label, embeddings, self.model_id)
 
-    def list_classes(self, namespace: str | None = None) -> Any:
+    def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))
 
     def get_class(self, namespace: str | None, label: str) -> "ClassInfo":
         return self.registry.get_class(resolve_namespace(namespace), label)
 
-    def delete_class(self, namespace: str | None, label: str) -> Any:
+    def delete_class(self, namespace: str | None, label: str) -> None:
         return self.registry.delete_class(resolve_namespace(namespace), label)
 
-    def delete_example(self, namespace: str | None, label: str, example_id: str) -> Any:
+    def delete_example(
+        self, namespace: str | None, label: str, example_id: str
+    ) -> "ClassInfo | None":
+        """The class as it is after the deletion, or None when that was its last example."""
         return self.registry.delete_example(resolve_namespace(namespace), label, example_id)
 
     # -- health ------------------------------------------------------------------------------
