@@ -36,7 +36,7 @@ RED, GREEN = png((230, 20, 20)), png((20, 230, 20))
 
 def files(*images: bytes, names: list[str] | None = None) -> list[tuple[str, tuple[str, bytes, str]]]:
     names = names or [f"img{i}.png" for i in range(len(images))]
-    return [("files", (name, data, "image/png")) for name, data in zip(names, images)]
+    return [("files", (name, data, "image/png")) for name, data in zip(names, images, strict=True)]
 
 
 def path(label: str, suffix: str = "") -> str:
@@ -280,7 +280,8 @@ def test_grey_palette_alpha_cmyk_16_bit_and_animated_images_are_valid_examples(h
         "deep.png": encode(Image.new("I;16", (32, 32), 40_000), "PNG"),
         "animated.gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
     }
-    response = http.post(path("modes", "/examples"), files=files(*images.values(), names=list(images))[:MAX_IMAGES])
+    uploads = files(*images.values(), names=list(images))
+    response = http.post(path("modes", "/examples"), files=uploads[:MAX_IMAGES])
     assert response.status_code == 201, response.text
-    response = http.post(path("modes", "/examples"), files=files(*images.values(), names=list(images))[MAX_IMAGES:])
+    response = http.post(path("modes", "/examples"), files=uploads[MAX_IMAGES:])
     assert response.status_code == 201 and response.json()["count"] == len(images), response.text

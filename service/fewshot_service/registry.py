@@ -89,6 +89,10 @@ def _load_script(name: str) -> str:
     return prelude + "\n" + (scripts / name).read_text(encoding="utf-8")
 
 
+# The codes the registry scripts answer with (redis.error_reply); see registry_scripts/*.lua.
+_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE"}
+
+
 @contextmanager
 def _redis_errors(client: redis.Redis) -> Iterator[None]:
     """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
@@ -104,8 +108,6 @@ def _redis_errors(client: redis.Redis) -> Iterator[None]:
             raise  # a registry script's own answer; the caller translates it
         raise Unavailable(f"Redis refused the request: {exc}") from None
 
-
-_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE"}
 
 
 class _NamespaceKeys:
@@ -168,8 +170,7 @@ class Registry:
             except redis.exceptions.ResponseError as exc:
                 raise self._script_error(exc, namespace, label, model_id) from None
             example_ids = self._example_ids(keys, label)
-        generation, count, *added = reply
-        del generation
+        _generation, count, *added = reply
         return ClassInfo(
             label=label,
             count=int(count),

@@ -14,7 +14,7 @@ works too unless the label itself ends in ``/examples`` or ``/examples/<id>``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -44,9 +44,10 @@ HTTP_RESPONSES = Counter(
     "fewshot_http_responses_total", "HTTP responses by method and status code.", ["method", "status"]
 )
 
-NamespaceQuery = Query(
-    default=None, description="Namespace of the classes (default: `default`)", max_length=128
-)
+Namespace = Annotated[
+    str | None, Query(description="Namespace of the classes (default: `default`)", max_length=128)
+]
+ImageFiles = Annotated[list[UploadFile], File(description="one or more image files")]
 
 
 # -- response bodies (they also document the API at /docs) ----------------------------------------
@@ -132,8 +133,8 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
     )
     def add_examples(
         label: str,
-        files: list[UploadFile] = File(..., description="one or more image files"),
-        namespace: str | None = NamespaceQuery,
+        files: ImageFiles,
+        namespace: Namespace = None,
     ) -> AddedBody:
         label = unquote(label)
         names = [f.filename or f"#{i}" for i, f in enumerate(files)]
@@ -141,7 +142,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         try:
             info = core.add_examples(namespace, label, images)
         except errors.ImageError as exc:
-            raise _NamedImageError(exc, names[exc.index] if exc.index < len(names) else None)
+            raise _NamedImageError(exc, names) from None
         return AddedBody(
             namespace=_ns(namespace),
             label=info.label,
@@ -152,7 +153,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         )
 
     @app.get("/v1/classes", response_model=ClassListBody, responses=ERROR_RESPONSES)
-    def list_classes(namespace: str | None = NamespaceQuery) -> ClassListBody:
+    def list_classes(namespace: Namespace = None) -> ClassListBody:
         summaries = core.list_classes(namespace)
         return ClassListBody(
             namespace=_ns(namespace),
@@ -160,7 +161,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         )
 
     @app.get("/v1/classes/{label:path}", response_model=ClassBody, responses=ERROR_RESPONSES)
-    def get_class(label: str, namespace: str | None = NamespaceQuery) -> ClassBody:
+    def get_class(label: str, namespace: Namespace = None) -> ClassBody:
         info = core.get_class(namespace, unquote(label))
         return ClassBody(
             namespace=_ns(namespace), label=info.label, count=info.count, example_ids=info.example_ids
@@ -174,7 +175,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         summary="Remove one example; removing the last one removes the class",
     )
     def delete_example(
-        label: str, example_id: str, namespace: str | None = NamespaceQuery
+        label: str, example_id: str, namespace: Namespace = None
     ) -> DeletedExampleBody:
         label, example_id = unquote(label), unquote(example_id)
         info = core.delete_example(namespace, label, example_id)
@@ -188,7 +189,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         )
 
     @app.delete("/v1/classes/{label:path}", response_model=DeletedClassBody, responses=ERROR_RESPONSES)
-    def delete_class(label: str, namespace: str | None = NamespaceQuery) -> DeletedClassBody:
+    def delete_class(label: str, namespace: Namespace = None) -> DeletedClassBody:
         label = unquote(label)
         core.delete_class(namespace, label)
         return DeletedClassBody(namespace=_ns(namespace), label=label)
@@ -200,15 +201,15 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
         summary="Classify images against a namespace's classes (score = cosine similarity)",
     )
     def classify(
-        files: list[UploadFile] = File(..., description="one or more image files"),
-        namespace: str | None = NamespaceQuery,
-        top_k: int = Query(default=5, ge=1, le=1000),
+        files: ImageFiles,
+        namespace: Namespace = None,
+        top_k: Annotated[int, Query(ge=1, le=1000, description="classes per image")] = 5,
     ) -> ClassifyBody:
         names = [f.filename or f"#{i}" for i, f in enumerate(files)]
         try:
             results = core.classify([f.file.read() for f in files], namespace, top_k)
         except errors.ImageError as exc:
-            raise _NamedImageError(exc, names[exc.index] if exc.index < len(names) else None)
+            raise _NamedImageError(exc, names) from None
         return ClassifyBody(
             namespace=_ns(namespace),
             model_id=core.model_id,
@@ -243,11 +244,11 @@ def _ns(namespace: str | None) -> str:
 class _NamedImageError(errors.InvalidInput):
     """An ImageError that knows the uploaded file's name, for the 422 body."""
 
-    def __init__(self, error: errors.ImageError, filename: str | None) -> None:
-        name = f"file {filename!r} (#{error.index})" if filename else f"image {error.index}"
-        super().__init__(f"{name}: {error.reason}")
+    def __init__(self, error: errors.ImageError, filenames: list[str]) -> None:
         self.index = error.index
-        self.filename = filename
+        self.filename = filenames[error.index] if error.index < len(filenames) else None
+        name = f"file {self.filename!r} (#{self.index})" if self.filename else f"image {self.index}"
+        super().__init__(f"{name}: {error.reason}")
 
 
 # -- errors: a JSON body always --------------------------------------------------------------------
