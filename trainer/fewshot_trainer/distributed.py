@@ -6,6 +6,8 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
 
 
 def world_size() -> int:
@@ -63,3 +65,56 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(x)
     return x
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose batch statistics span every rank, for CPU (gloo) training.
+
+    torch's ``SyncBatchNorm`` accepts only GPU tensors. Sums go through the autograd-aware
+    ``all_reduce``, so gradients flow back into every rank's inputs like ``SyncBatchNorm``'s.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        x32 = x.float()
+        channels = x32.shape[1]
+        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_full((1,), x32.shape[0])])
+        total = dist_nn.all_reduce(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            unbiased = var * count / (count - 1).clamp_min(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), factor)
+            self.running_var.lerp_(unbiased.detach(), factor)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight + self.bias).to(x.dtype)
+
+
+def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every ``BatchNorm1d`` for a :class:`GlobalBatchNorm1d` holding the same state."""
+    if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlobalBatchNorm1d):
+        replacement = GlobalBatchNorm1d(
+            module.num_features, eps=module.eps, momentum=module.momentum,
+            affine=module.affine, track_running_stats=module.track_running_stats,
+        )
+        replacement.load_state_dict(module.state_dict())
+        replacement.train(module.training)
+        for p_new, p_old in zip(replacement.parameters(), module.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_global_batchnorm(child))
+    return module
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch when world > 1 (the reference converts both encoders)."""
+    if world_size() == 1:
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_to_global_batchnorm(module)

@@ -178,10 +178,9 @@ class MSNTrainer:
             loaded = load_init_weights(options.init, online, self.target, self.prototypes)
             log.info("initialised from %s: %s", options.init, ", ".join(loaded))
         self.online_module = online
-        if self.world > 1 and self.device.type == "cuda":
-            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-            self.target = nn.SyncBatchNorm.convert_sync_batchnorm(self.target)
-            self.online_module = online
+        online = dist_utils.sync_batchnorm(online, self.device)
+        self.target = dist_utils.sync_batchnorm(self.target, self.device)
+        self.online_module = online
         online.to(self.device)
         self.target.to(self.device)
         self.prototypes.data = self.prototypes.data.to(self.device)
