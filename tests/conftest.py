@@ -95,7 +95,9 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env={**os.environ, **(env or {})},
+            # Hermetic: the caller's own REDIS_URL / FEWSHOT_* settings must not leak in.
+            env={**{k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
+                 **(env or {})},  # fmt: skip
             cwd=cwd,
         )
         self.banner = ""

@@ -13,12 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import argparse
+
 import httpx
 import pytest
 import redis
 
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
+from fewshot_service.serve_cli import add_arguments, settings_from_args
 
 
 def managed_redis_pid(banner: str) -> int:
@@ -122,3 +125,20 @@ def test_a_taken_http_port_fails_cleanly_and_leaves_no_redis_behind(
     log = (tmp_path / "redis" / ManagedRedis(tmp_path).log_path.name).read_text()
     redis_pid = int(log.strip().splitlines()[0].split(":", 1)[0])
     assert gone(redis_pid)
+
+
+def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("FEWSHOT_HTTP_PORT", "8123")
+    monkeypatch.setenv("FEWSHOT_GRPC_PORT", "50123")
+    monkeypatch.setenv("REDIS_URL", "redis://from-env:6379/0")
+    monkeypatch.setenv("FEWSHOT_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
+    settings = settings_from_args(parser.parse_args(["--http-port", "9000", "--model", "m.onnx"]))
+    assert settings.http_port == 9000  # flag over environment
+    assert settings.grpc_port == 50123  # environment over default
+    assert settings.redis_url == "redis://from-env:6379/0"
+    assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert str(settings.model) == "m.onnx" and settings.max_images == 64  # default
+    monkeypatch.delenv("REDIS_URL")
+    assert settings_from_args(parser.parse_args([])).redis_url is None  # none: a managed Redis

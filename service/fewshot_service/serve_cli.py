@@ -12,8 +12,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 # Flag -> Settings field. Defaults live in Settings only, so the environment is not overridden.
 _FLAGS: dict[str, str] = {
@@ -51,16 +55,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
+def settings_from_args(args: argparse.Namespace) -> "Settings":
+    """Flags given on the command line over the environment over the defaults."""
     from .settings import Settings
 
-    overrides = {
-        field: getattr(args, flag[2:].replace("-", "_"))
-        for flag, field in _FLAGS.items()
-        if getattr(args, flag[2:].replace("-", "_")) is not None
-    }
+    overrides = {}
+    for flag, field in _FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        settings = Settings(**overrides)
+        settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"fewshot serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
