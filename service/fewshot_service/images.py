@@ -22,6 +22,9 @@ MiB = 1024 * 1024
 # photographed object on a plain sheet looks like.
 ALPHA_BACKGROUND = (255, 255, 255)
 
+# Up to this aspect ratio the whole image is resized, then cropped (exactly torchvision's way).
+_MAX_ASPECT_RESIZED = 16
+
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -111,18 +114,26 @@ def preprocess(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """RGB image -> float32 ``[3, S, S]``: shorter side to ``resize_size``, centre crop, normalise.
 
     Sizes are rounded as torchvision's ``Resize(int)`` + ``CenterCrop`` do, so the server sees
-    what the trainer's evaluation transform sees.
+    what the trainer's evaluation transform sees (bit for bit). For extreme aspect ratios only
+    the cropped region is resampled (Pillow's ``box``; edge pixels may differ by a few levels),
+    because the full resized image could be huge: 1 x 10,000,000 would become 36 x 360 M.
     """
     width, height = img.size
     short, long = min(width, height), max(width, height)
     new_short, new_long = pre.resize_size, int(pre.resize_size * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if size != img.size:
-        img = img.resize(size, _RESAMPLE[pre.interpolation])
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     crop = pre.input_size
-    left = int(round((size[0] - crop) / 2.0))
-    top = int(round((size[1] - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
+    left = int(round((new_w - crop) / 2.0))
+    top = int(round((new_h - crop) / 2.0))
+    resample = _RESAMPLE[pre.interpolation]
+    if new_long <= _MAX_ASPECT_RESIZED * new_short:
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), resample)
+        img = img.crop((left, top, left + crop, top + crop))
+    else:
+        scale_x, scale_y = width / new_w, height / new_h
+        box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
+        img = img.resize((crop, crop), resample, box=box)
 
     pixels = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
     mean = np.asarray(pre.mean, dtype=np.float32)
