@@ -49,6 +49,7 @@ def run_serve(*args: str, cwd: Path | None = None, timeout: float = 60) -> subpr
     return subprocess.run(
         [sys.executable, "-m", "fewshot_service.cli", "serve", "--host", "127.0.0.1", *args],
         capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
     )  # fmt: skip
 
 
