@@ -230,7 +230,8 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = 64 * 1024 * 1024) 
     def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    # Outermost first: count every response, refuse oversized bodies, then route on the raw path.
+    # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
+    # RawClassPath, so even a refused body is counted and routing sees the raw path.
     app.add_middleware(RawClassPath)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(CountResponses)
