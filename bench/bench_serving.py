@@ -50,7 +50,9 @@ DEFAULT_MODEL = REPO_ROOT / "models" / "default.onnx"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="ONNX model (default: models/default.onnx or a fresh vit_tiny_p8_64)")
+    parser.add_argument(
+        "--model", type=Path, help="ONNX model (default: models/default.onnx, else a fresh vit_tiny_p8_64)"
+    )
     parser.add_argument("--requests", type=int, default=200, help="timed requests per latency figure")
     parser.add_argument("--batch-rounds", type=int, default=20, help="timed batch-32 Embed calls")
     parser.add_argument("--classes", type=int, default=1000, help="classes registered for Classify")
@@ -177,7 +179,8 @@ def main() -> int:
             batched = Server(embedder, store.url, BatchConfig(max_queue_delay_ms=args.queue_delay_ms))
             try:
                 one = images[:1]
-                print(f"Embed, 1 image          {percentiles_ms(timed(lambda: batched.client.embed(one), args.requests))}")
+                latency = timed(lambda: batched.client.embed(one), args.requests)
+                print(f"Embed, 1 image          {percentiles_ms(latency)}")
 
                 batch = images[:32]
                 times = timed(lambda: batched.client.embed(batch), args.batch_rounds, warmup=2)
@@ -194,16 +197,17 @@ def main() -> int:
                 unbatched = Server(embedder, store.url, BatchConfig(enabled=False))
                 try:
                     on, off = [], []
+                    load = (images, args.concurrency, args.concurrent_requests)
                     for _ in range(args.rounds):
-                        on.append(concurrent_throughput(batched, images, args.concurrency, args.concurrent_requests))
-                        off.append(concurrent_throughput(unbatched, images, args.concurrency, args.concurrent_requests))
+                        on.append(concurrent_throughput(batched, *load))
+                        off.append(concurrent_throughput(unbatched, *load))
                 finally:
                     unbatched.close()
             finally:
                 batched.close()
             rounds = lambda xs: " ".join(f"{x:.1f}" for x in xs)  # noqa: E731
-            print(f"{args.concurrency} concurrent clients, 1 image per Embed ({args.concurrent_requests} requests "
-                  f"x {args.rounds} alternating rounds, images/s):")
+            print(f"{args.concurrency} concurrent clients, 1 image per Embed "
+                  f"({args.concurrent_requests} requests x {args.rounds} alternating rounds, images/s):")
             print(f"  batching on  (max batch 32, max delay {args.queue_delay_ms} ms)  "
                   f"median {statistics.median(on):7.1f}   rounds {rounds(on)}")
             print(f"  batching off (one ORT run per request)          "

@@ -106,7 +106,8 @@ def test_refuses_a_graph_that_contradicts_its_metadata(tiny_model_path: Path, tm
         onnx.helper.set_model_props(model, wrong.to_metadata_props())
 
     path = _rewrite(tiny_model_path, tmp_path / "wrong.onnx", claim_24_pixels)
-    with pytest.raises(InvalidModel, match=r"has shape \[.*3, 32, 32\]; the metadata needs \[batch, 3, 24, 24\]"):
+    expected = r"has shape \[.*3, 32, 32\]; the metadata needs \[batch, 3, 24, 24\]"
+    with pytest.raises(InvalidModel, match=expected):
         Embedder(path)
 
 

@@ -239,7 +239,8 @@ def test_classify_top_k_order_and_verbatim_labels(served: Served, namespace: str
     assert [[p.label for p in r] for r in top2] == [[p.label for p in r[:2]] for r in default_k]
     # The score is the cosine to the re-normalised prototype, computed here independently.
     query = served.client.embed(queries[:1])[0]
-    examples = served.client.embed([samples.solid_png((230, 20, 20)), samples.solid_png((230, 20, 20), (30, 60))])
+    red = (230, 20, 20)
+    examples = served.client.embed([samples.solid_png(red), samples.solid_png(red, (30, 60))])
     prototype = examples.mean(axis=0)
     expected = float(query @ (prototype / np.linalg.norm(prototype)))
     assert default_k[0][0].score == pytest.approx(expected, abs=1e-5)

@@ -110,7 +110,9 @@ def test_preprocess_matches_torchvision_eval_transform() -> None:
 
 
 @pytest.mark.parametrize("size", [(20_000, 1), (3, 5_000)])
-def test_extreme_aspect_ratios_resample_only_the_crop_yet_equal_resize_then_crop(size: tuple[int, int]) -> None:
+def test_extreme_aspect_ratios_resample_only_the_crop_yet_equal_resize_then_crop(
+    size: tuple[int, int],
+) -> None:
     rng = np.random.default_rng(2)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     width, height = size

@@ -58,7 +58,9 @@ def test_the_check_notices_an_edited_proto(tmp_path: Path) -> None:
     shutil.copytree(protogen.PROTO_ROOT, tmp_path / "protos")
     proto = tmp_path / "protos" / protogen.PROTO_FILES[0]
     proto.write_text(
-        proto.read_text().replace("  string model_id = 2;\n}", "  string model_id = 2;\n  uint32 extra = 3;\n}", 1)
+        proto.read_text().replace(
+            "  string model_id = 2;\n}", "  string model_id = 2;\n  uint32 extra = 3;\n}", 1
+        )
     )
     assert proto_as_generated() != proto_as_compiled_now(tmp_path / "protos")
 

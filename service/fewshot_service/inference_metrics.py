@@ -28,4 +28,8 @@ BATCH_IMAGES = Histogram(
     "Images per ONNX Runtime run after dynamic batching.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
-IMAGES_TOTAL = Counter("fewshot_images_total", "Images embedded, by operation (embed, classify, add_examples).", ["operation"])
+IMAGES_TOTAL = Counter(
+    "fewshot_images_total",
+    "Images embedded, by operation (embed, classify, add_examples).",
+    ["operation"],
+)
