@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from fewshot_service.cli import main
 from fewshot_trainer.fewshot_eval import (
     _nearest_prototype_accuracy,
     allway_accuracy,
@@ -31,8 +35,16 @@ def test_nearest_prototype_by_cosine_on_hand_made_points() -> None:
     # it is labelled 1: exactly one of four queries is wrong.
     emb = l2_normalize(
         np.array(
-            [[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0],  # support
-             [2.0, 0.5], [3.0, 1.0], [1.0, 0.2], [0.3, 5.0]]  # queries
+            [
+                [1.0, 0.1],
+                [1.0, -0.1],
+                [0.1, 1.0],
+                [-0.1, 1.0],  # support
+                [2.0, 0.5],
+                [3.0, 1.0],
+                [1.0, 0.2],
+                [0.3, 5.0],
+            ]  # queries
         )
     )
     support = [np.array([0, 1]), np.array([2, 3])]
@@ -78,7 +90,9 @@ def test_interval_is_1_96_std_over_sqrt_trials_and_counts_are_reported() -> None
     for _ in range(50):
         chosen = rng.choice(len(by_class), size=5, replace=False)
         drawn = [rng.permutation(by_class[c])[:16] for c in chosen]
-        accs.append(_nearest_prototype_accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn]))
+        accs.append(
+            _nearest_prototype_accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn])
+        )
     accs = 100 * np.array(accs)
     assert a["mean"] == pytest.approx(accs.mean())
     assert a["ci95"] == pytest.approx(1.96 * accs.std() / np.sqrt(50))
@@ -108,7 +122,11 @@ def test_same_seed_same_numbers_and_protocols_draw_independently() -> None:
         (np.zeros((10, 4)), np.zeros(9), "labels"),
         (np.full((30, 4), np.nan), np.repeat(np.arange(5), 6), "NaN"),
         (np.ones((40, 4)), np.repeat(np.arange(4), 10), "at least 5 classes"),
-        (np.ones((50, 4)), np.repeat(np.arange(5), 10), "need 20 images in every class; the smallest class has 10"),
+        (
+            np.ones((50, 4)),
+            np.repeat(np.arange(5), 10),
+            "need 20 images in every class; the smallest class has 10",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(embeddings, labels, message) -> None:
@@ -118,14 +136,14 @@ def test_bad_input_is_refused_with_a_clear_message(embeddings, labels, message) 
 
 # --- the `fewshot eval` command on a real exported model -----------------------------------------
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-from fewshot_service.cli import main  # noqa: E402
-
-COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (20, 20, 20), (200, 60, 220)]
+COLOURS = [
+    (230, 30, 30),
+    (30, 200, 40),
+    (40, 60, 230),
+    (240, 220, 30),
+    (20, 20, 20),
+    (200, 60, 220),
+]
 
 
 def _class_folders(root: Path, per_class: int, *, shuffle_labels: bool = False) -> Path:
@@ -134,11 +152,13 @@ def _class_folders(root: Path, per_class: int, *, shuffle_labels: bool = False) 
     images = []
     for c, colour in enumerate(COLOURS):
         for i in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 15, size=(36, 44, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 15, size=(36, 44, 3)), 0, 255).astype(
+                np.uint8
+            )
             img = Image.fromarray(pixels, "RGB")
             images.append((c, img.convert("L") if i % 10 == 9 else img))
     classes = rng.permutation([c for c, _ in images]) if shuffle_labels else [c for c, _ in images]
-    for n, ((_, img), c) in enumerate(zip(images, classes)):
+    for n, ((_, img), c) in enumerate(zip(images, classes, strict=True)):
         folder = root / f"class_{c}"
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"{n:04d}.png")
@@ -157,7 +177,16 @@ def test_eval_cli_scores_separable_classes_far_above_chance_and_matches_the_serv
 
     data = _class_folders(tmp_path / "data", per_class=20)
     (data / "class_0" / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    args = ["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "100", "--json"]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_path),
+        "--data",
+        str(data),
+        "--episodes",
+        "100",
+        "--json",
+    ]
     assert main(args) == 0
     result = _json_last_line(capsys.readouterr().out)
     assert result["5way1shot"]["mean"] > 70 and result["5way5shot"]["mean"] > 80
@@ -167,7 +196,9 @@ def test_eval_cli_scores_separable_classes_far_above_chance_and_matches_the_serv
     # The same numbers as the server's own embedder fed straight into the protocol.
     paths, labels, _ = labelled_paths(data)
     readable = np.array([p.name != "zz_broken.jpg" for p in paths])
-    embeddings = Embedder(tiny_model_path).embed_paths([p for p, ok in zip(paths, readable) if ok])
+    embeddings = Embedder(tiny_model_path).embed_paths(
+        [p for p, ok in zip(paths, readable, strict=True) if ok]
+    )
     direct = evaluate_embeddings(embeddings, labels[readable], episodes=100, seed=0)
     for key in ("5way1shot", "5way5shot", "allway5shot"):
         assert result[key]["mean"] == pytest.approx(direct[key]["mean"], abs=1e-9)
@@ -178,7 +209,16 @@ def test_eval_cli_shuffled_labels_score_near_chance(
     tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = _class_folders(tmp_path / "data", per_class=20, shuffle_labels=True)
-    args = ["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "200", "--json"]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_path),
+        "--data",
+        str(data),
+        "--episodes",
+        "200",
+        "--json",
+    ]
     assert main(args) == 0
     result = _json_last_line(capsys.readouterr().out)
     assert abs(result["5way1shot"]["mean"] - 20) < 6

@@ -93,7 +93,9 @@ def test_model_id_is_a_content_hash(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pool", ["cls", "cls_prenorm", "cls_mean"])
-def test_pool_heads_export_the_vector_they_name(tmp_path: Path, pixels: np.ndarray, pool: str) -> None:
+def test_pool_heads_export_the_vector_they_name(
+    tmp_path: Path, pixels: np.ndarray, pool: str
+) -> None:
     encoder = _random_encoder(0)
     out = tmp_path / f"{pool}.onnx"
     meta = export_onnx(EmbeddingHead(encoder, pool), SPEC, default_preprocess(SPEC), out)
@@ -189,7 +191,9 @@ def test_centering_subtracts_the_mean_embedding_inside_the_graph(
 def test_center_samples_draws_that_many_images(tmp_path: Path) -> None:
     _write_images(tmp_path / "imgs", 10, seed=2)
     head = EmbeddingHead(_random_encoder(0))
-    _, used, skipped = mean_embedding(head, sorted((tmp_path / "imgs").rglob("*.png"))[:4], default_preprocess(SPEC))
+    _, used, skipped = mean_embedding(
+        head, sorted((tmp_path / "imgs").rglob("*.png"))[:4], default_preprocess(SPEC)
+    )
     assert (used, skipped) == (4, 0)
     out = tmp_path / "m.onnx"
     args = ["export", "--arch", "vit_test_p8_32", "--output", str(out)]
@@ -215,8 +219,16 @@ def _checkpoint(tmp_path: Path, *, preprocess: dict | None = None, anchor: bool 
 def test_checkpoint_export_uses_the_target_encoder_by_default(
     tmp_path: Path, pixels: np.ndarray, role: str | None, seed: int
 ) -> None:
-    ckpt = _checkpoint(tmp_path, preprocess={"input_size": 32, "resize_size": 40,
-                                             "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3})
+    ckpt = _checkpoint(
+        tmp_path,
+        preprocess={
+            "input_size": 32,
+            "resize_size": 40,
+            "interpolation": "bilinear",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+    )
     out = tmp_path / "m.onnx"
     args = ["export", "--checkpoint", str(ckpt), "--output", str(out)]
     assert main(args + (["--encoder", role] if role else [])) == 0
@@ -253,7 +265,9 @@ def test_bad_checkpoints_and_options_exit_non_zero_with_a_message(
     assert "does not match" in fails("--checkpoint", str(no_anchor), "--arch", "vit_tiny_p8_64")
 
     wrong = make_checkpoint(
-        arch=ArchSpec("vit_test_p8_32", 32, 8, 64, 3, 2).to_dict(),  # one block more than the weights
+        arch=ArchSpec(
+            "vit_test_p8_32", 32, 8, 64, 3, 2
+        ).to_dict(),  # one block more than the weights
         target_encoder=_random_encoder(0).state_dict(),
     )
     message = fails("--checkpoint", str(save_checkpoint(wrong, tmp_path / "wrong.pt")))

@@ -24,7 +24,11 @@ try:  # a progress bar where the training extras are installed; eval itself work
 except ModuleNotFoundError:  # pragma: no cover - the serving install
     tqdm = None
 
-PROTOCOL_NAMES = {"5way1shot": "5-way 1-shot", "5way5shot": "5-way 5-shot", "allway5shot": "all-way 5-shot"}
+PROTOCOL_NAMES = {
+    "5way1shot": "5-way 1-shot",
+    "5way5shot": "5-way 5-shot",
+    "allway5shot": "all-way 5-shot",
+}
 
 
 class EvalError(Exception):
@@ -32,22 +36,35 @@ class EvalError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="an ONNX model from `fewshot export`")
     parser.add_argument(
-        "--data", required=True, type=Path,
+        "--model", required=True, type=Path, help="an ONNX model from `fewshot export`"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
         help="a folder with one sub-folder of images per class (e.g. tiny-imagenet/fewshot-dev)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of a table")
-    parser.add_argument("--episodes", type=int, default=600, help="5-way episodes per shot count (default 600)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (last line) instead of a table"
+    )
+    parser.add_argument(
+        "--episodes", type=int, default=600, help="5-way episodes per shot count (default 600)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the episode draws (default 0)")
     parser.add_argument(
-        "--max-per-class", type=int,
+        "--max-per-class",
+        type=int,
         help="use only the first N images (in name order) of each class, for a quick check",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)"
+    )
 
 
-def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+def labelled_paths(
+    root: Path, max_per_class: int | None = None
+) -> tuple[list[Path], np.ndarray, list[str]]:
     """``root/<class>/**/<image>``: paths, integer labels and class names (sorted)."""
     if not root.is_dir():
         raise EvalError(f"--data {root} is not a folder")
@@ -58,7 +75,9 @@ def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[P
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        files = sorted(
+            p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions
+        )
         files = files[:max_per_class]
         paths += files
         labels += [label] * len(files)
@@ -67,7 +86,9 @@ def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[P
     return paths, np.asarray(labels), classes
 
 
-def embed_files(embedder: Embedder, paths: list[Path], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def embed_files(
+    embedder: Embedder, paths: list[Path], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Embed each readable file; returns the embeddings and a mask of which files were readable."""
     readable = np.ones(len(paths), dtype=bool)
     chunks: list[np.ndarray] = []
@@ -105,7 +126,9 @@ def _run(args: argparse.Namespace) -> int:
     check_class_sizes(labels)  # before the slow part
     embeddings, readable = embed_files(embedder, paths, args.batch_size)
     skipped = int((~readable).sum())
-    results = evaluate_embeddings(embeddings, labels[readable], episodes=args.episodes, seed=args.seed)
+    results = evaluate_embeddings(
+        embeddings, labels[readable], episodes=args.episodes, seed=args.seed
+    )
 
     summary = {
         **results,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import numpy as np
 import onnx
@@ -20,7 +21,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fewshot_service.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta, Preprocess, content_model_id
+from fewshot_service.modelmeta import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelMeta,
+    Preprocess,
+    content_model_id,
+)
 
 from .checkpoint import load_checkpoint
 from .vit import ArchSpec, build_vit
@@ -129,13 +136,21 @@ def encoder_from_checkpoint(
     except (TypeError, KeyError) as exc:
         raise ExportError(f"{path}: 'arch' is not an ArchSpec dict ({exc})") from None
     preprocess = (
-        Preprocess(**{**ckpt["preprocess"], "mean": tuple(ckpt["preprocess"]["mean"]),
-                      "std": tuple(ckpt["preprocess"]["std"])})
+        Preprocess(
+            **{
+                **ckpt["preprocess"],
+                "mean": tuple(ckpt["preprocess"]["mean"]),
+                "std": tuple(ckpt["preprocess"]["std"]),
+            }
+        )
         if ckpt.get("preprocess")
         else default_preprocess(spec)
     )
-    encoder = build_vit(spec)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    with torch.device(
+        "meta"
+    ):  # no random init of weights that are overwritten next (seconds for ViT-L)
+        encoder = build_vit(spec)
+    missing, unexpected = encoder.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ExportError(
             f"{path}: {key} does not fit {spec.name}: missing {sorted(missing)}, "
@@ -173,7 +188,9 @@ def mean_embedding(
 
     for index, path in enumerate(images):
         try:
-            batch.append(server_preprocess(decode_image(Path(path).read_bytes(), index), preprocess))
+            batch.append(
+                server_preprocess(decode_image(Path(path).read_bytes(), index), preprocess)
+            )
         except (FewshotError, OSError):
             skipped += 1
             continue
@@ -182,7 +199,9 @@ def mean_embedding(
     if batch:
         flush()
     if used == 0:
-        raise ExportError(f"no readable images to compute the centering mean from ({skipped} skipped)")
+        raise ExportError(
+            f"no readable images to compute the centering mean from ({skipped} skipped)"
+        )
     return (total / used).float(), used, skipped
 
 

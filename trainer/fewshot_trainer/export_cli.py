@@ -28,32 +28,43 @@ DEFAULT_ARCH = "vit_tiny_p8_64"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
     parser.add_argument(
-        "--checkpoint", type=Path,
+        "--checkpoint",
+        type=Path,
         help="a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
         "without it the model is randomly initialised",
     )
     parser.add_argument(
-        "--arch", choices=sorted(ARCHS),
+        "--arch",
+        choices=sorted(ARCHS),
         help=f"architecture of a random model (default {DEFAULT_ARCH}); "
         "with --checkpoint it must match the checkpoint's",
     )
     parser.add_argument(
-        "--encoder", choices=sorted(ENCODER_KEYS), default="target",
+        "--encoder",
+        choices=sorted(ENCODER_KEYS),
+        default="target",
         help="which encoder of the checkpoint: the EMA target (default, as MSN evaluates) or the anchor",
     )
     parser.add_argument(
-        "--pool", choices=POOLS, default="cls",
+        "--pool",
+        choices=POOLS,
+        default="cls",
         help="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()),
     )
     parser.add_argument(
-        "--center-data", type=Path,
+        "--center-data",
+        type=Path,
         help="folder of images (searched recursively): subtract their mean embedding inside the graph",
     )
     parser.add_argument(
-        "--center-samples", type=int, default=2000,
+        "--center-samples",
+        type=int,
+        default=2000,
         help="how many images of --center-data to average (drawn at random with --seed; default 2000)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random init and centering sample (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random init and centering sample (default 0)"
+    )
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -96,7 +107,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         spec, encoder, preprocess = encoder_from_checkpoint(args.checkpoint, args.encoder)
         if args.arch is not None and args.arch != spec.name:
-            raise ExportError(f"--arch {args.arch} does not match the checkpoint's arch {spec.name}")
+            raise ExportError(
+                f"--arch {args.arch} does not match the checkpoint's arch {spec.name}"
+            )
         extra["weights"] = f"{args.encoder} encoder of {args.checkpoint.name}"
     head = EmbeddingHead(encoder, args.pool)
     embedding = POOL_DESCRIPTIONS[args.pool]
