@@ -141,7 +141,19 @@ def test_bin_sharded_and_classifier_checkpoints_give_the_same_weights(tmp_path: 
     classifier.vit.load_state_dict(model.state_dict())
     classifier.save_pretrained(tmp_path / "cls")
 
-    for folder in ("bin", "sharded", "cls"):
+    # transformers 5's in-memory module names (layers.N.attention.q_proj, ...), as a plain
+    # save_file(model.state_dict()) writes them.
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "config.json").write_text(
+        (tmp_path / "plain" / "config.json").read_text()
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        tmp_path / "memory" / "model.safetensors",
+    )
+    assert any(".q_proj." in k for k in load_file(tmp_path / "memory" / "model.safetensors"))
+
+    for folder in ("bin", "sharded", "cls", "memory"):
         state = read_hf(tmp_path / folder).target_encoder
         assert state.keys() == reference.keys(), folder
         for key, value in reference.items():
