@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic JPEGs sent")
     parser.add_argument("--queue-delay-ms", type=float, default=BatchConfig().max_queue_delay_ms)
     parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
+    parser.add_argument("--workers", type=int, default=BatchConfig().workers, help="batches run at once")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     return parser.parse_args()
 
@@ -181,7 +182,8 @@ def main() -> int:
         print(f"images     synthetic {args.image_size}x{args.image_size} JPEG, "
               f"~{sum(map(len, images)) // len(images) // 1024} KiB each")
         with ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
-            batched = Server(embedder, store.url, BatchConfig(max_queue_delay_ms=args.queue_delay_ms))
+            batching = BatchConfig(max_queue_delay_ms=args.queue_delay_ms, workers=args.workers)
+            batched = Server(embedder, store.url, batching)
             try:
                 one = images[:1]
                 latency = timed(lambda: batched.client.embed(one), args.requests)
@@ -213,12 +215,13 @@ def main() -> int:
             print(f"{args.concurrency} concurrent clients, 1 image per Embed "
                   f"({args.concurrent_requests} requests x {args.rounds} alternating rounds):")
             for name, results in (
-                (f"batching on  (max batch 32, max delay {args.queue_delay_ms} ms)", on),
-                ("batching off (one ORT run per request)          ", off),
+                (f"batching on  (max batch 32, max delay {args.queue_delay_ms} ms, "
+                 f"{args.workers} worker{'s' if args.workers > 1 else ''})", on),
+                ("batching off (one ORT run per request)", off),
             ):
                 wall = [r[0] for r in results]
                 cpu = [r[1] for r in results]
-                print(f"  {name}  {statistics.median(wall):7.1f} images/s   "
+                print(f"  {name:<60} {statistics.median(wall):7.1f} images/s   "
                       f"{statistics.median(cpu):6.1f} images/CPU-s   "
                       f"(rounds: {' '.join(f'{w:.1f}' for w in wall)} images/s)")
     return 0

@@ -151,11 +151,12 @@ def _submit_together(batcher: DynamicBatcher, requests: list[np.ndarray]) -> lis
     return results  # type: ignore[return-value]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_batcher_merges_concurrent_requests_and_returns_each_its_rows(
-    embedder: Embedder, images: list[bytes]
+    embedder: Embedder, images: list[bytes], workers: int
 ) -> None:
     run = RecordingRun(embedder)
-    batcher = DynamicBatcher(run, BatchConfig(max_batch_size=32, max_queue_delay_ms=200))
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=200, workers=workers))
     try:
         requests = [embedder.load_images(images[i : i + 1 + i % 2]) for i in range(5)]  # 1-2 images each
         results = _submit_together(batcher, requests)
@@ -171,7 +172,7 @@ def test_batcher_respects_max_batch_size_without_splitting_requests(
     embedder: Embedder, images: list[bytes]
 ) -> None:
     run = RecordingRun(embedder)
-    batcher = DynamicBatcher(run, BatchConfig(max_batch_size=4, max_queue_delay_ms=100))
+    batcher = DynamicBatcher(run, BatchConfig(max_batch_size=4, max_queue_delay_ms=100, workers=1))
     try:
         requests = [embedder.load_images(images[:3]) for _ in range(4)] + [embedder.load_images(images)]
         results = _submit_together(batcher, requests)
