@@ -10,36 +10,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real exported ONNX model (randomly initialised ``vit_test_p8_32``), built once per run."""
+def _export_test_model(tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> Path:
+    """A real exported ONNX model: a randomly initialised ``vit_test_p8_32`` (seeded)."""
     from fewshot_service.modelmeta import Preprocess
     from fewshot_trainer.export import export_onnx
     from fewshot_trainer.vit import build_vit, get_arch
 
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     spec = get_arch("vit_test_p8_32")
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    path = tmp_path_factory.mktemp("model") / f"{name}.onnx"
     export_onnx(build_vit(spec), spec, Preprocess(input_size=32, resize_size=36), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model, built once per run."""
+    return _export_test_model(tmp_path_factory, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture as ``tiny_model_path``, other weights: a different model id."""
-    from fewshot_service.modelmeta import Preprocess
-    from fewshot_trainer.export import export_onnx
-    from fewshot_trainer.vit import build_vit, get_arch
-
-    import torch
-
-    torch.manual_seed(1)
-    spec = get_arch("vit_test_p8_32")
-    path = tmp_path_factory.mktemp("model") / "other.onnx"
-    export_onnx(build_vit(spec), spec, Preprocess(input_size=32, resize_size=36), path)
-    return path
+    return _export_test_model(tmp_path_factory, "other", seed=1)
 
 
 # --- Redis fixtures (registry/REST owner) ----------------------------------------------------------
