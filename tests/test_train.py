@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fewshot_service.cli import main as fewshot_main
-from fewshot_trainer.checkpoint import load_checkpoint
+from fewshot_trainer.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_trainer.config import TrainConfig, _deep_update, load_config
 from fewshot_trainer.train import TrainOptions, build_networks, train
 from fewshot_trainer.vit import build_vit, get_arch
@@ -116,6 +116,20 @@ def test_init_from_a_checkpoint_loads_weights_with_fresh_optimizer(tmp_path: Pat
     # One small step away from the source, far from a fresh random init.
     drift = (after["target_encoder"]["pos_embed"] - source["target_encoder"]["pos_embed"]).abs().max()
     assert drift < 1e-3
+
+
+def test_init_from_an_incompatible_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "data", 16)
+    first = tmp_path / "first"
+    train(tiny_config(optimization={"epochs": 1}), TrainOptions(data=data, output=first, progress=False))
+    wider_head = tiny_config(model={"hidden_dim": 48})
+    with pytest.raises(ValueError, match="hidden_dim"):
+        train(wider_head, TrainOptions(data=data, output=tmp_path / "x", init=first / "checkpoint.pt"))
+    ckpt = load_checkpoint(first / "checkpoint.pt")
+    ckpt["arch"] = {**ckpt["arch"], "name": "imported", "depth": 3}
+    save_checkpoint(ckpt, tmp_path / "deeper.pt")
+    with pytest.raises(ValueError, match="depth 3"):
+        train(tiny_config(), TrainOptions(data=data, output=tmp_path / "y", init=tmp_path / "deeper.pt"))
 
 
 def _cli(tmp_path: Path, *extra: str) -> list[str]:

@@ -36,7 +36,7 @@ from .metrics import CollapseMeter, JsonlLog, batch_indicators
 from .model import MSNEncoder, ProjectionHead, init_prototypes
 from .schedules import ema_momentum, learning_rate, weight_decay
 from .transforms import MSNViews
-from .vit import build_vit, get_arch
+from .vit import ArchSpec, build_vit, get_arch
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def load_init_weights(path: Path, online: MSNEncoder, target: MSNEncoder,
                       prototypes: nn.Parameter) -> list[str]:
     """Start from a checkpoint's weights (whatever parts it has); returns the parts loaded."""
     ckpt = load_checkpoint(path)
+    _check_same_shape(path, ckpt, online)
     loaded = []
     parts = (
         ("target_encoder", target.backbone), ("encoder", online.backbone),
@@ -90,7 +91,13 @@ def load_init_weights(path: Path, online: MSNEncoder, target: MSNEncoder,
     )
     for key, module in parts:
         if ckpt.get(key) is not None:
-            module.load_state_dict(ckpt[key])
+            try:
+                module.load_state_dict(ckpt[key])
+            except RuntimeError as exc:  # shape mismatch: say which setting to change
+                raise ValueError(
+                    f"{path}: {key} does not fit this config (model.hidden_dim/output_dim or "
+                    f"arch differ): {str(exc).splitlines()[-1].strip()}"
+                ) from None
             loaded.append(key)
     # An imported checkpoint may hold only the target: the online network starts from it too.
     if "encoder" not in loaded and "target_encoder" in loaded:
@@ -107,6 +114,21 @@ def load_init_weights(path: Path, online: MSNEncoder, target: MSNEncoder,
             prototypes.copy_(ckpt["prototypes"])
         loaded.append("prototypes")
     return loaded
+
+
+def _check_same_shape(path: Path, ckpt: dict[str, Any], online: MSNEncoder) -> None:
+    """Imported checkpoints may name their arch differently; the shape is what must agree."""
+    if not ckpt.get("arch"):
+        return
+    theirs = ArchSpec.from_dict(ckpt["arch"])
+    vit = online.backbone
+    ours = (vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads)
+    if (theirs.patch_size, theirs.embed_dim, theirs.depth, theirs.num_heads) != ours:
+        raise ValueError(
+            f"{path} holds a {theirs.name} (patch {theirs.patch_size}, dim {theirs.embed_dim}, depth "
+            f"{theirs.depth}, heads {theirs.num_heads}); the config's model is patch {ours[0]}, "
+            f"dim {ours[1]}, depth {ours[2]}, heads {ours[3]}: pass the matching --arch"
+        )
 
 
 def make_optimizer(online: MSNEncoder, prototypes: nn.Parameter) -> torch.optim.AdamW:
