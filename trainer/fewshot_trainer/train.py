@@ -199,10 +199,10 @@ class MSNTrainer:
         if options.init is not None:
             loaded = load_init_weights(options.init, online, self.target, self.prototypes)
             log.info("initialised from %s: %s", options.init, ", ".join(loaded))
-        self.online_module = online
+        # BatchNorm statistics over the global batch when world > 1 (reference: both encoders).
         online = dist_utils.sync_batchnorm(online, self.device)
         self.target = dist_utils.sync_batchnorm(self.target, self.device)
-        self.online_module = online
+        self.online_module = online  # unwrapped: what checkpoints, clipping and EMA see
         online.to(self.device)
         self.target.to(self.device)
         self.prototypes.data = self.prototypes.data.to(self.device)
@@ -210,10 +210,10 @@ class MSNTrainer:
         if options.resume:
             self._restore(options.output / CHECKPOINT_NAME)
         # Prototypes stay outside DDP: their gradient is summed over ranks, not averaged.
-        self.online: nn.Module = (
-            DistributedDataParallel(online, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.world > 1 else online
-        )
+        self.online: nn.Module = online
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.online = DistributedDataParallel(online, device_ids=device_ids)
         self.log = JsonlLog(options.output / METRICS_NAME) if dist_utils.is_main() else None
 
     # -- data -------------------------------------------------------------------------------
@@ -271,6 +271,13 @@ class MSNTrainer:
             self.prototypes.copy_(ckpt["prototypes"].to(self.device))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+        saved_steps = (ckpt.get("extra") or {}).get("steps_per_epoch")
+        if saved_steps not in (None, self.steps_per_epoch):
+            log.warning(
+                "resuming with %d steps per epoch where the run had %d (other data, batch size or "
+                "world size): the data order is no longer the uninterrupted run's",
+                self.steps_per_epoch, saved_steps,
+            )
         if ckpt.get("rng"):
             set_rng_state(ckpt["rng"])
         log.info("resumed from %s at step %d", path, self.step)
