@@ -33,16 +33,23 @@ import image_samples as samples
 
 LIMITS = ImageLimits(max_image_bytes=100_000, max_pixels=1_000_000, max_images=8)
 MAX_MESSAGE_BYTES = 1024 * 1024
+KEY_PREFIX = f"test-grpc-{uuid.uuid4().hex[:8]}"
 
 
 class Served:
     """A running server and what it was built from."""
 
-    def __init__(self, model_path: Path, redis_url: str, batching: BatchConfig | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        redis_url: str,
+        batching: BatchConfig | None = None,
+        key_prefix: str = "fewshot",
+    ) -> None:
         self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
         self.core = FewShotCore(
             Embedder(model_path, limits=LIMITS, intra_op_threads=1),
-            Registry(self.redis),
+            Registry(self.redis, key_prefix=key_prefix),
             batching=batching,
         )
         self.server, self.port = create_grpc_server(
@@ -68,7 +75,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tiny_model_path: Path, private_redis: ManagedRedis) -> Iterator[Served]:
     # A generous queue delay makes merging of concurrent requests certain enough to assert.
-    served = Served(tiny_model_path, private_redis.url, BatchConfig(max_queue_delay_ms=20))
+    # Keys of its own: other test modules use the same private Redis (and its "default").
+    served = Served(
+        tiny_model_path, private_redis.url, BatchConfig(max_queue_delay_ms=20), KEY_PREFIX
+    )
     yield served
     served.close()
 
@@ -200,7 +210,7 @@ def test_namespace_of_another_model_is_failed_precondition_saying_why(
     served: Served, namespace: str, other_model_path: Path, private_redis: ManagedRedis
 ) -> None:
     served.core.add_examples(namespace, "red", [samples.solid_png((255, 0, 0))])
-    other = Served(other_model_path, private_redis.url)
+    other = Served(other_model_path, private_redis.url, key_prefix=KEY_PREFIX)
     try:
         error = rpc_error(
             other.stub.Classify,
