@@ -129,6 +129,22 @@ def test_extreme_aspect_ratios_resample_only_the_crop_yet_equal_resize_then_crop
     assert difference.max() < 20 * level and difference.mean() < level
 
 
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_result() -> None:
+    rng = np.random.default_rng(4)
+    smooth = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    photo = smooth.resize((1600, 1200), Image.Resampling.BICUBIC)
+    jpeg, png = samples.encode(photo, "JPEG", quality=90), samples.encode(photo, "PNG")
+    # DCT scaling picks 1/8: 150 pixels is still >= 72 = 2 x resize_size.
+    assert decode_image(jpeg, 0, ImageLimits(), min_short_side=72).size == (200, 150)
+    assert decode_image(jpeg, 0, ImageLimits(), min_short_side=400).size == (800, 600)
+    assert decode_image(png, 0, ImageLimits(), min_short_side=72).size == (1600, 1200)
+    fast = load_batch([jpeg], PRE, ImageLimits())[0]
+    full = preprocess(decode_image(jpeg, 0, ImageLimits()), PRE)
+    level = 1 / 255 / min(IMAGENET_STD)
+    difference = np.abs(fast - full)
+    assert difference.mean() < level and difference.max() < 4 * level
+
+
 def test_preprocess_normalises_with_the_meta_mean_and_std() -> None:
     pre = Preprocess(input_size=8, resize_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
     out = preprocess(Image.new("RGB", (8, 8), (255, 0, 51)), pre)

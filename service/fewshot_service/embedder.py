@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ImageError
-from .images import ImageLimits, decode_image, load_batch, preprocess
+from .images import DRAFT_FACTOR, ImageLimits, decode_image, load_batch, preprocess
 from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 
 # Fastest first; the first ones that this onnxruntime build offers are used.
@@ -141,6 +141,10 @@ class Embedder:
 
     def _load_path(self, path: Path, index: int) -> np.ndarray:
         try:
-            return preprocess(decode_image(path.read_bytes(), index, self.limits), self.meta.preprocess)
+            pre = self.meta.preprocess
+            img = decode_image(
+                path.read_bytes(), index, self.limits, min_short_side=DRAFT_FACTOR * pre.resize_size
+            )
+            return preprocess(img, pre)
         except ImageError as exc:
             raise ImageError(index, f"{path}: {exc.reason}") from None

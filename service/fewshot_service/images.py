@@ -7,6 +7,7 @@ the same inputs with the same messages. Nothing here depends on the model runtim
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +22,10 @@ MiB = 1024 * 1024
 # Transparent pixels are composited onto white: it is what image viewers show, and what a
 # photographed object on a plain sheet looks like.
 ALPHA_BACKGROUND = (255, 255, 255)
+
+# JPEGs are decoded at reduced scale down to this many times the resize size, so the final
+# antialiased resize still averages over several decoded pixels per output pixel.
+DRAFT_FACTOR = 2
 
 # Up to this aspect ratio the whole image is resized, then cropped (exactly torchvision's way).
 _MAX_ASPECT_RESIZED = 16
@@ -46,12 +51,22 @@ class ImageLimits:
             raise ValueError(f"image limits must be positive, got {self}")
 
 
-def decode_image(data: bytes, index: int, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(
+    data: bytes,
+    index: int,
+    limits: ImageLimits = ImageLimits(),
+    *,
+    min_short_side: int | None = None,
+) -> Image.Image:
     """Decode one encoded image file into an RGB :class:`PIL.Image.Image`.
 
     The pixel count is checked from the header, *before* any pixel is decoded, so a
     decompression bomb costs nothing. Animated images give their first frame; EXIF rotation is
     applied; alpha is composited onto :data:`ALPHA_BACKGROUND`; 16-bit images are scaled to 8 bits.
+
+    With ``min_short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling) as long as its shorter side stays at least that long: a 12 MP photo then decodes
+    about 5x faster, and the model, which sees a few dozen pixels, cannot tell.
     """
     if not data:
         raise ImageError(index, "empty image data")
@@ -78,6 +93,10 @@ def decode_image(data: bytes, index: int, limits: ImageLimits = ImageLimits()) -
     if width == 0 or height == 0:
         raise ImageError(index, f"image has no pixels ({width}x{height})")
     try:
+        if min_short_side is not None and img.format == "JPEG":
+            scale = min_short_side / min(width, height)
+            if scale < 1:
+                img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()  # first frame only for animations; raises on truncated data
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
@@ -156,5 +175,6 @@ def load_batch(
         )
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
     for index, data in enumerate(images):
-        batch[index] = preprocess(decode_image(data, index, limits), pre)
+        img = decode_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size)
+        batch[index] = preprocess(img, pre)
     return batch
