@@ -48,6 +48,9 @@ def resolve_top_k(top_k: int | None) -> int:
 
 
 class FewShotCore:
+    """Embedder + registry + classifier behind one thread-safe API; owns the dynamic batcher,
+    so Embed, Classify and example uploads from every transport share model runs."""
+
     def __init__(
         self, embedder: Embedder, registry: "Registry", *, batching: BatchConfig | None = None
     ) -> None:
