@@ -65,7 +65,10 @@ def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
     )
     registry = Registry(client, key_prefix=settings.redis_key_prefix)
     batching = BatchConfig(
-        max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        enabled=settings.batching,
+        workers=settings.batch_workers,
     )
     return FewShotCore(embedder, registry, batching=batching)
 
@@ -123,7 +126,10 @@ class ServerStack:
         self._cleanup.callback(self.core.close)
 
         self._grpc, self.grpc_port = create_grpc_server(
-            self.core, host=settings.host, port=settings.grpc_port
+            self.core,
+            host=settings.host,
+            port=settings.grpc_port,
+            max_message_bytes=settings.max_request_bytes,
         )
         self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
 

@@ -68,6 +68,10 @@ class FewShotCore:
     def model_id(self) -> str:
         return self.embedder.model_id
 
+    @property
+    def batch_config(self) -> BatchConfig:
+        return self._batcher.config
+
     def close(self) -> None:
         self._batcher.close()
 
