@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from fewshot_service.settings import Settings
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet"
+
+
+def stack_settings(model: Path, redis_url: str, **extra: object) -> "Settings":
+    """Server settings for an in-process :class:`ServerStack` on free loopback ports."""
+    from fewshot_service.settings import Settings
+
+    return Settings(model=model, redis_url=redis_url, host="127.0.0.1", grpc_port=0, http_port=0, **extra)
 
 
 def _export_test_model(tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> Path:

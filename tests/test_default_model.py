@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from fewshot_service.cli import main as fewshot
 from fewshot_service.embedder import Embedder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, SHARED_DATA
+
 MODEL = REPO_ROOT / "models" / "default.onnx"
 CARD = REPO_ROOT / "models" / "MODEL_CARD.md"
 
@@ -29,18 +30,19 @@ def test_default_model_loads_with_metadata_and_card_states_its_id() -> None:
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
-def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(tmp_path: Path) -> None:
+def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """10 unseen classes x 20 images (5 support + 15 query), 100 episodes: 5-way chance is 20%."""
-    dev = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet" / "fewshot-dev"
+    dev = SHARED_DATA / "fewshot-dev"
     classes = sorted(p for p in dev.iterdir() if p.is_dir())[:10]
     for folder in classes:
         (tmp_path / folder.name).mkdir()
         for image in sorted(folder.iterdir())[:20]:
             (tmp_path / folder.name / image.name).symlink_to(image)
-    command = [sys.executable, "-m", "fewshot_service.cli", "eval", "--model", str(MODEL),
-               "--data", str(tmp_path), "--episodes", "100", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fewshot(["eval", "--model", str(MODEL), "--data", str(tmp_path),
+                    "--episodes", "100", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["model_id"] == Embedder(MODEL).model_id
     # Measured: 37.4 on the whole dev set; a 5-point margin over chance on this slice.
     assert scores["5way5shot"]["mean"] > 25.0

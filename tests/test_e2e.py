@@ -22,7 +22,8 @@ from fewshot_service.app import ServerStack
 from fewshot_service.client import FewShotClient
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
-from fewshot_service.settings import Settings
+
+from conftest import stack_settings
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -52,10 +53,6 @@ def add(http: str, label: str, images: list[bytes], namespace: str | None = None
 def unit_mean(vectors: np.ndarray) -> np.ndarray:
     v = vectors.astype(np.float64)
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).mean(axis=0)
-
-
-def stack_settings(model: Path, redis_url: str, **extra: object) -> Settings:
-    return Settings(model=model, redis_url=redis_url, host="127.0.0.1", grpc_port=0, http_port=0, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from fewshot_service.cli import main as fewshot
 from fewshot_service.embedder import Embedder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, SHARED_DATA
+
 RECIPE = REPO_ROOT / "models" / "default.recipe.yaml"
-PRETRAIN = REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet" / "pretrain"
-
-
-def fewshot(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "fewshot_service.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
 
 
 def test_recipe_trains_a_few_steps_on_real_images_and_exports(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
-    for path in sorted(PRETRAIN.iterdir())[:200]:
+    for path in sorted((SHARED_DATA / "pretrain").iterdir())[:200]:
         (pool / path.name).symlink_to(path)
     run = tmp_path / "run"
     # Batch 16 keeps the test fast; every other setting is the recipe's own.
-    fewshot("train", "--config", RECIPE, "--data", pool, "--output", run,
-            "--max-steps", "3", "--batch-size", "16", "--no-progress")
+    assert fewshot(["train", "--config", str(RECIPE), "--data", str(pool), "--output", str(run),
+                    "--max-steps", "3", "--batch-size", "16", "--no-progress"]) == 0
 
     recipe = yaml.safe_load(RECIPE.read_text())
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -39,7 +33,7 @@ def test_recipe_trains_a_few_steps_on_real_images_and_exports(tmp_path: Path) ->
     assert events[0]["event"] == "start" and events[0]["images"] == 200
 
     model = tmp_path / "model.onnx"
-    fewshot("export", "--checkpoint", run / "checkpoint.pt", "--output", model)
+    assert fewshot(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(model)]) == 0
     embedder = Embedder(model)
     assert embedder.meta.arch == recipe["model"]["arch"]
     assert embedder.embed_paths(sorted(pool.iterdir())[:4]).shape == (4, 192)
