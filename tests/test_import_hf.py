@@ -164,19 +164,8 @@ def test_preprocessing_follows_msn_eval_and_the_saved_processor(tmp_path: Path) 
     model = random_hf_model("vit_small_p16", image_size=224, num_hidden_layers=1)
     model.save_pretrained(tmp_path / "hf")
     ckpt_path = tmp_path / "c.pt"
-    assert (
-        main(
-            [
-                "import-checkpoint",
-                "--format",
-                "hf",
-                str(tmp_path / "hf"),
-                "--output",
-                str(ckpt_path),
-            ]
-        )
-        == 0
-    )
+    import_hf = ["import-checkpoint", "--format", "hf", str(tmp_path / "hf"), "--output", str(ckpt_path)]
+    assert main(import_hf) == 0
     pre = load_checkpoint(ckpt_path)["preprocess"]
     assert (pre["input_size"], pre["resize_size"], pre["interpolation"]) == (224, 256, "bicubic")
     assert tuple(pre["mean"]) == (0.485, 0.456, 0.406) and tuple(pre["std"]) == (
@@ -189,19 +178,7 @@ def test_preprocessing_follows_msn_eval_and_the_saved_processor(tmp_path: Path) 
         json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
     )
     onnx_path = tmp_path / "m.onnx"
-    assert (
-        main(
-            [
-                "import-checkpoint",
-                "--format",
-                "hf",
-                str(tmp_path / "hf"),
-                "--output",
-                str(ckpt_path),
-            ]
-        )
-        == 0
-    )
+    assert main(import_hf) == 0  # again, now with the saved processor config
     assert main(["export", "--checkpoint", str(ckpt_path), "--output", str(onnx_path)]) == 0
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     meta = ModelMeta.from_metadata_props(session.get_modelmeta().custom_metadata_map)
