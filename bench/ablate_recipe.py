@@ -63,18 +63,18 @@ def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndar
 
 
 def score_checkpoint(checkpoint: Path, eval_dir: Path, center_dir: Path, *, pool: str,
-                     center_samples: int, episodes: int, encoder_role: str = "target"
-                     ) -> dict[str, float]:
+                     center_samples: int, episodes: int, encoder_role: str = "target",
+                     blocks: int = 1) -> dict[str, float]:
     from fewshot_trainer.eval_cli import labelled_paths
     from fewshot_trainer.export import EmbeddingHead, encoder_from_checkpoint, mean_embedding
     from fewshot_trainer.export_cli import _center_sample
     from fewshot_trainer.fewshot_eval import evaluate_embeddings
 
     _, encoder, preprocess = encoder_from_checkpoint(checkpoint, encoder_role)
-    head = EmbeddingHead(encoder, pool).eval()
+    head = EmbeddingHead(encoder, pool, blocks=blocks).eval()
     if center_samples:
         center, _, _ = mean_embedding(head, _center_sample(center_dir, center_samples, 0), preprocess)
-        head = EmbeddingHead(encoder, pool, center=center).eval()
+        head = EmbeddingHead(encoder, pool, center=center, blocks=blocks).eval()
     paths, labels, _ = labelled_paths(eval_dir)
     results = evaluate_embeddings(embed(head, paths, preprocess), labels, episodes=episodes)
     scores: dict[str, float] = {}
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250, help="training steps per variant")
     parser.add_argument("--epochs", type=int, default=1, help="epochs the schedules span")
     parser.add_argument("--pool", default="cls_mean", help="exported vector (fewshot export --pool)")
+    parser.add_argument("--blocks", type=int, default=1,
+                        help="pool the last N blocks, concatenated (fewshot export --blocks)")
     parser.add_argument("--center-samples", type=int, default=2000,
                         help="training images whose mean is subtracted (0: no centering)")
     parser.add_argument("--episodes", type=int, default=600)
@@ -132,7 +134,8 @@ def main() -> None:
                           np_last=result.last.get("np"))
         scores = score_checkpoint(run_dir / "checkpoint.pt", args.eval_dir, args.data,
                                   pool=args.pool, center_samples=args.center_samples,
-                                  episodes=args.episodes, encoder_role=args.encoder)
+                                  episodes=args.episodes, encoder_role=args.encoder,
+                                  blocks=args.blocks)
         record.update(scores)
         with results_file.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -119,6 +119,50 @@ def test_pool_heads_export_the_vector_they_name(
         np.testing.assert_allclose(got[:, 64:], after_norm[:, 1:].mean(dim=1).numpy(), atol=1e-4)
 
 
+def test_blocks_concatenates_the_pooled_vector_of_each_of_the_last_blocks(
+    tmp_path: Path, pixels: np.ndarray
+) -> None:
+    encoder = _random_encoder(0)  # 2 blocks
+    out = tmp_path / "blocks.onnx"
+    meta = export_onnx(
+        EmbeddingHead(encoder, "cls_mean", blocks=2), SPEC, default_preprocess(SPEC), out
+    )
+    got = _embed(out, pixels)
+    assert meta.embedding_dim == 2 * 2 * 64
+
+    x = torch.from_numpy(pixels)
+    with torch.no_grad():
+        last = encoder.forward_features(x)  # timm's own path through both blocks and the norm
+        tokens = encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(x)))
+        first = encoder.norm(encoder.blocks[0](tokens))  # block 0's output through the final norm
+    # Last block first: the leading part is exactly the one-block vector.
+    np.testing.assert_allclose(got[:, :64], last[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[:, 64:128], last[:, 1:].mean(dim=1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[:, 128:192], first[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[:, 192:], first[:, 1:].mean(dim=1).numpy(), atol=1e-4)
+    assert np.abs(got[:, 128:192] - got[:, :64]).max() > 1e-2  # the two blocks really differ
+
+
+def test_cli_blocks_with_centering_records_it_and_refuses_more_blocks_than_the_model_has(
+    tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write_images(tmp_path / "imgs", 6, seed=3)
+    base = ["export", "--arch", "vit_test_p8_32", "--pool", "cls", "--center-data",
+            str(tmp_path / "imgs")]
+    out = tmp_path / "two.onnx"
+    assert main([*base, "--blocks", "2", "--output", str(out)]) == 0
+    meta = _meta(out)
+    assert meta.embedding_dim == 128 and meta.extra["blocks"] == "2"
+    assert "last 2 blocks" in meta.embedding and "centred" in meta.embedding
+    assert _embed(out, pixels).shape == (5, 128)
+    capsys.readouterr()
+
+    refused = tmp_path / "three.onnx"
+    assert main([*base, "--blocks", "3", "--output", str(refused)]) == 1
+    assert "blocks must be between 1 and the encoder's depth 2, got 3" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_export_fails_loudly_when_onnx_differs_from_pytorch(tmp_path: Path) -> None:
     class BatchDependent(torch.nn.Module):
         """Tracing bakes the Python int batch size into the graph: batch 1 and 3 then differ."""

@@ -62,32 +62,50 @@ class EmbeddingHead(nn.Module):
       low-shot evaluation uses this one).
     - ``cls_mean``: ``cls`` concatenated with the mean of the patch tokens after the final norm.
 
+    ``blocks`` > 1 pools the output of each of the last ``blocks`` blocks that way (through the
+    final norm, as DINO's linear evaluation does with the last 4 blocks) and concatenates them,
+    last block first: the first part is the ``blocks=1`` vector, earlier blocks add lower-level
+    cues (colour, texture) that a briefly trained network has not yet folded into its last block.
+
     ``center``, when given, is subtracted from that vector; the server L2-normalises afterwards.
     """
 
     def __init__(
-        self, encoder: VisionTransformer, pool: Pool = "cls", center: torch.Tensor | None = None
+        self,
+        encoder: VisionTransformer,
+        pool: Pool = "cls",
+        center: torch.Tensor | None = None,
+        blocks: int = 1,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ExportError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+        depth = len(encoder.blocks)
+        if not 1 <= blocks <= depth:
+            raise ExportError(f"blocks must be between 1 and the encoder's depth {depth}, got {blocks}")
         self.encoder = encoder
         self.pool = pool
+        self.blocks = blocks
         self.center: torch.Tensor | None
         self.register_buffer("center", None if center is None else center.detach().float().clone())
 
-    def _tokens_before_norm(self, x: torch.Tensor) -> torch.Tensor:
-        # timm's forward_features without its last step (the final norm).
+    def _block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Token outputs of the last ``blocks`` blocks, before the final norm, last block first."""
+        # timm's forward_features without its last step (the final norm), keeping block outputs.
         enc = self.encoder
         x = enc.patch_embed(x)
         x = enc._pos_embed(x)
         x = enc.patch_drop(x)
         x = enc.norm_pre(x)
-        return enc.blocks(x)
+        first_kept = len(enc.blocks) - self.blocks
+        outputs = []
+        for index, block in enumerate(enc.blocks):
+            x = block(x)
+            if index >= first_kept:
+                outputs.append(x)
+        return outputs[::-1]
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """The uncentred vector."""
-        tokens = self._tokens_before_norm(x)
+    def _pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls_prenorm":
             return tokens[:, 0]
         tokens = self.encoder.norm(tokens)
@@ -95,6 +113,12 @@ class EmbeddingHead(nn.Module):
             return tokens[:, 0]
         patches = tokens[:, self.encoder.num_prefix_tokens :]
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The uncentred vector."""
+        parts = [self._pool_tokens(tokens) for tokens in self._block_outputs(x)]
+        # One block: no Concat node, so the graph is the one exported before `blocks` existed.
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pooled(x)

@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()),
     )
     parser.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="pool each of the last N blocks' outputs (through the final norm) and concatenate "
+        "them, last block first (default 1: the last block only)",
+    )
+    parser.add_argument(
         "--center-data",
         type=Path,
         help="folder of images (searched recursively): subtract their mean embedding inside the graph",
@@ -111,8 +118,11 @@ def _run(args: argparse.Namespace) -> int:
                 f"--arch {args.arch} does not match the checkpoint's arch {spec.name}"
             )
         extra["weights"] = f"{args.encoder} encoder of {args.checkpoint.name}"
-    head = EmbeddingHead(encoder, args.pool)
+    head = EmbeddingHead(encoder, args.pool, blocks=args.blocks)
     embedding = POOL_DESCRIPTIONS[args.pool]
+    if args.blocks > 1:
+        embedding += f", for each of the last {args.blocks} blocks (last first), concatenated"
+        extra["blocks"] = str(args.blocks)
 
     if args.center_data is not None:
         paths = _center_sample(args.center_data, args.center_samples, args.seed)
@@ -121,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             f"centering: mean embedding of {used} images from {args.center_data}"
             + (f" ({skipped} unreadable, skipped)" if skipped else "")
         )
-        head = EmbeddingHead(encoder, args.pool, center=center)
+        head = EmbeddingHead(encoder, args.pool, center=center, blocks=args.blocks)
         embedding += f", centred (minus the mean over {used} images of {args.center_data.name})"
         extra["center_images"] = str(used)
 
