@@ -21,6 +21,7 @@ from fewshot_trainer.export import (
     default_preprocess,
     export_onnx,
     mean_embedding,
+    whitening_projection,
 )
 from fewshot_trainer.vit import ArchSpec, build_vit, get_arch
 
@@ -188,6 +189,32 @@ def test_default_preprocess_follows_the_msn_eval_for_224_px_and_keeps_small_imag
     assert (small.input_size, small.resize_size) == (64, 64)
 
 
+def test_input_size_resamples_the_position_embedding_like_timms_dynamic_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    encoder = _random_encoder(5)
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(make_checkpoint(arch=SPEC.to_dict(), target_encoder=encoder.state_dict()), ckpt)
+    out = tmp_path / "m48.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--input-size", "48", "--output", str(out)]) == 0
+    meta = _meta(out)
+    assert (meta.preprocess.input_size, meta.preprocess.resize_size) == (48, 48)
+    assert meta.extra["input_size"] == "48 (trained at 32; position embedding resampled)"
+
+    # timm resamples the same way on the fly when built with dynamic_img_size.
+    dynamic = build_vit(SPEC, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(encoder.state_dict())
+    x = np.random.default_rng(1).normal(size=(3, 3, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = dynamic(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_embed(out, x), expected, atol=1e-4)
+
+    refused = tmp_path / "bad.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--input-size", "44", "--output", str(refused)]) == 1
+    assert "multiple of the patch size 8, got 44" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 # --- centering ------------------------------------------------------------------------------------
 
 
@@ -243,6 +270,63 @@ def test_center_samples_draws_that_many_images(tmp_path: Path) -> None:
     args = ["export", "--arch", "vit_test_p8_32", "--output", str(out)]
     assert main([*args, "--center-data", str(tmp_path / "imgs"), "--center-samples", "3"]) == 0
     assert _meta(out).extra["center_images"] == "3"
+
+
+def test_whitening_decorrelates_the_centring_images_inside_the_graph(
+    tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fewshot_service.images import decode_image, preprocess
+
+    paths = _write_images(tmp_path / "imgs", 40, seed=3)
+    plain, white = tmp_path / "plain.onnx", tmp_path / "white.onnx"
+    base = ["export", "--arch", "vit_test_p8_32", "--seed", "2", "--pool", "cls"]
+    assert main([*base, "--output", str(plain)]) == 0
+    whiten = ["--center-data", str(tmp_path / "imgs"), "--whiten", "--whiten-dim", "8"]
+    assert main([*base, "--output", str(white), *whiten, "--whiten-shrinkage", "0.5"]) == 0
+    assert "whitening: 8 principal directions, shrinkage 0.5" in capsys.readouterr().out
+
+    # Independently: the covariance of the uncentred model's vectors of the same images.
+    pre = _meta(plain).preprocess
+    batch = np.stack([preprocess(decode_image(p.read_bytes(), 0), pre) for p in paths])
+    raw = _embed(plain, batch).astype(np.float64)
+    variances = np.linalg.eigvalsh(np.cov(raw, rowvar=False))[::-1]
+    out = _embed(white, batch).astype(np.float64)
+    assert out.shape == (40, 8)
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-4)
+    # Each output direction's variance is var_i / (var_i + 0.5 * mean var), and they are uncorrelated.
+    expected = variances[:8] / (variances[:8] + 0.5 * variances.mean())
+    np.testing.assert_allclose(np.cov(out, rowvar=False), np.diag(expected), atol=2e-3)
+    # A linear map of the centred vector: images outside the centring set follow the same map.
+    # Compared as cosines between images (what the server uses): the sign of each principal
+    # direction is arbitrary and may differ between two eigendecompositions.
+    projection = whitening_projection(raw, shrinkage=0.5, dim=8).double().numpy()
+    moved = (_embed(plain, pixels) - raw.mean(axis=0)) @ projection
+
+    def cosines(x: np.ndarray) -> np.ndarray:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return x @ x.T
+
+    np.testing.assert_allclose(cosines(_embed(white, pixels)), cosines(moved), atol=1e-4)
+    meta = _meta(white)
+    assert meta.embedding_dim == 8 and "PCA-whitened" in meta.embedding
+    assert (meta.extra["whiten_dim"], meta.extra["whiten_shrinkage"]) == ("8", "0.5")
+
+
+def test_whitening_refuses_without_images_or_with_bad_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write_images(tmp_path / "imgs", 6, seed=4)
+    base = ["export", "--arch", "vit_test_p8_32", "--output", str(tmp_path / "m.onnx")]
+    assert main([*base, "--whiten"]) == 1
+    assert "--whiten needs --center-data" in capsys.readouterr().err
+    with_images = [*base, "--center-data", str(tmp_path / "imgs"), "--whiten"]
+    assert main([*with_images, "--whiten-dim", "65"]) == 1
+    assert "between 1 and the embedding size 64, got 65" in capsys.readouterr().err
+    assert main([*with_images, "--whiten-shrinkage", "0"]) == 1
+    assert "shrinkage must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ExportError, match="at least 2 embeddings"):
+        whitening_projection(np.zeros((1, 4)))
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

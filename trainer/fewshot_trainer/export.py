@@ -7,6 +7,7 @@ but the metadata to preprocess its input. Every export is checked against PyTorc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import warnings
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -67,7 +69,9 @@ class EmbeddingHead(nn.Module):
     last block first: the first part is the ``blocks=1`` vector, earlier blocks add lower-level
     cues (colour, texture) that a briefly trained network has not yet folded into its last block.
 
-    ``center``, when given, is subtracted from that vector; the server L2-normalises afterwards.
+    ``center``, when given, is subtracted from that vector; ``projection`` (``[D, k]``), when given,
+    then maps it to ``k`` dimensions (the whitening of :func:`whitening_projection`). The server
+    L2-normalises the result.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class EmbeddingHead(nn.Module):
         pool: Pool = "cls",
         center: torch.Tensor | None = None,
         blocks: int = 1,
+        projection: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -88,6 +93,10 @@ class EmbeddingHead(nn.Module):
         self.blocks = blocks
         self.center: torch.Tensor | None
         self.register_buffer("center", None if center is None else center.detach().float().clone())
+        self.projection: torch.Tensor | None
+        self.register_buffer(
+            "projection", None if projection is None else projection.detach().float().clone()
+        )
 
     def _block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Token outputs of the last ``blocks`` blocks, before the final norm, last block first."""
@@ -122,7 +131,11 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pooled(x)
-        return out if self.center is None else out - self.center
+        if self.center is not None:
+            out = out - self.center
+        if self.projection is not None:
+            out = out @ self.projection
+        return out
 
 
 def default_preprocess(spec: ArchSpec) -> Preprocess:
@@ -183,31 +196,57 @@ def encoder_from_checkpoint(
     return spec, encoder, preprocess
 
 
+def at_input_size(
+    encoder: VisionTransformer, spec: ArchSpec, preprocess: Preprocess, size: int
+) -> tuple[ArchSpec, VisionTransformer, Preprocess]:
+    """The same weights on ``size``-px inputs: more patches of the same pixel size.
+
+    The position embedding is resampled (bicubic, timm's ``resample_abs_pos_embed``) to the new
+    patch grid, as DeiT and FixRes do for a higher test resolution, and the resize step scales
+    with the input so the crop keeps its share of the image. The graph stays fixed-size (no
+    interpolation in it).
+    """
+    if size == spec.img_size:
+        return spec, encoder, preprocess
+    if size < spec.patch_size or size % spec.patch_size:
+        raise ExportError(
+            f"input size must be a positive multiple of the patch size {spec.patch_size}, got {size}"
+        )
+    resized = dataclasses.replace(spec, img_size=size)
+    state = dict(encoder.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"],
+        new_size=(resized.grid_size, resized.grid_size),
+        num_prefix_tokens=encoder.num_prefix_tokens,
+    )
+    with torch.device("meta"):
+        moved = build_vit(resized)
+    moved.load_state_dict(state, assign=True)
+    resize = round(preprocess.resize_size * size / spec.img_size)
+    return resized, moved.eval(), dataclasses.replace(preprocess, input_size=size, resize_size=resize)
+
+
 # --- centering ----------------------------------------------------------------------------------
 
 
-def mean_embedding(
+def pooled_embeddings(
     head: EmbeddingHead, images: Iterable[Path], preprocess: Preprocess, *, batch_size: int = 64
-) -> tuple[torch.Tensor, int, int]:
-    """Mean uncentred output of ``head`` over ``images``, preprocessed exactly as the server does.
-
-    Returns the mean, the number of images used and the number skipped as unreadable.
-    """
-    # The server's own decoder and transform, so the mean is of the vectors the server will see.
+) -> tuple[np.ndarray, int]:
+    """Uncentred outputs of ``head`` (``[N, D]`` float64) for ``images``, preprocessed exactly as
+    the server does, and the number of images skipped as unreadable."""
+    # The server's own decoder and transform, so the statistics are of the vectors the server sees.
     from fewshot_service.errors import FewshotError
     from fewshot_service.images import decode_image
     from fewshot_service.images import preprocess as server_preprocess
 
     head = head.eval()
-    total = torch.zeros((), dtype=torch.float64)  # broadcasts to [D] on the first batch
-    used = skipped = 0
+    outputs: list[np.ndarray] = []
+    skipped = 0
     batch: list[np.ndarray] = []
 
     def flush() -> None:
-        nonlocal total, used
         with torch.no_grad():
-            total = total + head.pooled(torch.from_numpy(np.stack(batch))).double().sum(dim=0)
-        used += len(batch)
+            outputs.append(head.pooled(torch.from_numpy(np.stack(batch))).double().numpy())
         batch.clear()
 
     for index, path in enumerate(images):
@@ -222,11 +261,49 @@ def mean_embedding(
             flush()
     if batch:
         flush()
-    if used == 0:
+    if not outputs:
         raise ExportError(
-            f"no readable images to compute the centering mean from ({skipped} skipped)"
+            f"no readable images to compute the centering statistics from ({skipped} skipped)"
         )
-    return (total / used).float(), used, skipped
+    return np.concatenate(outputs), skipped
+
+
+def mean_embedding(
+    head: EmbeddingHead, images: Iterable[Path], preprocess: Preprocess, *, batch_size: int = 64
+) -> tuple[torch.Tensor, int, int]:
+    """Mean uncentred output of ``head`` over ``images``, preprocessed exactly as the server does.
+
+    Returns the mean, the number of images used and the number skipped as unreadable.
+    """
+    embeddings, skipped = pooled_embeddings(head, images, preprocess, batch_size=batch_size)
+    return torch.from_numpy(embeddings.mean(axis=0)).float(), len(embeddings), skipped
+
+
+def whitening_projection(
+    embeddings: np.ndarray, *, shrinkage: float = 0.3, dim: int | None = None
+) -> torch.Tensor:
+    """``[D, k]`` PCA whitening of ``embeddings`` (``[N, D]``, rows of unlabelled images).
+
+    Column ``i`` is the ``i``-th principal direction divided by ``sqrt(var_i + shrinkage *
+    mean_var)``: directions a few dominant factors (brightness, colour cast) inflate are scaled
+    down, weak ones are not blown up (the shrinkage toward the identity keeps noise directions from
+    counting as much as signal, and makes the estimate stable with fewer images than dimensions).
+    ``dim`` keeps the ``k`` leading directions (default: all). Cosine similarity after this map
+    equals that after ZCA whitening with the same shrinkage, restricted to those directions.
+    """
+    if embeddings.ndim != 2 or len(embeddings) < 2:
+        raise ExportError(f"whitening needs at least 2 embeddings, got shape {embeddings.shape}")
+    if shrinkage <= 0:
+        raise ExportError(f"whitening shrinkage must be > 0, got {shrinkage}")
+    width = embeddings.shape[1]
+    dim = width if dim is None else dim
+    if not 1 <= dim <= width:
+        raise ExportError(f"whitening dim must be between 1 and the embedding size {width}, got {dim}")
+    variances, directions = np.linalg.eigh(np.cov(embeddings, rowvar=False))
+    order = np.argsort(variances)[::-1][:dim]  # eigh sorts ascending; keep the largest
+    variances = np.clip(variances, 0.0, None)
+    scale = np.sqrt(variances[order] + shrinkage * variances.mean())
+    return torch.from_numpy(directions[:, order] / scale).float()
 
 
 # --- ONNX ---------------------------------------------------------------------------------------

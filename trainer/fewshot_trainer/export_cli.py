@@ -15,10 +15,12 @@ from .export import (
     POOLS,
     EmbeddingHead,
     ExportError,
+    at_input_size,
     default_preprocess,
     encoder_from_checkpoint,
     export_onnx,
-    mean_embedding,
+    pooled_embeddings,
+    whitening_projection,
 )
 from .vit import ARCHS, build_vit, get_arch
 
@@ -59,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "them, last block first (default 1: the last block only)",
     )
     parser.add_argument(
+        "--input-size",
+        type=int,
+        help="input resolution of the exported graph, a multiple of the patch size (default: the "
+        "trained one); the position embedding is resampled to the larger patch grid",
+    )
+    parser.add_argument(
         "--center-data",
         type=Path,
         help="folder of images (searched recursively): subtract their mean embedding inside the graph",
@@ -68,6 +76,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2000,
         help="how many images of --center-data to average (drawn at random with --seed; default 2000)",
+    )
+    parser.add_argument(
+        "--whiten",
+        action="store_true",
+        help="also whiten with the covariance of the --center-data embeddings (PCA whitening with "
+        "shrinkage, inside the graph): directions that a few dominant factors inflate count less",
+    )
+    parser.add_argument(
+        "--whiten-shrinkage",
+        type=float,
+        default=0.3,
+        help="added to every variance, as a fraction of the mean variance (default 0.3; smaller "
+        "whitens harder, larger is closer to plain centering)",
+    )
+    parser.add_argument(
+        "--whiten-dim",
+        type=int,
+        help="keep this many leading principal directions (default: all; the embedding size)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="random init and centering sample (default 0)"
@@ -118,22 +144,45 @@ def _run(args: argparse.Namespace) -> int:
                 f"--arch {args.arch} does not match the checkpoint's arch {spec.name}"
             )
         extra["weights"] = f"{args.encoder} encoder of {args.checkpoint.name}"
+    if args.input_size is not None and args.input_size != spec.img_size:
+        trained = spec.img_size
+        spec, encoder, preprocess = at_input_size(encoder, spec, preprocess, args.input_size)
+        extra["input_size"] = f"{spec.img_size} (trained at {trained}; position embedding resampled)"
     head = EmbeddingHead(encoder, args.pool, blocks=args.blocks)
     embedding = POOL_DESCRIPTIONS[args.pool]
     if args.blocks > 1:
         embedding += f", for each of the last {args.blocks} blocks (last first), concatenated"
         extra["blocks"] = str(args.blocks)
 
+    if args.whiten and args.center_data is None:
+        raise ExportError("--whiten needs --center-data: the images to estimate the covariance from")
     if args.center_data is not None:
         paths = _center_sample(args.center_data, args.center_samples, args.seed)
-        center, used, skipped = mean_embedding(head, paths, preprocess)
+        embeddings, skipped = pooled_embeddings(head, paths, preprocess)
+        used = len(embeddings)
         print(
             f"centering: mean embedding of {used} images from {args.center_data}"
             + (f" ({skipped} unreadable, skipped)" if skipped else "")
         )
-        head = EmbeddingHead(encoder, args.pool, center=center, blocks=args.blocks)
+        center = torch.from_numpy(embeddings.mean(axis=0)).float()
+        projection = None
         embedding += f", centred (minus the mean over {used} images of {args.center_data.name})"
         extra["center_images"] = str(used)
+        if args.whiten:
+            projection = whitening_projection(
+                embeddings, shrinkage=args.whiten_shrinkage, dim=args.whiten_dim
+            )
+            dim = projection.shape[1]
+            print(f"whitening: {dim} principal directions, shrinkage {args.whiten_shrinkage}")
+            embedding += (
+                f", PCA-whitened over the same images ({dim} directions, "
+                f"shrinkage {args.whiten_shrinkage:g})"
+            )
+            extra["whiten_shrinkage"] = f"{args.whiten_shrinkage:g}"
+            extra["whiten_dim"] = str(dim)
+        head = EmbeddingHead(
+            encoder, args.pool, center=center, blocks=args.blocks, projection=projection
+        )
 
     meta = export_onnx(head, spec, preprocess, args.output, embedding=embedding, extra=extra)
     print(
