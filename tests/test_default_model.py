@@ -44,6 +44,7 @@ def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
                     "--episodes", "100", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["model_id"] == Embedder(MODEL).model_id
-    # Measured: 37.4 on the whole dev set; a 5-point margin over chance on this slice.
-    assert scores["5way5shot"]["mean"] > 25.0
-    assert scores["5way1shot"]["mean"] > 22.0
+    # Measured on this slice: 42.0 (5-shot) and 33.6 (1-shot), +-1.8; on the whole dev set 52.1 and
+    # 37.7 (model card). The bounds sit ~6 points below, well above chance and the random network.
+    assert scores["5way5shot"]["mean"] > 36.0
+    assert scores["5way1shot"]["mean"] > 28.0
