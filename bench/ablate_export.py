@@ -34,7 +34,7 @@ from fewshot_trainer.export import (
     whitening_projection,
 )
 from fewshot_trainer.export_cli import _center_sample
-from fewshot_trainer.fewshot_eval import evaluate_embeddings
+from fewshot_common.fewshot_eval import evaluate_embeddings
 from fewshot_trainer.probe import labelled_images
 
 PROTOCOLS = ("5way1shot", "5way5shot", "allway5shot")

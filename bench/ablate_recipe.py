@@ -48,8 +48,8 @@ def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndar
     """``head(x)`` for every image, decoded and preprocessed exactly as the server does."""
     import torch
 
-    from fewshot_service.images import decode_image
-    from fewshot_service.images import preprocess as server_preprocess
+    from fewshot_common.images import decode_image
+    from fewshot_common.images import preprocess as server_preprocess
 
     out = []
     for start in range(0, len(paths), batch_size):
@@ -65,10 +65,10 @@ def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndar
 def score_checkpoint(checkpoint: Path, eval_dir: Path, center_dir: Path, *, pool: str,
                      center_samples: int, episodes: int, encoder_role: str = "target",
                      blocks: int = 1) -> dict[str, float]:
-    from fewshot_trainer.eval_cli import labelled_paths
+    from fewshot_common.eval_cli import labelled_paths
     from fewshot_trainer.export import EmbeddingHead, encoder_from_checkpoint, mean_embedding
     from fewshot_trainer.export_cli import _center_sample
-    from fewshot_trainer.fewshot_eval import evaluate_embeddings
+    from fewshot_common.fewshot_eval import evaluate_embeddings
 
     _, encoder, preprocess = encoder_from_checkpoint(checkpoint, encoder_role)
     head = EmbeddingHead(encoder, pool, blocks=blocks).eval()

@@ -40,7 +40,7 @@ from prometheus_client import REGISTRY
 from fewshot_service.batcher import BatchConfig
 from fewshot_service.client import FewShotClient
 from fewshot_service.core import FewShotCore
-from fewshot_service.embedder import Embedder
+from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
@@ -76,7 +76,7 @@ def model_path(requested: Path | None) -> Iterator[Path]:
         yield DEFAULT_MODEL
         return
     import torch
-    from fewshot_service.modelmeta import Preprocess
+    from fewshot_common.modelmeta import Preprocess
     from fewshot_trainer.export import export_onnx
     from fewshot_trainer.vit import build_vit, get_arch
 

@@ -23,7 +23,7 @@ def stack_settings(model: Path, redis_url: str, **extra: object) -> "Settings":
 
 def _export_test_model(tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> Path:
     """A real exported ONNX model: a randomly initialised ``vit_test_p8_32`` (seeded)."""
-    from fewshot_service.modelmeta import Preprocess
+    from fewshot_common.modelmeta import Preprocess
     from fewshot_trainer.export import export_onnx
     from fewshot_trainer.vit import build_vit, get_arch
 
@@ -94,7 +94,7 @@ class ServeProcess:
 
         self.log_path = log_path
         self._log = log_path.open("w")
-        command = [sys.executable, "-m", "fewshot_service.cli", "serve", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "fewshot_common.cli", "serve", "--host", "127.0.0.1",
                    "--grpc-port", "0", "--http-port", "0", *args]  # fmt: skip
         self.process = subprocess.Popen(
             command,

@@ -10,8 +10,8 @@ import redis
 
 from fewshot_service.classifier import PrototypeMatrix
 from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
-from fewshot_service.embedder import Embedder
-from fewshot_service.errors import FailedPrecondition, ImageError, InvalidInput, NotFound
+from fewshot_common.embedder import Embedder
+from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, NotFound
 from fewshot_service.registry import Registry
 
 import image_samples as samples

@@ -100,7 +100,7 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({**TINY, "optimization": {"epochs": 1}}))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "fewshot_service.cli", "train",
+           "--master_port", str(_free_port()), "-m", "fewshot_common.cli", "train",
            "--config", str(config), "--data", str(data), "--output", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

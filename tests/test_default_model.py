@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewshot_service.cli import main as fewshot
-from fewshot_service.embedder import Embedder
+from fewshot_common.cli import main as fewshot
+from fewshot_common.embedder import Embedder
 
 from conftest import REPO_ROOT, SHARED_DATA
 

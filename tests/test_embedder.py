@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from fewshot_service.batcher import BatchConfig, DynamicBatcher
-from fewshot_service.embedder import Embedder, InvalidModel, default_providers
-from fewshot_service.errors import ImageError, Unavailable
-from fewshot_service.modelmeta import METADATA_KEY, ModelMeta
+from fewshot_common.embedder import Embedder, InvalidModel, default_providers
+from fewshot_common.errors import ImageError, Unavailable
+from fewshot_common.modelmeta import METADATA_KEY, ModelMeta
 
 import image_samples as samples
 

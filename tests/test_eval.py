@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot_service.cli import main
-from fewshot_trainer.fewshot_eval import (
+from fewshot_common.cli import main
+from fewshot_common.fewshot_eval import (
     _nearest_prototype_accuracy,
     allway_accuracy,
     episode_accuracy,
@@ -172,8 +172,8 @@ def _json_last_line(out: str) -> dict:
 def test_eval_cli_scores_separable_classes_far_above_chance_and_matches_the_server_embedder(
     tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fewshot_service.embedder import Embedder
-    from fewshot_trainer.eval_cli import labelled_paths
+    from fewshot_common.embedder import Embedder
+    from fewshot_common.eval_cli import labelled_paths
 
     data = _class_folders(tmp_path / "data", per_class=20)
     (data / "class_0" / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fewshot_service.cli import main
-from fewshot_service.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta, Preprocess
+from fewshot_common.cli import main
+from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta, Preprocess
 from fewshot_trainer.checkpoint import make_checkpoint, save_checkpoint
 from fewshot_trainer.export import (
     EmbeddingHead,
@@ -235,7 +235,7 @@ def _write_images(folder: Path, count: int, seed: int) -> list[Path]:
 def test_centering_subtracts_the_mean_embedding_inside_the_graph(
     tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fewshot_service.images import decode_image, preprocess
+    from fewshot_common.images import decode_image, preprocess
 
     paths = _write_images(tmp_path / "imgs", 12, seed=1)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
@@ -275,7 +275,7 @@ def test_center_samples_draws_that_many_images(tmp_path: Path) -> None:
 def test_whitening_decorrelates_the_centring_images_inside_the_graph(
     tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fewshot_service.images import decode_image, preprocess
+    from fewshot_common.images import decode_image, preprocess
 
     paths = _write_images(tmp_path / "imgs", 40, seed=3)
     plain, white = tmp_path / "plain.onnx", tmp_path / "white.onnx"

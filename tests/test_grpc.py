@@ -23,9 +23,9 @@ from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.batcher import BatchConfig
 from fewshot_service.client import FewShotClient
 from fewshot_service.core import FewShotCore
-from fewshot_service.embedder import Embedder
+from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server
-from fewshot_service.images import ImageLimits
+from fewshot_common.images import ImageLimits
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 

@@ -1,4 +1,4 @@
-"""Decoding, limits and preprocessing of request images (fewshot_service.images)."""
+"""Decoding, limits and preprocessing of request images (fewshot_common.images)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot_service.errors import ImageError, InvalidInput, TooLarge
-from fewshot_service.images import ImageLimits, decode_image, load_batch, preprocess
-from fewshot_service.modelmeta import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from fewshot_common.errors import ImageError, InvalidInput, TooLarge
+from fewshot_common.images import ImageLimits, decode_image, load_batch, preprocess
+from fewshot_common.modelmeta import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 import image_samples as samples
 

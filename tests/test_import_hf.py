@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
 
-from fewshot_service.cli import main
-from fewshot_service.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
+from fewshot_common.cli import main
+from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 from fewshot_trainer.checkpoint import load_checkpoint
 from fewshot_trainer.importers import CheckpointImportError, read_hf
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_service.cli import main
+from fewshot_common.cli import main
 from fewshot_trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fewshot_trainer.importers import CheckpointImportError, read_msn
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from fewshot_service.cli import main as fewshot
-from fewshot_service.embedder import Embedder
+from fewshot_common.cli import main as fewshot
+from fewshot_common.embedder import Embedder
 
 from conftest import REPO_ROOT, SHARED_DATA
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from fewshot_service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 

@@ -47,7 +47,7 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
 def run_serve(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """A `fewshot serve` expected to fail at start-up."""
     return subprocess.run(
-        [sys.executable, "-m", "fewshot_service.cli", "serve", "--host", "127.0.0.1", *args],
+        [sys.executable, "-m", "fewshot_common.cli", "serve", "--host", "127.0.0.1", *args],
         capture_output=True, text=True, timeout=timeout, cwd=cwd,
         env={k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
     )  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from fewshot_service.cli import main as fewshot_main
+from fewshot_common.cli import main as fewshot_main
 from fewshot_trainer.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_trainer.config import TrainConfig, _deep_update, load_config
 from fewshot_trainer.train import TrainOptions, build_networks, train

@@ -23,9 +23,9 @@ from redis.retry import Retry
 
 from .batcher import BatchConfig
 from .core import FewShotCore
-from .embedder import Embedder
+from fewshot_common.embedder import Embedder
+from fewshot_common.images import ImageLimits
 from .grpc_server import create_grpc_server
-from .images import ImageLimits
 from .redis_server import ManagedRedis
 from .registry import Registry
 from .rest import create_app

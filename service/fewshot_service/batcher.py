@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import inference_metrics as metrics
-from .errors import Unavailable
+from fewshot_common.errors import Unavailable
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import numpy as np
 from . import inference_metrics as metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
-from .embedder import Embedder
-from .errors import InvalidInput
+from fewshot_common.embedder import Embedder
+from fewshot_common.errors import InvalidInput
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .registry import ClassInfo, ClassSummary, PrototypeSet, Registry

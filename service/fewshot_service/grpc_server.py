@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import errors
+from fewshot_common import errors
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .core import FewShotCore
 

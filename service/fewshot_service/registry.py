@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import redis
 
-from fewshot_service.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
 MAX_NAME_CHARS = 128
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.

@@ -25,7 +25,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, errors
+from fewshot_common import errors
+
+from . import __version__
 from .core import FewShotCore, resolve_namespace
 
 log = logging.getLogger(__name__)

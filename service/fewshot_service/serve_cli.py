@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     # Installed before anything starts, so a signal during start-up still shuts down in order.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     from .app import ServerStack
-    from .embedder import InvalidModel
+    from fewshot_common.embedder import InvalidModel
     from .redis_server import RedisBinaryNotFound
 
     stack = ServerStack(settings)

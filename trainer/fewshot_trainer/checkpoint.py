@@ -5,7 +5,7 @@ no optimizer state):
 
 - ``format``/``version``: ``"fewshot-msn"`` / 1.
 - ``arch``: :class:`~fewshot_trainer.vit.ArchSpec` as a dict.
-- ``preprocess``: :class:`fewshot_service.modelmeta.Preprocess` as a dict (used by export).
+- ``preprocess``: :class:`fewshot_common.modelmeta.Preprocess` as a dict (used by export).
 - ``target_encoder``, ``encoder``: timm ``VisionTransformer`` state dicts (EMA target; anchor).
 - ``target_head``, ``head``: projection-head state dicts (keys ``fc1, bn1, fc2, bn2, fc3``).
 - ``prototypes``: ``[K, D]`` tensor.

@@ -109,7 +109,7 @@ class TrainConfig(_Section):
         return self
 
     def preprocess_dict(self) -> dict[str, Any]:
-        """The ``fewshot_service.modelmeta.Preprocess`` (as a dict) the exported model should use."""
+        """The ``fewshot_common.modelmeta.Preprocess`` (as a dict) the exported model should use."""
         size = self.data.random_size
         resize = self.data.export_resize_size or (size * 256 // 224 if size >= 224 else size)
         return {

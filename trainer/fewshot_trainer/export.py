@@ -23,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fewshot_service.modelmeta import (
+from fewshot_common.modelmeta import (
     INPUT_NAME,
     OUTPUT_NAME,
     ModelMeta,
@@ -235,9 +235,9 @@ def pooled_embeddings(
     """Uncentred outputs of ``head`` (``[N, D]`` float64) for ``images``, preprocessed exactly as
     the server does, and the number of images skipped as unreadable."""
     # The server's own decoder and transform, so the statistics are of the vectors the server sees.
-    from fewshot_service.errors import FewshotError
-    from fewshot_service.images import decode_image
-    from fewshot_service.images import preprocess as server_preprocess
+    from fewshot_common.errors import FewshotError
+    from fewshot_common.images import decode_image
+    from fewshot_common.images import preprocess as server_preprocess
 
     head = head.eval()
     outputs: list[np.ndarray] = []

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms as T
 
 from .data import IMAGE_EXTENSIONS, load_rgb
-from .fewshot_eval import evaluate_embeddings
+from fewshot_common.fewshot_eval import evaluate_embeddings
 from .model import forward_cls
 
 

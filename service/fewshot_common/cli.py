@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fewshot_service.serve_cli", "run the gRPC + REST inference server"),
     "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
     "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),
-    "eval": ("fewshot_trainer.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),
+    "eval": ("fewshot_common.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),
     "import-checkpoint": (
         "fewshot_trainer.import_cli",
         "convert official MSN or Hugging Face ViTMSN weights into a fewshot checkpoint",

@@ -1,6 +1,6 @@
 """``fewshot eval``: the few-shot protocol on a folder-per-class set, through the server's embedder.
 
-Images go through :class:`fewshot_service.embedder.Embedder` (the server's decoder, preprocessing
+Images go through :class:`fewshot_common.embedder.Embedder` (the server's decoder, preprocessing
 and ONNX Runtime session), so the numbers are those the running server would give. Needs no torch.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fewshot_service.embedder import Embedder, InvalidModel
-from fewshot_service.errors import FewshotError
+from fewshot_common.embedder import Embedder, InvalidModel
+from fewshot_common.errors import FewshotError
 
 from .fewshot_eval import check_class_sizes, evaluate_embeddings
 
