@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ImageError
-from .images import DRAFT_FACTOR, ImageLimits, decode_image, load_batch, preprocess
+from .image_files import preprocessed_batches
+from .images import ImageLimits, load_batch
 from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
+from .vectors import l2_normalize
 
 # Fastest first; the first ones that this onnxruntime build offers are used.
 PREFERRED_PROVIDERS = (
@@ -32,12 +33,6 @@ class InvalidModel(ValueError):
 def default_providers() -> list[str]:
     available = set(ort.get_available_providers())
     return [name for name in PREFERRED_PROVIDERS if name in available]
-
-
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    # A zero vector stays zero instead of becoming NaN.
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 class Embedder:
@@ -118,7 +113,7 @@ class Embedder:
         ]
         if not chunks:
             return np.empty((0, self.embedding_dim), dtype=np.float32)
-        return l2_normalise(np.concatenate(chunks).astype(np.float32, copy=False))
+        return l2_normalize(np.concatenate(chunks).astype(np.float32, copy=False))
 
     def load_images(self, images: Sequence[bytes]) -> np.ndarray:
         """Decode, check limits and preprocess: encoded files -> ``[N, 3, S, S]``."""
@@ -128,23 +123,32 @@ class Embedder:
         return self.embed_array(self.load_images(images))
 
     def embed_paths(self, paths: Iterable[str | os.PathLike[str]]) -> np.ndarray:
-        """Embed image files, ``max_batch_size`` at a time (for the evaluator and benchmarks)."""
-        paths = list(paths)
-        if not paths:
-            return np.empty((0, self.embedding_dim), dtype=np.float32)
-        parts = []
-        for start in range(0, len(paths), self.max_batch_size):
-            chunk = range(start, min(start + self.max_batch_size, len(paths)))
-            pixels = np.stack([self._load_path(Path(paths[i]), i) for i in chunk])
-            parts.append(self.embed_array(pixels))
-        return np.concatenate(parts)
+        """Embed image files, ``max_batch_size`` at a time; the first unreadable file raises
+        :class:`errors.ImageError` naming it."""
+        embeddings, _ = self._embed_files(paths, skip_unreadable=False)
+        return embeddings
 
-    def _load_path(self, path: Path, index: int) -> np.ndarray:
-        try:
-            pre = self.meta.preprocess
-            img = decode_image(
-                path.read_bytes(), index, self.limits, min_short_side=DRAFT_FACTOR * pre.resize_size
-            )
-            return preprocess(img, pre)
-        except ImageError as exc:
-            raise ImageError(index, f"{path}: {exc.reason}") from None
+    def embed_readable_paths(
+        self, paths: Iterable[str | os.PathLike[str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embed the files that can be read, skipping the others (a data set with a few broken
+        files stays usable); returns the embeddings and a boolean mask of the readable files."""
+        return self._embed_files(paths, skip_unreadable=True)
+
+    def _embed_files(
+        self, paths: Iterable[str | os.PathLike[str]], *, skip_unreadable: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # A sized iterable (a list, a tqdm bar over one) is read lazily, so progress shows.
+        paths = paths if isinstance(paths, Sized) else list(paths)
+        readable = np.zeros(len(paths), dtype=bool)
+        parts = [np.empty((0, self.embedding_dim), dtype=np.float32)]
+        for pixels, positions in preprocessed_batches(
+            paths,
+            self.meta.preprocess,
+            self.max_batch_size,
+            limits=self.limits,
+            skip_unreadable=skip_unreadable,
+        ):
+            parts.append(self.embed_array(pixels))
+            readable[positions] = True
+        return np.concatenate(parts), readable

@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from fewshot_common.embedder import Embedder, InvalidModel
-from fewshot_common.errors import FewshotError
-
+from .embedder import Embedder, InvalidModel
 from .fewshot_eval import check_class_sizes, evaluate_embeddings
+from .image_files import list_labelled_image_files
 
 try:  # a progress bar where the training extras are installed; eval itself works without them
     from tqdm import tqdm
@@ -70,44 +67,20 @@ def labelled_paths(
         raise EvalError(f"--data {root} is not a folder")
     if max_per_class is not None and max_per_class < 1:
         raise EvalError(f"--max-per-class must be >= 1, got {max_per_class}")
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        files = sorted(
-            p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions
-        )
-        files = files[:max_per_class]
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
+    found = list_labelled_image_files(root, max_per_class)
+    if not found.paths:
         raise EvalError(f"--data {root} has no class folders with images in them")
-    return paths, np.asarray(labels), classes
+    return found.paths, found.labels, found.classes
 
 
-def embed_files(
-    embedder: Embedder, paths: list[Path], batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def embed_files(embedder: Embedder, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Embed each readable file; returns the embeddings and a mask of which files were readable."""
-    readable = np.ones(len(paths), dtype=bool)
-    chunks: list[np.ndarray] = []
-    pixels: list[np.ndarray] = []
     progress = tqdm(paths, desc="embedding", unit="img", file=sys.stderr) if tqdm else paths
-    for index, path in enumerate(progress):
-        try:
-            pixels.append(embedder.load_images([path.read_bytes()])[0])
-        except (FewshotError, OSError):
-            readable[index] = False  # counted and reported; one bad file must not stop the run
-            continue
-        if len(pixels) == batch_size:
-            chunks.append(embedder.embed_array(np.stack(pixels)))
-            pixels.clear()
-    if pixels:
-        chunks.append(embedder.embed_array(np.stack(pixels)))
-    if not chunks:
+    # Unreadable files are counted and reported; one bad file must not stop the run.
+    embeddings, readable = embedder.embed_readable_paths(progress)
+    if not readable.any():
         raise EvalError("none of the images could be read")
-    return np.concatenate(chunks), readable
+    return embeddings, readable
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     embedder = Embedder(args.model, max_batch_size=args.batch_size)
     paths, labels, classes = labelled_paths(args.data, args.max_per_class)
     check_class_sizes(labels)  # before the slow part
-    embeddings, readable = embed_files(embedder, paths, args.batch_size)
+    embeddings, readable = embed_files(embedder, paths)
     skipped = int((~readable).sum())
     results = evaluate_embeddings(
         embeddings, labels[readable], episodes=args.episodes, seed=args.seed

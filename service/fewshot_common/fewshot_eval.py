@@ -19,6 +19,8 @@ from typing import TypedDict
 
 import numpy as np
 
+from .vectors import l2_normalize
+
 EPISODE_WAYS = 5
 EPISODE_QUERIES = 15
 ALLWAY_SHOTS = 5
@@ -32,11 +34,6 @@ class ProtocolResult(TypedDict):
     ways: int
     shots: int
     queries_per_class: int  # 0 for all-way: there every non-support image is a query
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def _summary(accuracies: list[float], *, ways: int, shots: int, queries: int) -> ProtocolResult:
@@ -171,7 +168,7 @@ def evaluate_embeddings(
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     check_class_sizes(labels, queries=queries)
-    normalized = l2_normalize(embeddings)
+    normalized = l2_normalize(np.asarray(embeddings, dtype=np.float64))
     rng_1shot, rng_5shot, rng_allway = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
     )
