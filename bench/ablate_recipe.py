@@ -45,18 +45,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndarray:
-    """``head(x)`` for every image, decoded and preprocessed exactly as the server does."""
+    """``head(x)`` for every image, read and preprocessed exactly as the server does."""
     import torch
 
-    from fewshot_common.images import decode_image
-    from fewshot_common.images import preprocess as server_preprocess
+    from fewshot_common.image_files import preprocessed_batches
 
     out = []
-    for start in range(0, len(paths), batch_size):
-        batch = np.stack([
-            server_preprocess(decode_image(p.read_bytes(), i), preprocess)
-            for i, p in enumerate(paths[start:start + batch_size])
-        ])
+    for batch, _ in preprocessed_batches(paths, preprocess, batch_size):
         with torch.no_grad():
             out.append(head(torch.from_numpy(batch)).numpy())
     return np.concatenate(out)

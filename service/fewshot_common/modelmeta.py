@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 METADATA_KEY = "fewshot"
 SCHEMA_VERSION = 1
@@ -47,6 +47,11 @@ class Preprocess:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std > 0")
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Preprocess":
+        """From its dict form as JSON, YAML or a checkpoint hold it (mean/std as lists)."""
+        return cls(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
+
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -72,10 +77,7 @@ class ModelMeta:
                 f"unsupported fewshot metadata schema {raw.get('schema_version')!r}; "
                 f"this build reads version {SCHEMA_VERSION}"
             )
-        pre = raw.pop("preprocess")
-        pre["mean"] = tuple(pre["mean"])
-        pre["std"] = tuple(pre["std"])
-        return cls(preprocess=Preprocess(**pre), **raw)
+        return cls(preprocess=Preprocess.from_dict(raw.pop("preprocess")), **raw)
 
     def to_metadata_props(self) -> dict[str, str]:
         return {METADATA_KEY: self.to_json()}

@@ -16,10 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from fewshot_common.image_files import list_image_files
+
 log = logging.getLogger(__name__)
 
-# Every extension some installed Pillow plugin claims to read.
-IMAGE_EXTENSIONS = frozenset(ext for ext in Image.registered_extensions())
 _LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
@@ -27,9 +27,7 @@ def find_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root} is not a directory")
-    return sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    return list_image_files(root)
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -23,6 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from fewshot_common.image_files import preprocessed_batches
 from fewshot_common.modelmeta import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -173,13 +174,7 @@ def encoder_from_checkpoint(
     except (TypeError, KeyError) as exc:
         raise ExportError(f"{path}: 'arch' is not an ArchSpec dict ({exc})") from None
     preprocess = (
-        Preprocess(
-            **{
-                **ckpt["preprocess"],
-                "mean": tuple(ckpt["preprocess"]["mean"]),
-                "std": tuple(ckpt["preprocess"]["std"]),
-            }
-        )
+        Preprocess.from_dict(ckpt["preprocess"])
         if ckpt.get("preprocess")
         else default_preprocess(spec)
     )
@@ -232,40 +227,21 @@ def at_input_size(
 def pooled_embeddings(
     head: EmbeddingHead, images: Iterable[Path], preprocess: Preprocess, *, batch_size: int = 64
 ) -> tuple[np.ndarray, int]:
-    """Uncentred outputs of ``head`` (``[N, D]`` float64) for ``images``, preprocessed exactly as
-    the server does, and the number of images skipped as unreadable."""
-    # The server's own decoder and transform, so the statistics are of the vectors the server sees.
-    from fewshot_common.errors import FewshotError
-    from fewshot_common.images import decode_image
-    from fewshot_common.images import preprocess as server_preprocess
-
+    """Uncentred outputs of ``head`` (``[N, D]`` float64) for ``images``, read and preprocessed
+    exactly as the server does (so the statistics are of the vectors the server sees), and the
+    number of images skipped as unreadable."""
+    paths = list(images)
     head = head.eval()
     outputs: list[np.ndarray] = []
-    skipped = 0
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
+    for pixels, _ in preprocessed_batches(paths, preprocess, batch_size, skip_unreadable=True):
         with torch.no_grad():
-            outputs.append(head.pooled(torch.from_numpy(np.stack(batch))).double().numpy())
-        batch.clear()
-
-    for index, path in enumerate(images):
-        try:
-            batch.append(
-                server_preprocess(decode_image(Path(path).read_bytes(), index), preprocess)
-            )
-        except (FewshotError, OSError):
-            skipped += 1
-            continue
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+            outputs.append(head.pooled(torch.from_numpy(pixels)).double().numpy())
+    used = sum(len(chunk) for chunk in outputs)
     if not outputs:
         raise ExportError(
-            f"no readable images to compute the centering statistics from ({skipped} skipped)"
+            f"no readable images to compute the centering statistics from ({len(paths)} skipped)"
         )
-    return np.concatenate(outputs), skipped
+    return np.concatenate(outputs), len(paths) - used
 
 
 def mean_embedding(

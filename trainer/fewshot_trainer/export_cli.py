@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewshot_common.image_files import list_image_files
+
 from .export import (
     ENCODER_KEYS,
     POOL_DESCRIPTIONS,
@@ -100,20 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` whose extension Pillow can open, sorted for reproducibility."""
-    from PIL import Image
-
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-
-
 def _center_sample(folder: Path, samples: int, seed: int) -> list[Path]:
     if not folder.is_dir():
         raise ExportError(f"--center-data {folder} is not a folder")
     if samples < 1:
         raise ExportError(f"--center-samples must be >= 1, got {samples}")
-    files = image_files(folder)
+    files = list_image_files(folder)
     if not files:
         raise ExportError(f"--center-data {folder} holds no image files")
     if len(files) <= samples:
