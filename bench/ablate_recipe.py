@@ -25,23 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``'name a.b=1 c.d=[1,2]'`` -> ``('name', {'a': {'b': 1}, 'c': {'d': [1, 2]}})``."""
+    """``'name a.b=1 c.d=[1,2]'`` -> ``('name', {'a': {'b': 1}, 'c': {'d': [1, 2]}})``, each
+    assignment read as ``fewshot train --set`` reads it."""
+    from fewshot_trainer.config import parse_overrides
+
     name, *assignments = text.split()
-    overrides: dict[str, Any] = {}
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        if not sep:
-            raise SystemExit(f"variant {name!r}: {assignment!r} is not section.key=value")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return name, overrides
+    try:
+        return name, parse_overrides(assignments)
+    except ValueError as exc:
+        raise SystemExit(f"variant {name!r}: {exc}") from None
 
 
 def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndarray:
@@ -104,7 +99,7 @@ def main() -> None:
 
     import logging
 
-    from fewshot_trainer.config import _deep_update, load_config
+    from fewshot_trainer.config import deep_update, load_config
     from fewshot_trainer.train import TrainOptions, train
 
     logging.basicConfig(level=logging.WARNING)
@@ -114,7 +109,7 @@ def main() -> None:
     rows = [header]
     for text in args.variant:
         name, overrides = parse_variant(text)
-        overrides = _deep_update(overrides, {"optimization": {"epochs": args.epochs}})
+        overrides = deep_update(overrides, {"optimization": {"epochs": args.epochs}})
         config = load_config(args.config, overrides=overrides)
         run_dir = args.output / name
         record: dict[str, Any] = {"variant": name, "overrides": overrides, "encoder": args.encoder}

@@ -14,7 +14,8 @@ from PIL import Image
 
 from fewshot_common.cli import main as fewshot_main
 from fewshot_trainer.checkpoint import load_checkpoint, save_checkpoint
-from fewshot_trainer.config import TrainConfig, _deep_update, load_config
+from fewshot_trainer.config import MaskingConfig, TrainConfig, deep_update, load_config
+from fewshot_trainer.metrics import CollapseMeter
 from fewshot_trainer.train import TrainOptions, build_networks, train
 from fewshot_trainer.vit import build_vit, get_arch
 
@@ -31,7 +32,7 @@ TINY: dict[str, Any] = {
 
 
 def tiny_config(**overrides: Any) -> TrainConfig:
-    return TrainConfig.model_validate(_deep_update(TINY, overrides))
+    return TrainConfig.model_validate(deep_update(TINY, overrides))
 
 
 def write_images(folder: Path, count: int) -> Path:
@@ -231,3 +232,88 @@ def test_short_real_run_on_tiny_imagenet_learns_without_collapse(tmp_path: Path)
     last_epoch = [r for r in records if r["event"] == "epoch"][-1]
     assert last_epoch["prototypes_in_use"] > 1
     assert last_epoch["embedding_std"] > 1e-3
+
+
+# --- masking.focal, --set, --resume ------------------------------------------------------------
+
+
+def _tokens_per_block_call(config: TrainConfig, tmp_path: Path) -> list[int]:
+    """Tokens entering the online encoder's first block, per call, over one training step."""
+    from fewshot_trainer.train import MSNTrainer
+
+    trainer = MSNTrainer(config, TrainOptions(data=write_images(tmp_path / "data", 8),
+                                              output=tmp_path / "run", progress=False))
+    seen: list[int] = []
+    trainer.online_module.backbone.blocks[0].register_forward_pre_hook(
+        lambda _module, inputs: seen.append(inputs[0].shape[1])
+    )
+    trainer.train_step(next(iter(trainer._loader(0, 0))), CollapseMeter(16))
+    return seen
+
+
+@pytest.mark.parametrize(("focal", "focal_tokens"), [(False, 1 + 4), (True, 1 + 2)])
+def test_masking_focal_drops_focal_view_patches_too(
+    tmp_path: Path, focal: bool, focal_tokens: int
+) -> None:
+    # 32-px anchor: 16 patches, ratio 0.5 keeps 8; 16-px focal views: 4 patches, keeps 2 when on.
+    seen = _tokens_per_block_call(tiny_config(masking={"ratio": 0.5, "focal": focal}), tmp_path)
+    assert seen == [1 + 8, focal_tokens]
+
+
+def test_shipped_recipe_pins_unmasked_focal_views_as_trained() -> None:
+    recipe = Path(__file__).resolve().parents[1] / "models" / "default.recipe.yaml"
+    assert yaml.safe_load(recipe.read_text())["masking"]["focal"] is False
+    assert load_config(recipe).masking.focal is False
+    assert MaskingConfig().focal is False  # the reference's default
+
+
+def test_cli_set_overrides_any_setting_after_the_flags(tmp_path: Path) -> None:
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    code = fewshot_main(_cli(
+        tmp_path, "--data", str(data), "--output", str(out), "--max-steps", "1",
+        "--batch-size", "4", "--set", "data.batch_size=8", "--set", "masking.ratio=0.25",
+        "--set", "masking.focal=true", "--set", "data.focal_scale=[0.1, 0.2]",
+    ))
+    assert code == 0
+    saved = load_config(out / "config.yaml")
+    assert saved.data.batch_size == 8 and saved.masking.ratio == 0.25 and saved.masking.focal
+    assert saved.data.focal_scale == (0.1, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("masking.ratoi=0.5", "section 'masking' has no setting 'ratoi'; it has: ratio, focal"),
+        ("mask.ratio=0.5", "the config has no setting 'mask'"),
+        ("seed.x=1", "'seed' is a value, not a section"),
+        ("masking.ratio", "expected section.key=value"),
+        ("masking.ratio=lots", "masking.ratio"),  # the typed config refuses the value
+    ],
+)
+def test_cli_set_bad_key_or_value_exits_2_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    data = write_images(tmp_path / "data", 4)
+    code = fewshot_main(_cli(tmp_path, "--data", str(data), "--output", str(tmp_path / "o"),
+                             "--set", setting))
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_resume_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_images(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    args = _cli(tmp_path, "--data", str(data), "--output", str(out), "--batch-size", "4")
+    assert fewshot_main([*args, "--max-steps", "1"]) == 0
+    loads: list[object] = []
+    real_load = torch.load
+
+    def counting_load(*a: Any, **kw: Any) -> Any:
+        loads.append(a[0])
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert fewshot_main([*args, "--max-steps", "2", "--resume", "--set", "seed=0"]) == 0
+    assert len(loads) == 1
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+# The file a training run keeps its latest state in, inside its output folder.
+CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "fewshot-msn"
 VERSION = 1
 KEYS = (

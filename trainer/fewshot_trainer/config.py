@@ -50,6 +50,10 @@ class DataConfig(_Section):
 
 class MaskingConfig(_Section):
     ratio: float = Field(0.15, ge=0.0, lt=1.0, description="fraction of anchor patches dropped")
+    # The reference drops patches of the random anchor only (its first resolution group); a focal
+    # view is itself the "mask", a small independent crop (msn.md section 1). True also drops
+    # `ratio` of every focal view's patches (one subset per batch), as lightly's examples do.
+    focal: bool = Field(False, description="also mask the focal views at the same ratio")
 
 
 class CriterionConfig(_Section):
@@ -121,14 +125,49 @@ class TrainConfig(_Section):
         }
 
 
-def _deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_update(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_update(merged[key], value)
+            merged[key] = deep_update(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["masking.ratio=0.6", "data.focal_scale=[0.05, 0.3]"]`` -> a nested override dict.
+
+    Values are read as YAML (numbers, booleans, lists); keys must name a setting of
+    :class:`TrainConfig` (the types are checked when the config is validated).
+    """
+    nested: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {assignment!r}: expected section.key=value")
+        *parents, leaf = key.strip().split(".")
+        _check_setting_name([*parents, leaf])
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def _check_setting_name(keys: list[str]) -> None:
+    """Refuse a dotted key that names no setting, with the names that would be valid."""
+    section: type[BaseModel] = TrainConfig
+    for depth, part in enumerate(keys):
+        fields = section.model_fields
+        if part not in fields:
+            where = f"section {'.'.join(keys[:depth])!r}" if depth else "the config"
+            raise ValueError(f"--set: {where} has no setting {part!r}; it has: {', '.join(fields)}")
+        if depth < len(keys) - 1:
+            annotation = fields[part].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ValueError(f"--set: {'.'.join(keys[: depth + 1])!r} is a value, not a section")
+            section = annotation
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -166,12 +205,12 @@ def load_config(
     if config_file is not None:
         raw = read_yaml(config_file)
         if arch is not None:
-            raw = _deep_update(raw, {"model": {"arch": arch}})
+            raw = deep_update(raw, {"model": {"arch": arch}})
     else:
         arch = arch or DEFAULT_ARCH
         packaged = CONFIG_DIR / f"{arch}.yaml"
         raw = read_yaml(packaged) if packaged.is_file() else arch_defaults(arch)
-    return TrainConfig.model_validate(_deep_update(raw, overrides or {}))
+    return TrainConfig.model_validate(deep_update(raw, overrides or {}))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

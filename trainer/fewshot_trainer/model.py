@@ -71,7 +71,8 @@ class MSNEncoder(nn.Module):
     """Backbone + head over a list of view batches; returns projections of all views, stacked.
 
     Views of one size are encoded together (the reference groups by resolution too); ``keep``
-    masks only the first view batch, the random anchor.
+    masks the first view batch, the random anchor, and ``focal_keep`` (optional, indices into
+    the focal grid) the others: the reference masks the anchor only (``masking.focal``).
     """
 
     def __init__(self, backbone: VisionTransformer, head: ProjectionHead) -> None:
@@ -80,11 +81,14 @@ class MSNEncoder(nn.Module):
         self.head = head
 
     def forward(
-        self, views: list[torch.Tensor], keep: torch.Tensor | None = None
+        self,
+        views: list[torch.Tensor],
+        keep: torch.Tensor | None = None,
+        focal_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cls = [forward_cls(self.backbone, views[0], keep)]
         if len(views) > 1:
-            cls.append(forward_cls(self.backbone, torch.cat(views[1:])))
+            cls.append(forward_cls(self.backbone, torch.cat(views[1:]), focal_keep))
         return self.head(torch.cat(cls))
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, make_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import EpochIndexSampler, UnlabelledImages, sample_seed
 from .ema import ema_update
@@ -40,7 +40,6 @@ from .vit import ArchSpec, build_vit, get_arch
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 
@@ -53,6 +52,9 @@ class TrainOptions:
     output: Path
     max_steps: int | None = None
     resume: bool = False
+    # The checkpoint to resume from, when the caller has already read it (the CLI does, for its
+    # config); else ``output/CHECKPOINT_NAME`` is read.
+    resume_checkpoint: dict[str, Any] | None = None
     init: Path | None = None
     eval_dir: Path | None = None
     progress: bool = True
@@ -174,6 +176,7 @@ class MSNTrainer:
         self.device = dist_utils.init_from_env()
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.spec = get_arch(config.model.arch)
+        self.focal_patches = (config.data.focal_size // self.spec.patch_size) ** 2
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -208,7 +211,8 @@ class MSNTrainer:
         self.prototypes.data = self.prototypes.data.to(self.device)
         self.optimizer = make_optimizer(self.online_module, self.prototypes)
         if options.resume:
-            self._restore(options.output / CHECKPOINT_NAME)
+            path = options.output / CHECKPOINT_NAME
+            self._restore(options.resume_checkpoint or load_checkpoint(path), path)
         # Prototypes stay outside DDP: their gradient is summed over ranks, not averaged.
         self.online: nn.Module = online
         if self.world > 1:
@@ -261,8 +265,7 @@ class MSNTrainer:
         if epoch_copy:
             save_checkpoint(ckpt, self.options.output / f"checkpoint_epoch{epoch:03d}.pt")
 
-    def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         self.online_module.backbone.load_state_dict(ckpt["encoder"])
         self.online_module.head.load_state_dict(ckpt["head"])
         self.target.backbone.load_state_dict(ckpt["target_encoder"])
@@ -306,14 +309,20 @@ class MSNTrainer:
         # One mask per batch, drawn from (seed, rank, step): reproducible on resume.
         mask_rng = torch.Generator().manual_seed(sample_seed(cfg.seed, self.rank, self.step))
         keep = random_keep_indices(self.spec.num_patches, cfg.masking.ratio, mask_rng)
+        # Drawn after `keep`, and only when on, so runs without focal masking are unchanged.
+        focal_keep = (
+            random_keep_indices(self.focal_patches, cfg.masking.ratio, mask_rng)
+            if cfg.masking.focal and cfg.data.focal_views else None
+        )
 
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=cfg.optimization.bf16)
-        # 1. target (EMA, unmasked, no grad) and anchors (masked random view + focal views)
+        # 1. target (EMA, unmasked, no grad) and anchors (masked random view + focal views,
+        #    masked too with masking.focal)
         with autocast:
             with torch.no_grad():
                 target_z = self.target([views[0]])
-            anchor_z = self.online(views[1:], keep)
+            anchor_z = self.online(views[1:], keep, focal_keep)
         # 2. loss
         crit = cfg.criterion
         parts = msn_loss(

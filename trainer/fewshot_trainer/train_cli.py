@@ -1,8 +1,9 @@
 """``fewshot train``: MSN-pretrain a ViT on a folder of unlabelled images.
 
 Settings: ``--config FILE.yaml`` (else the packaged config of ``--arch``, default
-``vit_tiny_p8_64``), then the flags below on top. The resolved config is saved as
-``<output>/config.yaml``; ``torchrun --nproc_per_node N fewshot train ...`` trains with DDP.
+``vit_tiny_p8_64``), then the flags below on top, then ``--set section.key=value`` (any setting).
+The resolved config is saved as ``<output>/config.yaml``; ``torchrun --nproc_per_node N fewshot
+train ...`` trains with DDP.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import TrainConfig, load_config
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .config import TrainConfig, deep_update, load_config, parse_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many steps in all (schedules still span --epochs)")
     parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
     parser.add_argument("--resume", action="store_true",
-                        help="continue exactly from <output>/checkpoint.pt")
+                        help=f"continue exactly from <output>/{CHECKPOINT_NAME}")
     parser.add_argument("--eval-dir", type=Path, help="folder-per-class set for a per-epoch probe")
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     parser.add_argument("--seed", type=int, help="seed")
@@ -36,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", default=None,
                         help="bf16 autocast (optimization.bf16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override any config setting, e.g. --set masking.ratio=0.6 --set "
+        "'data.focal_scale=[0.05, 0.3]' (value read as YAML; applied after the flags above)",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,21 +62,19 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
-    return nested
+    return deep_update(nested, parse_overrides(args.settings))
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
+def resolve_config(
+    args: argparse.Namespace, resumed: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The run's config; ``resumed`` is the checkpoint of a ``--resume`` run."""
     overrides = overrides_from_args(args)
-    checkpoint = args.output / "checkpoint.pt"
-    if args.resume:
+    if resumed is not None:
         # A resumed run keeps the settings it started with; only flags given now change them.
-        from .checkpoint import load_checkpoint
-        from .config import _deep_update
-
-        saved = load_checkpoint(checkpoint)["config"]
         if args.arch is not None:
-            overrides = _deep_update(overrides, {"model": {"arch": args.arch}})
-        return TrainConfig.model_validate(_deep_update(saved, overrides))
+            overrides = deep_update(overrides, {"model": {"arch": args.arch}})
+        return TrainConfig.model_validate(deep_update(resumed["config"], overrides))
     return load_config(args.config, args.arch, overrides)
 
 
@@ -77,17 +82,20 @@ def run(args: argparse.Namespace) -> int:
     from .train import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.resume and not (args.output / "checkpoint.pt").is_file():
-        print(f"fewshot train: --resume but no {args.output / 'checkpoint.pt'}", file=sys.stderr)
+    checkpoint_path = args.output / CHECKPOINT_NAME
+    if args.resume and not checkpoint_path.is_file():
+        print(f"fewshot train: --resume but no {checkpoint_path}", file=sys.stderr)
         return 2
     try:
-        config = resolve_config(args)
+        # Read once: the config comes from it here, the weights and state in the trainer.
+        resumed = load_checkpoint(checkpoint_path) if args.resume else None
+        config = resolve_config(args, resumed)
     except (ValidationError, ValueError, FileNotFoundError) as exc:
         print(f"fewshot train: bad configuration: {exc}", file=sys.stderr)
         return 2
     options = TrainOptions(
         data=args.data, output=args.output, max_steps=args.max_steps, resume=args.resume,
-        init=args.init, eval_dir=args.eval_dir, progress=not args.no_progress,
+        resume_checkpoint=resumed, init=args.init, eval_dir=args.eval_dir, progress=not args.no_progress,
     )
     try:
         result = train(config, options)
@@ -96,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(
         f"trained to step {result.step} (epoch {result.epoch}); "
-        f"{result.skipped_files} unreadable files skipped; checkpoint {args.output / 'checkpoint.pt'}"
+        f"{result.skipped_files} unreadable files skipped; checkpoint {checkpoint_path}"
     )
     return 0
