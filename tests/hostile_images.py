@@ -14,12 +14,13 @@ def progressive_jpeg(size: tuple[int, int] = (256, 256), seed: int = 0) -> bytes
 
 
 def scan_repeating_jpeg(repeats: int, size: tuple[int, int] = (256, 256)) -> bytes:
-    """A progressive JPEG whose last scan (SOS header + data) is repeated ``repeats`` times.
+    """A flat progressive JPEG whose last scan (SOS header + data) is repeated ``repeats`` times.
 
-    Still a valid file of the same dimensions; libjpeg decodes every repeated scan over the
-    whole image, so decode time grows with ``repeats`` while the pixel count stays put.
+    Still a valid file of the same dimensions, and small (a flat image's scans are a few dozen
+    bytes); libjpeg decodes every repeated scan over the whole image, so decode time grows with
+    ``repeats`` while the pixel count stays put.
     """
-    data = progressive_jpeg(size)
+    data = encode(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True)
     last_scan = data.rindex(b"\xff\xda")
     eoi = data.rindex(b"\xff\xd9")
     return data[:last_scan] + data[last_scan:eoi] * (1 + repeats) + data[eoi:]
