@@ -166,3 +166,77 @@ def test_load_batch_count_limits() -> None:
         load_batch([image] * 3, PRE, ImageLimits(max_images=2))
     with pytest.raises(InvalidInput, match="no images"):
         load_batch([], PRE, ImageLimits())
+
+
+# -- the decode budget (issue 14) ---------------------------------------------------------------
+
+import time  # noqa: E402
+
+import hostile_images as hostile  # noqa: E402
+from fewshot_common.cancellation import Cancellation  # noqa: E402
+from fewshot_common.errors import Cancelled  # noqa: E402
+from fewshot_common.jpeg_scans import count_jpeg_scans  # noqa: E402
+
+
+def test_scan_count_is_read_from_the_markers() -> None:
+    assert count_jpeg_scans(samples.encode(Image.new("RGB", (64, 64)), "JPEG")) == 1
+    assert count_jpeg_scans(hostile.progressive_jpeg()) == 10  # libjpeg's progressive script
+    assert count_jpeg_scans(hostile.scan_repeating_jpeg(500)) == 510  # 9 + 501 copies
+    assert count_jpeg_scans(hostile.scan_repeating_jpeg(500), stop_after=64) == 65
+
+
+def test_a_jpeg_repeating_its_last_scan_is_refused_before_decoding() -> None:
+    hostile_jpeg = hostile.scan_repeating_jpeg(3000)
+    started = time.process_time()
+    with pytest.raises(TooLarge, match="image 4: a JPEG with more than 64 scans costs too much"):
+        decode_image(hostile_jpeg, 4, ImageLimits())
+    assert time.process_time() - started < 0.5
+    # A normal progressive JPEG, and one just under the setting, still decode.
+    assert decode_image(hostile.progressive_jpeg(), 0, ImageLimits()).size == (256, 256)
+    assert decode_image(hostile.scan_repeating_jpeg(54), 0, ImageLimits()).size == (256, 256)  # 64
+    with pytest.raises(TooLarge, match="more than 20 scans"):
+        decode_image(hostile.scan_repeating_jpeg(11), 0, ImageLimits(max_jpeg_scans=20))
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("I", round(40000 / 257)), ("I;16", round(40000 / 257)), ("F", 255)]
+)
+def test_wide_modes_keep_their_scaling(mode: str, expected: int) -> None:
+    img = decode_image(hostile.wide_tiff(mode, (50, 30)), 0, ImageLimits())
+    assert img.mode == "RGB" and centre_pixel(img) == (expected,) * 3
+
+
+def test_wide_mode_rounding_matches_division_by_257() -> None:
+    values = np.array([[0, 128, 129, 385, 386, 65535, 70000, -5]], dtype=np.int32)
+    img = decode_image(samples.encode(Image.fromarray(values, mode="I"), "TIFF"), 0, ImageLimits())
+    expected = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)[0]
+    assert [img.getpixel((x, 0))[0] for x in range(values.shape[1])] == list(expected)
+
+
+def test_decoded_memory_is_checked_before_decoding() -> None:
+    # 2000 x 2000 in 32-bit mode I is 16 MB decoded, from a file of a few KB.
+    data = hostile.wide_tiff("I", (2000, 2000))
+    with pytest.raises(TooLarge, match=r"image 1: decoding 2000x2000 in mode I needs 16000000 bytes"):
+        decode_image(data, 1, ImageLimits(max_decoded_bytes=10_000_000))
+    # The same pixels as 16-bit need half: they fit.
+    sixteen = hostile.sixteen_bit_png((2000, 2000))
+    assert decode_image(sixteen, 0, ImageLimits(max_decoded_bytes=10_000_000)).size == (2000, 2000)
+
+
+def test_a_request_over_its_pixel_budget_is_refused_before_any_decode() -> None:
+    big = hostile.sixteen_bit_png((1000, 1000))
+    with pytest.raises(TooLarge, match="decode to 3000000 pixels in all, over the limit of 2500000"):
+        load_batch([big, big, big], PRE, ImageLimits(max_request_pixels=2_500_000))
+    assert load_batch([big, big], PRE, ImageLimits(max_request_pixels=2_500_000)).shape[0] == 2
+    # JPEGs count the pixels they decode to after DCT scaling (1/8 here), not their header's.
+    photo = samples.encode(Image.new("RGB", (1600, 1600), (9, 90, 200)), "JPEG")
+    assert load_batch([photo] * 3, PRE, ImageLimits(max_request_pixels=2_500_000)).shape[0] == 3
+
+
+def test_a_cancelled_request_stops_before_the_next_decode() -> None:
+    cancellation = Cancellation()
+    cancellation.cancel()
+    with pytest.raises(Cancelled, match="before decoding image 0"):
+        load_batch([samples.solid_png((1, 2, 3))], PRE, ImageLimits(), cancellation)
+    expired = Cancellation.after(-1.0)  # a deadline already passed
+    assert expired.is_cancelled() and not Cancellation.after(60).is_cancelled()

@@ -274,3 +274,91 @@ def test_cache_is_not_fooled_when_redis_loses_its_data(redis_url: str) -> None:
     writer.add_examples("default", "dog", rand(2, 19), MODEL)
     assert writer.generation("default") == 1  # the same generation number as the cached state
     assert reader.prototypes("default").labels == ["dog"]
+
+
+# -- bounded classes and O(added) adds (issue 14) ------------------------------------------------
+
+
+def sums_key(registry: Registry, namespace: str = "default") -> str:
+    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:sums"
+
+
+def examples_key(registry: Registry, label: str, namespace: str = "default") -> str:
+    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:ex:{label.encode().hex()}"
+
+
+def prototype_of(registry: Registry, label: str) -> np.ndarray:
+    protos = registry.prototypes("default", MODEL)
+    return protos.matrix[protos.labels.index(label)]
+
+
+def test_an_add_over_the_class_cap_is_refused_and_adds_nothing(redis_client: redis.Redis) -> None:
+    registry = Registry(redis_client, max_examples_per_class=5)
+    registry.add_examples("default", "cat", rand(3, 1), MODEL)
+    generation = registry.generation("default")
+    with pytest.raises(
+        FailedPrecondition,
+        match=r"class 'cat' in namespace 'default' holds 3 examples; adding 3 would exceed the "
+        r"limit of 5 examples per class",
+    ):
+        registry.add_examples("default", "cat", rand(3, 2), MODEL)
+    assert registry.get_class("default", "cat").count == 3
+    assert registry.generation("default") == generation
+    np.testing.assert_allclose(prototype_of(registry, "cat"), unit_mean(rand(3, 1)), atol=1e-6)
+    # Up to the cap is fine; a new class over it alone is refused and leaves no trace.
+    assert registry.add_examples("default", "cat", rand(2, 3), MODEL).count == 5
+    with pytest.raises(FailedPrecondition, match="holds 0 examples; adding 6 would exceed"):
+        registry.add_examples("default", "dog", rand(6, 4), MODEL)
+    assert [c.label for c in registry.list_classes("default")] == ["cat"]
+
+
+def test_adds_use_the_running_sum_instead_of_rereading_the_class(
+    registry: Registry, redis_client: redis.Redis
+) -> None:
+    first, second = rand(4, 5), rand(2, 6)
+    registry.add_examples("default", "cat", first, MODEL)
+    # Overwrite a stored example behind the scripts' back (same count): an add that re-read
+    # every example would pick it up; one that keeps a running sum does not.
+    ids = registry.get_class("default", "cat").example_ids
+    redis_client.hset(examples_key(registry, "cat"), ids[0], rand(1, 99)[0].astype("<f4").tobytes())
+    registry.add_examples("default", "cat", second, MODEL)
+    expected = unit_mean(np.concatenate([first, second]))
+    np.testing.assert_allclose(prototype_of(registry, "cat"), expected, atol=1e-6)
+
+
+def test_deletes_update_the_sum_exactly(registry: Registry) -> None:
+    vectors = rand(10, 7)
+    info = registry.add_examples("default", "cat", vectors, MODEL)
+    for example_id in info.added_example_ids[:7]:
+        registry.delete_example("default", "cat", example_id)
+    np.testing.assert_allclose(prototype_of(registry, "cat"), unit_mean(vectors[7:]), atol=1e-6)
+    registry.add_examples("default", "cat", vectors[:2], MODEL)
+    expected = unit_mean(np.concatenate([vectors[7:], vectors[:2]]))
+    np.testing.assert_allclose(prototype_of(registry, "cat"), expected, atol=1e-6)
+
+
+def test_classes_written_before_sums_existed_still_work(
+    registry: Registry, redis_client: redis.Redis
+) -> None:
+    old, new = rand(5, 8), rand(3, 9)
+    info = registry.add_examples("default", "cat", old, MODEL)
+    registry.add_examples("default", "dog", rand(2, 10), MODEL)
+    redis_client.delete(sums_key(registry))  # as the old scripts left it: no sums at all
+    registry.add_examples("default", "cat", new, MODEL)
+    np.testing.assert_allclose(
+        prototype_of(registry, "cat"), unit_mean(np.concatenate([old, new])), atol=1e-6
+    )
+    redis_client.delete(sums_key(registry))
+    registry.delete_example("default", "cat", info.added_example_ids[0])
+    np.testing.assert_allclose(
+        prototype_of(registry, "cat"), unit_mean(np.concatenate([old[1:], new])), atol=1e-6
+    )
+    # A sum that covers another count (an old replica added examples meanwhile) is recomputed.
+    redis_client.hset(sums_key(registry), "cat".encode().hex() + ":n", 1)
+    registry.add_examples("default", "cat", new[:1], MODEL)
+    np.testing.assert_allclose(
+        prototype_of(registry, "cat"), unit_mean(np.concatenate([old[1:], new, new[:1]])), atol=1e-6
+    )
+    registry.delete_class("default", "cat")
+    registry.delete_class("default", "dog")
+    assert redis_client.hlen(sums_key(registry)) == 0

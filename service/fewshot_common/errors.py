@@ -7,6 +7,8 @@
 | NotFound            | NOT_FOUND           | 404  |
 | FailedPrecondition  | FAILED_PRECONDITION | 409  |
 | Unavailable         | UNAVAILABLE         | 503  |
+| Overloaded          | RESOURCE_EXHAUSTED  | 429  |
+| Cancelled           | CANCELLED           | 499  |
 """
 
 from __future__ import annotations
@@ -43,3 +45,11 @@ class FailedPrecondition(FewshotError):
 
 class Unavailable(FewshotError):
     """A dependency (Redis) cannot be reached; retrying later may succeed."""
+
+
+class Overloaded(FewshotError):
+    """The server is busy (its decode queue is full): the same request may succeed later."""
+
+
+class Cancelled(FewshotError):
+    """The caller went away or its deadline passed, so the work for it was stopped."""

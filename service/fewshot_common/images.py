@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from .cancellation import CancellationCheck, raise_if_cancelled
 from .errors import ImageError, InvalidInput, TooLarge
+from .jpeg_scans import count_jpeg_scans
 from .modelmeta import Preprocess
 
 MiB = 1024 * 1024
@@ -38,16 +40,40 @@ _RESAMPLE = {
 }
 
 
+# Rows converted at a time from 16/32-bit and float modes, so the temporaries stay small.
+_CONVERT_ROWS_PIXELS = 1 << 20
+
+# Bytes per pixel of Pillow's in-memory modes (8-bit multi-band modes are stored 4 bytes a pixel).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    """Per-request limits. A request over any of them is refused with :class:`errors.TooLarge`."""
+    """Per-request limits. A request over any of them is refused with :class:`errors.TooLarge`.
+
+    Together they are the decode budget: ``max_jpeg_scans`` bounds a progressive JPEG's CPU
+    time (each scan re-walks the whole image), ``max_decoded_bytes`` one image's decoded
+    memory, and ``max_request_pixels`` the decoding work of one request summed over its images.
+    """
 
     max_image_bytes: int = 20 * MiB
     max_pixels: int = 40_000_000
     max_images: int = 64
+    # libjpeg writes 10 scans for a progressive JPEG; mozjpeg and Photoshop stay well under 64.
+    max_jpeg_scans: int = 64
+    max_decoded_bytes: int = 256 * MiB
+    max_request_pixels: int = 200_000_000
 
     def __post_init__(self) -> None:
-        if min(self.max_image_bytes, self.max_pixels, self.max_images) <= 0:
+        values = (
+            self.max_image_bytes,
+            self.max_pixels,
+            self.max_images,
+            self.max_jpeg_scans,
+            self.max_decoded_bytes,
+            self.max_request_pixels,
+        )
+        if min(values) <= 0:
             raise ValueError(f"image limits must be positive, got {self}")
 
 
@@ -67,7 +93,46 @@ def decode_image(
     With ``min_short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling) as long as its shorter side stays at least that long: a 12 MP photo then decodes
     about 5x faster, and the model, which sees a few dozen pixels, cannot tell.
+
+    The rest of the decode budget is checked before decoding too: a JPEG's scan count (walked
+    from its markers) and the decoded image's memory (size x bytes per pixel of its mode).
     """
+    return open_image(data, index, limits, min_short_side=min_short_side).decode()
+
+
+@dataclass
+class OpenedImage:
+    """A header-checked image whose pixels are not decoded yet (see :func:`open_image`)."""
+
+    image: Image.Image
+    index: int
+
+    @property
+    def decoded_pixels(self) -> int:
+        """Pixels the decode will produce (after any JPEG DCT scaling)."""
+        return self.image.width * self.image.height
+
+    def decode(self) -> Image.Image:
+        """Decode the pixels (first frame only for animations) into an RGB image."""
+        index = self.index
+        try:
+            self.image.load()  # first frame only for animations; raises on truncated data
+            img = ImageOps.exif_transpose(self.image)
+            return _to_rgb(img)
+        except Image.DecompressionBombError as exc:
+            raise TooLarge(f"image {index}: too many pixels ({exc})") from None
+        except Exception as exc:
+            raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+
+
+def open_image(
+    data: bytes,
+    index: int,
+    limits: ImageLimits = ImageLimits(),
+    *,
+    min_short_side: int | None = None,
+) -> OpenedImage:
+    """Parse the header and check every limit that can be checked before decoding pixels."""
     if not data:
         raise ImageError(index, "empty image data")
     if len(data) > limits.max_image_bytes:
@@ -92,18 +157,27 @@ def decode_image(
         )
     if width == 0 or height == 0:
         raise ImageError(index, f"image has no pixels ({width}x{height})")
+    if img.format == "JPEG":
+        scans = count_jpeg_scans(data, stop_after=limits.max_jpeg_scans)
+        if scans > limits.max_jpeg_scans:
+            raise TooLarge(
+                f"image {index}: a JPEG with more than {limits.max_jpeg_scans} scans costs too "
+                "much to decode (encoders write at most a dozen); re-encode it"
+            )
     try:
         if min_short_side is not None and img.format == "JPEG":
             scale = min_short_side / min(width, height)
             if scale < 1:
                 img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-        img.load()  # first frame only for animations; raises on truncated data
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise TooLarge(f"image {index}: too many pixels ({exc})") from None
     except Exception as exc:
         raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+    decoded_bytes = img.width * img.height * _MODE_BYTES.get(img.mode, 4)
+    if decoded_bytes > limits.max_decoded_bytes:
+        raise TooLarge(
+            f"image {index}: decoding {img.width}x{img.height} in mode {img.mode} needs "
+            f"{decoded_bytes} bytes, over the limit of {limits.max_decoded_bytes} bytes"
+        )
+    return OpenedImage(img, index)
 
 
 def _reason(exc: Exception) -> str:
@@ -113,12 +187,8 @@ def _reason(exc: Exception) -> str:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (see :func:`decode_image` for the policy)."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        # Pillow's own I -> L conversion clips at 255, which turns 16-bit photos white.
-        wide = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    if img.mode.startswith("I;16") or img.mode == "I" or img.mode == "F":
+        img = Image.fromarray(_wide_to_8bit(img), mode="L")
     if img.mode == "P":
         # Palette images may carry transparency in their palette; expand it to RGBA first.
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -127,6 +197,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _wide_to_8bit(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer modes scale by 1/257 (rounded); float mode clips and truncates.
+
+    Pillow's own I -> L conversion clips at 255, which turns 16-bit photos white. Converted a
+    band of rows at a time in the source dtype (round(x / 257) == (x + 128) // 257 for x >= 0),
+    so the temporaries stay a few MB where whole-image float64 copies took GBs.
+    """
+    wide = np.asarray(img)  # one copy in the source dtype (2 or 4 bytes a pixel)
+    out = np.empty(wide.shape, dtype=np.uint8)
+    rows = max(1, _CONVERT_ROWS_PIXELS // max(1, img.width))
+    for top in range(0, wide.shape[0], rows):
+        band = wide[top : top + rows]
+        if img.mode == "F":
+            out[top : top + rows] = np.clip(band, 0, 255)
+        else:
+            scaled = np.clip(band, 0, 65535).astype(np.int32)
+            scaled += 128
+            scaled //= 257
+            out[top : top + rows] = scaled
+    return out
 
 
 def preprocess(img: Image.Image, pre: Preprocess) -> np.ndarray:
@@ -161,11 +253,16 @@ def preprocess(img: Image.Image, pre: Preprocess) -> np.ndarray:
 
 
 def load_batch(
-    images: Sequence[bytes], pre: Preprocess, limits: ImageLimits = ImageLimits()
+    images: Sequence[bytes],
+    pre: Preprocess,
+    limits: ImageLimits = ImageLimits(),
+    cancellation: CancellationCheck | None = None,
 ) -> np.ndarray:
     """Decode and preprocess a request's images into one ``[N, 3, S, S]`` float32 array.
 
-    Fails on the first bad image, naming its 0-based index in the request.
+    Fails on the first bad image, naming its 0-based index in the request. Every header is
+    checked before any pixel is decoded, so a request over its pixel budget costs nothing; a
+    ``cancellation`` is checked before each decode.
     """
     if len(images) == 0:
         raise InvalidInput("the request has no images")
@@ -173,8 +270,18 @@ def load_batch(
         raise TooLarge(
             f"{len(images)} images in one request exceeds the limit of {limits.max_images}"
         )
+    opened = [
+        open_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size)
+        for index, data in enumerate(images)
+    ]
+    total = sum(image.decoded_pixels for image in opened)
+    if total > limits.max_request_pixels:
+        raise TooLarge(
+            f"the request's images decode to {total} pixels in all, over the limit of "
+            f"{limits.max_request_pixels} per request: send fewer or smaller images per request"
+        )
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
-    for index, data in enumerate(images):
-        img = decode_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size)
-        batch[index] = preprocess(img, pre)
+    for image in opened:
+        raise_if_cancelled(cancellation, f"decoding image {image.index}")
+        batch[image.index] = preprocess(image.decode(), pre)
     return batch

@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from .batcher import BatchConfig
 from .core import FewShotCore
+from .decode_pool import DecodePool
 from fewshot_common.embedder import Embedder
 from fewshot_common.images import ImageLimits
 from .grpc_server import create_grpc_server
@@ -55,6 +56,9 @@ def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
         max_image_bytes=settings.max_image_bytes,
         max_pixels=settings.max_pixels,
         max_images=settings.max_images,
+        max_jpeg_scans=settings.max_jpeg_scans,
+        max_decoded_bytes=settings.max_decoded_bytes,
+        max_request_pixels=settings.max_request_pixels,
     )
     embedder = Embedder(
         settings.model_path(),
@@ -63,14 +67,19 @@ def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
         intra_op_threads=settings.intra_op_threads,
         max_batch_size=settings.max_batch_size,
     )
-    registry = Registry(client, key_prefix=settings.redis_key_prefix)
+    registry = Registry(
+        client,
+        key_prefix=settings.redis_key_prefix,
+        max_examples_per_class=settings.max_examples_per_class,
+    )
     batching = BatchConfig(
         max_batch_size=settings.max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
         enabled=settings.batching,
         workers=settings.batch_workers,
     )
-    return FewShotCore(embedder, registry, batching=batching)
+    decode_pool = DecodePool(settings.decode_workers, max_queued=settings.decode_queue)
+    return FewShotCore(embedder, registry, batching=batching, decode_pool=decode_pool)
 
 
 def _bind(host: str, port: int) -> socket.socket:

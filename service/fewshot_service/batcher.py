@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from . import inference_metrics as metrics
-from fewshot_common.errors import Unavailable
+from fewshot_common.cancellation import CancellationCheck, raise_if_cancelled
+from fewshot_common.errors import Cancelled, Unavailable
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,18 @@ class BatchConfig:
 @dataclass
 class _Request:
     pixels: np.ndarray
+    cancellation: CancellationCheck | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[np.ndarray] = field(default_factory=Future)
+
+    def dropped_if_cancelled(self) -> bool:
+        """Fail a cancelled request's future (its caller is gone) and say whether it was."""
+        if self.cancellation is None or not self.cancellation.is_cancelled():
+            return False
+        self.future.set_exception(
+            Cancelled("the request was cancelled (deadline passed or client gone) before inference")
+        )
+        return True
 
 
 class DynamicBatcher:
@@ -74,11 +85,18 @@ class DynamicBatcher:
                 worker.start()
                 self._workers.append(worker)
 
-    def submit(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed ``pixels`` (blocking); the result rows are this call's, in its order."""
+    def submit(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> np.ndarray:
+        """Embed ``pixels`` (blocking); the result rows are this call's, in its order.
+
+        A request whose ``cancellation`` is set before its batch leaves the queue is dropped
+        from it and raises :class:`Cancelled`; one already in a running batch completes.
+        """
+        raise_if_cancelled(cancellation, "inference")
         if not self.config.enabled:
             return self._timed_run(pixels)
-        request = _Request(pixels)
+        request = _Request(pixels, cancellation)
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -99,6 +117,8 @@ class DynamicBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:  # every request in it was cancelled
+                continue
             started = time.monotonic()
             for request in batch:
                 metrics.QUEUE_SECONDS.observe(started - request.enqueued)
@@ -115,18 +135,29 @@ class DynamicBatcher:
                 offset += len(request.pixels)
 
     def _next_batch(self) -> list[_Request] | None:
-        """Block for the oldest request, then gather more until full or its delay is spent."""
+        """Block for the oldest request, then gather more until full or its delay is spent.
+
+        Cancelled requests are dropped as they are reached, and once more as the batch leaves,
+        so no model run is spent on a caller that has gone.
+        """
         limit, delay = self.config.max_batch_size, self.config.max_queue_delay_ms / 1000.0
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            batch = [self._queue.popleft()]
-            size = len(batch[0].pixels)
-            deadline = batch[0].enqueued + delay
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                first = self._queue.popleft()
+                if not first.dropped_if_cancelled():
+                    break
+            batch = [first]
+            size = len(first.pixels)
+            deadline = first.enqueued + delay
             while size < limit:
                 if self._queue:
+                    if self._queue[0].dropped_if_cancelled():
+                        self._queue.popleft()
+                        continue
                     if size + len(self._queue[0].pixels) > limit:
                         break  # never split a request: it keeps its place for the next batch
                     batch.append(self._queue.popleft())
@@ -136,7 +167,7 @@ class DynamicBatcher:
                 if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
-            return batch
+        return [request for request in batch if not request.dropped_if_cancelled()]
 
     def _timed_run(self, pixels: np.ndarray) -> np.ndarray:
         started = time.perf_counter()

@@ -15,8 +15,11 @@ import numpy as np
 from . import inference_metrics as metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
+from .decode_pool import DecodePool
+from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import InvalidInput
+from fewshot_common.images import load_batch
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .registry import ClassInfo, ClassSummary, PrototypeSet, Registry
@@ -52,10 +55,16 @@ class FewShotCore:
     so Embed, Classify and example uploads from every transport share model runs."""
 
     def __init__(
-        self, embedder: Embedder, registry: "Registry", *, batching: BatchConfig | None = None
+        self,
+        embedder: Embedder,
+        registry: "Registry",
+        *,
+        batching: BatchConfig | None = None,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         self.embedder = embedder
         self.registry = registry
+        self.decode_pool = decode_pool or DecodePool()
         self._batcher = DynamicBatcher(
             embedder.embed_array,
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
@@ -74,26 +83,43 @@ class FewShotCore:
 
     def close(self) -> None:
         self._batcher.close()
+        self.decode_pool.close()
 
     # -- inference ---------------------------------------------------------------------------
 
-    def embed(self, images: Sequence[bytes], *, operation: str = "embed") -> np.ndarray:
-        """Encoded image files -> ``[N, D]`` L2-normalised float32 embeddings."""
+    def embed(
+        self,
+        images: Sequence[bytes],
+        *,
+        operation: str = "embed",
+        cancellation: CancellationCheck | None = None,
+    ) -> np.ndarray:
+        """Encoded image files -> ``[N, D]`` L2-normalised float32 embeddings.
+
+        Decoding runs in the bounded decode pool (Overloaded when its queue is full); a set
+        ``cancellation`` stops the work at the next image or before the batcher runs it.
+        """
         started = time.perf_counter()
-        pixels = self.embedder.load_images(images)
+        pre, limits = self.embedder.meta.preprocess, self.embedder.limits
+        pixels = self.decode_pool.run(lambda: load_batch(images, pre, limits, cancellation), cancellation)
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
         metrics.IMAGES_TOTAL.labels(operation).inc(len(pixels))
-        return self._batcher.submit(pixels)
+        return self._batcher.submit(pixels, cancellation)
 
     def classify(
-        self, images: Sequence[bytes], namespace: str | None = None, top_k: int | None = 0
+        self,
+        images: Sequence[bytes],
+        namespace: str | None = None,
+        top_k: int | None = 0,
+        cancellation: CancellationCheck | None = None,
     ) -> list[list[Prediction]]:
         """Per image, the ``top_k`` classes of ``namespace`` by cosine similarity, best first."""
         namespace = resolve_namespace(namespace)
         top_k = resolve_top_k(top_k)
         # The prototypes first: a namespace we cannot answer for should not cost an inference.
         matrix = self._prototype_matrix(namespace)
-        return matrix.top_k(self.embed(images, operation="classify"), top_k)
+        embeddings = self.embed(images, operation="classify", cancellation=cancellation)
+        return matrix.top_k(embeddings, top_k)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
         # The registry refuses (FailedPrecondition) an empty namespace or one whose examples
@@ -113,11 +139,18 @@ class FewShotCore:
     # -- registry ----------------------------------------------------------------------------
 
     def add_examples(
-        self, namespace: str | None, label: str, images: Sequence[bytes]
+        self,
+        namespace: str | None,
+        label: str,
+        images: Sequence[bytes],
+        cancellation: CancellationCheck | None = None,
     ) -> "ClassInfo":
-        """Embed every image first, so one bad file adds nothing; then add them atomically."""
+        """Embed every image first, so one bad file adds nothing; then add them atomically.
+
+        A request cancelled before its inference starts adds nothing.
+        """
         namespace = resolve_namespace(namespace)
-        embeddings = self.embed(images, operation="add_examples")
+        embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
         return self.registry.add_examples(namespace, label, embeddings, self.model_id)
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":

@@ -34,6 +34,8 @@ _STATUS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 Request = TypeVar("Request")

@@ -6,6 +6,8 @@ Key layout (one hash tag per namespace, so every script of a namespace runs on o
     {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), epoch, next_example_id
     {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
     {prefix}:{ns:<hex>}:prototypes   hash   <label hex> -> float32 LE prototype
+    {prefix}:{ns:<hex>}:sums         hash   <label hex> -> float64 LE sum of unit embeddings,
+                                            <label hex>:n -> the example count it covers
     {prefix}:{ns:<hex>}:ex:<label hex>  hash  <example id> -> float32 LE embedding
 
 Namespaces and labels appear in key names only as the hex of their UTF-8, so no label can reach
@@ -32,6 +34,7 @@ from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Un
 MAX_NAME_CHARS = 128
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
 MAX_EMBEDDING_DIM = 4096
+DEFAULT_MAX_EXAMPLES_PER_CLASS = 1000
 _FLOAT32_LE = np.dtype("<f4")
 
 
@@ -90,7 +93,7 @@ def _load_script(name: str) -> str:
 
 
 # The codes the registry scripts answer with (redis.error_reply); see registry_scripts/*.lua.
-_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE"}
+_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES"}
 
 
 @contextmanager
@@ -117,6 +120,7 @@ class _NamespaceKeys:
         self.state = f"{base}:state"
         self.counts = f"{base}:counts"
         self.prototypes = f"{base}:prototypes"
+        self.sums = f"{base}:sums"
         self._examples = f"{base}:ex:"
 
     def examples(self, label: str) -> str:
@@ -124,13 +128,24 @@ class _NamespaceKeys:
 
     def for_class(self, label: str) -> list[str]:
         """The KEYS every class script takes, in its order."""
-        return [self.model, self.state, self.counts, self.prototypes, self.examples(label)]
+        return [
+            self.model, self.state, self.counts, self.prototypes, self.examples(label), self.sums
+        ]  # fmt: skip
 
 
 class Registry:
     """Classes and prototypes per namespace; safe to share between threads and replicas."""
 
-    def __init__(self, client: redis.Redis, *, key_prefix: str = "fewshot") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        key_prefix: str = "fewshot",
+        max_examples_per_class: int = DEFAULT_MAX_EXAMPLES_PER_CLASS,
+    ) -> None:
+        if max_examples_per_class <= 0:
+            raise ValueError(f"max_examples_per_class must be positive, got {max_examples_per_class}")
+        self.max_examples_per_class = max_examples_per_class
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must be non-empty and free of '{' and '}' (the hash tag)")
         self._client = client
@@ -154,7 +169,10 @@ class Registry:
     def add_examples(
         self, namespace: str, label: str, embeddings: np.ndarray, model_id: str
     ) -> ClassInfo:
-        """Store ``embeddings`` [n, D] as new examples of ``label``, all or none."""
+        """Store ``embeddings`` [n, D] as new examples of ``label``, all or none.
+
+        Refused (FailedPrecondition) when the class would exceed ``max_examples_per_class``.
+        """
         keys = self._keys(namespace)
         validate_name(label)
         if not model_id:
@@ -165,10 +183,13 @@ class Registry:
             try:
                 reply = self._add(
                     keys=keys.for_class(label),
-                    args=[_encode(label), model_id, vectors.shape[1], uuid.uuid4().hex, *blobs],
-                )
+                    args=[
+                        _encode(label), model_id, vectors.shape[1], uuid.uuid4().hex,
+                        self.max_examples_per_class, *blobs,
+                    ],
+                )  # fmt: skip
             except redis.exceptions.ResponseError as exc:
-                raise self._script_error(exc, namespace, label, model_id) from None
+                raise self._script_error(exc, namespace, label, model_id, adding=len(blobs)) from None
             example_ids = self._example_ids(keys, label)
         _generation, count, *added = reply
         return ClassInfo(
@@ -314,8 +335,16 @@ class Registry:
         label: str,
         model_id: str | None = None,
         example_id: str | None = None,
+        adding: int = 0,
     ) -> Exception:
         code, _, detail = str(exc).partition(" ")
+        if code == "TOO_MANY_EXAMPLES":
+            held, limit = detail.split()
+            return FailedPrecondition(
+                f"class {label!r} in namespace {namespace!r} holds {held} examples; adding "
+                f"{adding} would exceed the limit of {limit} examples per class: delete some "
+                "examples first (a prototype gains little beyond a few hundred)"
+            )
         if code == "NO_CLASS":
             return NotFound(f"no class {label!r} in namespace {namespace!r}")
         if code == "NO_EXAMPLE":

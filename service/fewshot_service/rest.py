@@ -40,6 +40,8 @@ _HTTP_STATUS: dict[type[errors.FewshotError], tuple[int, str]] = {
     errors.NotFound: (404, "not_found"),
     errors.FailedPrecondition: (409, "failed_precondition"),
     errors.Unavailable: (503, "unavailable"),
+    errors.Overloaded: (429, "overloaded"),
+    errors.Cancelled: (499, "cancelled"),  # the client has gone; nginx's code for it
 }
 
 HTTP_RESPONSES = Counter(

@@ -40,6 +40,27 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=40_000_000, gt=0)
     max_images: int = Field(default=64, gt=0)
     max_request_bytes: int = Field(default=64 * MiB, gt=0)
+    # Decode budget (refused with 413 / RESOURCE_EXHAUSTED before any pixel is decoded).
+    max_jpeg_scans: int = Field(
+        default=64, gt=0, description="scans a progressive JPEG may have (encoders write ~10)"
+    )
+    max_decoded_bytes: int = Field(
+        default=256 * MiB, gt=0, description="decoded memory one image may need (w x h x bytes/pixel)"
+    )
+    max_request_pixels: int = Field(
+        default=200_000_000, gt=0, description="decoded pixels of one request, summed over its images"
+    )
+    # Decode pool: a full queue answers 429 / RESOURCE_EXHAUSTED at once.
+    decode_workers: int | None = Field(
+        default=None, gt=0, description="requests decoding at once (default: one per CPU core)"
+    )
+    decode_queue: int = Field(
+        default=16, ge=0, description="requests that may wait for a decode worker before 429"
+    )
+    # Registry.
+    max_examples_per_class: int = Field(
+        default=1000, gt=0, description="examples a class may hold; an add beyond is refused (409)"
+    )
 
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(

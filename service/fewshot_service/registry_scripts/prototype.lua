@@ -1,41 +1,59 @@
 -- Shared prelude, prepended to each registry script by registry.py.
 -- Embeddings are little-endian float32 blobs; a prototype is the mean of the L2-normalised
--- embeddings of a class, recomputed from every stored example so it never drifts.
+-- embeddings of a class. Each class keeps the running sum of those unit vectors (float64, in
+-- the sums hash, with the example count it covers under '<field>:n'), so an add or a delete
+-- costs O(changed examples x dim), not O(class size): re-reading a class of 100k examples
+-- stalled Redis for everyone. A sum that is missing (data written before sums existed) or
+-- covers another count (written by an older script) is recomputed once from the examples.
 
-local function recompute_prototype(examples_key, dim)
-  local blobs = redis.call('HVALS', examples_key)
-  local n = #blobs
-  if n == 0 then
-    return nil, 0
-  end
-  local fmt = '<' .. string.rep('f', dim)
-  local sum = {}
-  for i = 1, dim do sum[i] = 0.0 end
-  for _, blob in ipairs(blobs) do
-    local v = {struct.unpack(fmt, blob)}
-    local squares = 0.0
-    for i = 1, dim do squares = squares + v[i] * v[i] end
-    local norm = math.sqrt(squares)
-    for i = 1, dim do sum[i] = sum[i] + v[i] / norm end
-  end
-  for i = 1, dim do sum[i] = sum[i] / n end
-  return struct.pack(fmt, unpack(sum)), n
+local function unit_vector(blob, dim)
+  local v = {struct.unpack('<' .. string.rep('f', dim), blob)}
+  local squares = 0.0
+  for i = 1, dim do squares = squares + v[i] * v[i] end
+  local norm = math.sqrt(squares)
+  for i = 1, dim do v[i] = v[i] / norm end
+  return v
 end
 
--- Stores the class's new prototype and count, or forgets the class when no example is left;
--- an empty namespace forgets its model too, so another model may start it afresh.
-local function store_class(model_key, counts_key, protos_key, examples_key, field, dim)
-  local prototype, count = recompute_prototype(examples_key, dim)
+local function recompute_sum(examples_key, dim)
+  local sum = {}
+  for i = 1, dim do sum[i] = 0.0 end
+  for _, blob in ipairs(redis.call('HVALS', examples_key)) do
+    local v = unit_vector(blob, dim)
+    for i = 1, dim do sum[i] = sum[i] + v[i] end
+  end
+  return sum
+end
+
+-- The class's sum of unit vectors while it holds `count` examples.
+local function load_sum(sums_key, examples_key, field, dim, count)
+  local stored = redis.call('HMGET', sums_key, field, field .. ':n')
+  if stored[1] and tonumber(stored[2]) == count then
+    local sum = {struct.unpack('<' .. string.rep('d', dim), stored[1])}
+    sum[dim + 1] = nil  -- struct.unpack also returns the next read position
+    return sum
+  end
+  return recompute_sum(examples_key, dim)
+end
+
+-- Stores the class's count, sum and prototype (sum / count), or forgets the class when no
+-- example is left; an empty namespace forgets its model too, so another model may start it afresh.
+local function store_class(model_key, counts_key, protos_key, examples_key, sums_key, field, sum, count, dim)
   if count == 0 then
     redis.call('HDEL', counts_key, field)
     redis.call('HDEL', protos_key, field)
+    redis.call('HDEL', sums_key, field, field .. ':n')
     redis.call('DEL', examples_key)
     if redis.call('HLEN', counts_key) == 0 then
       redis.call('DEL', model_key)
     end
   else
+    local mean = {}
+    for i = 1, dim do mean[i] = sum[i] / count end
     redis.call('HSET', counts_key, field, count)
-    redis.call('HSET', protos_key, field, prototype)
+    redis.call('HSET', protos_key, field, struct.pack('<' .. string.rep('f', dim), unpack(mean, 1, dim)))
+    redis.call('HSET', sums_key, field, struct.pack('<' .. string.rep('d', dim), unpack(sum, 1, dim)),
+      field .. ':n', count)
   end
   return count
 end
