@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
     "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),
     "eval": ("fewshot_common.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),
+    "report": ("fewshot_trainer.report", "draw a training run's metrics.jsonl as RUN_DIR/report.png"),
     "import-checkpoint": (
         "fewshot_trainer.import_cli",
         "convert official MSN or Hugging Face ViTMSN weights into a fewshot checkpoint",
