@@ -48,8 +48,9 @@ ENV FEWSHOT_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider \
 USER fewshot
 VOLUME /data
 EXPOSE 50051 8000
+# Healthy = ready: model loaded and Redis answering (/readyz is 503 otherwise, which urlopen raises).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
 ENTRYPOINT ["fewshot", "serve"]
 
 # --- cpu: slim Python + onnxruntime (the default target) --------------------------------------------
@@ -68,6 +69,7 @@ ENV FEWSHOT_HOST=0.0.0.0 \
 USER fewshot
 VOLUME /data
 EXPOSE 50051 8000
+# Healthy = ready: model loaded and Redis answering (/readyz is 503 otherwise, which urlopen raises).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
 ENTRYPOINT ["fewshot", "serve"]

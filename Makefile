@@ -5,11 +5,20 @@ TEST_VENV := .venv
 
 .PHONY: serve test install-serve install-test
 
-# Serving install: no torch (the server never imports it).
-install-serve:
+# Serving install: no torch (the server never imports it). A regular (non-editable) install, so it
+# is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
+# file is newer than all of them.
+SERVE_STAMP := $(SERVE_VENV)/.installed
+SERVE_SOURCES := pyproject.toml README.md $(shell find service trainer -type f \
+	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' \) -not -path '*/__pycache__/*')
+
+$(SERVE_STAMP): $(SERVE_SOURCES)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
 	$(SERVE_VENV)/bin/pip install -q .
+	touch $@
+
+install-serve: $(SERVE_STAMP)
 
 serve: install-serve
 	$(SERVE_VENV)/bin/fewshot serve

@@ -105,6 +105,10 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl"]
+    # report.png: drawn once, by rank 0, at the end of `fewshot train`.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "config.yaml", "metrics.jsonl", "report.png"
+    ]
+    assert proc.stdout.count("report ") == 1
     start = read_metrics(out)[0]
     assert start["world_size"] == 2

@@ -12,7 +12,7 @@ import pytest
 from fewshot_common.cli import main as fewshot
 from fewshot_common.embedder import Embedder
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "default.onnx"
 CARD = REPO_ROOT / "models" / "MODEL_CARD.md"
@@ -31,10 +31,10 @@ def test_default_model_loads_with_metadata_and_card_states_its_id() -> None:
 
 
 def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shared_data: Path
 ) -> None:
     """10 unseen classes x 20 images (5 support + 15 query), 100 episodes: 5-way chance is 20%."""
-    dev = SHARED_DATA / "fewshot-dev"
+    dev = shared_data / "fewshot-dev"
     classes = sorted(p for p in dev.iterdir() if p.is_dir())[:10]
     for folder in classes:
         (tmp_path / folder.name).mkdir()

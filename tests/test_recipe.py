@@ -10,15 +10,17 @@ import yaml
 from fewshot_common.cli import main as fewshot
 from fewshot_common.embedder import Embedder
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT
 
 RECIPE = REPO_ROOT / "models" / "default.recipe.yaml"
 
 
-def test_recipe_trains_a_few_steps_on_real_images_and_exports(tmp_path: Path) -> None:
+def test_recipe_trains_a_few_steps_on_real_images_and_exports(
+    tmp_path: Path, shared_data: Path
+) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
-    for path in sorted((SHARED_DATA / "pretrain").iterdir())[:200]:
+    for path in sorted((shared_data / "pretrain").iterdir())[:200]:
         (pool / path.name).symlink_to(path)
     run = tmp_path / "run"
     # Batch 16 keeps the test fast; every other setting is the recipe's own.

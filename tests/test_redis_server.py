@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from fewshot_service.data_dir_lock import DataDirInUse, DataDirLock
 from fewshot_service.redis_server import ManagedRedis, RedisBinaryNotFound, find_server_binary
 
 
@@ -108,6 +109,48 @@ def test_server_dies_with_its_owner_even_when_the_owner_is_killed(tmp_path: Path
         owner.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel can clean up
         owner.wait()
         assert wait_gone(redis_pid), "the managed server outlived its SIGKILLed owner"
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_second_server_on_the_same_folder_is_refused_until_the_first_stops(tmp_path: Path) -> None:
+    with ManagedRedis(tmp_path) as first:
+        redis.Redis.from_url(first.url).set("owner", "first")
+        second = ManagedRedis(tmp_path)
+        with pytest.raises(DataDirInUse, match=f"{tmp_path.resolve()} is in use by process {os.getpid()}"):
+            second.start()
+        assert not second.running
+    with ManagedRedis(tmp_path) as third:  # the lock went with the first server
+        assert redis.Redis.from_url(third.url).get("owner") == b"first"
+
+
+def test_the_lock_outlives_a_killed_owner_until_its_server_has_exited(tmp_path: Path) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from fewshot_service.redis_server import ManagedRedis\n"
+         "server = ManagedRedis(sys.argv[1])\n"
+         "server.start()\n"
+         "print(server.pid, flush=True)\n"
+         "time.sleep(120)\n",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None
+        redis_pid = int(owner.stdout.readline())
+        # The server holds the lock's descriptor too: the lock cannot go before the server does.
+        server_files = {os.readlink(fd) for fd in Path(f"/proc/{redis_pid}/fd").iterdir()}
+        assert str(tmp_path.resolve() / "serve.lock") in server_files
+        with pytest.raises(DataDirInUse, match=f"in use by process {owner.pid}"):
+            DataDirLock(tmp_path).acquire()
+        owner.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel lets go
+        owner.wait()
+        # Waits for the dead owner's server to flush and exit, then takes the folder.
+        with ManagedRedis(tmp_path) as again:
+            assert not process_alive(redis_pid)
+            assert again.running
     finally:
         owner.kill()
         owner.wait()

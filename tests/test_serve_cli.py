@@ -143,3 +143,26 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch: py
     assert str(settings.model) == "m.onnx" and settings.max_images == 64  # default
     monkeypatch.delenv("REDIS_URL")
     assert settings_from_args(parser.parse_args([])).redis_url is None  # none: a managed Redis
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_is_gone(
+    serve_process, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = serve_process(["--model", tiny_model_path, "--data-dir", data]).wait_ready()
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(png)
+    one = [("files", ("x.png", png.read_bytes(), "image/png"))]
+    assert httpx.post(f"{first.http_url}/v1/classes/red/examples", files=one).status_code == 201
+
+    second = run_serve("--model", str(tiny_model_path), "--data-dir", str(data),
+                       "--grpc-port", "0", "--http-port", "0")  # fmt: skip
+    assert second.returncode == 1
+    assert f"{(data / 'redis').resolve()} is in use by process {first.process.pid}" in second.stderr
+
+    first.stop(signal.SIGKILL)  # no clean shutdown: the kernel releases the lock
+    third = serve_process(["--model", tiny_model_path, "--data-dir", data]).wait_ready()
+    # Its Redis flushed on the way out: the new server has the first one's class.
+    assert [c["label"] for c in httpx.get(f"{third.http_url}/v1/classes").json()["classes"]] == ["red"]

@@ -19,8 +19,6 @@ from fewshot_trainer.metrics import CollapseMeter
 from fewshot_trainer.train import TrainOptions, build_networks, train
 from fewshot_trainer.vit import build_vit, get_arch
 
-from conftest import SHARED_DATA
-
 TINY: dict[str, Any] = {
     "model": {"arch": "vit_test_p8_32", "hidden_dim": 64, "output_dim": 32, "num_prototypes": 16},
     "data": {"batch_size": 8, "num_workers": 0, "random_size": 32, "focal_size": 16,
@@ -207,14 +205,13 @@ def test_bf16_autocast_step_agrees_with_fp32(tmp_path: Path) -> None:
     assert losses[True] == pytest.approx(losses[False], rel=0.02)
 
 
-PRETRAIN = SHARED_DATA / "pretrain"
-
-
 @pytest.mark.slow
-def test_short_real_run_on_tiny_imagenet_learns_without_collapse(tmp_path: Path) -> None:
+def test_short_real_run_on_tiny_imagenet_learns_without_collapse(
+    tmp_path: Path, shared_data: Path
+) -> None:
     data = tmp_path / "pool"
     data.mkdir()
-    for path in sorted(PRETRAIN.iterdir())[:256]:
+    for path in sorted((shared_data / "pretrain").iterdir())[:256]:
         (data / path.name).symlink_to(path)
     out = tmp_path / "run"
     config = tiny_config(

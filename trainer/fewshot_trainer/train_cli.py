@@ -106,4 +106,21 @@ def run(args: argparse.Namespace) -> int:
         f"trained to step {result.step} (epoch {result.epoch}); "
         f"{result.skipped_files} unreadable files skipped; checkpoint {checkpoint_path}"
     )
+    _write_report(args.output)
     return 0
+
+
+def _write_report(output: Path) -> None:
+    """The run's curves as a PNG; a missing matplotlib costs the picture, not the trained run."""
+    import os
+
+    from fewshot_common.plotting import PlottingUnavailable
+
+    from .report import write_training_report
+
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, one process draws it
+    try:
+        print(f"report {write_training_report(output)}")
+    except PlottingUnavailable as exc:
+        print(f"fewshot train: no report.png: {exc}", file=sys.stderr)
