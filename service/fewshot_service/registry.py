@@ -100,10 +100,8 @@ def _redis_errors(client: redis.Redis) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        where = client.connection_pool.connection_kwargs
-        raise Unavailable(
-            f"Redis at {where.get('host', '?')}:{where.get('port', '?')} is unreachable: {exc}"
-        ) from None
+        # No address in the message: it reaches clients, and the deployment is not theirs to see.
+        raise Unavailable("the class store (Redis) is unreachable; retry later") from None
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
             raise  # a registry script's own answer; the caller translates it
