@@ -43,7 +43,12 @@ class Uploads:
 
 
 def read_uploads(
-    files: Annotated[list[UploadFile], File(description="one or more image files", min_length=1)],
+    files: Annotated[list[UploadFile], File(
+        description="one or more image files (JPEG, PNG, WebP, ...)",
+        min_length=1,
+        # An empty file is never an image: say so in the schema, as the core refuses it.
+        json_schema_extra={"items": {"type": "string", "format": "binary", "minLength": 1}},
+    )],  # fmt: skip
 ) -> Iterator[Uploads]:
     """The request's files; an image the core refuses is reported by its file name (the one
     place that does so for every route that takes uploads)."""
@@ -58,3 +63,9 @@ def read_uploads(
 
 
 Images = Annotated[Uploads, Depends(read_uploads)]
+
+# For the routes that take Images: the multipart part `files` holds images (any format Pillow
+# decodes), so a client generating requests from the schema sends images, not arbitrary files.
+IMAGE_UPLOAD_OPENAPI = {
+    "requestBody": {"content": {"multipart/form-data": {"encoding": {"files": {"contentType": "image/*"}}}}}
+}

@@ -50,15 +50,22 @@ def error_response(
     return JSONResponse({"error": kind, "message": message, **extra}, status_code=status, headers=headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path (Starlette's own Allow names only the first
-    route whose path matched, e.g. GET but not DELETE for /v1/classes/{label})."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
+    """Every method some route serves at this path. Starlette's own Allow names only the first
+    route whose path matched (GET but not DELETE for /v1/classes/{label}); asking every route
+    about every method needs nothing but the public ``matches``, also for included routers."""
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Path
 
 from ..core import MAX_NAME_CHARS, resolve_namespace
-from .dependencies import Core, Images, Namespace
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace
 from .schemas import (
     AddedBody,
     ClassBody,
@@ -38,7 +38,8 @@ ExampleId = Annotated[str, Path(description="an example id, as returned on uploa
     "/{label:path}/examples",
     status_code=201,
     response_model=AddedBody,
-    responses=error_responses(409, 413, 422, 503),
+    responses=error_responses(400, 409, 413, 422, 503),
+    openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Add one or more example images to a class (created on first use)",
 )
 def add_examples(label: Label, images: Images, core: Core, namespace: Namespace = None) -> AddedBody:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..core import resolve_namespace
-from .dependencies import Core, Images, Namespace, TopK
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, TopK
 from .schemas import ClassifyBody, PredictionBody, error_responses
 
 router = APIRouter(tags=["classify"])
@@ -14,7 +14,8 @@ router = APIRouter(tags=["classify"])
 @router.post(
     "/v1/classify",
     response_model=ClassifyBody,
-    responses=error_responses(409, 413, 422, 503),
+    responses=error_responses(400, 409, 413, 422, 503),
+    openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Classify images against a namespace's classes (score = cosine similarity)",
 )
 def classify(images: Images, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ClassifyBody:

@@ -79,6 +79,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 ERROR_DESCRIPTIONS = {
+    400: "malformed request body (e.g. broken multipart data)",
     404: "unknown class or example",
     409: "failed precondition: no classes yet, or another model's namespace",
     413: "a limit was exceeded",
