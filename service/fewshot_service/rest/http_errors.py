@@ -8,6 +8,7 @@ statuses in one table, :data:`HTTP_STATUS` (the gRPC twin is ``grpc_server.GRPC_
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,19 +54,37 @@ def error_response(
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
+def _documented_methods(request: Request) -> list[str] | None:
+    """The methods the OpenAPI document lists for the most specific path template matching this
+    (raw, percent-encoded) path, or None when no template matches it."""
+    path = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0] or request.url.path
+    best: tuple[int, list[str]] | None = None
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            literal = len(re.sub(r"\{[^}]+\}", "", template))
+            methods = [m for m in _METHODS if m.lower() in operations]
+            if best is None or literal > best[0]:
+                best = (literal, methods)
+    return best[1] if best else None
+
+
 def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this path. Starlette's own Allow names only the first
-    route whose path matched (GET but not DELETE for /v1/classes/{label}); asking every route
-    about every method needs nothing but the public ``matches``, also for included routers."""
-    allowed = [
-        method
-        for method in _METHODS
-        if any(
-            route.matches({**request.scope, "method": method})[0] == Match.FULL
-            for route in request.app.router.routes
-        )
-    ]
-    return ", ".join(allowed)
+    """``Allow`` of a 405: what the OpenAPI document says this path serves (Starlette's own
+    header names only the first route whose path matched, and none at all for routes of an
+    included router). Paths no template describes (an unencoded ``/`` in a label) fall back to
+    asking every route about every method."""
+    methods = _documented_methods(request)
+    if methods is None:
+        methods = [
+            method
+            for method in _METHODS
+            if any(
+                route.matches({**request.scope, "method": method})[0] == Match.FULL
+                for route in request.app.router.routes
+            )
+        ]
+    return ", ".join(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
