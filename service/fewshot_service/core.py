@@ -26,7 +26,6 @@ MAX_TOP_K = 1000
 # Namespaces, labels and example ids alike: any UTF-8 string of 1-128 characters (the registry
 # keeps names out of its key syntax by hex-encoding them, so no alphabet restriction is needed).
 MAX_NAME_CHARS = 128
-MAX_NAMESPACE_CHARS = MAX_NAME_CHARS
 
 
 def resolve_name(value: object, what: str) -> str:
