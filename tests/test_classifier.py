@@ -184,3 +184,33 @@ def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:
         client.close()
         server.stop()
 
+
+
+# Names are checked by the core alone (the registry trusts it), before any inference or Redis call.
+@pytest.mark.parametrize(
+    "label", ["", "x" * 129, "\ud800 lone surrogate", 42], ids=["empty", "129", "surrogate", "int"]
+)
+def test_bad_labels_are_invalid_input(core: FewShotCore, label: object) -> None:
+    with pytest.raises(InvalidInput, match="label"):
+        core.add_examples("", label, shots(COLOURS["red"], 1, 0))  # type: ignore[arg-type]
+    for call in (core.get_class, core.delete_class):
+        with pytest.raises(InvalidInput, match="label"):
+            call("", label)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="label"):
+        core.delete_example("", label, "1")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="namespace"):
+        core.list_classes("n" * 129)
+    assert core.list_classes("") == []
+
+
+@pytest.mark.parametrize("example_id", ["", "9" * 129], ids=["empty", "129"])
+def test_bad_example_ids_are_invalid_input(core: FewShotCore, example_id: str) -> None:
+    with pytest.raises(InvalidInput, match="example id"):
+        core.delete_example("", "red", example_id)
+
+
+def test_the_registry_owns_the_one_prepared_matrix(core: FewShotCore) -> None:
+    core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
+    first = core.registry.prototypes("default", core.model_id)
+    assert core._prototype_matrix("default") is first.classifier  # no second cache in the core
+    assert not first.classifier.matrix.flags.writeable and not first.matrix.flags.writeable

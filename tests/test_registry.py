@@ -155,16 +155,6 @@ def test_tricky_labels_round_trip_verbatim_and_stay_in_their_namespace_slot(
 
 
 @pytest.mark.parametrize(
-    "label", ["", "x" * 129, "\ud800 lone surrogate", 42], ids=["empty", "129", "surrogate", "int"]
-)
-def test_bad_labels_are_invalid_input(registry: Registry, label: object) -> None:
-    with pytest.raises(InvalidInput, match="label"):
-        registry.add_examples("default", label, rand(1, 0), MODEL)  # type: ignore[arg-type]
-    with pytest.raises(InvalidInput, match="namespace"):
-        registry.list_classes("")
-
-
-@pytest.mark.parametrize(
     "embeddings",
     [
         np.zeros((0, DIM), np.float32),

@@ -218,7 +218,7 @@ def test_not_found_and_failed_precondition(http: httpx.Client, redis_url: str, s
 
 def test_bad_names_are_422(http: httpx.Client) -> None:
     assert_error(http.post(path("x" * 129, "/examples"), files=files(RED)), 422, "invalid_input", "128")
-    assert_error(http.get("/v1/classes", params={"namespace": "n" * 129}), 422, "invalid_request")
+    assert_error(http.get("/v1/classes", params={"namespace": "n" * 129}), 422, "invalid_input", "128")
     assert_error(http.post(path("red", "/examples")), 422, "invalid_request", "files")
     assert_error(http.get("/v1/classes/"), 422, "invalid_input", "label")
 

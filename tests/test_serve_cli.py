@@ -166,3 +166,38 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_i
     third = serve_process(["--model", tiny_model_path, "--data-dir", data]).wait_ready()
     # Its Redis flushed on the way out: the new server has the first one's class.
     assert [c["label"] for c in httpx.get(f"{third.http_url}/v1/classes").json()["classes"]] == ["red"]
+def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewshot_service.settings import Settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for field in Settings.model_fields:
+        assert "--" + field.replace("_", "-") in flags, field
+    # The flags older releases had keep their names.
+    assert {"--grpc-port", "--http-port", "--host", "--model", "--redis-url", "--data-dir",
+            "--providers", "--max-batch-size", "--max-images", "--max-image-bytes",
+            "--log-level", "--no-batching"} <= flags  # fmt: skip
+    help_text = " ".join(parser.format_help().split())
+    assert "env FEWSHOT_MAX_REQUEST_BYTES; default 67108864" in help_text
+    assert "env FEWSHOT_MAX_BATCH_SIZE; default 32" in help_text  # BatchConfig's default
+    assert "env REDIS_URL or FEWSHOT_REDIS_URL" in help_text
+
+    monkeypatch.setenv("FEWSHOT_BATCHING", "false")
+    monkeypatch.setenv("FEWSHOT_MAX_QUEUE_DELAY_MS", "7.5")
+    assert settings_from_args(parser.parse_args([])).batching is False  # environment
+    args = parser.parse_args(["--batching", "--max-queue-delay-ms", "1.5", "--batch-workers", "3",
+                              "--intra-op-threads", "2", "--redis-key-prefix", "p", "--log-level", "debug"])  # fmt: skip
+    settings = settings_from_args(args)
+    assert settings.batching is True and settings.max_queue_delay_ms == 1.5  # flags over environment
+    assert (settings.batch_workers, settings.intra_op_threads, settings.redis_key_prefix) == (3, 2, "p")
+    assert settings.log_level == "debug"
+    assert settings_from_args(parser.parse_args(["--no-batching"])).batching is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "loud"])
+
+
+def test_invalid_flag_values_are_refused_before_starting(tiny_model_path: Path) -> None:
+    result = run_serve("--model", str(tiny_model_path), "--batch-workers", "0")
+    assert result.returncode == 2
+    assert "batch_workers" in result.stderr

@@ -9,9 +9,18 @@
 | Unavailable         | UNAVAILABLE         | 503  |
 | Overloaded          | RESOURCE_EXHAUSTED  | 429  |
 | Cancelled           | CANCELLED           | 499  |
+| any other           | INTERNAL            | 500  |
+
+Each table is keyed by these classes; :func:`lookup` picks the entry of an error's nearest mapped
+class, so a subclass (``ImageError``) inherits its parent's status and an error type nobody mapped
+falls back to ``FewshotError``'s entry -- the same answer class on every transport.
 """
 
 from __future__ import annotations
+
+from typing import Mapping, TypeVar
+
+T = TypeVar("T")
 
 
 class FewshotError(Exception):
@@ -53,3 +62,12 @@ class Overloaded(FewshotError):
 
 class Cancelled(FewshotError):
     """The caller went away or its deadline passed, so the work for it was stopped."""
+def lookup(table: "Mapping[type[FewshotError], T]", error: FewshotError) -> T:
+    """``table``'s entry for the nearest class of ``error`` (its own first, then its bases).
+
+    ``table`` must map :class:`FewshotError` itself, the fallback for unmapped error types.
+    """
+    for cls in type(error).__mro__:
+        if cls in table:
+            return table[cls]  # type: ignore[index]
+    raise KeyError(f"{type(error).__name__} has no entry, and neither has FewshotError")

@@ -24,6 +24,8 @@ class Prediction:
 class PrototypeMatrix:
     """Class prototypes prepared once for many queries: rows re-normalised, sorted by label.
 
+    ``prototypes`` keeps the rows as given (class means), ``matrix`` the re-normalised ones.
+
     Sorting the rows by label makes "score desc, then label asc" the same as "score desc, then
     row index asc", so ties never depend on the order Redis returned the classes in.
     """
@@ -33,9 +35,12 @@ class PrototypeMatrix:
             raise ValueError(f"{len(labels)} labels for a prototype matrix of shape {matrix.shape}")
         order = sorted(range(len(labels)), key=lambda row: labels[row])
         self.labels: list[str] = [labels[row] for row in order]
-        rows = np.asarray(matrix, dtype=np.float32)[order]
-        norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        self.matrix = np.ascontiguousarray(rows / np.maximum(norms, 1e-12), dtype=np.float32)
+        # Shared by every request of a replica (the registry caches this object): read-only.
+        self.prototypes = np.asarray(matrix, dtype=np.float32)[order]
+        norms = np.linalg.norm(self.prototypes, axis=1, keepdims=True)
+        self.matrix = np.ascontiguousarray(self.prototypes / np.maximum(norms, 1e-12), dtype=np.float32)
+        self.prototypes.setflags(write=False)
+        self.matrix.setflags(write=False)
 
     def __len__(self) -> int:
         return len(self.labels)

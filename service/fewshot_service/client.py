@@ -21,10 +21,11 @@ import numpy as np
 
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .classifier import Prediction
+from .settings import DEFAULT_MAX_REQUEST_BYTES
 
 ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias)
 DEFAULT_CHUNK_SIZE = 32
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_REQUEST_BYTES  # what the server accepts by default
 
 
 def _read(image: ImageInput) -> bytes:

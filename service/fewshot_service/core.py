@@ -1,44 +1,67 @@
 """The one object both transports call: embedding, classification and the example registry.
 
-gRPC and REST only translate; every check on a request's meaning (namespace, top_k, images) is
-made here, once, so a request is refused the same way whichever door it came through.
+gRPC and REST only translate; every check on a request's meaning (namespace, label, example id,
+top_k; image limits through the embedder) is made here, once, so a request is refused the same way
+whichever door it came through. The registry below trusts the names it is given.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from . import inference_metrics as metrics
-from .batcher import BatchConfig, DynamicBatcher
-from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
-from .decode_pool import DecodePool
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import InvalidInput
 from fewshot_common.images import load_batch
 
+from . import inference_metrics as metrics
+from .batcher import BatchConfig, DynamicBatcher
+from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
+from .decode_pool import DecodePool
+
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
-    from .registry import ClassInfo, ClassSummary, PrototypeSet, Registry
+    from .registry import ClassInfo, ClassSummary, Registry
 
 DEFAULT_NAMESPACE = "default"
 MAX_TOP_K = 1000
-MAX_NAMESPACE_CHARS = 128
+# Namespaces, labels and example ids alike: any UTF-8 string of 1-128 characters (the registry
+# keeps names out of its key syntax by hex-encoding them, so no alphabet restriction is needed).
+MAX_NAME_CHARS = 128
+
+
+def resolve_name(value: object, what: str) -> str:
+    """A label, namespace or example id: a UTF-8 string of 1-128 characters, else InvalidInput."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise InvalidInput(f"{what} must be 1-{MAX_NAME_CHARS} characters long, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8: {exc.reason}") from None
+    return value
 
 
 def resolve_namespace(namespace: str | None) -> str:
-    """Empty means ``default``; otherwise any string of 1-128 characters (the registry keeps
-    names out of its key syntax by hex-encoding them, so no alphabet restriction is needed)."""
+    """Empty (or unset) means ``default``; otherwise a name of at most 128 characters."""
     if not namespace:
         return DEFAULT_NAMESPACE
-    if len(namespace) > MAX_NAMESPACE_CHARS:
+    if isinstance(namespace, str) and len(namespace) > MAX_NAME_CHARS:
         raise InvalidInput(
-            f"namespace must be at most {MAX_NAMESPACE_CHARS} characters, got {len(namespace)}"
+            f"namespace must be at most {MAX_NAME_CHARS} characters, got {len(namespace)}"
         )
-    return namespace
+    return resolve_name(namespace, "namespace")
+
+
+def resolve_label(label: object) -> str:
+    return resolve_name(label, "label")
+
+
+def resolve_example_id(example_id: object) -> str:
+    return resolve_name(example_id, "example id")
 
 
 def resolve_top_k(top_k: int | None) -> int:
@@ -69,9 +92,6 @@ class FewShotCore:
             embedder.embed_array,
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
-        # Re-normalised, label-sorted prototypes, rebuilt only when the registry's matrix changes.
-        self._matrices: dict[str, tuple[np.ndarray, PrototypeMatrix]] = {}
-        self._matrices_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
@@ -122,19 +142,9 @@ class FewShotCore:
         return matrix.top_k(embeddings, top_k)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
-        # The registry refuses (FailedPrecondition) an empty namespace or one whose examples
-        # came from another model, saying why.
-        prototypes: PrototypeSet = self.registry.prototypes(namespace, expected_model_id=self.model_id)
-        # The registry hands out the same PrototypeSet until the namespace changes; holding its
-        # matrix in the cache entry keeps the identity check sound (no id reuse).
-        with self._matrices_lock:
-            cached = self._matrices.get(namespace)
-        if cached is not None and cached[0] is prototypes.matrix:
-            return cached[1]
-        matrix = PrototypeMatrix(prototypes.labels, prototypes.matrix)
-        with self._matrices_lock:
-            self._matrices[namespace] = (prototypes.matrix, matrix)
-        return matrix
+        # The registry caches one ready matrix per namespace state, and refuses
+        # (FailedPrecondition) an empty namespace or one whose examples came from another model.
+        return self.registry.prototypes(namespace, expected_model_id=self.model_id).classifier
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -149,7 +159,7 @@ class FewShotCore:
 
         A request cancelled before its inference starts adds nothing.
         """
-        namespace = resolve_namespace(namespace)
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
         embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
         return self.registry.add_examples(namespace, label, embeddings, self.model_id)
 
@@ -157,16 +167,18 @@ class FewShotCore:
         return self.registry.list_classes(resolve_namespace(namespace))
 
     def get_class(self, namespace: str | None, label: str) -> "ClassInfo":
-        return self.registry.get_class(resolve_namespace(namespace), label)
+        return self.registry.get_class(resolve_namespace(namespace), resolve_label(label))
 
     def delete_class(self, namespace: str | None, label: str) -> None:
-        return self.registry.delete_class(resolve_namespace(namespace), label)
+        return self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
 
     def delete_example(
         self, namespace: str | None, label: str, example_id: str
     ) -> "ClassInfo | None":
         """The class as it is after the deletion, or None when that was its last example."""
-        return self.registry.delete_example(resolve_namespace(namespace), label, example_id)
+        return self.registry.delete_example(
+            resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
+        )
 
     # -- health ------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The gRPC transport: ``fewshot.v1.FewShot`` over :class:`FewShotCore`, plus health and reflection.
 
-Handlers only translate protobuf <-> core calls; errors are mapped to status codes in one place,
-:func:`_status_for`, following the table in :mod:`errors`.
+Handlers only translate protobuf <-> core calls; errors are mapped to status codes in one table,
+:data:`GRPC_STATUS` (the REST twin is ``rest.HTTP_STATUS``), following the table in :mod:`errors`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ from grpc_reflection.v1alpha import reflection
 from fewshot_common import errors
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .core import FewShotCore
+from .settings import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"].full_name
 DEFAULT_MAX_WORKERS = 16
-# Like Triton's HTTP default; enough for 64 phone photos. Larger messages get RESOURCE_EXHAUSTED.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Larger messages get RESOURCE_EXHAUSTED (the same limit as an HTTP body).
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_REQUEST_BYTES
 HEALTH_POLL_SECONDS = 2.0
 
-_STATUS = {
+# Status code per error class; errors.lookup() picks the nearest mapped class.
+GRPC_STATUS: dict[type[errors.FewshotError], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -36,18 +38,12 @@ _STATUS = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.FewshotError: grpc.StatusCode.INTERNAL,  # an error type nobody mapped: a bug
 }
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext], Response]
-
-
-def _status_for(error: errors.FewshotError) -> grpc.StatusCode:
-    for error_type, code in _STATUS.items():
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 def _translate_errors(handler: Handler) -> Handler:
@@ -58,7 +54,7 @@ def _translate_errors(handler: Handler) -> Handler:
         try:
             return handler(self, request, context)
         except errors.FewshotError as exc:
-            context.abort(_status_for(exc), str(exc))
+            context.abort(errors.lookup(GRPC_STATUS, exc), str(exc))
         except Exception:
             log.exception("unexpected error in %s", handler.__name__)
             context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")

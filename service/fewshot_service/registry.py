@@ -12,7 +12,8 @@ Key layout (one hash tag per namespace, so every script of a namespace runs on o
 
 Namespaces and labels appear in key names only as the hex of their UTF-8, so no label can reach
 another key, break out of the hash tag, or look like a glob. Writes are Lua scripts (atomic); each
-replica caches the prototype matrix per namespace and revalidates it with one HMGET of the
+replica caches one ready :class:`PrototypeSet` per namespace (the only prototype cache; every
+read and write of it holds its lock) and revalidates it with one HMGET of the
 generation (and the epoch, which changes if Redis ever loses the namespace's state) per request,
 so a change is seen by every replica on its next request.
 """
@@ -31,7 +32,8 @@ import redis
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
-MAX_NAME_CHARS = 128
+from .classifier import PrototypeMatrix
+
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
 MAX_EMBEDDING_DIM = 4096
 DEFAULT_MAX_EXAMPLES_PER_CLASS = 1000
@@ -55,26 +57,25 @@ class ClassInfo:
 
 @dataclass(frozen=True)
 class PrototypeSet:
-    """All prototypes of a namespace, rows in ``labels`` order (sorted, so ties break the same way)."""
+    """One state of a namespace's prototypes, ready to classify with; never changed once built.
 
-    labels: list[str]
-    matrix: np.ndarray  # [C, D] float32, rows are means of unit vectors (not re-normalised)
+    The registry builds one per (epoch, generation) and hands the same object to every request
+    until the namespace changes, so the rows are sorted and re-normalised once per change.
+    """
+
+    classifier: PrototypeMatrix  # rows sorted by label and re-normalised
     model_id: str | None
     generation: int
     epoch: str = ""  # with generation, identifies this state of the namespace
 
+    @property
+    def labels(self) -> list[str]:
+        return self.classifier.labels
 
-def validate_name(value: object, what: str = "label") -> str:
-    """A label or namespace: any UTF-8 string of 1-128 characters."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_NAME_CHARS:
-        raise InvalidInput(f"{what} must be 1-{MAX_NAME_CHARS} characters long, got {len(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(f"{what} is not valid UTF-8: {exc.reason}") from None
-    return value
+    @property
+    def matrix(self) -> np.ndarray:
+        """[C, D] float32 in ``labels`` order: means of unit vectors (not re-normalised)."""
+        return self.classifier.prototypes
 
 
 def _encode(name: str) -> str:
@@ -102,10 +103,8 @@ def _redis_errors(client: redis.Redis) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        where = client.connection_pool.connection_kwargs
-        raise Unavailable(
-            f"Redis at {where.get('host', '?')}:{where.get('port', '?')} is unreachable: {exc}"
-        ) from None
+        # No address in the message: it reaches clients, and the deployment is not theirs to see.
+        raise Unavailable("the class store (Redis) is unreachable; retry later") from None
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
             raise  # a registry script's own answer; the caller translates it
@@ -174,7 +173,6 @@ class Registry:
         Refused (FailedPrecondition) when the class would exceed ``max_examples_per_class``.
         """
         keys = self._keys(namespace)
-        validate_name(label)
         if not model_id:
             raise InvalidInput("model_id must not be empty")
         vectors = self._check_embeddings(embeddings)
@@ -208,7 +206,6 @@ class Registry:
 
     def get_class(self, namespace: str, label: str) -> ClassInfo:
         keys = self._keys(namespace)
-        validate_name(label)
         with _redis_errors(self._client):
             example_ids = self._example_ids(keys, label)
         if not example_ids:
@@ -217,7 +214,6 @@ class Registry:
 
     def delete_class(self, namespace: str, label: str) -> None:
         keys = self._keys(namespace)
-        validate_name(label)
         with _redis_errors(self._client):
             try:
                 self._delete_class(keys=keys.for_class(label), args=[_encode(label)])
@@ -227,9 +223,6 @@ class Registry:
     def delete_example(self, namespace: str, label: str, example_id: str) -> ClassInfo | None:
         """Remove one example; returns the class as it is now, or None if that was its last."""
         keys = self._keys(namespace)
-        validate_name(label)
-        if not isinstance(example_id, str) or not example_id or len(example_id) > MAX_NAME_CHARS:
-            raise InvalidInput("example id must be a non-empty string of at most 128 characters")
         with _redis_errors(self._client):
             try:
                 _, count = self._delete_example(
@@ -259,8 +252,10 @@ class Registry:
         ``expected_model_id``) when its embeddings came from another model.
         """
         version = self._version(namespace)
-        cached = self._cache.get(namespace)
+        with self._cache_lock:
+            cached = self._cache.get(namespace)
         if cached is None or (cached.epoch, cached.generation) != version:
+            # Fetched outside the lock (a round trip); the newest state wins when two race.
             cached = self._fetch_prototypes(namespace)
             with self._cache_lock:
                 current = self._cache.get(namespace)
@@ -291,24 +286,20 @@ class Registry:
             pipe.hget(keys.model, "model_id")
             pipe.hgetall(keys.prototypes)
             (epoch, generation), model_id, raw = pipe.execute()
-        rows = sorted((_decode(f), blob) for f, blob in raw.items())
-        labels = [label for label, _ in rows]
-        if rows:
-            matrix = np.stack([np.frombuffer(blob, dtype=_FLOAT32_LE) for _, blob in rows])
-            matrix = matrix.astype(np.float32)
+        labels = [_decode(f) for f in raw]
+        if raw:
+            matrix = np.stack([np.frombuffer(blob, dtype=_FLOAT32_LE) for blob in raw.values()])
         else:
             matrix = np.zeros((0, 0), dtype=np.float32)
-        matrix.setflags(write=False)  # shared by every request on this replica
         return PrototypeSet(
-            labels=labels,
-            matrix=matrix,
+            classifier=PrototypeMatrix(labels, matrix),  # sorts by label, once per state
             model_id=_text(model_id) if model_id is not None else None,
             generation=int(generation or 0),
             epoch=_text(epoch or b""),
         )
 
     def _keys(self, namespace: str) -> _NamespaceKeys:
-        return _NamespaceKeys(self._prefix, validate_name(namespace, "namespace"))
+        return _NamespaceKeys(self._prefix, namespace)
 
     def _example_ids(self, keys: _NamespaceKeys, label: str) -> list[str]:
         ids = [_text(i) for i in self._client.hkeys(keys.examples(label))]

@@ -1,7 +1,9 @@
 """``fewshot serve``: run the gRPC + REST server until SIGTERM or Ctrl-C.
 
-Every flag has an environment twin (see :mod:`settings`); a flag left out keeps the environment's
-value. With no Redis URL a private Valkey/Redis is started in ``--data-dir`` and stopped on exit.
+Every setting of :class:`Settings` is a flag here (``max_batch_size`` -> ``--max-batch-size``,
+booleans as ``--batching/--no-batching``) and an environment variable; a flag left out keeps the
+environment's value. With no Redis URL a private Valkey/Redis is started in ``--data-dir`` and
+stopped on exit.
 """
 
 from __future__ import annotations
@@ -11,59 +13,76 @@ import logging
 import signal
 import sys
 import threading
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
+from pydantic.fields import FieldInfo
 
-if TYPE_CHECKING:
-    from .settings import Settings
+from .settings import Settings
 
-# Flag -> Settings field. Defaults live in Settings only, so the environment is not overridden.
-_FLAGS: dict[str, str] = {
-    "--grpc-port": "grpc_port",
-    "--http-port": "http_port",
-    "--host": "host",
-    "--model": "model",
-    "--redis-url": "redis_url",
-    "--data-dir": "data_dir",
-    "--providers": "providers",
-    "--max-batch-size": "max_batch_size",
-    "--max-images": "max_images",
-    "--max-image-bytes": "max_image_bytes",
-    "--log-level": "log_level",
-}
+_METAVARS = {int: "N", float: "X", Path: "PATH", str: "TEXT"}
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_names(field: str, info: FieldInfo) -> list[str]:
+    """The environment variables that set ``field``: its explicit upper-case aliases, or
+    ``FEWSHOT_<FIELD>``."""
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        names = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
+        if names:
+            return names
+    return [f"{Settings.model_config.get('env_prefix', '')}{field}".upper()]
+
+
+def _value_type(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; ``list[str]`` (a comma-separated flag) -> ``str``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return str
+    return annotation
+
+
+def _help(field: str, info: FieldInfo) -> str:
+    text = info.description or field.replace("_", " ")
+    envs = " or ".join(env_names(field, info))
+    default = info.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return f"{text} (env {envs})"
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    return f"{text} (env {envs}; default {default})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--grpc-port", type=int, metavar="PORT", help="gRPC port (default 50051; env FEWSHOT_GRPC_PORT)")
-    add("--http-port", type=int, metavar="PORT", help="HTTP port (default 8000; env FEWSHOT_HTTP_PORT)")
-    add("--host", help="address to listen on (default 0.0.0.0; env FEWSHOT_HOST)")
-    add("--model", type=Path, metavar="PATH",
-        help="ONNX model (default models/default.onnx; env FEWSHOT_MODEL)")
-    add("--redis-url", metavar="URL",
-        help="Redis to keep classes in (env REDIS_URL); none starts a private server in --data-dir")
-    add("--data-dir", type=Path, metavar="DIR",
-        help="where the private Redis keeps its append-only file (default .fewshot; env FEWSHOT_DATA_DIR)")
-    add("--providers", metavar="LIST",
-        help="ONNX Runtime providers, comma-separated (default CUDA if present, else CPU)")
-    add("--max-batch-size", type=int, metavar="N", help="largest merged inference batch (default 32)")
-    add("--max-images", type=int, metavar="N", help="images per request (default 64)")
-    add("--max-image-bytes", type=int, metavar="BYTES", help="bytes per image (default 20 MiB)")
-    add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    # fmt: skip
+    """One flag per :class:`Settings` field, named, typed and described by the field itself.
+
+    A flag left out is absent from the parsed namespace (``SUPPRESS``), so the environment and
+    then the field's default decide it.
+    """
+    for field, info in Settings.model_fields.items():
+        kind = _value_type(info.annotation)
+        options: dict[str, Any] = {"dest": field, "default": argparse.SUPPRESS, "help": _help(field, info)}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = list(typing.get_args(kind))
+        else:
+            options["type"] = kind
+            options["metavar"] = _METAVARS.get(kind, "VALUE")
+        parser.add_argument(flag_name(field), **options)
 
 
-def settings_from_args(args: argparse.Namespace) -> "Settings":
+def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags given on the command line over the environment over the defaults."""
-    from .settings import Settings
-
-    overrides = {}
-    for flag, field in _FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[field] = value
+    overrides = {field: getattr(args, field) for field in Settings.model_fields if hasattr(args, field)}
     return Settings(**overrides)
 
 

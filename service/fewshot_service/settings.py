@@ -7,48 +7,75 @@ Flags win over environment variables, which win over the defaults below. Environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fewshot_common.images import ImageLimits
+
+from .batcher import BatchConfig
+
 MiB = 1024 * 1024
 DEFAULT_MODEL = Path("models") / "default.onnx"
+# Like Triton's HTTP default; enough for 64 phone photos. Both transports refuse larger requests.
+DEFAULT_MAX_REQUEST_BYTES = 64 * MiB
 # The checkout this package lives in (an editable install): the second place to look for the model.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where the defaults of the image limits and the batcher are defined (one place each).
+_IMAGE_LIMITS = ImageLimits()
+_BATCHING = BatchConfig()
+
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class Settings(BaseSettings):
+    """Each field is one setting: its type, default and description here are the only ones; the
+    environment variable and the ``fewshot serve`` flag are derived from it (see serve_cli)."""
+
     model_config = SettingsConfigDict(env_prefix="FEWSHOT_", extra="forbid")
 
     model: Path | None = Field(
-        default=None, description=f"ONNX model to serve (default: {DEFAULT_MODEL})"
+        default=None, description=f"ONNX model to serve (none: {DEFAULT_MODEL} in the working directory or the checkout)"
     )
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("redis_url", "REDIS_URL", "FEWSHOT_REDIS_URL"),
         description="Redis to keep classes in; none starts a private server in data_dir",
     )
-    redis_key_prefix: str = Field(default="fewshot", pattern=r"^[^{}]+$")
-    data_dir: Path = Field(default=Path(".fewshot"), description="the private Redis keeps its AOF here")
-    host: str = "0.0.0.0"
-    grpc_port: int = Field(default=50051, ge=0, le=65535)
-    http_port: int = Field(default=8000, ge=0, le=65535)
+    redis_key_prefix: str = Field(
+        default="fewshot", pattern=r"^[^{}]+$", description="prefix of every Redis key (no braces)"
+    )
+    data_dir: Path = Field(
+        default=Path(".fewshot"), description="where the private Redis keeps its append-only file"
+    )
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free)")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0: any free)")
 
     # Request limits (refused with 413 / RESOURCE_EXHAUSTED).
-    max_image_bytes: int = Field(default=20 * MiB, gt=0)
-    max_pixels: int = Field(default=40_000_000, gt=0)
-    max_images: int = Field(default=64, gt=0)
-    max_request_bytes: int = Field(default=64 * MiB, gt=0)
+    max_image_bytes: int = Field(
+        default=_IMAGE_LIMITS.max_image_bytes, gt=0, description="bytes per image file"
+    )
+    max_pixels: int = Field(
+        default=_IMAGE_LIMITS.max_pixels, gt=0, description="pixels per decoded image"
+    )
+    max_images: int = Field(default=_IMAGE_LIMITS.max_images, gt=0, description="images per request")
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES, gt=0, description="bytes per HTTP body or gRPC message"
+    )
     # Decode budget (refused with 413 / RESOURCE_EXHAUSTED before any pixel is decoded).
     max_jpeg_scans: int = Field(
-        default=64, gt=0, description="scans a progressive JPEG may have (encoders write ~10)"
+        default=_IMAGE_LIMITS.max_jpeg_scans, gt=0,
+        description="scans a progressive JPEG may have (encoders write ~10)",
     )
     max_decoded_bytes: int = Field(
-        default=256 * MiB, gt=0, description="decoded memory one image may need (w x h x bytes/pixel)"
+        default=_IMAGE_LIMITS.max_decoded_bytes, gt=0,
+        description="decoded memory one image may need (w x h x bytes/pixel)",
     )
     max_request_pixels: int = Field(
-        default=200_000_000, gt=0, description="decoded pixels of one request, summed over its images"
+        default=_IMAGE_LIMITS.max_request_pixels, gt=0,
+        description="decoded pixels of one request, summed over its images",
     )
     # Decode pool: a full queue answers 429 / RESOURCE_EXHAUSTED at once.
     decode_workers: int | None = Field(
@@ -65,19 +92,35 @@ class Settings(BaseSettings):
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="ONNX Runtime execution providers, comma-separated (default: CUDA if present, else CPU)",
+        description="ONNX Runtime execution providers, comma-separated (none: CUDA if present, else CPU)",
     )
-    intra_op_threads: int | None = Field(default=None, gt=0)
-    max_batch_size: int = Field(default=32, gt=0)
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    intra_op_threads: int | None = Field(
+        default=None, gt=0, description="ONNX Runtime threads per model run (none: its own choice)"
+    )
+    max_batch_size: int = Field(
+        default=_BATCHING.max_batch_size, gt=0, description="largest merged inference batch"
+    )
+    max_queue_delay_ms: float = Field(
+        default=_BATCHING.max_queue_delay_ms, ge=0,
+        description="how long a request may wait for others to share its model run",
+    )  # fmt: skip
     # Dynamic batching merges concurrent requests into one model run. On a small shared CPU,
     # independent runs measured ~18% faster (bench/bench_serving.py), so it can be switched off.
-    batching: bool = True
-    batch_workers: int = Field(default=2, gt=0, description="merged batches that may run at once")
+    batching: bool = Field(
+        default=_BATCHING.enabled, description="merge concurrent requests into one model run"
+    )
+    batch_workers: int = Field(
+        default=_BATCHING.workers, gt=0, description="merged batches that may run at once"
+    )
 
     # Redis client: short timeouts so a lost Redis answers 503 quickly instead of hanging.
-    redis_timeout_s: float = Field(default=2.0, gt=0)
-    log_level: str = "info"
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect/read timeout, seconds")
+    log_level: LogLevel = Field(default="info", description="log level")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("providers", mode="before")
     @classmethod

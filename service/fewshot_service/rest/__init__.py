@@ -1,0 +1,38 @@
+"""The REST transport (FastAPI): classes and their examples, classify, health and metrics.
+
+One router per resource (``routes_*``), the core and the uploads as dependencies
+(:mod:`.dependencies`), bodies in :mod:`.schemas`, and the error table in :mod:`.http_errors`.
+Handlers only translate HTTP <-> :class:`FewShotCore` calls; the core checks every value.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..core import FewShotCore
+from ..settings import DEFAULT_MAX_REQUEST_BYTES
+from . import routes_classes, routes_classify, routes_health
+from .http_errors import HTTP_STATUS, install_error_handlers
+from .middleware import BodyLimit, CountResponses, RawClassPath
+
+__all__ = ["HTTP_STATUS", "create_app"]
+
+
+def create_app(core: FewShotCore, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    app = FastAPI(
+        title="fewshot",
+        version=__version__,
+        description="Few-shot image classification: define classes with a few examples each.",
+    )
+    app.state.core = core
+    install_error_handlers(app)
+    app.include_router(routes_classes.router)
+    app.include_router(routes_classify.router)
+    app.include_router(routes_health.router)
+    # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
+    # RawClassPath, so even a refused body is counted and routing sees the raw path.
+    app.add_middleware(RawClassPath)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(CountResponses)
+    return app

@@ -1,0 +1,105 @@
+"""/v1/classes: a namespace's classes and their example images.
+
+Labels may contain ``/``. Routes are matched on the raw (still percent-encoded) path (see
+:class:`middleware.RawClassPath`), so a client that encodes ``/`` as ``%2F`` never collides with
+the ``/examples`` suffix; an unencoded ``/`` works too unless the label itself ends in
+``/examples`` or ``/examples/<id>``. Handlers percent-decode path parameters themselves, once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Path
+
+from ..core import MAX_NAME_CHARS, resolve_namespace
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace
+from .schemas import (
+    AddedBody,
+    ClassBody,
+    ClassListBody,
+    ClassSummaryBody,
+    DeletedClassBody,
+    DeletedExampleBody,
+    error_responses,
+)
+
+router = APIRouter(prefix="/v1/classes", tags=["classes"])
+
+# Described for the schema (lengths of the percent-decoded value); the core checks them.
+Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
+                            json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+ExampleId = Annotated[str, Path(description="an example id, as returned on upload",
+                                json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+
+
+@router.post(
+    "/{label:path}/examples",
+    status_code=201,
+    response_model=AddedBody,
+    responses=error_responses(400, 409, 413, 422, 503),
+    openapi_extra=IMAGE_UPLOAD_OPENAPI,
+    summary="Add one or more example images to a class (created on first use)",
+)
+def add_examples(label: Label, images: Images, core: Core, namespace: Namespace = None) -> AddedBody:
+    info = core.add_examples(namespace, unquote(label), images.contents)
+    return AddedBody(
+        namespace=resolve_namespace(namespace),
+        label=info.label,
+        count=info.count,
+        example_ids=info.example_ids,
+        added_example_ids=info.added_example_ids,
+        model_id=core.model_id,
+    )
+
+
+@router.get("", response_model=ClassListBody, responses=error_responses(422, 503))
+def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
+    summaries = core.list_classes(namespace)
+    return ClassListBody(
+        namespace=resolve_namespace(namespace),
+        classes=[ClassSummaryBody(label=s.label, count=s.count) for s in summaries],
+    )
+
+
+@router.get("/{label:path}", response_model=ClassBody, responses=error_responses(404, 422, 503))
+def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBody:
+    info = core.get_class(namespace, unquote(label))
+    return ClassBody(
+        namespace=resolve_namespace(namespace),
+        label=info.label,
+        count=info.count,
+        example_ids=info.example_ids,
+    )
+
+
+# Declared before DELETE /v1/classes/{label}: a raw path ending in /examples/<id> is an example.
+@router.delete(
+    "/{label:path}/examples/{example_id}",
+    response_model=DeletedExampleBody,
+    responses=error_responses(404, 422, 503),
+    summary="Remove one example; removing the last one removes the class",
+)
+def delete_example(
+    label: Label, example_id: ExampleId, core: Core, namespace: Namespace = None
+) -> DeletedExampleBody:
+    label, example_id = unquote(label), unquote(example_id)
+    info = core.delete_example(namespace, label, example_id)
+    return DeletedExampleBody(
+        namespace=resolve_namespace(namespace),
+        label=label,
+        example_id=example_id,
+        count=info.count if info else 0,
+        example_ids=info.example_ids if info else [],
+        class_deleted=info is None,
+    )
+
+
+@router.delete(
+    "/{label:path}", response_model=DeletedClassBody, responses=error_responses(404, 422, 503)
+)
+def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
+    label = unquote(label)
+    core.delete_class(namespace, label)
+    return DeletedClassBody(namespace=resolve_namespace(namespace), label=label)

@@ -1,0 +1,27 @@
+"""/v1/classify: the top classes of a namespace for each uploaded image."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..core import resolve_namespace
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, TopK
+from .schemas import ClassifyBody, PredictionBody, error_responses
+
+router = APIRouter(tags=["classify"])
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyBody,
+    responses=error_responses(400, 409, 413, 422, 503),
+    openapi_extra=IMAGE_UPLOAD_OPENAPI,
+    summary="Classify images against a namespace's classes (score = cosine similarity)",
+)
+def classify(images: Images, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ClassifyBody:
+    results = core.classify(images.contents, namespace, top_k)
+    return ClassifyBody(
+        namespace=resolve_namespace(namespace),
+        model_id=core.model_id,
+        results=[[PredictionBody(label=p.label, score=p.score) for p in r] for r in results],
+    )

@@ -1,0 +1,89 @@
+"""Request and response bodies of the REST API; they also document it at /docs and /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    file: str | None = None  # an image error: the uploaded file's name ...
+    index: int | None = None  # ... and its 0-based position in the request
+
+
+class ClassSummaryBody(BaseModel):
+    label: str
+    count: int
+
+
+class ClassListBody(BaseModel):
+    namespace: str
+    classes: list[ClassSummaryBody]
+
+
+class ClassBody(BaseModel):
+    namespace: str
+    label: str
+    count: int
+    example_ids: list[str]
+
+
+class AddedBody(ClassBody):
+    added_example_ids: list[str]
+    model_id: str
+
+
+class DeletedClassBody(BaseModel):
+    namespace: str
+    label: str
+    deleted: bool = True
+
+
+class DeletedExampleBody(BaseModel):
+    namespace: str
+    label: str
+    example_id: str
+    count: int
+    example_ids: list[str]
+    class_deleted: bool
+
+
+class PredictionBody(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyBody(BaseModel):
+    namespace: str
+    model_id: str
+    results: list[list[PredictionBody]]
+
+
+class HealthBody(BaseModel):
+    status: str
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+    model_loaded: bool
+    model_id: str
+    redis: bool
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses an operation can answer with."""
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "malformed request body (e.g. broken multipart data)",
+    404: "unknown class or example",
+    409: "failed precondition: no classes yet, or another model's namespace",
+    413: "a limit was exceeded",
+    422: "bad input",
+    500: "unexpected server error",
+    503: "Redis unavailable",
+}

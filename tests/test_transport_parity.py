@@ -1,0 +1,189 @@
+"""One table of invalid (and edge) inputs, each sent through REST and through gRPC to the same live
+server: both must give the same answer class (INVALID_ARGUMENT <-> 422, NOT_FOUND <-> 404, ...).
+
+The gRPC API has only Embed and Classify, and its top_k is unsigned. Where a case has no gRPC
+request (class management, a negative top_k), its gRPC answer is what the gRPC transport makes of
+the core's answer: the same core call, mapped through ``grpc_server.GRPC_STATUS``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import quote
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from fewshot_common import errors
+from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_service.app import ServerStack
+from fewshot_service.core import FewShotCore
+from fewshot_service.grpc_server import GRPC_STATUS
+from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.rest import HTTP_STATUS
+
+from conftest import stack_settings
+
+MAX_IMAGES = 3
+MAX_IMAGE_BYTES = 50_000
+Code = grpc.StatusCode
+
+# The answer classes: a gRPC status and the HTTP statuses that mean the same.
+SAME_CLASS: dict[Code, set[int]] = {
+    Code.OK: {200, 201},
+    Code.INVALID_ARGUMENT: {422},
+    Code.RESOURCE_EXHAUSTED: {413},
+    Code.NOT_FOUND: {404},
+    Code.FAILED_PRECONDITION: {409},
+    Code.UNAVAILABLE: {503},
+    Code.INTERNAL: {500},
+}
+
+
+def png(rgb: tuple[int, int, int], size: int = 24) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+RED = png((230, 20, 20))
+HUGE = png((1, 2, 3), size=300) + b"\0" * MAX_IMAGE_BYTES  # a valid PNG over the byte limit
+CLASSES = [f"c{i}" for i in range(7)]  # more than the default top_k of 5
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    op: str  # classify | add | list | get | delete | delete_example
+    expected: Code
+    namespace: str = "parity"
+    label: str = "c0"
+    example_id: str = "1"
+    top_k: int = 0
+    images: list[bytes] = field(default_factory=lambda: [RED])
+    results: int | None = None  # classify: predictions per image when it succeeds
+
+
+CASES = [
+    Case("namespace too long", "classify", Code.INVALID_ARGUMENT, namespace="n" * 129),
+    Case("namespace too long (list)", "list", Code.INVALID_ARGUMENT, namespace="n" * 129),
+    Case("empty namespace means default", "list", Code.OK, namespace=""),
+    Case("top_k negative", "classify", Code.INVALID_ARGUMENT, top_k=-1),
+    Case("top_k over 1000", "classify", Code.INVALID_ARGUMENT, top_k=1001),
+    Case("top_k 0 means 5", "classify", Code.OK, top_k=0, results=5),
+    Case("top_k 1000 is allowed", "classify", Code.OK, top_k=1000, results=len(CLASSES)),
+    Case("undecodable image", "classify", Code.INVALID_ARGUMENT, images=[RED, b"not an image"]),
+    Case("undecodable image (add)", "add", Code.INVALID_ARGUMENT, images=[b"\x89PNG broken"]),
+    Case("no images", "classify", Code.INVALID_ARGUMENT, images=[]),
+    Case("too many images", "classify", Code.RESOURCE_EXHAUSTED, images=[RED] * (MAX_IMAGES + 1)),
+    Case("image over the byte limit", "classify", Code.RESOURCE_EXHAUSTED, images=[HUGE]),
+    Case("namespace without classes", "classify", Code.FAILED_PRECONDITION, namespace="empty"),
+    Case("empty label", "add", Code.INVALID_ARGUMENT, label=""),
+    Case("label too long", "add", Code.INVALID_ARGUMENT, label="x" * 129),
+    Case("label too long (get)", "get", Code.INVALID_ARGUMENT, label="x" * 129),
+    Case("unknown class (get)", "get", Code.NOT_FOUND, label="nope"),
+    Case("unknown class (delete)", "delete", Code.NOT_FOUND, label="nope"),
+    Case("unknown example", "delete_example", Code.NOT_FOUND, example_id="999"),
+    Case("example id too long", "delete_example", Code.INVALID_ARGUMENT, example_id="9" * 129),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[ServerStack]:
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="parity-test",
+        max_images=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
+    )  # fmt: skip
+    with ServerStack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def clients(stack: ServerStack, redis_url: str) -> Iterator[tuple[httpx.Client, fewshot_pb2_grpc.FewShotStub]]:
+    # redis_url empties the private server first; then the namespace every case uses is filled.
+    for i, label in enumerate(CLASSES):
+        stack.core.add_examples("parity", label, [png((30 * i, 255 - 30 * i, 90))])
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=30) as http, \
+            grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:  # fmt: skip
+        yield http, fewshot_pb2_grpc.FewShotStub(channel)
+
+
+def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
+    params = {"namespace": case.namespace}
+    label = f"/v1/classes/{quote(case.label, safe='')}"
+    uploads = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(case.images)]
+    if case.op == "classify":
+        return http.post("/v1/classify", params={**params, "top_k": case.top_k}, files=uploads or None)
+    if case.op == "add":
+        return http.post(f"{label}/examples", params=params, files=uploads)
+    if case.op == "list":
+        return http.get("/v1/classes", params=params)
+    if case.op == "get":
+        return http.get(label, params=params)
+    if case.op == "delete":
+        return http.delete(label, params=params)
+    return http.delete(f"{label}/examples/{quote(case.example_id, safe='')}", params=params)
+
+
+def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
+    calls: dict[str, Callable[[], object]] = {
+        "classify": lambda: core.classify(case.images, case.namespace, case.top_k),
+        "add": lambda: core.add_examples(case.namespace, case.label, case.images),
+        "list": lambda: core.list_classes(case.namespace),
+        "get": lambda: core.get_class(case.namespace, case.label),
+        "delete": lambda: core.delete_class(case.namespace, case.label),
+        "delete_example": lambda: core.delete_example(case.namespace, case.label, case.example_id),
+    }
+    try:
+        calls[case.op]()
+    except errors.FewshotError as exc:
+        return errors.lookup(GRPC_STATUS, exc)
+    return Code.OK
+
+
+def via_grpc(stub: fewshot_pb2_grpc.FewShotStub, core: FewShotCore, case: Case) -> tuple[Code, int | None]:
+    if case.op != "classify" or case.top_k < 0:
+        return via_core_and_grpc_table(core, case), None
+    request = fewshot_pb2.ClassifyRequest(images=case.images, namespace=case.namespace, top_k=case.top_k)
+    try:
+        response = stub.Classify(request, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code(), None
+    return Code.OK, len(response.results[0].predictions)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_rest_and_grpc_give_the_same_answer_class(clients, stack: ServerStack, case: Case) -> None:
+    http, stub = clients
+    response = via_rest(http, case)
+    code, grpc_results = via_grpc(stub, stack.core, case)
+    assert code == case.expected, (code, case)
+    assert response.status_code in SAME_CLASS[code], (response.status_code, response.text)
+    if code != Code.OK:
+        assert set(response.json()) >= {"error", "message"}
+    if case.results is not None:
+        assert len(response.json()["results"][0]) == case.results
+        if grpc_results is not None:
+            assert grpc_results == case.results
+
+
+class UnmappedError(errors.FewshotError):
+    """A typed error nobody added to either table."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [errors.InvalidInput, errors.ImageError, errors.TooLarge, errors.NotFound,
+     errors.FailedPrecondition, errors.Unavailable, UnmappedError],
+)  # fmt: skip
+def test_the_two_tables_agree_on_every_error_type(error: type[errors.FewshotError]) -> None:
+    instance = error(0, "x") if error is errors.ImageError else error("x")
+    status, _kind = errors.lookup(HTTP_STATUS, instance)
+    assert status in SAME_CLASS[errors.lookup(GRPC_STATUS, instance)]
+    if error is UnmappedError:
+        assert errors.lookup(GRPC_STATUS, instance) == Code.INTERNAL and status == 500
