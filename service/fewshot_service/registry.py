@@ -30,6 +30,7 @@ import numpy as np
 import redis
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from .redis_client import CLUSTER_ERRORS, RedisClient, describe_server
 
 MAX_NAME_CHARS = 128
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
@@ -97,15 +98,14 @@ _SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "T
 
 
 @contextmanager
-def _redis_errors(client: redis.Redis) -> Iterator[None]:
+def _redis_errors(client: RedisClient) -> Iterator[None]:
     """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        where = client.connection_pool.connection_kwargs
-        raise Unavailable(
-            f"Redis at {where.get('host', '?')}:{where.get('port', '?')} is unreachable: {exc}"
-        ) from None
+        raise Unavailable(f"{describe_server(client)} is unreachable: {exc}") from None
+    except CLUSTER_ERRORS as exc:  # e.g. a slot without a master during a failover
+        raise Unavailable(f"{describe_server(client)} is unavailable: {exc}") from None
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
             raise  # a registry script's own answer; the caller translates it
@@ -138,7 +138,7 @@ class Registry:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         key_prefix: str = "fewshot",
         max_examples_per_class: int = DEFAULT_MAX_EXAMPLES_PER_CLASS,
@@ -163,7 +163,7 @@ class Registry:
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, *CLUSTER_ERRORS):
             return False
 
     def add_examples(

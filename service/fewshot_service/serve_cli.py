@@ -26,6 +26,7 @@ _FLAGS: dict[str, str] = {
     "--host": "host",
     "--model": "model",
     "--redis-url": "redis_url",
+    "--redis-cluster": "redis_cluster",
     "--data-dir": "data_dir",
     "--providers": "providers",
     "--max-batch-size": "max_batch_size",
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ONNX model (default models/default.onnx; env FEWSHOT_MODEL)")
     add("--redis-url", metavar="URL",
         help="Redis to keep classes in (env REDIS_URL); none starts a private server in --data-dir")
+    add("--redis-cluster", action="store_true", default=None,
+        help="the Redis URL names a node of a Redis Cluster (env FEWSHOT_REDIS_CLUSTER=true)")
     add("--data-dir", type=Path, metavar="DIR",
         help="where the private Redis keeps its append-only file (default .fewshot; env FEWSHOT_DATA_DIR)")
     add("--providers", metavar="LIST",
