@@ -194,3 +194,27 @@ def serve_process(tmp_path: Path):
     yield start
     for process in started:
         process.stop()
+
+
+# --- Redis Cluster fixtures (issue 16) -------------------------------------------------------------
+# A real 3-master cluster (tests/redis_cluster.py), private to the test run and emptied per test.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A session-wide private 3-master Redis Cluster on free loopback ports."""
+    from redis_cluster import LocalCluster
+
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster) -> str:
+    """URL of one node of the clean private cluster (every master flushed)."""
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster.from_url(redis_cluster.url)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    client.close()
+    return redis_cluster.url

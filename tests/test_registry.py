@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fewshot_service.redis_client import RedisClient, connect_redis
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 
@@ -41,8 +44,61 @@ def rand(n: int, seed: int, dim: int = DIM) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
 
 
+# Every test below that uses Redis runs twice: on one server and on a real 3-master Redis Cluster.
+
+
+@pytest.fixture(params=["server", "cluster"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def registry(redis_client: redis.Redis) -> Registry:
+def redis_url(backend: str, redis_url: str, request: pytest.FixtureRequest) -> str:
+    """Overrides conftest's: the private server's URL, or a node of the private cluster."""
+    return request.getfixturevalue("cluster_url") if backend == "cluster" else redis_url
+
+
+@pytest.fixture
+def connect(backend: str) -> Iterator[Callable[[str], RedisClient]]:
+    """Opens clients as the server does (``--redis-cluster`` on the cluster); closes them after."""
+    opened: list[RedisClient] = []
+
+    def open_client(url: str) -> RedisClient:
+        opened.append(connect_redis(url, cluster=backend == "cluster"))
+        return opened[-1]
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str, connect: Callable[[str], RedisClient]) -> RedisClient:
+    return connect(redis_url)
+
+
+def reset_command_stats(client: RedisClient) -> None:
+    if isinstance(client, RedisCluster):
+        client.config_resetstat(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        client.config_resetstat()
+
+
+def command_calls(client: RedisClient) -> dict[str, int]:
+    """Calls per command since CONFIG RESETSTAT, summed over every master of a cluster."""
+    if isinstance(client, RedisCluster):
+        per_node = client.info("commandstats", target_nodes=RedisCluster.PRIMARIES).values()
+    else:
+        per_node = [client.info("commandstats")]
+    calls: dict[str, int] = {}
+    for stats in per_node:
+        for name, stat in stats.items():
+            calls[name] = calls.get(name, 0) + int(stat["calls"])
+    return calls
+
+
+@pytest.fixture
+def registry(redis_client: RedisClient) -> Registry:
     return Registry(redis_client)
 
 
@@ -132,7 +188,7 @@ def test_namespaces_are_independent(registry: Registry) -> None:
 
 
 def test_tricky_labels_round_trip_verbatim_and_stay_in_their_namespace_slot(
-    registry: Registry, redis_client: redis.Redis
+    registry: Registry, redis_client: RedisClient
 ) -> None:
     namespace = "}{ns*:/ 🐱"
     for seed, label in enumerate(TRICKY_LABELS):
@@ -182,30 +238,30 @@ def test_generation_is_bumped_by_every_change(registry: Registry) -> None:
 
 
 def test_replica_cache_costs_one_round_trip_and_sees_other_replicas_changes(
-    redis_url: str,
+    redis_url: str, connect: Callable[[str], RedisClient]
 ) -> None:
-    client_a, client_b = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+    client_a, client_b = connect(redis_url), connect(redis_url)
     replica_a, replica_b = Registry(client_a), Registry(client_b)
     replica_a.add_examples("default", "cat", rand(3, 13), MODEL)
     first = replica_b.prototypes("default", MODEL)
 
-    client_a.config_resetstat()
+    reset_command_stats(client_a)
     for _ in range(20):
         assert replica_b.prototypes("default", MODEL) is first  # the cached matrix, not a copy
-    stats = client_a.info("commandstats")
-    assert "cmdstat_hgetall" not in stats  # no prototype was fetched again
-    assert stats["cmdstat_hmget"]["calls"] == 20  # one generation check per request
+    calls = command_calls(client_a)
+    assert "cmdstat_hgetall" not in calls  # no prototype was fetched again
+    assert calls["cmdstat_hmget"] == 20  # one generation check per request
 
     replica_a.add_examples("default", "dog", rand(3, 14), MODEL)  # a change through the other replica
     assert replica_b.prototypes("default", MODEL).labels == ["cat", "dog"]
     replica_a.delete_class("default", "cat")
     assert replica_b.prototypes("default", MODEL).labels == ["dog"]
-    client_a.close()
-    client_b.close()
 
 
-def test_64_concurrent_adds_through_two_replicas_lose_nothing(redis_url: str) -> None:
-    replicas = [Registry(redis.Redis.from_url(redis_url)) for _ in range(2)]
+def test_64_concurrent_adds_through_two_replicas_lose_nothing(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    replicas = [Registry(connect(redis_url)) for _ in range(2)]
     shots = rand(64, 15) * np.linspace(0.5, 3.0, 64, dtype=np.float32)[:, None]
     with ThreadPoolExecutor(max_workers=16) as pool:
         infos = list(
@@ -255,9 +311,11 @@ def test_redis_down_is_unavailable_and_the_client_recovers_by_itself(tmp_path: P
         restarted.stop()
 
 
-def test_cache_is_not_fooled_when_redis_loses_its_data(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    writer, reader = Registry(client), Registry(redis.Redis.from_url(redis_url))
+def test_cache_is_not_fooled_when_redis_loses_its_data(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    client = connect(redis_url)
+    writer, reader = Registry(client), Registry(connect(redis_url))
     writer.add_examples("default", "cat", rand(2, 18), MODEL)
     assert reader.prototypes("default").labels == ["cat"]
     client.flushall()  # what a restart of a Redis without persistence looks like
@@ -282,7 +340,7 @@ def prototype_of(registry: Registry, label: str) -> np.ndarray:
     return protos.matrix[protos.labels.index(label)]
 
 
-def test_an_add_over_the_class_cap_is_refused_and_adds_nothing(redis_client: redis.Redis) -> None:
+def test_an_add_over_the_class_cap_is_refused_and_adds_nothing(redis_client: RedisClient) -> None:
     registry = Registry(redis_client, max_examples_per_class=5)
     registry.add_examples("default", "cat", rand(3, 1), MODEL)
     generation = registry.generation("default")
@@ -303,7 +361,7 @@ def test_an_add_over_the_class_cap_is_refused_and_adds_nothing(redis_client: red
 
 
 def test_adds_use_the_running_sum_instead_of_rereading_the_class(
-    registry: Registry, redis_client: redis.Redis
+    registry: Registry, redis_client: RedisClient
 ) -> None:
     first, second = rand(4, 5), rand(2, 6)
     registry.add_examples("default", "cat", first, MODEL)
@@ -328,7 +386,7 @@ def test_deletes_update_the_sum_exactly(registry: Registry) -> None:
 
 
 def test_classes_written_before_sums_existed_still_work(
-    registry: Registry, redis_client: redis.Redis
+    registry: Registry, redis_client: RedisClient
 ) -> None:
     old, new = rand(5, 8), rand(3, 9)
     info = registry.add_examples("default", "cat", old, MODEL)

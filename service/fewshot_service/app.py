@@ -16,10 +16,7 @@ from contextlib import ExitStack
 from types import TracebackType
 
 import grpc
-import redis
 import uvicorn
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from .batcher import BatchConfig
 from .core import FewShotCore
@@ -27,6 +24,7 @@ from .decode_pool import DecodePool
 from fewshot_common.embedder import Embedder
 from fewshot_common.images import ImageLimits
 from .grpc_server import create_grpc_server
+from .redis_client import RedisClient, connect_redis
 from .redis_server import ManagedRedis
 from .registry import Registry
 from .rest import create_app
@@ -37,21 +35,7 @@ log = logging.getLogger(__name__)
 _HTTP_START_TIMEOUT_S = 15.0
 
 
-def connect_redis(url: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A client that fails fast while Redis is away and reconnects by itself when it is back.
-
-    One quick retry covers the usual case of a pooled connection that died with a restarted server.
-    """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
-        health_check_interval=30,
-    )
-
-
-def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
+def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     limits = ImageLimits(
         max_image_bytes=settings.max_image_bytes,
         max_pixels=settings.max_pixels,
@@ -128,7 +112,9 @@ class ServerStack:
             self.managed_redis = ManagedRedis(settings.redis_data_dir, persistent=True)
             self.redis_url = self.managed_redis.start()
             self._cleanup.callback(self.managed_redis.stop)
-        client = connect_redis(self.redis_url, settings.redis_timeout_s)
+        client = connect_redis(
+            self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster
+        )
         self._cleanup.callback(client.close)
 
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)

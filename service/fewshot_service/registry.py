@@ -33,6 +33,7 @@ import redis
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
 from .classifier import PrototypeMatrix
+from .redis_client import CLUSTER_ERRORS, RedisClient
 
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
 MAX_EMBEDDING_DIM = 4096
@@ -98,13 +99,15 @@ _SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "T
 
 
 @contextmanager
-def _redis_errors(client: redis.Redis) -> Iterator[None]:
+def _redis_errors(client: RedisClient) -> Iterator[None]:
     """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         # No address in the message: it reaches clients, and the deployment is not theirs to see.
         raise Unavailable("the class store (Redis) is unreachable; retry later") from None
+    except CLUSTER_ERRORS:  # e.g. a slot without a master during a failover
+        raise Unavailable("the class store (Redis Cluster) is unavailable; retry later") from None
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
             raise  # a registry script's own answer; the caller translates it
@@ -137,7 +140,7 @@ class Registry:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         key_prefix: str = "fewshot",
         max_examples_per_class: int = DEFAULT_MAX_EXAMPLES_PER_CLASS,
@@ -162,7 +165,7 @@ class Registry:
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, *CLUSTER_ERRORS):
             return False
 
     def add_examples(

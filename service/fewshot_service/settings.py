@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fewshot_common.images import ImageLimits
@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("redis_url", "REDIS_URL", "FEWSHOT_REDIS_URL"),
         description="Redis to keep classes in; none starts a private server in data_dir",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="the Redis URL names one node of a Redis Cluster: use the cluster client",
     )
     redis_key_prefix: str = Field(
         default="fewshot", pattern=r"^[^{}]+$", description="prefix of every Redis key (no braces)"
@@ -128,6 +132,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_url(self) -> "Settings":
+        # The private server that starts without a URL is a single node, never a cluster.
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("redis_cluster needs a Redis URL naming a node of the cluster")
+        return self
 
     @property
     def redis_data_dir(self) -> Path:

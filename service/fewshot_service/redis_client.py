@@ -1,0 +1,44 @@
+"""The Redis client the server talks through: one server (``redis.Redis``) or a Redis Cluster.
+
+Both expose what the registry uses (Lua scripts, one-key hash commands, a MULTI pipeline whose
+keys share one hash tag), so the registry takes either. A cluster client needs only one node's URL:
+it learns the other nodes and the slot map from it, and relearns them after a failover.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+RedisClient: TypeAlias = redis.Redis | RedisCluster
+
+# Cluster-only failures that are not redis.RedisError (SlotNotCoveredError, while a failover has left
+# a slot without a master, is one): the registry answers them as Unavailable too.
+CLUSTER_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.RedisClusterException,)
+
+
+def connect_redis(url: str, timeout_s: float = 2.0, *, cluster: bool = False) -> RedisClient:
+    """A client that fails fast while Redis is away and reconnects by itself when it is back.
+
+    One quick retry covers the usual case of a pooled connection that died with a restarted server.
+    A cluster client gets two: the first retry after a connection error also refreshes the slot map,
+    which is how it finds the replica promoted in a failover.
+    """
+    backoff = ExponentialBackoff(cap=0.2, base=0.05)
+    options = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 30,
+    }
+    if cluster:
+        try:
+            # Connects at once: it must read the slot map from a node before any command.
+            return RedisCluster.from_url(url, retry=Retry(backoff, retries=2), **options)
+        except (redis.exceptions.RedisError, *CLUSTER_ERRORS) as exc:
+            raise RuntimeError(f"cannot use the Redis Cluster named by the Redis URL: {exc}") from None
+    return redis.Redis.from_url(url, retry=Retry(backoff, retries=1), **options)
+
