@@ -23,8 +23,9 @@ from redis.retry import Retry
 
 from .batcher import BatchConfig
 from .core import FewShotCore
-from fewshot_common.embedder import Embedder
+from fewshot_common.embedder import Embedder, default_providers
 from fewshot_common.images import ImageLimits
+from fewshot_common.variants import choose_model_file
 from .grpc_server import create_grpc_server
 from .redis_server import ManagedRedis
 from .registry import Registry
@@ -56,9 +57,11 @@ def build_core(settings: Settings, client: redis.Redis) -> FewShotCore:
         max_pixels=settings.max_pixels,
         max_images=settings.max_images,
     )
+    providers = settings.providers or default_providers()
+    served = choose_model_file(settings.model_path(), settings.precision, providers)
     embedder = Embedder(
-        settings.model_path(),
-        providers=settings.providers or None,
+        served.path,
+        providers=providers,
         limits=limits,
         intra_op_threads=settings.intra_op_threads,
         max_batch_size=settings.max_batch_size,

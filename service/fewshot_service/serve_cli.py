@@ -25,6 +25,7 @@ _FLAGS: dict[str, str] = {
     "--http-port": "http_port",
     "--host": "host",
     "--model": "model",
+    "--precision": "precision",
     "--redis-url": "redis_url",
     "--data-dir": "data_dir",
     "--providers": "providers",
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", help="address to listen on (default 0.0.0.0; env FEWSHOT_HOST)")
     add("--model", type=Path, metavar="PATH",
         help="ONNX model (default models/default.onnx; env FEWSHOT_MODEL)")
+    add("--precision", choices=("auto", "fp32", "int8", "fp16"),
+        help="serve this checked variant of the model (NAME.int8.onnx next to it); default auto: "
+        "the fastest for the host (env FEWSHOT_PRECISION)")
     add("--redis-url", metavar="URL",
         help="Redis to keep classes in (env REDIS_URL); none starts a private server in --data-dir")
     add("--data-dir", type=Path, metavar="DIR",
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1
         print(
-            f"fewshot serve: model {stack.core.model_id if stack.core else '?'}; "
+            f"fewshot serve: model {stack.core.model_id if stack.core else '?'} "
+            f"({stack.core.embedder.meta.precision if stack.core else '?'}); "
             f"gRPC on {settings.host}:{stack.grpc_port}, HTTP on http://{settings.host}:{stack.http_port} "
             f"(docs at /docs); Redis {stack.redis_url}",
             flush=True,

@@ -7,7 +7,7 @@ Flags win over environment variables, which win over the defaults below. Environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +23,11 @@ class Settings(BaseSettings):
 
     model: Path | None = Field(
         default=None, description=f"ONNX model to serve (default: {DEFAULT_MODEL})"
+    )
+    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        default="auto",
+        description="which checked variant of the model to serve (NAME.int8.onnx next to it); "
+        "auto: the fastest for the host (int8 on CPU, fp16 on GPU, else the file itself)",
     )
     redis_url: str | None = Field(
         default=None,
