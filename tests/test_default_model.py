@@ -48,3 +48,23 @@ def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
     # 37.7 (model card). The bounds sit ~6 points below, well above chance and the random network.
     assert scores["5way5shot"]["mean"] > 36.0
     assert scores["5way1shot"]["mean"] > 28.0
+
+
+def test_shipped_int8_variant_is_the_checked_default_on_cpu() -> None:
+    """`models/default.int8.onnx` was written by `fewshot export --from-onnx models/default.onnx
+    --precision int8 --check-data <fewshot-dev>`; the server serves it on a CPU by default."""
+    from fewshot_common.variants import choose_model_file, variant_path
+
+    served = choose_model_file(MODEL, "auto", ["CPUExecutionProvider"])
+    assert served.path == variant_path(MODEL, "int8")
+    assert served.meta.model_id == Embedder(MODEL).model_id
+    check = served.meta.variant_check
+    assert check["check_images"] == 2500  # the whole dev set
+    for protocol in ("5way5shot", "allway5shot"):
+        assert check[f"{protocol}_fp32"] - check[f"{protocol}_variant"] <= 0.5
+    # The stored check still describes the file: its embeddings match fp32's on fresh inputs.
+    pre = served.meta.preprocess
+    pixels = np.random.default_rng(1).normal(size=(8, 3, pre.input_size, pre.input_size))
+    pixels = pixels.astype(np.float32)
+    cosines = np.sum(Embedder(MODEL).embed_array(pixels) * Embedder(served.path).embed_array(pixels), 1)
+    assert cosines.min() > 0.95

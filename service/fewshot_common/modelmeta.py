@@ -23,6 +23,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos"]
+# Numeric precision of a graph's weights and arithmetic. A variant (int8, fp16) is derived from an
+# fp32 export by `fewshot export --precision` and checked against it before it is written.
+Precision = Literal["fp32", "int8", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,13 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Everything the server needs to know about an exported embedding model."""
+    """Everything the server needs to know about an exported embedding model.
+
+    ``model_id`` names the *embedding space*: the registry refuses to mix embeddings of two ids.
+    A precision variant keeps its fp32 parent's ``model_id`` (its embeddings passed a cosine and
+    few-shot check against the parent's, so fp32 and int8 replicas can share classes) and gets
+    its own content hash in ``variant_id``; ``variant_check`` records what that check measured.
+    """
 
     model_id: str
     arch: str
@@ -65,9 +75,33 @@ class ModelMeta:
     embedding: str = "cls"
     extra: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    precision: Precision = "fp32"
+    variant_id: str = ""  # content hash of a variant's graph; "" for the fp32 export itself
+    variant_check: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.precision != "fp32" and not self.variant_id:
+            raise ValueError(f"a {self.precision} variant needs a variant_id")
+
+    @property
+    def is_variant(self) -> bool:
+        return self.precision != "fp32"
+
+    @property
+    def file_id(self) -> str:
+        """Names this exact file (logs, metrics): the variant's hash, or the model id for fp32."""
+        return self.variant_id or self.model_id
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        raw = asdict(self)
+        if not self.is_variant:
+            # An fp32 export writes exactly the fields it always did, so its content-hash id (and
+            # what older readers accept) does not change.
+            for key in ("precision", "variant_id", "variant_check"):
+                raw.pop(key)
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMeta":

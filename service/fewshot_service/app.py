@@ -18,11 +18,13 @@ from types import TracebackType
 import grpc
 import uvicorn
 
+from fewshot_common.embedder import Embedder, default_providers
+from fewshot_common.images import ImageLimits
+from fewshot_common.variants import choose_model_file
+
 from .batcher import BatchConfig
 from .core import FewShotCore
 from .decode_pool import DecodePool
-from fewshot_common.embedder import Embedder
-from fewshot_common.images import ImageLimits
 from .grpc_server import create_grpc_server
 from .redis_client import RedisClient, connect_redis
 from .redis_server import ManagedRedis
@@ -44,9 +46,11 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         max_decoded_bytes=settings.max_decoded_bytes,
         max_request_pixels=settings.max_request_pixels,
     )
+    providers = settings.providers or default_providers()
+    served = choose_model_file(settings.model_path(), settings.precision, providers)
     embedder = Embedder(
-        settings.model_path(),
-        providers=settings.providers or None,
+        served.path,
+        providers=providers,
         limits=limits,
         intra_op_threads=settings.intra_op_threads,
         max_batch_size=settings.max_batch_size,

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1
         print(
-            f"fewshot serve: model {stack.core.model_id if stack.core else '?'}; "
+            f"fewshot serve: model {stack.core.model_id if stack.core else '?'} "
+            f"({stack.core.embedder.meta.precision if stack.core else '?'}); "
             f"gRPC on {settings.host}:{stack.grpc_port}, HTTP on http://{settings.host}:{stack.http_port} "
             f"(docs at /docs); Redis {stack.redis_url}",
             flush=True,

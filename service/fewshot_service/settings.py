@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     model: Path | None = Field(
         default=None, description=f"ONNX model to serve (none: {DEFAULT_MODEL} in the working directory or the checkout)"
     )
+    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        default="auto",
+        description="which checked variant of the model to serve (NAME.int8.onnx next to it); "
+        "auto: the fastest for the host (int8 on CPU, fp16 on GPU, else the file itself)",
+    )
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("redis_url", "REDIS_URL", "FEWSHOT_REDIS_URL"),

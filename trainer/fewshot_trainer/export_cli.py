@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from fewshot_common.image_files import list_image_files
+from fewshot_common.modelmeta import PRECISIONS
+from fewshot_common.variants import variant_path
 
 from .export import (
     ENCODER_KEYS,
@@ -24,13 +26,69 @@ from .export import (
     pooled_embeddings,
     whitening_projection,
 )
+from .variants import CheckThresholds, write_variant
 from .vit import ARCHS, build_vit, get_arch
 
 DEFAULT_ARCH = "vit_tiny_p8_64"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="where to write the .onnx file (required, except with --from-onnx: then the variant "
+        "goes next to that file as NAME.PRECISION.onnx)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default); int8 or fp16 also write a variant next to the fp32 file "
+        "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
+        "--check-data); the server serves the fastest checked variant for its hardware",
+    )
+    parser.add_argument(
+        "--from-onnx",
+        type=Path,
+        metavar="FP32_ONNX",
+        help="derive the --precision variant from this existing fp32 export instead of exporting",
+    )
+    parser.add_argument(
+        "--int8-method",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic: int8 weights, activations quantized per batch (default, needs no data); "
+        "static: QDQ with activation ranges calibrated on --calibration-data, per-channel weights",
+    )
+    parser.add_argument(
+        "--calibration-data", type=Path, help="folder of unlabelled images for static int8"
+    )
+    parser.add_argument(
+        "--check-data",
+        type=Path,
+        help="folder-per-class labelled images: the variant must match fp32 on the few-shot protocol",
+    )
+    defaults = CheckThresholds()
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=defaults.min_cosine,
+        help=f"refuse a variant whose embedding of any checked image has a lower cosine to fp32's "
+        f"(default {defaults.min_cosine})",
+    )
+    parser.add_argument(
+        "--mean-cosine",
+        type=float,
+        default=defaults.mean_cosine,
+        help=f"refuse a variant whose mean cosine to fp32 is lower (default {defaults.mean_cosine})",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=defaults.max_accuracy_drop,
+        help="refuse a variant more than this many points below fp32 on 5-way 5-shot or all-way "
+        f"5-shot of --check-data (default {defaults.max_accuracy_drop})",
+    )
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -124,7 +182,30 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _write_variant(args: argparse.Namespace, parent: Path, output: Path) -> None:
+    thresholds = CheckThresholds(args.min_cosine, args.mean_cosine, args.max_accuracy_drop)
+    meta = write_variant(
+        parent,
+        args.precision,
+        output,
+        int8_method=args.int8_method,
+        calibration_data=args.calibration_data,
+        check_data=args.check_data,
+        thresholds=thresholds,
+        seed=args.seed,
+    )
+    check = ", ".join(f"{key} {value:g}" for key, value in meta.variant_check.items())
+    print(f"wrote {output}: {meta.precision} variant {meta.variant_id} of {meta.model_id}; check: {check}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.from_onnx is not None:
+        if args.precision == "fp32":
+            raise ExportError("--from-onnx derives a variant: give --precision int8 or fp16")
+        _write_variant(args, args.from_onnx, args.output or variant_path(args.from_onnx, args.precision))
+        return 0
+    if args.output is None:
+        raise ExportError("--output is required (except with --from-onnx)")
     torch.manual_seed(args.seed)
     extra = {"pool": args.pool}
     if args.checkpoint is None:
@@ -183,4 +264,6 @@ def _run(args: argparse.Namespace) -> int:
         f"wrote {args.output}: model_id {meta.model_id}, {meta.embedding_dim}-d ({meta.embedding}), "
         f"input {preprocess.input_size} px (resize {preprocess.resize_size}, {preprocess.interpolation})"
     )
+    if args.precision != "fp32":
+        _write_variant(args, args.output, variant_path(args.output, args.precision))
     return 0
