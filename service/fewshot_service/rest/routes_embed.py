@@ -1,0 +1,22 @@
+"""/v1/embed: the embedding of each uploaded image (the REST twin of gRPC ``Embed``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images
+from .schemas import EmbedBody, error_responses
+
+router = APIRouter(tags=["classify"])
+
+
+@router.post(
+    "/v1/embed",
+    response_model=EmbedBody,
+    responses=error_responses(400, 413, 422, 503),
+    openapi_extra=IMAGE_UPLOAD_OPENAPI,
+    summary="Embed images: one L2-normalised vector per image (what classes are built from)",
+)
+def embed(images: Images, core: Core) -> EmbedBody:
+    vectors = core.embed(images.contents)
+    return EmbedBody(model_id=core.model_id, dim=int(vectors.shape[1]), embeddings=vectors.tolist())
