@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from fewshot_common import errors
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .core import FewShotCore
+from .grpc_access_log import AccessLogInterceptor
 from .settings import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def create_grpc_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fewshot-grpc"),
+        interceptors=[AccessLogInterceptor()],  # a log line and metrics per call
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
