@@ -43,8 +43,6 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # any path no route serves: one label, whatever was asked
 KEY_NAME_STATE = "api_key_name"  # request.state attribute the auth layer sets
-
-
 ROUTE_NOTE = "fewshot.route"  # scope key: a dict shared by every copy of the scope downstream
 
 
