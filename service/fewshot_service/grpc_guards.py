@@ -3,7 +3,7 @@ that run at once, and a cancellation handle that follows the call's deadline and
 
 * grpcio answers INTERNAL, and logs a traceback per call, when a request deserializer raises.
   :func:`add_leniently_parsed_servicer` registers the methods with a deserializer that returns an
-  :class:`UndecodableRequest` instead, which :func:`refuse_undecodable` turns into
+  :class:`UndecodableRequest` instead, which :class:`UndecodableRequests` turns into
   INVALID_ARGUMENT (warned once in the log, then only counted). Protobuf's own UTF-8 check on
   string fields (a namespace of invalid UTF-8 bytes) fails here too.
 * :class:`CallSlots` admits at most N FewShot calls at once; the gRPC thread pool is larger, so
@@ -84,28 +84,28 @@ def add_leniently_parsed_servicer(
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-_warned_lock = threading.Lock()
-_warned = False
+class UndecodableRequests:
+    """Refuses undecodable requests; the first one a server sees is logged, the rest counted."""
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._warned = False
 
-def refuse_undecodable(
-    request: UndecodableRequest, context: grpc.ServicerContext, method: str
-) -> None:
-    """Abort with INVALID_ARGUMENT; the first such request is logged, the rest only counted."""
-    global _warned
-    UNDECODABLE_REQUESTS.labels(method).inc()
-    with _warned_lock:
-        first, _warned = not _warned, True
-    if first:
-        log.warning(
-            "a %s request was not a valid %s message (%s); answering INVALID_ARGUMENT. Further "
-            "ones are counted in fewshot_grpc_undecodable_requests_total, not logged",
-            method, request.message_type, request.reason,
-        )  # fmt: skip
-    context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"the request is not a valid {request.message_type} message: {request.reason}",
-    )
+    def refuse(self, request: UndecodableRequest, context: grpc.ServicerContext, method: str) -> None:
+        """Abort the call with INVALID_ARGUMENT (raises, like ``context.abort``)."""
+        UNDECODABLE_REQUESTS.labels(method).inc()
+        with self._lock:
+            first, self._warned = not self._warned, True
+        if first:
+            log.warning(
+                "a %s request was not a valid %s message (%s); answering INVALID_ARGUMENT. Further "
+                "ones are counted in fewshot_grpc_undecodable_requests_total, not logged",
+                method, request.message_type, request.reason,
+            )  # fmt: skip
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {request.message_type} message: {request.reason}",
+        )
 
 
 class CallSlots:

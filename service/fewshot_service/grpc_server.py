@@ -60,7 +60,7 @@ def _translate_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
         if isinstance(request, guards.UndecodableRequest):
-            guards.refuse_undecodable(request, context, handler.__name__)
+            self.undecodable.refuse(request, context, handler.__name__)
         if not self.slots.try_enter():
             guards.BUSY_REFUSALS.labels(handler.__name__).inc()
             context.abort(
@@ -84,6 +84,7 @@ class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
     def __init__(self, core: FewShotCore, max_concurrent_calls: int = DEFAULT_MAX_WORKERS) -> None:
         self.core = core
         self.slots = guards.CallSlots(max_concurrent_calls)
+        self.undecodable = guards.UndecodableRequests()
 
     @_translate_errors
     def Embed(
