@@ -228,6 +228,15 @@ def test_a_request_that_never_completes_its_headers_is_closed(stack: ServerStack
     assert httpx.get(f"http://127.0.0.1:{stack.http_port}/healthz", timeout=5).status_code == 200
 
 
+def test_half_of_a_second_request_on_a_kept_alive_connection_is_closed(stack: ServerStack) -> None:
+    """Uvicorn's keep-alive timer stops at the next request's first byte; ours starts there."""
+    with connect(stack) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /hea")
+        assert seconds_until_closed(sock) < HEADER_TIMEOUT_S + 1.5
+
+
 def test_a_body_that_stops_arriving_is_closed_and_adds_nothing(
     stack: ServerStack, http: httpx.Client
 ) -> None:
