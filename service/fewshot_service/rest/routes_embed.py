@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, RequestCancellation, StrictQuery
 from .schemas import EmbedBody, error_responses
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 
 
 @router.post(
@@ -17,6 +17,6 @@ router = APIRouter(tags=["classify"])
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Embed images: one L2-normalised vector per image (what classes are built from)",
 )
-def embed(images: Images, core: Core) -> EmbedBody:
-    vectors = core.embed(images.contents)
+def embed(images: Images, core: Core, cancellation: RequestCancellation) -> EmbedBody:
+    vectors = core.embed(images.contents, cancellation=cancellation)
     return EmbedBody(model_id=core.model_id, dim=int(vectors.shape[1]), embeddings=vectors.tolist())
