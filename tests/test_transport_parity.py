@@ -65,6 +65,7 @@ class Case:
     label: str = "c0"
     example_id: str = "1"
     top_k: int = 0
+    unknown_rate: float = 0.0
     images: list[bytes] = field(default_factory=lambda: [RED])
     results: int | None = None  # classify: predictions per image when it succeeds
 
@@ -77,6 +78,11 @@ CASES = [
     Case("top_k over 1000", "classify", Code.INVALID_ARGUMENT, top_k=1001),
     Case("top_k 0 means 5", "classify", Code.OK, top_k=0, results=5),
     Case("top_k 1000 is allowed", "classify", Code.OK, top_k=1000, results=len(CLASSES)),
+    Case("unknown_rate negative", "classify", Code.INVALID_ARGUMENT, unknown_rate=-0.5),
+    Case("unknown_rate 1", "classify", Code.INVALID_ARGUMENT, unknown_rate=1.0),
+    Case("unknown_rate over 1", "classify", Code.INVALID_ARGUMENT, unknown_rate=2.0),
+    Case("unknown_rate 0 means the default", "classify", Code.OK, unknown_rate=0.0, results=5),
+    Case("unknown_rate 0.5 is allowed", "classify", Code.OK, unknown_rate=0.5, results=5),
     Case("undecodable image", "classify", Code.INVALID_ARGUMENT, images=[RED, b"not an image"]),
     Case("undecodable image (add)", "add", Code.INVALID_ARGUMENT, images=[b"\x89PNG broken"]),
     Case("no images", "classify", Code.INVALID_ARGUMENT, images=[]),
@@ -118,7 +124,8 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
     label = f"/v1/classes/{quote(case.label, safe='')}"
     uploads = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(case.images)]
     if case.op == "classify":
-        return http.post("/v1/classify", params={**params, "top_k": case.top_k}, files=uploads or None)
+        query = {**params, "top_k": case.top_k, "unknown_rate": case.unknown_rate}
+        return http.post("/v1/classify", params=query, files=uploads or None)
     if case.op == "add":
         return http.post(f"{label}/examples", params=params, files=uploads)
     if case.op == "list":
@@ -132,7 +139,7 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
 
 def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
     calls: dict[str, Callable[[], object]] = {
-        "classify": lambda: core.classify(case.images, case.namespace, case.top_k),
+        "classify": lambda: core.classify_open_set(case.images, case.namespace, case.top_k, case.unknown_rate),
         "add": lambda: core.add_examples(case.namespace, case.label, case.images),
         "list": lambda: core.list_classes(case.namespace),
         "get": lambda: core.get_class(case.namespace, case.label),
@@ -149,7 +156,9 @@ def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
 def via_grpc(stub: fewshot_pb2_grpc.FewShotStub, core: FewShotCore, case: Case) -> tuple[Code, int | None]:
     if case.op != "classify" or case.top_k < 0:
         return via_core_and_grpc_table(core, case), None
-    request = fewshot_pb2.ClassifyRequest(images=case.images, namespace=case.namespace, top_k=case.top_k)
+    request = fewshot_pb2.ClassifyRequest(
+        images=case.images, namespace=case.namespace, top_k=case.top_k, unknown_rate=case.unknown_rate
+    )
     try:
         response = stub.Classify(request, timeout=30)
     except grpc.RpcError as exc:
