@@ -8,6 +8,7 @@ whichever door it came through. The registry below trusts the names it is given.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import InvalidInput, NotFound
+from fewshot_common.errors import InvalidInput, NotFound, Unavailable
 from fewshot_common.images import load_batch
 
 from . import inference_metrics as metrics
@@ -29,6 +30,8 @@ from .shot_quality import example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .registry import ClassInfo, ClassSummary, Registry
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "default"
 MAX_TOP_K = 1000
@@ -186,7 +189,11 @@ class FewShotCore:
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id)
-        snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        try:
+            snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
+            log.warning("added %d examples, but could not re-read the class for warnings", len(images))
+            return info
         if label not in snapshot.labels:  # deleted by another request in between
             return info
         warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
