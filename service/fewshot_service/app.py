@@ -26,6 +26,7 @@ from .batcher import BatchConfig
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
+from .http_timeouts import timed_http_protocol
 from .redis_client import RedisClient, connect_redis
 from .redis_server import ManagedRedis
 from .registry import Registry
@@ -132,13 +133,17 @@ class ServerStack:
             host=settings.host,
             port=settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
+            max_workers=settings.grpc_workers,
         )
         self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
 
         sock = _bind(settings.host, settings.http_port)
         self.http_port = int(sock.getsockname()[1])
         app = create_app(self.core, max_request_bytes=settings.max_request_bytes)
-        config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level=settings.log_level, access_log=False, lifespan="off",
+            http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
+        )  # fmt: skip
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
         self._http_thread = threading.Thread(

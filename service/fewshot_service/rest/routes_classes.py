@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Annotated
-from urllib.parse import unquote
 
 from fastapi import APIRouter, Path
 
 from ..core import MAX_NAME_CHARS, resolve_namespace
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, TopK
+from .dependencies import (
+    IMAGE_UPLOAD_OPENAPI,
+    Core,
+    Images,
+    Namespace,
+    RequestCancellation,
+    StrictQuery,
+    TopK,
+    decode_path_param,
+)
 from .schemas import (
     AddedBody,
     ClassDetailBody,
@@ -30,7 +38,7 @@ from .schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/v1/classes", tags=["classes"])
+router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQuery])
 
 # Described for the schema (lengths of the percent-decoded value); the core checks them.
 Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
@@ -47,8 +55,15 @@ ExampleId = Annotated[str, Path(description="an example id, as returned on uploa
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Add one or more example images to a class (created on first use)",
 )
-def add_examples(label: Label, images: Images, core: Core, namespace: Namespace = None) -> AddedBody:
-    info = core.add_examples(namespace, unquote(label), images.contents)
+def add_examples(
+    label: Label,
+    images: Images,
+    core: Core,
+    cancellation: RequestCancellation,
+    namespace: Namespace = None,
+) -> AddedBody:
+    label = decode_path_param(label, "label")
+    info = core.add_examples(namespace, label, images.contents, cancellation)
     return AddedBody(
         namespace=resolve_namespace(namespace),
         label=info.label,
@@ -77,7 +92,7 @@ def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     summary="The classes this class is most easily confused with (most similar prototypes first)",
 )
 def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ConfusionsBody:
-    label = unquote(label)
+    label = decode_path_param(label, "label")
     found = core.class_confusions(namespace, label, top_k)
     return ConfusionsBody(
         namespace=resolve_namespace(namespace),
@@ -93,7 +108,7 @@ def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k:
     summary="A class's examples, each with its consistency with the class (leave-one-out)",
 )
 def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassDetailBody:
-    info = core.get_class(namespace, unquote(label))
+    info = core.get_class(namespace, decode_path_param(label, "label"))
     return ClassDetailBody(
         namespace=resolve_namespace(namespace),
         label=info.label,
@@ -116,7 +131,8 @@ def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassDet
 def delete_example(
     label: Label, example_id: ExampleId, core: Core, namespace: Namespace = None
 ) -> DeletedExampleBody:
-    label, example_id = unquote(label), unquote(example_id)
+    label = decode_path_param(label, "label")
+    example_id = decode_path_param(example_id, "example id")
     info = core.delete_example(namespace, label, example_id)
     return DeletedExampleBody(
         namespace=resolve_namespace(namespace),
@@ -132,6 +148,6 @@ def delete_example(
     "/{label:path}", response_model=DeletedClassBody, responses=error_responses(404, 422, 503)
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
-    label = unquote(label)
+    label = decode_path_param(label, "label")
     core.delete_class(namespace, label)
     return DeletedClassBody(namespace=resolve_namespace(namespace), label=label)

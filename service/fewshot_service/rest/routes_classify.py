@@ -6,10 +6,11 @@ from fastapi import APIRouter
 
 from ..core import resolve_namespace
 from ..open_set import resolve_unknown_rate
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, TopK, UnknownRate
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, RequestCancellation, StrictQuery, TopK
+from .dependencies import UnknownRate
 from .schemas import ClassifyBody, PredictionBody, error_responses
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 
 
 @router.post(
@@ -21,9 +22,14 @@ router = APIRouter(tags=["classify"])
     "flag the ones that match none (unknown)",
 )
 def classify(
-    images: Images, core: Core, namespace: Namespace = None, top_k: TopK = 0, unknown_rate: UnknownRate = 0
+    images: Images,
+    core: Core,
+    cancellation: RequestCancellation,
+    namespace: Namespace = None,
+    top_k: TopK = 0,
+    unknown_rate: UnknownRate = 0,
 ) -> ClassifyBody:
-    results = core.classify_open_set(images.contents, namespace, top_k, unknown_rate)
+    results = core.classify_open_set(images.contents, namespace, top_k, unknown_rate, cancellation)
     return ClassifyBody(
         namespace=resolve_namespace(namespace),
         model_id=core.model_id,
