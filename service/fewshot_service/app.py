@@ -68,7 +68,10 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         workers=settings.batch_workers,
     )
     decode_pool = DecodePool(settings.decode_workers, max_queued=settings.decode_queue)
-    return FewShotCore(embedder, registry, batching=batching, decode_pool=decode_pool)
+    return FewShotCore(
+        embedder, registry, batching=batching, decode_pool=decode_pool,
+        unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
+    )  # fmt: skip
 
 
 def _bind(host: str, port: int) -> socket.socket:

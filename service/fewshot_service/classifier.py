@@ -19,6 +19,8 @@ DEFAULT_TOP_K = 5
 class Prediction:
     label: str
     score: float
+    # P(this label is right), from the score's margin over the best other class (open_set.py).
+    confidence: float | None = None
 
 
 class PrototypeMatrix:

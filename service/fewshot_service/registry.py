@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import redis
@@ -34,6 +34,9 @@ from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Un
 
 from .classifier import PrototypeMatrix
 from .redis_client import CLUSTER_ERRORS, RedisClient
+
+if TYPE_CHECKING:
+    from .shot_quality import ExampleQuality, ShotWarning
 
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
 MAX_EMBEDDING_DIM = 4096
@@ -54,6 +57,9 @@ class ClassInfo:
     example_ids: list[str]
     # Only set by add_examples: the ids given to this call's examples, in request order.
     added_example_ids: list[str] = field(default_factory=list)
+    # Set by the core (shot_quality.py): add_examples' warnings, get_class's per-example fit.
+    warnings: "list[ShotWarning]" = field(default_factory=list)
+    examples: "list[ExampleQuality]" = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,20 @@ class PrototypeSet:
     def matrix(self) -> np.ndarray:
         """[C, D] float32 in ``labels`` order: means of unit vectors (not re-normalised)."""
         return self.classifier.prototypes
+
+
+@dataclass(frozen=True)
+class ExampleSnapshot:
+    """A namespace's classes at one state: every prototype, and the example embeddings of the
+    classes asked for (the others hold none here). Lists are in ``labels`` order (sorted)."""
+
+    labels: list[str]
+    means: np.ndarray  # [C, D] float32: each class's mean of unit embeddings (its prototype row)
+    counts: np.ndarray  # [C] examples per class (all of them, also where fewer were fetched)
+    example_ids: list[list[str]]  # fetched ids per class, in id order
+    embeddings: list[np.ndarray]  # [n_c, D] unit float32 rows, matching example_ids
+    epoch: str
+    generation: int
 
 
 def _encode(name: str) -> str:
@@ -301,6 +321,53 @@ class Registry:
             epoch=_text(epoch or b""),
         )
 
+    def example_snapshot(
+        self, namespace: str, max_per_class: int | None = None, only_label: str | None = None
+    ) -> ExampleSnapshot:
+        """Prototypes and example embeddings of ``namespace`` as of one state (two pipelined
+        round trips, retried while a write lands between them): every class's examples, or only
+        ``only_label``'s; at most ``max_per_class`` per class, spread evenly over the ids."""
+        keys = self._keys(namespace)
+        for _attempt in range(3):
+            with _redis_errors(self._client):
+                pipe = self._client.pipeline(transaction=True)
+                pipe.hmget(keys.state, "epoch", "generation")
+                pipe.hgetall(keys.prototypes)
+                pipe.hgetall(keys.counts)
+                version, raw_means, raw_counts = pipe.execute()
+                labels = sorted(_decode(f) for f in raw_means)
+                wanted = [label for label in labels if only_label in (None, label)]
+                pipe = self._client.pipeline(transaction=True)
+                pipe.hmget(keys.state, "epoch", "generation")
+                for label in wanted:
+                    pipe.hgetall(keys.examples(label))
+                version_after, *raw_examples = pipe.execute()
+            if version_after == version:
+                break
+        fetched = dict(zip(wanted, raw_examples))
+        dim = len(next(iter(raw_means.values()))) // _FLOAT32_LE.itemsize if raw_means else 0
+        means = [np.frombuffer(raw_means[_encode(label).encode()], _FLOAT32_LE) for label in labels]
+        counts = [int(raw_counts.get(_encode(label).encode(), 0)) for label in labels]
+        example_ids, embeddings = [], []
+        for label in labels:
+            blobs = {_text(k): v for k, v in fetched.get(label, {}).items()}
+            ids = _sample_evenly(sorted(blobs, key=lambda i: (len(i), i)), max_per_class)
+            rows = [np.frombuffer(blobs[i], _FLOAT32_LE) for i in ids]
+            matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+            norms = np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+            example_ids.append(ids)
+            embeddings.append((matrix / norms).astype(np.float32))
+        epoch, generation = version_after
+        return ExampleSnapshot(
+            labels=labels,
+            means=np.stack(means) if means else np.zeros((0, 0), np.float32),
+            counts=np.asarray(counts, dtype=np.int64),
+            example_ids=example_ids,
+            embeddings=embeddings,
+            epoch=_text(epoch or b""),
+            generation=int(generation or 0),
+        )
+
     def _keys(self, namespace: str) -> _NamespaceKeys:
         return _NamespaceKeys(self._prefix, namespace)
 
@@ -354,6 +421,13 @@ class Registry:
                 f"namespace {namespace!r} holds {detail}-dimensional embeddings; these differ"
             )
         return Unavailable(f"Redis refused the request: {exc}")
+
+
+def _sample_evenly(ids: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` of ``ids``, spread evenly over them: the same choice on every replica."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
 
 
 def _text(value: bytes | str | int) -> str:

@@ -111,6 +111,15 @@ class Settings(BaseSettings):
     max_examples_per_class: int = Field(
         default=1000, gt=0, description="examples a class may hold; an add beyond is refused (409)"
     )
+    # Open set and shot quality (open_set.py, shot_quality.py).
+    unknown_rate: float = Field(
+        default=0.05, gt=0, lt=1,
+        description="share of images of registered classes flagged unknown when a request sets none",
+    )
+    duplicate_similarity: float = Field(
+        default=0.98, gt=0, le=1,
+        description="cosine at which a new example is reported as a near-duplicate of its class's",
+    )
 
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(
