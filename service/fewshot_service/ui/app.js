@@ -313,7 +313,10 @@ function init() {
     });
   });
 
-  dropZone($("classify-drop"), $("classify-files"), (files) => files.length && run(() => classify(files[0])));
+  dropZone($("classify-drop"), $("classify-files"), (files) => {
+    if (files.length) run(() => classify(files[0]));
+    $("classify-files").value = ""; // choosing the same file again must classify it again
+  });
   document.addEventListener("paste", (event) => {
     const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
     if (file) run(() => classify(file));
