@@ -3,16 +3,25 @@
 ``score`` is the cosine similarity in [-1, 1] between the image's L2-normalised embedding and the
 re-normalised class prototype (the mean of the class's normalised example embeddings). It is not
 a calibrated probability.
+
+A :class:`PrototypeMatrix` is immutable for its readers, yet a change of a few classes costs
+O(changed x D), not a copy of every row: rows live in a growable buffer (:class:`_RowStore`) that
+only the newest version appends to. A changed class gets a fresh row at the end and its old row is
+masked out, so an older version still reading the buffer sees exactly the rows it had.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from functools import cached_property
+from typing import Mapping, Sequence
 
 import numpy as np
 
 DEFAULT_TOP_K = 5
+# Rebuild compactly once masked-out rows outnumber the live ones (they cost matmul time).
+_MIN_ROWS_BEFORE_COMPACTING = 64
 
 
 @dataclass(frozen=True)
@@ -21,47 +30,174 @@ class Prediction:
     score: float
 
 
+class _RowStore:
+    """Append-only rows shared by successive versions of one namespace's matrix.
+
+    Slots below ``used`` are never written again, so every version that read ``[:n]`` keeps
+    seeing the same rows; only the version whose ``n == used`` (the newest) may append.
+    """
+
+    def __init__(self, capacity: int, dim: int) -> None:
+        self.unit = np.zeros((max(capacity, 1), dim), dtype=np.float32)  # re-normalised rows
+        self.norms = np.zeros(max(capacity, 1), dtype=np.float32)  # of the class means
+        self.labels: list[str] = []  # per slot, appended in step with the rows
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def append(self, rows: np.ndarray, labels: Sequence[str]) -> None:
+        """Caller holds ``lock`` and has checked there is room."""
+        start, end = self.used, self.used + len(rows)
+        norms = np.linalg.norm(rows, axis=1)
+        self.unit[start:end] = rows / np.maximum(norms, 1e-12)[:, None]
+        self.norms[start:end] = norms
+        self.labels.extend(labels)
+        self.used = end
+
+
 class PrototypeMatrix:
-    """Class prototypes prepared once for many queries: rows re-normalised, sorted by label.
+    """Class prototypes prepared once for many queries: rows re-normalised.
 
-    ``prototypes`` keeps the rows as given (class means), ``matrix`` the re-normalised ones.
-
-    Sorting the rows by label makes "score desc, then label asc" the same as "score desc, then
-    row index asc", so ties never depend on the order Redis returned the classes in.
+    ``labels`` lists the classes sorted; ``prototypes`` (the class means as given) and ``matrix``
+    (re-normalised) are rows in that order. Ties in :meth:`top_k` break by label, so they never
+    depend on the order Redis returned the classes in or on the order rows were patched in.
     """
 
     def __init__(self, labels: Sequence[str], matrix: np.ndarray) -> None:
+        matrix = np.asarray(matrix, dtype=np.float32)
         if len(labels) != len(matrix) or matrix.ndim != 2:
             raise ValueError(f"{len(labels)} labels for a prototype matrix of shape {matrix.shape}")
-        order = sorted(range(len(labels)), key=lambda row: labels[row])
-        self.labels: list[str] = [labels[row] for row in order]
-        # Shared by every request of a replica (the registry caches this object): read-only.
-        self.prototypes = np.asarray(matrix, dtype=np.float32)[order]
-        norms = np.linalg.norm(self.prototypes, axis=1, keepdims=True)
-        self.matrix = np.ascontiguousarray(self.prototypes / np.maximum(norms, 1e-12), dtype=np.float32)
-        self.prototypes.setflags(write=False)
-        self.matrix.setflags(write=False)
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        store = _RowStore(len(labels), matrix.shape[1])
+        store.append(matrix, labels)
+        self._init(store, len(labels), {label: slot for slot, label in enumerate(labels)}, None)
+
+    def _init(
+        self, store: _RowStore, slots: int, slot_of: dict[str, int], dead: np.ndarray | None
+    ) -> None:
+        self._store = store
+        self._slots = slots  # this version sees store rows [:slots]
+        self._slot_of = slot_of  # live label -> slot
+        self._dead = dead  # [slots] True where a row is masked out; None when none is
+        self.dim = store.unit.shape[1]
+
+    @classmethod
+    def _version(
+        cls, store: _RowStore, slots: int, slot_of: dict[str, int], dead: np.ndarray | None
+    ) -> "PrototypeMatrix":
+        version = cls.__new__(cls)
+        version._init(store, slots, slot_of, dead)
+        return version
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self._slot_of)
+
+    @property
+    def dead_rows(self) -> int:
+        """Rows masked out (replaced or deleted classes) that queries still multiply."""
+        return self._slots - len(self._slot_of)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of row storage this version holds (shared with its successors)."""
+        return int(self._store.unit.nbytes + self._store.norms.nbytes)
+
+    @cached_property
+    def labels(self) -> list[str]:
+        return sorted(self._slot_of)
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """[C, D] float32, re-normalised rows in ``labels`` order."""
+        rows = self._store.unit[self._rows_in_label_order()]
+        rows.setflags(write=False)
+        return rows
+
+    @cached_property
+    def prototypes(self) -> np.ndarray:
+        """[C, D] float32, the class means as given, in ``labels`` order."""
+        slots = self._rows_in_label_order()
+        rows = self._store.unit[slots] * self._store.norms[slots, None]
+        rows.setflags(write=False)
+        return rows
+
+    def _rows_in_label_order(self) -> np.ndarray:
+        return np.array([self._slot_of[label] for label in self.labels], dtype=np.int64)
+
+    def patched(self, changes: Mapping[str, np.ndarray | None]) -> "PrototypeMatrix":
+        """A new version with ``changes`` applied (label -> new class mean, or None: deleted).
+
+        This version is left as it was. Costs O(changed x D) while the buffer has room and
+        masked-out rows stay few; otherwise one compacting copy of the live rows.
+        """
+        slot_of = dict(self._slot_of)
+        updates = {label: row for label, row in changes.items() if row is not None}
+        replaced = [slot_of.pop(label) for label in changes if label in slot_of]
+        rows = (
+            np.stack([np.asarray(r, dtype=np.float32) for r in updates.values()])
+            if updates
+            else np.zeros((0, self.dim), dtype=np.float32)
+        )
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"patched rows of shape {rows.shape} for prototypes of size {self.dim}")
+        store = self._store
+        end = self._slots + len(rows)
+        dead_after = end - len(slot_of) - len(rows)
+        with store.lock:
+            in_place = (
+                store.used == self._slots  # nobody appended after this version
+                and end <= len(store.unit)
+                and not (dead_after > len(slot_of) + len(rows) and dead_after > _MIN_ROWS_BEFORE_COMPACTING)
+            )
+            if in_place:
+                store.append(rows, list(updates))
+        if not in_place:
+            return self._compacted(slot_of, rows, list(updates))
+        for offset, label in enumerate(updates):
+            slot_of[label] = self._slots + offset
+        dead = np.zeros(end, dtype=bool)
+        if self._dead is not None:
+            dead[: self._slots] = self._dead
+        dead[replaced] = True
+        return PrototypeMatrix._version(store, end, slot_of, dead if dead.any() else None)
+
+    def _compacted(
+        self, kept: dict[str, int], rows: np.ndarray, labels: list[str]
+    ) -> "PrototypeMatrix":
+        """Live rows and the new ones copied into a fresh buffer with room to grow (x2)."""
+        live = len(kept) + len(rows)
+        store = _RowStore(max(2 * live, 16), self.dim)
+        old = np.fromiter(kept.values(), dtype=np.int64, count=len(kept))
+        start = len(kept)
+        store.unit[:start] = self._store.unit[old]
+        store.norms[:start] = self._store.norms[old]
+        store.labels.extend(kept)
+        store.used = start
+        store.append(rows, labels)
+        slot_of = {label: slot for slot, label in enumerate(store.labels)}
+        return PrototypeMatrix._version(store, live, slot_of, None)
 
     def top_k(self, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
         """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
-        if embeddings.shape[1] != self.matrix.shape[1]:
+        if embeddings.shape[1] != self.dim:
             raise ValueError(
                 f"embedding size {embeddings.shape[1]} does not match prototypes of size "
-                f"{self.matrix.shape[1]}"
+                f"{self.dim}"
             )
-        scores = embeddings.astype(np.float32, copy=False) @ self.matrix.T  # [N, C]
-        k = min(k, len(self.labels))
+        # One matmul over every slot this version sees; masked-out rows can never be chosen.
+        scores = embeddings.astype(np.float32, copy=False) @ self._store.unit[: self._slots].T
+        if self._dead is not None:
+            scores[:, self._dead] = -np.inf
+        k = min(k, len(self))
         return [self._best(row, k) for row in scores]
 
     def _best(self, scores: np.ndarray, k: int) -> list[Prediction]:
         if k <= 0:
             return []
         # argpartition finds the k-th best score in O(C); everything tied with it is kept so
-        # the stable sort below, not argpartition's arbitrary choice, decides ties.
+        # the sort below (score desc, then label asc), not argpartition's choice, decides ties.
         kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
         candidates = np.flatnonzero(scores >= kth)
-        ranked = candidates[np.argsort(-scores[candidates], kind="stable")][:k]
-        return [Prediction(self.labels[i], float(scores[i])) for i in ranked]
+        labels = self._store.labels
+        ranked = sorted(candidates.tolist(), key=lambda slot: (-scores[slot], labels[slot]))[:k]
+        return [Prediction(labels[slot], float(scores[slot])) for slot in ranked]
