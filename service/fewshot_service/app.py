@@ -130,12 +130,16 @@ class ServerStack:
             port=settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
         )
-        self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
+        grace = settings.shutdown_grace_s
+        self._cleanup.callback(lambda: self._grpc.stop(grace).wait(grace + 1.0))  # type: ignore[union-attr]
 
         sock = _bind(settings.host, settings.http_port)
         self.http_port = int(sock.getsockname()[1])
         app = create_app(self.core, max_request_bytes=settings.max_request_bytes)
-        config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level=settings.log_level, access_log=False, lifespan="off",
+            timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
+        )  # fmt: skip
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
         self._http_thread = threading.Thread(
@@ -158,11 +162,25 @@ class ServerStack:
     def _stop_http(self) -> None:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
-            self._http_thread.join(timeout=10.0)
+            self._http_thread.join(timeout=self.settings.shutdown_grace_s + 2.0)
 
     def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""
+        self._drain()
         self._cleanup.close()
+
+    def _drain(self) -> None:
+        """Graceful shutdown: readiness false first, then both transports refuse new calls and
+        finish the ones in flight together, within ``shutdown_grace_s``."""
+        if self.core is None or self._grpc is None or self._http is None or self._http.should_exit:
+            return  # not fully started (start() failed), or drained already
+        settings = self.settings
+        self.core.begin_draining()  # /readyz 503, gRPC health NOT_SERVING
+        log.info("shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s)
+        time.sleep(settings.shutdown_delay_s)
+        grpc_done = self._grpc.stop(settings.shutdown_grace_s)  # refuses new RPCs at once
+        self._stop_http()  # uvicorn closes its socket, then waits for open requests
+        grpc_done.wait(settings.shutdown_grace_s + 1.0)
 
     def __enter__(self) -> "ServerStack":
         return self.start()
