@@ -569,3 +569,18 @@ def test_concurrent_readers_and_writers_end_at_the_state_of_a_fresh_replica(
         list(pool.map(lambda i: write(i) if i % 2 else read(i), range(120)))
     assert_matches_a_fresh_replica(reader, reader_client)
     assert reader.sync_counts["patch"] > 0
+
+
+def test_bulk_add_loads_classes_like_single_adds(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, _ = two_replicas
+    classes = {f"bulk-{i:03d}": rand(1 + i % 3, 300 + i) for i in range(25)}
+    writer.add_classes("default", classes, MODEL, chunk=10)
+    protos = reader.prototypes("default", MODEL)
+    assert protos.labels == sorted(classes)
+    for label, vectors in classes.items():
+        np.testing.assert_allclose(protos.matrix[protos.labels.index(label)], unit_mean(vectors), atol=1e-6)
+    assert writer.get_class("default", "bulk-002").count == 3
+    with pytest.raises(FailedPrecondition, match="model"):
+        writer.add_classes("default", {"x": rand(1, 1)}, "vit_other-000000000002")

@@ -34,6 +34,7 @@ from typing import Iterator
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
@@ -222,6 +223,42 @@ class Registry:
             example_ids=example_ids,
             added_example_ids=[_text(i) for i in added],
         )
+
+    def add_classes(
+        self, namespace: str, classes: dict[str, np.ndarray], model_id: str, *, chunk: int = 1000
+    ) -> None:
+        """Bulk load: ``label -> embeddings [n, D]`` through the same script as
+        :meth:`add_examples`, pipelined ``chunk`` classes per round trip; no ids are returned.
+
+        Not atomic as a whole (each class is); a refusal raises after the chunks before it landed.
+        redis-py's cluster pipeline refuses scripts, so on a Cluster it is one round trip a class.
+        """
+        keys = self._keys(namespace)
+        if not model_id:
+            raise InvalidInput("model_id must not be empty")
+        items = [(label, self._check_embeddings(vectors)) for label, vectors in classes.items()]
+        pipelined = not isinstance(self._client, RedisCluster)
+        for start in range(0, len(items), chunk if pipelined else 1):
+            batch = items[start : start + chunk] if pipelined else items[start : start + 1]
+            with _redis_errors(self._client):
+                runner = self._client.pipeline(transaction=False) if pipelined else self._client
+                replies: list[object] = []
+                for label, vectors in batch:
+                    args = [
+                        _encode(label), model_id, vectors.shape[1], uuid.uuid4().hex,
+                        self.max_examples_per_class, self.change_log_size,
+                        *(row.astype(_FLOAT32_LE).tobytes() for row in vectors),
+                    ]  # fmt: skip
+                    try:
+                        replies.append(self._add(keys=keys.for_class(label), args=args, client=runner))
+                    except redis.exceptions.ResponseError as exc:
+                        replies.append(exc)
+                if pipelined:
+                    # Errors as values: redis-py's raised form quotes the command, keys included.
+                    replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+            for (label, vectors), reply in zip(batch, replies):
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise self._script_error(reply, namespace, label, model_id, adding=len(vectors))
 
     def list_classes(self, namespace: str) -> list[ClassSummary]:
         keys = self._keys(namespace)
