@@ -37,6 +37,7 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
+from fewshot_service.classifier import limit_blas_threads
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 from fewshot_service.settings import Settings
@@ -137,12 +138,18 @@ def main() -> None:
     parser.add_argument("--classes", default="1000,10000,100000")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
+    parser.add_argument(
+        "--blas-threads-default", action="store_true",
+        help="leave numpy's BLAS threads as they are (the server limits them to 1)",
+    )  # fmt: skip
     args = parser.parse_args()
     counts = [int(c) for c in args.classes.split(",")]
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp), persistent=False) as server:
         settings = Settings(model=args.model, redis_url=server.url, intra_op_threads=1)
         reader_client = redis.Redis.from_url(server.url)
         writer = Registry(redis.Redis.from_url(server.url))
+        if not args.blas_threads_default:
+            limit_blas_threads()  # as ServerStack does
         core = build_core(settings, reader_client)
         try:
             results = [measure(c, server.url, core, writer, args.rounds) for c in counts]
@@ -154,6 +161,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "model": core.model_id,
         "dim": core.embedder.meta.embedding_dim,
+        "blas_threads": "default" if args.blas_threads_default else 1,
         "results": results,
         "extrapolated_1m": {
             "note": f"linear from {largest['classes']} classes: not measured",

@@ -260,3 +260,15 @@ def test_the_registry_owns_the_one_prepared_matrix(core: FewShotCore) -> None:
     first = core.registry.prototypes("default", core.model_id)
     assert core._prototype_matrix("default") is first.classifier  # no second cache in the core
     assert not first.classifier.matrix.flags.writeable and not first.matrix.flags.writeable
+
+
+def test_the_server_limits_numpys_blas_to_one_thread() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fewshot_service.classifier import limit_blas_threads
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas, "numpy's BLAS was not found"
+    with threadpool_limits(limits=None):  # restores the original limits afterwards
+        limit_blas_threads()
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}

@@ -23,6 +23,7 @@ from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
 from .batcher import BatchConfig
+from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
@@ -121,6 +122,7 @@ class ServerStack:
         )
         self._cleanup.callback(client.close)
 
+        limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
 

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 DEFAULT_TOP_K = 5
 # Rebuild compactly once masked-out rows outnumber the live ones (they cost matmul time).
@@ -28,6 +29,16 @@ def _capacity(live: int) -> int:
     """Rows to allocate for ``live`` classes: 25% room to patch into before the next copy
     (a copy every live/4 changes costs ~4 row copies per change, amortised)."""
     return live + max(live // 4, 16)
+
+
+def limit_blas_threads(threads: int = 1) -> None:
+    """Process-wide: numpy's BLAS uses ``threads`` threads (the server calls this once).
+
+    Top-k is one matrix-vector product; OpenBLAS splitting it over threads that busy-wait beside
+    ONNX Runtime's own threads made it 20-30 ms instead of ~1 ms at 10k classes on 2 cores
+    (bench/bench_registry_scale.py). Nothing else in the server leans on numpy's BLAS.
+    """
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 @dataclass(frozen=True)
