@@ -584,3 +584,18 @@ def test_bulk_add_loads_classes_like_single_adds(
     assert writer.get_class("default", "bulk-002").count == 3
     with pytest.raises(FailedPrecondition, match="model"):
         writer.add_classes("default", {"x": rand(1, 1)}, "vit_other-000000000002")
+
+
+def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, _ = two_replicas
+    writer.add_examples("default", "cat", rand(2, 90), MODEL)
+    assert reader.prototypes("default", MODEL).matrix.shape == (1, DIM)
+    writer.delete_class("default", "cat")  # empty: another model may start the namespace afresh
+    other = "vit_wide-000000000003"
+    writer.add_examples("default", "dog", rand(1, 91, dim=DIM * 2), other)
+    with pytest.raises(FailedPrecondition, match="vit_wide"):
+        reader.prototypes("default", MODEL)
+    assert reader.prototypes("default", other).matrix.shape == (1, DIM * 2)
+    assert reader.sync_counts["full"] == 2

@@ -371,6 +371,8 @@ class Registry:
             _decode(changed[i]): None if blob is None else np.frombuffer(blob, dtype=_FLOAT32_LE)
             for i, blob in zip(range(0, len(changed), 2), changed[1::2])
         }
+        if any(row is not None and len(row) != cached.classifier.dim for row in changes.values()):
+            return None  # the namespace was emptied and restarted by a model of another width
         return PrototypeSet(
             classifier=cached.classifier.patched(changes) if changes else cached.classifier,
             model_id=_text(model_id) if model_id is not None else None,
