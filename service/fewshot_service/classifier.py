@@ -51,23 +51,26 @@ class _RowStore:
     """Append-only rows shared by successive versions of one namespace's matrix.
 
     Slots below ``used`` are never written again, so every version that read ``[:n]`` keeps
-    seeing the same rows; only the version whose ``n == used`` (the newest) may append.
+    seeing the same rows; only the version whose ``n == used`` (the newest) may append, and
+    ``slot_of`` (label -> its newest live slot) describes that newest version only.
     """
 
     def __init__(self, capacity: int, dim: int) -> None:
         self.unit = np.zeros((max(capacity, 1), dim), dtype=np.float32)  # re-normalised rows
         self.norms = np.zeros(max(capacity, 1), dtype=np.float32)  # of the class means
         self.labels: list[str] = []  # per slot, appended in step with the rows
+        self.slot_of: dict[str, int] = {}
         self.used = 0
         self.lock = threading.Lock()
 
     def append(self, rows: np.ndarray, labels: Sequence[str]) -> None:
-        """Caller holds ``lock`` and has checked there is room."""
+        """Caller holds ``lock`` (or owns a new store) and has checked there is room."""
         start, end = self.used, self.used + len(rows)
         norms = np.linalg.norm(rows, axis=1)
         self.unit[start:end] = rows / np.maximum(norms, 1e-12)[:, None]
         self.norms[start:end] = norms
         self.labels.extend(labels)
+        self.slot_of.update(zip(labels, range(start, end)))
         self.used = end
 
 
@@ -87,41 +90,45 @@ class PrototypeMatrix:
             raise ValueError("labels must be unique")
         store = _RowStore(_capacity(len(labels)), matrix.shape[1])
         store.append(matrix, labels)
-        self._init(store, len(labels), {label: slot for slot, label in enumerate(labels)}, None)
+        self._init(store, np.zeros(len(labels), dtype=bool))
 
-    def _init(
-        self, store: _RowStore, slots: int, slot_of: dict[str, int], dead: np.ndarray | None
-    ) -> None:
+    def _init(self, store: _RowStore, dead: np.ndarray) -> None:
         self._store = store
-        self._slots = slots  # this version sees store rows [:slots]
-        self._slot_of = slot_of  # live label -> slot
-        self._dead = dead  # [slots] True where a row is masked out; None when none is
+        self._slots = len(dead)  # this version sees store rows [:slots]
+        self._dead = dead  # [slots] True where a row is masked out (replaced or deleted)
+        self._dead_rows = int(dead.sum())
         self.dim = store.unit.shape[1]
 
     @classmethod
-    def _version(
-        cls, store: _RowStore, slots: int, slot_of: dict[str, int], dead: np.ndarray | None
-    ) -> "PrototypeMatrix":
+    def _version(cls, store: _RowStore, dead: np.ndarray) -> "PrototypeMatrix":
         version = cls.__new__(cls)
-        version._init(store, slots, slot_of, dead)
+        version._init(store, dead)
         return version
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return self._slots - self._dead_rows
 
     @property
     def dead_rows(self) -> int:
         """Rows masked out (replaced or deleted classes) that queries still multiply."""
-        return self._slots - len(self._slot_of)
+        return self._dead_rows
 
     @property
     def nbytes(self) -> int:
         """Bytes of row storage this version holds (shared with its successors)."""
         return int(self._store.unit.nbytes + self._store.norms.nbytes)
 
+    def _live_slots(self) -> np.ndarray:
+        return np.flatnonzero(~self._dead)
+
     @cached_property
     def labels(self) -> list[str]:
-        return sorted(self._slot_of)
+        return [label for label, _ in self._labels_and_slots]
+
+    @cached_property
+    def _labels_and_slots(self) -> list[tuple[str, int]]:
+        store_labels = self._store.labels
+        return sorted((store_labels[slot], slot) for slot in self._live_slots().tolist())
 
     @cached_property
     def matrix(self) -> np.ndarray:
@@ -139,17 +146,15 @@ class PrototypeMatrix:
         return rows
 
     def _rows_in_label_order(self) -> np.ndarray:
-        return np.array([self._slot_of[label] for label in self.labels], dtype=np.int64)
+        return np.array([slot for _, slot in self._labels_and_slots], dtype=np.int64)
 
     def patched(self, changes: Mapping[str, np.ndarray | None]) -> "PrototypeMatrix":
         """A new version with ``changes`` applied (label -> new class mean, or None: deleted).
 
-        This version is left as it was. Costs O(changed x D) while the buffer has room and
-        masked-out rows stay few; otherwise one compacting copy of the live rows.
+        This version is left as it was. Costs O(changed x D) plus a copy of the [C] dead-row
+        mask while the buffer has room and masked-out rows stay few; else one compacting copy.
         """
-        slot_of = dict(self._slot_of)
         updates = {label: row for label, row in changes.items() if row is not None}
-        replaced = [slot_of.pop(label) for label in changes if label in slot_of]
         rows = (
             np.stack([np.asarray(r, dtype=np.float32) for r in updates.values()])
             if updates
@@ -158,41 +163,39 @@ class PrototypeMatrix:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"patched rows of shape {rows.shape} for prototypes of size {self.dim}")
         store = self._store
-        end = self._slots + len(rows)
-        dead_after = end - len(slot_of) - len(rows)
         with store.lock:
-            in_place = (
-                store.used == self._slots  # nobody appended after this version
-                and end <= len(store.unit)
-                and not (dead_after > len(slot_of) + len(rows) and dead_after > _MIN_ROWS_BEFORE_COMPACTING)
-            )
-            if in_place:
-                store.append(rows, list(updates))
-        if not in_place:
-            return self._compacted(slot_of, rows, list(updates))
-        for offset, label in enumerate(updates):
-            slot_of[label] = self._slots + offset
-        dead = np.zeros(end, dtype=bool)
-        if self._dead is not None:
-            dead[: self._slots] = self._dead
-        dead[replaced] = True
-        return PrototypeMatrix._version(store, end, slot_of, dead if dead.any() else None)
+            if store.used == self._slots and self._slots + len(rows) <= len(store.unit):
+                # The newest version: store.slot_of is this version's map, so patch in place.
+                replaced = [store.slot_of[label] for label in changes if label in store.slot_of]
+                slots = self._slots + len(rows)
+                dead_rows = self._dead_rows + len(replaced)
+                if dead_rows <= max(slots - dead_rows, _MIN_ROWS_BEFORE_COMPACTING):
+                    for label in changes:
+                        store.slot_of.pop(label, None)
+                    dead = np.zeros(slots, dtype=bool)
+                    dead[: self._slots] = self._dead
+                    dead[replaced] = True
+                    store.append(rows, list(updates))
+                    return PrototypeMatrix._version(store, dead)
+        return self._compacted(changes, rows, list(updates))
 
     def _compacted(
-        self, kept: dict[str, int], rows: np.ndarray, labels: list[str]
+        self, changes: Mapping[str, np.ndarray | None], rows: np.ndarray, labels: list[str]
     ) -> "PrototypeMatrix":
-        """Live rows and the new ones copied into a fresh buffer with room to grow."""
+        """This version's unchanged live rows and the new ones, copied into a fresh buffer
+        with room to grow (when the buffer is full, mostly masked, or already patched)."""
+        store_labels = self._store.labels
+        kept = [slot for slot in self._live_slots().tolist() if store_labels[slot] not in changes]
         live = len(kept) + len(rows)
         store = _RowStore(_capacity(live), self.dim)
-        old = np.fromiter(kept.values(), dtype=np.int64, count=len(kept))
-        start = len(kept)
-        store.unit[:start] = self._store.unit[old]
-        store.norms[:start] = self._store.norms[old]
-        store.labels.extend(kept)
-        store.used = start
+        store.unit[: len(kept)] = self._store.unit[kept]
+        store.norms[: len(kept)] = self._store.norms[kept]
+        kept_labels = [store_labels[slot] for slot in kept]
+        store.labels.extend(kept_labels)
+        store.slot_of.update(zip(kept_labels, range(len(kept))))
+        store.used = len(kept)
         store.append(rows, labels)
-        slot_of = {label: slot for slot, label in enumerate(store.labels)}
-        return PrototypeMatrix._version(store, live, slot_of, None)
+        return PrototypeMatrix._version(store, np.zeros(live, dtype=bool))
 
     def top_k(self, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
         """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
@@ -203,7 +206,7 @@ class PrototypeMatrix:
             )
         # One matmul over every slot this version sees; masked-out rows can never be chosen.
         scores = embeddings.astype(np.float32, copy=False) @ self._store.unit[: self._slots].T
-        if self._dead is not None:
+        if self._dead_rows:
             scores[:, self._dead] = -np.inf
         k = min(k, len(self))
         return [self._best(row, k) for row in scores]
