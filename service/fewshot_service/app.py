@@ -27,6 +27,7 @@ from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
+from .http_timeouts import timed_http_protocol
 from .redis_client import RedisClient, connect_redis
 from .redis_server import ManagedRedis
 from .registry import Registry
@@ -131,6 +132,7 @@ class ServerStack:
             host=settings.host,
             port=settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
+            max_workers=settings.grpc_workers,
         )
         grace = settings.shutdown_grace_s
         self._cleanup.callback(lambda: self._grpc.stop(grace).wait(grace + 1.0))  # type: ignore[union-attr]
@@ -140,6 +142,7 @@ class ServerStack:
         app = create_app(self.core, max_request_bytes=settings.max_request_bytes)
         config = uvicorn.Config(
             app, log_level=settings.log_level, access_log=False, lifespan="off",
+            http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
             timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
         )  # fmt: skip
         self._http = uvicorn.Server(config)
