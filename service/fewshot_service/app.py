@@ -23,6 +23,7 @@ from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
 from .batcher import BatchConfig
+from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
@@ -125,6 +126,7 @@ class ServerStack:
         )
         self._cleanup.callback(client.close)
 
+        limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
 
@@ -135,7 +137,8 @@ class ServerStack:
             max_message_bytes=settings.max_request_bytes,
             max_workers=settings.grpc_workers,
         )
-        self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
+        grace = settings.shutdown_grace_s
+        self._cleanup.callback(lambda: self._grpc.stop(grace).wait(grace + 1.0))  # type: ignore[union-attr]
 
         sock = _bind(settings.host, settings.http_port)
         self.http_port = int(sock.getsockname()[1])
@@ -143,6 +146,7 @@ class ServerStack:
         config = uvicorn.Config(
             app, log_level=settings.log_level, access_log=False, lifespan="off",
             http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
+            timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
         )  # fmt: skip
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
@@ -166,11 +170,25 @@ class ServerStack:
     def _stop_http(self) -> None:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
-            self._http_thread.join(timeout=10.0)
+            self._http_thread.join(timeout=self.settings.shutdown_grace_s + 2.0)
 
     def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""
+        self._drain()
         self._cleanup.close()
+
+    def _drain(self) -> None:
+        """Graceful shutdown: readiness false first, then both transports refuse new calls and
+        finish the ones in flight together, within ``shutdown_grace_s``."""
+        if self.core is None or self._grpc is None or self._http is None or self._http.should_exit:
+            return  # not fully started (start() failed), or drained already
+        settings = self.settings
+        self.core.begin_draining()  # /readyz 503, gRPC health NOT_SERVING
+        log.info("shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s)
+        time.sleep(settings.shutdown_delay_s)
+        grpc_done = self._grpc.stop(settings.shutdown_grace_s)  # refuses new RPCs at once
+        self._stop_http()  # uvicorn closes its socket, then waits for open requests
+        grpc_done.wait(settings.shutdown_grace_s + 1.0)
 
     def __enter__(self) -> "ServerStack":
         return self.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -105,6 +106,7 @@ class FewShotCore:
             embedder.embed_array,
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
+        self._draining = threading.Event()
 
     @property
     def model_id(self) -> str:
@@ -243,8 +245,14 @@ class FewShotCore:
 
     # -- health ------------------------------------------------------------------------------
 
+    def begin_draining(self) -> None:
+        """Shutdown has begun: report not ready (so load balancers move away); calls still work."""
+        self._draining.set()
+
     def ready(self) -> bool:
-        """Model loaded (it is, once constructed) and Redis answering."""
+        """Model loaded (it is, once constructed), Redis answering, and not shutting down."""
+        if self._draining.is_set():
+            return False
         try:
             return bool(self.registry.ping())
         except Exception:  # a health probe reports, it never raises

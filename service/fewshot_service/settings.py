@@ -145,6 +145,17 @@ class Settings(BaseSettings):
         default=_BATCHING.workers, gt=0, description="merged batches that may run at once"
     )
 
+    # Graceful shutdown (SIGTERM): readiness goes false, then in-flight calls get this long.
+    shutdown_delay_s: float = Field(
+        default=0.0, ge=0,
+        description="seconds to keep serving with readiness false before refusing new "
+        "connections (time for a load balancer to notice; e.g. 5 behind Kubernetes)",
+    )  # fmt: skip
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="seconds in-flight calls may take to finish on shutdown; then they are cut",
+    )
+
     # Redis client: short timeouts so a lost Redis answers 503 quickly instead of hanging.
     redis_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect/read timeout, seconds")
     log_level: LogLevel = Field(default="info", description="log level")
