@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import uuid
 from concurrent import futures
 from typing import Callable, TypeVar
 
@@ -18,8 +19,11 @@ from grpc_reflection.v1alpha import reflection
 
 from fewshot_common import errors
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from .access import AccessControl
 from .core import FewShotCore
+from .grpc_auth import AuthInterceptor
 from .settings import DEFAULT_MAX_REQUEST_BYTES
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ GRPC_STATUS: dict[type[errors.FewshotError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.FewshotError: grpc.StatusCode.INTERNAL,  # an error type nobody mapped: a bug
 }
 
@@ -47,17 +53,29 @@ Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext], Response]
 
 
 def _translate_errors(handler: Handler) -> Handler:
-    """Turn the core's typed errors into status codes with the error's own message."""
+    """Turn the core's typed errors into status codes with the error's own message.
+
+    Every call gets a request id (trailing metadata ``request-id``); a server-side failure is
+    logged with it and answered with it, never with its detail (Redis address, keys, scripts).
+    """
 
     @functools.wraps(handler)
     def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
+        request_id = uuid.uuid4().hex
+        context.set_trailing_metadata((("request-id", request_id),))
         try:
             return handler(self, request, context)
         except errors.FewshotError as exc:
-            context.abort(errors.lookup(GRPC_STATUS, exc), str(exc))
+            code = errors.lookup(GRPC_STATUS, exc)
+            message = str(exc)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                log.warning("request %s: %s in %s: %s%s", request_id, type(exc).__name__,
+                            handler.__name__, exc, f" ({exc.detail})" if exc.detail else "")  # fmt: skip
+                message = f"{message} (request id {request_id})"
+            context.abort(code, message)
         except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+            log.exception("request %s: unexpected error in %s", request_id, handler.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})")
 
     return wrapper
 
@@ -134,8 +152,13 @@ def create_grpc_server(
     port: int,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    access: AccessControl | None = None,
+    tls: TlsFiles | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and start the server; returns it with the bound port (``port=0`` picks a free one).
+
+    ``access`` checks API keys on the FewShot methods (health and reflection stay open); ``tls``
+    serves TLS (mutual with a client CA) instead of plaintext.
 
     Stop it with ``server.stop(grace)``; the health poller stops with it. The core is not
     closed here: it may serve other transports.
@@ -146,6 +169,7 @@ def create_grpc_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
+        interceptors=[AuthInterceptor(access, GRPC_STATUS)] if access is not None else None,
     )
     fewshot_pb2_grpc.add_FewShotServicer_to_server(FewShotServicer(core), server)
     health_servicer = ReadinessHealth(core)
@@ -153,7 +177,11 @@ def create_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound_port = server.add_secure_port(address, tls.grpc_credentials())
+    else:
+        bound_port = server.add_insecure_port(address)
     if bound_port == 0:
         raise OSError(f"could not bind the gRPC server to {host}:{port}")
     server.start()

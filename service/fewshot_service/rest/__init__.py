@@ -7,19 +7,29 @@ Handlers only translate HTTP <-> :class:`FewShotCore` calls; the core checks eve
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from fastapi import FastAPI
 
 from .. import __version__
+from ..access import AccessControl
 from ..core import FewShotCore
 from ..settings import DEFAULT_MAX_REQUEST_BYTES
 from . import routes_classes, routes_classify, routes_health
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath
+from .security import install_security
 
 __all__ = ["HTTP_STATUS", "create_app"]
 
 
-def create_app(core: FewShotCore, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    core: FewShotCore,
+    *,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    access: AccessControl | None = None,
+    cors_origins: Sequence[str] = (),
+) -> FastAPI:
     app = FastAPI(
         title="fewshot",
         version=__version__,
@@ -30,6 +40,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = DEFAULT_MAX_REQUES
     app.include_router(routes_classes.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_health.router)
+    install_security(app, access, cors_origins)  # API keys (none: open), Origin rules, request ids
     # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
     # RawClassPath, so even a refused body is counted and routing sees the raw path.
     app.add_middleware(RawClassPath)

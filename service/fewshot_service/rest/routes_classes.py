@@ -13,6 +13,7 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Path
 
+from ..access import Action
 from ..core import MAX_NAME_CHARS, resolve_namespace
 from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace
 from .schemas import (
@@ -24,6 +25,7 @@ from .schemas import (
     DeletedExampleBody,
     error_responses,
 )
+from .security import require
 
 router = APIRouter(prefix="/v1/classes", tags=["classes"])
 
@@ -38,7 +40,8 @@ ExampleId = Annotated[str, Path(description="an example id, as returned on uploa
     "/{label:path}/examples",
     status_code=201,
     response_model=AddedBody,
-    responses=error_responses(400, 409, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
+    dependencies=[require(Action.ADD)],
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Add one or more example images to a class (created on first use)",
 )
@@ -54,7 +57,10 @@ def add_examples(label: Label, images: Images, core: Core, namespace: Namespace 
     )
 
 
-@router.get("", response_model=ClassListBody, responses=error_responses(422, 503))
+@router.get(
+    "", response_model=ClassListBody, responses=error_responses(401, 403, 422, 503),
+    dependencies=[require(Action.LIST)],
+)
 def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     summaries = core.list_classes(namespace)
     return ClassListBody(
@@ -63,7 +69,10 @@ def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     )
 
 
-@router.get("/{label:path}", response_model=ClassBody, responses=error_responses(404, 422, 503))
+@router.get(
+    "/{label:path}", response_model=ClassBody, responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.GET)],
+)
 def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBody:
     info = core.get_class(namespace, unquote(label))
     return ClassBody(
@@ -78,7 +87,8 @@ def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBod
 @router.delete(
     "/{label:path}/examples/{example_id}",
     response_model=DeletedExampleBody,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.DELETE)],
     summary="Remove one example; removing the last one removes the class",
 )
 def delete_example(
@@ -97,7 +107,8 @@ def delete_example(
 
 
 @router.delete(
-    "/{label:path}", response_model=DeletedClassBody, responses=error_responses(404, 422, 503)
+    "/{label:path}", response_model=DeletedClassBody,
+    responses=error_responses(401, 403, 404, 422, 503), dependencies=[require(Action.DELETE)],
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
     label = unquote(label)
