@@ -170,7 +170,8 @@ class ServerStack:
         log.info(
             "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
             self.core.model_id, host, self.grpc_port, host, self.http_port,
-            "managed in " + str(settings.redis_data_dir) if self.managed_redis else redacted_url(self.redis_url),
+            "managed in " + str(settings.redis_data_dir) if self.managed_redis
+            else redacted_url(self.redis_url),
         )  # fmt: skip
 
     def _stop_http(self) -> None:

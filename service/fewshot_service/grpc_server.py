@@ -148,7 +148,7 @@ class ReadinessHealth(health.HealthServicer):
 def create_grpc_server(
     core: FewShotCore,
     *,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     port: int,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,

@@ -121,16 +121,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             stack.start()
-        except (FileNotFoundError, InvalidModel, RedisBinaryNotFound, KeyFileError, OSError, RuntimeError) as exc:
+        except (
+            FileNotFoundError, InvalidModel, RedisBinaryNotFound, KeyFileError, OSError, RuntimeError
+        ) as exc:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1
+        keys = f"from {settings.api_keys}" if settings.api_keys else "none (no authentication)"
         print(
             f"fewshot serve: model {stack.core.model_id if stack.core else '?'} "
             f"({stack.core.embedder.meta.precision if stack.core else '?'}); "
             f"gRPC on {settings.host}:{stack.grpc_port}{' (TLS)' if settings.tls else ''}, "
             f"HTTP on {'https' if settings.tls else 'http'}://{settings.host}:{stack.http_port} "
             f"(docs at /docs); Redis {redacted_url(stack.redis_url or '')}; "
-            f"API keys: {'from ' + str(settings.api_keys) if settings.api_keys else 'none (no authentication)'}",
+            f"API keys: {keys}",
             flush=True,
         )
         while not stop.wait(0.5):

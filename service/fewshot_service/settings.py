@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(
         default=False, description="allow listening on a non-loopback address without --api-keys"
     )
-    tls_cert: Path | None = Field(default=None, description="PEM certificate chain: serve HTTPS and gRPC over TLS")
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: serve HTTPS and gRPC over TLS"
+    )
     tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert")
     tls_client_ca: Path | None = Field(
         default=None, description="PEM CA: require client certificates signed by it (mTLS) on both ports"
