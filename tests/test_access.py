@@ -423,3 +423,21 @@ def test_tls_files_go_together(pki: Pki) -> None:
         Settings(tls_cert=pki.server_cert)
     with pytest.raises(ValidationError, match="mTLS"):
         Settings(tls_client_ca=pki.ca)
+
+
+def test_bad_bytes_and_bad_utf8_are_judged_after_the_key(secure_server: SecureServer) -> None:
+    credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
+    with grpc.secure_channel(secure_server.grpc_target, credentials) as channel:
+        classify = channel.unary_unary(
+            "/fewshot.v1.FewShot/Classify", request_serializer=bytes, response_deserializer=bytes
+        )
+        junk = b"\xff\xff\xff\xff"
+        for key, expected in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                              (secure_server.keys["read-a"], grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+            metadata = (("authorization", f"Bearer {key}"),) if key else None
+            with pytest.raises(grpc.RpcError) as refused:
+                classify(junk, metadata=metadata, timeout=10)
+            assert refused.value.code() == expected
+    with secure_server.http(secure_server.keys["read-all"]) as http:
+        bad = http.get("/v1/classes?namespace=bad%FF")
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_input"

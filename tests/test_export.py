@@ -144,6 +144,68 @@ def test_blocks_concatenates_the_pooled_vector_of_each_of_the_last_blocks(
     assert np.abs(got[:, 128:192] - got[:, :64]).max() > 1e-2  # the two blocks really differ
 
 
+def _pooled_the_old_way(encoder: torch.nn.Module, pool: str, blocks: int, x: torch.Tensor) -> torch.Tensor:
+    """EmbeddingHead.pooled as it was before it used forward_intermediates: timm's private
+    forward steps re-run by hand, each of the last ``blocks`` block outputs pooled, last first."""
+    tokens = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(encoder.patch_embed(x))))
+    outputs = []
+    for block in encoder.blocks:
+        tokens = block(tokens)
+        outputs.append(tokens)
+    parts = []
+    for out in outputs[::-1][:blocks]:
+        if pool == "cls_prenorm":
+            parts.append(out[:, 0])
+            continue
+        out = encoder.norm(out)
+        parts.append(out[:, 0] if pool == "cls" else torch.cat([out[:, 0], out[:, 1:].mean(dim=1)], -1))
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("pool", ["cls", "cls_prenorm", "cls_mean"])
+def test_forward_intermediates_extraction_equals_the_old_private_forward_and_still_exports(
+    tmp_path: Path, pixels: np.ndarray, pool: str, blocks: int
+) -> None:
+    encoder = _random_encoder(7)
+    head = EmbeddingHead(encoder, pool, blocks=blocks).eval()
+    x = torch.from_numpy(pixels)
+    with torch.no_grad():
+        expected = _pooled_the_old_way(encoder, pool, blocks, x)
+        got = head(x)
+    assert torch.equal(got, expected)  # the same operations in the same order: bit for bit
+
+    # The TorchScript exporter still traces it with a dynamic batch axis (export_onnx checks
+    # batch sizes 1, 3 and 8 against PyTorch), and ONNX Runtime gives the old vectors.
+    out = tmp_path / "m.onnx"
+    export_onnx(head, SPEC, default_preprocess(SPEC), out)
+    assert isinstance(_session(out).get_inputs()[0].shape[0], str)
+    np.testing.assert_allclose(_embed(out, pixels), expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(_embed(out, pixels[:2]), expected[:2].numpy(), atol=1e-4)
+
+
+def test_export_calls_no_private_timm_method() -> None:
+    """The exporter uses timm's public forward API only: private helpers change between releases."""
+    import ast
+
+    import fewshot_trainer.export as export_module
+
+    tree = ast.parse(Path(export_module.__file__).read_text())
+    private = sorted(
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    )
+    assert private == []
+    assert not any(
+        isinstance(node, ast.Attribute) and node.attr in {"patch_drop", "norm_pre", "patch_embed"}
+        for node in ast.walk(tree)
+    )
+
+
 def test_cli_blocks_with_centering_records_it_and_refuses_more_blocks_than_the_model_has(
     tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -223,6 +223,23 @@ def test_bad_names_are_422(http: httpx.Client) -> None:
     assert_error(http.get("/v1/classes/"), 422, "invalid_input", "label")
 
 
+def test_names_that_are_not_utf8_once_percent_decoded_are_422_and_add_nothing(http: httpx.Client) -> None:
+    # Both used to become the one class "bad\ufffd"; now each is refused, naming what is wrong.
+    for raw in ("bad%FF", "bad%FE", "caf%C3"):
+        assert_error(http.post(f"/v1/classes/{raw}/examples", files=files(RED)),
+                     422, "invalid_input", "label is not valid UTF-8")  # fmt: skip
+        assert_error(http.post(f"/v1/classes/red/examples?namespace={raw}", files=files(RED)),
+                     422, "invalid_input", "query parameter 'namespace' is not valid UTF-8")  # fmt: skip
+        assert_error(http.get(f"/v1/classes?namespace={raw}"), 422, "invalid_input", "namespace")
+        assert_error(http.post(f"/v1/classify?namespace={raw}", files=files(RED)), 422, "invalid_input")
+    assert_error(http.delete("/v1/classes/red/examples/1%FF"), 422, "invalid_input", "example id")
+    assert http.get("/v1/classes").json()["classes"] == []
+    # Percent-encoded UTF-8 is still decoded, in the path and in the query.
+    assert http.post("/v1/classes/caf%C3%A9/examples?namespace=%C3%BC", files=files(RED)).status_code == 201
+    listing = http.get("/v1/classes", params={"namespace": "\u00fc"}).json()
+    assert [c["label"] for c in listing["classes"]] == ["caf\u00e9"]
+
+
 JUNK = [
     ("POST", "/v1/classes/red/examples", {"content": b"\x00\xff" * 50, "headers": {"content-type": "multipart/form-data"}}),
     ("POST", "/v1/classes/red/examples", {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}}),

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import grpc
 import httpx
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from fewshot_common import errors
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_service._proto.fewshot.v1 import fewshot_pb2
 from fewshot_service.app import ServerStack
 from fewshot_service.core import FewShotCore
 from fewshot_service.grpc_server import GRPC_STATUS
@@ -90,7 +90,21 @@ CASES = [
     Case("unknown class (delete)", "delete", Code.NOT_FOUND, label="nope"),
     Case("unknown example", "delete_example", Code.NOT_FOUND, example_id="999"),
     Case("example id too long", "delete_example", Code.INVALID_ARGUMENT, example_id="9" * 129),
+    # Not UTF-8 once percent-decoded (bad%FF, bad%FE): refused, never turned into "bad\ufffd".
+    # Written here with surrogate escapes; REST sends the bytes percent-encoded, gRPC raw.
+    Case("label not UTF-8 (add)", "add", Code.INVALID_ARGUMENT, label="bad\udcff"),
+    Case("label not UTF-8 (get)", "get", Code.INVALID_ARGUMENT, label="bad\udcfe"),
+    Case("label not UTF-8 (delete)", "delete", Code.INVALID_ARGUMENT, label="bad\udcff"),
+    Case("example id not UTF-8", "delete_example", Code.INVALID_ARGUMENT, example_id="1\udcfe"),
+    Case("namespace not UTF-8", "classify", Code.INVALID_ARGUMENT, namespace="bad\udcff"),
+    Case("namespace not UTF-8 (add)", "add", Code.INVALID_ARGUMENT, namespace="bad\udcfe"),
+    Case("namespace not UTF-8 (list)", "list", Code.INVALID_ARGUMENT, namespace="bad\udcff"),
 ]
+
+
+def wire(value: str) -> bytes:
+    """The bytes a client sends for ``value`` (surrogate escapes become the raw bytes)."""
+    return value.encode("utf-8", "surrogateescape")
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +118,31 @@ def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[Server
 
 
 @pytest.fixture
-def clients(stack: ServerStack, redis_url: str) -> Iterator[tuple[httpx.Client, fewshot_pb2_grpc.FewShotStub]]:
+def clients(stack: ServerStack, redis_url: str) -> Iterator[tuple[httpx.Client, grpc.Channel]]:
     # redis_url empties the private server first; then the namespace every case uses is filled.
     for i, label in enumerate(CLASSES):
         stack.core.add_examples("parity", label, [png((30 * i, 255 - 30 * i, 90))])
     with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=30) as http, \
             grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:  # fmt: skip
-        yield http, fewshot_pb2_grpc.FewShotStub(channel)
+        yield http, channel
 
 
 def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
-    params = {"namespace": case.namespace}
-    label = f"/v1/classes/{quote(case.label, safe='')}"
+    # Percent-encoded by hand: httpx would refuse the surrogate-escaped (not UTF-8) cases.
+    query = "?" + urlencode({"namespace": wire(case.namespace)})
+    label = f"/v1/classes/{quote(wire(case.label), safe='')}"
     uploads = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(case.images)]
     if case.op == "classify":
-        return http.post("/v1/classify", params={**params, "top_k": case.top_k}, files=uploads or None)
+        return http.post(f"/v1/classify{query}&top_k={case.top_k}", files=uploads or None)
     if case.op == "add":
-        return http.post(f"{label}/examples", params=params, files=uploads)
+        return http.post(f"{label}/examples{query}", files=uploads)
     if case.op == "list":
-        return http.get("/v1/classes", params=params)
+        return http.get(f"/v1/classes{query}")
     if case.op == "get":
-        return http.get(label, params=params)
+        return http.get(f"{label}{query}")
     if case.op == "delete":
-        return http.delete(label, params=params)
-    return http.delete(f"{label}/examples/{quote(case.example_id, safe='')}", params=params)
+        return http.delete(f"{label}{query}")
+    return http.delete(f"{label}/examples/{quote(wire(case.example_id), safe='')}{query}")
 
 
 def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
@@ -146,12 +161,24 @@ def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
     return Code.OK
 
 
-def via_grpc(stub: fewshot_pb2_grpc.FewShotStub, core: FewShotCore, case: Case) -> tuple[Code, int | None]:
+def classify_request_bytes(case: Case) -> bytes:
+    """The serialized request, with the namespace's raw bytes even when they are not UTF-8 (which
+    the protobuf library refuses to write): a placeholder of the same length is swapped in."""
+    raw = wire(case.namespace)
+    placeholder = "\x01" * len(raw) if raw else ""
+    request = fewshot_pb2.ClassifyRequest(images=case.images, namespace=placeholder, top_k=case.top_k)
+    serialized = request.SerializeToString()
+    return serialized.replace(placeholder.encode(), raw) if raw else serialized
+
+
+def via_grpc(channel: grpc.Channel, core: FewShotCore, case: Case) -> tuple[Code, int | None]:
     if case.op != "classify" or case.top_k < 0:
         return via_core_and_grpc_table(core, case), None
-    request = fewshot_pb2.ClassifyRequest(images=case.images, namespace=case.namespace, top_k=case.top_k)
+    classify = channel.unary_unary(
+        "/fewshot.v1.FewShot/Classify", response_deserializer=fewshot_pb2.ClassifyResponse.FromString
+    )
     try:
-        response = stub.Classify(request, timeout=30)
+        response = classify(classify_request_bytes(case), timeout=30)
     except grpc.RpcError as exc:
         return exc.code(), None
     return Code.OK, len(response.results[0].predictions)
@@ -159,13 +186,15 @@ def via_grpc(stub: fewshot_pb2_grpc.FewShotStub, core: FewShotCore, case: Case) 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_rest_and_grpc_give_the_same_answer_class(clients, stack: ServerStack, case: Case) -> None:
-    http, stub = clients
+    http, channel = clients
     response = via_rest(http, case)
-    code, grpc_results = via_grpc(stub, stack.core, case)
+    code, grpc_results = via_grpc(channel, stack.core, case)
     assert code == case.expected, (code, case)
     assert response.status_code in SAME_CLASS[code], (response.status_code, response.text)
     if code != Code.OK:
         assert set(response.json()) >= {"error", "message"}
+    if "not UTF-8" in case.id:
+        assert "not valid UTF-8" in response.json()["message"], response.text
     if case.results is not None:
         assert len(response.json()["results"][0]) == case.results
         if grpc_results is not None:

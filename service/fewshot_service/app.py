@@ -27,6 +27,7 @@ from .batcher import BatchConfig
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
+from .http_timeouts import timed_http_protocol
 from .redis_client import RedisClient, connect_redis, redacted_url
 from .redis_server import ManagedRedis
 from .registry import Registry
@@ -137,6 +138,7 @@ class ServerStack:
             host=host,
             port=settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
+            max_workers=settings.grpc_workers,
             access=self.access,
             tls=settings.tls,
         )
@@ -152,8 +154,10 @@ class ServerStack:
         )
         tls_options = settings.tls.uvicorn_options() if settings.tls else {}
         config = uvicorn.Config(
-            app, log_level=settings.log_level, access_log=False, lifespan="off", **tls_options
-        )
+            app, log_level=settings.log_level, access_log=False, lifespan="off",
+            http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
+            **tls_options,
+        )  # fmt: skip
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
         self._http_thread = threading.Thread(

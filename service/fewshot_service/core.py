@@ -14,7 +14,7 @@ import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import InvalidInput
+from fewshot_common.errors import Cancelled, InvalidInput
 from fewshot_common.images import load_batch
 
 from . import inference_metrics as metrics
@@ -121,10 +121,20 @@ class FewShotCore:
         """
         started = time.perf_counter()
         pre, limits = self.embedder.meta.preprocess, self.embedder.limits
-        pixels = self.decode_pool.run(lambda: load_batch(images, pre, limits, cancellation), cancellation)
+        try:
+            pixels = self.decode_pool.run(
+                lambda: load_batch(images, pre, limits, cancellation), cancellation
+            )
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("decode").inc()
+            raise
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
         metrics.IMAGES_TOTAL.labels(operation).inc(len(pixels))
-        return self._batcher.submit(pixels, cancellation)
+        try:
+            return self._batcher.submit(pixels, cancellation)
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("queue").inc()
+            raise
 
     def classify(
         self,

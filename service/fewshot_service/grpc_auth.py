@@ -16,6 +16,7 @@ from fewshot_common import errors
 
 from ._proto.fewshot.v1 import fewshot_pb2
 from .access import AccessControl, Action, bearer_key
+from .grpc_guards import UndecodableRequest
 
 SERVICE_NAME = fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"].full_name
 _PREFIX = f"/{SERVICE_NAME}/"
@@ -53,7 +54,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{details.method} has no access rule")
             action, namespace_of = rule
             try:
-                self._access.check(key, action, namespace_of(request) if namespace_of else None)
+                if isinstance(request, UndecodableRequest):
+                    # No namespace to judge: a stranger still gets 401; the servicer answers the
+                    # rest INVALID_ARGUMENT, as without keys.
+                    self._access.authenticate(key)
+                else:
+                    self._access.check(key, action, namespace_of(request) if namespace_of else None)
             except errors.FewshotError as exc:
                 context.abort(errors.lookup(self._status, exc), str(exc))
             return inner(request, context)

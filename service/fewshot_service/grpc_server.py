@@ -18,6 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fewshot_common import errors
+from fewshot_common.cancellation import Cancellation
+
+from . import grpc_guards as guards
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .access import AccessControl
 from .core import FewShotCore
@@ -28,7 +31,10 @@ from .tls import TlsFiles
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"].full_name
+# FewShot calls that may run at once (each holds a thread); the pool has HEALTH_WORKERS more, so
+# health checks and reflection answer however slow those calls are.
 DEFAULT_MAX_WORKERS = 16
+HEALTH_WORKERS = 4
 # Larger messages get RESOURCE_EXHAUSTED (the same limit as an HTTP body).
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_REQUEST_BYTES
 HEALTH_POLL_SECONDS = 2.0
@@ -49,11 +55,13 @@ GRPC_STATUS: dict[type[errors.FewshotError], grpc.StatusCode] = {
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext], Response]
+Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext, Cancellation], Response]
 
 
 def _translate_errors(handler: Handler) -> Handler:
-    """Turn the core's typed errors into status codes with the error's own message.
+    """Guard a FewShot call (see :mod:`grpc_guards`): refuse unparsable bytes and calls beyond
+    the call slots, hand the core a cancellation that follows the RPC, and turn the core's
+    typed errors into status codes with the error's own message.
 
     Every call gets a request id (trailing metadata ``request-id``); a server-side failure is
     logged with it and answered with it, never with its detail (Redis address, keys, scripts).
@@ -63,8 +71,16 @@ def _translate_errors(handler: Handler) -> Handler:
     def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
         request_id = uuid.uuid4().hex
         context.set_trailing_metadata((("request-id", request_id),))
+        if isinstance(request, guards.UndecodableRequest):
+            self.undecodable.refuse(request, context, handler.__name__)
+        if not self.slots.try_enter():
+            guards.BUSY_REFUSALS.labels(handler.__name__).inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is busy: {self.slots.limit} calls running; retry shortly",
+            )
         try:
-            return handler(self, request, context)
+            return handler(self, request, context, guards.call_cancellation(context))
         except errors.FewshotError as exc:
             code = errors.lookup(GRPC_STATUS, exc)
             message = str(exc)
@@ -76,19 +92,26 @@ def _translate_errors(handler: Handler) -> Handler:
         except Exception:
             log.exception("request %s: unexpected error in %s", request_id, handler.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})")
+        finally:
+            self.slots.leave()
 
     return wrapper
 
 
 class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
-    def __init__(self, core: FewShotCore) -> None:
+    def __init__(self, core: FewShotCore, max_concurrent_calls: int = DEFAULT_MAX_WORKERS) -> None:
         self.core = core
+        self.slots = guards.CallSlots(max_concurrent_calls)
+        self.undecodable = guards.UndecodableRequests()
 
     @_translate_errors
     def Embed(
-        self, request: fewshot_pb2.EmbedRequest, context: grpc.ServicerContext
+        self,
+        request: fewshot_pb2.EmbedRequest,
+        context: grpc.ServicerContext,
+        cancellation: Cancellation,
     ) -> fewshot_pb2.EmbedResponse:
-        vectors = self.core.embed(list(request.images))
+        vectors = self.core.embed(list(request.images), cancellation=cancellation)
         return fewshot_pb2.EmbedResponse(
             embeddings=[fewshot_pb2.Embedding(values=row) for row in vectors.tolist()],
             model_id=self.core.model_id,
@@ -96,9 +119,14 @@ class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
 
     @_translate_errors
     def Classify(
-        self, request: fewshot_pb2.ClassifyRequest, context: grpc.ServicerContext
+        self,
+        request: fewshot_pb2.ClassifyRequest,
+        context: grpc.ServicerContext,
+        cancellation: Cancellation,
     ) -> fewshot_pb2.ClassifyResponse:
-        results = self.core.classify(list(request.images), request.namespace, request.top_k)
+        results = self.core.classify(
+            list(request.images), request.namespace, request.top_k, cancellation
+        )
         return fewshot_pb2.ClassifyResponse(
             results=[
                 fewshot_pb2.Classification(
@@ -157,21 +185,27 @@ def create_grpc_server(
 ) -> tuple[grpc.Server, int]:
     """Build and start the server; returns it with the bound port (``port=0`` picks a free one).
 
-    ``access`` checks API keys on the FewShot methods (health and reflection stay open); ``tls``
-    serves TLS (mutual with a client CA) instead of plaintext.
+    At most ``max_workers`` FewShot calls run at once; one more is refused with
+    RESOURCE_EXHAUSTED at once rather than queued behind them. ``access`` checks API keys on the
+    FewShot methods (health and reflection stay open); ``tls`` serves TLS (mutual with a client
+    CA) instead of plaintext.
 
     Stop it with ``server.stop(grace)``; the health poller stops with it. The core is not
     closed here: it may serve other transports.
     """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fewshot-grpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers + HEALTH_WORKERS, thread_name_prefix="fewshot-grpc"
+        ),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
         interceptors=[AuthInterceptor(access, GRPC_STATUS)] if access is not None else None,
     )
-    fewshot_pb2_grpc.add_FewShotServicer_to_server(FewShotServicer(core), server)
+    guards.add_leniently_parsed_servicer(
+        FewShotServicer(core, max_workers), fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"], server
+    )
     health_servicer = ReadinessHealth(core)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -33,3 +33,9 @@ IMAGES_TOTAL = Counter(
     "Images embedded, by operation (embed, classify, add_examples).",
     ["operation"],
 )
+CANCELLED_REQUESTS = Counter(
+    "fewshot_cancelled_requests_total",
+    "Requests whose caller went away (deadline, cancel, disconnect), by the stage they were "
+    "stopped at: decode (before or between image decodes) or queue (before their model run).",
+    ["stage"],
+)

@@ -120,6 +120,20 @@ class Settings(BaseSettings):
     decode_queue: int = Field(
         default=16, ge=0, description="requests that may wait for a decode worker before 429"
     )
+    # Slow or stuck clients (the connection is closed; see http_timeouts.py).
+    http_header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="seconds an HTTP client may take to send a request line and headers",
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="seconds an HTTP request body may go without a byte arriving",
+    )
+    # gRPC: calls beyond this are refused at once; health checks keep threads of their own.
+    grpc_workers: int = Field(
+        default=16, gt=0,
+        description="FewShot gRPC calls that may run at once (more: RESOURCE_EXHAUSTED)",
+    )
     # Registry.
     max_examples_per_class: int = Field(
         default=1000, gt=0, description="examples a class may hold; an add beyond is refused (409)"

@@ -99,34 +99,30 @@ class EmbeddingHead(nn.Module):
             "projection", None if projection is None else projection.detach().float().clone()
         )
 
-    def _block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Token outputs of the last ``blocks`` blocks, before the final norm, last block first."""
-        # timm's forward_features without its last step (the final norm), keeping block outputs.
-        enc = self.encoder
-        x = enc.patch_embed(x)
-        x = enc._pos_embed(x)
-        x = enc.patch_drop(x)
-        x = enc.norm_pre(x)
-        first_kept = len(enc.blocks) - self.blocks
-        outputs = []
-        for index, block in enumerate(enc.blocks):
-            x = block(x)
-            if index >= first_kept:
-                outputs.append(x)
-        return outputs[::-1]
+    def _block_tokens(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(patch tokens, prefix tokens)`` of each of the last ``blocks`` blocks, last block
+        first, through the final norm unless the pool is ``cls_prenorm``."""
+        # timm's public API for per-block outputs: it runs the same patch embedding, position
+        # embedding and blocks as forward_features, and splits off the CLS (prefix) tokens.
+        intermediates = self.encoder.forward_intermediates(
+            x,
+            indices=self.blocks,  # an int: the last `blocks` blocks
+            norm=self.pool != "cls_prenorm",
+            output_fmt="NLC",  # keep tokens as a sequence: cls_mean averages them
+            intermediates_only=True,  # the final output is the last intermediate already
+            return_prefix_tokens=True,
+        )
+        return intermediates[::-1]
 
-    def _pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.pool == "cls_prenorm":
-            return tokens[:, 0]
-        tokens = self.encoder.norm(tokens)
-        if self.pool == "cls":
-            return tokens[:, 0]
-        patches = tokens[:, self.encoder.num_prefix_tokens :]
-        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+    def _pool_tokens(self, patches: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        cls = prefix[:, 0]
+        if self.pool != "cls_mean":
+            return cls
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The uncentred vector."""
-        parts = [self._pool_tokens(tokens) for tokens in self._block_outputs(x)]
+        parts = [self._pool_tokens(patches, prefix) for patches, prefix in self._block_tokens(x)]
         # One block: no Concat node, so the graph is the one exported before `blocks` existed.
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 

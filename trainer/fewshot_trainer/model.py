@@ -20,6 +20,11 @@ def embed_tokens(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
 
     Views smaller than the model's size (focal views) get the position embedding resampled to
     their own grid, so each token carries the position of the patch it came from.
+
+    This is timm's position-embedding step written with public attributes, not its private
+    ``_pos_embed``: MSN drops one shared subset of tokens between it and the blocks, which neither
+    ``forward_features`` nor ``forward_intermediates`` allows (timm's ``patch_drop`` draws a
+    random subset per image, at a rate fixed when the model is built).
     """
     tokens = vit.patch_embed(images)
     if tokens.ndim == 4:  # NHWC, from a model built with dynamic_img_size=True

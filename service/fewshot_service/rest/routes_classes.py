@@ -9,13 +9,20 @@ the ``/examples`` suffix; an unencoded ``/`` works too unless the label itself e
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import unquote
 
 from fastapi import APIRouter, Path
 
 from ..access import Action
 from ..core import MAX_NAME_CHARS, resolve_namespace
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace
+from .dependencies import (
+    IMAGE_UPLOAD_OPENAPI,
+    Core,
+    Images,
+    Namespace,
+    RequestCancellation,
+    StrictQuery,
+    decode_path_param,
+)
 from .schemas import (
     AddedBody,
     ClassBody,
@@ -27,7 +34,7 @@ from .schemas import (
 )
 from .security import require
 
-router = APIRouter(prefix="/v1/classes", tags=["classes"])
+router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQuery])
 
 # Described for the schema (lengths of the percent-decoded value); the core checks them.
 Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
@@ -45,8 +52,15 @@ ExampleId = Annotated[str, Path(description="an example id, as returned on uploa
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Add one or more example images to a class (created on first use)",
 )
-def add_examples(label: Label, images: Images, core: Core, namespace: Namespace = None) -> AddedBody:
-    info = core.add_examples(namespace, unquote(label), images.contents)
+def add_examples(
+    label: Label,
+    images: Images,
+    core: Core,
+    cancellation: RequestCancellation,
+    namespace: Namespace = None,
+) -> AddedBody:
+    label = decode_path_param(label, "label")
+    info = core.add_examples(namespace, label, images.contents, cancellation)
     return AddedBody(
         namespace=resolve_namespace(namespace),
         label=info.label,
@@ -74,7 +88,7 @@ def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     dependencies=[require(Action.GET)],
 )
 def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBody:
-    info = core.get_class(namespace, unquote(label))
+    info = core.get_class(namespace, decode_path_param(label, "label"))
     return ClassBody(
         namespace=resolve_namespace(namespace),
         label=info.label,
@@ -94,7 +108,8 @@ def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBod
 def delete_example(
     label: Label, example_id: ExampleId, core: Core, namespace: Namespace = None
 ) -> DeletedExampleBody:
-    label, example_id = unquote(label), unquote(example_id)
+    label = decode_path_param(label, "label")
+    example_id = decode_path_param(example_id, "example id")
     info = core.delete_example(namespace, label, example_id)
     return DeletedExampleBody(
         namespace=resolve_namespace(namespace),
@@ -111,6 +126,6 @@ def delete_example(
     responses=error_responses(401, 403, 404, 422, 503), dependencies=[require(Action.DELETE)],
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
-    label = unquote(label)
+    label = decode_path_param(label, "label")
     core.delete_class(namespace, label)
     return DeletedClassBody(namespace=resolve_namespace(namespace), label=label)

@@ -6,11 +6,11 @@ from fastapi import APIRouter
 
 from ..access import Action
 from ..core import resolve_namespace
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, TopK
+from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, RequestCancellation, StrictQuery, TopK
 from .schemas import ClassifyBody, PredictionBody, error_responses
 from .security import require
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 
 
 @router.post(
@@ -21,8 +21,14 @@ router = APIRouter(tags=["classify"])
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Classify images against a namespace's classes (score = cosine similarity)",
 )
-def classify(images: Images, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ClassifyBody:
-    results = core.classify(images.contents, namespace, top_k)
+def classify(
+    images: Images,
+    core: Core,
+    cancellation: RequestCancellation,
+    namespace: Namespace = None,
+    top_k: TopK = 0,
+) -> ClassifyBody:
+    results = core.classify(images.contents, namespace, top_k, cancellation)
     return ClassifyBody(
         namespace=resolve_namespace(namespace),
         model_id=core.model_id,

@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..access import AccessControl, Action, Principal, bearer_key
+from .dependencies import strict_query_string
 from .http_errors import error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -33,8 +34,10 @@ def require(action: Action) -> Any:
 
     def authorized(request: Request) -> Principal:
         access: AccessControl = request.app.state.access
-        key = bearer_key(request.headers.get("authorization"))
-        return access.check(key, action, request.query_params.get("namespace"))
+        principal = access.authenticate(bearer_key(request.headers.get("authorization")))
+        strict_query_string(request)  # judge the namespace the route will use, not a U+FFFD copy
+        access.authorize(principal, action, request.query_params.get("namespace"))
+        return principal
 
     return Depends(authorized)
 
