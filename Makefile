@@ -3,14 +3,14 @@ PYTHON ?= python3
 SERVE_VENV := .venv-serve
 TEST_VENV := .venv
 
-.PHONY: serve test install-serve install-test
+.PHONY: serve test install-serve install-test install-browser
 
 # Serving install: no torch (the server never imports it). A regular (non-editable) install, so it
 # is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
 # file is newer than all of them.
 SERVE_STAMP := $(SERVE_VENV)/.installed
 SERVE_SOURCES := pyproject.toml README.md $(shell find service trainer -type f \
-	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' \) -not -path '*/__pycache__/*')
+	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/__pycache__/*')
 
 $(SERVE_STAMP): $(SERVE_SOURCES)
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -30,5 +30,14 @@ install-test:
 	$(TEST_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(TEST_VENV)/bin/pip install -q -e '.[train,test]'
 
-test: install-test
+# The /ui/ playground test drives Debian's Chromium through its chromedriver (no browser download:
+# Playwright's and Selenium Manager's are not reachable). Installed with apt-get when missing (root,
+# as on CI); elsewhere install them yourself: `apt-get install chromium chromium-driver`.
+install-browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium and chromedriver missing: tests/test_playground.py will fail" >&2; fi
+
+test: install-test install-browser
 	$(TEST_VENV)/bin/python -m pytest

@@ -118,7 +118,7 @@ def secure_server(
 ROLES = ["read", "write"]
 # allowed: a team-a key on team-a; denied: a team-a key on team-b; star: a "*" key on team-b.
 NAMESPACE_CASES = {"allowed": ("-a", TEAM_A), "denied": ("-a", TEAM_B), "star": ("-all", TEAM_B)}
-REST_OPERATIONS = ["classify", "list", "get", "add", "delete"]
+REST_OPERATIONS = ["embed", "classify", "list", "get", "add", "delete"]
 GRPC_OPERATIONS = ["embed", "classify"]  # the gRPC API has no class management
 
 
@@ -177,6 +177,7 @@ def test_role_namespace_transport_matrix(
         files = {"files": ("x.png", image, "image/png")}
         params = {"namespace": namespace}
         response = {
+            "embed": lambda: http.post("/v1/embed", files=files),
             "classify": lambda: http.post("/v1/classify", params=params, files=files),
             "list": lambda: http.get("/v1/classes", params=params),
             "get": lambda: http.get("/v1/classes/seed", params=params),

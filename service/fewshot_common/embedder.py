@@ -68,6 +68,7 @@ class Embedder:
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidModel(f"{path}: {exc}") from exc
         self._check_graph(path)
+        self.path = path  # the file served (a variant's own path), for its licence sidecar
         self.limits = limits
         self.max_batch_size = max_batch_size
         self.providers: list[str] = self._session.get_providers()

@@ -24,6 +24,7 @@ from . import grpc_guards as guards
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .access import AccessControl
 from .core import FewShotCore
+from .grpc_access_log import AccessLogInterceptor
 from .grpc_auth import AuthInterceptor
 from .settings import DEFAULT_MAX_REQUEST_BYTES
 from .tls import TlsFiles
@@ -197,11 +198,13 @@ def create_grpc_server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers + HEALTH_WORKERS, thread_name_prefix="fewshot-grpc"
         ),
+        # A log line and metrics per call (refusals too), then the API key check.
+        interceptors=[AccessLogInterceptor()]
+        + ([AuthInterceptor(access, GRPC_STATUS)] if access is not None else []),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
-        interceptors=[AuthInterceptor(access, GRPC_STATUS)] if access is not None else None,
     )
     guards.add_leniently_parsed_servicer(
         FewShotServicer(core, max_workers), fewshot_pb2.DESCRIPTOR.services_by_name["FewShot"], server

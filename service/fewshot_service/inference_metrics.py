@@ -7,6 +7,7 @@ from prometheus_client import Counter, Histogram
 
 # Buckets from 0.5 ms to 10 s: a tiny model on a GPU to a large one on a busy CPU.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = _LATENCY_BUCKETS  # shared with the HTTP and gRPC request histograms
 
 PREPROCESS_SECONDS = Histogram(
     "fewshot_preprocess_seconds",

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Sequence
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from ..access import AccessControl
 from ..core import FewShotCore
 from ..settings import DEFAULT_MAX_REQUEST_BYTES
-from . import routes_classes, routes_classify, routes_health
+from . import routes_classes, routes_classify, routes_embed, routes_health, routes_info, ui
+from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath
 from .security import install_security
@@ -30,7 +32,9 @@ def create_app(
     access: AccessControl | None = None,
     cors_origins: Sequence[str] = (),
 ) -> FastAPI:
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served from a package, not a CDN: they work offline.
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="fewshot",
         version=__version__,
         description="Few-shot image classification: define classes with a few examples each.",
@@ -40,10 +44,15 @@ def create_app(
     app.include_router(routes_classes.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_health.router)
-    install_security(app, access, cors_origins)  # API keys (none: open), Origin rules, request ids
+    app.include_router(routes_embed.router)
+    app.include_router(routes_info.router)
+    ui.install(app)
+    install_security(app, access, cors_origins)  # API keys (none: open), Origin rules
     # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
     # RawClassPath, so even a refused body is counted and routing sees the raw path.
+    app.add_middleware(NoteRoute)  # innermost: reads the route the router picked
     app.add_middleware(RawClassPath)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(CountResponses)
+    app.add_middleware(AccessLog, routes=app.router.routes)  # outermost: logs even a refused body
     return app

@@ -93,7 +93,7 @@ def _allowed_methods(request: Request) -> str:
 
 
 def request_id_of(request: Request) -> str:
-    """The id ``security.RequestId`` gave this request (a fresh one outside it, e.g. a crash)."""
+    """The id ``access_log.AccessLog`` gave this request (a fresh one without it)."""
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 

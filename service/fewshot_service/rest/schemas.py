@@ -74,6 +74,30 @@ class ReadyBody(BaseModel):
     redis: bool
 
 
+class EmbedBody(BaseModel):
+    model_id: str
+    dim: int
+    embeddings: list[list[float]]  # one L2-normalised vector per uploaded image, in order
+
+
+class PreprocessBody(BaseModel):
+    input_size: int
+    resize_size: int
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+
+
+class InfoBody(BaseModel):
+    version: str  # the server's (fewshot) version
+    model_id: str
+    arch: str
+    embedding_dim: int
+    precision: str
+    preprocess: PreprocessBody
+    license: str | None  # the model's licence statement; None when the model states none
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses an operation can answer with."""
     return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}

@@ -8,25 +8,25 @@
   cannot add or delete examples on a server it can reach (e.g. one on the visitor's loopback).
   Requests without ``Origin`` (curl, SDKs) are not browser cross-origin requests: they pass, and
   the key still applies. Allowed origins get CORS answers from Starlette's CORSMiddleware.
-- :class:`RequestId`: an id per request, in the ``X-Request-ID`` header and in error bodies of
-  server-side failures (whose detail goes to the log only).
+
+Request ids come from ``access_log.AccessLog`` (``X-Request-ID``); error bodies of server-side
+failures quote them (``http_errors``), with the detail in the log only.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..access import AccessControl, Action, Principal, bearer_key
+from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
 from .dependencies import strict_query_string
 from .http_errors import error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-REQUEST_ID_HEADER = "X-Request-ID"
 
 
 def require(action: Action) -> Any:
@@ -35,6 +35,8 @@ def require(action: Action) -> Any:
     def authorized(request: Request) -> Principal:
         access: AccessControl = request.app.state.access
         principal = access.authenticate(bearer_key(request.headers.get("authorization")))
+        if access.enabled:
+            setattr(request.state, KEY_NAME_STATE, principal.name)  # for the access log
         strict_query_string(request)  # judge the namespace the route will use, not a U+FFFD copy
         access.authorize(principal, action, request.query_params.get("namespace"))
         return principal
@@ -76,34 +78,12 @@ class CrossOriginGuard:
         await self.app(scope, receive, send)
 
 
-class RequestId:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append(
-                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
-                )
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
 def install_security(app: FastAPI, access: AccessControl | None, cors_origins: Sequence[str]) -> None:
-    """Keys for the routes that use :func:`require`, the cross-origin rules and request ids.
+    """Keys for the routes that use :func:`require`, and the cross-origin rules.
 
     Middleware added later wraps the earlier: CORS answers preflights before the guard sees them.
     """
     app.state.access = access or AccessControl()
-    app.add_middleware(RequestId)
     app.add_middleware(CrossOriginGuard, allowed_origins=list(cors_origins))
     if cors_origins:
         app.add_middleware(

@@ -1,0 +1,180 @@
+"""The /ui/ playground in a real headless Chromium (Debian's, through its chromedriver; nothing is
+downloaded): two classes from files, a classification with the right top label, deleting an
+example and a class, switching namespace. Screenshots land in the test's tmp dir."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import REPO_ROOT, stack_settings
+from fewshot_service.app import ServerStack
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 30
+
+
+def red_discs(path: Path, seed: int) -> Path:
+    image = Image.new("RGB", (96, 96), (250, 240 - seed * 8, 230))
+    draw = ImageDraw.Draw(image)
+    for i in range(3):
+        x, y = 10 + (seed * 13 + i * 29) % 60, 8 + (seed * 7 + i * 31) % 60
+        draw.ellipse((x, y, x + 26, y + 26), fill=(220 - seed * 5, 20, 30))
+    image.save(path)
+    return path
+
+
+def blue_stripes(path: Path, seed: int) -> Path:
+    image = Image.new("RGB", (96, 96), (230, 235, 250))
+    draw = ImageDraw.Draw(image)
+    for x in range(seed % 4, 96, 12):
+        draw.rectangle((x, 0, x + 5, 95), fill=(20, 40, 200 + seed * 5))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis) -> Iterator[ServerStack]:
+    # The shipped default model: what a new user sees, and a realistic top-1.
+    settings = stack_settings(REPO_ROOT / "models" / "default.onnx", private_redis.url)
+    with ServerStack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    assert not missing, f"{missing} not installed: `make test` installs chromium and chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,960", f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager never tries to download one.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def wait_for(driver: WebDriver, css: str, text: str | None = None):
+    wait = WebDriverWait(driver, WAIT_S)
+    if text is None:
+        return wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, css)))
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def add_class(driver: WebDriver, label: str, images: list[Path]) -> None:
+    label_input = driver.find_element(By.ID, "label-input")
+    label_input.clear()
+    label_input.send_keys(label)
+    driver.find_element(By.ID, "add-files").send_keys("\n".join(str(p) for p in images))
+    driver.find_element(By.ID, "add-button").click()
+    plural = "" if len(images) == 1 else "s"
+    wait_for(driver, f'.class-card[data-label="{label}"] .count', f"{len(images)} example{plural}")
+
+
+def test_playground_creates_two_classes_from_files_and_classifies_an_image(
+    stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{stack.http_port}"
+    reds = [red_discs(tmp_path / f"red{i}.png", i) for i in range(5)]
+    blues = [blue_stripes(tmp_path / f"blue{i}.png", i) for i in range(5)]
+    query = red_discs(tmp_path / "query.png", 7)
+
+    browser.get(base + "/")  # redirects to /ui/
+    assert browser.current_url == base + "/ui/"
+    wait_for(browser, "#model-info", stack.core.model_id)
+    wait_for(browser, "#classes", "No classes yet")
+
+    add_class(browser, "red discs", reds)
+    add_class(browser, "blue stripes", blues)
+    # Thumbnails of the examples added in this browser come from its own cache.
+    thumbs = browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="red discs"] .thumb img')
+    assert len(thumbs) == 5
+
+    browser.find_element(By.ID, "classify-files").send_keys(str(query))
+    top = wait_for(browser, "#results .prediction .label")
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .prediction .label")]
+    assert top.text == "red discs", labels
+    assert sorted(labels) == ["blue stripes", "red discs"]
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+    assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+    # The page used the public API: the server holds what the page shows.
+    listed = httpx.get(base + "/v1/classes").json()["classes"]
+    assert {c["label"]: c["count"] for c in listed} == {"red discs": 5, "blue stripes": 5}
+
+
+def test_playground_deletes_examples_and_classes_and_switches_namespace(
+    stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{stack.http_port}"
+    # A class added by another client: no thumbnails here, a neutral tile with the example id.
+    with httpx.Client(base_url=base) as client:
+        added = client.post(
+            "/v1/classes/elsewhere/examples",
+            files=[("files", ("b.png", blue_stripes(tmp_path / "b.png", 1).read_bytes(), "image/png"))],
+        ).json()
+    browser.get(base + "/ui/")
+    tile = wait_for(browser, '.class-card[data-label="elsewhere"] .thumb.no-image')
+    assert added["example_ids"][0][:8] in tile.text
+
+    add_class(browser, "two", [red_discs(tmp_path / f"r{i}.png", i) for i in range(2)])
+    remove = browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove')
+    browser.execute_script("arguments[0].click()", remove)  # shown on hover only
+    wait_for(browser, '.class-card[data-label="two"] .count', "1 example")
+    assert httpx.get(base + "/v1/classes/two").json()["count"] == 1
+
+    browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .delete-class').click()
+    WebDriverWait(browser, WAIT_S).until(EC.alert_is_present()).accept()
+    wait_for(browser, "#banner", 'Deleted class "two"')
+    assert httpx.get(base + "/v1/classes/two").status_code == 404
+
+    namespace = browser.find_element(By.ID, "namespace-input")
+    namespace.send_keys("team-b")
+    browser.find_element(By.CSS_SELECTOR, "#settings-form button").click()
+    wait_for(browser, "#namespace-name", "team-b")
+    wait_for(browser, "#classes", "No classes yet")
+    add_class(browser, "only-in-b", [red_discs(tmp_path / "b0.png", 0)])
+    assert [c["label"] for c in httpx.get(base + "/v1/classes?namespace=team-b").json()["classes"]] == [
+        "only-in-b"
+    ]
+    browser.save_screenshot(str(tmp_path / "playground-namespace.png"))
+
+
+def test_playground_shows_an_api_error_clearly(
+    stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{stack.http_port}"
+    browser.get(base + "/ui/")
+    wait_for(browser, "#classes", "No classes yet")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    browser.find_element(By.ID, "classify-files").send_keys(str(broken))
+    # No classes yet: the server's 409 message, not a blank page.
+    banner = wait_for(browser, "#banner.error")
+    assert banner.text.startswith("Error 4"), banner.text
+
+
+def test_swagger_ui_renders_the_api_from_local_assets(stack: ServerStack, browser: WebDriver) -> None:
+    browser.get(f"http://127.0.0.1:{stack.http_port}/docs")
+    # Operations rendered means the bundle loaded (from /docs-assets) and read the OpenAPI 3.1 document.
+    wait_for(browser, ".opblock-summary-path")
+    wait_for(browser, "#swagger-ui", "/v1/classify")
+    assert "/v1/info" in browser.find_element(By.ID, "swagger-ui").text
