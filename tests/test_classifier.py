@@ -62,6 +62,52 @@ def test_thousands_of_classes_match_a_full_sort() -> None:
         assert [p.label for p in predictions] == [matrix.labels[i] for i in best]
 
 
+def assert_same_classes(patched: PrototypeMatrix, rebuilt: PrototypeMatrix, queries: np.ndarray) -> None:
+    assert patched.labels == rebuilt.labels
+    np.testing.assert_allclose(patched.prototypes, rebuilt.prototypes, atol=1e-6)
+    np.testing.assert_allclose(patched.matrix, rebuilt.matrix, atol=1e-6)
+    k = len(rebuilt) + 3  # every class, in order: ties and masked-out rows included
+    assert patched.top_k(queries, k) == rebuilt.top_k(queries, k)
+
+
+def test_patched_versions_equal_a_rebuild_and_leave_older_versions_as_they_were() -> None:
+    rng = np.random.default_rng(4)
+    classes = {f"c{i:03d}": rng.normal(size=8).astype(np.float32) for i in range(40)}
+    current = PrototypeMatrix(list(classes), np.stack(list(classes.values())))
+    queries = unit(rng.normal(size=(3, 8)))
+    # Rounds of replacements, deletions and new classes, past a buffer regrowth and compactions.
+    for round_ in range(60):
+        before, before_top = current, current.top_k(queries, 5)
+        changes: dict[str, np.ndarray | None] = {}
+        for label in rng.choice(sorted(classes), size=3, replace=False):
+            changes[str(label)] = None if rng.random() < 0.3 else rng.normal(size=8).astype(np.float32)
+        changes[f"new{round_:03d}"] = rng.normal(size=8).astype(np.float32)
+        # A tie with an existing class: broken by label, whatever slot the row went to.
+        changes[f"a-twin{round_:03d}"] = classes[min(classes)] * 2
+        current = current.patched(changes)
+        for label, row in changes.items():
+            if row is None:
+                classes.pop(label)
+            else:
+                classes[label] = row
+        rebuilt = PrototypeMatrix(list(classes), np.stack(list(classes.values())))
+        assert_same_classes(current, rebuilt, queries)
+        assert before.top_k(queries, 5) == before_top  # readers of the old version unaffected
+    assert current.dead_rows <= max(len(current), 64)  # compacted, not growing without bound
+
+
+def test_two_versions_patched_from_the_same_one_do_not_share_rows() -> None:
+    base = PrototypeMatrix(["a", "b"], np.eye(2, dtype=np.float32))
+    left = base.patched({"c": np.array([0.6, 0.8], np.float32)})
+    right = base.patched({"c": np.array([0.8, 0.6], np.float32), "a": None})
+    query = np.array([[1.0, 0.0]], np.float32)
+    assert [(p.label, round(p.score, 3)) for p in left.top_k(query, 3)[0]] == [
+        ("a", 1.0), ("c", 0.6), ("b", 0.0)
+    ]  # fmt: skip
+    assert [(p.label, round(p.score, 3)) for p in right.top_k(query, 3)[0]] == [("c", 0.8), ("b", 0.0)]
+    assert [p.label for p in base.top_k(query, 5)[0]] == ["a", "b"]
+
+
 def test_dimension_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match="embedding size 3 does not match prototypes of size 2"):
         PrototypeMatrix(["a"], np.ones((1, 2), np.float32)).top_k(np.ones((1, 3), np.float32), 1)
@@ -214,3 +260,15 @@ def test_the_registry_owns_the_one_prepared_matrix(core: FewShotCore) -> None:
     first = core.registry.prototypes("default", core.model_id)
     assert core._prototype_matrix("default") is first.classifier  # no second cache in the core
     assert not first.classifier.matrix.flags.writeable and not first.matrix.flags.writeable
+
+
+def test_the_server_limits_numpys_blas_to_one_thread() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fewshot_service.classifier import limit_blas_threads
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas, "numpy's BLAS was not found"
+    with threadpool_limits(limits=None):  # restores the original limits afterwards
+        limit_blas_threads()
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}

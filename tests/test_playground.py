@@ -116,6 +116,18 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
     browser.save_screenshot(str(tmp_path / "playground.png"))
     assert (tmp_path / "playground.png").stat().st_size > 10_000
 
+    # "unknown" is shown exactly when the server flags the image (here: noise, and the query above).
+    noise = tmp_path / "noise.png"
+    Image.effect_noise((96, 96), 120).convert("RGB").save(noise)
+    for image in (query, noise):
+        with image.open("rb") as handle:
+            answer = httpx.post(base + "/v1/classify", files={"files": (image.name, handle)}).json()
+        browser.execute_script("document.getElementById('results').replaceChildren()")
+        browser.find_element(By.ID, "classify-files").send_keys(str(image))
+        wait_for(browser, "#results .prediction .label")  # this image's answer, not the last one
+        shown = browser.find_elements(By.CSS_SELECTOR, "#results .unknown")
+        assert bool(shown) == answer["unknown"][0], (image.name, answer)
+
     # The page used the public API: the server holds what the page shows.
     listed = httpx.get(base + "/v1/classes").json()["classes"]
     assert {c["label"]: c["count"] for c in listed} == {"red discs": 5, "blue stripes": 5}

@@ -410,3 +410,192 @@ def test_classes_written_before_sums_existed_still_work(
     registry.delete_class("default", "cat")
     registry.delete_class("default", "dog")
     assert redis_client.hlen(sums_key(registry)) == 0
+
+
+# -- incremental sync between replicas (issue 16) -------------------------------------------------
+
+
+def changes_key(registry: Registry, namespace: str = "default") -> str:
+    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:changes"
+
+
+@pytest.fixture
+def two_replicas(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> tuple[Registry, Registry, RedisClient]:
+    """A writer and a reader replica, each with its own client; the reader's client is returned
+    for command counting."""
+    reader_client = connect(redis_url)
+    return Registry(connect(redis_url)), Registry(reader_client), reader_client
+
+
+def assert_matches_a_fresh_replica(reader: Registry, redis_client: RedisClient) -> None:
+    fresh = Registry(redis_client).prototypes("default", MODEL)
+    cached = reader.prototypes("default", MODEL)
+    assert cached.labels == fresh.labels
+    np.testing.assert_allclose(cached.matrix, fresh.matrix, atol=1e-6)
+
+
+def test_a_replica_behind_fetches_only_the_changed_classes(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, reader_client = two_replicas
+    for i in range(30):
+        writer.add_examples("default", f"class-{i:02d}", rand(1, 100 + i), MODEL)
+    assert len(reader.prototypes("default", MODEL).labels) == 30
+    assert reader.sync_counts == {"full": 1, "patch": 0}
+
+    writer.add_examples("default", "class-31", rand(2, 131), MODEL)  # a new class
+    writer.add_examples("default", "class-03", rand(1, 132), MODEL)  # a changed one
+    reset_command_stats(reader_client)
+    patched = reader.prototypes("default", MODEL)
+    calls = command_calls(reader_client)
+    # Two round trips: the generation check, then one script for the two changed classes;
+    # the 31 prototypes are not fetched again.
+    assert calls["cmdstat_hmget"] == 1 + 2  # the check; the script's state + prototypes HMGETs
+    assert calls["cmdstat_evalsha"] == 1
+    assert "cmdstat_hgetall" not in calls
+    assert reader.sync_counts == {"full": 1, "patch": 1}
+    assert len(patched.labels) == 31
+    expected = unit_mean(np.concatenate([rand(1, 103), rand(1, 132)]))
+    np.testing.assert_allclose(patched.matrix[patched.labels.index("class-03")], expected, atol=1e-6)
+    assert_matches_a_fresh_replica(reader, reader_client)
+
+
+def test_deleted_classes_and_examples_reach_a_replica_incrementally(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, reader_client = two_replicas
+    cats = writer.add_examples("default", "cat", rand(3, 20), MODEL)
+    writer.add_examples("default", "dog", rand(2, 21), MODEL)
+    writer.add_examples("default", "emu", rand(2, 22), MODEL)
+    assert reader.prototypes("default", MODEL).labels == ["cat", "dog", "emu"]
+
+    writer.delete_class("default", "dog")
+    writer.delete_example("default", "cat", cats.added_example_ids[0])
+    patched = reader.prototypes("default", MODEL)
+    assert patched.labels == ["cat", "emu"]
+    np.testing.assert_allclose(patched.matrix[0], unit_mean(rand(3, 20)[1:]), atol=1e-6)
+    assert reader.sync_counts == {"full": 1, "patch": 1}
+    assert_matches_a_fresh_replica(reader, reader_client)
+
+    # The last class goes: the namespace is empty again, then a new class comes back.
+    writer.delete_class("default", "cat")
+    writer.delete_class("default", "emu")
+    with pytest.raises(FailedPrecondition, match="no classes yet"):
+        reader.prototypes("default", MODEL)
+    writer.add_examples("default", "fox", rand(1, 23), MODEL)
+    assert reader.prototypes("default", MODEL).labels == ["fox"]
+    assert reader.sync_counts == {"full": 1, "patch": 3}
+
+
+def test_a_replica_further_behind_than_the_change_log_reloads_in_full(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    client = connect(redis_url)
+    writer, reader = Registry(client, change_log_size=4), Registry(connect(redis_url))
+    writer.add_examples("default", "a", rand(1, 30), MODEL)
+    reader.prototypes("default", MODEL)
+    for i, label in enumerate("bcd"):
+        writer.add_examples("default", label, rand(1, 31 + i), MODEL)
+    assert reader.prototypes("default", MODEL).labels == ["a", "b", "c", "d"]
+    assert reader.sync_counts == {"full": 1, "patch": 1}  # 3 changes: the log still reaches back
+
+    for i, label in enumerate("efghij"):  # 6 more changed classes: the log keeps the last 4
+        writer.add_examples("default", label, rand(1, 40 + i), MODEL)
+    assert client.zcard(changes_key(writer)) == 4
+    assert reader.prototypes("default", MODEL).labels == list("abcdefghij")
+    assert reader.sync_counts == {"full": 2, "patch": 1}
+    writer.add_examples("default", "a", rand(1, 50), MODEL)  # caught up again: patches resume
+    assert_matches_a_fresh_replica(reader, client)
+    assert reader.sync_counts == {"full": 2, "patch": 2}
+
+
+def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, reader_client = two_replicas
+    writer.add_examples("default", "cat", rand(2, 60), MODEL)
+    reader.prototypes("default", MODEL)
+    # What a replica running the scripts from before the change log does: bump the generation
+    # without logging (here: changing a prototype behind the registry's back).
+    base = f"{writer.key_prefix}:{{ns:{'default'.encode().hex()}}}"
+    reader_client.hset(f"{base}:prototypes", "cat".encode().hex(), rand(1, 61)[0].astype("<f4").tobytes())
+    reader_client.hincrby(f"{base}:state", "generation", 1)
+    np.testing.assert_allclose(reader.prototypes("default", MODEL).matrix[0], rand(1, 61)[0], atol=1e-6)
+    assert reader.sync_counts == {"full": 2, "patch": 0}
+    # The next logged write starts the log afresh; a replica behind that point still reloads.
+    writer.add_examples("default", "dog", rand(1, 62), MODEL)
+    assert reader.prototypes("default", MODEL).labels == ["cat", "dog"]
+    assert reader.sync_counts == {"full": 2, "patch": 1}
+
+
+def test_a_new_epoch_reloads_in_full_and_model_mismatch_is_still_refused(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, reader_client = two_replicas
+    writer.add_examples("default", "cat", rand(2, 70), MODEL)
+    reader.prototypes("default", MODEL)
+    reader_client.flushall()  # Redis lost everything; the generation restarts at the same number
+    writer.add_examples("default", "dog", rand(2, 71), "vit_other-000000000002")
+    with pytest.raises(FailedPrecondition, match="vit_other"):
+        reader.prototypes("default", MODEL)
+    assert reader.sync_counts == {"full": 2, "patch": 0}
+    assert reader.prototypes("default").labels == ["dog"]
+
+
+def test_concurrent_readers_and_writers_end_at_the_state_of_a_fresh_replica(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, reader_client = two_replicas
+    writer.add_examples("default", "seed", rand(1, 80), MODEL)
+
+    def write(i: int) -> None:
+        label = f"c{i % 7}"
+        if i % 5 == 4:
+            try:
+                writer.delete_class("default", label)
+            except NotFound:
+                pass
+        else:
+            writer.add_examples("default", label, rand(1, 200 + i), MODEL)
+
+    def read(_: int) -> None:
+        protos = reader.prototypes("default", MODEL)
+        assert "seed" in protos.labels
+        assert protos.classifier.top_k(rand(1, 0) / np.linalg.norm(rand(1, 0)), 3)[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: write(i) if i % 2 else read(i), range(120)))
+    assert_matches_a_fresh_replica(reader, reader_client)
+    assert reader.sync_counts["patch"] > 0
+
+
+def test_bulk_add_loads_classes_like_single_adds(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, _ = two_replicas
+    classes = {f"bulk-{i:03d}": rand(1 + i % 3, 300 + i) for i in range(25)}
+    writer.add_classes("default", classes, MODEL, chunk=10)
+    protos = reader.prototypes("default", MODEL)
+    assert protos.labels == sorted(classes)
+    for label, vectors in classes.items():
+        np.testing.assert_allclose(protos.matrix[protos.labels.index(label)], unit_mean(vectors), atol=1e-6)
+    assert writer.get_class("default", "bulk-002").count == 3
+    with pytest.raises(FailedPrecondition, match="model"):
+        writer.add_classes("default", {"x": rand(1, 1)}, "vit_other-000000000002")
+
+
+def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
+    two_replicas: tuple[Registry, Registry, RedisClient],
+) -> None:
+    writer, reader, _ = two_replicas
+    writer.add_examples("default", "cat", rand(2, 90), MODEL)
+    assert reader.prototypes("default", MODEL).matrix.shape == (1, DIM)
+    writer.delete_class("default", "cat")  # empty: another model may start the namespace afresh
+    other = "vit_wide-000000000003"
+    writer.add_examples("default", "dog", rand(1, 91, dim=DIM * 2), other)
+    with pytest.raises(FailedPrecondition, match="vit_wide"):
+        reader.prototypes("default", MODEL)
+    assert reader.prototypes("default", other).matrix.shape == (1, DIM * 2)
+    assert reader.sync_counts["full"] == 2

@@ -65,6 +65,7 @@ class Case:
     label: str = "c0"
     example_id: str = "1"
     top_k: int = 0
+    unknown_rate: float = 0.0
     images: list[bytes] = field(default_factory=lambda: [RED])
     results: int | None = None  # classify: predictions per image when it succeeds
 
@@ -77,6 +78,11 @@ CASES = [
     Case("top_k over 1000", "classify", Code.INVALID_ARGUMENT, top_k=1001),
     Case("top_k 0 means 5", "classify", Code.OK, top_k=0, results=5),
     Case("top_k 1000 is allowed", "classify", Code.OK, top_k=1000, results=len(CLASSES)),
+    Case("unknown_rate negative", "classify", Code.INVALID_ARGUMENT, unknown_rate=-0.5),
+    Case("unknown_rate 1", "classify", Code.INVALID_ARGUMENT, unknown_rate=1.0),
+    Case("unknown_rate over 1", "classify", Code.INVALID_ARGUMENT, unknown_rate=2.0),
+    Case("unknown_rate 0 means the default", "classify", Code.OK, unknown_rate=0.0, results=5),
+    Case("unknown_rate 0.5 is allowed", "classify", Code.OK, unknown_rate=0.5, results=5),
     Case("undecodable image", "classify", Code.INVALID_ARGUMENT, images=[RED, b"not an image"]),
     Case("undecodable image (add)", "add", Code.INVALID_ARGUMENT, images=[b"\x89PNG broken"]),
     Case("no images", "classify", Code.INVALID_ARGUMENT, images=[]),
@@ -133,7 +139,8 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
     label = f"/v1/classes/{quote(wire(case.label), safe='')}"
     uploads = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(case.images)]
     if case.op == "classify":
-        return http.post(f"/v1/classify{query}&top_k={case.top_k}", files=uploads or None)
+        classify_query = f"{query}&top_k={case.top_k}&unknown_rate={case.unknown_rate}"
+        return http.post(f"/v1/classify{classify_query}", files=uploads or None)
     if case.op == "add":
         return http.post(f"{label}/examples{query}", files=uploads)
     if case.op == "list":
@@ -147,7 +154,7 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
 
 def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
     calls: dict[str, Callable[[], object]] = {
-        "classify": lambda: core.classify(case.images, case.namespace, case.top_k),
+        "classify": lambda: core.classify_open_set(case.images, case.namespace, case.top_k, case.unknown_rate),
         "add": lambda: core.add_examples(case.namespace, case.label, case.images),
         "list": lambda: core.list_classes(case.namespace),
         "get": lambda: core.get_class(case.namespace, case.label),
@@ -166,7 +173,9 @@ def classify_request_bytes(case: Case) -> bytes:
     the protobuf library refuses to write): a placeholder of the same length is swapped in."""
     raw = wire(case.namespace)
     placeholder = "\x01" * len(raw) if raw else ""
-    request = fewshot_pb2.ClassifyRequest(images=case.images, namespace=placeholder, top_k=case.top_k)
+    request = fewshot_pb2.ClassifyRequest(
+        images=case.images, namespace=placeholder, top_k=case.top_k, unknown_rate=case.unknown_rate
+    )
     serialized = request.SerializeToString()
     return serialized.replace(placeholder.encode(), raw) if raw else serialized
 

@@ -24,6 +24,7 @@ from fewshot_common.variants import choose_model_file
 
 from .access import AccessControl
 from .batcher import BatchConfig
+from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
@@ -69,7 +70,10 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         workers=settings.batch_workers,
     )
     decode_pool = DecodePool(settings.decode_workers, max_queued=settings.decode_queue)
-    return FewShotCore(embedder, registry, batching=batching, decode_pool=decode_pool)
+    return FewShotCore(
+        embedder, registry, batching=batching, decode_pool=decode_pool,
+        unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
+    )  # fmt: skip
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -124,6 +128,7 @@ class ServerStack:
         )
         self._cleanup.callback(client.close)
 
+        limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
@@ -142,7 +147,8 @@ class ServerStack:
             access=self.access,
             tls=settings.tls,
         )
-        self._cleanup.callback(lambda: self._grpc.stop(grace=5.0).wait(6.0))  # type: ignore[union-attr]
+        grace = settings.shutdown_grace_s
+        self._cleanup.callback(lambda: self._grpc.stop(grace).wait(grace + 1.0))  # type: ignore[union-attr]
 
         sock = _bind(host, settings.http_port)
         self.http_port = int(sock.getsockname()[1])
@@ -156,6 +162,7 @@ class ServerStack:
         config = uvicorn.Config(
             app, log_level=settings.log_level, access_log=False, lifespan="off",
             http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
+            timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
             **tls_options,
         )  # fmt: skip
         self._http = uvicorn.Server(config)
@@ -181,11 +188,25 @@ class ServerStack:
     def _stop_http(self) -> None:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
-            self._http_thread.join(timeout=10.0)
+            self._http_thread.join(timeout=self.settings.shutdown_grace_s + 2.0)
 
     def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""
+        self._drain()
         self._cleanup.close()
+
+    def _drain(self) -> None:
+        """Graceful shutdown: readiness false first, then both transports refuse new calls and
+        finish the ones in flight together, within ``shutdown_grace_s``."""
+        if self.core is None or self._grpc is None or self._http is None or self._http.should_exit:
+            return  # not fully started (start() failed), or drained already
+        settings = self.settings
+        self.core.begin_draining()  # /readyz 503, gRPC health NOT_SERVING
+        log.info("shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s)
+        time.sleep(settings.shutdown_delay_s)
+        grpc_done = self._grpc.stop(settings.shutdown_grace_s)  # refuses new RPCs at once
+        self._stop_http()  # uvicorn closes its socket, then waits for open requests
+        grpc_done.wait(settings.shutdown_grace_s + 1.0)
 
     def __enter__(self) -> "ServerStack":
         return self.start()

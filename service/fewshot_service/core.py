@@ -7,6 +7,9 @@ whichever door it came through. The registry below trusts the names it is given.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -14,16 +17,22 @@ import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import Cancelled, InvalidInput
+from fewshot_common.errors import Cancelled, InvalidInput, NotFound, Unavailable
 from fewshot_common.images import load_batch
 
 from . import inference_metrics as metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .classifier import DEFAULT_TOP_K, Prediction, PrototypeMatrix
 from .decode_pool import DecodePool
+from .open_set import DEFAULT_UNKNOWN_RATE, OpenSetCalibrator, OpenSetResult, label_images
+from .open_set import resolve_unknown_rate
+from .shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
+from .shot_quality import example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .registry import ClassInfo, ClassSummary, Registry
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "default"
 MAX_TOP_K = 1000
@@ -84,14 +93,20 @@ class FewShotCore:
         *,
         batching: BatchConfig | None = None,
         decode_pool: DecodePool | None = None,
+        unknown_rate: float = DEFAULT_UNKNOWN_RATE,
+        duplicate_similarity: float = DEFAULT_DUPLICATE_SIMILARITY,
     ) -> None:
         self.embedder = embedder
         self.registry = registry
+        self.unknown_rate = resolve_unknown_rate(unknown_rate)
+        self.duplicate_similarity = duplicate_similarity
+        self._open_set = OpenSetCalibrator(registry)
         self.decode_pool = decode_pool or DecodePool()
         self._batcher = DynamicBatcher(
             embedder.embed_array,
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
+        self._draining = threading.Event()
 
     @property
     def model_id(self) -> str:
@@ -144,12 +159,26 @@ class FewShotCore:
         cancellation: CancellationCheck | None = None,
     ) -> list[list[Prediction]]:
         """Per image, the ``top_k`` classes of ``namespace`` by cosine similarity, best first."""
+        return [r.predictions for r in self.classify_open_set(images, namespace, top_k, 0, cancellation)]
+
+    def classify_open_set(
+        self,
+        images: Sequence[bytes],
+        namespace: str | None = None,
+        top_k: int | None = 0,
+        unknown_rate: float | None = 0,
+        cancellation: CancellationCheck | None = None,
+    ) -> list[OpenSetResult]:
+        """Per image: the ``top_k`` classes (with confidences) and whether it matches none of
+        them; ``unknown_rate`` (0: the server's) is the share of known images flagged unknown."""
         namespace = resolve_namespace(namespace)
         top_k = resolve_top_k(top_k)
+        unknown_rate = resolve_unknown_rate(unknown_rate, self.unknown_rate)
         # The prototypes first: a namespace we cannot answer for should not cost an inference.
-        matrix = self._prototype_matrix(namespace)
+        prototypes = self.registry.prototypes(namespace, expected_model_id=self.model_id)
+        calibration = self._open_set.calibration(namespace, prototypes)
         embeddings = self.embed(images, operation="classify", cancellation=cancellation)
-        return matrix.top_k(embeddings, top_k)
+        return label_images(prototypes.classifier, calibration, embeddings, top_k, unknown_rate)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
         # The registry caches one ready matrix per namespace state, and refuses
@@ -171,13 +200,37 @@ class FewShotCore:
         """
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
-        return self.registry.add_examples(namespace, label, embeddings, self.model_id)
+        info = self.registry.add_examples(namespace, label, embeddings, self.model_id)
+        try:
+            snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
+            log.warning("added %d examples, but could not re-read the class for warnings", len(images))
+            return info
+        if label not in snapshot.labels:  # deleted by another request in between
+            return info
+        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
+        return dataclasses.replace(info, warnings=warnings)
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))
 
     def get_class(self, namespace: str | None, label: str) -> "ClassInfo":
-        return self.registry.get_class(resolve_namespace(namespace), resolve_label(label))
+        """The class's example ids, and how well each example fits it (leave-one-out)."""
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        info = self.registry.get_class(namespace, label)
+        snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        if label not in snapshot.labels:  # deleted by another request in between
+            return info
+        return dataclasses.replace(info, examples=example_quality(snapshot, label))
+
+    def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
+        """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        top_k = resolve_top_k(top_k)
+        snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        if label not in snapshot.labels:
+            raise NotFound(f"no class {label!r} in namespace {namespace!r}")
+        return confusions(snapshot, label, top_k)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
         return self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
@@ -192,8 +245,14 @@ class FewShotCore:
 
     # -- health ------------------------------------------------------------------------------
 
+    def begin_draining(self) -> None:
+        """Shutdown has begun: report not ready (so load balancers move away); calls still work."""
+        self._draining.set()
+
     def ready(self) -> bool:
-        """Model loaded (it is, once constructed) and Redis answering."""
+        """Model loaded (it is, once constructed), Redis answering, and not shutting down."""
+        if self._draining.is_set():
+            return False
         try:
             return bool(self.registry.ping())
         except Exception:  # a health probe reports, it never raises

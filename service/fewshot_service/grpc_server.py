@@ -125,15 +125,19 @@ class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
         context: grpc.ServicerContext,
         cancellation: Cancellation,
     ) -> fewshot_pb2.ClassifyResponse:
-        results = self.core.classify(
-            list(request.images), request.namespace, request.top_k, cancellation
+        results = self.core.classify_open_set(
+            list(request.images), request.namespace, request.top_k, request.unknown_rate, cancellation
         )
         return fewshot_pb2.ClassifyResponse(
             results=[
                 fewshot_pb2.Classification(
-                    predictions=[fewshot_pb2.Prediction(label=p.label, score=p.score) for p in preds]
+                    predictions=[
+                        fewshot_pb2.Prediction(label=p.label, score=p.score, confidence=p.confidence)
+                        for p in result.predictions
+                    ],
+                    unknown=result.unknown,
                 )
-                for preds in results
+                for result in results
             ],
             model_id=self.core.model_id,
         )

@@ -3,7 +3,10 @@
 Key layout (one hash tag per namespace, so every script of a namespace runs on one Cluster slot)::
 
     {prefix}:{ns:<hex>}:model        hash   model_id, dim   (what the namespace's embeddings came from)
-    {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), epoch, next_example_id
+    {prefix}:{ns:<hex>}:state        hash   generation (bumped on every change), epoch, next_example_id,
+                                            log_start, logged (what the change log covers)
+    {prefix}:{ns:<hex>}:changes      zset   <label hex> -> generation of its last change (the
+                                            change log, capped at change_log_size labels)
     {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
     {prefix}:{ns:<hex>}:prototypes   hash   <label hex> -> float32 LE prototype
     {prefix}:{ns:<hex>}:sums         hash   <label hex> -> float64 LE sum of unit embeddings,
@@ -15,7 +18,9 @@ another key, break out of the hash tag, or look like a glob. Writes are Lua scri
 replica caches one ready :class:`PrototypeSet` per namespace (the only prototype cache; every
 read and write of it holds its lock) and revalidates it with one HMGET of the
 generation (and the epoch, which changes if Redis ever loses the namespace's state) per request,
-so a change is seen by every replica on its next request.
+so a change is seen by every replica on its next request. A replica that is behind fetches only
+the classes changed since its generation (one script: changes_since.lua) and patches its matrix;
+it reloads everything only when the epoch changed or the change log no longer reaches back.
 """
 
 from __future__ import annotations
@@ -25,19 +30,29 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
 from .classifier import PrototypeMatrix
 from .redis_client import CLUSTER_ERRORS, RedisClient
 
+if TYPE_CHECKING:
+    from .shot_quality import ExampleQuality, ShotWarning
+
 # Lua's unpack() passes each float on the C stack (about 8,000 slots); far above any ViT width.
 MAX_EMBEDDING_DIM = 4096
 DEFAULT_MAX_EXAMPLES_PER_CLASS = 1000
+# Labels the change log keeps per namespace (~100 bytes each in Redis): a replica further behind
+# than this many distinct changed classes reloads the namespace in full.
+DEFAULT_CHANGE_LOG_SIZE = 10_000
+# Beyond this many changed classes one full reload is cheaper than patching (and Lua's unpack()
+# of the labels stays far below its C stack limit).
+MAX_PATCHED_CLASSES = 4096
 _FLOAT32_LE = np.dtype("<f4")
 
 
@@ -54,6 +69,9 @@ class ClassInfo:
     example_ids: list[str]
     # Only set by add_examples: the ids given to this call's examples, in request order.
     added_example_ids: list[str] = field(default_factory=list)
+    # Set by the core (shot_quality.py): add_examples' warnings, get_class's per-example fit.
+    warnings: "list[ShotWarning]" = field(default_factory=list)
+    examples: "list[ExampleQuality]" = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -61,10 +79,10 @@ class PrototypeSet:
     """One state of a namespace's prototypes, ready to classify with; never changed once built.
 
     The registry builds one per (epoch, generation) and hands the same object to every request
-    until the namespace changes, so the rows are sorted and re-normalised once per change.
+    until the namespace changes, so rows are re-normalised once per change of their class.
     """
 
-    classifier: PrototypeMatrix  # rows sorted by label and re-normalised
+    classifier: PrototypeMatrix  # re-normalised rows; patched copy-on-write per change
     model_id: str | None
     generation: int
     epoch: str = ""  # with generation, identifies this state of the namespace
@@ -79,6 +97,20 @@ class PrototypeSet:
         return self.classifier.prototypes
 
 
+@dataclass(frozen=True)
+class ExampleSnapshot:
+    """A namespace's classes at one state: every prototype, and the example embeddings of the
+    classes asked for (the others hold none here). Lists are in ``labels`` order (sorted)."""
+
+    labels: list[str]
+    means: np.ndarray  # [C, D] float32: each class's mean of unit embeddings (its prototype row)
+    counts: np.ndarray  # [C] examples per class (all of them, also where fewer were fetched)
+    example_ids: list[list[str]]  # fetched ids per class, in id order
+    embeddings: list[np.ndarray]  # [n_c, D] unit float32 rows, matching example_ids
+    epoch: str
+    generation: int
+
+
 def _encode(name: str) -> str:
     return name.encode("utf-8").hex()
 
@@ -88,10 +120,12 @@ def _decode(field_name: bytes | str) -> str:
     return bytes.fromhex(text).decode("utf-8")
 
 
-def _load_script(name: str) -> str:
+def _load_script(name: str, *, prelude: bool = True) -> str:
     scripts = resources.files("fewshot_service") / "registry_scripts"
-    prelude = (scripts / "prototype.lua").read_text(encoding="utf-8")
-    return prelude + "\n" + (scripts / name).read_text(encoding="utf-8")
+    body = (scripts / name).read_text(encoding="utf-8")
+    if not prelude:
+        return body
+    return (scripts / "prototype.lua").read_text(encoding="utf-8") + "\n" + body
 
 
 # The codes the registry scripts answer with (redis.error_reply); see registry_scripts/*.lua.
@@ -127,6 +161,7 @@ class _NamespaceKeys:
         self.counts = f"{base}:counts"
         self.prototypes = f"{base}:prototypes"
         self.sums = f"{base}:sums"
+        self.changes = f"{base}:changes"
         self._examples = f"{base}:ex:"
 
     def examples(self, label: str) -> str:
@@ -135,7 +170,8 @@ class _NamespaceKeys:
     def for_class(self, label: str) -> list[str]:
         """The KEYS every class script takes, in its order."""
         return [
-            self.model, self.state, self.counts, self.prototypes, self.examples(label), self.sums
+            self.model, self.state, self.counts, self.prototypes, self.examples(label), self.sums,
+            self.changes,
         ]  # fmt: skip
 
 
@@ -148,10 +184,15 @@ class Registry:
         *,
         key_prefix: str = "fewshot",
         max_examples_per_class: int = DEFAULT_MAX_EXAMPLES_PER_CLASS,
+        change_log_size: int = DEFAULT_CHANGE_LOG_SIZE,
     ) -> None:
         if max_examples_per_class <= 0:
             raise ValueError(f"max_examples_per_class must be positive, got {max_examples_per_class}")
+        if change_log_size <= 0:
+            raise ValueError(f"change_log_size must be positive, got {change_log_size}")
         self.max_examples_per_class = max_examples_per_class
+        self.change_log_size = change_log_size
+        self.sync_counts = {"full": 0, "patch": 0}  # how replicas caught up (tests, metrics)
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must be non-empty and free of '{' and '}' (the hash tag)")
         self._client = client
@@ -159,8 +200,11 @@ class Registry:
         self._add = client.register_script(_load_script("add_examples.lua"))
         self._delete_class = client.register_script(_load_script("delete_class.lua"))
         self._delete_example = client.register_script(_load_script("delete_example.lua"))
+        self._changes_since = client.register_script(_load_script("changes_since.lua", prelude=False))
         self._cache: dict[str, PrototypeSet] = {}
         self._cache_lock = threading.Lock()
+        # One sync per namespace at a time: requests that find it stale wait for that one fetch.
+        self._sync_locks: dict[str, threading.Lock] = {}
 
     @property
     def key_prefix(self) -> str:
@@ -190,7 +234,7 @@ class Registry:
                     keys=keys.for_class(label),
                     args=[
                         _encode(label), model_id, vectors.shape[1], uuid.uuid4().hex,
-                        self.max_examples_per_class, *blobs,
+                        self.max_examples_per_class, self.change_log_size, *blobs,
                     ],
                 )  # fmt: skip
             except redis.exceptions.ResponseError as exc:
@@ -203,6 +247,42 @@ class Registry:
             example_ids=example_ids,
             added_example_ids=[_text(i) for i in added],
         )
+
+    def add_classes(
+        self, namespace: str, classes: dict[str, np.ndarray], model_id: str, *, chunk: int = 1000
+    ) -> None:
+        """Bulk load: ``label -> embeddings [n, D]`` through the same script as
+        :meth:`add_examples`, pipelined ``chunk`` classes per round trip; no ids are returned.
+
+        Not atomic as a whole (each class is); a refusal raises after the chunks before it landed.
+        redis-py's cluster pipeline refuses scripts, so on a Cluster it is one round trip a class.
+        """
+        keys = self._keys(namespace)
+        if not model_id:
+            raise InvalidInput("model_id must not be empty")
+        items = [(label, self._check_embeddings(vectors)) for label, vectors in classes.items()]
+        pipelined = not isinstance(self._client, RedisCluster)
+        for start in range(0, len(items), chunk if pipelined else 1):
+            batch = items[start : start + chunk] if pipelined else items[start : start + 1]
+            with _redis_errors(self._client):
+                runner = self._client.pipeline(transaction=False) if pipelined else self._client
+                replies: list[object] = []
+                for label, vectors in batch:
+                    args = [
+                        _encode(label), model_id, vectors.shape[1], uuid.uuid4().hex,
+                        self.max_examples_per_class, self.change_log_size,
+                        *(row.astype(_FLOAT32_LE).tobytes() for row in vectors),
+                    ]  # fmt: skip
+                    try:
+                        replies.append(self._add(keys=keys.for_class(label), args=args, client=runner))
+                    except redis.exceptions.ResponseError as exc:
+                        replies.append(exc)
+                if pipelined:
+                    # Errors as values: redis-py's raised form quotes the command, keys included.
+                    replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+            for (label, vectors), reply in zip(batch, replies):
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise self._script_error(reply, namespace, label, model_id, adding=len(vectors))
 
     def list_classes(self, namespace: str) -> list[ClassSummary]:
         keys = self._keys(namespace)
@@ -223,7 +303,9 @@ class Registry:
         keys = self._keys(namespace)
         with _redis_errors(self._client):
             try:
-                self._delete_class(keys=keys.for_class(label), args=[_encode(label)])
+                self._delete_class(
+                    keys=keys.for_class(label), args=[_encode(label), self.change_log_size]
+                )
             except redis.exceptions.ResponseError as exc:
                 raise self._script_error(exc, namespace, label) from None
 
@@ -233,7 +315,8 @@ class Registry:
         with _redis_errors(self._client):
             try:
                 _, count = self._delete_example(
-                    keys=keys.for_class(label), args=[_encode(label), example_id]
+                    keys=keys.for_class(label),
+                    args=[_encode(label), example_id, self.change_log_size],
                 )
             except redis.exceptions.ResponseError as exc:
                 raise self._script_error(exc, namespace, label, example_id=example_id) from None
@@ -262,17 +345,8 @@ class Registry:
         with self._cache_lock:
             cached = self._cache.get(namespace)
         if cached is None or (cached.epoch, cached.generation) != version:
-            # Fetched outside the lock (a round trip); the newest state wins when two race.
-            cached = self._fetch_prototypes(namespace)
-            with self._cache_lock:
-                current = self._cache.get(namespace)
-                if (
-                    current is None
-                    or current.epoch != cached.epoch
-                    or current.generation < cached.generation
-                ):
-                    self._cache[namespace] = cached
-        if not cached.labels:
+            cached = self._sync(namespace, version)
+        if not len(cached.classifier):
             raise FailedPrecondition(
                 f"namespace {namespace!r} has no classes yet: add examples to a class first"
             )
@@ -283,6 +357,52 @@ class Registry:
                 "comparable: re-add the examples under this model or use another namespace"
             )
         return cached
+
+    def _sync(self, namespace: str, version: tuple[str, int]) -> PrototypeSet:
+        """Bring this replica's copy of ``namespace`` to Redis's current state (at least
+        ``version``, which the caller read after its own writes: read-your-write holds)."""
+        with self._cache_lock:
+            lock = self._sync_locks.setdefault(namespace, threading.Lock())
+        with lock:
+            with self._cache_lock:
+                cached = self._cache.get(namespace)
+            if cached is not None and (cached.epoch, cached.generation) == version:
+                return cached  # another request synced it while this one waited
+            fresh = None
+            if cached is not None and cached.epoch == version[0] and cached.epoch:
+                fresh = self._fetch_changes(namespace, cached)
+            how = "patch"
+            if fresh is None:
+                fresh, how = self._fetch_prototypes(namespace), "full"
+            with self._cache_lock:
+                self._cache[namespace] = fresh
+                self.sync_counts[how] += 1
+            return fresh
+
+    def _fetch_changes(self, namespace: str, cached: PrototypeSet) -> PrototypeSet | None:
+        """``cached`` patched with the classes changed since it, or None: reload in full."""
+        keys = self._keys(namespace)
+        max_changes = min(MAX_PATCHED_CLASSES, max(256, len(cached.classifier) // 2))
+        with _redis_errors(self._client):
+            reply = self._changes_since(
+                keys=[keys.state, keys.model, keys.changes, keys.prototypes],
+                args=[cached.epoch, cached.generation, max_changes],
+            )
+        epoch, generation, model_id, outcome, *changed = reply
+        if _text(outcome) != "patch":
+            return None
+        changes = {
+            _decode(changed[i]): None if blob is None else np.frombuffer(blob, dtype=_FLOAT32_LE)
+            for i, blob in zip(range(0, len(changed), 2), changed[1::2])
+        }
+        if any(row is not None and len(row) != cached.classifier.dim for row in changes.values()):
+            return None  # the namespace was emptied and restarted by a model of another width
+        return PrototypeSet(
+            classifier=cached.classifier.patched(changes) if changes else cached.classifier,
+            model_id=_text(model_id) if model_id is not None else None,
+            generation=int(generation),
+            epoch=_text(epoch),
+        )
 
     def _fetch_prototypes(self, namespace: str) -> PrototypeSet:
         keys = self._keys(namespace)
@@ -295,14 +415,61 @@ class Registry:
             (epoch, generation), model_id, raw = pipe.execute()
         labels = [_decode(f) for f in raw]
         if raw:
-            matrix = np.stack([np.frombuffer(blob, dtype=_FLOAT32_LE) for blob in raw.values()])
+            matrix = np.frombuffer(b"".join(raw.values()), dtype=_FLOAT32_LE).reshape(len(raw), -1)
         else:
             matrix = np.zeros((0, 0), dtype=np.float32)
         return PrototypeSet(
-            classifier=PrototypeMatrix(labels, matrix),  # sorts by label, once per state
+            classifier=PrototypeMatrix(labels, matrix),
             model_id=_text(model_id) if model_id is not None else None,
             generation=int(generation or 0),
             epoch=_text(epoch or b""),
+        )
+
+    def example_snapshot(
+        self, namespace: str, max_per_class: int | None = None, only_label: str | None = None
+    ) -> ExampleSnapshot:
+        """Prototypes and example embeddings of ``namespace`` as of one state (two pipelined
+        round trips, retried while a write lands between them): every class's examples, or only
+        ``only_label``'s; at most ``max_per_class`` per class, spread evenly over the ids."""
+        keys = self._keys(namespace)
+        for _attempt in range(3):
+            with _redis_errors(self._client):
+                pipe = self._client.pipeline(transaction=True)
+                pipe.hmget(keys.state, "epoch", "generation")
+                pipe.hgetall(keys.prototypes)
+                pipe.hgetall(keys.counts)
+                version, raw_means, raw_counts = pipe.execute()
+                labels = sorted(_decode(f) for f in raw_means)
+                wanted = [label for label in labels if only_label in (None, label)]
+                pipe = self._client.pipeline(transaction=True)
+                pipe.hmget(keys.state, "epoch", "generation")
+                for label in wanted:
+                    pipe.hgetall(keys.examples(label))
+                version_after, *raw_examples = pipe.execute()
+            if version_after == version:
+                break
+        fetched = dict(zip(wanted, raw_examples))
+        dim = len(next(iter(raw_means.values()))) // _FLOAT32_LE.itemsize if raw_means else 0
+        means = [np.frombuffer(raw_means[_encode(label).encode()], _FLOAT32_LE) for label in labels]
+        counts = [int(raw_counts.get(_encode(label).encode(), 0)) for label in labels]
+        example_ids, embeddings = [], []
+        for label in labels:
+            blobs = {_text(k): v for k, v in fetched.get(label, {}).items()}
+            ids = _sample_evenly(sorted(blobs, key=lambda i: (len(i), i)), max_per_class)
+            rows = [np.frombuffer(blobs[i], _FLOAT32_LE) for i in ids]
+            matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+            norms = np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+            example_ids.append(ids)
+            embeddings.append((matrix / norms).astype(np.float32))
+        epoch, generation = version_after
+        return ExampleSnapshot(
+            labels=labels,
+            means=np.stack(means) if means else np.zeros((0, 0), np.float32),
+            counts=np.asarray(counts, dtype=np.int64),
+            example_ids=example_ids,
+            embeddings=embeddings,
+            epoch=_text(epoch or b""),
+            generation=int(generation or 0),
         )
 
     def _keys(self, namespace: str) -> _NamespaceKeys:
@@ -358,6 +525,13 @@ class Registry:
                 f"namespace {namespace!r} holds {detail}-dimensional embeddings; these differ"
             )
         return Unavailable(_REFUSED, detail=f"Redis: {exc}")
+
+
+def _sample_evenly(ids: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` of ``ids``, spread evenly over them: the same choice on every replica."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
 
 
 def _text(value: bytes | str | int) -> str:

@@ -138,6 +138,15 @@ class Settings(BaseSettings):
     max_examples_per_class: int = Field(
         default=1000, gt=0, description="examples a class may hold; an add beyond is refused (409)"
     )
+    # Open set and shot quality (open_set.py, shot_quality.py).
+    unknown_rate: float = Field(
+        default=0.05, gt=0, lt=1,
+        description="share of images of registered classes flagged unknown when a request sets none",
+    )
+    duplicate_similarity: float = Field(
+        default=0.98, gt=0, le=1,
+        description="cosine at which a new example is reported as a near-duplicate of its class's",
+    )
 
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(
@@ -161,6 +170,17 @@ class Settings(BaseSettings):
     )
     batch_workers: int = Field(
         default=_BATCHING.workers, gt=0, description="merged batches that may run at once"
+    )
+
+    # Graceful shutdown (SIGTERM): readiness goes false, then in-flight calls get this long.
+    shutdown_delay_s: float = Field(
+        default=0.0, ge=0,
+        description="seconds to keep serving with readiness false before refusing new "
+        "connections (time for a load balancer to notice; e.g. 5 behind Kubernetes)",
+    )  # fmt: skip
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="seconds in-flight calls may take to finish on shutdown; then they are cut",
     )
 
     # Redis client: short timeouts so a lost Redis answers 503 quickly instead of hanging.

@@ -57,3 +57,26 @@ local function store_class(model_key, counts_key, protos_key, examples_key, sums
   end
   return count
 end
+
+-- Bumps the namespace's generation and records that `field` changed at it in the change log (a
+-- sorted set: label -> generation of its last change), so a replica holding generation g fetches
+-- only the classes changed after g. The log keeps the latest `log_size` labels; state's
+-- 'log_start' is the generation from which it is complete ('logged' the last one it holds:
+-- a write by a script from before the log existed leaves logged behind generation).
+local function bump_generation(state_key, changes_key, field, log_size)
+  local state = redis.call('HMGET', state_key, 'generation', 'logged')
+  local previous = tonumber(state[1]) or 0
+  if (tonumber(state[2]) or 0) ~= previous then
+    redis.call('HSET', state_key, 'log_start', previous)  -- changes before this one are unlogged
+  end
+  local generation = redis.call('HINCRBY', state_key, 'generation', 1)
+  redis.call('ZADD', changes_key, generation, field)
+  local excess = redis.call('ZCARD', changes_key) - log_size
+  if excess > 0 then
+    local newest_dropped = redis.call('ZRANGE', changes_key, excess - 1, excess - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYRANK', changes_key, 0, excess - 1)
+    redis.call('HSET', state_key, 'log_start', newest_dropped[2])
+  end
+  redis.call('HSET', state_key, 'logged', generation)
+  return generation
+end

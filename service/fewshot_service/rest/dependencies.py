@@ -96,6 +96,14 @@ TopK = Annotated[
     ),
 ]
 
+UnknownRate = Annotated[
+    float,
+    Query(
+        description="share of images of registered classes to flag unknown (0: the server default)",
+        json_schema_extra={"minimum": 0, "exclusiveMaximum": 1},
+    ),
+]
+
 
 @dataclass(frozen=True)
 class Uploads:

@@ -2,12 +2,13 @@
 
 Labels may contain ``/``. Routes are matched on the raw (still percent-encoded) path (see
 :class:`middleware.RawClassPath`), so a client that encodes ``/`` as ``%2F`` never collides with
-the ``/examples`` suffix; an unencoded ``/`` works too unless the label itself ends in
-``/examples`` or ``/examples/<id>``. Handlers percent-decode path parameters themselves, once.
+the ``/examples`` or ``/confusions`` suffix; an unencoded ``/`` works too unless the label itself
+ends in ``/examples``, ``/examples/<id>`` or ``/confusions``. Handlers percent-decode path parameters themselves, once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -21,13 +22,18 @@ from .dependencies import (
     Namespace,
     RequestCancellation,
     StrictQuery,
+    TopK,
     decode_path_param,
 )
 from .schemas import (
     AddedBody,
-    ClassBody,
+    ClassDetailBody,
     ClassListBody,
     ClassSummaryBody,
+    ConfusionBody,
+    ConfusionsBody,
+    ExampleQualityBody,
+    ShotWarningBody,
     DeletedClassBody,
     DeletedExampleBody,
     error_responses,
@@ -68,6 +74,7 @@ def add_examples(
         example_ids=info.example_ids,
         added_example_ids=info.added_example_ids,
         model_id=core.model_id,
+        warnings=[ShotWarningBody(**dataclasses.asdict(w)) for w in info.warnings],
     )
 
 
@@ -83,17 +90,42 @@ def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     )
 
 
+# Declared before GET /v1/classes/{label}: a raw path ending in /confusions asks for these.
 @router.get(
-    "/{label:path}", response_model=ClassBody, responses=error_responses(401, 403, 404, 422, 503),
+    "/{label:path}/confusions",
+    response_model=ConfusionsBody,
+    responses=error_responses(401, 403, 404, 422, 503),
     dependencies=[require(Action.GET)],
+    summary="The classes this class is most easily confused with (most similar prototypes first)",
 )
-def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassBody:
+def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ConfusionsBody:
+    label = decode_path_param(label, "label")
+    found = core.class_confusions(namespace, label, top_k)
+    return ConfusionsBody(
+        namespace=resolve_namespace(namespace),
+        label=label,
+        confusions=[ConfusionBody(**dataclasses.asdict(c)) for c in found],
+    )
+
+
+@router.get(
+    "/{label:path}",
+    response_model=ClassDetailBody,
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.GET)],
+    summary="A class's examples, each with its consistency with the class (leave-one-out)",
+)
+def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassDetailBody:
     info = core.get_class(namespace, decode_path_param(label, "label"))
-    return ClassBody(
+    return ClassDetailBody(
         namespace=resolve_namespace(namespace),
         label=info.label,
         count=info.count,
         example_ids=info.example_ids,
+        examples=[
+            ExampleQualityBody(**dataclasses.asdict(q), likely_mislabel=q.likely_mislabel)
+            for q in info.examples
+        ],
     )
 
 

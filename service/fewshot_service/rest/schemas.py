@@ -32,9 +32,43 @@ class ClassBody(BaseModel):
     example_ids: list[str]
 
 
+class ExampleQualityBody(BaseModel):
+    example_id: str
+    # Leave-one-out cosine to its own class (the class without it); null for a class's only example.
+    consistency: float | None
+    nearest_other_label: str | None  # the closest other class; null in a one-class namespace
+    nearest_other_score: float | None
+    likely_mislabel: bool  # the other class is closer than its own
+
+
+class ClassDetailBody(ClassBody):
+    examples: list[ExampleQualityBody]
+
+
+class ShotWarningBody(BaseModel):
+    example_id: str
+    kind: str  # likely_mislabel | near_duplicate
+    other: str  # the closer class, or the example it duplicates
+    similarity: float
+    message: str
+
+
+class ConfusionBody(BaseModel):
+    label: str
+    prototype_similarity: float  # cosine between the two classes' prototypes
+    examples_closer: int  # examples of the class closer (leave-one-out) to this one than to their own
+
+
+class ConfusionsBody(BaseModel):
+    namespace: str
+    label: str
+    confusions: list[ConfusionBody]
+
+
 class AddedBody(ClassBody):
     added_example_ids: list[str]
     model_id: str
+    warnings: list[ShotWarningBody] = []  # per added example: likely mislabel, near duplicate
 
 
 class DeletedClassBody(BaseModel):
@@ -55,12 +89,16 @@ class DeletedExampleBody(BaseModel):
 class PredictionBody(BaseModel):
     label: str
     score: float
+    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
 
 
 class ClassifyBody(BaseModel):
     namespace: str
     model_id: str
     results: list[list[PredictionBody]]
+    # Per image, parallel to results: it matches none of the classes well enough.
+    unknown: list[bool] = []
+    unknown_rate: float | None = None  # the rate the unknown flags were calibrated for
 
 
 class HealthBody(BaseModel):

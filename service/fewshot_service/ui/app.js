@@ -184,10 +184,11 @@ function exampleTile(label, id) {
 
 async function classify(file) {
   const answer = await api("POST", "classify", { files: [file], params: { top_k: 5 } });
-  renderResults(file, answer.results[0]);
+  // `unknown` runs parallel to `results`: one flag per image (calibrated on the namespace's shots).
+  renderResults(file, answer.results[0], Boolean(answer.unknown && answer.unknown[0]));
 }
 
-function renderResults(file, result) {
+function renderResults(file, predictions, unknown) {
   const container = $("results");
   container.replaceChildren();
   const preview = document.createElement("img");
@@ -196,9 +197,7 @@ function renderResults(file, result) {
   container.append(preview);
   const list = document.createElement("div");
   list.className = "predictions";
-  // Hook for open-set classification: a result that says it is unknown is shown as such.
-  const predictions = Array.isArray(result) ? result : result.predictions || [];
-  if (!Array.isArray(result) && result.unknown) {
+  if (unknown) {
     const unknown = document.createElement("div");
     unknown.className = "unknown";
     unknown.textContent = "unknown: none of the classes";
@@ -223,6 +222,9 @@ function scoreBar(prediction) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = prediction.score.toFixed(3);
+  if (typeof prediction.confidence === "number") {
+    score.title = `confidence ${(prediction.confidence * 100).toFixed(0)}%`;
+  }
   row.append(label, bar, score);
   return row;
 }
@@ -311,7 +313,10 @@ function init() {
     });
   });
 
-  dropZone($("classify-drop"), $("classify-files"), (files) => files.length && run(() => classify(files[0])));
+  dropZone($("classify-drop"), $("classify-files"), (files) => {
+    if (files.length) run(() => classify(files[0]));
+    $("classify-files").value = ""; // choosing the same file again must classify it again
+  });
   document.addEventListener("paste", (event) => {
     const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
     if (file) run(() => classify(file));

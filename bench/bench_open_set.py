@@ -1,0 +1,172 @@
+"""How well the "unknown" flag and the confidence work on the Tiny ImageNet dev split; prints JSON.
+
+Protocol (per draw, ``--draws`` draws): of the 50 dev classes, ``--unknown-classes`` are held out
+as unknowns; every other class gets 5 random shots registered, its other images are known
+queries. The calibration is the server's (``fewshot_service.open_set``, LOO over the shots).
+
+Printed per unknown statistic (``score`` = top-1 cosine, ``margin`` = top-1 minus top-2,
+``zscore`` = top-1 standardised by the predicted class's LOO own-scores, shrunk to the global
+spread):
+- ``auroc``: known queries vs images of held-out classes (1.0 = perfectly separated, 0.5 = chance);
+- ``flagged_known`` at each target rate: the fraction of known queries flagged unknown;
+- ``flagged_unknown`` at each rate: the fraction of held-out images flagged (detection rate).
+And for ``confidence`` (known queries): ``ece`` (15 equal-width bins), the accuracy, and a
+reliability table (bin, images, mean confidence, accuracy).
+
+Usage: PYTHONPATH=service python bench/bench_open_set.py [--model models/default.int8.onnx]
+       [--cache /tmp/dev-embeddings.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from fewshot_common.embedder import Embedder
+from fewshot_common.image_files import list_labelled_image_files
+from fewshot_service.open_set import (
+    LooScores,
+    calibrate,
+    leave_one_out_scores,
+    normalise,
+    top_two,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = REPO.parent / "shared" / "data" / "tiny-imagenet" / "fewshot-dev"
+RATES = (0.01, 0.05, 0.1, 0.2)
+SHOTS = 5
+ECE_BINS = 15
+ZSCORE_PRIOR = 5.0  # pseudo-examples of the global spread mixed into each class's spread
+
+
+def embed_dev(model: Path, cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    if cache is not None and cache.is_file():
+        saved = np.load(cache)
+        return saved["emb"], saved["labels"]
+    files = list_labelled_image_files(DEV)
+    embeddings = Embedder(model, max_batch_size=64).embed_paths(files.paths)
+    if cache is not None:
+        np.savez(cache, emb=embeddings, labels=files.labels)
+    return embeddings, files.labels
+
+
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    """P(a known image's statistic > an unknown image's), ties counting half (Mann-Whitney)."""
+    above = known[:, None] > unknown[None, :]
+    tied = known[:, None] == unknown[None, :]
+    return float(above.mean() + 0.5 * tied.mean())
+
+
+def zscore_model(loo: LooScores, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: mean and (shrunk) spread of its examples' LOO own-scores."""
+    own = loo.own_scores
+    spread = own.std()
+    means, spreads = np.full(classes, own.mean()), np.full(classes, spread)
+    for c in range(classes):
+        mine = own[loo.own == c]
+        if len(mine):
+            means[c] = mine.mean()
+            variance = (ZSCORE_PRIOR * spread**2 + len(mine) * mine.var()) / (ZSCORE_PRIOR + len(mine))
+            spreads[c] = np.sqrt(variance)
+    return means, spreads
+
+
+def statistics(scores: np.ndarray, means: np.ndarray, spreads: np.ndarray) -> dict[str, np.ndarray]:
+    top1, top2 = top_two(scores)
+    best = scores.argmax(axis=1)
+    return {"score": top1, "margin": top1 - top2, "zscore": (top1 - means[best]) / spreads[best]}
+
+
+def one_draw(embeddings: np.ndarray, labels: np.ndarray, unknown_classes: int, rng: np.random.Generator) -> dict:
+    classes = rng.permutation(np.unique(labels))
+    held_out, registered = classes[:unknown_classes], np.sort(classes[unknown_classes:])
+    shots, queries, query_labels = [], [], []
+    for position, c in enumerate(registered):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        shots.append(embeddings[members[:SHOTS]])
+        queries.append(embeddings[members[SHOTS:]])
+        query_labels += [position] * (len(members) - SHOTS)
+    means = np.stack([s.mean(axis=0) for s in shots]).astype(np.float32)
+    counts = np.full(len(shots), SHOTS)
+    loo = leave_one_out_scores(means, counts, shots)
+    prototypes = normalise(means)
+    known = np.concatenate(queries) @ prototypes.T
+    unknown = embeddings[np.isin(labels, held_out)] @ prototypes.T
+    class_means, class_spreads = zscore_model(loo, len(shots))
+    loo_stats = statistics(loo.scores, class_means, class_spreads)
+    known_stats = statistics(known, class_means, class_spreads)
+    unknown_stats = statistics(unknown, class_means, class_spreads)
+    result: dict = {"statistics": {}}
+    for kind in loo_stats:
+        thresholds = {rate: np.quantile(loo_stats[kind], rate) for rate in RATES}
+        result["statistics"][kind] = {
+            "auroc": auroc(known_stats[kind], unknown_stats[kind]),
+            "flagged_known": {r: float((known_stats[kind] < t).mean()) for r, t in thresholds.items()},
+            "flagged_unknown": {r: float((unknown_stats[kind] < t).mean()) for r, t in thresholds.items()},
+        }
+    calibration = calibrate(loo)
+    top1, top2 = top_two(known)
+    confidence = calibration.confidence(top1, top2)
+    correct = known.argmax(axis=1) == np.asarray(query_labels)
+    result["confidence"] = (confidence, correct)
+    result["curve"] = calibration.confidence_curve
+    return result
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, list[dict]]:
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    ece, table = 0.0, []
+    for b in range(ECE_BINS):
+        inside = bins == b
+        if not inside.any():
+            continue
+        gap = abs(confidence[inside].mean() - correct[inside].mean())
+        ece += inside.mean() * gap
+        table.append({
+            "bin": f"{b / ECE_BINS:.2f}-{(b + 1) / ECE_BINS:.2f}", "images": int(inside.sum()),
+            "confidence": round(float(confidence[inside].mean()), 3),
+            "accuracy": round(float(correct[inside].mean()), 3),
+        })  # fmt: skip
+    return float(ece), table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.int8.onnx")
+    parser.add_argument("--cache", type=Path, default=None, help="npz to reuse the dev embeddings")
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--unknown-classes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    embeddings, labels = embed_dev(args.model, args.cache)
+    rng = np.random.default_rng(args.seed)
+    draws = [one_draw(embeddings, labels, args.unknown_classes, rng) for _ in range(args.draws)]
+    summary: dict = {"model": args.model.name, "cpu": platform.processor() or platform.machine(),
+                     "draws": args.draws, "registered_classes": 50 - args.unknown_classes,
+                     "shots": SHOTS, "statistics": {}}  # fmt: skip
+    for kind in draws[0]["statistics"]:
+        per = [d["statistics"][kind] for d in draws]
+        summary["statistics"][kind] = {
+            "auroc": round(float(np.mean([p["auroc"] for p in per])), 3),
+            "flagged_known": {r: round(float(np.mean([p["flagged_known"][r] for p in per])), 3) for r in RATES},
+            "flagged_unknown": {r: round(float(np.mean([p["flagged_unknown"][r] for p in per])), 3) for r in RATES},
+        }
+    confidence = np.concatenate([d["confidence"][0] for d in draws])
+    correct = np.concatenate([d["confidence"][1] for d in draws])
+    ece, table = reliability(confidence, correct)
+    summary["confidence"] = {
+        "ece": round(ece, 4), "accuracy": round(float(correct.mean()), 3),
+        "mean_confidence": round(float(confidence.mean()), 3),
+        "mean_curve": [round(float(np.mean([d["curve"][i] for d in draws])), 2) for i in range(2)],
+        "reliability": table,
+    }  # fmt: skip
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

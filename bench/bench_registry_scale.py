@@ -1,0 +1,177 @@
+"""The registry at scale, in one run: prints one JSON line. Preliminary on a shared CPU.
+
+For each class count (default 1k, 10k, 100k; one example per class, bulk-loaded through the
+registry's own add script into a private Valkey/Redis):
+
+- ``classify_minus_embed_ms``: what a Classify costs beyond an Embed of the same image, on a
+  replica that did not write: ``warm`` (namespace unchanged) and ``after_add`` (another replica
+  added one example just before). Measured directly as the in-process work Classify adds
+  (the registry's check or sync + top-k), median over interleaved rounds, because
+  end-to-end Embed timings on a shared CPU vary by more than the difference; the end-to-end
+  medians of ``core.classify`` and ``core.embed`` are printed alongside for scale.
+- ``full_reload_ms``: what a replica pays when it must reload everything (new replica, new epoch,
+  trimmed change log): the old path for every change.
+- ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load) and
+  ``replica_bytes_per_class`` (Python heap allocated by one full reload, tracemalloc: matrix,
+  labels and their index).
+- ``top_k_ms``: one query (and per query in a batch of 32) against all classes, k=5.
+
+``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
+extrapolation, not a measurement. Usage (a few minutes at most)::
+
+    PYTHONPATH=service python bench/bench_registry_scale.py [--classes 1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import redis
+
+from fewshot_service.app import build_core
+from fewshot_service.classifier import limit_blas_threads
+from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry import Registry
+from fewshot_service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 3)
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((count, dim), dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_image() -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict[str, object]:
+    namespace = f"scale-{classes}"
+    model_id, dim = core.model_id, core.embedder.meta.embedding_dim
+    client = redis.Redis.from_url(url)
+    before = int(client.info("memory")["used_memory"])
+    vectors = unit_rows(classes, dim, seed=classes)
+    load_s = timed(
+        lambda: writer.add_classes(
+            namespace, {f"class-{i:07d}": vectors[i : i + 1] for i in range(classes)}, model_id
+        )
+    )
+    redis_bytes = int(client.info("memory")["used_memory"]) - before
+
+    reader = core.registry  # the replica that classifies; `writer` is another one
+    image = test_image()
+    query = core.embed([image])
+    tracemalloc.start()
+    reader.prototypes(namespace, model_id)  # a full reload; slowed by tracemalloc, not timed
+    replica_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+
+    def classify_overhead() -> None:  # exactly what core.classify adds to core.embed
+        reader.prototypes(namespace, model_id).classifier.top_k(query, 5)
+
+    warm, after_add, e2e_classify, e2e_embed = [], [], [], []
+    rng = np.random.default_rng(1)
+    for _ in range(rounds):
+        warm.append(timed(classify_overhead))
+        label = f"class-{int(rng.integers(classes)):07d}"
+        writer.add_examples(namespace, label, unit_rows(1, dim, seed=int(rng.integers(1 << 30))), model_id)
+        after_add.append(timed(classify_overhead))
+        e2e_embed.append(timed(lambda: core.embed([image])))
+        e2e_classify.append(timed(lambda: core.classify([image], namespace)))
+    full_reloads = []
+    for _ in range(3):
+        fresh = Registry(reader._client, key_prefix=reader.key_prefix)
+        full_reloads.append(timed(lambda: fresh.prototypes(namespace, model_id)))
+    matrix = reader.prototypes(namespace, model_id).classifier
+    batch = unit_rows(32, dim, seed=2)
+    top1 = [timed(lambda: matrix.top_k(query, 5)) for _ in range(rounds)]
+    top32 = [timed(lambda: matrix.top_k(batch, 5)) / 32 for _ in range(max(rounds // 4, 3))]
+    client.close()
+    return {
+        "classes": classes,
+        "load_s": round(load_s, 2),
+        "classify_minus_embed_ms": {"warm": median_ms(warm), "after_add": median_ms(after_add)},
+        "end_to_end_ms": {"embed": median_ms(e2e_embed), "classify": median_ms(e2e_classify)},
+        "full_reload_ms": median_ms(full_reloads),
+        "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
+        "redis_bytes_per_class": round(redis_bytes / classes),
+        "replica_bytes_per_class": round(replica_bytes / classes),
+        "top_k_ms": {"one_query": median_ms(top1), "per_query_in_32": median_ms(top32)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", default="1000,10000,100000")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
+    parser.add_argument(
+        "--blas-threads-default", action="store_true",
+        help="leave numpy's BLAS threads as they are (the server limits them to 1)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    counts = [int(c) for c in args.classes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp), persistent=False) as server:
+        settings = Settings(model=args.model, redis_url=server.url, intra_op_threads=1)
+        reader_client = redis.Redis.from_url(server.url)
+        writer = Registry(redis.Redis.from_url(server.url))
+        if not args.blas_threads_default:
+            limit_blas_threads()  # as ServerStack does
+        core = build_core(settings, reader_client)
+        try:
+            results = [measure(c, server.url, core, writer, args.rounds) for c in counts]
+        finally:
+            core.close()
+    largest = results[-1]
+    scale = 1_000_000 / largest["classes"]
+    print(json.dumps({
+        "cpu": cpu_model(),
+        "model": core.model_id,
+        "dim": core.embedder.meta.embedding_dim,
+        "blas_threads": "default" if args.blas_threads_default else 1,
+        "results": results,
+        "extrapolated_1m": {
+            "note": f"linear from {largest['classes']} classes: not measured",
+            "redis_gib": round(largest["redis_bytes_per_class"] * 1e6 / 2**30, 2),
+            "replica_gib": round(largest["replica_bytes_per_class"] * 1e6 / 2**30, 2),
+            "top_k_one_query_ms": round(largest["top_k_ms"]["one_query"] * scale, 1),
+            "full_reload_s": round(largest["full_reload_ms"] * scale / 1e3, 1),
+        },
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

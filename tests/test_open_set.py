@@ -1,0 +1,226 @@
+"""Issue 17 parts 2 and 3 over a real server stack (real Redis, real ONNX model, loopback REST and
+gRPC): the calibrated ``unknown`` flag and ``confidence`` of Classify, shot warnings on upload,
+per-example consistency and confusions of a class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+import image_samples as samples
+from fewshot_common.errors import InvalidInput
+from fewshot_common.image_files import list_labelled_image_files
+from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_service.app import ServerStack
+from fewshot_service.open_set import leave_one_out_scores, normalise, resolve_unknown_rate
+from fewshot_service.redis_server import ManagedRedis
+
+from conftest import stack_settings
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220), "yellow": (230, 220, 30)}
+# The tiny random test model maps two jittered shots of one colour to cosine up to ~0.9996, so its
+# duplicate threshold sits above that; the same bytes embed to 1.0.
+TEST_DUPLICATE_SIMILARITY = 0.99999
+
+
+def shots(rgb: tuple[int, int, int], n: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [
+        samples.solid_png(tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in rgb))
+        for _ in range(n)
+    ]
+
+
+def uploads(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[ServerStack]:
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="open-set-test",
+        duplicate_similarity=TEST_DUPLICATE_SIMILARITY,
+    )  # fmt: skip
+    with ServerStack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def http(stack: ServerStack, redis_url: str) -> Iterator[httpx.Client]:
+    # redis_url empties the private server before each test.
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=60) as client:
+        yield client
+
+
+def add(http: httpx.Client, label: str, images: list[bytes], namespace: str = "shop") -> dict:
+    response = http.post(f"/v1/classes/{quote(label, safe='')}/examples", params={"namespace": namespace},
+                         files=uploads(images))  # fmt: skip
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def add_colour_classes(http: httpx.Client, per_class: int = 4) -> None:
+    for seed, (label, rgb) in enumerate(COLOURS.items()):
+        body = add(http, label, shots(rgb, per_class, seed))
+        assert body["warnings"] == [], body  # clean shots of distinct colours warn of nothing
+
+
+# -- the calculation itself ------------------------------------------------------------------------
+
+
+def test_leave_one_out_scores_match_a_prototype_rebuilt_without_the_example() -> None:
+    rng = np.random.default_rng(0)
+    examples = [normalise(rng.normal(size=(n, 8))) for n in (3, 1, 4)]
+    means = np.stack([e.mean(axis=0) for e in examples])
+    loo = leave_one_out_scores(means, np.array([3, 1, 4]), examples)
+    assert list(loo.own) == [0, 0, 0, 2, 2, 2, 2]  # the one-example class has no LOO score
+    for row, (c, i) in enumerate([(0, 0), (0, 1), (0, 2), (2, 0), (2, 1), (2, 2), (2, 3)]):
+        rest = np.delete(examples[c], i, axis=0).mean(axis=0)
+        assert loo.scores[row, c] == pytest.approx(examples[c][i] @ normalise(rest))
+        other = 1 if c != 1 else 0
+        assert loo.scores[row, other] == pytest.approx(examples[c][i] @ normalise(means[other]))
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan")])
+def test_unknown_rate_outside_0_1_is_refused(rate: float) -> None:
+    with pytest.raises(InvalidInput, match="unknown_rate"):
+        resolve_unknown_rate(rate)
+
+
+def test_unknown_rate_0_means_the_default() -> None:
+    assert resolve_unknown_rate(0, default=0.2) == 0.2
+    assert resolve_unknown_rate(0.3, default=0.2) == 0.3
+
+
+# -- unknown and confidence over both transports ---------------------------------------------------
+
+
+def test_noise_is_unknown_and_held_out_colours_are_not(http: httpx.Client, stack: ServerStack) -> None:
+    add_colour_classes(http)
+    noise = [samples.noise_png(seed) for seed in range(4)]
+    colours = [shots(rgb, 1, 100 + i)[0] for i, rgb in enumerate(COLOURS.values())]
+    response = http.post("/v1/classify", params={"namespace": "shop", "top_k": 2, "unknown_rate": 0.05},
+                         files=uploads(noise + colours))  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["unknown"] == [True] * 4 + [False] * 4, body
+    assert body["unknown_rate"] == 0.05
+    assert [r[0]["label"] for r in body["results"][4:]] == list(COLOURS)
+    for result in body["results"]:
+        top, second = result
+        assert 0.0 <= second["confidence"] <= top["confidence"] <= 1.0
+    # A held-out shot of a registered colour is confidently right; noise much less so.
+    assert min(r[0]["confidence"] for r in body["results"][4:]) > 0.9
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        reply = fewshot_pb2_grpc.FewShotStub(channel).Classify(
+            fewshot_pb2.ClassifyRequest(images=noise + colours, namespace="shop", top_k=2), timeout=60
+        )
+    assert [r.unknown for r in reply.results] == body["unknown"]
+    for mine, theirs in zip(reply.results, body["results"]):
+        assert [p.confidence for p in mine.predictions] == pytest.approx([p["confidence"] for p in theirs], abs=1e-5)
+
+
+def test_a_higher_unknown_rate_flags_at_least_as_many(http: httpx.Client) -> None:
+    add_colour_classes(http)
+    queries = [img for i, rgb in enumerate(COLOURS.values()) for img in shots(rgb, 4, 200 + i)]
+    flagged = []
+    for rate in (0.01, 0.5, 0.99):
+        body = http.post("/v1/classify", params={"namespace": "shop", "unknown_rate": rate},
+                         files=uploads(queries[:16])).json()  # fmt: skip
+        flagged.append(sum(body["unknown"]))
+    assert flagged[0] <= flagged[1] <= flagged[2] and flagged[0] < flagged[2], flagged
+
+
+# -- shot quality ----------------------------------------------------------------------------------
+
+
+def test_a_planted_mislabeled_shot_is_flagged_and_shown_in_the_class(http: httpx.Client) -> None:
+    add_colour_classes(http, per_class=3)
+    body = add(http, "red", [shots(COLOURS["red"], 1, 50)[0], shots(COLOURS["blue"], 1, 51)[0]])
+    good, planted = body["added_example_ids"]
+    assert [(w["example_id"], w["kind"], w["other"]) for w in body["warnings"]] == [
+        (planted, "likely_mislabel", "blue")
+    ], body
+    assert "closer to class 'blue'" in body["warnings"][0]["message"]
+
+    detail = http.get("/v1/classes/red", params={"namespace": "shop"}).json()
+    assert [e["example_id"] for e in detail["examples"]] == detail["example_ids"]
+    by_id = {e["example_id"]: e for e in detail["examples"]}
+    assert by_id[planted]["likely_mislabel"] and by_id[planted]["nearest_other_label"] == "blue"
+    assert not by_id[good]["likely_mislabel"]
+    assert by_id[planted]["consistency"] < by_id[good]["consistency"]
+    assert sum(e["likely_mislabel"] for e in detail["examples"]) == 1
+
+    confusions = http.get("/v1/classes/red/confusions", params={"namespace": "shop", "top_k": 2}).json()
+    found = confusions["confusions"]
+    assert len(found) == 2 and "red" not in [c["label"] for c in found]
+    assert found[0]["prototype_similarity"] >= found[1]["prototype_similarity"]
+    everything = http.get("/v1/classes/red/confusions", params={"namespace": "shop"}).json()["confusions"]
+    assert {c["label"]: c["examples_closer"] for c in everything}["blue"] == 1
+
+
+def test_a_duplicate_image_is_flagged_but_a_new_one_is_not(http: httpx.Client) -> None:
+    first, fresh = samples.solid_png((230, 20, 20)), samples.solid_png((200, 60, 40))
+    add(http, "red", [first, samples.solid_png((240, 10, 30))])
+    add(http, "blue", shots(COLOURS["blue"], 2, 3))
+    body = add(http, "red", [first, fresh, fresh])
+    again, new, twice = body["added_example_ids"]
+    duplicates = [(w["example_id"], w["other"]) for w in body["warnings"] if w["kind"] == "near_duplicate"]
+    # The re-sent image duplicates the stored one; the new image only its copy later in the request.
+    assert duplicates == [(again, "1"), (twice, new)], body
+    assert all(w["similarity"] >= TEST_DUPLICATE_SIMILARITY for w in body["warnings"] if w["kind"] == "near_duplicate")
+
+
+def test_one_example_classes_have_no_consistency(http: httpx.Client) -> None:
+    add(http, "red", shots(COLOURS["red"], 1, 0))
+    detail = http.get("/v1/classes/red", params={"namespace": "shop"}).json()
+    assert detail["examples"] == [{
+        "example_id": detail["example_ids"][0], "consistency": None, "nearest_other_label": None,
+        "nearest_other_score": None, "likely_mislabel": False,
+    }]  # fmt: skip
+
+
+def test_confusions_of_an_unknown_class_is_404(http: httpx.Client) -> None:
+    add(http, "red", shots(COLOURS["red"], 1, 0))
+    response = http.get("/v1/classes/nope/confusions", params={"namespace": "shop"})
+    assert response.status_code == 404 and response.json()["error"] == "not_found", response.text
+
+
+# -- calibration on real images with the shipped model ---------------------------------------------
+
+DEV_SHOTS, DEV_QUERIES, DEV_RATE = 5, 10, 0.1
+# 500 queries (binomial sd 0.013 at 0.1) and a quantile of 250 LOO scores (sd ~0.02): 0.05 is
+# about two standard deviations of the two together.
+DEV_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def shipped_stack(private_redis: ManagedRedis) -> Iterator[ServerStack]:
+    settings = stack_settings(REPO / "models" / "default.onnx", private_redis.url,
+                              redis_key_prefix="open-set-dev-test")  # fmt: skip
+    with ServerStack(settings) as running:
+        yield running
+
+
+def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_stack: ServerStack, redis_url: str) -> None:
+    files = list_labelled_image_files(shared_data / "fewshot-dev")
+    flagged = 0
+    with httpx.Client(base_url=f"http://127.0.0.1:{shipped_stack.http_port}", timeout=120) as http:
+        queries: list[bytes] = []
+        for c, name in enumerate(files.classes):
+            paths = [p for p, label in zip(files.paths, files.labels) if label == c]
+            add(http, name, [p.read_bytes() for p in paths[:DEV_SHOTS]], namespace="dev")
+            queries += [p.read_bytes() for p in paths[DEV_SHOTS:DEV_SHOTS + DEV_QUERIES]]
+        for start in range(0, len(queries), 50):
+            response = http.post("/v1/classify", params={"namespace": "dev", "unknown_rate": DEV_RATE},
+                                 files=uploads(queries[start:start + 50]))  # fmt: skip
+            assert response.status_code == 200, response.text
+            flagged += sum(response.json()["unknown"])
+    assert abs(flagged / len(queries) - DEV_RATE) <= DEV_TOLERANCE, flagged / len(queries)
