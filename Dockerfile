@@ -49,8 +49,9 @@ USER fewshot
 VOLUME /data
 EXPOSE 50051 8000
 # Healthy = ready: model loaded and Redis answering (/readyz is 503 otherwise, which urlopen raises).
+# With FEWSHOT_TLS_CERT it asks over HTTPS (its own certificate, so unverified; not under mTLS).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('FEWSHOT_TLS_CERT')); u.urlopen('%s://127.0.0.1:%s/readyz' % ('https' if tls else 'http', os.environ.get('FEWSHOT_HTTP_PORT', '8000')), timeout=3, context=ssl._create_unverified_context() if tls else None)"]
 ENTRYPOINT ["fewshot", "serve"]
 
 # --- cpu: slim Python + onnxruntime (the default target) --------------------------------------------
@@ -70,6 +71,7 @@ USER fewshot
 VOLUME /data
 EXPOSE 50051 8000
 # Healthy = ready: model loaded and Redis answering (/readyz is 503 otherwise, which urlopen raises).
+# With FEWSHOT_TLS_CERT it asks over HTTPS (its own certificate, so unverified; not under mTLS).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FEWSHOT_HTTP_PORT', '8000'), timeout=3)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('FEWSHOT_TLS_CERT')); u.urlopen('%s://127.0.0.1:%s/readyz' % ('https' if tls else 'http', os.environ.get('FEWSHOT_HTTP_PORT', '8000')), timeout=3, context=ssl._create_unverified_context() if tls else None)"]
 ENTRYPOINT ["fewshot", "serve"]

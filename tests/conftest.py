@@ -139,7 +139,7 @@ class ServeProcess:
                 if line.startswith("fewshot serve: model"):
                     self.banner = line
                     self.grpc_port = int(re.search(r"gRPC on [^ ]+:(\d+)", line).group(1))
-                    self.http_port = int(re.search(r"HTTP on http://[^ ]+:(\d+)", line).group(1))
+                    self.http_port = int(re.search(r"HTTP on https?://[^ ]+:(\d+)", line).group(1))
                     return self
             if self.process.poll() is not None:
                 break

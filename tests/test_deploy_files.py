@@ -43,12 +43,35 @@ def test_compose_default_is_the_cpu_server_and_no_host_port_is_published_twice()
     assert services["fewshot"]["build"]["target"] == "cpu"
     gpu = services["fewshot-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "gpu"
+    # address:host_port:container_port, with the defaults of the ${VAR:-default} filled in.
     published = [
-        re.sub(r"\$\{[A-Z_]+:-(\d+)\}", r"\1", port).split(":")[0]
+        re.sub(r"\$\{[A-Z_]+:-([^}]+)\}", r"\1", port).rsplit(":", 1)[0]
         for service in services.values()
         for port in service.get("ports", [])
     ]
     assert len(published) == 4 and len(set(published)) == 4
+    # Protected by default (issue 13): the servers run without API keys, so the host publishes
+    # them on its loopback only.
+    assert all(address.startswith("127.0.0.1:") for address in published), published
+
+
+def test_compose_keys_override_mounts_a_key_file_for_every_server() -> None:
+    base = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    override = yaml.safe_load((REPO_ROOT / "deploy" / "compose.api-keys.yml").read_text())
+    servers = {name for name in base if name != "redis"}
+    assert set(override["services"]) == servers
+    for name in servers:
+        service = override["services"][name]
+        assert service["secrets"] == ["api-keys"]
+        assert service["environment"]["FEWSHOT_API_KEYS"] == "/run/secrets/api-keys"
+    assert "api-keys" in override["secrets"]
+
+
+def test_compose_redis_needs_a_password() -> None:
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert "--requirepass" in services["redis"]["command"]
+    assert "redis://:${FEWSHOT_REDIS_PASSWORD" in services["fewshot"]["environment"]["REDIS_URL"]
+    assert "protected-mode yes" in (REPO_ROOT / "deploy" / "redis.conf").read_text()
 
 
 def test_the_images_health_check_is_readiness() -> None:

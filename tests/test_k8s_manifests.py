@@ -101,3 +101,6 @@ def test_the_config_map_holds_only_settings_the_server_accepts(monkeypatch: pyte
     fields = {f"FEWSHOT_{name.upper()}" for name in Settings.model_fields}
     assert set(data) <= fields, set(data) - fields
     assert (settings.http_port, settings.grpc_port, settings.redis_cluster) == (8000, 50051, False)
+    # Protected mode: the ConfigMap alone listens on loopback; the Deployment's --api-keys opens it.
+    assert settings.host == "127.0.0.1"
+    assert Settings(api_keys="/etc/fewshot/api-keys/api-keys").host == "0.0.0.0"

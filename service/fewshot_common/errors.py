@@ -9,6 +9,8 @@
 | Unavailable         | UNAVAILABLE         | 503  |
 | Overloaded          | RESOURCE_EXHAUSTED  | 429  |
 | Cancelled           | CANCELLED           | 499  |
+| Unauthenticated     | UNAUTHENTICATED     | 401  |
+| PermissionDenied    | PERMISSION_DENIED   | 403  |
 | any other           | INTERNAL            | 500  |
 
 Each table is keyed by these classes; :func:`lookup` picks the entry of an error's nearest mapped
@@ -24,7 +26,12 @@ T = TypeVar("T")
 
 
 class FewshotError(Exception):
-    """Base class: ``str(err)`` is a message fit to show the client."""
+    """Base class: ``str(err)`` is a message fit to show the client; ``detail`` (optional) is for
+    the server log only (e.g. what Redis answered), never sent to a client."""
+
+    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class InvalidInput(FewshotError):
@@ -62,6 +69,16 @@ class Overloaded(FewshotError):
 
 class Cancelled(FewshotError):
     """The caller went away or its deadline passed, so the work for it was stopped."""
+
+
+class Unauthenticated(FewshotError):
+    """No API key, or one the server does not know (the message never repeats the key)."""
+
+
+class PermissionDenied(FewshotError):
+    """A known API key asked for something outside its role or namespaces."""
+
+
 def lookup(table: "Mapping[type[FewshotError], T]", error: FewshotError) -> T:
     """``table``'s entry for the nearest class of ``error`` (its own first, then its bases).
 

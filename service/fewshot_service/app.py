@@ -22,13 +22,14 @@ from fewshot_common.embedder import Embedder, default_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
+from .access import AccessControl
 from .batcher import BatchConfig
 from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
 from .http_timeouts import timed_http_protocol
-from .redis_client import RedisClient, connect_redis
+from .redis_client import RedisClient, connect_redis, redacted_url
 from .redis_server import ManagedRedis
 from .registry import Registry
 from .rest import create_app
@@ -97,6 +98,7 @@ class ServerStack:
         self.managed_redis: ManagedRedis | None = None
         self.redis_url: str | None = None
         self.core: FewShotCore | None = None
+        self.access: AccessControl | None = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._grpc: grpc.Server | None = None
@@ -129,24 +131,39 @@ class ServerStack:
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
+        # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
+        self.access = AccessControl(settings.api_keys, poll_seconds=settings.api_keys_poll_s)
+        self.access.watch()
+        self._cleanup.callback(self.access.close)
+        host = settings.host
+        assert host is not None  # Settings fills it in (protected mode)
 
         self._grpc, self.grpc_port = create_grpc_server(
             self.core,
-            host=settings.host,
+            host=host,
             port=settings.grpc_port,
             max_message_bytes=settings.max_request_bytes,
             max_workers=settings.grpc_workers,
+            access=self.access,
+            tls=settings.tls,
         )
         grace = settings.shutdown_grace_s
         self._cleanup.callback(lambda: self._grpc.stop(grace).wait(grace + 1.0))  # type: ignore[union-attr]
 
-        sock = _bind(settings.host, settings.http_port)
+        sock = _bind(host, settings.http_port)
         self.http_port = int(sock.getsockname()[1])
-        app = create_app(self.core, max_request_bytes=settings.max_request_bytes)
+        app = create_app(
+            self.core,
+            max_request_bytes=settings.max_request_bytes,
+            access=self.access,
+            cors_origins=settings.cors_origins,
+        )
+        tls_options = settings.tls.uvicorn_options() if settings.tls else {}
         config = uvicorn.Config(
             app, log_level=settings.log_level, access_log=False, lifespan="off",
             http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
             timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
+            **tls_options,
         )  # fmt: skip
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
@@ -159,12 +176,13 @@ class ServerStack:
         deadline = time.monotonic() + _HTTP_START_TIMEOUT_S
         while not self._http.started:
             if not self._http_thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP server did not start on {settings.host}:{self.http_port}")
+                raise RuntimeError(f"the HTTP server did not start on {host}:{self.http_port}")
             time.sleep(0.02)
         log.info(
             "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
-            self.core.model_id, settings.host, self.grpc_port, settings.host, self.http_port,
-            "managed in " + str(settings.redis_data_dir) if self.managed_redis else self.redis_url,
+            self.core.model_id, host, self.grpc_port, host, self.http_port,
+            "managed in " + str(settings.redis_data_dir) if self.managed_redis
+            else redacted_url(self.redis_url),
         )  # fmt: skip
 
     def _stop_http(self) -> None:

@@ -4,6 +4,11 @@
 ...     vectors = client.embed(["cat.jpg", "dog.png"])          # [2, D], unit norm
 ...     client.classify([open("x.jpg", "rb").read()], top_k=3)  # [[Prediction(...), ...]]
 
+With TLS and an API key (``FEWSHOT_API_KEY`` is the default key)::
+
+    FewShotClient("fewshot.example:50051", api_key="...", root_certificates="ca.pem",
+                  private_key="client.key", certificate_chain="client.crt")  # the last two: mTLS
+
 Images may be given as bytes or as file paths. Long lists are sent in chunks of ``chunk_size``
 images per RPC (the server refuses more than 64 per request by default). Server errors surface as
 :class:`grpc.RpcError` with the server's status code and message.
@@ -28,8 +33,16 @@ DEFAULT_CHUNK_SIZE = 32
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_REQUEST_BYTES  # what the server accepts by default
 
 
+API_KEY_ENV = "FEWSHOT_API_KEY"
+PemInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): PEM bytes or a file path
+
+
 def _read(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+def _pem(value: PemInput | None) -> bytes | None:
+    return None if value is None else _read(value)
 
 
 class FewShotClient:
@@ -41,17 +54,37 @@ class FewShotClient:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: PemInput | None = None,
+        private_key: PemInput | None = None,
+        certificate_chain: PemInput | None = None,
     ) -> None:
-        """``target`` is ``host:port``; pass ``channel`` for TLS or other custom channels."""
+        """``target`` is ``host:port``; pass ``channel`` for other custom channels.
+
+        ``api_key`` (default: ``$FEWSHOT_API_KEY``) is sent as ``authorization: Bearer``. TLS is
+        used when ``tls`` or any certificate option is given, with grpc's own names:
+        ``root_certificates`` (CA to trust; none: the system's), ``private_key`` and
+        ``certificate_chain`` (the client's, for mTLS); each PEM bytes or a file path.
+        """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if channel is not None:
+            self._channel = channel
+        elif tls or root_certificates is not None or private_key is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(
+                _pem(root_certificates), _pem(private_key), _pem(certificate_chain)
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        # Per-call metadata rather than call credentials: it works on plaintext loopback too.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
         self.timeout = timeout
         self.chunk_size = chunk_size
@@ -61,7 +94,9 @@ class FewShotClient:
         """``[N, D]`` float32 L2-normalised embeddings, in the order of ``images``."""
         parts = []
         for chunk in self._chunks(images):
-            response = self._stub.Embed(fewshot_pb2.EmbedRequest(images=chunk), timeout=self.timeout)
+            response = self._stub.Embed(
+                fewshot_pb2.EmbedRequest(images=chunk), timeout=self.timeout, metadata=self._metadata
+            )
             self.model_id = response.model_id
             parts.append(np.array([e.values for e in response.embeddings], dtype=np.float32))
         if not parts:
@@ -78,6 +113,7 @@ class FewShotClient:
             response = self._stub.Classify(
                 fewshot_pb2.ClassifyRequest(images=chunk, namespace=namespace, top_k=top_k),
                 timeout=self.timeout,
+                metadata=self._metadata,
             )
             self.model_id = response.model_id
             results += [

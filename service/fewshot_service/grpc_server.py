@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import uuid
 from concurrent import futures
 from typing import Callable, TypeVar
 
@@ -21,9 +22,12 @@ from fewshot_common.cancellation import Cancellation
 
 from . import grpc_guards as guards
 from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from .access import AccessControl
 from .core import FewShotCore
 from .grpc_access_log import AccessLogInterceptor
+from .grpc_auth import AuthInterceptor
 from .settings import DEFAULT_MAX_REQUEST_BYTES
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ GRPC_STATUS: dict[type[errors.FewshotError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.FewshotError: grpc.StatusCode.INTERNAL,  # an error type nobody mapped: a bug
 }
 
@@ -56,10 +62,16 @@ Handler = Callable[["FewShotServicer", Request, grpc.ServicerContext, Cancellati
 def _translate_errors(handler: Handler) -> Handler:
     """Guard a FewShot call (see :mod:`grpc_guards`): refuse unparsable bytes and calls beyond
     the call slots, hand the core a cancellation that follows the RPC, and turn the core's
-    typed errors into status codes with the error's own message."""
+    typed errors into status codes with the error's own message.
+
+    Every call gets a request id (trailing metadata ``request-id``); a server-side failure is
+    logged with it and answered with it, never with its detail (Redis address, keys, scripts).
+    """
 
     @functools.wraps(handler)
     def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
+        request_id = uuid.uuid4().hex
+        context.set_trailing_metadata((("request-id", request_id),))
         if isinstance(request, guards.UndecodableRequest):
             self.undecodable.refuse(request, context, handler.__name__)
         if not self.slots.try_enter():
@@ -71,10 +83,16 @@ def _translate_errors(handler: Handler) -> Handler:
         try:
             return handler(self, request, context, guards.call_cancellation(context))
         except errors.FewshotError as exc:
-            context.abort(errors.lookup(GRPC_STATUS, exc), str(exc))
+            code = errors.lookup(GRPC_STATUS, exc)
+            message = str(exc)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                log.warning("request %s: %s in %s: %s%s", request_id, type(exc).__name__,
+                            handler.__name__, exc, f" ({exc.detail})" if exc.detail else "")  # fmt: skip
+                message = f"{message} (request id {request_id})"
+            context.abort(code, message)
         except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+            log.exception("request %s: unexpected error in %s", request_id, handler.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})")
         finally:
             self.slots.leave()
 
@@ -163,15 +181,19 @@ class ReadinessHealth(health.HealthServicer):
 def create_grpc_server(
     core: FewShotCore,
     *,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     port: int,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    access: AccessControl | None = None,
+    tls: TlsFiles | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and start the server; returns it with the bound port (``port=0`` picks a free one).
 
     At most ``max_workers`` FewShot calls run at once; one more is refused with
-    RESOURCE_EXHAUSTED at once rather than queued behind them.
+    RESOURCE_EXHAUSTED at once rather than queued behind them. ``access`` checks API keys on the
+    FewShot methods (health and reflection stay open); ``tls`` serves TLS (mutual with a client
+    CA) instead of plaintext.
 
     Stop it with ``server.stop(grace)``; the health poller stops with it. The core is not
     closed here: it may serve other transports.
@@ -180,7 +202,9 @@ def create_grpc_server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers + HEALTH_WORKERS, thread_name_prefix="fewshot-grpc"
         ),
-        interceptors=[AccessLogInterceptor()],  # a log line and metrics per call
+        # A log line and metrics per call (refusals too), then the API key check.
+        interceptors=[AccessLogInterceptor()]
+        + ([AuthInterceptor(access, GRPC_STATUS)] if access is not None else []),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -194,7 +218,11 @@ def create_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound_port = server.add_secure_port(address, tls.grpc_credentials())
+    else:
+        bound_port = server.add_insecure_port(address)
     if bound_port == 0:
         raise OSError(f"could not bind the gRPC server to {host}:{port}")
     server.start()

@@ -8,6 +8,7 @@ it learns the other nodes and the slot map from it, and relearns them after a fa
 from __future__ import annotations
 
 from typing import TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -42,3 +43,11 @@ def connect_redis(url: str, timeout_s: float = 2.0, *, cluster: bool = False) ->
             raise RuntimeError(f"cannot use the Redis Cluster named by the Redis URL: {exc}") from None
     return redis.Redis.from_url(url, retry=Retry(backoff, retries=1), **options)
 
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: the form to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

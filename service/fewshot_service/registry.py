@@ -129,6 +129,7 @@ def _load_script(name: str, *, prelude: bool = True) -> str:
 
 
 # The codes the registry scripts answer with (redis.error_reply); see registry_scripts/*.lua.
+_REFUSED = "the class store (Redis) refused the request; retry later"
 _SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES"}
 
 
@@ -139,13 +140,16 @@ def _redis_errors(client: RedisClient) -> Iterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         # No address in the message: it reaches clients, and the deployment is not theirs to see.
-        raise Unavailable("the class store (Redis) is unreachable; retry later") from None
-    except CLUSTER_ERRORS:  # e.g. a slot without a master during a failover
-        raise Unavailable("the class store (Redis Cluster) is unavailable; retry later") from None
+        raise Unavailable("the class store (Redis) is unreachable; retry later", detail=str(exc)) from None
+    except CLUSTER_ERRORS as exc:  # e.g. a slot without a master during a failover
+        raise Unavailable(
+            "the class store (Redis Cluster) is unavailable; retry later", detail=str(exc)
+        ) from None
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] in _SCRIPT_ERRORS:
             raise  # a registry script's own answer; the caller translates it
-        raise Unavailable(f"Redis refused the request: {exc}") from None
+        # Redis' words may name keys or script hashes: for the server log only.
+        raise Unavailable(_REFUSED, detail=f"Redis: {exc}") from None
 
 
 
@@ -520,7 +524,7 @@ class Registry:
             return FailedPrecondition(
                 f"namespace {namespace!r} holds {detail}-dimensional embeddings; these differ"
             )
-        return Unavailable(f"Redis refused the request: {exc}")
+        return Unavailable(_REFUSED, detail=f"Redis: {exc}")
 
 
 def _sample_evenly(ids: list[str], limit: int | None) -> list[str]:

@@ -105,22 +105,35 @@ def run(args: argparse.Namespace) -> int:
 
     # Installed before anything starts, so a signal during start-up still shuts down in order.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    from .access import KeyFileError
     from .app import ServerStack
+    from .redis_client import redacted_url
     from fewshot_common.embedder import InvalidModel
     from .redis_server import RedisBinaryNotFound
 
     stack = ServerStack(settings)
+
+    def reload_keys(_signum: int, _frame: object) -> None:
+        if stack.access is not None:  # SIGHUP rotates API keys without a restart
+            stack.access.reload()
+
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload_keys)
     try:
         try:
             stack.start()
-        except (FileNotFoundError, InvalidModel, RedisBinaryNotFound, OSError, RuntimeError) as exc:
+        except (
+            FileNotFoundError, InvalidModel, RedisBinaryNotFound, KeyFileError, OSError, RuntimeError
+        ) as exc:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1
+        keys = f"from {settings.api_keys}" if settings.api_keys else "none (no authentication)"
         print(
             f"fewshot serve: model {stack.core.model_id if stack.core else '?'} "
             f"({stack.core.embedder.meta.precision if stack.core else '?'}); "
-            f"gRPC on {settings.host}:{stack.grpc_port}, HTTP on http://{settings.host}:{stack.http_port} "
-            f"(docs at /docs); Redis {stack.redis_url}",
+            f"gRPC on {settings.host}:{stack.grpc_port}{' (TLS)' if settings.tls else ''}, "
+            f"HTTP on {'https' if settings.tls else 'http'}://{settings.host}:{stack.http_port} "
+            f"(docs at /docs); Redis {redacted_url(stack.redis_url or '')}; "
+            f"API keys: {keys}",
             flush=True,
         )
         while not stop.wait(0.5):

@@ -6,6 +6,7 @@ Flags win over environment variables, which win over the defaults below. Environ
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from fewshot_common.images import ImageLimits
 
 from .batcher import BatchConfig
+from .tls import TlsFiles
 
 MiB = 1024 * 1024
 DEFAULT_MODEL = Path("models") / "default.onnx"
@@ -58,9 +60,34 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path(".fewshot"), description="where the private Redis keeps its append-only file"
     )
-    host: str = Field(default="0.0.0.0", description="address to listen on")
+    host: str | None = Field(
+        default=None,
+        description="address to listen on (none: 0.0.0.0 with --api-keys, else 127.0.0.1)",
+    )
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free)")
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0: any free)")
+
+    # Security (README "Security"): keys, TLS, protected mode, browser origins.
+    api_keys: Path | None = Field(
+        default=None, description="TOML file of API keys (fewshot keygen); none: no keys, loopback only"
+    )
+    api_keys_poll_s: float = Field(
+        default=2.0, ge=0, description="seconds between checks of the key file for changes (0: SIGHUP only)"
+    )
+    allow_unauthenticated: bool = Field(
+        default=False, description="allow listening on a non-loopback address without --api-keys"
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: serve HTTPS and gRPC over TLS"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA: require client certificates signed by it (mTLS) on both ports"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated origins (https://app.example) whose pages may call this server",
+    )
 
     # Request limits (refused with 413 / RESOURCE_EXHAUSTED).
     max_image_bytes: int = Field(
@@ -165,9 +192,9 @@ class Settings(BaseSettings):
     def _lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "cors_origins", mode="before")
     @classmethod
-    def _split_providers(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
@@ -178,6 +205,34 @@ class Settings(BaseSettings):
         if self.redis_cluster and not self.redis_url:
             raise ValueError("redis_cluster needs a Redis URL naming a node of the cluster")
         return self
+
+    @model_validator(mode="after")
+    def _protected_mode(self) -> "Settings":
+        # Like Redis' protected mode: without keys, only this machine may reach the server.
+        if self.host is None:
+            self.host = "0.0.0.0" if self.api_keys else "127.0.0.1"
+        elif not self.api_keys and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: anyone who can reach it could "
+                "read, add and delete every class. Pass --api-keys FILE (see `fewshot keygen`), or "
+                "--allow-unauthenticated if something else guards the network (e.g. a container "
+                "whose ports are published on the host's loopback only)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        return self
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @property
     def redis_data_dir(self) -> Path:
@@ -198,3 +253,13 @@ class Settings(BaseSettings):
             f"no model given and no default model found (tried {tried}); pass --model PATH, set "
             "FEWSHOT_MODEL, or create one with `fewshot export --output models/default.onnx`"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

@@ -7,21 +7,31 @@ Handlers only translate HTTP <-> :class:`FewShotCore` calls; the core checks eve
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from .. import __version__
+from ..access import AccessControl
 from ..core import FewShotCore
 from ..settings import DEFAULT_MAX_REQUEST_BYTES
 from . import routes_classes, routes_classify, routes_embed, routes_health, routes_info, ui
 from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath
+from .security import install_security
 
 __all__ = ["HTTP_STATUS", "create_app"]
 
 
-def create_app(core: FewShotCore, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    core: FewShotCore,
+    *,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    access: AccessControl | None = None,
+    cors_origins: Sequence[str] = (),
+) -> FastAPI:
     # /docs and /redoc with Swagger UI and ReDoc served from a package, not a CDN: they work offline.
     app = FastAPIOffline(
         static_url="/docs-assets",
@@ -37,6 +47,7 @@ def create_app(core: FewShotCore, *, max_request_bytes: int = DEFAULT_MAX_REQUES
     app.include_router(routes_embed.router)
     app.include_router(routes_info.router)
     ui.install(app)
+    install_security(app, access, cors_origins)  # API keys (none: open), Origin rules
     # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
     # RawClassPath, so even a refused body is counted and routing sees the raw path.
     app.add_middleware(NoteRoute)  # innermost: reads the route the router picked

@@ -101,6 +101,7 @@ class AccessLog:
         scope[ROUTE_NOTE] = note
         # One dict shared with every (shallow) copy of the scope downstream: request.state.
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id  # error bodies of server-side failures quote it
         status = 500  # what the client gets if the app dies before answering
 
         async def send_with_id(message: Message) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,8 @@ HTTP_STATUS: dict[type[errors.FewshotError], tuple[int, str]] = {
     errors.Unavailable: (503, "unavailable"),
     errors.Overloaded: (429, "overloaded"),
     errors.Cancelled: (499, "cancelled"),  # the client has gone; nginx's code for it
+    errors.Unauthenticated: (401, "unauthenticated"),
+    errors.PermissionDenied: (403, "permission_denied"),
     errors.FewshotError: (500, "internal"),  # an error type nobody mapped: a bug, as over gRPC
 }
 
@@ -89,6 +92,11 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(methods)
 
 
+def request_id_of(request: Request) -> str:
+    """The id ``access_log.AccessLog`` gave this request (a fresh one without it)."""
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.FewshotError)
     async def fewshot_error(request: Request, exc: errors.FewshotError) -> JSONResponse:
@@ -98,10 +106,18 @@ def install_error_handlers(app: FastAPI) -> None:
             extra = {"file": exc.filename, "index": exc.index}
         elif isinstance(exc, errors.ImageError):
             extra = {"index": exc.index}
-        if status >= 500 and not isinstance(exc, errors.Unavailable):
-            log.error("unmapped %s in %s %s: %s", type(exc).__name__, request.method,
-                      request.url.path, exc)  # fmt: skip
-        return error_response(status, kind, str(exc), **extra)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status >= 500:
+            # The detail (what Redis said, its address) stays in the log, under the request id.
+            request_id = extra["request_id"] = request_id_of(request)
+            detail = f" ({exc.detail})" if exc.detail else ""
+            if isinstance(exc, errors.Unavailable):
+                log.warning("request %s: %s %s: %s%s", request_id, request.method,
+                            request.url.path, exc, detail)  # fmt: skip
+            else:
+                log.error("request %s: unmapped %s in %s %s: %s%s", request_id, type(exc).__name__,
+                          request.method, request.url.path, exc, detail)  # fmt: skip
+        return error_response(status, kind, str(exc), headers=headers, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,5 +137,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not the client's fault: logged with its traceback, answered in JSON all the same.
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, "internal", f"unexpected server error ({type(exc).__name__})")
+        request_id = request_id_of(request)
+        log.exception("request %s: unexpected error in %s %s", request_id, request.method, request.url.path)
+        return error_response(
+            500, "internal", f"unexpected server error ({type(exc).__name__})", request_id=request_id
+        )

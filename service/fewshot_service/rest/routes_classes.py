@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from ..access import Action
 from ..core import MAX_NAME_CHARS, resolve_namespace
 from .dependencies import (
     IMAGE_UPLOAD_OPENAPI,
@@ -37,6 +38,7 @@ from .schemas import (
     DeletedExampleBody,
     error_responses,
 )
+from .security import require
 
 router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQuery])
 
@@ -51,7 +53,8 @@ ExampleId = Annotated[str, Path(description="an example id, as returned on uploa
     "/{label:path}/examples",
     status_code=201,
     response_model=AddedBody,
-    responses=error_responses(400, 409, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
+    dependencies=[require(Action.ADD)],
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Add one or more example images to a class (created on first use)",
 )
@@ -75,7 +78,10 @@ def add_examples(
     )
 
 
-@router.get("", response_model=ClassListBody, responses=error_responses(422, 503))
+@router.get(
+    "", response_model=ClassListBody, responses=error_responses(401, 403, 422, 503),
+    dependencies=[require(Action.LIST)],
+)
 def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
     summaries = core.list_classes(namespace)
     return ClassListBody(
@@ -88,7 +94,8 @@ def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
 @router.get(
     "/{label:path}/confusions",
     response_model=ConfusionsBody,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.GET)],
     summary="The classes this class is most easily confused with (most similar prototypes first)",
 )
 def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k: TopK = 0) -> ConfusionsBody:
@@ -104,7 +111,8 @@ def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k:
 @router.get(
     "/{label:path}",
     response_model=ClassDetailBody,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.GET)],
     summary="A class's examples, each with its consistency with the class (leave-one-out)",
 )
 def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassDetailBody:
@@ -125,7 +133,8 @@ def get_class(label: Label, core: Core, namespace: Namespace = None) -> ClassDet
 @router.delete(
     "/{label:path}/examples/{example_id}",
     response_model=DeletedExampleBody,
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.DELETE)],
     summary="Remove one example; removing the last one removes the class",
 )
 def delete_example(
@@ -145,7 +154,8 @@ def delete_example(
 
 
 @router.delete(
-    "/{label:path}", response_model=DeletedClassBody, responses=error_responses(404, 422, 503)
+    "/{label:path}", response_model=DeletedClassBody,
+    responses=error_responses(401, 403, 404, 422, 503), dependencies=[require(Action.DELETE)],
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
     label = decode_path_param(label, "label")

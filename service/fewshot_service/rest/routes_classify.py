@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..access import Action
 from ..core import resolve_namespace
 from ..open_set import resolve_unknown_rate
 from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, RequestCancellation, StrictQuery, TopK
 from .dependencies import UnknownRate
 from .schemas import ClassifyBody, PredictionBody, error_responses
+from .security import require
 
 router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 
@@ -16,7 +18,8 @@ router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 @router.post(
     "/v1/classify",
     response_model=ClassifyBody,
-    responses=error_responses(400, 409, 413, 422, 503),
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
+    dependencies=[require(Action.CLASSIFY)],
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
     summary="Classify images against a namespace's classes (score = cosine similarity); "
     "flag the ones that match none (unknown)",

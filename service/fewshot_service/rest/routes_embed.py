@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..access import Action
 from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, RequestCancellation, StrictQuery
 from .schemas import EmbedBody, error_responses
+from .security import require
 
 router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 
@@ -13,8 +15,9 @@ router = APIRouter(tags=["classify"], dependencies=[StrictQuery])
 @router.post(
     "/v1/embed",
     response_model=EmbedBody,
-    responses=error_responses(400, 413, 422, 503),
+    responses=error_responses(400, 401, 413, 422, 503),
     openapi_extra=IMAGE_UPLOAD_OPENAPI,
+    dependencies=[require(Action.EMBED)],  # any valid key
     summary="Embed images: one L2-normalised vector per image (what classes are built from)",
 )
 def embed(images: Images, core: Core, cancellation: RequestCancellation) -> EmbedBody:

@@ -6,8 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..access import Action
 from .dependencies import Core
-from .schemas import HealthBody, ReadyBody
+from .security import require
+from .schemas import HealthBody, ReadyBody, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -31,9 +33,11 @@ def readyz(core: Core) -> JSONResponse:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics",
+    summary="Prometheus metrics (with --api-keys: any valid key)",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    dependencies=[require(Action.METRICS)],
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+               **error_responses(401)},  # fmt: skip
 )
 def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

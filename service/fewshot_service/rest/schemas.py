@@ -12,6 +12,7 @@ class ErrorBody(BaseModel):
     message: str
     file: str | None = None  # an image error: the uploaded file's name ...
     index: int | None = None  # ... and its 0-based position in the request
+    request_id: str | None = None  # a server-side failure: the id its log lines carry
 
 
 class ClassSummaryBody(BaseModel):
@@ -142,6 +143,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 ERROR_DESCRIPTIONS = {
     400: "malformed request body (e.g. broken multipart data)",
+    401: "missing or unknown API key (the server has --api-keys)",
+    403: "the API key's role or namespaces do not allow this, or a cross-origin change",
     404: "unknown class or example",
     409: "failed precondition: no classes yet, or another model's namespace",
     413: "a limit was exceeded",

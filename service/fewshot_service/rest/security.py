@@ -1,0 +1,96 @@
+"""The REST side of access control and browser safety.
+
+- :func:`require`: a route dependency that reads ``Authorization: Bearer <key>`` and the
+  ``namespace`` query parameter and asks :meth:`AccessControl.check` (the same check gRPC's
+  interceptor makes).
+- :class:`CrossOriginGuard`: a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin``
+  is neither the server's own nor one of ``--cors-origins`` gets 403, so a web page elsewhere
+  cannot add or delete examples on a server it can reach (e.g. one on the visitor's loopback).
+  Requests without ``Origin`` (curl, SDKs) are not browser cross-origin requests: they pass, and
+  the key still applies. Allowed origins get CORS answers from Starlette's CORSMiddleware.
+
+Request ids come from ``access_log.AccessLog`` (``X-Request-ID``); error bodies of server-side
+failures quote them (``http_errors``), with the detail in the log only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fastapi import Depends, FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..access import AccessControl, Action, Principal, bearer_key
+from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
+from .dependencies import strict_query_string
+from .http_errors import error_response
+
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def require(action: Action) -> Any:
+    """``dependencies=[require(Action.ADD)]``: 401 / 403 unless the caller's key allows it."""
+
+    def authorized(request: Request) -> Principal:
+        access: AccessControl = request.app.state.access
+        principal = access.authenticate(bearer_key(request.headers.get("authorization")))
+        if access.enabled:
+            setattr(request.state, KEY_NAME_STATE, principal.name)  # for the access log
+        strict_query_string(request)  # judge the namespace the route will use, not a U+FFFD copy
+        access.authorize(principal, action, request.query_params.get("namespace"))
+        return principal
+
+    return Depends(authorized)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def is_same_origin(scope: Scope, origin: str) -> bool:
+    """``origin`` is this request's own scheme://host[:port] (the Host header; browsers leave
+    default ports out of both)."""
+    host = _header(scope, b"host")
+    return host is not None and origin.lower() == f"{scope.get('scheme', 'http')}://{host}".lower()
+
+
+class CrossOriginGuard:
+    def __init__(self, app: ASGIApp, allowed_origins: Sequence[str] = ()) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in STATE_CHANGING_METHODS:
+            origin = _header(scope, b"origin")
+            if origin is not None and origin not in self.allowed and not is_same_origin(scope, origin):
+                response = error_response(
+                    403,
+                    "forbidden_origin",
+                    f"cross-origin {scope['method']} from origin {origin!r} refused: this server "
+                    "accepts changes only from its own origin and the origins in --cors-origins",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def install_security(app: FastAPI, access: AccessControl | None, cors_origins: Sequence[str]) -> None:
+    """Keys for the routes that use :func:`require`, and the cross-origin rules.
+
+    Middleware added later wraps the earlier: CORS answers preflights before the guard sees them.
+    """
+    app.state.access = access or AccessControl()
+    app.add_middleware(CrossOriginGuard, allowed_origins=list(cors_origins))
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )

@@ -1,0 +1,444 @@
+"""API keys, roles and namespaces on real servers over real TLS (issue 13).
+
+One server with TLS and a key file serves the whole role x namespace x transport x operation
+matrix; others test mTLS, key rotation (file change and SIGHUP), keygen and protected mode.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+import image_samples as samples
+from conftest import stack_settings
+from tls_certs import Pki, make_pki
+
+from fewshot_common import cli
+from fewshot_common.errors import NotFound
+from fewshot_service.access import AccessControl, Action, key_digest
+from fewshot_service.app import ServerStack
+from fewshot_service.client import FewShotClient
+from fewshot_service.settings import Settings
+
+TEAM_A, TEAM_B = "team-a", "team-b"
+SEED_IMAGE = samples.solid_png((200, 30, 30))
+# Key name -> (role, namespaces); the key itself is made per run.
+KEY_SPECS = {
+    "read-a": ("read", [TEAM_A]),
+    "write-a": ("write", [TEAM_A]),
+    "read-all": ("read", ["*"]),
+    "write-all": ("write", ["*"]),
+}
+
+
+def write_key_file(path: Path, keys: dict[str, tuple[str, str, list[str]]]) -> None:
+    """``keys``: name -> (key, role, namespaces). Replaced atomically, as an operator would."""
+    entries = "".join(
+        f'[[keys]]\nname = "{name}"\nsha256 = "{key_digest(key).hex()}"\nrole = "{role}"\n'
+        f"namespaces = [{', '.join(repr(ns).replace(chr(39), chr(34)) for ns in namespaces)}]\n\n"
+        for name, (key, role, namespaces) in keys.items()
+    )
+    staging = path.with_suffix(".new")
+    staging.write_text(entries)
+    os.replace(staging, path)
+
+
+def ssl_context(pki: Pki, client_cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+@dataclass
+class SecureServer:
+    stack: ServerStack
+    pki: Pki
+    keys: dict[str, str]  # name -> key
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.stack.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.stack.grpc_port}"
+
+    def http(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.https_url, verify=ssl_context(self.pki), headers=headers, timeout=60)
+
+    def grpc_client(self, key: str | None = None) -> FewShotClient:
+        return FewShotClient(self.grpc_target, api_key=key or "", root_certificates=self.pki.ca)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure_server(
+    tiny_model_path: Path, private_redis, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecureServer]:
+    """TLS + API keys, classes "seed" in both namespaces (own key prefix: other tests flush the
+    shared private Redis only between tests, never during this module)."""
+    import secrets
+
+    keys = {name: secrets.token_urlsafe(32) for name in KEY_SPECS}
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys.toml"
+    write_key_file(key_file, {n: (keys[n], *KEY_SPECS[n]) for n in KEY_SPECS})
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="access-matrix",
+        api_keys=key_file, tls_cert=pki.server_cert, tls_key=pki.server_key,
+    )  # fmt: skip
+    with ServerStack(settings) as stack:
+        assert stack.core is not None
+        for namespace in (TEAM_A, TEAM_B):
+            stack.core.add_examples(namespace, "seed", [SEED_IMAGE])
+        yield SecureServer(stack, pki, keys)
+
+
+# --- the matrix -----------------------------------------------------------------------------------
+
+ROLES = ["read", "write"]
+# allowed: a team-a key on team-a; denied: a team-a key on team-b; star: a "*" key on team-b.
+NAMESPACE_CASES = {"allowed": ("-a", TEAM_A), "denied": ("-a", TEAM_B), "star": ("-all", TEAM_B)}
+REST_OPERATIONS = ["embed", "classify", "list", "get", "add", "delete"]
+GRPC_OPERATIONS = ["embed", "classify"]  # the gRPC API has no class management
+
+
+def expected_allowed(role: str, namespace_case: str, operation: str) -> bool:
+    if operation == "embed":
+        return True  # any valid key; touches no namespace
+    if namespace_case == "denied":
+        return False
+    return role == "write" or operation not in {"add", "delete"}
+
+
+MATRIX = [
+    pytest.param(transport, role, case, op, id=f"{transport}-{role}-{case}-{op}")
+    for transport, operations in (("rest", REST_OPERATIONS), ("grpc", GRPC_OPERATIONS))
+    for role in ROLES
+    for case in NAMESPACE_CASES
+    for op in operations
+]
+
+
+@pytest.mark.parametrize(("transport", "role", "namespace_case", "operation"), MATRIX)
+def test_role_namespace_transport_matrix(
+    secure_server: SecureServer, transport: str, role: str, namespace_case: str, operation: str
+) -> None:
+    suffix, namespace = NAMESPACE_CASES[namespace_case]
+    key_name = f"{role}{suffix}"
+    key = secure_server.keys[key_name]
+    core = secure_server.stack.core
+    assert core is not None
+    allowed = expected_allowed(role, namespace_case, operation)
+    label = f"{operation}-{transport}-{role}-{namespace_case}"
+    image = samples.solid_png((190, 40, 40))
+
+    if transport == "grpc":
+        with secure_server.grpc_client(key) as client:
+            call: Callable[[], object] = {
+                "embed": lambda: client.embed([image]),
+                # The seed's own image: "seed" stays first whatever other tests added.
+                "classify": lambda: client.classify([SEED_IMAGE], namespace=namespace),
+            }[operation]
+            if allowed:
+                result = call()
+                if operation == "classify":
+                    assert result[0][0].label == "seed"  # type: ignore[index]
+                return
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            message = refused.value.details()
+            assert key_name in message and f"namespace {namespace!r}" in message and key not in message
+            return
+
+    if operation == "delete":
+        core.add_examples(namespace, label, [image])
+    with secure_server.http(key) as http:
+        files = {"files": ("x.png", image, "image/png")}
+        params = {"namespace": namespace}
+        response = {
+            "embed": lambda: http.post("/v1/embed", files=files),
+            "classify": lambda: http.post("/v1/classify", params=params, files=files),
+            "list": lambda: http.get("/v1/classes", params=params),
+            "get": lambda: http.get("/v1/classes/seed", params=params),
+            "add": lambda: http.post(f"/v1/classes/{label}/examples", params=params, files=files),
+            "delete": lambda: http.delete(f"/v1/classes/{label}", params=params),
+        }[operation]()
+    if allowed:
+        assert response.status_code == (201 if operation == "add" else 200), response.text
+        if operation == "delete":
+            with pytest.raises(NotFound):
+                core.get_class(namespace, label)
+        if operation == "add":
+            assert core.get_class(namespace, label).count == 1
+        return
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert body["error"] == "permission_denied"
+    assert key_name in body["message"] and key not in response.text
+    # The role is checked first: a read key's write names the role, otherwise the namespace.
+    role_refused = role == "read" and operation in {"add", "delete"}
+    assert ("needs role 'write'" if role_refused else f"namespace {namespace!r}") in body["message"]
+    # The registry is untouched by a refused change.
+    if operation == "delete":
+        assert core.get_class(namespace, label).count == 1
+    if operation == "add":
+        with pytest.raises(NotFound):
+            core.get_class(namespace, label)
+
+
+# --- missing and unknown keys, open endpoints --------------------------------------------------------
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-key", "Basic dXNlcjpwYXNz", "Bearer"])
+def test_rest_without_a_valid_key_is_401(secure_server: SecureServer, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    with secure_server.http() as http:
+        for response in (
+            http.get("/v1/classes", params={"namespace": TEAM_A}, headers=headers),
+            http.post("/v1/classify", files={"files": ("x.png", samples.grey_png())}, headers=headers),
+            http.delete("/v1/classes/seed", params={"namespace": TEAM_A}, headers=headers),
+            http.get("/metrics", headers=headers),
+        ):
+            assert response.status_code == 401, response.text
+            assert response.json()["error"] == "unauthenticated"
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "not-a-key" not in response.text
+    assert secure_server.stack.core is not None
+    assert secure_server.stack.core.get_class(TEAM_A, "seed").count == 1
+
+
+@pytest.mark.parametrize("key", ["", "not-a-key"])
+def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer, key: str) -> None:
+    with secure_server.grpc_client(key) as client:
+        for call in (lambda: client.embed([samples.grey_png()]), lambda: client.classify([samples.grey_png()])):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "not-a-key" not in refused.value.details()
+
+
+def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: SecureServer) -> None:
+    with secure_server.http() as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").json()["ready"] is True
+        assert http.get("/docs").status_code == 200
+        assert http.get("/openapi.json").status_code == 200
+        assert http.get("/metrics").status_code == 401
+    with secure_server.http(secure_server.keys["read-a"]) as http:
+        metrics = http.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'fewshot_auth_decisions_total{key="read-a",outcome="allowed"}' in metrics.text
+    assert not any(key in metrics.text for key in secure_server.keys.values())
+
+    credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
+    with grpc.secure_channel(secure_server.grpc_target, credentials) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert "fewshot.v1.FewShot" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_plaintext_clients_cannot_talk_to_the_tls_server(secure_server: SecureServer) -> None:
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{secure_server.stack.http_port}/healthz", timeout=10)
+    with FewShotClient(secure_server.grpc_target, api_key=secure_server.keys["read-all"], timeout=10) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.embed([samples.grey_png()])
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_reads_the_key_from_the_environment(
+    secure_server: SecureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEWSHOT_API_KEY", secure_server.keys["read-a"])
+    with FewShotClient(secure_server.grpc_target, root_certificates=secure_server.pki.ca.read_bytes()) as client:
+        assert client.classify([SEED_IMAGE], namespace=TEAM_A)[0][0].label == "seed"
+
+
+# --- mTLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtls_stack(tiny_model_path: Path, private_redis, pki: Pki) -> Iterator[ServerStack]:
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="access-mtls",
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+    )  # fmt: skip
+    with ServerStack(settings) as stack:
+        yield stack
+
+
+def test_mtls_accepts_a_client_certificate_from_its_ca(mtls_stack: ServerStack, pki: Pki) -> None:
+    url = f"https://127.0.0.1:{mtls_stack.http_port}"
+    with httpx.Client(base_url=url, verify=ssl_context(pki, client_cert=True), timeout=30) as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/v1/classes").status_code == 200
+    with FewShotClient(
+        f"127.0.0.1:{mtls_stack.grpc_port}", root_certificates=pki.ca,
+        private_key=pki.client_key, certificate_chain=pki.client_cert,
+    ) as client:  # fmt: skip
+        assert client.embed([samples.grey_png()]).shape[0] == 1
+
+
+@pytest.mark.parametrize("certificate", ["none", "rogue"])
+def test_mtls_refuses_clients_without_a_trusted_certificate(
+    mtls_stack: ServerStack, pki: Pki, certificate: str
+) -> None:
+    context = ssl_context(pki)
+    client_files: dict[str, Path] = {}
+    if certificate == "rogue":
+        context.load_cert_chain(str(pki.rogue_client_cert), str(pki.rogue_client_key))
+        client_files = {"private_key": pki.rogue_client_key, "certificate_chain": pki.rogue_client_cert}
+    with pytest.raises(httpx.TransportError):
+        with httpx.Client(verify=context, timeout=10) as http:
+            http.get(f"https://127.0.0.1:{mtls_stack.http_port}/healthz")
+    with FewShotClient(
+        f"127.0.0.1:{mtls_stack.grpc_port}", root_certificates=pki.ca, timeout=10, **client_files
+    ) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.embed([samples.grey_png()])
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- rotation ---------------------------------------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _list_status(url: str, key: str) -> int:
+    return httpx.get(f"{url}/v1/classes", headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code
+
+
+def test_keys_rotate_when_the_file_changes_and_a_bad_file_keeps_them(
+    tiny_model_path: Path, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file = tmp_path / "keys.toml"
+    write_key_file(key_file, {"old": ("old-key-123", "read", ["*"])})
+    settings = stack_settings(tiny_model_path, redis_url, api_keys=key_file, api_keys_poll_s=0.1)
+    with ServerStack(settings) as stack:
+        url = f"http://127.0.0.1:{stack.http_port}"
+        assert _list_status(url, "old-key-123") == 200
+        assert _list_status(url, "new-key-456") == 401
+
+        write_key_file(key_file, {"new": ("new-key-456", "read", ["*"])})
+        assert _wait_for(lambda: _list_status(url, "new-key-456") == 200)
+        assert _list_status(url, "old-key-123") == 401
+        with FewShotClient(f"127.0.0.1:{stack.grpc_port}", api_key="new-key-456") as client:
+            assert client.embed([samples.grey_png()]).shape[0] == 1
+
+        key_file.write_text("[[keys]]\nname = 'broken'\n")  # no digest, no role
+        assert _wait_for(lambda: "keeping the 1 keys in use" in caplog.text)
+        assert _list_status(url, "new-key-456") == 200
+    assert "new-key-456" not in caplog.text and "old-key-123" not in caplog.text
+
+
+def test_sighup_reloads_the_keys(tiny_model_path: Path, redis_url: str, tmp_path: Path, serve_process) -> None:
+    key_file = tmp_path / "keys.toml"
+    write_key_file(key_file, {"old": ("old-key-123", "read", ["*"])})
+    server = serve_process(
+        ["--model", tiny_model_path, "--api-keys", key_file, "--api-keys-poll-s", "0"],
+        env={"REDIS_URL": redis_url},
+    ).wait_ready()
+    assert "API keys: from" in server.banner
+    assert _list_status(server.http_url, "old-key-123") == 200
+    write_key_file(key_file, {"new": ("new-key-456", "write", ["*"])})
+    time.sleep(0.5)
+    assert _list_status(server.http_url, "new-key-456") == 401  # no polling: only SIGHUP reloads
+    server.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _list_status(server.http_url, "new-key-456") == 200)
+    assert _list_status(server.http_url, "old-key-123") == 401
+    assert server.process.poll() is None
+    assert server.stop() == 0
+    assert "old-key-123" not in server.output() and "new-key-456" not in server.output()
+
+
+# --- keygen, protected mode --------------------------------------------------------------------------
+
+
+def test_keygen_prints_a_key_and_a_working_toml_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["keygen", "--name", "ingest-bot", "--role", "write", "--namespace", TEAM_A]) == 0
+    out = capsys.readouterr().out
+    key = out.split("\n")[1].strip()
+    entry = out[out.index("[[keys]]") :]
+    assert len(key) >= 43 and key not in entry
+    assert tomllib.loads(entry)["keys"][0] == {
+        "name": "ingest-bot", "sha256": key_digest(key).hex(), "role": "write", "namespaces": [TEAM_A],
+    }  # fmt: skip
+    (tmp_path / "keys.toml").write_text(entry)
+    access = AccessControl(tmp_path / "keys.toml")
+    principal = access.check(key, Action.ADD, TEAM_A)
+    assert principal.name == "ingest-bot"
+
+
+def test_protected_mode_defaults_to_loopback_and_refuses_open_networks(
+    tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.toml"
+    write_key_file(keys, {"k": ("key-1", "read", ["*"])})
+    assert Settings().host == "127.0.0.1"
+    assert Settings(api_keys=keys).host == "0.0.0.0"
+    assert Settings(host="0.0.0.0", allow_unauthenticated=True).host == "0.0.0.0"
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert Settings(host=loopback).host == loopback
+
+    # fewshot serve refuses before starting anything, and says how to proceed.
+    assert cli.main(["serve", "--model", str(tiny_model_path), "--host", "0.0.0.0"]) == 2
+    message = capsys.readouterr().err
+    assert "--allow-unauthenticated" in message and "--api-keys" in message
+
+
+def test_tls_files_go_together(pki: Pki) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(tls_cert=pki.server_cert)
+    with pytest.raises(ValidationError, match="mTLS"):
+        Settings(tls_client_ca=pki.ca)
+
+
+def test_bad_bytes_and_bad_utf8_are_judged_after_the_key(secure_server: SecureServer) -> None:
+    credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
+    with grpc.secure_channel(secure_server.grpc_target, credentials) as channel:
+        classify = channel.unary_unary(
+            "/fewshot.v1.FewShot/Classify", request_serializer=bytes, response_deserializer=bytes
+        )
+        junk = b"\xff\xff\xff\xff"
+        for key, expected in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                              (secure_server.keys["read-a"], grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+            metadata = (("authorization", f"Bearer {key}"),) if key else None
+            with pytest.raises(grpc.RpcError) as refused:
+                classify(junk, metadata=metadata, timeout=10)
+            assert refused.value.code() == expected
+    with secure_server.http(secure_server.keys["read-all"]) as http:
+        bad = http.get("/v1/classes?namespace=bad%FF")
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_input"

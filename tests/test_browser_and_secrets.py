@@ -1,0 +1,141 @@
+"""Cross-origin rules for browsers, and no secrets or internals in output (issue 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import httpx
+import pytest
+import redis
+
+import image_samples as samples
+from conftest import stack_settings
+
+from fewshot_service.app import ServerStack
+from fewshot_service.client import FewShotClient
+from fewshot_service.redis_client import redacted_url
+from fewshot_service.redis_server import ManagedRedis, free_port
+
+ALLOWED_ORIGIN = "https://app.example"
+EVIL_ORIGIN = "http://evil.example"
+
+
+@pytest.fixture
+def open_server(tiny_model_path: Path, redis_url: str) -> Iterator[httpx.Client]:
+    """No keys, loopback, one allowed cross-origin site."""
+    settings = stack_settings(tiny_model_path, redis_url, cors_origins=[ALLOWED_ORIGIN])
+    with ServerStack(settings) as stack:
+        with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=60) as http:
+            yield http
+
+
+def _add(http: httpx.Client, label: str, origin: str | None) -> httpx.Response:
+    headers = {"Origin": origin} if origin else {}
+    files = {"files": ("x.png", samples.grey_png(), "image/png")}
+    return http.post(f"/v1/classes/{label}/examples", files=files, headers=headers)
+
+
+@pytest.mark.parametrize("origin", [EVIL_ORIGIN, "null", "http://127.0.0.1", "https://app.example.evil"])
+def test_cross_origin_changes_are_refused(open_server: httpx.Client, origin: str) -> None:
+    refused = _add(open_server, "cat", origin)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "forbidden_origin"
+    assert "access-control-allow-origin" not in refused.headers
+    assert _add(open_server, "dog", None).status_code == 201
+    delete = open_server.delete("/v1/classes/dog", headers={"Origin": origin})
+    assert delete.status_code == 403
+    classes = open_server.get("/v1/classes").json()["classes"]
+    assert classes == [{"label": "dog", "count": 1}]  # nothing added, nothing deleted
+
+
+def test_same_origin_and_originless_requests_pass(open_server: httpx.Client) -> None:
+    own_origin = str(open_server.base_url).rstrip("/")
+    assert _add(open_server, "cat", own_origin).status_code == 201
+    assert _add(open_server, "dog", None).status_code == 201
+    assert open_server.delete("/v1/classes/cat", headers={"Origin": own_origin}).status_code == 200
+    assert open_server.delete("/v1/classes/dog").status_code == 200
+
+
+def test_allowed_origins_get_cors_answers(open_server: httpx.Client) -> None:
+    added = _add(open_server, "cat", ALLOWED_ORIGIN)
+    assert added.status_code == 201
+    assert added.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    preflight = open_server.options(
+        "/v1/classes/cat",
+        headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "DELETE",
+                 "Access-Control-Request-Headers": "authorization"},
+    )  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "DELETE" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    foreign = open_server.options(
+        "/v1/classes/cat", headers={"Origin": EVIL_ORIGIN, "Access-Control-Request-Method": "DELETE"}
+    )
+    assert foreign.status_code == 400
+    assert "access-control-allow-origin" not in foreign.headers
+    # A foreign page may send a read, but the browser gets no CORS header to let it see the answer.
+    read = open_server.get("/v1/classes", headers={"Origin": EVIL_ORIGIN})
+    assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
+
+
+# --- no secrets, no internals -----------------------------------------------------------------------
+
+
+def test_redacted_url_hides_only_the_password() -> None:
+    assert redacted_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redacted_url("rediss://user:s3cret@[::1]:6380") == "rediss://user:***@[::1]:6380"
+    assert redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_the_redis_password_is_never_printed(tiny_model_path: Path, tmp_path: Path, serve_process) -> None:
+    password = "pw-7c0ffee-do-not-print"
+    with ManagedRedis(tmp_path / "redis", persistent=False) as store:
+        redis.Redis.from_url(store.url).config_set("requirepass", password)
+        url = store.url.replace("redis://", f"redis://:{password}@", 1)
+        server = serve_process(["--model", tiny_model_path, "--log-level", "debug"], env={"REDIS_URL": url})
+        server.wait_ready()
+        assert httpx.get(f"{server.http_url}/readyz", timeout=30).json()["ready"] is True
+        assert "redis://:***@" in server.banner
+        assert server.stop() == 0
+        output = server.banner + server.output()
+    assert password not in output
+    assert "***" in output
+
+
+def test_redis_failures_answer_a_request_id_not_the_address(
+    tiny_model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()  # nothing listens there
+    with ServerStack(stack_settings(tiny_model_path, f"redis://127.0.0.1:{port}/0")) as stack:
+        response = httpx.get(f"http://127.0.0.1:{stack.http_port}/v1/classes", timeout=30)
+        assert response.status_code == 503
+        body = response.json()
+        assert body["error"] == "unavailable"
+        assert body["request_id"] == response.headers["x-request-id"]
+        assert str(port) not in response.text and "127.0.0.1" not in response.text
+        # The detail is in the server log, under the same id.
+        logged = [r.getMessage() for r in caplog.records if body["request_id"] in r.getMessage()]
+        assert logged and str(port) in logged[0]
+
+        with FewShotClient(f"127.0.0.1:{stack.grpc_port}") as client:
+            call = client._stub.Classify.with_call  # the client's stub: to read trailing metadata
+            from fewshot_service._proto.fewshot.v1 import fewshot_pb2
+
+            with pytest.raises(grpc.RpcError) as failed:
+                call(fewshot_pb2.ClassifyRequest(images=[samples.grey_png()]), timeout=30)
+    error = failed.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    request_id = dict(error.trailing_metadata())["request-id"]
+    assert f"request id {request_id}" in error.details()
+    assert str(port) not in error.details()
+    assert any(request_id in r.getMessage() and str(port) in r.getMessage() for r in caplog.records)
+
+
+def test_every_response_has_one_request_id(open_server: httpx.Client) -> None:
+    first, second = open_server.get("/healthz"), open_server.get("/v1/classes/nope")
+    assert second.status_code == 404
+    ids = [first.headers.get_list("x-request-id"), second.headers.get_list("x-request-id")]
+    assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
