@@ -81,6 +81,26 @@ def test_allowed_origins_get_cors_answers(open_server: httpx.Client) -> None:
     assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
 
 
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]"])
+def test_an_open_server_refuses_foreign_host_names(open_server: httpx.Client, host: str) -> None:
+    # A DNS-rebinding page is same-origin with itself, so only its Host header gives it away.
+    refused = open_server.get("/v1/classes", headers={"Host": host})
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden_host"
+    added = open_server.post("/v1/classes/cat/examples", headers={"Host": host, "Origin": f"http://{host}"},
+                             files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
+    assert added.status_code == 403
+    assert open_server.get("/v1/classes").json()["classes"] == []  # nothing was added
+    for own in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST."):
+        assert open_server.get("/v1/classes", headers={"Host": own}).status_code == 200, own
+
+
+def test_allowed_hosts_name_the_hosts_an_open_server_answers(tiny_model_path: Path, redis_url: str) -> None:
+    settings = stack_settings(tiny_model_path, redis_url, allowed_hosts=["fewshot.lan"])
+    with ServerStack(settings) as stack, httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
+        assert http.get("/healthz", headers={"Host": "fewshot.lan:8000"}).status_code == 200
+        assert http.get("/healthz", headers={"Host": "localhost"}).status_code == 403  # the list rules
+
+
 # --- no secrets, no internals -----------------------------------------------------------------------
 
 

@@ -157,6 +157,7 @@ class ServerStack:
             max_request_bytes=settings.max_request_bytes,
             access=self.access,
             cors_origins=settings.cors_origins,
+            allowed_hosts=settings.allowed_hosts,
         )
         tls_options = settings.tls.uvicorn_options() if settings.tls else {}
         config = uvicorn.Config(

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated origins (https://app.example) whose pages may call this server",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names HTTP requests may name in Host (none: any with "
+        "--api-keys, else localhost, 127.0.0.1 and ::1 only: a DNS-rebinding defence)",
+    )
 
     # Request limits (refused with 413 / RESOURCE_EXHAUSTED).
     max_image_bytes: int = Field(
@@ -192,7 +197,7 @@ class Settings(BaseSettings):
     def _lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("providers", "cors_origins", mode="before")
+    @field_validator("providers", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -31,6 +31,7 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     access: AccessControl | None = None,
     cors_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     # /docs and /redoc with Swagger UI and ReDoc served from a package, not a CDN: they work offline.
     app = FastAPIOffline(
@@ -47,7 +48,7 @@ def create_app(
     app.include_router(routes_embed.router)
     app.include_router(routes_info.router)
     ui.install(app)
-    install_security(app, access, cors_origins)  # API keys (none: open), Origin rules
+    install_security(app, access, cors_origins, allowed_hosts)  # API keys, Host and Origin rules
     # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
     # RawClassPath, so even a refused body is counted and routing sees the raw path.
     app.add_middleware(NoteRoute)  # innermost: reads the route the router picked

@@ -8,6 +8,11 @@
   cannot add or delete examples on a server it can reach (e.g. one on the visitor's loopback).
   Requests without ``Origin`` (curl, SDKs) are not browser cross-origin requests: they pass, and
   the key still applies. Allowed origins get CORS answers from Starlette's CORSMiddleware.
+- :class:`HostGuard`: a server without API keys trusts whoever reaches it, i.e. its loopback. A page
+  on a DNS-rebinding domain (evil.example first resolving to the attacker, then to 127.0.0.1) would
+  reach it as its *own* origin, so the origin rule cannot tell; its requests still say
+  ``Host: evil.example``. Such a server answers only the host names in ``--allowed-hosts`` (default:
+  localhost, 127.0.0.1, ::1), as Jupyter does; with keys, or with an explicit list, the list rules.
 
 Request ids come from ``access_log.AccessLog`` (``X-Request-ID``); error bodies of server-side
 failures quote them (``http_errors``), with the detail in the log only.
@@ -27,6 +32,7 @@ from .dependencies import strict_query_string
 from .http_errors import error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def require(action: Action) -> Any:
@@ -78,13 +84,52 @@ class CrossOriginGuard:
         await self.app(scope, receive, send)
 
 
-def install_security(app: FastAPI, access: AccessControl | None, cors_origins: Sequence[str]) -> None:
-    """Keys for the routes that use :func:`require`, and the cross-origin rules.
+def host_name(host_header: str) -> str:
+    """``Host`` without its port, brackets and trailing dot, lower-cased (``[::1]:8000`` -> ``::1``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+class HostGuard:
+    """403 for an HTTP request whose ``Host`` names none of ``allowed_hosts`` (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = host_name(_header(scope, b"host") or "")
+            if host not in self.allowed:
+                response = error_response(
+                    403,
+                    "forbidden_host",
+                    f"host {host!r} refused: without API keys this server answers only "
+                    "requests for its own names (--allowed-hosts)",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def install_security(
+    app: FastAPI,
+    access: AccessControl | None,
+    cors_origins: Sequence[str],
+    allowed_hosts: Sequence[str] = (),
+) -> None:
+    """Keys for the routes that use :func:`require`, the Host rule and the cross-origin rules.
 
     Middleware added later wraps the earlier: CORS answers preflights before the guard sees them.
     """
     app.state.access = access or AccessControl()
     app.add_middleware(CrossOriginGuard, allowed_origins=list(cors_origins))
+    if allowed_hosts or not app.state.access.enabled:
+        app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts or LOOPBACK_HOST_NAMES))
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
