@@ -118,7 +118,7 @@ def test_health_answers_while_every_call_slot_is_busy_and_a_cancel_frees_them(
         # Once both slow calls hold their slots, one more FewShot call is refused at once. (The
         # probe fails fast when admitted: a namespace without classes is refused before decoding.)
         probe = fewshot_pb2.ClassifyRequest(images=[samples.solid_png((9, 9, 9))], namespace="none")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # the slow calls must first reach their slots
         while True:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Classify(probe, timeout=5)
@@ -220,7 +220,7 @@ def seconds_until_closed(sock: socket.socket, limit: float = 10.0) -> float:
 
 @pytest.mark.parametrize(
     "sent",
-    [b"", b"POST /v1/clas", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"],
+    [b"", b"POST /v1/clas", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"],
     ids=["nothing", "half a request line", "headers never ended"],
 )
 def test_a_request_that_never_completes_its_headers_is_closed(stack: ServerStack, sent: bytes) -> None:
@@ -233,7 +233,7 @@ def test_a_request_that_never_completes_its_headers_is_closed(stack: ServerStack
 def test_half_of_a_second_request_on_a_kept_alive_connection_is_closed(stack: ServerStack) -> None:
     """Uvicorn's keep-alive timer stops at the next request's first byte; ours starts there."""
     with connect(stack) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET /hea")
         assert seconds_until_closed(sock) < HEADER_TIMEOUT_S + 1.5
@@ -247,7 +247,7 @@ def test_a_body_that_stops_arriving_is_closed_and_adds_nothing(
         files=[("files", ("a.png", samples.solid_png((1, 2, 3)), "image/png"))],
     )  # fmt: skip
     body = request.read()
-    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: x\r\n" + "".join(
+    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
     )
     with connect(stack) as sock:
@@ -264,7 +264,7 @@ def test_a_slow_but_steady_client_is_served(stack: ServerStack, http: httpx.Clie
         files=[("files", ("a.png", samples.solid_png((1, 2, 3)), "image/png"))],
     )  # fmt: skip
     body = request.read()
-    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(
+    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
     )
     with connect(stack) as sock:
@@ -293,7 +293,7 @@ def test_a_rest_client_that_disconnects_stops_its_work_and_adds_nothing(
         files=[("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(slow_images)],
     )  # fmt: skip
     body = request.read()
-    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: x\r\n" + "".join(
+    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
     )
     cancelled_before = metric("fewshot_cancelled_requests_total", stage="decode")
