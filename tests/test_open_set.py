@@ -18,7 +18,14 @@ from fewshot_common.errors import InvalidInput
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
-from fewshot_service.open_set import leave_one_out_scores, normalise, resolve_unknown_rate
+from fewshot_service.open_set import (
+    DEFAULT_CONFIDENCE,
+    LooScores,
+    calibrate,
+    leave_one_out_scores,
+    normalise,
+    resolve_unknown_rate,
+)
 from fewshot_service.redis_server import ManagedRedis
 
 from conftest import stack_settings
@@ -86,6 +93,21 @@ def test_leave_one_out_scores_match_a_prototype_rebuilt_without_the_example() ->
         assert loo.scores[row, c] == pytest.approx(examples[c][i] @ normalise(rest))
         other = 1 if c != 1 else 0
         assert loo.scores[row, other] == pytest.approx(examples[c][i] @ normalise(means[other]))
+
+
+def test_confidence_rises_with_the_margin_even_when_few_examples_fit_it_backwards() -> None:
+    # 12 LOO examples where the right ones happen to have the smaller margins: a fitted curve
+    # would fall with the margin; the namespace keeps the dev-split curve instead.
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.1, 0.3, size=(12, 3))
+    best = scores.argmax(1)
+    margins = np.sort(scores, 1)[:, -1] - np.sort(scores, 1)[:, -2]
+    wrong_on_large_margins = margins > np.median(margins)
+    own = np.where(wrong_on_large_margins, (best + 1) % 3, best)
+    calibration = calibrate(LooScores(scores, own))
+    assert calibration.confidence_curve == DEFAULT_CONFIDENCE
+    low, high = calibration.confidence(np.array([0.3, 0.5]), np.array([0.29, 0.2]))
+    assert high > low
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan")])

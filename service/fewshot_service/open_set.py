@@ -160,6 +160,11 @@ def calibrate(loo: LooScores, kind: UnknownStatistic = UNKNOWN_STATISTIC) -> Cal
     top1, top2 = top_two(loo.scores)
     statistics = np.sort(unknown_statistic(top1, top2, kind))
     curve = fit_logistic(top1 - top2, loo.correct.astype(np.float64))
+    if curve[0] <= 0:
+        # A few noisy examples can fit a curve on which a larger margin means *less* confidence
+        # (seen with 3 classes x 5 shots): confidence must rise with the margin, so such a
+        # namespace keeps the dev-split curve until its own examples say something sensible.
+        curve = DEFAULT_CONFIDENCE
     return Calibration(statistics, curve, kind)
 
 
