@@ -648,3 +648,20 @@ def test_deleting_a_namespace_removes_every_key_and_only_its_own(
     added = writer.add_examples("gone", "new", rand(1, 3), MODEL)
     assert added.added_example_ids == ["1"]
     assert reader.prototypes("gone", MODEL).labels == ["new"]
+
+
+def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    # What a class added between delete_namespace's read and its script looks like to the script:
+    # it must refuse (the registry then reads again) rather than leave that class's examples behind.
+    client = connect(redis_url)
+    registry = Registry(client)
+    registry.add_examples("ns", "cat", rand(1, 1), MODEL)
+    registry.add_examples("ns", "dog", rand(1, 2), MODEL)
+    keys = registry._keys("ns")
+    stale = [keys.model, keys.state, keys.counts, keys.prototypes, keys.sums, keys.changes, keys.examples("cat")]
+    with pytest.raises(redis.exceptions.ResponseError, match="CHANGED"):
+        registry._delete_namespace(keys=stale, args=["cat".encode().hex()])
+    assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
+    assert registry.delete_namespace("ns").class_count == 2

@@ -400,6 +400,8 @@ class Registry:
                     if str(exc).startswith("CHANGED"):
                         continue  # a class came or went between the read and the script
                     raise Unavailable(_REFUSED, detail=f"Redis: {exc}") from None
+            with self._cache_lock:  # free this replica's matrix now; others on their next request
+                self._cache.pop(namespace, None)
             return DeletedNamespace(namespace, int(classes), int(examples))
         raise Unavailable(f"namespace {namespace!r} kept changing while being deleted; retry later")
 
