@@ -442,3 +442,81 @@ def test_bad_bytes_and_bad_utf8_are_judged_after_the_key(secure_server: SecureSe
     with secure_server.http(secure_server.keys["read-all"]) as http:
         bad = http.get("/v1/classes?namespace=bad%FF")
     assert bad.status_code == 422 and bad.json()["error"] == "invalid_input"
+
+
+# --- namespaces ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seeded(secure_server: SecureServer) -> SecureServer:
+    """Exactly one "seed" example in each team namespace (tests that use redis_url flush Redis)."""
+    core = secure_server.stack.core
+    for namespace in (TEAM_A, TEAM_B):
+        try:
+            core.delete_namespace(namespace)
+        except NotFound:
+            pass
+        core.add_examples(namespace, "seed", [SEED_IMAGE])
+    return secure_server
+
+
+def _listed(server: SecureServer, key: str) -> dict[str, int]:
+    with server.http(key) as http:
+        response = http.get("/v1/namespaces")
+    assert response.status_code == 200, response.text
+    return {n["namespace"]: n["class_count"] for n in response.json()["namespaces"]}
+
+
+def test_namespaces_list_only_what_the_key_may_use(seeded: SecureServer) -> None:
+    secure_server = seeded
+    assert _listed(secure_server, secure_server.keys["read-a"]) == {TEAM_A: 1}
+    assert _listed(secure_server, secure_server.keys["write-all"]) == {TEAM_A: 1, TEAM_B: 1}
+    with secure_server.http() as http:
+        assert http.get("/v1/namespaces").status_code == 401
+
+
+def test_deleting_a_namespace_needs_role_write_on_it(seeded: SecureServer) -> None:
+    secure_server = seeded
+    keys = secure_server.keys
+    for key, namespace in [("read-all", TEAM_A), ("read-a", TEAM_A), ("write-a", TEAM_B)]:
+        with secure_server.http(keys[key]) as http:
+            refused = http.delete(f"/v1/namespaces/{namespace}")
+        assert refused.status_code == 403, (key, namespace, refused.text)
+        assert refused.json()["error"] == "permission_denied"
+    assert _listed(secure_server, keys["read-all"]) == {TEAM_A: 1, TEAM_B: 1}  # nothing deleted
+
+    try:
+        with secure_server.http(keys["write-a"]) as http:
+            deleted = http.delete(f"/v1/namespaces/{TEAM_A}")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json() == {"namespace": TEAM_A, "deleted_classes": 1, "deleted_examples": 1}
+        assert _listed(secure_server, keys["read-all"]) == {TEAM_B: 1}
+    finally:  # the other tests of this module use the seed class
+        secure_server.stack.core.add_examples(TEAM_A, "seed", [SEED_IMAGE])
+
+
+def test_the_client_over_tls_with_a_key_and_typed_errors(seeded: SecureServer) -> None:
+    from fewshot_service.client import errors
+
+    server = seeded
+    with FewShotClient(
+        server.grpc_target, http_url=server.https_url, api_key=server.keys["read-a"],
+        root_certificates=server.pki.ca,
+    ) as client:  # fmt: skip
+        assert [n.namespace for n in client.list_namespaces()] == [TEAM_A]
+        assert [c.label for c in client.list_classes(namespace=TEAM_A)] == ["seed"]
+        assert client.classify(SEED_IMAGE, namespace=TEAM_A)[0].predictions[0].label == "seed"
+        with pytest.raises(errors.PermissionDenied) as refused:
+            client.add_examples("x", SEED_IMAGE, namespace=TEAM_A)
+        assert refused.value.status == 403
+        with pytest.raises(errors.PermissionDenied):
+            client.classify(SEED_IMAGE, namespace=TEAM_B)
+    with FewShotClient(
+        server.grpc_target, http_url=server.https_url, api_key="", root_certificates=server.pki.ca
+    ) as anonymous:
+        with pytest.raises(errors.Unauthenticated) as rest_refused:
+            anonymous.list_namespaces()
+        assert rest_refused.value.status == 401
+        with pytest.raises(errors.Unauthenticated) as grpc_refused:
+            anonymous.embed(SEED_IMAGE)
+        assert grpc_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -110,3 +110,29 @@ def test_the_checker_sees_relative_and_nested_imports() -> None:
     imports = _imports(path)
     assert "fewshot_trainer.probe" in imports  # `from .probe import ...` inside a method
     assert "torch" in imports
+
+
+# What `pip install 'fewshot[client]'` installs (pyproject's `client` extra), plus the stdlib.
+CLIENT_DEPENDENCIES = {"grpc", "google", "httpx", "numpy"}
+
+
+def test_the_client_needs_only_its_own_dependencies() -> None:
+    import sys
+
+    closure = _project_closure("fewshot_service.client")
+    assert "fewshot_service.client.fewshot_client" in closure and "fewshot_common.errors" in closure
+    project = sorted(m for m in closure if m.startswith("fewshot_service.") and
+                     not m.startswith(("fewshot_service.client", "fewshot_service._proto")))  # fmt: skip
+    assert not project, f"the client imports server modules: {project}"
+    external = {name.split(".")[0] for imports in closure.values() for name in imports} - {""}
+    beyond = sorted(external - CLIENT_DEPENDENCIES - set(sys.stdlib_module_names) - {"__future__"})
+    assert not beyond, f"the client imports {beyond}, which the client extra does not install"
+
+
+def test_the_client_extra_lists_exactly_the_client_dependencies() -> None:
+    import re
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["client"]
+    names = {re.split(r"[<>=!~\[ ]", requirement)[0] for requirement in extra}
+    assert names == {"grpcio", "protobuf", "httpx", "numpy"}

@@ -599,3 +599,69 @@ def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
         reader.prototypes("default", MODEL)
     assert reader.prototypes("default", other).matrix.shape == (1, DIM * 2)
     assert reader.sync_counts["full"] == 2
+
+
+# --- namespaces ------------------------------------------------------------------------------------
+
+
+def _all_keys(client: RedisClient) -> set[str]:
+    return {k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match="*")}
+
+
+def test_namespaces_are_listed_with_counts_and_model(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    registry = Registry(connect(redis_url))
+    assert registry.list_namespaces() == []
+    registry.add_examples("team/a", "cat", rand(3, 1), MODEL)
+    registry.add_examples("team/a", "dog", rand(2, 2), MODEL)
+    registry.add_examples("*", "cat", rand(1, 3), MODEL)
+    registry.add_examples("emptied", "cat", rand(1, 4), MODEL)
+    registry.delete_class("emptied", "cat")  # its state stays; it holds no classes: not listed
+    # Another key prefix on the same server is another registry: not listed here.
+    Registry(connect(redis_url), key_prefix="other*").add_examples("elsewhere", "x", rand(1, 5), MODEL)
+    listed = [(n.name, n.class_count, n.example_count, n.model_id) for n in registry.list_namespaces()]
+    assert listed == [("*", 1, 1, MODEL), ("team/a", 2, 5, MODEL)]
+
+
+def test_deleting_a_namespace_removes_every_key_and_only_its_own(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    client = connect(redis_url)
+    writer, reader = Registry(client), Registry(connect(redis_url))
+    writer.add_examples("keep", "cat", rand(2, 1), MODEL)
+    before = _all_keys(client)
+    for label in TRICKY_LABELS[:4]:
+        writer.add_examples("gone", label, rand(2, 2), MODEL)
+    assert reader.prototypes("gone", MODEL).labels == sorted(TRICKY_LABELS[:4])  # reader caches it
+
+    deleted = writer.delete_namespace("gone")
+    assert (deleted.class_count, deleted.example_count) == (4, 8)
+    assert _all_keys(client) == before  # every key of "gone", its state too, and nothing else
+    with pytest.raises(FailedPrecondition, match="no classes"):
+        reader.prototypes("gone", MODEL)  # the other replica dropped its cached copy
+    assert reader.prototypes("keep", MODEL).labels == ["cat"]
+    with pytest.raises(NotFound):
+        writer.delete_namespace("gone")
+
+    # A new start is a new epoch: the reader sees only the new class, with fresh example ids.
+    added = writer.add_examples("gone", "new", rand(1, 3), MODEL)
+    assert added.added_example_ids == ["1"]
+    assert reader.prototypes("gone", MODEL).labels == ["new"]
+
+
+def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
+    redis_url: str, connect: Callable[[str], RedisClient]
+) -> None:
+    # What a class added between delete_namespace's read and its script looks like to the script:
+    # it must refuse (the registry then reads again) rather than leave that class's examples behind.
+    client = connect(redis_url)
+    registry = Registry(client)
+    registry.add_examples("ns", "cat", rand(1, 1), MODEL)
+    registry.add_examples("ns", "dog", rand(1, 2), MODEL)
+    keys = registry._keys("ns")
+    stale = [keys.model, keys.state, keys.counts, keys.prototypes, keys.sums, keys.changes, keys.examples("cat")]
+    with pytest.raises(redis.exceptions.ResponseError, match="CHANGED"):
+        registry._delete_namespace(keys=stale, args=["cat".encode().hex()])
+    assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
+    assert registry.delete_namespace("ns").class_count == 2

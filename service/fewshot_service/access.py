@@ -58,11 +58,13 @@ class Action(str, Enum):
     ADD = "add"
     DELETE = "delete"
     METRICS = "metrics"  # GET /metrics
+    # GET /v1/namespaces: any valid key; the answer holds only the namespaces the key may use.
+    LIST_NAMESPACES = "list_namespaces"
 
 
 WRITE_ACTIONS = frozenset({Action.ADD, Action.DELETE})
 # Actions that touch no namespace: any valid key may run them.
-NAMESPACE_FREE_ACTIONS = frozenset({Action.EMBED, Action.METRICS})
+NAMESPACE_FREE_ACTIONS = frozenset({Action.EMBED, Action.METRICS, Action.LIST_NAMESPACES})
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings,
 from .shot_quality import example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
-    from .registry import ClassInfo, ClassSummary, Registry
+    from .registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary, Registry
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,14 @@ class FewShotCore:
         return self.registry.delete_example(
             resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
         )
+
+    def list_namespaces(self) -> "list[NamespaceSummary]":
+        """Every namespace holding classes, with class and example counts and its model."""
+        return self.registry.list_namespaces()
+
+    def delete_namespace(self, namespace: str | None) -> "DeletedNamespace":
+        """Remove a namespace with all its classes and examples, atomically."""
+        return self.registry.delete_namespace(resolve_namespace(namespace))
 
     # -- health ------------------------------------------------------------------------------
 

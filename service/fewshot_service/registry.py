@@ -13,6 +13,11 @@ Key layout (one hash tag per namespace, so every script of a namespace runs on o
                                             <label hex>:n -> the example count it covers
     {prefix}:{ns:<hex>}:ex:<label hex>  hash  <example id> -> float32 LE embedding
 
+Namespaces are listed by SCAN over ``{prefix}:{ns:*}:state`` (every node of a Cluster), not from
+a set of names: such a set would live outside the namespaces' hash tags, so no script could keep
+it in step on a Cluster, and a set kept from Python drifts whenever a process dies between the two
+writes. SCAN costs a pass over the keyspace, which listing namespaces (an admin call) can afford.
+
 Namespaces and labels appear in key names only as the hex of their UTF-8, so no label can reach
 another key, break out of the hash tag, or look like a glob. Writes are Lua scripts (atomic); each
 replica caches one ready :class:`PrototypeSet` per namespace (the only prototype cache; every
@@ -60,6 +65,21 @@ _FLOAT32_LE = np.dtype("<f4")
 class ClassSummary:
     label: str
     count: int
+
+
+@dataclass(frozen=True)
+class NamespaceSummary:
+    name: str
+    class_count: int
+    example_count: int
+    model_id: str | None  # the model its embeddings came from
+
+
+@dataclass(frozen=True)
+class DeletedNamespace:
+    name: str
+    class_count: int
+    example_count: int
 
 
 @dataclass(frozen=True)
@@ -130,7 +150,11 @@ def _load_script(name: str, *, prelude: bool = True) -> str:
 
 # The codes the registry scripts answer with (redis.error_reply); see registry_scripts/*.lua.
 _REFUSED = "the class store (Redis) refused the request; retry later"
-_SCRIPT_ERRORS = {"MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES"}
+_SCRIPT_ERRORS = {
+    "MODEL_MISMATCH", "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES", "CHANGED",
+}  # fmt: skip
+# A namespace deletion whose classes change under it reads them again; this many times at most.
+_DELETE_NAMESPACE_ATTEMPTS = 5
 
 
 @contextmanager
@@ -151,6 +175,11 @@ def _redis_errors(client: RedisClient) -> Iterator[None]:
         # Redis' words may name keys or script hashes: for the server log only.
         raise Unavailable(_REFUSED, detail=f"Redis: {exc}") from None
 
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by Redis' glob (SCAN MATCH): escape ``* ? [ ] \\``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class _NamespaceKeys:
@@ -201,6 +230,9 @@ class Registry:
         self._delete_class = client.register_script(_load_script("delete_class.lua"))
         self._delete_example = client.register_script(_load_script("delete_example.lua"))
         self._changes_since = client.register_script(_load_script("changes_since.lua", prelude=False))
+        self._delete_namespace = client.register_script(
+            _load_script("delete_namespace.lua", prelude=False)
+        )
         self._cache: dict[str, PrototypeSet] = {}
         self._cache_lock = threading.Lock()
         # One sync per namespace at a time: requests that find it stale wait for that one fetch.
@@ -324,6 +356,54 @@ class Registry:
                 return None
             example_ids = self._example_ids(keys, label)
         return ClassInfo(label=label, count=len(example_ids), example_ids=example_ids)
+
+    def list_namespaces(self) -> list[NamespaceSummary]:
+        """Every namespace that holds classes, by name, with its counts and model."""
+        pattern = f"{_glob_escape(self._prefix)}:{{ns:*}}:state"
+        with _redis_errors(self._client):
+            names = sorted(
+                {_decode(_text(key)[len(self._prefix) + 5 : -len("}:state")])
+                 for key in self._client.scan_iter(match=pattern, count=1000)}
+            )  # fmt: skip
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                keys = self._keys(name)
+                pipe.hvals(keys.counts)
+                pipe.hget(keys.model, "model_id")
+            replies = pipe.execute() if names else []
+        summaries = []
+        for name, counts, model_id in zip(names, replies[::2], replies[1::2]):
+            if counts:  # a namespace whose classes were all deleted keeps only its state
+                summaries.append(NamespaceSummary(
+                    name, len(counts), sum(int(c) for c in counts),
+                    _text(model_id) if model_id is not None else None,
+                ))  # fmt: skip
+        return summaries
+
+    def delete_namespace(self, namespace: str) -> DeletedNamespace:
+        """Remove every class, example and the state of ``namespace`` in one script (atomic);
+        NotFound when it holds no classes. Replicas drop their copy on their next request: the
+        state (epoch) is gone, and a later add starts a new one."""
+        keys = self._keys(namespace)
+        for _attempt in range(_DELETE_NAMESPACE_ATTEMPTS):
+            with _redis_errors(self._client):
+                fields = [_text(f) for f in self._client.hkeys(keys.counts)]
+                if not fields:
+                    raise NotFound(f"no namespace {namespace!r} (it holds no classes)")
+                script_keys = [
+                    keys.model, keys.state, keys.counts, keys.prototypes, keys.sums, keys.changes,
+                    *(keys.examples(_decode(f)) for f in fields),
+                ]  # fmt: skip
+                try:
+                    classes, examples = self._delete_namespace(keys=script_keys, args=fields)
+                except redis.exceptions.ResponseError as exc:
+                    if str(exc).startswith("CHANGED"):
+                        continue  # a class came or went between the read and the script
+                    raise Unavailable(_REFUSED, detail=f"Redis: {exc}") from None
+            with self._cache_lock:  # free this replica's matrix now; others on their next request
+                self._cache.pop(namespace, None)
+            return DeletedNamespace(namespace, int(classes), int(examples))
+        raise Unavailable(f"namespace {namespace!r} kept changing while being deleted; retry later")
 
     def generation(self, namespace: str) -> int:
         """The namespace's change counter: one cheap round trip."""

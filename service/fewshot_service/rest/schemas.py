@@ -86,6 +86,23 @@ class DeletedExampleBody(BaseModel):
     class_deleted: bool
 
 
+class NamespaceSummaryBody(BaseModel):
+    namespace: str
+    class_count: int
+    example_count: int
+    model_id: str | None  # the model the namespace's embeddings came from
+
+
+class NamespaceListBody(BaseModel):
+    namespaces: list[NamespaceSummaryBody]  # only those the API key may use, by name
+
+
+class DeletedNamespaceBody(BaseModel):
+    namespace: str
+    deleted_classes: int
+    deleted_examples: int
+
+
 class PredictionBody(BaseModel):
     label: str
     score: float
@@ -145,7 +162,7 @@ ERROR_DESCRIPTIONS = {
     400: "malformed request body (e.g. broken multipart data)",
     401: "missing or unknown API key (the server has --api-keys)",
     403: "the API key's role or namespaces do not allow this, or a cross-origin change",
-    404: "unknown class or example",
+    404: "unknown class, example or namespace",
     409: "failed precondition: no classes yet, or another model's namespace",
     413: "a limit was exceeded",
     422: "bad input",

@@ -28,15 +28,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..access import AccessControl, Action, Principal, bearer_key
 from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
-from .dependencies import strict_query_string
+from .dependencies import decode_path_param, strict_query_string
 from .http_errors import error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def require(action: Action) -> Any:
-    """``dependencies=[require(Action.ADD)]``: 401 / 403 unless the caller's key allows it."""
+def require(action: Action, *, namespace_in_path: bool = False) -> Any:
+    """``dependencies=[require(Action.ADD)]``: 401 / 403 unless the caller's key allows it.
+
+    The namespace is the ``namespace`` query parameter, or (``namespace_in_path``) the raw
+    ``{namespace}`` path parameter, percent-decoded as the handler decodes it. As a handler
+    parameter it also hands over the caller's :class:`Principal`.
+    """
 
     def authorized(request: Request) -> Principal:
         access: AccessControl = request.app.state.access
@@ -44,7 +49,11 @@ def require(action: Action) -> Any:
         if access.enabled:
             setattr(request.state, KEY_NAME_STATE, principal.name)  # for the access log
         strict_query_string(request)  # judge the namespace the route will use, not a U+FFFD copy
-        access.authorize(principal, action, request.query_params.get("namespace"))
+        if namespace_in_path:
+            namespace = decode_path_param(request.path_params["namespace"], "namespace")
+        else:
+            namespace = request.query_params.get("namespace")
+        access.authorize(principal, action, namespace)
         return principal
 
     return Depends(authorized)

@@ -1,0 +1,283 @@
+"""The Python client: Embed/Classify over gRPC, classes, examples and namespaces over REST.
+
+It imports only grpcio, protobuf, httpx, numpy and the shared typed errors, never the server's
+modules (``tests/test_package_boundaries.py``), so ``pip install 'fewshot[client]'``'s
+dependencies are enough to use it.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterator, Sequence, Union
+from urllib.parse import quote
+
+import grpc
+import httpx
+import numpy as np
+
+from .._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from .errors import from_grpc, from_http
+from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, NamespaceInfo, Prediction
+
+ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): file bytes or a path
+Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007: one image or several
+PemInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): PEM bytes or a file path
+DEFAULT_CHUNK_SIZE = 32
+# What the server accepts by default (settings.DEFAULT_MAX_REQUEST_BYTES; a test keeps them equal).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+API_KEY_ENV = "FEWSHOT_API_KEY"
+
+
+def _read(image: ImageInput) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+def _pem(value: PemInput | None) -> bytes | None:
+    return None if value is None else _read(value)
+
+
+def _image_list(images: Images) -> list[ImageInput]:
+    """One image (bytes or a path) or a sequence of them, as a list."""
+    if isinstance(images, (bytes, str, os.PathLike)):
+        return [images]
+    return list(images)
+
+
+def _rest_ssl_context(
+    root_certificates: PemInput | None, private_key: PemInput | None, certificate_chain: PemInput | None
+) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if root_certificates is not None:
+        context.load_verify_locations(cadata=_read(root_certificates).decode("ascii"))
+    if certificate_chain is not None or private_key is not None:
+        # The ssl module loads a client certificate from files only.
+        if isinstance(certificate_chain, bytes) or isinstance(private_key, bytes):
+            raise ValueError("for REST, pass private_key and certificate_chain as file paths")
+        context.load_cert_chain(certificate_chain, private_key)  # type: ignore[arg-type]
+    return context
+
+
+class FewShotClient:
+    """>>> with FewShotClient("localhost:50051", http_url="http://localhost:8000") as client:
+    ...     client.add_examples("cat", ["cat1.jpg", "cat2.jpg"])
+    ...     client.classify("x.jpg")[0].unknown
+
+    ``target`` (``host:port``) is the gRPC server: embed and classify go there. ``http_url`` is
+    the REST server: classes, examples and namespaces go there, and embed/classify too when no
+    ``target`` is given. Server errors raise the typed exceptions of :mod:`.errors`.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        http_url: str | None = None,
+        timeout: float | None = 60.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: PemInput | None = None,
+        private_key: PemInput | None = None,
+        certificate_chain: PemInput | None = None,
+    ) -> None:
+        """``api_key`` (default: ``$FEWSHOT_API_KEY``) is sent as ``Authorization: Bearer``. TLS
+        (gRPC) is used when ``tls`` or any certificate option is given, with grpc's own names:
+        ``root_certificates`` (CA to trust; none: the system's), ``private_key`` and
+        ``certificate_chain`` (the client's, for mTLS); each PEM bytes or a file path. REST uses
+        TLS when ``http_url`` is ``https://``, with the same options (client ones as paths).
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if target is None and channel is None and http_url is None:
+            raise ValueError("give a gRPC target, an http_url, or both")
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.model_id: str | None = None  # from the latest response
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._channel: grpc.Channel | None = channel
+        if channel is None and target is not None:
+            options = [
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ]
+            if tls or any(v is not None for v in (root_certificates, private_key, certificate_chain)):
+                credentials = grpc.ssl_channel_credentials(
+                    _pem(root_certificates), _pem(private_key), _pem(certificate_chain)
+                )
+                self._channel = grpc.secure_channel(target, credentials, options=options)
+            else:
+                self._channel = grpc.insecure_channel(target, options=options)
+        # Per-call metadata rather than call credentials: it works on plaintext loopback too.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._stub = fewshot_pb2_grpc.FewShotStub(self._channel) if self._channel is not None else None
+        self._http: httpx.Client | None = None
+        if http_url is not None:
+            verify: ssl.SSLContext | bool = True
+            if http_url.startswith("https://"):
+                verify = _rest_ssl_context(root_certificates, private_key, certificate_chain)
+            self._http = httpx.Client(
+                base_url=http_url.rstrip("/"),
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+                timeout=timeout,
+                verify=verify,
+            )
+
+    # -- inference: gRPC when there is a target, else REST ------------------------------------
+
+    def embed(self, images: Images) -> np.ndarray:
+        """``[N, D]`` float32 L2-normalised embeddings, in the order of ``images``."""
+        parts = []
+        for chunk in self._chunks(images):
+            if self._stub is not None:
+                response = self._rpc(self._stub.Embed, fewshot_pb2.EmbedRequest(images=chunk))
+                self.model_id = response.model_id
+                parts.append(np.array([e.values for e in response.embeddings], dtype=np.float32))
+            else:
+                body = self._rest("POST", "/v1/embed", files=_files(chunk))
+                self.model_id = body["model_id"]
+                parts.append(np.asarray(body["embeddings"], dtype=np.float32))
+        if not parts:
+            raise ValueError("embed() needs at least one image")
+        return np.concatenate(parts)
+
+    def classify(
+        self, images: Images, *, namespace: str = "", top_k: int = 0, unknown_rate: float = 0.0
+    ) -> list[ClassifyResult]:
+        """Per image, up to ``top_k`` (0 = 5) classes of ``namespace`` (empty = default), best
+        first, and whether it matches none of them; ``unknown_rate`` (0: the server's) is the
+        share of images of known classes the server flags unknown."""
+        results: list[ClassifyResult] = []
+        for chunk in self._chunks(images):
+            if self._stub is not None:
+                request = fewshot_pb2.ClassifyRequest(
+                    images=chunk, namespace=namespace, top_k=top_k, unknown_rate=unknown_rate
+                )
+                response = self._rpc(self._stub.Classify, request)
+                self.model_id = response.model_id
+                results += [
+                    ClassifyResult(
+                        [Prediction(p.label, p.score, p.confidence) for p in r.predictions], r.unknown
+                    )
+                    for r in response.results
+                ]
+            else:
+                params = {"namespace": namespace, "top_k": top_k, "unknown_rate": unknown_rate}
+                body = self._rest("POST", "/v1/classify", params=params, files=_files(chunk))
+                self.model_id = body["model_id"]
+                unknown = body.get("unknown") or [False] * len(body["results"])
+                results += [
+                    ClassifyResult([Prediction(**p) for p in predictions], flag)
+                    for predictions, flag in zip(body["results"], unknown, strict=True)
+                ]
+        if not results:
+            raise ValueError("classify() needs at least one image")
+        return results
+
+    # -- classes and examples (REST) -----------------------------------------------------------
+
+    def add_examples(self, label: str, images: Images, *, namespace: str = "") -> ClassInfo:
+        """Add ``images`` as examples of ``label`` (created on first use). Each chunk of
+        ``chunk_size`` images is added all or none; the answer is the class after the last."""
+        body: dict[str, Any] = {}
+        added: list[str] = []
+        warnings: list[dict] = []
+        for chunk in self._chunks(images):
+            body = self._rest(
+                "POST", _class_path(label, "/examples"), params=_ns(namespace), files=_files(chunk)
+            )
+            added += body["added_example_ids"]
+            warnings += body.get("warnings", [])
+        if not body:
+            raise ValueError("add_examples() needs at least one image")
+        self.model_id = body["model_id"]
+        return ClassInfo(
+            body["namespace"], body["label"], body["count"], body["example_ids"], added, warnings
+        )
+
+    def list_classes(self, *, namespace: str = "") -> list[ClassSummary]:
+        body = self._rest("GET", "/v1/classes", params=_ns(namespace))
+        return [ClassSummary(c["label"], c["count"]) for c in body["classes"]]
+
+    def get_class(self, label: str, *, namespace: str = "") -> ClassInfo:
+        body = self._rest("GET", _class_path(label), params=_ns(namespace))
+        return ClassInfo(body["namespace"], body["label"], body["count"], body["example_ids"])
+
+    def delete_class(self, label: str, *, namespace: str = "") -> None:
+        self._rest("DELETE", _class_path(label), params=_ns(namespace))
+
+    def delete_example(self, label: str, example_id: str, *, namespace: str = "") -> ClassInfo | None:
+        """The class after the deletion, or None when that was its last example (class gone)."""
+        path = _class_path(label, f"/examples/{quote(example_id, safe='')}")
+        body = self._rest("DELETE", path, params=_ns(namespace))
+        if body["class_deleted"]:
+            return None
+        return ClassInfo(body["namespace"], body["label"], body["count"], body["example_ids"])
+
+    # -- namespaces (REST) ---------------------------------------------------------------------
+
+    def list_namespaces(self) -> list[NamespaceInfo]:
+        """The namespaces holding classes that this client's API key may use."""
+        body = self._rest("GET", "/v1/namespaces")
+        return [NamespaceInfo(**n) for n in body["namespaces"]]
+
+    def delete_namespace(self, namespace: str) -> DeletedNamespace:
+        """Delete ``namespace`` with every class and example in it (atomic)."""
+        body = self._rest("DELETE", f"/v1/namespaces/{quote(namespace, safe='')}")
+        return DeletedNamespace(**body)
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _rpc(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_grpc(exc) from None
+
+    def _rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._http is None:
+            raise ValueError(f"{method} {path} is a REST call: create the client with http_url=")
+        response = self._http.request(method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_error:
+            raise from_http(response.status_code, body)
+        return body
+
+    def _chunks(self, images: Images) -> Iterator[list[bytes]]:
+        listed = _image_list(images)
+        for start in range(0, len(listed), self.chunk_size):
+            yield [_read(image) for image in listed[start : start + self.chunk_size]]
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self._http is not None:
+            self._http.close()
+
+    def __enter__(self) -> "FewShotClient":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _class_path(label: str, suffix: str = "") -> str:
+    # Every reserved character encoded, '/' too: the server routes on the raw path.
+    return f"/v1/classes/{quote(label, safe='')}{suffix}"
+
+
+def _ns(namespace: str) -> dict[str, str]:
+    return {"namespace": namespace} if namespace else {}
+
+
+def _files(chunk: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(chunk)]

@@ -1,0 +1,65 @@
+"""What the client's calls return: plain dataclasses, independent of the server's modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float  # cosine similarity to the class prototype
+    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """One image's answer: its top classes, best first, and whether it matches none of them.
+
+    Iterating or indexing it walks ``predictions``, so ``client.classify(x)[0][0].label`` reads
+    the best label as it did when classify returned plain lists.
+    """
+
+    predictions: list[Prediction]
+    unknown: bool = False
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self.predictions)
+
+    def __getitem__(self, index: int) -> Prediction:
+        return self.predictions[index]
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    label: str
+    count: int
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    namespace: str
+    label: str
+    count: int
+    example_ids: list[str]
+    added_example_ids: list[str] = field(default_factory=list)  # add_examples only
+    warnings: list[dict] = field(default_factory=list)  # add_examples: likely mislabels, duplicates
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    namespace: str
+    class_count: int
+    example_count: int
+    model_id: str | None
+
+
+@dataclass(frozen=True)
+class DeletedNamespace:
+    namespace: str
+    deleted_classes: int
+    deleted_examples: int
