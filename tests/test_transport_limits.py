@@ -112,21 +112,34 @@ def test_health_answers_while_every_call_slot_is_busy_and_a_cancel_frees_them(
 ) -> None:
     stub = fewshot_pb2_grpc.FewShotStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
-    slow = [stub.Embed.future(fewshot_pb2.EmbedRequest(images=slow_images), timeout=60)
-            for _ in range(GRPC_WORKERS)]  # fmt: skip
+    # A decode left running by an earlier test (a cancel stops only at the next image) holds the
+    # one decode worker: a small Embed queues behind it and returns once the worker is free.
+    embed_small(stub)
+
+    def slow_call() -> grpc.Future:
+        return stub.Embed.future(fewshot_pb2.EmbedRequest(images=slow_images), timeout=60)
+
+    slow = [slow_call() for _ in range(GRPC_WORKERS)]
+    ended_early: list[str] = []
     try:
         # Once both slow calls hold their slots, one more FewShot call is refused at once. (The
         # probe fails fast when admitted: a namespace without classes is refused before decoding.)
         probe = fewshot_pb2.ClassifyRequest(images=[samples.solid_png((9, 9, 9))], namespace="none")
         deadline = time.monotonic() + 30  # the slow calls must first reach their slots
         while True:
+            # A slow call refused while a slot or the decoder was still held by work of an earlier
+            # request is started again: what is tested is health with every slot busy.
+            for i, call in enumerate(slow):
+                if call.done():
+                    ended_early.append(repr(call.exception()))
+                    slow[i] = slow_call()
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Classify(probe, timeout=5)
             if caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 assert f"busy: {GRPC_WORKERS} calls running" in caught.value.details()
                 break
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert time.monotonic() < deadline, "the slow calls never filled the call slots"
+            assert time.monotonic() < deadline, f"the slow calls never filled the slots: {ended_early}"
             time.sleep(0.05)
         # ... while health checks and reflection-free calls of other services still answer.
         for _ in range(3):
