@@ -51,6 +51,16 @@ def test_a_full_decode_pool_refuses_at_once_and_recovers() -> None:
         pool.close()
 
 
+def test_a_cancellation_tells_a_passed_deadline_from_a_cancel() -> None:
+    # gRPC answers DEADLINE_EXCEEDED for the first and CANCELLED for the second.
+    expired = Cancellation.after(0.0)
+    assert expired.is_cancelled() and expired.deadline_passed()
+    cancelled = Cancellation.after(60.0)
+    cancelled.cancel()
+    assert cancelled.is_cancelled() and not cancelled.deadline_passed()
+    assert not Cancellation().deadline_passed() and not Cancellation().is_cancelled()
+
+
 def test_a_request_cancelled_while_queued_never_decodes() -> None:
     pool = DecodePool(workers=1, max_queued=4)
     release, ran = threading.Event(), []

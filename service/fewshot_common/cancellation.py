@@ -36,8 +36,9 @@ class Cancellation:
         self._event.set()
 
     def is_cancelled(self) -> bool:
-        if self._event.is_set():
-            return True
+        return self._event.is_set() or self.deadline_passed()
+
+    def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 

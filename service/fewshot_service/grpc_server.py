@@ -80,10 +80,15 @@ def _translate_errors(handler: Handler) -> Handler:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is busy: {self.slots.limit} calls running; retry shortly",
             )
+        cancellation = guards.call_cancellation(context)
         try:
-            return handler(self, request, context, guards.call_cancellation(context))
+            return handler(self, request, context, cancellation)
         except errors.FewshotError as exc:
             code = errors.lookup(GRPC_STATUS, exc)
+            if isinstance(exc, errors.Cancelled) and cancellation.deadline_passed():
+                # Stopped by the call's own deadline, which may pass here a moment before the
+                # client's clock says so: the answer is the one gRPC gives for a passed deadline.
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
             message = str(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
                 log.warning("request %s: %s in %s: %s%s", request_id, type(exc).__name__,
