@@ -16,6 +16,7 @@ import pytest
 import image_samples as samples
 from fewshot_common.errors import InvalidInput
 from fewshot_common.image_files import list_labelled_image_files
+from fewshot_common.vectors import l2_normalize
 from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.open_set import (
@@ -23,7 +24,6 @@ from fewshot_service.open_set import (
     LooScores,
     calibrate,
     leave_one_out_scores,
-    normalise,
     resolve_unknown_rate,
 )
 from fewshot_service.redis_server import ManagedRedis
@@ -84,15 +84,15 @@ def add_colour_classes(http: httpx.Client, per_class: int = 4) -> None:
 
 def test_leave_one_out_scores_match_a_prototype_rebuilt_without_the_example() -> None:
     rng = np.random.default_rng(0)
-    examples = [normalise(rng.normal(size=(n, 8))) for n in (3, 1, 4)]
+    examples = [l2_normalize(rng.normal(size=(n, 8))) for n in (3, 1, 4)]
     means = np.stack([e.mean(axis=0) for e in examples])
     loo = leave_one_out_scores(means, np.array([3, 1, 4]), examples)
     assert list(loo.own) == [0, 0, 0, 2, 2, 2, 2]  # the one-example class has no LOO score
     for row, (c, i) in enumerate([(0, 0), (0, 1), (0, 2), (2, 0), (2, 1), (2, 2), (2, 3)]):
         rest = np.delete(examples[c], i, axis=0).mean(axis=0)
-        assert loo.scores[row, c] == pytest.approx(examples[c][i] @ normalise(rest))
+        assert loo.scores[row, c] == pytest.approx(examples[c][i] @ l2_normalize(rest))
         other = 1 if c != 1 else 0
-        assert loo.scores[row, other] == pytest.approx(examples[c][i] @ normalise(means[other]))
+        assert loo.scores[row, other] == pytest.approx(examples[c][i] @ l2_normalize(means[other]))
 
 
 def test_confidence_rises_with_the_margin_even_when_few_examples_fit_it_backwards() -> None:

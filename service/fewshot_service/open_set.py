@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fewshot_common.errors import InvalidInput
+from fewshot_common.vectors import l2_normalize
 
 from .classifier import Prediction, PrototypeMatrix
 
@@ -71,10 +72,6 @@ def unknown_statistic(top1: np.ndarray, top2: np.ndarray, kind: UnknownStatistic
     return top1 if kind == "score" else top1 - top2
 
 
-def normalise(rows: np.ndarray) -> np.ndarray:
-    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
-
-
 @dataclass(frozen=True)
 class LooScores:
     """Each calibration example scored against every class; its own class leave-one-out."""
@@ -97,14 +94,14 @@ def leave_one_out_scores(
 ) -> LooScores:
     """``means`` [C, D]: class means of unit vectors over all ``counts`` [C] examples;
     ``examples[c]`` [n, D]: (some of) class c's unit embeddings. Classes of one example add none."""
-    prototypes = normalise(means.astype(np.float64))
+    prototypes = l2_normalize(means.astype(np.float64))
     rows, own = [], []
     for c, vectors in enumerate(examples):
         if counts[c] < 2 or len(vectors) == 0:
             continue
         vectors = vectors.astype(np.float64)
         scores = vectors @ prototypes.T
-        without_self = normalise(means[c] * counts[c] - vectors)  # / (n - 1): direction only
+        without_self = l2_normalize(means[c] * counts[c] - vectors)  # / (n - 1): direction only
         scores[:, c] = np.sum(vectors * without_self, axis=1)
         rows.append(scores)
         own += [c] * len(vectors)

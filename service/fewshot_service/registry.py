@@ -42,6 +42,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from fewshot_common.vectors import l2_normalize
 
 from .classifier import PrototypeMatrix
 from .redis_client import CLUSTER_ERRORS, RedisClient
@@ -538,9 +539,8 @@ class Registry:
             ids = _sample_evenly(sorted(blobs, key=lambda i: (len(i), i)), max_per_class)
             rows = [np.frombuffer(blobs[i], _FLOAT32_LE) for i in ids]
             matrix = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
-            norms = np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
             example_ids.append(ids)
-            embeddings.append((matrix / norms).astype(np.float32))
+            embeddings.append(l2_normalize(matrix).astype(np.float32, copy=False))
         epoch, generation = version_after
         return ExampleSnapshot(
             labels=labels,

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .open_set import leave_one_out_scores, normalise
+from fewshot_common.vectors import l2_normalize
+
+from .open_set import leave_one_out_scores
 
 if TYPE_CHECKING:
     from .registry import ExampleSnapshot
@@ -75,7 +77,7 @@ def example_quality(snapshot: "ExampleSnapshot", label: str) -> list[ExampleQual
     for row, example_id in enumerate(snapshot.example_ids[c]):
         consistency = float(scores[row, c]) if len(scores) else None
         if len(others):
-            own_row = scores[row] if len(scores) else vectors[row] @ normalise(snapshot.means).T
+            own_row = scores[row] if len(scores) else vectors[row] @ l2_normalize(snapshot.means).T
             nearest = int(others[np.argmax(own_row[others])])
             nearest_label, nearest_score = snapshot.labels[nearest], float(own_row[nearest])
         else:
@@ -124,7 +126,7 @@ def add_warnings(
 def confusions(snapshot: "ExampleSnapshot", label: str, top_k: int) -> list[Confusion]:
     """The ``top_k`` other classes most similar to ``label``, most similar first."""
     c = _class_index(snapshot, label)
-    prototypes = normalise(snapshot.means.astype(np.float64))
+    prototypes = l2_normalize(snapshot.means.astype(np.float64))
     similarity = prototypes @ prototypes[c]
     closer = np.zeros(len(snapshot.labels), dtype=np.int64)
     only_mine = [v if i == c else v[:0] for i, v in enumerate(snapshot.embeddings)]
