@@ -1,12 +1,13 @@
 """The registry at scale, in one run: prints one JSON line. Preliminary on a shared CPU.
 
-For each class count (default 1k, 10k, 100k; one example per class, bulk-loaded through the
-registry's own add script into a private Valkey/Redis):
+For each class count (default 1k, 10k, 100k; ``--shots`` examples per class, default 5 as in a
+few-shot namespace, bulk-loaded through the registry's own add script into a private Valkey/Redis):
 
 - ``classify_minus_embed_ms``: what a Classify costs beyond an Embed of the same image, on a
   replica that did not write: ``warm`` (namespace unchanged) and ``after_add`` (another replica
   added one example just before). Measured directly as the in-process work Classify adds
-  (the registry's check or sync + top-k), median over interleaved rounds, because
+  (``core.labeller``: the registry's check or sync, the open-set calibration, the one top-k
+  scan and the confidences), median over interleaved rounds, because
   end-to-end Embed timings on a shared CPU vary by more than the difference; the end-to-end
   medians of ``core.classify`` and ``core.embed`` are printed alongside for scale.
 - ``full_reload_ms``: what a replica pays when it must reload everything (new replica, new epoch,
@@ -14,6 +15,9 @@ registry's own add script into a private Valkey/Redis):
 - ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load) and
   ``replica_bytes_per_class`` (Python heap allocated by one full reload, tracemalloc: matrix,
   labels and their index).
+- ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
+  namespace (no calibration yet), and the background calibration it starts (sampled above
+  ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
 - ``top_k_ms``: one query (and per query in a batch of 32) against all classes, k=5.
 
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
@@ -78,15 +82,17 @@ def test_image() -> bytes:
     return buffer.getvalue()
 
 
-def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict[str, object]:
+def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: int) -> dict[str, object]:
     namespace = f"scale-{classes}"
     model_id, dim = core.model_id, core.embedder.meta.embedding_dim
     client = redis.Redis.from_url(url)
     before = int(client.info("memory")["used_memory"])
-    vectors = unit_rows(classes, dim, seed=classes)
+    vectors = unit_rows(classes * shots, dim, seed=classes)
     load_s = timed(
         lambda: writer.add_classes(
-            namespace, {f"class-{i:07d}": vectors[i : i + 1] for i in range(classes)}, model_id
+            namespace,
+            {f"class-{i:07d}": vectors[i * shots : (i + 1) * shots] for i in range(classes)},
+            model_id,
         )
     )
     redis_bytes = int(client.info("memory")["used_memory"]) - before
@@ -98,9 +104,11 @@ def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict
     reader.prototypes(namespace, model_id)  # a full reload; slowed by tracemalloc, not timed
     replica_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
+    classify_overhead_cold = timed(lambda: core.labeller(namespace)(query, 5, core.unknown_rate))
+    calibrated_s = timed(core.open_set.wait_idle)  # the first (background) calibration
 
-    def classify_overhead() -> None:  # exactly what core.classify adds to core.embed
-        reader.prototypes(namespace, model_id).classifier.top_k(query, 5)
+    def classify_overhead() -> None:  # exactly what core.classify_open_set adds to core.embed
+        core.labeller(namespace)(query, 5, core.unknown_rate)
 
     warm, after_add, e2e_classify, e2e_embed = [], [], [], []
     rng = np.random.default_rng(1)
@@ -122,10 +130,15 @@ def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict
     client.close()
     return {
         "classes": classes,
+        "shots": shots,
         "load_s": round(load_s, 2),
         "classify_minus_embed_ms": {"warm": median_ms(warm), "after_add": median_ms(after_add)},
         "end_to_end_ms": {"embed": median_ms(e2e_embed), "classify": median_ms(e2e_classify)},
         "full_reload_ms": median_ms(full_reloads),
+        # The first Classify of a namespace (its calibration not yet computed), and how long
+        # the background calibration took after it.
+        "first_classify_minus_embed_ms": round(classify_overhead_cold * 1e3, 3),
+        "first_calibration_ms": round(calibrated_s * 1e3, 1),
         "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
         "redis_bytes_per_class": round(redis_bytes / classes),
         "replica_bytes_per_class": round(replica_bytes / classes),
@@ -136,6 +149,7 @@ def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", default="1000,10000,100000")
+    parser.add_argument("--shots", type=int, default=5, help="examples per class")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
     parser.add_argument(
@@ -152,7 +166,7 @@ def main() -> None:
             limit_blas_threads()  # as ServerStack does
         core = build_core(settings, reader_client)
         try:
-            results = [measure(c, server.url, core, writer, args.rounds) for c in counts]
+            results = [measure(c, args.shots, server.url, core, writer, args.rounds) for c in counts]
         finally:
             core.close()
     largest = results[-1]

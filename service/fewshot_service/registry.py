@@ -35,7 +35,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Collection, Iterator
 
 import numpy as np
 import redis
@@ -507,21 +507,43 @@ class Registry:
         )
 
     def example_snapshot(
-        self, namespace: str, max_per_class: int | None = None, only_label: str | None = None
+        self,
+        namespace: str,
+        max_per_class: int | None = None,
+        only_label: str | None = None,
+        only_labels: Collection[str] | None = None,
+        only_their_means: bool = False,
     ) -> ExampleSnapshot:
         """Prototypes and example embeddings of ``namespace`` as of one state (two pipelined
         round trips, retried while a write lands between them): every class's examples, or only
-        ``only_label``'s; at most ``max_per_class`` per class, spread evenly over the ids."""
+        ``only_label``'s (or ``only_labels``'); at most ``max_per_class`` per class, spread evenly
+        over the ids. ``only_their_means``: the snapshot holds those classes only (their
+        prototypes and counts), not every class's -- O(classes asked), not O(namespace)."""
+        if only_label is not None:
+            only_labels = [only_label]
+        wanted_labels = None if only_labels is None else set(only_labels)
+        asked = sorted(wanted_labels or ()) if only_their_means else None
         keys = self._keys(namespace)
         for _attempt in range(3):
             with _redis_errors(self._client):
                 pipe = self._client.pipeline(transaction=True)
                 pipe.hmget(keys.state, "epoch", "generation")
-                pipe.hgetall(keys.prototypes)
-                pipe.hgetall(keys.counts)
-                version, raw_means, raw_counts = pipe.execute()
+                if asked is None:
+                    pipe.hgetall(keys.prototypes)
+                    pipe.hgetall(keys.counts)
+                    version, raw_means, raw_counts = pipe.execute()
+                else:
+                    fields = [_encode(label).encode() for label in asked]
+                    if fields:
+                        pipe.hmget(keys.prototypes, fields)
+                        pipe.hmget(keys.counts, fields)
+                        version, means_list, counts_list = pipe.execute()
+                    else:
+                        (version,), means_list, counts_list = pipe.execute(), [], []
+                    raw_means = {f: m for f, m in zip(fields, means_list) if m is not None}
+                    raw_counts = {f: c for f, c in zip(fields, counts_list) if c is not None}
                 labels = sorted(_decode(f) for f in raw_means)
-                wanted = [label for label in labels if only_label in (None, label)]
+                wanted = [label for label in labels if wanted_labels is None or label in wanted_labels]
                 pipe = self._client.pipeline(transaction=True)
                 pipe.hmget(keys.state, "epoch", "generation")
                 for label in wanted:
