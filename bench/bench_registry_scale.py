@@ -23,7 +23,7 @@ few-shot namespace, bulk-loaded through the registry's own add script into a pri
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
 extrapolation, not a measurement. Usage (a few minutes at most)::
 
-    PYTHONPATH=service python bench/bench_registry_scale.py [--classes 1000,10000,100000]
+    PYTHONPATH=service:service/client python bench/bench_registry_scale.py [--classes 1000,10000,100000]
 """
 
 from __future__ import annotations

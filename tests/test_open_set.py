@@ -17,7 +17,7 @@ import image_samples as samples
 from fewshot_common.errors import InvalidInput
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.vectors import l2_normalize
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.open_set import (
     DEFAULT_CONFIDENCE,
