@@ -18,7 +18,9 @@ few-shot namespace, bulk-loaded through the registry's own add script into a pri
 - ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
   namespace (no calibration yet), and the background calibration it starts (sampled above
   ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
-- ``top_k_ms``: one query (and per query in a batch of 32) against all classes, k=5.
+- ``top_k_ms``: one query near one of the classes (and per query in a batch of 32) against all
+  classes, k=5; from 20,000 classes on through the int8 copy (classifier.py), whose answers are
+  counted (``int8_answers``), beside the float32 scan of the same queries.
 
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
 extrapolation, not a measurement. Usage (a few minutes at most)::
@@ -41,7 +43,7 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
-from fewshot_service.classifier import limit_blas_threads
+from fewshot_service.classifier import int8_scan_answers, limit_blas_threads
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 from fewshot_service.settings import Settings
@@ -124,9 +126,17 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         fresh = Registry(reader._client, key_prefix=reader.key_prefix)
         full_reloads.append(timed(lambda: fresh.prototypes(namespace, model_id)))
     matrix = reader.prototypes(namespace, model_id).classifier
+    matrix.build_int8_scan()  # else built in the background after the first large top-k
     batch = unit_rows(32, dim, seed=2)
-    top1 = [timed(lambda: matrix.top_k(query, 5)) for _ in range(rounds)]
+    # Queries like real ones: an image near one of the classes, not a uniformly random direction.
+    near = vectors[np.random.default_rng(3).integers(len(vectors), size=rounds)]
+    near = near + unit_rows(rounds, dim, seed=4)  # cosine ~0.7 to the example it started from
+    near = near / np.linalg.norm(near, axis=1, keepdims=True)
+    answers_before = dict(int8_scan_answers)
+    top1 = [timed(lambda: matrix.top_k(near[i : i + 1], 5)) for i in range(rounds)]
     top32 = [timed(lambda: matrix.top_k(batch, 5)) / 32 for _ in range(max(rounds // 4, 3))]
+    float32 = [timed(lambda: [matrix._best(r, 5) for r in matrix._scores(near[i : i + 1])]) for i in range(rounds)]
+    answers = {key: int8_scan_answers[key] - answers_before[key] for key in answers_before}
     client.close()
     return {
         "classes": classes,
@@ -142,7 +152,12 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
         "redis_bytes_per_class": round(redis_bytes / classes),
         "replica_bytes_per_class": round(replica_bytes / classes),
-        "top_k_ms": {"one_query": median_ms(top1), "per_query_in_32": median_ms(top32)},
+        "top_k_ms": {
+            "one_query": median_ms(top1),
+            "per_query_in_32": median_ms(top32),
+            "one_query_float32_scan": median_ms(float32),  # side by side: without the int8 copy
+            "int8_answers": answers,  # from the int8 copy's candidates / fell back to float32
+        },
     }
 
 

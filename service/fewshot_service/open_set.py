@@ -258,7 +258,7 @@ class OpenSetCalibrator:
             cached = self._cache.get(namespace)
         if cached is not None and cached[0] == state:
             return cached[1]
-        if len(prototypes.labels) <= SYNC_CALIBRATION_CLASSES:
+        if len(prototypes.classifier) <= SYNC_CALIBRATION_CLASSES:  # not .labels: a sort per state
             # Fetched and computed outside the lock; two racing requests both compute, one wins.
             return self._recalibrate(namespace)
         self._schedule(namespace, prototypes)
