@@ -343,3 +343,13 @@ def test_a_small_namespace_is_recalibrated_on_the_request_that_sees_the_change(r
     finally:
         calibrator.close()
         registry.delete_namespace("small")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.37, 0.5, 0.99])
+def test_the_threshold_is_numpys_quantile(rate: float) -> None:
+    from fewshot_service.open_set import Calibration
+
+    statistics = np.sort(np.random.default_rng(2).normal(0.4, 0.1, 57))
+    assert Calibration(statistics, DEFAULT_CONFIDENCE).threshold(rate) == pytest.approx(
+        float(np.quantile(statistics, rate)), abs=1e-12
+    )

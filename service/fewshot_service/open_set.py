@@ -146,6 +146,15 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50
     return float(weights[0]), float(weights[1])
 
 
+def _quantile(sorted_values: np.ndarray, q: float) -> float:
+    """np.quantile's default (linear) of an ascending array, without its ~0.1 ms of overhead:
+    it runs on every Classify."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A namespace's unknown thresholds and confidence curve, for one state of it."""
@@ -161,7 +170,7 @@ class Calibration:
     def threshold(self, unknown_rate: float) -> float:
         if not self.calibrated:
             return DEFAULT_THRESHOLD
-        return float(np.quantile(self.sorted_statistics, unknown_rate))
+        return _quantile(self.sorted_statistics, unknown_rate)
 
     def unknown(self, top1: np.ndarray, top2: np.ndarray, unknown_rate: float) -> np.ndarray:
         return unknown_statistic(top1, top2, self.kind) < self.threshold(unknown_rate)
