@@ -12,9 +12,10 @@ few-shot namespace, bulk-loaded through the registry's own add script into a pri
   medians of ``core.classify`` and ``core.embed`` are printed alongside for scale.
 - ``full_reload_ms``: what a replica pays when it must reload everything (new replica, new epoch,
   trimmed change log): the old path for every change.
-- ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load) and
+- ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load),
   ``replica_bytes_per_class`` (Python heap allocated by one full reload, tracemalloc: matrix,
-  labels and their index).
+  labels and their index) and ``replica_int8_copy_bytes_per_class`` (resident-set growth while
+  the int8 copy is built: ONNX Runtime's copies of it).
 - ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
   namespace (no calibration yet), and the background calibration it starts (sampled above
   ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -43,7 +45,7 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
-from fewshot_service.classifier import int8_scan_answers, limit_blas_threads
+from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, int8_scan_answers, limit_blas_threads
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 from fewshot_service.settings import Settings
@@ -56,6 +58,11 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def rss_bytes() -> int:
+    """This process's resident set (Linux), for what a native allocation adds."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def median_ms(samples: list[float]) -> float:
@@ -126,7 +133,9 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         fresh = Registry(reader._client, key_prefix=reader.key_prefix)
         full_reloads.append(timed(lambda: fresh.prototypes(namespace, model_id)))
     matrix = reader.prototypes(namespace, model_id).classifier
+    rss_before = rss_bytes()
     matrix.build_int8_scan()  # else built in the background after the first large top-k
+    int8_bytes = rss_bytes() - rss_before  # ONNX Runtime's copies of the int8 rows (RSS delta)
     batch = unit_rows(32, dim, seed=2)
     # Queries like real ones: an image near one of the classes, not a uniformly random direction.
     near = vectors[np.random.default_rng(3).integers(len(vectors), size=rounds)]
@@ -152,6 +161,8 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
         "redis_bytes_per_class": round(redis_bytes / classes),
         "replica_bytes_per_class": round(replica_bytes / classes),
+        # Only where top-k uses the int8 copy (classifier.INT8_SCAN_MIN_CLASSES and more).
+        "replica_int8_copy_bytes_per_class": round(int8_bytes / classes) if classes >= INT8_SCAN_MIN_CLASSES else 0,
         "top_k_ms": {
             "one_query": median_ms(top1),
             "per_query_in_32": median_ms(top32),
