@@ -12,7 +12,8 @@ from PIL import Image
 
 from fewshot_common.cli import main
 from fewshot_common.fewshot_eval import (
-    _nearest_prototype_accuracy,
+    _accuracy,
+    nearest_prototype_scores,
     allway_accuracy,
     episode_accuracy,
     evaluate_embeddings,
@@ -49,7 +50,7 @@ def test_nearest_prototype_by_cosine_on_hand_made_points() -> None:
     )
     support = [np.array([0, 1]), np.array([2, 3])]
     query = [np.array([4, 5]), np.array([6, 7])]
-    assert _nearest_prototype_accuracy(emb, support, query) == pytest.approx(0.75)
+    assert _accuracy(emb, support, query, nearest_prototype_scores) == pytest.approx(0.75)
 
 
 def test_prototype_is_the_mean_of_support_embeddings() -> None:
@@ -59,8 +60,8 @@ def test_prototype_is_the_mean_of_support_embeddings() -> None:
     angles = np.deg2rad([80.0, -80.0, 50.0, 20.0])
     emb = np.stack([np.cos(angles), np.sin(angles)], axis=1)
     support = [np.array([0, 1]), np.array([2])]
-    assert _nearest_prototype_accuracy(emb, support, [np.array([3]), np.array([], int)]) == 1.0
-    assert _nearest_prototype_accuracy(emb, support, [np.array([], int), np.array([3])]) == 0.0
+    assert _accuracy(emb, support, [np.array([3]), np.array([], int)], nearest_prototype_scores) == 1.0
+    assert _accuracy(emb, support, [np.array([], int), np.array([3])], nearest_prototype_scores) == 0.0
 
 
 def test_separable_embeddings_score_far_above_chance_and_shuffled_labels_near_chance() -> None:
@@ -91,7 +92,7 @@ def test_interval_is_1_96_std_over_sqrt_trials_and_counts_are_reported() -> None
         chosen = rng.choice(len(by_class), size=5, replace=False)
         drawn = [rng.permutation(by_class[c])[:16] for c in chosen]
         accs.append(
-            _nearest_prototype_accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn])
+            _accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn], nearest_prototype_scores)
         )
     accs = 100 * np.array(accs)
     assert a["mean"] == pytest.approx(accs.mean())

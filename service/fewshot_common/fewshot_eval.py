@@ -15,7 +15,7 @@ trainer's probe and the ``fewshot eval`` command both call :func:`evaluate_embed
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Callable, TypedDict
 
 import numpy as np
 
@@ -48,15 +48,26 @@ def _summary(accuracies: list[float], *, ways: int, shots: int, queries: int) ->
     )
 
 
-def _nearest_prototype_accuracy(
-    embeddings: np.ndarray, support: list[np.ndarray], query: list[np.ndarray]
+# (support embeddings per class [n_c, D], query embeddings [M, D]) -> scores [M, classes]: the
+# classifier under test. The protocol's is nearest_prototype_scores; bench/ablate_serve_time.py
+# passes others (the draws stay the same, so rows compare episode by episode).
+Scorer = Callable[[list[np.ndarray], np.ndarray], np.ndarray]
+
+
+def nearest_prototype_scores(support: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
+    """Cosine similarity to each class's prototype (the mean of its support embeddings)."""
+    prototypes = l2_normalize(np.stack([vectors.mean(axis=0) for vectors in support]))
+    return queries @ prototypes.T
+
+
+def _accuracy(
+    embeddings: np.ndarray, support: list[np.ndarray], query: list[np.ndarray], scorer: Scorer
 ) -> float:
-    """Accuracy of nearest-prototype classification; ``support[c]``/``query[c]`` index class ``c``."""
-    prototypes = l2_normalize(np.stack([embeddings[idx].mean(axis=0) for idx in support]))
+    """Accuracy of ``scorer``'s best class; ``support[c]``/``query[c]`` index class ``c``."""
     query_idx = np.concatenate(query)
     truth = np.repeat(np.arange(len(query)), [len(idx) for idx in query])
     # Ties go to the lowest class position, which is random per draw, so no class is favoured.
-    predicted = np.argmax(embeddings[query_idx] @ prototypes.T, axis=1)
+    predicted = np.argmax(scorer([embeddings[idx] for idx in support], embeddings[query_idx]), axis=1)
     return float(np.mean(predicted == truth))
 
 
@@ -73,6 +84,7 @@ def episode_accuracy(
     queries: int = EPISODE_QUERIES,
     episodes: int,
     rng: np.random.Generator,
+    scorer: Scorer = nearest_prototype_scores,
 ) -> ProtocolResult:
     """``ways``-way ``shots``-shot episodes. ``embeddings`` must already be L2-normalised."""
     by_class = _indices_by_class(labels)
@@ -89,9 +101,7 @@ def episode_accuracy(
         chosen = rng.choice(len(by_class), size=ways, replace=False)
         drawn = [rng.permutation(by_class[c])[: shots + queries] for c in chosen]
         accuracies.append(
-            _nearest_prototype_accuracy(
-                embeddings, [d[:shots] for d in drawn], [d[shots:] for d in drawn]
-            )
+            _accuracy(embeddings, [d[:shots] for d in drawn], [d[shots:] for d in drawn], scorer)
         )
     return _summary(accuracies, ways=ways, shots=shots, queries=queries)
 
@@ -103,6 +113,7 @@ def allway_accuracy(
     shots: int = ALLWAY_SHOTS,
     draws: int = ALLWAY_DRAWS,
     rng: np.random.Generator,
+    scorer: Scorer = nearest_prototype_scores,
 ) -> ProtocolResult:
     """All classes at once: ``shots`` support per class, every other image a query."""
     by_class = _indices_by_class(labels)
@@ -119,9 +130,7 @@ def allway_accuracy(
         order = rng.permutation(len(by_class))
         shuffled = [rng.permutation(by_class[c]) for c in order]
         accuracies.append(
-            _nearest_prototype_accuracy(
-                embeddings, [s[:shots] for s in shuffled], [s[shots:] for s in shuffled]
-            )
+            _accuracy(embeddings, [s[:shots] for s in shuffled], [s[shots:] for s in shuffled], scorer)
         )
     return _summary(accuracies, ways=len(by_class), shots=shots, queries=0)
 
@@ -150,6 +159,7 @@ def evaluate_embeddings(
     seed: int = 0,
     queries: int = EPISODE_QUERIES,
     allway_draws: int = ALLWAY_DRAWS,
+    scorer: Scorer = nearest_prototype_scores,
 ) -> dict[str, ProtocolResult]:
     """Run the whole protocol; keys ``5way1shot``, ``5way5shot``, ``allway5shot``.
 
@@ -174,10 +184,12 @@ def evaluate_embeddings(
     )
     return {
         "5way1shot": episode_accuracy(
-            normalized, labels, shots=1, queries=queries, episodes=episodes, rng=rng_1shot
+            normalized, labels, shots=1, queries=queries, episodes=episodes, rng=rng_1shot, scorer=scorer
         ),
         "5way5shot": episode_accuracy(
-            normalized, labels, shots=5, queries=queries, episodes=episodes, rng=rng_5shot
+            normalized, labels, shots=5, queries=queries, episodes=episodes, rng=rng_5shot, scorer=scorer
         ),
-        "allway5shot": allway_accuracy(normalized, labels, draws=allway_draws, rng=rng_allway),
+        "allway5shot": allway_accuracy(
+            normalized, labels, draws=allway_draws, rng=rng_allway, scorer=scorer
+        ),
     }
