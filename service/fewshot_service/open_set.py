@@ -175,20 +175,23 @@ class OpenSetCalibrator:
     def __init__(self, registry: "Registry", max_examples_per_class: int = MAX_EXAMPLES_PER_CLASS) -> None:
         self._registry = registry
         self._max_examples_per_class = max_examples_per_class
-        self._cache: dict[str, tuple[tuple[str, int], Calibration]] = {}
+        self._cache: dict[tuple[str, str | None], tuple[tuple[str, int], Calibration]] = {}
         self._lock = threading.Lock()
 
     def calibration(self, namespace: str, prototypes: "PrototypeSet") -> Calibration:
         """The calibration for ``prototypes``' state of ``namespace`` (or a newer one)."""
+        key = (namespace, prototypes.model_id)
         with self._lock:
-            cached = self._cache.get(namespace)
+            cached = self._cache.get(key)
         if cached is not None and cached[0] == (prototypes.epoch, prototypes.generation):
             return cached[1]
         # Fetched and computed outside the lock; two racing requests both compute, one wins.
-        snapshot = self._registry.example_snapshot(namespace, self._max_examples_per_class)
+        snapshot = self._registry.example_snapshot(
+            namespace, self._max_examples_per_class, model_id=prototypes.model_id
+        )
         calibration = calibrate_snapshot(snapshot)
         with self._lock:
-            self._cache[namespace] = ((snapshot.epoch, snapshot.generation), calibration)
+            self._cache[key] = ((snapshot.epoch, snapshot.generation), calibration)
         return calibration
 
 
