@@ -149,6 +149,11 @@ class Settings(BaseSettings):
         description="keep a bounded copy of each added example's image (shorter side <= 384 px), so "
         "a server of another model can embed it without a re-upload",
     )
+    backfill_on_demand: int = Field(
+        default=32, ge=0,
+        description="missing embeddings of this model a Classify computes itself from stored images "
+        "before answering; more start a background backfill and a 409 with the progress",
+    )
     backfill_on_start: bool = Field(
         default=True,
         description="at start, embed in the background the examples of every namespace this "
