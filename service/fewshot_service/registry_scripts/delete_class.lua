@@ -15,6 +15,7 @@ for i, model_id in ipairs(model_ids) do
   local n = redis.call('HLEN', examples_key)
   if n > 0 then redis.call('HINCRBY', state_key, 'n:' .. model_id, -n) end
   store_model_class(mcounts_key, protos_key, sums_key, examples_key, field, {}, 0, 0)
+  forget_model_if_unused(models_key, state_key, model_id)
 end
 local count = redis.call('HLEN', images_key)
 redis.call('DEL', images_key)

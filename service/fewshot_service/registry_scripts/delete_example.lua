@@ -28,6 +28,7 @@ for i, model_id in ipairs(model_ids) do
     store_model_class(mcounts_key, protos_key, sums_key, examples_key, field, sum, n - 1, dim)
     redis.call('HINCRBY', state_key, 'n:' .. model_id, -1)
   end
+  forget_model_if_unused(models_key, state_key, model_id)
 end
 redis.call('HDEL', images_key, example_id)
 local count = redis.call('HLEN', images_key)

@@ -77,6 +77,14 @@ local function models_match(models_key, ids)
   return count == #ids
 end
 
+-- A model left with no embedding in the namespace is forgotten there (not listed as 0 of n).
+local function forget_model_if_unused(models_key, state_key, model_id)
+  if (tonumber(redis.call('HGET', state_key, 'n:' .. model_id)) or 0) <= 0 then
+    redis.call('HDEL', models_key, model_id)
+    redis.call('HDEL', state_key, 'n:' .. model_id)
+  end
+end
+
 -- An empty namespace forgets its models, so no completeness is reported for nothing.
 local function forget_models_if_empty(counts_key, models_key, state_key, model_ids)
   if redis.call('HLEN', counts_key) == 0 then
