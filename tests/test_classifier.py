@@ -220,6 +220,12 @@ def test_another_models_examples_are_embedded_on_demand_or_refused_with_the_reas
             other.classify(shots(COLOURS["red"], 1, 1), "", 5)
         assert refused.value.progress == {"model_id": other.model_id, "embedded": 4, "total": 5,
                                           "without_image": 1, "backfilling": False}
+        # Asked again with nothing changed, the answer comes from the recorded finding: the
+        # namespace's classes are not read again (one HGETALL: the state, for the message).
+        redis_client.config_resetstat()
+        with pytest.raises(ModelIncomplete, match="4 of 5"):
+            other.classify(shots(COLOURS["red"], 1, 1), "", 5)
+        assert redis_client.info("commandstats")["cmdstat_hgetall"]["calls"] == 1
         assert core.classify(shots(COLOURS["blue"], 1, 3), "", 1)[0][0].label == "blue"  # its own model
     finally:
         other.close()

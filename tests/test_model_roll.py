@@ -247,6 +247,25 @@ def test_dropping_a_model_forgets_only_its_embeddings(
     assert backfiller(registry, model_b).backfill(NS) == FillResult(3, 0)
 
 
+def test_a_stopped_backfill_ends_after_its_batch_and_releases_its_lease(
+    registry: Registry, model_a: Embedder, model_b: Embedder
+) -> None:
+    add(registry, model_a, "red", shots("red", 6, 18))
+    batches: list[int] = []
+
+    def embed_then_shut_down(images: list[bytes], _cancel: object) -> np.ndarray:
+        batches.append(len(images))
+        replica.stop(wait=False)  # what the server's shutdown does while a batch runs
+        return model_b.embed_images(images)
+
+    replica = Backfiller(ModelStore(registry), model_b.model_id, embed_then_shut_down, batch_size=2)
+    assert replica.backfill(NS) == FillResult(2, 0)  # the batch in progress is written, no more
+    assert batches == [2]
+    assert replica.store.lease_holder(NS, model_b.model_id) is None
+    replica.request(NS)  # a stopped backfiller takes no more work
+    assert not replica.pending(NS)
+
+
 # -- the layout before per-model keys ------------------------------------------------------------
 
 

@@ -87,7 +87,11 @@ class Backfiller:
             missing = self.store.missing(namespace, self.model_id, self.on_demand_limit + 1)
             if len(missing.examples) > self.on_demand_limit:
                 return None
-            return self._fill(namespace, missing.epoch, missing.examples, cancellation)
+            result = self._fill(namespace, missing.epoch, missing.examples, cancellation)
+            if result.without_image:  # recorded, so requests skip this until the namespace changes
+                generation = self.store.registry.generation(namespace)
+                self.store.record(namespace, self.model_id, result.without_image, generation)
+            return result
 
     def _fill(
         self,

@@ -213,8 +213,14 @@ class FewShotCore:
             return self.registry.prototypes(namespace, self.model_id)
         except ModelIncompleteError as exc:
             status = exc.status
+        missing = status.examples - status.embedded
+        record = self.backfill.store.last_record(namespace, self.model_id)
+        if record is not None and record.generation == status.generation and missing <= record.without_image:
+            # Nothing changed since a fill found that the rest has no stored image: answer at once,
+            # without reading the namespace's classes again on every request.
+            raise self._incomplete(namespace, status, missing)
         without_image = None
-        if status.examples - status.embedded <= self.backfill.on_demand_limit:
+        if missing <= self.backfill.on_demand_limit:
             result = self.backfill.fill_on_demand(namespace, cancellation)
             if result is not None:
                 without_image = result.without_image
