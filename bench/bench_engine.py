@@ -12,7 +12,7 @@
   server's ``load_batch``, DCT draft included), the median of several runs.
 
 Only compare numbers within one run. Usage:
-    PYTHONPATH=service python bench/bench_engine.py [--model models/default.onnx] [--rounds 7]
+    PYTHONPATH=service:service/client python bench/bench_engine.py [--model models/default.onnx] [--rounds 7]
 """
 
 from __future__ import annotations

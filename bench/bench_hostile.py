@@ -3,7 +3,7 @@ real server process; prints its peak RSS and CPU seconds per request as one JSON
 
 Run from the repository root (loopback only, about a minute on 2 cores):
 
-    PYTHONPATH=service:trainer:tests python bench/bench_hostile.py [--model models/default.onnx]
+    PYTHONPATH=service:service/client:trainer:tests python bench/bench_hostile.py [--model models/default.onnx]
 
 The server is ``fewshot serve`` with its default limits and a private Redis in a temp folder.
 Each phase sends ``--concurrency`` requests at once of one kind (the worst accepted of each):
@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "service")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "service"), str(REPO / "service" / "client")]
 
 import hostile_images as hostile  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as data_dir:
         env = {
             **os.environ,
-            "PYTHONPATH": f"{REPO / 'service'}:{REPO / 'trainer'}",
+            "PYTHONPATH": f"{REPO / 'service'}:{REPO / 'service' / 'client'}:{REPO / 'trainer'}",
             "FEWSHOT_MODEL": str(args.model),
             "FEWSHOT_HOST": "127.0.0.1",
             "FEWSHOT_HTTP_PORT": str(http_port),

@@ -13,7 +13,7 @@ spread):
 And for ``confidence`` (known queries): ``ece`` (15 equal-width bins), the accuracy, and a
 reliability table (bin, images, mean confidence, accuracy).
 
-Usage: PYTHONPATH=service python bench/bench_open_set.py [--model models/default.int8.onnx]
+Usage: PYTHONPATH=service:service/client python bench/bench_open_set.py [--model models/default.int8.onnx]
        [--cache /tmp/dev-embeddings.npz]
 """
 

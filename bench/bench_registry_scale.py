@@ -1,31 +1,39 @@
 """The registry at scale, in one run: prints one JSON line. Preliminary on a shared CPU.
 
-For each class count (default 1k, 10k, 100k; one example per class, bulk-loaded through the
-registry's own add script into a private Valkey/Redis):
+For each class count (default 1k, 10k, 100k; ``--shots`` examples per class, default 5 as in a
+few-shot namespace, bulk-loaded through the registry's own add script into a private Valkey/Redis):
 
 - ``classify_minus_embed_ms``: what a Classify costs beyond an Embed of the same image, on a
   replica that did not write: ``warm`` (namespace unchanged) and ``after_add`` (another replica
   added one example just before). Measured directly as the in-process work Classify adds
-  (the registry's check or sync + top-k), median over interleaved rounds, because
+  (``core.labeller``: the registry's check or sync, the open-set calibration, the one top-k
+  scan and the confidences), median over interleaved rounds, because
   end-to-end Embed timings on a shared CPU vary by more than the difference; the end-to-end
   medians of ``core.classify`` and ``core.embed`` are printed alongside for scale.
 - ``full_reload_ms``: what a replica pays when it must reload everything (new replica, new epoch,
   trimmed change log): the old path for every change.
-- ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load) and
+- ``redis_bytes_per_class`` (``INFO memory`` used_memory delta over the load),
   ``replica_bytes_per_class`` (Python heap allocated by one full reload, tracemalloc: matrix,
-  labels and their index).
-- ``top_k_ms``: one query (and per query in a batch of 32) against all classes, k=5.
+  labels and their index) and ``replica_int8_copy_bytes_per_class`` (resident-set growth while
+  the int8 copy is built: ONNX Runtime's copies of it).
+- ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
+  namespace (no calibration yet), and the background calibration it starts (sampled above
+  ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
+- ``top_k_ms``: one query near one of the classes (and per query in a batch of 32) against all
+  classes, k=5; from 20,000 classes on through the int8 copy (classifier.py), whose answers are
+  counted (``int8_answers``), beside the float32 scan of the same queries.
 
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
 extrapolation, not a measurement. Usage (a few minutes at most)::
 
-    PYTHONPATH=service python bench/bench_registry_scale.py [--classes 1000,10000,100000]
+    PYTHONPATH=service:service/client python bench/bench_registry_scale.py [--classes 1000,10000,100000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -37,7 +45,7 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
-from fewshot_service.classifier import limit_blas_threads
+from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, int8_scan_answers, limit_blas_threads
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 from fewshot_service.settings import Settings
@@ -50,6 +58,11 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def rss_bytes() -> int:
+    """This process's resident set (Linux), for what a native allocation adds."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def median_ms(samples: list[float]) -> float:
@@ -78,15 +91,17 @@ def test_image() -> bytes:
     return buffer.getvalue()
 
 
-def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict[str, object]:
+def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: int) -> dict[str, object]:
     namespace = f"scale-{classes}"
     model_id, dim = core.model_id, core.embedder.meta.embedding_dim
     client = redis.Redis.from_url(url)
     before = int(client.info("memory")["used_memory"])
-    vectors = unit_rows(classes, dim, seed=classes)
+    vectors = unit_rows(classes * shots, dim, seed=classes)
     load_s = timed(
         lambda: writer.add_classes(
-            namespace, {f"class-{i:07d}": vectors[i : i + 1] for i in range(classes)}, model_id
+            namespace,
+            {f"class-{i:07d}": vectors[i * shots : (i + 1) * shots] for i in range(classes)},
+            model_id,
         )
     )
     redis_bytes = int(client.info("memory")["used_memory"]) - before
@@ -98,9 +113,11 @@ def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict
     reader.prototypes(namespace, model_id)  # a full reload; slowed by tracemalloc, not timed
     replica_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
+    classify_overhead_cold = timed(lambda: core.labeller(namespace)(query, 5, core.unknown_rate))
+    calibrated_s = timed(core.open_set.wait_idle)  # the first (background) calibration
 
-    def classify_overhead() -> None:  # exactly what core.classify adds to core.embed
-        reader.prototypes(namespace, model_id).classifier.top_k(query, 5)
+    def classify_overhead() -> None:  # exactly what core.classify_open_set adds to core.embed
+        core.labeller(namespace)(query, 5, core.unknown_rate)
 
     warm, after_add, e2e_classify, e2e_embed = [], [], [], []
     rng = np.random.default_rng(1)
@@ -116,26 +133,49 @@ def measure(classes: int, url: str, core, writer: Registry, rounds: int) -> dict
         fresh = Registry(reader._client, key_prefix=reader.key_prefix)
         full_reloads.append(timed(lambda: fresh.prototypes(namespace, model_id)))
     matrix = reader.prototypes(namespace, model_id).classifier
+    rss_before = rss_bytes()
+    matrix.build_int8_scan()  # else built in the background after the first large top-k
+    int8_bytes = rss_bytes() - rss_before  # ONNX Runtime's copies of the int8 rows (RSS delta)
     batch = unit_rows(32, dim, seed=2)
-    top1 = [timed(lambda: matrix.top_k(query, 5)) for _ in range(rounds)]
+    # Queries like real ones: an image near one of the classes, not a uniformly random direction.
+    near = vectors[np.random.default_rng(3).integers(len(vectors), size=rounds)]
+    near = near + unit_rows(rounds, dim, seed=4)  # cosine ~0.7 to the example it started from
+    near = near / np.linalg.norm(near, axis=1, keepdims=True)
+    answers_before = dict(int8_scan_answers)
+    top1 = [timed(lambda: matrix.top_k(near[i : i + 1], 5)) for i in range(rounds)]
     top32 = [timed(lambda: matrix.top_k(batch, 5)) / 32 for _ in range(max(rounds // 4, 3))]
+    float32 = [timed(lambda: [matrix._best(r, 5) for r in matrix._scores(near[i : i + 1])]) for i in range(rounds)]
+    answers = {key: int8_scan_answers[key] - answers_before[key] for key in answers_before}
     client.close()
     return {
         "classes": classes,
+        "shots": shots,
         "load_s": round(load_s, 2),
         "classify_minus_embed_ms": {"warm": median_ms(warm), "after_add": median_ms(after_add)},
         "end_to_end_ms": {"embed": median_ms(e2e_embed), "classify": median_ms(e2e_classify)},
         "full_reload_ms": median_ms(full_reloads),
+        # The first Classify of a namespace (its calibration not yet computed), and how long
+        # the background calibration took after it.
+        "first_classify_minus_embed_ms": round(classify_overhead_cold * 1e3, 3),
+        "first_calibration_ms": round(calibrated_s * 1e3, 1),
         "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
         "redis_bytes_per_class": round(redis_bytes / classes),
         "replica_bytes_per_class": round(replica_bytes / classes),
-        "top_k_ms": {"one_query": median_ms(top1), "per_query_in_32": median_ms(top32)},
+        # Only where top-k uses the int8 copy (classifier.INT8_SCAN_MIN_CLASSES and more).
+        "replica_int8_copy_bytes_per_class": round(int8_bytes / classes) if classes >= INT8_SCAN_MIN_CLASSES else 0,
+        "top_k_ms": {
+            "one_query": median_ms(top1),
+            "per_query_in_32": median_ms(top32),
+            "one_query_float32_scan": median_ms(float32),  # side by side: without the int8 copy
+            "int8_answers": answers,  # from the int8 copy's candidates / fell back to float32
+        },
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", default="1000,10000,100000")
+    parser.add_argument("--shots", type=int, default=5, help="examples per class")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
     parser.add_argument(
@@ -152,7 +192,7 @@ def main() -> None:
             limit_blas_threads()  # as ServerStack does
         core = build_core(settings, reader_client)
         try:
-            results = [measure(c, server.url, core, writer, args.rounds) for c in counts]
+            results = [measure(c, args.shots, server.url, core, writer, args.rounds) for c in counts]
         finally:
             core.close()
     largest = results[-1]

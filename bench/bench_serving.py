@@ -38,7 +38,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from fewshot_service.batcher import BatchConfig
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 from fewshot_service.core import FewShotCore
 from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server

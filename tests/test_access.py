@@ -32,7 +32,7 @@ from fewshot_common import cli
 from fewshot_common.errors import NotFound
 from fewshot_service.access import AccessControl, Action, key_digest
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 from fewshot_service.settings import Settings
 
 TEAM_A, TEAM_B = "team-a", "team-b"
@@ -497,7 +497,7 @@ def test_deleting_a_namespace_needs_role_write_on_it(seeded: SecureServer) -> No
 
 
 def test_the_client_over_tls_with_a_key_and_typed_errors(seeded: SecureServer) -> None:
-    from fewshot_service.client import errors
+    from fewshot_client import errors
 
     server = seeded
     with FewShotClient(

@@ -11,7 +11,7 @@ import grpc
 import httpx
 from PIL import Image
 
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 
 
 def png() -> bytes:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 
 import image_samples as samples
 from conftest import stack_settings

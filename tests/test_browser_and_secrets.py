@@ -14,7 +14,7 @@ import image_samples as samples
 from conftest import stack_settings
 
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 from fewshot_service.redis_client import redacted_url
 from fewshot_service.redis_server import ManagedRedis, free_port
 
@@ -142,7 +142,7 @@ def test_redis_failures_answer_a_request_id_not_the_address(
 
         with FewShotClient(f"127.0.0.1:{stack.grpc_port}") as client:
             call = client._stub.Classify.with_call  # the client's stub: to read trailing metadata
-            from fewshot_service._proto.fewshot.v1 import fewshot_pb2
+            from fewshot_api.fewshot.v1 import fewshot_pb2
 
             with pytest.raises(grpc.RpcError) as failed:
                 call(fewshot_pb2.ClassifyRequest(images=[samples.grey_png()]), timeout=30)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from fewshot_service.classifier import PrototypeMatrix
+from fewshot_common.vectors import l2_normalize
+from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix, Prediction, int8_scan_answers
 from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
@@ -290,3 +292,75 @@ def test_the_server_limits_numpys_blas_to_one_thread() -> None:
     with threadpool_limits(limits=None):  # restores the original limits afterwards
         limit_blas_threads()
         assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
+
+
+# -- the int8 copy of a large matrix: same answers as the float32 scan ----------------------------
+
+
+def _float32_top_k(matrix: PrototypeMatrix, queries: np.ndarray, k: int) -> list[list[Prediction]]:
+    return [matrix._best(row, k) for row in matrix._scores(queries.astype(np.float32))]
+
+
+@pytest.fixture
+def large_matrix() -> tuple[PrototypeMatrix, np.ndarray]:
+    rng = np.random.default_rng(11)
+    rows = l2_normalize(rng.standard_normal((INT8_SCAN_MIN_CLASSES + 500, 32))).astype(np.float32)
+    labels = [f"c{i:06d}" for i in range(len(rows))]
+    return PrototypeMatrix(labels, rows), rng
+
+
+def test_the_int8_scan_answers_like_the_float32_scan(large_matrix) -> None:
+    matrix, rng = large_matrix
+    matrix.build_int8_scan()
+    # Queries near a class (as real images are) and random ones.
+    queries = np.concatenate([
+        l2_normalize(matrix.matrix[rng.integers(len(matrix), size=20)] + 0.3 * rng.standard_normal((20, 32))),
+        l2_normalize(rng.standard_normal((20, 32))),
+    ]).astype(np.float32)  # fmt: skip
+    before = dict(int8_scan_answers)
+    for k in (1, 5, 32):
+        got, expected = matrix.top_k(queries, k), _float32_top_k(matrix, queries, k)
+        assert [[p.label for p in preds] for preds in got] == [[p.label for p in preds] for preds in expected]
+        for preds, exact in zip(got, expected):
+            assert [p.score for p in preds] == pytest.approx([p.score for p in exact], abs=1e-6)
+    assert int8_scan_answers["int8"] - before["int8"] >= 100  # most answers came from the copy
+
+
+def test_the_int8_scan_sees_patched_and_deleted_classes(large_matrix) -> None:
+    matrix, rng = large_matrix
+    matrix.build_int8_scan()
+    target = l2_normalize(rng.standard_normal(32)).astype(np.float32)
+    # After the copy: a new class right at the query, an old best class deleted, another moved.
+    query = target[None, :]
+    old_best = matrix.top_k(query, 2)
+    patched = matrix.patched({"new-class": target, old_best[0][1].label: None, "c000001": -target})
+    got = patched.top_k(query, 3)
+    assert got == _float32_top_k(patched, query, 3)
+    assert got[0][0].label == "new-class" and old_best[0][1].label not in [p.label for p in got[0]]
+    assert "c000001" not in [p.label for p in patched.top_k(query, 32)[0]]
+
+
+def test_the_int8_scan_falls_back_when_its_bound_cannot_decide(large_matrix) -> None:
+    matrix, rng = large_matrix
+    # Rows that differ by less than int8 can tell apart: the candidates cannot be trusted.
+    base = l2_normalize(rng.standard_normal(32))
+    rows = l2_normalize(base + 1e-4 * rng.standard_normal((INT8_SCAN_MIN_CLASSES + 10, 32))).astype(np.float32)
+    close = PrototypeMatrix([f"r{i:06d}" for i in range(len(rows))], rows)
+    close.build_int8_scan()
+    before = int8_scan_answers["float32_fallback"]
+    query = base[None, :].astype(np.float32)
+    assert close.top_k(query, 5) == _float32_top_k(close, query, 5)
+    assert int8_scan_answers["float32_fallback"] == before + 1
+
+
+def test_the_int8_copy_is_built_in_the_background_for_a_large_matrix(large_matrix) -> None:
+    matrix, rng = large_matrix
+    query = l2_normalize(rng.standard_normal((1, 32))).astype(np.float32)
+    assert matrix.top_k(query, 5) == _float32_top_k(matrix, query, 5)  # float32 until it exists
+    deadline = time.monotonic() + 30
+    while matrix._store.int8 is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert matrix._store.int8 is not None and matrix._store.int8.rows == len(matrix)
+    small = PrototypeMatrix(["a", "b"], np.eye(2, dtype=np.float32))
+    small.top_k(np.eye(2, dtype=np.float32), 1)
+    assert small._store.int8 is None and not small._store.int8_building  # not worth it: never built

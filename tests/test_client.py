@@ -16,7 +16,7 @@ import image_samples as samples
 from conftest import stack_settings
 from fewshot_common import errors as core_errors
 from fewshot_service.app import ServerStack
-from fewshot_service.client import DEFAULT_MAX_MESSAGE_BYTES, ClassifyResult, FewShotClient, errors
+from fewshot_client import DEFAULT_MAX_MESSAGE_BYTES, ClassifyResult, FewShotClient, errors
 from fewshot_service.grpc_server import GRPC_STATUS
 from fewshot_service.rest import HTTP_STATUS
 from fewshot_service.settings import DEFAULT_MAX_REQUEST_BYTES
@@ -118,15 +118,17 @@ def test_error_tables_match_the_servers() -> None:
 
 
 def test_the_client_imports_without_the_servers_dependencies() -> None:
-    # Make the server's dependencies unimportable, as in an environment that lacks them.
-    blocked = ["fastapi", "starlette", "uvicorn", "redis", "onnxruntime", "PIL", "pydantic", "prometheus_client"]
+    # Make the server's packages and dependencies unimportable, as in an environment that lacks them
+    # (tests/test_client_distribution.py installs the client into one that really does).
+    blocked = ["fastapi", "starlette", "uvicorn", "redis", "onnxruntime", "PIL", "pydantic", "prometheus_client",
+               "fewshot_common", "fewshot_service", "fewshot_trainer"]  # fmt: skip
     code = (
         "import sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"
-        "from fewshot_service.client import FewShotClient, errors\n"
+        "from fewshot_client import FewShotClient, errors\n"
         "FewShotClient('127.0.0.1:1', http_url='http://127.0.0.1:1').close()\n"
         "print('ok')\n"
     )
-    env = {"PYTHONPATH": str(ROOT / "service"), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT / "service" / "client"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -16,7 +16,7 @@ import pytest
 
 from fewshot_common.cancellation import Cancellation
 from fewshot_common.errors import Cancelled, Overloaded
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.batcher import BatchConfig, DynamicBatcher
 from fewshot_service.decode_pool import DecodePool

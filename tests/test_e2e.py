@@ -19,7 +19,7 @@ import redis
 from PIL import Image
 
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 

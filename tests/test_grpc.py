@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client import REGISTRY
 
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.batcher import BatchConfig
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 from fewshot_service.core import FewShotCore
 from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server

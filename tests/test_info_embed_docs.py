@@ -20,7 +20,7 @@ from fewshot_common.embedder import Embedder
 from fewshot_common.model_license import model_license
 from fewshot_common.modelmeta import Preprocess
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 
 
 def png(colour: tuple[int, int, int]) -> bytes:

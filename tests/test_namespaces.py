@@ -16,7 +16,7 @@ import redis
 import image_samples as samples
 from conftest import stack_settings
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient, errors
+from fewshot_client import FewShotClient, errors
 
 RED, GREEN = samples.solid_png((230, 20, 20)), samples.solid_png((20, 230, 20))
 PREFIX = "ns-test"

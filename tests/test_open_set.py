@@ -17,7 +17,7 @@ import image_samples as samples
 from fewshot_common.errors import InvalidInput
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.vectors import l2_normalize
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.open_set import (
     DEFAULT_CONFIDENCE,
@@ -246,3 +246,110 @@ def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_
             assert response.status_code == 200, response.text
             flagged += sum(response.json()["unknown"])
     assert abs(flagged / len(queries) - DEV_RATE) <= DEV_TOLERANCE, flagged / len(queries)
+
+
+# -- cost at scale: one scan per Classify, calibration off the request path -----------------------
+
+
+def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
+    from fewshot_service.classifier import PrototypeMatrix
+    from fewshot_service.open_set import Calibration, label_images, top_two
+
+    rng = np.random.default_rng(3)
+    matrix = PrototypeMatrix([f"c{i:03d}" for i in range(300)], l2_normalize(rng.standard_normal((300, 16))))
+    queries = l2_normalize(rng.standard_normal((7, 16))).astype(np.float32)
+    top1, top2 = top_two(queries @ matrix.matrix.T)  # the full matmul the one scan replaced
+    calibration = Calibration(np.sort(np.concatenate([top1, top1 + 1e-3])), DEFAULT_CONFIDENCE)
+    results = label_images(matrix, calibration, queries, 1, 0.3)
+    expected_unknown = calibration.unknown(top1, top2, 0.3)
+    for result, best, second, unknown in zip(results, top1, top2, expected_unknown):
+        assert len(result.predictions) == 1  # top_k=1 still gets the runner-up's margin
+        assert result.predictions[0].score == pytest.approx(best, abs=1e-6)
+        assert result.predictions[0].confidence == pytest.approx(
+            float(calibration.confidence(np.array([best]), np.array([second]))[0]), abs=1e-6
+        )
+        assert result.unknown == unknown
+    assert 0 < sum(r.unknown for r in results) < len(results)  # the threshold splits this batch
+
+
+def test_sampled_labels_are_stable_and_bounded() -> None:
+    from fewshot_service.open_set import sampled_labels
+
+    labels = [f"class-{i}" for i in range(1000)]
+    sample = sampled_labels(labels, 50)
+    assert len(sample) == 50 and sample == sorted(sample) and set(sample) <= set(labels)
+    assert sampled_labels(list(reversed(labels)) + ["new"], 50) == sample or "new" in sampled_labels(
+        labels + ["new"], 50
+    )  # adding a class keeps the sample except where the newcomer hashes in
+    assert sampled_labels(labels[:10], 50) == labels[:10]
+
+
+def test_a_large_namespace_is_calibrated_in_the_background_from_a_sample(redis_url: str) -> None:
+    import redis as redis_py
+
+    from fewshot_service import open_set
+    from fewshot_service.registry import Registry
+
+    registry = Registry(redis_py.Redis.from_url(redis_url), key_prefix="calibrate-scale")
+    rng = np.random.default_rng(5)
+    classes = open_set.SYNC_CALIBRATION_CLASSES + 40
+    registry.add_classes(
+        "big", {f"c{i:04d}": l2_normalize(rng.standard_normal((3, 8))) for i in range(classes)}, "m"
+    )
+    calibrator = open_set.OpenSetCalibrator(registry)
+    fetched: list[int] = []
+    real_snapshot = registry.example_snapshot
+
+    def counting_snapshot(*args, **kwargs):  # records how many classes each calibration read
+        snapshot = real_snapshot(*args, **kwargs)
+        fetched.append(sum(len(ids) > 0 for ids in snapshot.example_ids))
+        return snapshot
+
+    registry.example_snapshot = counting_snapshot  # type: ignore[method-assign]
+    try:
+        state = registry.prototypes("big", "m")
+        first = calibrator.calibration("big", state)
+        assert not first.calibrated  # the request did not wait: global defaults meanwhile
+        assert calibrator.wait_idle()
+        second = calibrator.calibration("big", state)
+        assert second.calibrated and len(second.sorted_statistics) == open_set.SAMPLED_CLASSES * 3
+        assert fetched == [open_set.SAMPLED_CLASSES]  # a sample of classes, fetched once
+        # A change: the stale calibration answers at once; the refresh waits for its interval.
+        registry.add_examples("big", "c0000", l2_normalize(rng.standard_normal((1, 8))), "m")
+        newer = registry.prototypes("big", "m")
+        assert calibrator.calibration("big", newer) is second
+        assert calibrator.wait_idle() and fetched == [open_set.SAMPLED_CLASSES]
+    finally:
+        calibrator.close()
+        registry.delete_namespace("big")
+
+
+def test_a_small_namespace_is_recalibrated_on_the_request_that_sees_the_change(redis_url: str) -> None:
+    import redis as redis_py
+
+    from fewshot_service.open_set import OpenSetCalibrator
+    from fewshot_service.registry import Registry
+
+    registry = Registry(redis_py.Redis.from_url(redis_url), key_prefix="calibrate-small")
+    rng = np.random.default_rng(6)
+    registry.add_classes("small", {f"c{i}": l2_normalize(rng.standard_normal((4, 8))) for i in range(5)}, "m")
+    calibrator = OpenSetCalibrator(registry)
+    try:
+        before = calibrator.calibration("small", registry.prototypes("small", "m"))
+        assert len(before.sorted_statistics) == 20
+        registry.add_examples("small", "c0", l2_normalize(rng.standard_normal((2, 8))), "m")
+        after = calibrator.calibration("small", registry.prototypes("small", "m"))
+        assert len(after.sorted_statistics) == 22  # this state's examples, no waiting
+    finally:
+        calibrator.close()
+        registry.delete_namespace("small")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.37, 0.5, 0.99])
+def test_the_threshold_is_numpys_quantile(rate: float) -> None:
+    from fewshot_service.open_set import Calibration
+
+    statistics = np.sort(np.random.default_rng(2).normal(0.4, 0.1, 57))
+    assert Calibration(statistics, DEFAULT_CONFIDENCE).threshold(rate) == pytest.approx(
+        float(np.quantile(statistics, rate)), abs=1e-12
+    )

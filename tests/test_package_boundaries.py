@@ -1,7 +1,11 @@
-"""The three packages' import rules, read from the source (ast), so no import can sneak in:
+"""The packages' import rules, read from the source (ast), so no import can sneak in:
 
 - ``fewshot_trainer`` and ``fewshot_service`` never import each other;
 - ``fewshot_common`` imports neither (both depend on it, never the reverse);
+- ``fewshot_api`` (generated gRPC code, typed errors) imports no project package, and
+  ``fewshot_client`` only ``fewshot_api``: the two are the small client distribution
+  (``service/client/``), which must install and run without the rest; only the
+  ``fewshot_service.client`` re-export imports the client on the server's side;
 - what ``fewshot serve`` and ``fewshot eval`` load never imports torch (the serving install has none).
 """
 
@@ -13,17 +17,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CLIENT_DIST = ROOT / "service" / "client"
 PACKAGE_DIRS = {
+    "fewshot_api": CLIENT_DIST / "fewshot_api",
+    "fewshot_client": CLIENT_DIST / "fewshot_client",
     "fewshot_common": ROOT / "service" / "fewshot_common",
     "fewshot_service": ROOT / "service" / "fewshot_service",
     "fewshot_trainer": ROOT / "trainer" / "fewshot_trainer",
 }
 FORBIDDEN = {
-    "fewshot_common": {"fewshot_service", "fewshot_trainer"},
-    "fewshot_service": {"fewshot_trainer"},
-    "fewshot_trainer": {"fewshot_service"},
+    "fewshot_api": {"fewshot_client", "fewshot_common", "fewshot_service", "fewshot_trainer"},
+    "fewshot_client": {"fewshot_common", "fewshot_service", "fewshot_trainer"},
+    "fewshot_common": {"fewshot_client", "fewshot_service", "fewshot_trainer"},
+    "fewshot_service": {"fewshot_client", "fewshot_trainer"},
+    "fewshot_trainer": {"fewshot_client", "fewshot_service"},
 }
-TORCH_FAMILY = {"torch", "torchvision", "timm", "onnx", "onnxscript"}
+# The one module allowed past FORBIDDEN: the old import path of the client, a re-export.
+CLIENT_REEXPORT = "fewshot_service.client"
+TORCH_FAMILY = {"torch", "torchvision", "timm", "onnxscript"}
+# onnx (the protobuf schema, no torch) is a serving dependency since the int8 top-k scan builds its
+# graph in the server (fewshot_service/int8_scan.py); only that module may import it.
+ONNX_BUILDERS = {"fewshot_service.int8_scan"}
 TORCH_FREE_COMMANDS = ("fewshot_service.serve_cli", "fewshot_common.eval_cli")
 
 
@@ -71,7 +85,7 @@ def test_every_package_has_modules() -> None:
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_imports_a_package_it_must_not(module: str) -> None:
-    forbidden = FORBIDDEN[module.split(".")[0]]
+    forbidden = FORBIDDEN[module.split(".")[0]] - ({"fewshot_client"} if module == CLIENT_REEXPORT else set())
     bad = sorted(name for name in _imports(MODULES[module]) if name.split(".")[0] in forbidden)
     assert not bad, f"{module} imports {bad}"
 
@@ -102,6 +116,8 @@ def test_serve_and_eval_never_import_torch(command_module: str) -> None:
         for module, external in closure.items()
     }
     assert not {m: i for m, i in offenders.items() if i}, offenders
+    onnx_users = {m for m, external in closure.items() if any(i.split(".")[0] == "onnx" for i in external)}
+    assert onnx_users <= ONNX_BUILDERS, onnx_users
 
 
 def test_the_checker_sees_relative_and_nested_imports() -> None:
@@ -112,27 +128,63 @@ def test_the_checker_sees_relative_and_nested_imports() -> None:
     assert "torch" in imports
 
 
-# What `pip install 'fewshot[client]'` installs (pyproject's `client` extra), plus the stdlib.
-CLIENT_DEPENDENCIES = {"grpc", "google", "httpx", "numpy"}
+# Import name -> distribution, for what the client distribution may import beyond the stdlib.
+CLIENT_DEPENDENCIES = {"grpc": "grpcio", "google": "protobuf", "httpx": "httpx", "numpy": "numpy"}
 
 
-def test_the_client_needs_only_its_own_dependencies() -> None:
-    import sys
-
-    closure = _project_closure("fewshot_service.client")
-    assert "fewshot_service.client.fewshot_client" in closure and "fewshot_common.errors" in closure
-    project = sorted(m for m in closure if m.startswith("fewshot_service.") and
-                     not m.startswith(("fewshot_service.client", "fewshot_service._proto")))  # fmt: skip
-    assert not project, f"the client imports server modules: {project}"
-    external = {name.split(".")[0] for imports in closure.values() for name in imports} - {""}
-    beyond = sorted(external - CLIENT_DEPENDENCIES - set(sys.stdlib_module_names) - {"__future__"})
-    assert not beyond, f"the client imports {beyond}, which the client extra does not install"
-
-
-def test_the_client_extra_lists_exactly_the_client_dependencies() -> None:
+def _requirement_names(requirements: list[str]) -> set[str]:
     import re
+
+    return {re.split(r"[<>=!~\[ ;]", requirement)[0] for requirement in requirements}
+
+
+def _client_pyproject() -> dict:
     import tomllib
 
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["client"]
-    names = {re.split(r"[<>=!~\[ ]", requirement)[0] for requirement in extra}
-    assert names == {"grpcio", "protobuf", "httpx", "numpy"}
+    return tomllib.loads((CLIENT_DIST / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize("start", ["fewshot_client", "fewshot_api.fewshot.v1.fewshot_pb2_grpc", "fewshot_api.errors"])
+def test_the_client_distribution_needs_only_its_own_dependencies(start: str) -> None:
+    import sys
+
+    closure = _project_closure(start)
+    if start == "fewshot_client":
+        assert {"fewshot_client.client", "fewshot_api.errors", "fewshot_api.fewshot.v1.fewshot_pb2"} <= set(closure)
+    outside = sorted(m for m in closure if m.split(".")[0] not in ("fewshot_client", "fewshot_api"))
+    assert not outside, f"{start} reaches {outside}, which the client distribution does not ship"
+    external = {name.split(".")[0] for imports in closure.values() for name in imports} - {""}
+    beyond = sorted(external - set(CLIENT_DEPENDENCIES) - set(sys.stdlib_module_names) - {"__future__"})
+    assert not beyond, f"{start} imports {beyond}, which the client distribution does not install"
+
+
+def test_the_client_distribution_declares_exactly_those_dependencies_and_packages() -> None:
+    import tomllib
+
+    project = _client_pyproject()["project"]
+    assert _requirement_names(project["dependencies"]) == set(CLIENT_DEPENDENCIES.values())
+    # The main pyproject's `client` extra is the same list (the client inside the server install).
+    main = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert main["project"]["optional-dependencies"]["client"] == project["dependencies"]
+    # ... and both distributions ship fewshot_client and fewshot_api from the same folder (one copy),
+    # found as setuptools finds them for each build.
+    from setuptools import find_namespace_packages
+
+    def top_level(folder: Path, find: dict) -> dict[str, Path]:
+        found = {}
+        for where in find.get("where", ["."]):
+            for package in find_namespace_packages(folder / where, include=find["include"]):
+                found.setdefault(package.split(".")[0], folder / where)
+        return found
+
+    client_find = _client_pyproject()["tool"]["setuptools"]["packages"]["find"]
+    shipped_alone = top_level(CLIENT_DIST, client_find)
+    assert shipped_alone == {"fewshot_client": CLIENT_DIST, "fewshot_api": CLIENT_DIST}
+    shipped_with_server = top_level(ROOT, main["tool"]["setuptools"]["packages"]["find"])
+    assert shipped_with_server == {package: folder.parent for package, folder in PACKAGE_DIRS.items()}
+
+
+def test_the_server_imports_the_shared_api_package_and_never_the_client() -> None:
+    closure = _project_closure("fewshot_service.serve_cli")
+    assert "fewshot_api.fewshot.v1.fewshot_pb2_grpc" in closure and "fewshot_api.errors" in closure
+    assert not [m for m in closure if m.startswith("fewshot_client")]

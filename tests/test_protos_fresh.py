@@ -8,7 +8,7 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 from fewshot_service import protogen
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 REGENERATE = "stale generated code: run `python -m fewshot_service.protogen` and commit the result"
 

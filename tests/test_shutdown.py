@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 import image_samples as samples
 

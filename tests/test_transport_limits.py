@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 
 import hostile_images as hostile

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from fewshot_common import errors
-from fewshot_service._proto.fewshot.v1 import fewshot_pb2
+from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_service.app import ServerStack
 from fewshot_service.core import FewShotCore
 from fewshot_service.grpc_server import GRPC_STATUS

@@ -15,7 +15,7 @@ from fewshot_common.embedder import Embedder
 from fewshot_common.modelmeta import ModelMeta, Preprocess
 from fewshot_common.variants import VariantError, choose_model_file, variant_path
 from fewshot_service.app import ServerStack
-from fewshot_service.client import FewShotClient
+from fewshot_client import FewShotClient
 
 import image_samples as samples
 from conftest import stack_settings

@@ -7,7 +7,8 @@ command's dispatcher (:mod:`cli`).
 
 Dependencies point inwards: ``fewshot_service`` and ``fewshot_trainer`` import this package, never
 each other, and nothing here imports either of them, torch or Redis
-(``tests/test_package_boundaries.py``).
+(``tests/test_package_boundaries.py``). The error classes themselves come from ``fewshot_api``, the
+dependency-free API package that the client distribution shares with the server.
 """
 
 __version__ = "0.1.0"

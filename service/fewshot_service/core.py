@@ -8,10 +8,11 @@ whichever door it came through. The registry below trusts the names it is given.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -112,7 +113,7 @@ class FewShotCore:
         self.store_images = store_images
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
-        self._open_set = OpenSetCalibrator(registry)
+        self.open_set = OpenSetCalibrator(registry)
         self.decode_pool = decode_pool or DecodePool()
         self._batcher = DynamicBatcher(
             embedder.embed_array,
@@ -137,6 +138,7 @@ class FewShotCore:
         self.backfill.stop(wait=True)  # before the batcher it feeds
         self._batcher.close()
         self.decode_pool.close()
+        self.open_set.close()
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -193,10 +195,18 @@ class FewShotCore:
         top_k = resolve_top_k(top_k)
         unknown_rate = resolve_unknown_rate(unknown_rate, self.unknown_rate)
         # The prototypes first: a namespace we cannot answer for should not cost an inference.
-        prototypes = self._prototypes(namespace, cancellation)
-        calibration = self._open_set.calibration(namespace, prototypes)
+        labeller = self.labeller(namespace, cancellation)
         embeddings = self.embed(images, operation="classify", cancellation=cancellation)
-        return label_images(prototypes.classifier, calibration, embeddings, top_k, unknown_rate)
+        return labeller(embeddings, top_k, unknown_rate)
+
+    def labeller(
+        self, namespace: str, cancellation: CancellationCheck | None = None
+    ) -> Callable[[np.ndarray, int, float], list[OpenSetResult]]:
+        """Everything Classify does beyond an Embed, for ``namespace``'s current state:
+        (unit embeddings [N, D], top_k, unknown_rate) -> results (bench_registry_scale times it)."""
+        prototypes = self._prototypes(namespace, cancellation)
+        calibration = self.open_set.calibration(namespace, prototypes)
+        return functools.partial(label_images, prototypes.classifier, calibration)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
         return self._prototypes(namespace, None).classifier

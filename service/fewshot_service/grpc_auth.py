@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
+from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_common import errors
 
-from ._proto.fewshot.v1 import fewshot_pb2
 from .access import AccessControl, Action, bearer_key
 from .grpc_guards import UndecodableRequest
 

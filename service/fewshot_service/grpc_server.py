@@ -17,11 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_common import errors
 from fewshot_common.cancellation import Cancellation
 
 from . import grpc_guards as guards
-from ._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from .access import AccessControl
 from .core import FewShotCore
 from .grpc_access_log import AccessLogInterceptor

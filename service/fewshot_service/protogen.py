@@ -1,9 +1,11 @@
 """Regenerate the gRPC Python code from ``protos/``: ``python -m fewshot_service.protogen``.
 
-Writes ``fewshot_service/_proto/fewshot/v1/fewshot_pb2{,_grpc}.py`` (+ ``.pyi``) with grpcio-tools
-(a test/dev dependency; the generated files are committed so a serving install needs no protoc).
-protoc writes absolute imports (``from fewshot.v1 import ...``) that only work with ``protos/``'s
-layout on ``sys.path``; they are rewritten to relative imports so the code works inside this package.
+Writes ``service/client/fewshot_api/fewshot/v1/fewshot_pb2{,_grpc}.py`` (+ ``.pyi``) with
+grpcio-tools (a test/dev dependency; the generated files are committed so no install needs protoc).
+They live in :mod:`fewshot_api`, which the small client distribution ships and the server imports:
+one copy for both. protoc writes absolute imports (``from fewshot.v1 import ...``) that only work
+with ``protos/``'s layout on ``sys.path``; they are rewritten to relative imports so the code works
+inside that package.
 ``tests/test_protos_fresh.py`` fails when the committed code no longer matches the ``.proto``.
 """
 
@@ -14,9 +16,11 @@ import re
 import sys
 from pathlib import Path
 
+import fewshot_api
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = PACKAGE_DIR.parents[1] / "protos"
-OUTPUT_ROOT = PACKAGE_DIR / "_proto"
+OUTPUT_ROOT = Path(fewshot_api.__file__).resolve().parent  # service/client/fewshot_api in a checkout
 PROTO_FILES = ("fewshot/v1/fewshot.proto",)
 
 _ABSOLUTE_IMPORT = re.compile(r"^from fewshot\.v1 import (\w+_pb2) as", re.MULTILINE)
@@ -46,7 +50,7 @@ def generate(output_root: Path = OUTPUT_ROOT) -> list[Path]:
     written = []
     for name in PROTO_FILES:
         package_dir = output_root / Path(name).parent
-        # Every folder from _proto/ down to the module's must be a package.
+        # Every folder from the output root down to the module's must be a package.
         parts = Path(name).parent.parts
         for depth in range(len(parts) + 1):
             init = output_root.joinpath(*parts[:depth]) / "__init__.py"

@@ -23,7 +23,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Collection, Sequence, TypeVar
 
 import numpy as np
 import redis
@@ -596,12 +596,20 @@ class Registry:
         namespace: str,
         max_per_class: int | None = None,
         only_label: str | None = None,
+        only_labels: Collection[str] | None = None,
+        only_their_means: bool = False,
         model_id: str | None = None,
     ) -> ExampleSnapshot:
         """Prototypes and example embeddings of ``namespace`` under ``model_id`` (None: its only
         model) as of one state (two pipelined round trips, retried while a write lands between
-        them): every class's examples, or only ``only_label``'s; at most ``max_per_class`` per
-        class, spread evenly over the ids. Classes the model has not embedded are left out."""
+        them): every class's examples, or only ``only_label``'s (or ``only_labels``'); at most
+        ``max_per_class`` per class, spread evenly over the ids. ``only_their_means``: the
+        snapshot holds those classes only (their prototypes and counts), not every class's --
+        O(classes asked), not O(namespace). Classes the model has not embedded are left out."""
+        if only_label is not None:
+            only_labels = [only_label]
+        wanted_labels = None if only_labels is None else set(only_labels)
+        asked = sorted(wanted_labels or ()) if only_their_means else None
         keys = self.keys(namespace)
         model_keys = keys.model(model_id or self._only_model(namespace))
         self._ensure_layout(namespace)
@@ -609,11 +617,22 @@ class Registry:
             with redis_errors(self.client):
                 pipe = self.client.pipeline(transaction=True)
                 pipe.hmget(keys.state, "epoch", "generation")
-                pipe.hgetall(model_keys.prototypes)
-                pipe.hgetall(model_keys.counts)
-                version, raw_means, raw_counts = pipe.execute()
+                if asked is None:
+                    pipe.hgetall(model_keys.prototypes)
+                    pipe.hgetall(model_keys.counts)
+                    version, raw_means, raw_counts = pipe.execute()
+                else:
+                    fields = [encode(label).encode() for label in asked]
+                    if fields:
+                        pipe.hmget(model_keys.prototypes, fields)
+                        pipe.hmget(model_keys.counts, fields)
+                        version, means_list, counts_list = pipe.execute()
+                    else:
+                        (version,), means_list, counts_list = pipe.execute(), [], []
+                    raw_means = {f: m for f, m in zip(fields, means_list) if m is not None}
+                    raw_counts = {f: c for f, c in zip(fields, counts_list) if c is not None}
                 labels = sorted(decode(f) for f in raw_means)
-                wanted = [label for label in labels if only_label in (None, label)]
+                wanted = [label for label in labels if wanted_labels is None or label in wanted_labels]
                 pipe = self.client.pipeline(transaction=True)
                 pipe.hmget(keys.state, "epoch", "generation")
                 for label in wanted:

@@ -1,12 +1,24 @@
-"""The fewshot Python client (``pip install 'fewshot[client]'``): see :class:`FewShotClient`.
-
-Only grpcio, protobuf, httpx and numpy are needed; nothing here imports the server's modules.
+"""Former home of the Python client, kept so ``from fewshot_service.client import ...`` still works:
+the client is :mod:`fewshot_client` now (its own small distribution, ``service/client/``), and
+these are its very objects. New code imports ``fewshot_client``.
 """
 
-from . import errors
-from .fewshot_client import API_KEY_ENV, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
-from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel
-from .types import ModelCompleteness, ModelInfo, NamespaceInfo, Prediction
+from fewshot_client import (
+    API_KEY_ENV,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ClassifyResult,
+    ClassInfo,
+    ClassSummary,
+    DeletedNamespace,
+    DroppedModel,
+    FewShotClient,
+    ImageInput,
+    ModelCompleteness,
+    ModelInfo,
+    NamespaceInfo,
+    Prediction,
+    errors,
+)
 
 __all__ = [
     "API_KEY_ENV", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",

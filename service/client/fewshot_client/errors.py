@@ -1,4 +1,4 @@
-"""The client's exceptions: the server's own typed errors (:mod:`fewshot_common.errors`), so one
+"""The client's exceptions: the server's own typed errors (:mod:`fewshot_api.errors`), so one
 ``except NotFound`` works for the core, REST and gRPC alike. Every exception the client raises for
 a server answer is a :class:`FewshotError` with ``status`` (HTTP status or gRPC code name) and
 ``kind`` (the REST body's ``error``); over gRPC it is also a :class:`grpc.RpcError` with
@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from fewshot_common.errors import (
+from fewshot_api.errors import (
     Cancelled,
     FailedPrecondition,
     FewshotError,

@@ -1,8 +1,8 @@
 """The Python client: Embed/Classify over gRPC, classes, examples and namespaces over REST.
 
-It imports only grpcio, protobuf, httpx, numpy and the shared typed errors, never the server's
-modules (``tests/test_package_boundaries.py``), so ``pip install 'fewshot[client]'``'s
-dependencies are enough to use it.
+It imports only grpcio, protobuf, httpx, numpy and :mod:`fewshot_api` (the generated stubs and
+typed errors, shipped with it), never the server's modules (``tests/test_package_boundaries.py``),
+so ``pip install ./service/client`` installs all it needs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import grpc
 import httpx
 import numpy as np
 
-from .._proto.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+
 from .errors import from_grpc, from_http
 from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel, ModelCompleteness
 from .types import ModelInfo, NamespaceInfo, Prediction
