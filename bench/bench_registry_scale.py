@@ -130,7 +130,7 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         e2e_classify.append(timed(lambda: core.classify([image], namespace)))
     full_reloads = []
     for _ in range(3):
-        fresh = Registry(reader._client, key_prefix=reader.key_prefix)
+        fresh = Registry(reader.client, key_prefix=reader.key_prefix)
         full_reloads.append(timed(lambda: fresh.prototypes(namespace, model_id)))
     matrix = reader.prototypes(namespace, model_id).classifier
     rss_before = rss_bytes()

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -520,3 +521,38 @@ def test_the_client_over_tls_with_a_key_and_typed_errors(seeded: SecureServer) -
         with pytest.raises(errors.Unauthenticated) as grpc_refused:
             anonymous.embed(SEED_IMAGE)
         assert grpc_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- models (a finished model roll) ---------------------------------------------------------------
+
+
+def test_models_are_listed_per_key_and_dropping_one_needs_write_and_stays_in_its_namespaces(
+    seeded: SecureServer,
+) -> None:
+    server, keys = seeded, seeded.keys
+    registry = server.stack.core.registry
+    old = "retired-model-000000000001"
+    for namespace in (TEAM_A, TEAM_B):  # what a retired model's replicas left behind
+        registry.add_examples(namespace, "retired", np.ones((1, 4), np.float32), old)
+    try:
+        with server.http() as http:
+            assert http.get("/v1/models").status_code == 401
+            assert http.delete(f"/v1/models/{old}").status_code == 401
+        with server.http(keys["read-a"]) as http:
+            listed = {m["model_id"]: m["namespaces"] for m in http.get("/v1/models").json()["models"]}
+            assert listed == {server.stack.core.model_id: 1, old: 1}  # TEAM_A's only
+        for key in ("read-all", "read-a"):
+            with server.http(keys[key]) as http:
+                refused = http.delete(f"/v1/models/{old}")
+            assert refused.status_code == 403 and refused.json()["error"] == "permission_denied"
+        with server.http(keys["write-a"]) as http:
+            dropped = http.delete(f"/v1/models/{old}")
+            assert dropped.status_code == 200, dropped.text
+            assert dropped.json() == {"model_id": old, "dropped_embeddings": 1, "namespaces": [TEAM_A]}
+            refused = http.delete(f"/v1/models/{server.stack.core.model_id}")
+            assert refused.status_code == 409 and "the model this server runs" in refused.json()["message"]
+        held = {n.name: [m.model_id for m in n.models] for n in registry.list_namespaces()}
+        assert old not in held[TEAM_A] and old in held[TEAM_B]  # write-a may not touch TEAM_B
+    finally:
+        for namespace in (TEAM_A, TEAM_B):
+            registry.delete_class(namespace, "retired")

@@ -13,7 +13,7 @@ from fewshot_common.vectors import l2_normalize
 from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix, Prediction, int8_scan_answers
 from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, NotFound
+from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
 from fewshot_service.registry import Registry
 
 import image_samples as samples
@@ -203,17 +203,35 @@ def test_a_change_is_seen_by_the_next_classify(core: FewShotCore) -> None:
     assert [p.label for p in core.classify(image, "", 5)[0]] == ["red"]
 
 
-def test_other_models_namespace_is_refused_with_the_reason(
+def test_another_models_examples_are_embedded_on_demand_or_refused_with_the_reason(
     core: FewShotCore, redis_client: redis.Redis, other_model_path: Path
 ) -> None:
     core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
+    core.add_examples("", "green", shots(COLOURS["green"], 2, 1))
     other = FewShotCore(Embedder(other_model_path, intra_op_threads=1), Registry(redis_client))
+    blind = FewShotCore(core.embedder, Registry(redis_client), store_images=False)
     try:
         assert other.model_id != core.model_id
-        with pytest.raises(FailedPrecondition, match=f"{core.model_id}.*{other.model_id}"):
+        # The other model embeds the 4 examples from their stored images, then classifies.
+        assert other.classify(shots(COLOURS["red"], 1, 9), "", 1)[0][0].label == "red"
+        assert other.registry.status("default", other.model_id).embedded == 4
+        # An example stored without its image cannot be embedded by the other model.
+        blind.add_examples("", "blue", shots(COLOURS["blue"], 1, 2))
+        with pytest.raises(ModelIncomplete, match=r"4 of 5 examples embedded for model .*1 examples "
+                           rf"have no stored image.*{core.model_id}' \(5 of 5\)") as refused:
             other.classify(shots(COLOURS["red"], 1, 1), "", 5)
+        assert refused.value.progress == {"model_id": other.model_id, "embedded": 4, "total": 5,
+                                          "without_image": 1, "backfilling": False}
+        # Asked again with nothing changed, the answer comes from the recorded finding: the
+        # namespace's classes are not read again (one HGETALL: the state, for the message).
+        redis_client.config_resetstat()
+        with pytest.raises(ModelIncomplete, match="4 of 5"):
+            other.classify(shots(COLOURS["red"], 1, 1), "", 5)
+        assert redis_client.info("commandstats")["cmdstat_hgetall"]["calls"] == 1
+        assert core.classify(shots(COLOURS["blue"], 1, 3), "", 1)[0][0].label == "blue"  # its own model
     finally:
         other.close()
+        blind.close()
 
 
 def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:

@@ -206,12 +206,18 @@ def test_bad_top_k_is_invalid_argument(served: Served, namespace: str) -> None:
     assert "top_k must be between 0 and 1000" in error.details()
 
 
-def test_namespace_of_another_model_is_failed_precondition_saying_why(
+def test_another_models_namespace_is_embedded_on_demand_else_failed_precondition_with_progress(
     served: Served, namespace: str, other_model_path: Path, private_redis: ManagedRedis
 ) -> None:
-    served.core.add_examples(namespace, "red", [samples.solid_png((255, 0, 0))])
+    red = samples.solid_png((255, 0, 0))
+    served.core.add_examples(namespace, "red", [red])
     other = Served(other_model_path, private_redis.url, key_prefix=KEY_PREFIX)
     try:
+        # The other model embeds the stored image itself: no re-upload.
+        answer = other.stub.Classify(fewshot_pb2.ClassifyRequest(images=[red], namespace=namespace))
+        assert answer.results[0].predictions[0].label == "red" and answer.model_id == other.core.model_id
+        # An example stored without an image (as before this feature) cannot be.
+        served.core.registry.add_examples(namespace, "blue", served.core.embed([red]), served.core.model_id)
         error = rpc_error(
             other.stub.Classify,
             fewshot_pb2.ClassifyRequest(images=[samples.noise_png(0)], namespace=namespace),
@@ -219,8 +225,9 @@ def test_namespace_of_another_model_is_failed_precondition_saying_why(
     finally:
         other.close()
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert served.core.model_id in error.details() and other.core.model_id in error.details()
-    assert "not comparable" in error.details()
+    assert f"1 of 2 examples embedded for model {other.core.model_id!r}" in error.details()
+    assert "1 examples have no stored image" in error.details()
+    assert f"{served.core.model_id!r} (2 of 2)" in error.details()
 
 
 # --- Classify ----------------------------------------------------------------------------------

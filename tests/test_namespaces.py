@@ -57,8 +57,10 @@ def test_namespaces_are_listed_with_class_and_example_counts_and_model(
     assert listed.status_code == 200, listed.text
     model = first.core.model_id
     assert listed.json()["namespaces"] == [
-        {"namespace": "default", "class_count": 1, "example_count": 1, "model_id": model},
-        {"namespace": "shop/a", "class_count": 2, "example_count": 3, "model_id": model},
+        {"namespace": "default", "class_count": 1, "example_count": 1, "model_id": model,
+         "models": [{"model_id": model, "embedded": 1, "complete": True}]},
+        {"namespace": "shop/a", "class_count": 2, "example_count": 3, "model_id": model,
+         "models": [{"model_id": model, "embedded": 3, "complete": True}]},
     ]
 
 

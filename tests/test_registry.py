@@ -14,7 +14,7 @@ from redis.cluster import RedisCluster
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from fewshot_service.redis_client import RedisClient, connect_redis
 from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.registry import ModelIncompleteError, Registry
 
 DIM = 16
 MODEL = "vit_test-000000000001"
@@ -162,20 +162,30 @@ def test_empty_namespace_has_no_prototypes(registry: Registry) -> None:
     assert registry.list_classes("empty") == []
 
 
-def test_namespace_records_its_model_and_refuses_another(registry: Registry) -> None:
+def test_two_models_share_the_examples_and_keep_their_own_embeddings(registry: Registry) -> None:
     registry.add_examples("shop", "cat", rand(2, 8), MODEL)
-    with pytest.raises(FailedPrecondition, match="other-model|not comparable"):
-        registry.add_examples("shop", "dog", rand(2, 9), "other-model")
-    with pytest.raises(FailedPrecondition, match=f"model '{MODEL}'.*runs model 'other-model'"):
+    # Another model may add to the same namespace: the example is the namespace's, the
+    # embedding that model's; each model's prototypes hold only its own embeddings.
+    registry.add_examples("shop", "cat", rand(1, 9, dim=DIM * 2), "other-model")
+    assert [(c.label, c.count) for c in registry.list_classes("shop")] == [("cat", 3)]
+    with pytest.raises(ModelIncompleteError, match="2 of 3 examples embedded for model 'vit_test"):
+        registry.prototypes("shop", MODEL)
+    with pytest.raises(ModelIncompleteError, match="1 of 3 examples embedded for model 'other-model'"):
         registry.prototypes("shop", expected_model_id="other-model")
+    # The same model id with another width is refused, and stores nothing.
     with pytest.raises(FailedPrecondition, match="dimensional"):
-        registry.add_examples("shop", "dog", rand(2, 9, dim=DIM * 2), MODEL)
-    # Nothing of the refused adds was stored.
-    assert [(c.label, c.count) for c in registry.list_classes("shop")] == [("cat", 2)]
-    # Once empty, a namespace may start over with another model.
-    registry.delete_class("shop", "cat")
-    registry.add_examples("shop", "dog", rand(2, 9), "other-model")
-    assert registry.prototypes("shop", "other-model").model_id == "other-model"
+        registry.add_examples("shop", "dog", rand(2, 9, dim=DIM * 3), MODEL)
+    assert [(c.label, c.count) for c in registry.list_classes("shop")] == [("cat", 3)]
+    [listed] = registry.list_namespaces()
+    assert [(m.model_id, m.embedded, m.complete) for m in listed.models] == [
+        (MODEL, 2, False), ("other-model", 1, False)
+    ]
+    # Deleting the other model's example makes MODEL's prototypes complete again (its own two).
+    other_id = registry.get_class("shop", "cat").example_ids[-1]
+    registry.delete_example("shop", "cat", other_id)
+    np.testing.assert_allclose(registry.prototypes("shop", MODEL).matrix[0], unit_mean(rand(2, 8)), atol=1e-6)
+    # A model left without embeddings in the namespace is forgotten there.
+    assert [(m.model_id, m.complete) for m in registry.list_namespaces()[0].models] == [(MODEL, True)]
 
 
 def test_namespaces_are_independent(registry: Registry) -> None:
@@ -328,11 +338,12 @@ def test_cache_is_not_fooled_when_redis_loses_its_data(
 
 
 def sums_key(registry: Registry, namespace: str = "default") -> str:
-    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:sums"
+    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:m:{MODEL.encode().hex()}:sums"
 
 
 def examples_key(registry: Registry, label: str, namespace: str = "default") -> str:
-    return f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:ex:{label.encode().hex()}"
+    return (f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:m:{MODEL.encode().hex()}"
+            f":ex:{label.encode().hex()}")
 
 
 def prototype_of(registry: Registry, label: str) -> np.ndarray:
@@ -486,7 +497,8 @@ def test_deleted_classes_and_examples_reach_a_replica_incrementally(
         reader.prototypes("default", MODEL)
     writer.add_examples("default", "fox", rand(1, 23), MODEL)
     assert reader.prototypes("default", MODEL).labels == ["fox"]
-    assert reader.sync_counts == {"full": 1, "patch": 3}
+    # The empty namespace was refused from its state alone: nothing to fetch, so no sync.
+    assert reader.sync_counts == {"full": 1, "patch": 2}
 
 
 def test_a_replica_further_behind_than_the_change_log_reloads_in_full(
@@ -520,7 +532,8 @@ def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
     # What a replica running the scripts from before the change log does: bump the generation
     # without logging (here: changing a prototype behind the registry's back).
     base = f"{writer.key_prefix}:{{ns:{'default'.encode().hex()}}}"
-    reader_client.hset(f"{base}:prototypes", "cat".encode().hex(), rand(1, 61)[0].astype("<f4").tobytes())
+    reader_client.hset(f"{base}:m:{MODEL.encode().hex()}:prototypes", "cat".encode().hex(),
+                       rand(1, 61)[0].astype("<f4").tobytes())
     reader_client.hincrby(f"{base}:state", "generation", 1)
     np.testing.assert_allclose(reader.prototypes("default", MODEL).matrix[0], rand(1, 61)[0], atol=1e-6)
     assert reader.sync_counts == {"full": 2, "patch": 0}
@@ -530,7 +543,7 @@ def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
     assert reader.sync_counts == {"full": 2, "patch": 1}
 
 
-def test_a_new_epoch_reloads_in_full_and_model_mismatch_is_still_refused(
+def test_a_new_epoch_reloads_in_full_and_a_model_without_embeddings_is_refused(
     two_replicas: tuple[Registry, Registry, RedisClient],
 ) -> None:
     writer, reader, reader_client = two_replicas
@@ -538,10 +551,11 @@ def test_a_new_epoch_reloads_in_full_and_model_mismatch_is_still_refused(
     reader.prototypes("default", MODEL)
     reader_client.flushall()  # Redis lost everything; the generation restarts at the same number
     writer.add_examples("default", "dog", rand(2, 71), "vit_other-000000000002")
-    with pytest.raises(FailedPrecondition, match="vit_other"):
+    with pytest.raises(ModelIncompleteError, match="0 of 2 examples embedded"):
         reader.prototypes("default", MODEL)
+    assert reader.sync_counts == {"full": 1, "patch": 0}  # refused from the state alone
+    assert reader.prototypes("default").labels == ["dog"]  # the namespace's only model
     assert reader.sync_counts == {"full": 2, "patch": 0}
-    assert reader.prototypes("default").labels == ["dog"]
 
 
 def test_concurrent_readers_and_writers_end_at_the_state_of_a_fresh_replica(
@@ -582,8 +596,8 @@ def test_bulk_add_loads_classes_like_single_adds(
     for label, vectors in classes.items():
         np.testing.assert_allclose(protos.matrix[protos.labels.index(label)], unit_mean(vectors), atol=1e-6)
     assert writer.get_class("default", "bulk-002").count == 3
-    with pytest.raises(FailedPrecondition, match="model"):
-        writer.add_classes("default", {"x": rand(1, 1)}, "vit_other-000000000002")
+    with pytest.raises(FailedPrecondition, match="dimensional embeddings of model"):
+        writer.add_classes("default", {"x": rand(1, 1, dim=DIM + 1)}, MODEL)
 
 
 def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
@@ -595,7 +609,7 @@ def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
     writer.delete_class("default", "cat")  # empty: another model may start the namespace afresh
     other = "vit_wide-000000000003"
     writer.add_examples("default", "dog", rand(1, 91, dim=DIM * 2), other)
-    with pytest.raises(FailedPrecondition, match="vit_wide"):
+    with pytest.raises(ModelIncompleteError, match="0 of 1 examples embedded"):
         reader.prototypes("default", MODEL)
     assert reader.prototypes("default", other).matrix.shape == (1, DIM * 2)
     assert reader.sync_counts["full"] == 2
@@ -659,9 +673,10 @@ def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
     registry = Registry(client)
     registry.add_examples("ns", "cat", rand(1, 1), MODEL)
     registry.add_examples("ns", "dog", rand(1, 2), MODEL)
-    keys = registry._keys("ns")
-    stale = [keys.model, keys.state, keys.counts, keys.prototypes, keys.sums, keys.changes, keys.examples("cat")]
+    keys, mk = registry.keys("ns"), registry.keys("ns").model(MODEL)
+    stale = [keys.state, keys.counts, keys.models, keys.changes, keys.images("cat"),
+             mk.counts, mk.prototypes, mk.sums, mk.lease, mk.backfill, mk.examples("cat")]
     with pytest.raises(redis.exceptions.ResponseError, match="CHANGED"):
-        registry._delete_namespace(keys=stale, args=["cat".encode().hex()])
+        registry._delete_namespace(keys=stale, args=[1, "cat".encode().hex(), MODEL])
     assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
     assert registry.delete_namespace("ns").class_count == 2

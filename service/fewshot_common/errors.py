@@ -30,6 +30,7 @@ from fewshot_api.errors import (  # noqa: F401 (re-exported)
     FewshotError,
     ImageError,
     InvalidInput,
+    ModelIncomplete,
     NotFound,
     Overloaded,
     PermissionDenied,

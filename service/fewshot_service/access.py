@@ -60,11 +60,18 @@ class Action(str, Enum):
     METRICS = "metrics"  # GET /metrics
     # GET /v1/namespaces: any valid key; the answer holds only the namespaces the key may use.
     LIST_NAMESPACES = "list_namespaces"
+    # GET /v1/models: any valid key, over its namespaces. DELETE /v1/models/{id}: role write;
+    # it drops the model's embeddings in the namespaces the key may use (write to) only.
+    LIST_MODELS = "list_models"
+    DROP_MODEL = "drop_model"
 
 
-WRITE_ACTIONS = frozenset({Action.ADD, Action.DELETE})
-# Actions that touch no namespace: any valid key may run them.
-NAMESPACE_FREE_ACTIONS = frozenset({Action.EMBED, Action.METRICS, Action.LIST_NAMESPACES})
+WRITE_ACTIONS = frozenset({Action.ADD, Action.DELETE, Action.DROP_MODEL})
+# Actions that name no one namespace: any valid key may run them (those over several namespaces
+# act only on the ones the key may use).
+NAMESPACE_FREE_ACTIONS = frozenset(
+    {Action.EMBED, Action.METRICS, Action.LIST_NAMESPACES, Action.LIST_MODELS, Action.DROP_MODEL}
+)
 
 
 @dataclass(frozen=True)

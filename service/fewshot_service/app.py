@@ -73,6 +73,8 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     return FewShotCore(
         embedder, registry, batching=batching, decode_pool=decode_pool,
         unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
+        store_images=settings.store_images,
+        backfill_options={"on_demand_limit": settings.backfill_on_demand},
     )  # fmt: skip
 
 
@@ -179,6 +181,8 @@ class ServerStack:
             if not self._http_thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the HTTP server did not start on {host}:{self.http_port}")
             time.sleep(0.02)
+        if settings.backfill_on_start:
+            self.core.backfill_incomplete_namespaces()
         log.info(
             "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
             self.core.model_id, host, self.grpc_port, host, self.http_port,

@@ -18,7 +18,8 @@ import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import Cancelled, InvalidInput, NotFound, Unavailable
+from fewshot_common.errors import Cancelled, FailedPrecondition, InvalidInput, ModelIncomplete
+from fewshot_common.errors import NotFound, Unavailable
 from fewshot_common.images import load_batch
 
 from . import inference_metrics as metrics
@@ -29,9 +30,12 @@ from .open_set import DEFAULT_UNKNOWN_RATE, OpenSetCalibrator, OpenSetResult, la
 from .open_set import resolve_unknown_rate
 from .shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
 from .shot_quality import example_quality
+from .stored_images import bounded_copy
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
-    from .registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary, Registry
+    from .backfill import Backfiller
+    from .registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary, PrototypeSet
+    from .registry import NamespaceStatus, Registry
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +100,17 @@ class FewShotCore:
         decode_pool: DecodePool | None = None,
         unknown_rate: float = DEFAULT_UNKNOWN_RATE,
         duplicate_similarity: float = DEFAULT_DUPLICATE_SIMILARITY,
+        store_images: bool = True,
+        backfill_options: dict[str, int] | None = None,
     ) -> None:
+        from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
+        from .model_store import ModelStore
+
         self.embedder = embedder
         self.registry = registry
+        # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
+        # of another model can embed it later; without, a model roll needs a re-upload.
+        self.store_images = store_images
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
@@ -108,6 +120,11 @@ class FewShotCore:
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
         self._draining = threading.Event()
+        self.backfill: Backfiller = Backfiller(
+            ModelStore(registry), embedder.model_id,
+            lambda images, cancellation: self.embed(images, operation="backfill", cancellation=cancellation),
+            **(backfill_options or {}),
+        )  # fmt: skip
 
     @property
     def model_id(self) -> str:
@@ -118,6 +135,7 @@ class FewShotCore:
         return self._batcher.config
 
     def close(self) -> None:
+        self.backfill.stop(wait=True)  # before the batcher it feeds
         self._batcher.close()
         self.decode_pool.close()
         self.open_set.close()
@@ -177,21 +195,84 @@ class FewShotCore:
         top_k = resolve_top_k(top_k)
         unknown_rate = resolve_unknown_rate(unknown_rate, self.unknown_rate)
         # The prototypes first: a namespace we cannot answer for should not cost an inference.
-        labeller = self.labeller(namespace)
+        labeller = self.labeller(namespace, cancellation)
         embeddings = self.embed(images, operation="classify", cancellation=cancellation)
         return labeller(embeddings, top_k, unknown_rate)
 
-    def labeller(self, namespace: str) -> Callable[[np.ndarray, int, float], list[OpenSetResult]]:
+    def labeller(
+        self, namespace: str, cancellation: CancellationCheck | None = None
+    ) -> Callable[[np.ndarray, int, float], list[OpenSetResult]]:
         """Everything Classify does beyond an Embed, for ``namespace``'s current state:
         (unit embeddings [N, D], top_k, unknown_rate) -> results (bench_registry_scale times it)."""
-        prototypes = self.registry.prototypes(namespace, expected_model_id=self.model_id)
+        prototypes = self._prototypes(namespace, cancellation)
         calibration = self.open_set.calibration(namespace, prototypes)
         return functools.partial(label_images, prototypes.classifier, calibration)
 
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
-        # The registry caches one ready matrix per namespace state, and refuses
-        # (FailedPrecondition) an empty namespace or one whose examples came from another model.
-        return self.registry.prototypes(namespace, expected_model_id=self.model_id).classifier
+        return self._prototypes(namespace, None).classifier
+
+    def _prototypes(self, namespace: str, cancellation: CancellationCheck | None) -> "PrototypeSet":
+        """This model's prototypes of ``namespace``. The registry caches one ready matrix per
+        namespace state and refuses (FailedPrecondition) an empty namespace; when this model
+        lacks the embeddings of a few examples (added on a replica of another model), they are
+        embedded here from their stored images first; of many, a background pass is started and
+        the answer is ModelIncomplete with the progress."""
+        from .registry import ModelIncompleteError
+
+        try:
+            return self.registry.prototypes(namespace, self.model_id)
+        except ModelIncompleteError as exc:
+            status = exc.status
+        missing = status.examples - status.embedded
+        record = self.backfill.store.last_record(namespace, self.model_id)
+        if record is not None and record.generation == status.generation and missing <= record.without_image:
+            # Nothing changed since a fill found that the rest has no stored image: answer at once,
+            # without reading the namespace's classes again on every request.
+            raise self._incomplete(namespace, status, missing)
+        without_image = None
+        if missing <= self.backfill.on_demand_limit:
+            result = self.backfill.fill_on_demand(namespace, cancellation)
+            if result is not None:
+                without_image = result.without_image
+                try:
+                    return self.registry.prototypes(namespace, self.model_id)
+                except ModelIncompleteError as again:  # still short: more came, or no images
+                    status = again.status
+        if without_image is None or status.examples - status.embedded > without_image:
+            without_image = self._start_backfill(namespace, status)
+        raise self._incomplete(namespace, status, without_image)
+
+    def _start_backfill(self, namespace: str, status: "NamespaceStatus") -> int:
+        """Queue a background pass unless the last one found that the rest cannot be embedded;
+        returns how many examples that pass found without a stored image."""
+        record = self.backfill.store.last_record(namespace, self.model_id)
+        without_image = record.without_image if record is not None else 0
+        missing = status.examples - status.embedded
+        if record is None or missing > record.without_image:
+            self.backfill.request(namespace)
+        return min(without_image, missing)
+
+    def _incomplete(self, namespace: str, status: "NamespaceStatus", without_image: int) -> ModelIncomplete:
+        missing = status.examples - status.embedded
+        backfilling = missing > without_image
+        others = [m for m in self.registry.model_progress(namespace) if m.model_id != self.model_id]
+        message = (
+            f"namespace {namespace!r}: {status.embedded} of {status.examples} examples embedded "
+            f"for model {self.model_id!r}, the model this server runs"
+        )
+        if backfilling:
+            message += "; computing the rest from their stored images, retry shortly"
+        if without_image:
+            message += (
+                f"; {without_image} examples have no stored image: re-upload them (or delete them)"
+            )
+        if others:
+            held = ", ".join(f"{m.model_id!r} ({m.embedded} of {status.examples})" for m in others)
+            message += f"; embeddings of other models: {held}"
+        return ModelIncomplete(message, {
+            "model_id": self.model_id, "embedded": status.embedded, "total": status.examples,
+            "without_image": without_image, "backfilling": backfilling,
+        })  # fmt: skip
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -208,9 +289,13 @@ class FewShotCore:
         """
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
-        info = self.registry.add_examples(namespace, label, embeddings, self.model_id)
+        stored = None
+        if self.store_images:
+            limits = self.embedder.limits
+            stored = self.decode_pool.run(lambda: [bounded_copy(image, limits) for image in images], cancellation)
+        info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
-            snapshot = self.registry.example_snapshot(namespace, only_label=label)
+            snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
             return info
@@ -226,7 +311,7 @@ class FewShotCore:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         info = self.registry.get_class(namespace, label)
-        snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
         if label not in snapshot.labels:  # deleted by another request in between
             return info
         return dataclasses.replace(info, examples=example_quality(snapshot, label))
@@ -235,7 +320,7 @@ class FewShotCore:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         top_k = resolve_top_k(top_k)
-        snapshot = self.registry.example_snapshot(namespace, only_label=label)
+        snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
         return confusions(snapshot, label, top_k)
@@ -259,11 +344,37 @@ class FewShotCore:
         """Remove a namespace with all its classes and examples, atomically."""
         return self.registry.delete_namespace(resolve_namespace(namespace))
 
+    # -- models ------------------------------------------------------------------------------
+
+    def backfill_incomplete_namespaces(self) -> None:
+        """Start embedding, in the background, every namespace this model has not fully
+        embedded (a replica of a newly rolled model warms up before its first Classify)."""
+
+        def incomplete() -> list[str]:
+            return [
+                n.name for n in self.registry.list_namespaces()
+                if not any(m.model_id == self.model_id and m.complete for m in n.models)
+            ]  # fmt: skip
+
+        self.backfill.request_incomplete(incomplete)
+
+    def drop_model(self, model_id: str, namespaces: Sequence[str]) -> dict[str, int]:
+        """Forget ``model_id``'s embeddings in ``namespaces`` (examples and images stay): for a
+        model no replica serves any more. Refused for the model this server runs."""
+        model_id = resolve_name(model_id, "model id")
+        if model_id == self.model_id:
+            raise FailedPrecondition(
+                f"model {model_id!r} is the model this server runs: drop it from a server of another model"
+            )
+        return {namespace: self.backfill.store.drop(namespace, model_id) for namespace in namespaces}
+
     # -- health ------------------------------------------------------------------------------
 
     def begin_draining(self) -> None:
-        """Shutdown has begun: report not ready (so load balancers move away); calls still work."""
+        """Shutdown has begun: report not ready (so load balancers move away); calls still work.
+        The background backfill stops after its current batch (its lease released)."""
         self._draining.set()
+        self.backfill.stop(wait=False)
 
     def ready(self) -> bool:
         """Model loaded (it is, once constructed), Redis answering, and not shutting down."""

@@ -269,7 +269,7 @@ class OpenSetCalibrator:
             return cached[1]
         if len(prototypes.classifier) <= SYNC_CALIBRATION_CLASSES:  # not .labels: a sort per state
             # Fetched and computed outside the lock; two racing requests both compute, one wins.
-            return self._recalibrate(namespace)
+            return self._recalibrate(namespace, prototypes.model_id)
         self._schedule(namespace, prototypes)
         if cached is not None and cached[0][0] == prototypes.epoch:
             return cached[1]
@@ -292,7 +292,8 @@ class OpenSetCalibrator:
         try:
             labels = sampled_labels(prototypes.labels, SAMPLED_CLASSES)
             sample = self._registry.example_snapshot(
-                namespace, SAMPLED_EXAMPLES_PER_CLASS, only_labels=labels, only_their_means=True
+                namespace, SAMPLED_EXAMPLES_PER_CLASS, only_labels=labels, only_their_means=True,
+                model_id=prototypes.model_id,
             )
             calibration = calibrate_top_two(*loo_top_two_against(prototypes.classifier, sample))
             self._store(namespace, (sample.epoch, sample.generation), calibration)
@@ -304,8 +305,9 @@ class OpenSetCalibrator:
                 self._pending.discard(namespace)
                 self._next_allowed[namespace] = started + max(REFRESH_INTERVAL_S, took / BUSY_FRACTION)
 
-    def _recalibrate(self, namespace: str) -> Calibration:
-        snapshot = self._registry.example_snapshot(namespace, self._max_examples_per_class)
+    def _recalibrate(self, namespace: str, model_id: str | None) -> Calibration:
+        # The examples of the model the prototypes are of (a namespace may hold several models').
+        snapshot = self._registry.example_snapshot(namespace, self._max_examples_per_class, model_id=model_id)
         calibration = calibrate_snapshot(snapshot)
         self._store(namespace, (snapshot.epoch, snapshot.generation), calibration)
         return calibration

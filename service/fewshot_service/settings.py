@@ -143,6 +143,22 @@ class Settings(BaseSettings):
     max_examples_per_class: int = Field(
         default=1000, gt=0, description="examples a class may hold; an add beyond is refused (409)"
     )
+    # Model rolls (backfill.py): a stored image per example lets a new model embed it later.
+    store_images: bool = Field(
+        default=True,
+        description="keep a bounded copy of each added example's image (shorter side <= 384 px), so "
+        "a server of another model can embed it without a re-upload",
+    )
+    backfill_on_demand: int = Field(
+        default=32, ge=0,
+        description="missing embeddings of this model a Classify computes itself from stored images "
+        "before answering; more start a background backfill and a 409 with the progress",
+    )
+    backfill_on_start: bool = Field(
+        default=True,
+        description="at start, embed in the background the examples of every namespace this "
+        "model has not embedded yet (else only when a Classify asks)",
+    )
     # Open set and shot quality (open_set.py, shot_quality.py).
     unknown_rate: float = Field(
         default=0.05, gt=0, lt=1,

@@ -9,8 +9,8 @@ works for the core, REST and gRPC alike. Plain Python: no dependency.
 from __future__ import annotations
 
 __all__ = [
-    "Cancelled", "FailedPrecondition", "FewshotError", "ImageError", "InvalidInput", "NotFound",
-    "Overloaded", "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable",
+    "Cancelled", "FailedPrecondition", "FewshotError", "ImageError", "InvalidInput", "ModelIncomplete",
+    "NotFound", "Overloaded", "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable",
 ]  # fmt: skip
 
 
@@ -46,6 +46,17 @@ class NotFound(FewshotError):
 
 class FailedPrecondition(FewshotError):
     """The system is not in a state to answer: no classes yet, or a model mismatch."""
+
+
+class ModelIncomplete(FailedPrecondition):
+    """A namespace's examples are not all embedded with the model this server runs yet (a model
+    roll-out backfills them from stored images). ``progress`` says how far: ``model_id``,
+    ``embedded``, ``total``, ``without_image`` (examples that can only be re-uploaded) and
+    ``backfilling``; REST puts it in the 409 body, gRPC in the message."""
+
+    def __init__(self, message: str, progress: dict[str, object]) -> None:
+        super().__init__(message)
+        self.progress = progress
 
 
 class Unavailable(FewshotError):

@@ -21,7 +21,8 @@ import numpy as np
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 from .errors import from_grpc, from_http
-from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, NamespaceInfo, Prediction
+from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel, ModelCompleteness
+from .types import ModelInfo, NamespaceInfo, Prediction
 
 ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): file bytes or a path
 Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007: one image or several
@@ -224,12 +225,26 @@ class FewShotClient:
     def list_namespaces(self) -> list[NamespaceInfo]:
         """The namespaces holding classes that this client's API key may use."""
         body = self._rest("GET", "/v1/namespaces")
-        return [NamespaceInfo(**n) for n in body["namespaces"]]
+        return [
+            NamespaceInfo(**{**n, "models": [ModelCompleteness(**m) for m in n.get("models", [])]})
+            for n in body["namespaces"]
+        ]
 
     def delete_namespace(self, namespace: str) -> DeletedNamespace:
         """Delete ``namespace`` with every class and example in it (atomic)."""
         body = self._rest("DELETE", f"/v1/namespaces/{quote(namespace, safe='')}")
         return DeletedNamespace(**body)
+
+    # -- models (REST) -------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        """The models holding embeddings in this key's namespaces, and how complete each is."""
+        return [ModelInfo(**m) for m in self._rest("GET", "/v1/models")["models"]]
+
+    def delete_model(self, model_id: str) -> DroppedModel:
+        """Drop ``model_id``'s embeddings in every namespace this key may write to (a model no
+        server runs any more); FailedPrecondition for the model the server runs."""
+        return DroppedModel(**self._rest("DELETE", f"/v1/models/{quote(model_id, safe='')}"))
 
     # -- plumbing --------------------------------------------------------------------------------
 

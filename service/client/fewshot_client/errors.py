@@ -71,6 +71,8 @@ def from_http(status: int, body: Any) -> FewshotError:
     error = cls(message)
     error.status, error.kind = status, kind  # type: ignore[attr-defined]
     error.index = body.get("index")  # type: ignore[attr-defined]  # which image, if one was bad
+    # A 409 during a model roll: how far this server's model is (model_id, embedded, total, ...).
+    error.progress = body.get("progress")  # type: ignore[attr-defined]
     return error
 
 

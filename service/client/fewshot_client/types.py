@@ -51,11 +51,35 @@ class ClassInfo:
 
 
 @dataclass(frozen=True)
+class ModelCompleteness:
+    model_id: str
+    embedded: int  # examples of the namespace this model has an embedding of
+    complete: bool
+
+
+@dataclass(frozen=True)
 class NamespaceInfo:
     namespace: str
     class_count: int
     example_count: int
-    model_id: str | None
+    model_id: str | None  # the model with the most embeddings here
+    models: list[ModelCompleteness] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    served_here: bool  # the model the answering server runs
+    namespaces: int
+    complete_namespaces: int
+    embeddings: int
+
+
+@dataclass(frozen=True)
+class DroppedModel:
+    model_id: str
+    dropped_embeddings: int
+    namespaces: list[str]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ from fewshot_client import (
     ClassInfo,
     ClassSummary,
     DeletedNamespace,
+    DroppedModel,
     FewShotClient,
     ImageInput,
+    ModelCompleteness,
+    ModelInfo,
     NamespaceInfo,
     Prediction,
     errors,
@@ -19,5 +22,6 @@ from fewshot_client import (
 
 __all__ = [
     "API_KEY_ENV", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
-    "DeletedNamespace", "FewShotClient", "ImageInput", "NamespaceInfo", "Prediction", "errors",
+    "DeletedNamespace", "DroppedModel", "FewShotClient", "ImageInput", "ModelCompleteness",
+    "ModelInfo", "NamespaceInfo", "Prediction", "errors",
 ]  # fmt: skip

@@ -1,42 +1,48 @@
--- KEYS: model, state, counts, prototypes, examples (of this class), sums, changes
+-- KEYS: state, counts, models, changes, images (of this class), then this model's counts,
+-- prototypes, sums and embeddings (of this class)
 -- ARGV: label field, model id, embedding dim, epoch, max examples per class, change log size,
--- then one float32 blob per example.
--- Returns {generation, count, example id...}; refuses a model or dim other than the namespace's,
--- and an add that would take the class over its example cap (before changing anything).
+-- then per example: its float32 blob and its stored image ('' when none is stored).
+-- Returns {generation, count, example id...}; refuses a dim other than the one this model id
+-- was recorded with, and an add that would take the class over its cap (before changing anything).
+-- Any model may add: the examples are the namespace's, the embeddings this model's.
 -- The epoch is set once per namespace state: if Redis loses its data, the next epoch differs,
 -- so no replica mistakes a restarted generation count for the one it cached.
-local model_key, state_key, counts_key, protos_key, examples_key, sums_key, changes_key = unpack(KEYS)
+local state_key, counts_key, models_key, changes_key, images_key = unpack(KEYS, 1, 5)
+local mcounts_key, protos_key, sums_key, examples_key = unpack(KEYS, 6, 9)
 local field, model_id, dim, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local max_examples, log_size = tonumber(ARGV[5]), tonumber(ARGV[6])
-local first_blob = 7
+local first = 7
 
-local recorded = redis.call('HMGET', model_key, 'model_id', 'dim')
-if recorded[1] and recorded[1] ~= model_id then
-  return redis.error_reply('MODEL_MISMATCH ' .. recorded[1])
+if is_legacy(state_key) then return redis.error_reply('LEGACY') end
+local recorded = redis.call('HGET', models_key, model_id)
+if recorded and tonumber(recorded) ~= dim then
+  return redis.error_reply('DIM_MISMATCH ' .. recorded)
 end
-if recorded[2] and tonumber(recorded[2]) ~= dim then
-  return redis.error_reply('DIM_MISMATCH ' .. recorded[2])
-end
-local existing = redis.call('HLEN', examples_key)
-local adding = #ARGV - first_blob + 1
+local existing = redis.call('HLEN', images_key)
+local adding = (#ARGV - first + 1) / 2
 if existing + adding > max_examples then
   return redis.error_reply('TOO_MANY_EXAMPLES ' .. existing .. ' ' .. max_examples)
 end
-redis.call('HSET', model_key, 'model_id', model_id, 'dim', dim)
+redis.call('HSET', models_key, model_id, dim)
 redis.call('HSETNX', state_key, 'epoch', epoch)
+redis.call('HSET', state_key, 'layout', 2)
 
-local sum = load_sum(sums_key, examples_key, field, dim, existing)
+local embedded = redis.call('HLEN', examples_key)
+local sum = load_sum(sums_key, examples_key, field, dim, embedded)
 local ids = {}
-for i = first_blob, #ARGV do
+for i = first, #ARGV, 2 do
   local id = tostring(redis.call('HINCRBY', state_key, 'next_example_id', 1))
+  redis.call('HSET', images_key, id, ARGV[i + 1])
   redis.call('HSET', examples_key, id, ARGV[i])
   local v = unit_vector(ARGV[i], dim)
   for j = 1, dim do sum[j] = sum[j] + v[j] end
   ids[#ids + 1] = id
 end
-local count = store_class(model_key, counts_key, protos_key, examples_key, sums_key, field, sum,
-  existing + adding, dim)
+store_model_class(mcounts_key, protos_key, sums_key, examples_key, field, sum, embedded + adding, dim)
+redis.call('HSET', counts_key, field, existing + adding)
+redis.call('HINCRBY', state_key, 'examples', adding)
+redis.call('HINCRBY', state_key, 'n:' .. model_id, adding)
 local generation = bump_generation(state_key, changes_key, field, log_size)
-local reply = {generation, count}
+local reply = {generation, existing + adding}
 for _, id in ipairs(ids) do reply[#reply + 1] = id end
 return reply

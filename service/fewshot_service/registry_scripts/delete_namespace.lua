@@ -1,16 +1,20 @@
--- KEYS: model, state, counts, prototypes, sums, changes, then the examples hash of every class
--- ARGV: the label field of every class, in the order of their examples keys.
+-- KEYS: state, counts, models, changes, then every other key of the namespace (images of each
+-- class; per model its counts, prototypes, sums, backfill lease and record, and embeddings of
+-- each class)
+-- ARGV: the number of classes, their label fields, then the model ids.
 -- Removes the whole namespace, state included: the next add starts a new epoch, so every
--- replica's cached copy stops matching and is dropped. Refuses (CHANGED) when the classes are no
--- longer the ones the caller read, so no class added in between is left half-deleted.
+-- replica's cached copy stops matching and is dropped. Refuses (CHANGED) when the classes or
+-- models are no longer the ones the caller read, so nothing added in between is left behind.
 -- Returns {classes deleted, examples deleted}.
-local model_key, state_key, counts_key, protos_key, sums_key, changes_key = unpack(KEYS, 1, 6)
+local state_key, counts_key, models_key = unpack(KEYS, 1, 3)
+if is_legacy(state_key) then return redis.error_reply('LEGACY') end
+local n_classes = tonumber(ARGV[1])
 local fields = redis.call('HKEYS', counts_key)
-if #fields ~= #ARGV then
+if #fields ~= n_classes then
   return redis.error_reply('CHANGED')
 end
 local expected = {}
-for _, field in ipairs(ARGV) do expected[field] = true end
+for i = 2, n_classes + 1 do expected[ARGV[i]] = true end
 local examples = 0
 for _, field in ipairs(fields) do
   if not expected[field] then
@@ -18,6 +22,8 @@ for _, field in ipairs(fields) do
   end
   examples = examples + tonumber(redis.call('HGET', counts_key, field))
 end
-for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
-for i = 1, 6 do redis.call('DEL', KEYS[i]) end
+if not models_match(models_key, {unpack(ARGV, n_classes + 2)}) then
+  return redis.error_reply('CHANGED')
+end
+for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return {#fields, examples}

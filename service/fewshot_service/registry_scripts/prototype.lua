@@ -1,10 +1,12 @@
 -- Shared prelude, prepended to each registry script by registry.py.
 -- Embeddings are little-endian float32 blobs; a prototype is the mean of the L2-normalised
--- embeddings of a class. Each class keeps the running sum of those unit vectors (float64, in
--- the sums hash, with the example count it covers under '<field>:n'), so an add or a delete
--- costs O(changed examples x dim), not O(class size): re-reading a class of 100k examples
--- stalled Redis for everyone. A sum that is missing (data written before sums existed) or
--- covers another count (written by an older script) is recomputed once from the examples.
+-- embeddings of a class. Embeddings, sums and prototypes are kept per model id (keys under
+-- {ns}:m:<model hex>:), so replicas of two models can serve one namespace side by side; the
+-- examples themselves (ids, stored images, counts) are the namespace's, whatever the model.
+-- Each class keeps, per model, the running sum of its unit vectors (float64, in that model's
+-- sums hash, with the example count it covers under '<field>:n'), so an add or a delete costs
+-- O(changed examples x dim), not O(class size). A sum that is missing or covers another count
+-- is recomputed once from that model's embeddings.
 
 local function unit_vector(blob, dim)
   local v = {struct.unpack('<' .. string.rep('f', dim), blob)}
@@ -25,7 +27,7 @@ local function recompute_sum(examples_key, dim)
   return sum
 end
 
--- The class's sum of unit vectors while it holds `count` examples.
+-- The class's sum of unit vectors (of one model) while it holds `count` of them.
 local function load_sum(sums_key, examples_key, field, dim, count)
   local stored = redis.call('HMGET', sums_key, field, field .. ':n')
   if stored[1] and tonumber(stored[2]) == count then
@@ -36,26 +38,60 @@ local function load_sum(sums_key, examples_key, field, dim, count)
   return recompute_sum(examples_key, dim)
 end
 
--- Stores the class's count, sum and prototype (sum / count), or forgets the class when no
--- example is left; an empty namespace forgets its model too, so another model may start it afresh.
-local function store_class(model_key, counts_key, protos_key, examples_key, sums_key, field, sum, count, dim)
+-- Stores one model's count, sum and prototype (sum / count) of a class, or forgets the class
+-- for that model when it holds none of its embeddings.
+local function store_model_class(mcounts_key, protos_key, sums_key, examples_key, field, sum, count, dim)
   if count == 0 then
-    redis.call('HDEL', counts_key, field)
+    redis.call('HDEL', mcounts_key, field)
     redis.call('HDEL', protos_key, field)
     redis.call('HDEL', sums_key, field, field .. ':n')
     redis.call('DEL', examples_key)
-    if redis.call('HLEN', counts_key) == 0 then
-      redis.call('DEL', model_key)
-    end
   else
     local mean = {}
     for i = 1, dim do mean[i] = sum[i] / count end
-    redis.call('HSET', counts_key, field, count)
+    redis.call('HSET', mcounts_key, field, count)
     redis.call('HSET', protos_key, field, struct.pack('<' .. string.rep('f', dim), unpack(mean, 1, dim)))
     redis.call('HSET', sums_key, field, struct.pack('<' .. string.rep('d', dim), unpack(sum, 1, dim)),
       field .. ':n', count)
   end
   return count
+end
+
+-- A namespace written by the scripts before per-model keys (state without 'layout') must be
+-- migrated first (migrate_layout.lua); the caller does that and retries.
+local function is_legacy(state_key)
+  return redis.call('HEXISTS', state_key, 'epoch') == 1 and not redis.call('HGET', state_key, 'layout')
+end
+
+-- True when the models hash names exactly `ids` (the models whose keys the caller passed).
+local function models_match(models_key, ids)
+  local expected = {}
+  for _, id in ipairs(ids) do expected[id] = true end
+  local count = 0
+  for i, entry in ipairs(redis.call('HGETALL', models_key)) do
+    if i % 2 == 1 then
+      if not expected[entry] then return false end
+      count = count + 1
+    end
+  end
+  return count == #ids
+end
+
+-- A model left with no embedding in the namespace is forgotten there (not listed as 0 of n).
+local function forget_model_if_unused(models_key, state_key, model_id)
+  if (tonumber(redis.call('HGET', state_key, 'n:' .. model_id)) or 0) <= 0 then
+    redis.call('HDEL', models_key, model_id)
+    redis.call('HDEL', state_key, 'n:' .. model_id)
+  end
+end
+
+-- An empty namespace forgets its models, so no completeness is reported for nothing.
+local function forget_models_if_empty(counts_key, models_key, state_key, model_ids)
+  if redis.call('HLEN', counts_key) == 0 then
+    redis.call('DEL', models_key)
+    for _, id in ipairs(model_ids) do redis.call('HDEL', state_key, 'n:' .. id) end
+    redis.call('HSET', state_key, 'examples', 0)
+  end
 end
 
 -- Bumps the namespace's generation and records that `field` changed at it in the change log (a

@@ -106,6 +106,8 @@ def install_error_handlers(app: FastAPI) -> None:
             extra = {"file": exc.filename, "index": exc.index}
         elif isinstance(exc, errors.ImageError):
             extra = {"index": exc.index}
+        elif isinstance(exc, errors.ModelIncomplete):
+            extra = {"progress": exc.progress}
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status >= 500:
             # The detail (what Redis said, its address) stays in the log, under the request id.

@@ -10,14 +10,15 @@ from .http_errors import error_response
 
 CLASSES_PREFIX = "/v1/classes/"
 NAMESPACES_PREFIX = "/v1/namespaces/"
+MODELS_PREFIX = "/v1/models/"
 
 HTTP_RESPONSES = Counter(
     "fewshot_http_responses_total", "HTTP responses by method and status code.", ["method", "status"]
 )
 
 class RawClassPath:
-    """Route ``/v1/classes/...`` and ``/v1/namespaces/...`` on the raw path, so ``%2F`` inside a
-    label or namespace is not a separator.
+    """Route ``/v1/classes/...``, ``/v1/namespaces/...`` and ``/v1/models/...`` on the raw path,
+    so ``%2F`` (or a decoded newline) inside a label, namespace or model id is not a separator.
 
     Handlers then percent-decode the label themselves (once).
     """
@@ -26,7 +27,7 @@ class RawClassPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith((CLASSES_PREFIX, NAMESPACES_PREFIX)):
+        if scope["type"] == "http" and scope["path"].startswith((CLASSES_PREFIX, NAMESPACES_PREFIX, MODELS_PREFIX)):
             raw = scope.get("raw_path")
             if raw:
                 scope = dict(scope, path=raw.decode("latin-1"))

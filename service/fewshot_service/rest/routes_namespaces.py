@@ -13,7 +13,8 @@ from fastapi import APIRouter, Path
 from ..access import Action, Principal
 from ..core import MAX_NAME_CHARS
 from .dependencies import Core, StrictQuery, decode_path_param
-from .schemas import DeletedNamespaceBody, NamespaceListBody, NamespaceSummaryBody, error_responses
+from .schemas import DeletedNamespaceBody, ModelCompletenessBody, NamespaceListBody, NamespaceSummaryBody
+from .schemas import error_responses
 from .security import require
 
 router = APIRouter(prefix="/v1/namespaces", tags=["namespaces"], dependencies=[StrictQuery])
@@ -27,7 +28,8 @@ Caller = Annotated[Principal, require(Action.LIST_NAMESPACES)]
     "",
     response_model=NamespaceListBody,
     responses=error_responses(401, 422, 503),
-    summary="The namespaces holding classes (those this API key may use), with their counts and model",
+    summary="The namespaces holding classes (those this API key may use), with their counts and "
+    "each model's completeness",
 )
 def list_namespaces(core: Core, caller: Caller) -> NamespaceListBody:
     return NamespaceListBody(
@@ -37,6 +39,8 @@ def list_namespaces(core: Core, caller: Caller) -> NamespaceListBody:
                 class_count=n.class_count,
                 example_count=n.example_count,
                 model_id=n.model_id,
+                models=[ModelCompletenessBody(model_id=m.model_id, embedded=m.embedded, complete=m.complete)
+                        for m in n.models],
             )
             for n in core.list_namespaces()
             if caller.may_use(n.name)

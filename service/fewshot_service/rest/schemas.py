@@ -7,12 +7,23 @@ from typing import Any
 from pydantic import BaseModel
 
 
+class ModelProgressBody(BaseModel):
+    """A 409 while this server's model has not embedded every example of the namespace yet."""
+
+    model_id: str  # the model this server runs
+    embedded: int  # examples it has an embedding of
+    total: int  # examples the namespace holds
+    without_image: int  # missing examples with no stored image: only a re-upload helps them
+    backfilling: bool  # the rest is being computed from stored images: retry shortly
+
+
 class ErrorBody(BaseModel):
     error: str
     message: str
     file: str | None = None  # an image error: the uploaded file's name ...
     index: int | None = None  # ... and its 0-based position in the request
     request_id: str | None = None  # a server-side failure: the id its log lines carry
+    progress: ModelProgressBody | None = None  # a model roll in progress (409)
 
 
 class ClassSummaryBody(BaseModel):
@@ -86,11 +97,36 @@ class DeletedExampleBody(BaseModel):
     class_deleted: bool
 
 
+class ModelCompletenessBody(BaseModel):
+    model_id: str
+    embedded: int  # examples of the namespace this model has an embedding of
+    complete: bool  # embedded == example_count: servers of this model can classify here
+
+
 class NamespaceSummaryBody(BaseModel):
     namespace: str
     class_count: int
     example_count: int
-    model_id: str | None  # the model the namespace's embeddings came from
+    model_id: str | None  # the model with the most embeddings here (see models)
+    models: list[ModelCompletenessBody] = []  # every model holding embeddings, most first
+
+
+class ModelSummaryBody(BaseModel):
+    model_id: str
+    served_here: bool  # the model this server runs
+    namespaces: int  # namespaces (of this key) holding its embeddings
+    complete_namespaces: int  # of those, the ones it has fully embedded
+    embeddings: int  # its embeddings in them
+
+
+class ModelListBody(BaseModel):
+    models: list[ModelSummaryBody]
+
+
+class DroppedModelBody(BaseModel):
+    model_id: str
+    dropped_embeddings: int
+    namespaces: list[str]  # where it held embeddings (among those the key may use)
 
 
 class NamespaceListBody(BaseModel):
@@ -163,7 +199,8 @@ ERROR_DESCRIPTIONS = {
     401: "missing or unknown API key (the server has --api-keys)",
     403: "the API key's role or namespaces do not allow this, or a cross-origin change",
     404: "unknown class, example or namespace",
-    409: "failed precondition: no classes yet, or another model's namespace",
+    409: "failed precondition: no classes yet, a class at its cap, or this server's model has "
+    "not embedded every example yet (body: progress)",
     413: "a limit was exceeded",
     422: "bad input",
     500: "unexpected server error",
