@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .hardware import Bf16Setting
 from .vit import get_arch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -78,7 +79,12 @@ class OptimizationConfig(_Section):
     ema_end: float = Field(1.0, ge=0, le=1)
     # The reference stretches the lr/wd/EMA schedules over 1.25x the real run (msn.md §1).
     schedule_horizon: float = Field(1.25, ge=1.0)
-    bf16: bool = False
+    # bf16 autocast of the networks (loss, Sinkhorn and optimiser state stay fp32). "auto": on only
+    # where the CPU has AMX-BF16 or AVX512-BF16 (or the GPU supports bf16), see hardware.py.
+    bf16: Bf16Setting = False
+    # torch.compile (inductor) the forward passes and the loss; backward is compiled with them.
+    # Falls back to eager, with a warning, where compiling fails (e.g. no C++ compiler).
+    compile: bool = False
 
 
 class LoggingConfig(_Section):

@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, make_checkpoint, save_
 from .config import TrainConfig, save_config
 from .data import EpochIndexSampler, UnlabelledImages, sample_seed
 from .ema import ema_update
-from .loss import msn_loss
+from .hardware import cpu_info, resolve_bf16
+from .loss import LossParts, msn_loss
 from .masking import random_keep_indices
 from .metrics import CollapseMeter, JsonlLog, batch_indicators
 from .model import MSNEncoder, ProjectionHead, init_prototypes
@@ -41,6 +42,8 @@ from .vit import ArchSpec, build_vit, get_arch
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
+# torch.compile backend of ``optimization.compile`` (a name or a callable; tests swap in failing ones).
+COMPILE_BACKEND: Any = "inductor"
 CONFIG_NAME = "config.yaml"
 
 
@@ -169,6 +172,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line: the exception and its root cause (torch wraps compiler errors in its own)."""
+    root = exc
+    # BackendCompilerFailed keeps the compiler's own error in ``inner_exception``.
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner
+    first_line = (str(root).strip().splitlines() or [""])[0]
+    chain = type(exc).__name__ if root is exc else f"{type(exc).__name__} <- {type(root).__name__}"
+    return f"{chain}: {first_line}"[:500]
+
+
 class MSNTrainer:
     def __init__(self, config: TrainConfig, options: TrainOptions) -> None:
         self.config = config
@@ -219,6 +233,18 @@ class MSNTrainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.online = DistributedDataParallel(online, device_ids=device_ids)
         self.log = JsonlLog(options.output / METRICS_NAME) if dist_utils.is_main() else None
+        opt = config.optimization
+        self.bf16 = resolve_bf16(
+            opt.bf16, device_type=self.device.type, cpu_flags=cpu_info().flags,
+            cuda_bf16=self.device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        )
+        # A compiled *function* over the unchanged modules: their state_dict keys (checkpoints)
+        # stay as they are, with no ``_orig_mod.`` prefix.
+        self._compiled_forward_loss = (
+            torch.compile(self._forward_loss, backend=COMPILE_BACKEND) if opt.compile else None
+        )
+        self._compile_checked = False
+        self.compile_error: str | None = None  # why compiling failed, when it did
 
     # -- data -------------------------------------------------------------------------------
     def _sampler(self, epoch: int, skip_batches: int = 0) -> EpochIndexSampler:
@@ -302,6 +328,60 @@ class MSNTrainer:
                                 end=opt.ema_end, horizon=opt.schedule_horizon)
         return {"lr": lr, "wd": wd, "momentum": momentum}
 
+    def _forward_loss(self, views: list[torch.Tensor], keep: torch.Tensor,
+                      focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+        """Target (EMA, unmasked, no grad) and anchors (masked random view + focal views, masked
+        too with ``masking.focal``), then the MSN loss. Shapes are fixed across steps (a fixed
+        number of kept tokens), so a compiled version of this compiles once."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        with autocast:
+            with torch.no_grad():
+                target_z = self.target([views[0]])
+            anchor_z = self.online(views[1:], keep, focal_keep)
+        crit = self.config.criterion
+        parts = msn_loss(
+            anchor_z, target_z, self.prototypes, temperature=crit.temperature,
+            sharpen_temperature=crit.sharpen_temperature, memax_weight=crit.memax_weight,
+            use_sinkhorn=crit.use_sinkhorn, sinkhorn_iterations=crit.sinkhorn_iterations,
+            label_smoothing=crit.label_smoothing,
+        )
+        return parts, target_z
+
+    def _forward_backward(self, fn: Callable[..., tuple[LossParts, torch.Tensor]],
+                          views: list[torch.Tensor], keep: torch.Tensor,
+                          focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+        parts, target_z = fn(views, keep, focal_keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        return parts, target_z
+
+    def _first_compiled_step(self, views: list[torch.Tensor], keep: torch.Tensor,
+                             focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+        """Forward + backward through the compiled function; on a compiler failure, eager instead.
+
+        Inductor compiles the forward in the first call and the backward in the first backward,
+        so a failure (no C++ compiler, an op it cannot lower) can come after the forward ran and
+        moved the BatchNorm running statistics: they are put back before the eager retry, which
+        then computes exactly the step an uncompiled run would. Only speed depends on compiling,
+        so a long run goes on rather than dying on a machine without a toolchain.
+        """
+        assert self._compiled_forward_loss is not None
+        buffers = [(b, b.detach().clone()) for module in (self.online_module, self.target)
+                   for b in module.buffers()]
+        try:
+            result = self._forward_backward(self._compiled_forward_loss, views, keep, focal_keep)
+        except Exception as exc:  # noqa: BLE001 -- whatever the compiler raised: fall back, say why
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            self.compile_error = describe_error(exc)
+            log.warning("torch.compile failed, training in eager mode: %s", self.compile_error)
+            self._write({"event": "compile_failed", "step": self.step, "error": self.compile_error})
+            self._compiled_forward_loss = None
+            return self._forward_backward(self._forward_loss, views, keep, focal_keep)
+        self._compile_checked = True
+        return result
+
     def train_step(self, views: list[torch.Tensor], meter: CollapseMeter) -> dict[str, float]:
         cfg = self.config
         sched = self._apply_schedules()
@@ -315,25 +395,15 @@ class MSNTrainer:
             if cfg.masking.focal and cfg.data.focal_views else None
         )
 
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.optimization.bf16)
-        # 1. target (EMA, unmasked, no grad) and anchors (masked random view + focal views,
-        #    masked too with masking.focal)
-        with autocast:
-            with torch.no_grad():
-                target_z = self.target([views[0]])
-            anchor_z = self.online(views[1:], keep, focal_keep)
-        # 2. loss
-        crit = cfg.criterion
-        parts = msn_loss(
-            anchor_z, target_z, self.prototypes, temperature=crit.temperature,
-            sharpen_temperature=crit.sharpen_temperature, memax_weight=crit.memax_weight,
-            use_sinkhorn=crit.use_sinkhorn, sinkhorn_iterations=crit.sinkhorn_iterations,
-            label_smoothing=crit.label_smoothing,
-        )
-        # 3. backward, prototype grads summed over ranks, clip the encoder, step
-        self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        # 1-3. forwards, loss, backward
+        if self._compiled_forward_loss is None:
+            parts, target_z = self._forward_backward(self._forward_loss, views, keep, focal_keep)
+        elif not self._compile_checked:
+            parts, target_z = self._first_compiled_step(views, keep, focal_keep)
+        else:
+            parts, target_z = self._forward_backward(self._compiled_forward_loss, views, keep,
+                                                     focal_keep)
+        # 3. prototype grads summed over ranks, clip the encoder, step
         if self.prototypes.grad is not None:
             dist_utils.all_reduce_sum_(self.prototypes.grad)
         grad_norm = float("nan")
@@ -362,7 +432,8 @@ class MSNTrainer:
                 log.warning("skipped %d unreadable files under %s", skipped, opts.data)
             self._write({"event": "start", "images": len(self.dataset), "skipped_files": skipped,
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                         "world_size": self.world, "start_step": self.step})
+                         "world_size": self.world, "start_step": self.step,
+                         "bf16": self.bf16, "compile": self._compiled_forward_loss is not None})
         limit = self.total_steps if opts.max_steps is None else min(opts.max_steps, self.total_steps)
         self.online.train()
         self.target.train()

@@ -1,0 +1,65 @@
+"""What the CPU can do, and the settings that depend on it (``optimization.bf16: auto``).
+
+bf16 autocast pays only where the CPU multiplies bf16 natively: on a Xeon with AMX-BF16 the default
+recipe measured 1.2x the images/s of fp32, on AVX2-only machines 2.4-7x *fewer* (models/MODEL_CARD.md).
+Sessions run on machines that differ, so "auto" decides per machine from the CPU flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+# Flags that say the CPU has bf16 dot-product instructions oneDNN uses for matrix products.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# The flags worth reporting next to a throughput figure.
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+Bf16Setting = bool | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model_name: str = "unknown"
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    def reported_flags(self) -> dict[str, bool]:
+        return {flag: flag in self.flags for flag in REPORTED_FLAGS}
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    """The first processor's ``model name`` and ``flags`` from ``/proc/cpuinfo`` text."""
+    name, flags = "unknown", frozenset[str]()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "model name" and name == "unknown":
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return CpuInfo(name, flags)
+
+
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> CpuInfo:
+    """This machine's CPU; an empty :class:`CpuInfo` where there is no ``/proc/cpuinfo`` (macOS...)."""
+    try:
+        return parse_cpuinfo(Path(path).read_text())
+    except OSError:
+        return CpuInfo()
+
+
+def has_native_bf16(flags: frozenset[str] | set[str]) -> bool:
+    return bool(NATIVE_BF16_FLAGS & set(flags))
+
+
+def resolve_bf16(setting: Bf16Setting, *, device_type: str, cpu_flags: frozenset[str] | set[str],
+                 cuda_bf16: bool = False) -> bool:
+    """``true``/``false`` as given; ``"auto"``: on a CPU with native bf16, or a GPU that supports it."""
+    if setting != "auto":
+        return bool(setting)
+    if device_type == "cuda":
+        return cuda_bf16
+    return device_type == "cpu" and has_native_bf16(cpu_flags)
