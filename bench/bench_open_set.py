@@ -15,6 +15,11 @@ reliability table (bin, images, mean confidence, accuracy).
 
 Usage: PYTHONPATH=service:service/client python bench/bench_open_set.py [--model models/default.int8.onnx]
        [--cache /tmp/dev-embeddings.npz]
+
+``--synthetic NOISE`` replaces the model by a stand-in for a strong one (none can be downloaded
+here): 50 classes x 50 unit vectors in 128 dimensions, each its class's random centre (centres share a
+direction: cosine ~0.5 between classes) plus Gaussian noise of norm about NOISE (cosine to the centre ~ 1 / sqrt(1 + NOISE^2)), so the same calibration
+can be watched on embeddings that separate classes well (small NOISE) or barely (large).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from fewshot_common.embedder import Embedder
+from fewshot_common.vectors import l2_normalize
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_service.open_set import (
     LooScores,
     calibrate,
     leave_one_out_scores,
-    normalise,
+
     top_two,
 )
 
@@ -53,6 +59,18 @@ def embed_dev(model: Path, cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
     if cache is not None:
         np.savez(cache, emb=embeddings, labels=files.labels)
     return embeddings, files.labels
+
+
+def synthetic_embeddings(noise: float, seed: int, classes: int = 50, per_class: int = 50, dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Class centres share a common direction (cosine ~0.5 between two classes), as a real model's do.
+    shared = rng.standard_normal(dim)
+    spread = rng.standard_normal((classes, dim))
+    centres = shared / np.linalg.norm(shared) + spread / np.linalg.norm(spread, axis=1, keepdims=True)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(classes), per_class)
+    vectors = centres[labels] + noise * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), labels
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
@@ -94,7 +112,7 @@ def one_draw(embeddings: np.ndarray, labels: np.ndarray, unknown_classes: int, r
     means = np.stack([s.mean(axis=0) for s in shots]).astype(np.float32)
     counts = np.full(len(shots), SHOTS)
     loo = leave_one_out_scores(means, counts, shots)
-    prototypes = normalise(means)
+    prototypes = l2_normalize(means)
     known = np.concatenate(queries) @ prototypes.T
     unknown = embeddings[np.isin(labels, held_out)] @ prototypes.T
     class_means, class_spreads = zscore_model(loo, len(shots))
@@ -142,11 +160,16 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--unknown-classes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", type=float, metavar="NOISE", help="a synthetic stand-in model")
     args = parser.parse_args()
-    embeddings, labels = embed_dev(args.model, args.cache)
+    if args.synthetic is not None:
+        embeddings, labels = synthetic_embeddings(args.synthetic, args.seed)
+    else:
+        embeddings, labels = embed_dev(args.model, args.cache)
     rng = np.random.default_rng(args.seed)
     draws = [one_draw(embeddings, labels, args.unknown_classes, rng) for _ in range(args.draws)]
-    summary: dict = {"model": args.model.name, "cpu": platform.processor() or platform.machine(),
+    model = f"synthetic, noise {args.synthetic}" if args.synthetic is not None else args.model.name
+    summary: dict = {"model": model, "cpu": platform.processor() or platform.machine(),
                      "draws": args.draws, "registered_classes": 50 - args.unknown_classes,
                      "shots": SHOTS, "statistics": {}}  # fmt: skip
     for kind in draws[0]["statistics"]:
