@@ -24,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 _OPSET = 17
+_CHUNK_ROWS = 8192
 # Rounding of the float32 products here (the int32 dot products themselves are exact).
 _FLOAT_SLACK = 1e-4
 
@@ -59,21 +60,25 @@ class Int8Scan:
         self.rows, self.dim = unit_rows.shape
         peak = float(np.abs(unit_rows).max(initial=0.0))
         self._scale = np.float32(peak / 127.0 if peak > 0 else 1.0)
-        quantized = np.clip(np.rint(unit_rows / self._scale), -127, 127).astype(np.int8)
-        # For the error bound: the rows' largest rounding error and largest norm (L2), dequantised.
-        dequantised = quantized * self._scale
-        self._max_row_error = float(np.linalg.norm(unit_rows - dequantised, axis=1).max(initial=0.0))
-        self._max_row_norm = float(np.linalg.norm(dequantised, axis=1).max(initial=0.0))
+        # Transposed for MatMulInteger ([D, rows]); for the error bound, the rows' largest rounding
+        # error and largest norm (L2), dequantised. In chunks: no float32 temporaries of all rows.
+        quantized_t = np.empty((self.dim, self.rows), dtype=np.int8)
+        self._max_row_error = self._max_row_norm = 0.0
+        for start in range(0, self.rows, _CHUNK_ROWS):
+            chunk = unit_rows[start : start + _CHUNK_ROWS]
+            quantized = np.clip(np.rint(chunk / self._scale), -127, 127).astype(np.int8)
+            quantized_t[:, start : start + len(chunk)] = quantized.T
+            dequantised = quantized * self._scale
+            self._max_row_error = max(self._max_row_error, float(np.linalg.norm(chunk - dequantised, axis=1).max()))
+            self._max_row_norm = max(self._max_row_norm, float(np.linalg.norm(dequantised, axis=1).max()))
         options = ort.SessionOptions()
         # One thread without spinning: it runs beside the embedder's session on a few cores.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model = _graph(np.ascontiguousarray(quantized.T))
         self._session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            _graph(quantized_t).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        self.nbytes = int(quantized.nbytes)
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of ``queries`` [N, D]: the ``k`` best approximate scores (descending), their
