@@ -183,6 +183,42 @@ def test_classify_without_classes_fails_before_embedding(core: FewShotCore) -> N
         core.classify([b"broken"], "empty-ns", 3)
 
 
+def test_a_known_namespace_is_checked_beside_the_inference_an_unknown_one_before(
+    core: FewShotCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
+    image = shots(COLOURS["red"], 1, 9)
+    embed_started, events = threading.Event(), []
+    real_prototypes, real_embed = core.registry.prototypes, core.embed
+    overlap_expected = False
+
+    def prototypes(*args, **kwargs):
+        # When the check runs beside the inference, it sees the inference start while it runs;
+        # run before it (sequentially), it would wait here in vain.
+        events.append(("check sees the inference", overlap_expected and embed_started.wait(timeout=10)))
+        return real_prototypes(*args, **kwargs)
+
+    def embed(images, **kwargs):
+        events.append("inference")
+        embed_started.set()
+        return real_embed(images, **kwargs)
+
+    monkeypatch.setattr(core.registry, "prototypes", prototypes)
+    monkeypatch.setattr(core, "embed", embed)
+    core.registry._cache.clear()  # as on a replica that never answered for this namespace
+    assert [p.label for p in core.classify(image, "", 1)[0]] == ["red"]
+    assert events == [("check sees the inference", False), "inference"]  # the check, then inference
+    events.clear(), embed_started.clear()
+    overlap_expected = True  # the namespace is known now
+    assert [p.label for p in core.classify(image, "", 1)[0]] == ["red"]
+    assert ("check sees the inference", True) in events and "inference" in events
+    core.delete_class("", "red")  # known, but it can no longer answer: the same error as ever
+    with pytest.raises(FailedPrecondition, match="no classes"):
+        core.classify(image, "", 1)
+
+
 def test_namespaces_are_separate(core: FewShotCore) -> None:
     core.add_examples("a", "red", shots(COLOURS["red"], 2, 0))
     core.add_examples("b", "blue", shots(COLOURS["blue"], 2, 0))

@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -120,6 +121,9 @@ class FewShotCore:
             batching or BatchConfig(max_batch_size=embedder.max_batch_size),
         )
         self._draining = threading.Event()
+        # Classify's registry check beside its inference (classify_open_set); one thread per call
+        # that may run at once is plenty: each holds its thread for about a Redis round trip.
+        self._prefetch = ThreadPoolExecutor(max_workers=32, thread_name_prefix="classify-check")
         self.backfill: Backfiller = Backfiller(
             ModelStore(registry), embedder.model_id,
             lambda images, cancellation: self.embed(images, operation="backfill", cancellation=cancellation),
@@ -136,6 +140,7 @@ class FewShotCore:
 
     def close(self) -> None:
         self.backfill.stop(wait=True)  # before the batcher it feeds
+        self._prefetch.shutdown(wait=True)
         self._batcher.close()
         self.decode_pool.close()
         self.open_set.close()
@@ -194,10 +199,17 @@ class FewShotCore:
         namespace = resolve_namespace(namespace)
         top_k = resolve_top_k(top_k)
         unknown_rate = resolve_unknown_rate(unknown_rate, self.unknown_rate)
-        # The prototypes first: a namespace we cannot answer for should not cost an inference.
-        labeller = self.labeller(namespace, cancellation)
+        if not self.registry.is_cached(namespace, self.model_id):
+            # The prototypes first: a namespace we cannot answer for should not cost an inference.
+            labeller = self.labeller(namespace, cancellation)
+            embeddings = self.embed(images, operation="classify", cancellation=cancellation)
+            return labeller(embeddings, top_k, unknown_rate)
+        # A namespace this replica answered before: its freshness check (a Redis round trip, and a
+        # patch if it changed) runs beside the inference instead of before it, so Classify costs an
+        # Embed plus the top-k, not plus the round trip too (0.15-0.45 ms on the test VM).
+        pending = self._prefetch.submit(self.labeller, namespace, cancellation)
         embeddings = self.embed(images, operation="classify", cancellation=cancellation)
-        return labeller(embeddings, top_k, unknown_rate)
+        return pending.result()(embeddings, top_k, unknown_rate)
 
     def labeller(
         self, namespace: str, cancellation: CancellationCheck | None = None

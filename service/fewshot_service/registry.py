@@ -493,6 +493,11 @@ class Registry:
             self._migrate_namespace(namespace)
         raise Unavailable(f"namespace {namespace!r} could not be migrated; retry later")
 
+    def is_cached(self, namespace: str, model_id: str) -> bool:
+        """Whether this replica holds a matrix of ``namespace`` under ``model_id`` (maybe stale)."""
+        with self._cache_lock:
+            return (namespace, model_id) in self._cache
+
     def prototypes(self, namespace: str, expected_model_id: str | None = None) -> PrototypeSet:
         """The namespace's prototype matrix under ``expected_model_id`` (None: the namespace's
         only model), from this replica's cache while it is current.
