@@ -9,17 +9,10 @@
 local state_key, counts_key, models_key = unpack(KEYS, 1, 3)
 if is_legacy(state_key) then return redis.error_reply('LEGACY') end
 local n_classes = tonumber(ARGV[1])
-local fields = redis.call('HKEYS', counts_key)
-if #fields ~= n_classes then
-  return redis.error_reply('CHANGED')
-end
-local expected = {}
-for i = 2, n_classes + 1 do expected[ARGV[i]] = true end
+local fields = fields_if_exactly(counts_key, ARGV, 2, n_classes + 1)
+if not fields then return redis.error_reply('CHANGED') end
 local examples = 0
 for _, field in ipairs(fields) do
-  if not expected[field] then
-    return redis.error_reply('CHANGED')
-  end
   examples = examples + tonumber(redis.call('HGET', counts_key, field))
 end
 if not models_match(models_key, {unpack(ARGV, n_classes + 2)}) then

@@ -8,13 +8,7 @@
 local state_key, models_key, mcounts_key = unpack(KEYS, 1, 3)
 local model_id = ARGV[1]
 if is_legacy(state_key) then return redis.error_reply('LEGACY') end
-local fields = redis.call('HKEYS', mcounts_key)
-if #fields ~= #ARGV - 1 then return redis.error_reply('CHANGED') end
-local expected = {}
-for i = 2, #ARGV do expected[ARGV[i]] = true end
-for _, field in ipairs(fields) do
-  if not expected[field] then return redis.error_reply('CHANGED') end
-end
+if not fields_if_exactly(mcounts_key, ARGV, 2, #ARGV) then return redis.error_reply('CHANGED') end
 local dropped = tonumber(redis.call('HGET', state_key, 'n:' .. model_id)) or 0
 local known = redis.call('HEXISTS', models_key, model_id) == 1
 for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end

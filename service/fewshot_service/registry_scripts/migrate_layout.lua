@@ -11,13 +11,7 @@ if not is_legacy(state_key) then return 0 end
 local model_id = ARGV[1]
 local recorded = redis.call('HMGET', legacy_model_key, 'model_id', 'dim')
 if (recorded[1] or '') ~= model_id then return redis.error_reply('CHANGED') end
-local fields = redis.call('HKEYS', counts_key)
-if #fields ~= #ARGV - 1 then return redis.error_reply('CHANGED') end
-local expected = {}
-for i = 2, #ARGV do expected[ARGV[i]] = true end
-for _, field in ipairs(fields) do
-  if not expected[field] then return redis.error_reply('CHANGED') end
-end
+if not fields_if_exactly(counts_key, ARGV, 2, #ARGV) then return redis.error_reply('CHANGED') end
 local total = 0
 for i = 2, #ARGV do
   local field = ARGV[i]

@@ -63,18 +63,23 @@ local function is_legacy(state_key)
   return redis.call('HEXISTS', state_key, 'epoch') == 1 and not redis.call('HGET', state_key, 'layout')
 end
 
+-- The fields of hash `key` when they are exactly wanted[first..last] (what the caller read and
+-- passed the keys of), else nil: a script refuses (CHANGED) rather than miss something added in
+-- between. Indices, not unpack(): a namespace's labels can outnumber Lua's C stack.
+local function fields_if_exactly(key, wanted, first, last)
+  local fields = redis.call('HKEYS', key)
+  if #fields ~= last - first + 1 then return nil end
+  local expected = {}
+  for i = first, last do expected[wanted[i]] = true end
+  for _, field in ipairs(fields) do
+    if not expected[field] then return nil end
+  end
+  return fields
+end
+
 -- True when the models hash names exactly `ids` (the models whose keys the caller passed).
 local function models_match(models_key, ids)
-  local expected = {}
-  for _, id in ipairs(ids) do expected[id] = true end
-  local count = 0
-  for i, entry in ipairs(redis.call('HGETALL', models_key)) do
-    if i % 2 == 1 then
-      if not expected[entry] then return false end
-      count = count + 1
-    end
-  end
-  return count == #ids
+  return fields_if_exactly(models_key, ids, 1, #ids) ~= nil
 end
 
 -- A model left with no embedding in the namespace is forgotten there (not listed as 0 of n).
