@@ -285,13 +285,13 @@ class PrototypeMatrix:
     def _top_k_int8(self, scan: Int8Scan, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
         values, indices, bounds = scan.candidates(embeddings, INT8_CANDIDATES)
         appended = self._scores(embeddings, scan.rows)  # rows added after the copy: all exact
-        unit, results = self._store.unit, []
+        unit, appended_slots, results = self._store.unit, np.arange(scan.rows, self._slots), []
         for i, query in enumerate(embeddings):
             candidates = indices[i]
             candidate_scores = unit[candidates] @ query
             candidate_scores[self._dead[candidates]] = -np.inf
             scores = np.concatenate([candidate_scores, appended[i]])
-            slots = np.concatenate([candidates, np.arange(scan.rows, self._slots)])
+            slots = np.concatenate([candidates, appended_slots])
             # Every row the int8 scan left out scores at most its k-th value plus the bound in
             # float32; strictly below the k-th best found, none of them can enter (or tie).
             if np.isfinite(scores).sum() >= k:
