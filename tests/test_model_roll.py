@@ -199,7 +199,7 @@ def test_deleting_examples_classes_and_the_namespace_removes_every_model_s_keys(
     # An example embedded by both models goes from both, its class's sums staying exact.
     registry.delete_example(NSX, "red", ids[0])
     for model in (model_a, model_b):
-        snapshot = registry.example_snapshot(NSX, model_id=model.model_id, only_label="red")
+        snapshot = registry.example_snapshot(NSX, model_id=model.model_id, only_labels=["red"])
         np.testing.assert_allclose(snapshot.means[snapshot.labels.index("red")],
                                    unit_mean(model.embed_images(shots("red", 3, 9))[1:]), atol=1e-5)
     assert registry.status(NSX, model_a.model_id).embedded == 2  # green is B's only: A lacks it

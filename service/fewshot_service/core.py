@@ -307,7 +307,7 @@ class FewShotCore:
             stored = self.decode_pool.run(lambda: [bounded_copy(image, limits) for image in images], cancellation)
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
-            snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
+            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
             return info
@@ -323,7 +323,7 @@ class FewShotCore:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         info = self.registry.get_class(namespace, label)
-        snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
+        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         if label not in snapshot.labels:  # deleted by another request in between
             return info
         return dataclasses.replace(info, examples=example_quality(snapshot, label))
@@ -332,7 +332,7 @@ class FewShotCore:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         top_k = resolve_top_k(top_k)
-        snapshot = self.registry.example_snapshot(namespace, only_label=label, model_id=self.model_id)
+        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
         return confusions(snapshot, label, top_k)

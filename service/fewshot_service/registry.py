@@ -600,19 +600,16 @@ class Registry:
         self,
         namespace: str,
         max_per_class: int | None = None,
-        only_label: str | None = None,
         only_labels: Collection[str] | None = None,
         only_their_means: bool = False,
         model_id: str | None = None,
     ) -> ExampleSnapshot:
         """Prototypes and example embeddings of ``namespace`` under ``model_id`` (None: its only
         model) as of one state (two pipelined round trips, retried while a write lands between
-        them): every class's examples, or only ``only_label``'s (or ``only_labels``'); at most
+        them): every class's examples, or only ``only_labels``'; at most
         ``max_per_class`` per class, spread evenly over the ids. ``only_their_means``: the
         snapshot holds those classes only (their prototypes and counts), not every class's --
         O(classes asked), not O(namespace). Classes the model has not embedded are left out."""
-        if only_label is not None:
-            only_labels = [only_label]
         wanted_labels = None if only_labels is None else set(only_labels)
         asked = sorted(wanted_labels or ()) if only_their_means else None
         keys = self.keys(namespace)
