@@ -146,13 +146,15 @@ def test_cli_runs_skips_unreadable_files_and_saves_resolved_config(
     (data / "sub" / "zero.png").write_bytes(b"")
     out = tmp_path / "run"
     code = fewshot_main(_cli(tmp_path, "--data", str(data), "--output", str(out), "--max-steps",
-                             "2", "--batch-size", "4", "--seed", "5"))
+                             "2", "--batch-size", "4", "--seed", "5", "--workers", "auto"))
     assert code == 0
     assert "2 unreadable files skipped" in capsys.readouterr().out
     start = read_metrics(out)[0]
     assert start["event"] == "start" and start["skipped_files"] == 2 and start["images"] == 16
+    assert start["loader_workers"] == 0  # auto, on a CPU: loading stays in the training process
     saved = load_config(out / "config.yaml")
     assert saved.data.batch_size == 4 and saved.seed == 5 and saved.model.arch == "vit_test_p8_32"
+    assert saved.data.num_workers == "auto"  # the setting is kept, not what it resolved to here
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
 
@@ -171,6 +173,14 @@ def test_cli_bad_settings_exit_2_with_a_message(
     code = fewshot_main(_cli(tmp_path, "--data", str(data), "--output", str(tmp_path / "o"), *extra))
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_workers_takes_a_count_or_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        fewshot_main(_cli(tmp_path, "--data", str(tmp_path), "--output", str(tmp_path / "o"),
+                          "--workers", "-1"))
+    assert exited.value.code == 2
+    assert "--workers: must be >= 0 or auto" in capsys.readouterr().err
 
 
 def test_cli_missing_data_dir_and_misspelt_config_key(tmp_path: Path, capsys) -> None:

@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 import fewshot_trainer.train as train_module
 from fewshot_trainer.checkpoint import load_checkpoint
-from fewshot_trainer.hardware import CpuInfo, has_native_bf16, parse_cpuinfo, resolve_bf16
+from fewshot_trainer.hardware import (
+    MAX_GPU_WORKERS, CpuInfo, has_native_bf16, parse_cpuinfo, resolve_bf16, resolve_num_workers,
+)
 from fewshot_trainer.train import MSNTrainer, TrainOptions, train
 
 from test_train import STATE_KEYS, assert_same_weights, tiny_config, write_images
@@ -39,6 +41,29 @@ def test_auto_bf16_on_a_gpu_asks_the_gpu_not_the_cpu() -> None:
     assert resolve_bf16("auto", device_type="cuda", cpu_flags=AVX2_ONLY, cuda_bf16=True) is True
     assert resolve_bf16("auto", device_type="cuda", cpu_flags=SAPPHIRE_RAPIDS,
                         cuda_bf16=False) is False
+
+
+def test_auto_workers_load_in_process_on_a_cpu_and_feed_a_gpu_from_the_spare_cores() -> None:
+    # CPU: the compute threads take every core, so no loader process, however many cores.
+    for cores in (1, 2, 64):
+        assert resolve_num_workers("auto", device_type="cpu", cores=cores) == 0
+    # GPU: every core but the training process's own, capped; shared among local processes.
+    assert resolve_num_workers("auto", device_type="cuda", cores=16) == 14 == MAX_GPU_WORKERS
+    assert resolve_num_workers("auto", device_type="cuda", cores=8) == 7
+    assert resolve_num_workers("auto", device_type="cuda", cores=64) == MAX_GPU_WORKERS
+    assert resolve_num_workers("auto", device_type="cuda", cores=16, local_processes=4) == 3
+    assert resolve_num_workers("auto", device_type="cuda", cores=1) == 0
+    # A number is obeyed whatever the device.
+    assert resolve_num_workers(3, device_type="cpu", cores=2) == 3
+    assert resolve_num_workers(0, device_type="cuda", cores=16) == 0
+
+
+def test_num_workers_setting_accepts_a_count_or_auto_only() -> None:
+    assert tiny_config(data={"num_workers": "auto"}).data.num_workers == "auto"
+    assert tiny_config(data={"num_workers": 3}).data.num_workers == 3
+    for bad in (-1, "many"):
+        with pytest.raises(ValidationError):
+            tiny_config(data={"num_workers": bad})
 
 
 def test_parse_cpuinfo_reads_the_first_processor() -> None:

@@ -8,7 +8,7 @@ built-in defaults -> the packaged ``configs/<arch>.yaml`` (or ``--config FILE``)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,7 +35,9 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     batch_size: int = Field(64, gt=1, description="images per process (per rank), as the reference")
-    num_workers: int = Field(2, ge=0)
+    # Loader processes per training process; "auto": none on a CPU, the spare cores on a GPU
+    # (hardware.resolve_num_workers).
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 2
     random_size: int = Field(224, gt=0, description="target and masked anchor view size")
     focal_size: int = Field(96, gt=0)
     focal_views: int = Field(10, ge=0)

@@ -11,6 +11,7 @@ One step (msn.md §1, reference ``msn_train.py``):
 from __future__ import annotations
 
 import copy
+import os
 import logging
 import random
 import time
@@ -30,7 +31,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, make_checkpoint, save_
 from .config import TrainConfig, save_config
 from .data import EpochIndexSampler, UnlabelledImages, sample_seed
 from .ema import ema_update
-from .hardware import cpu_info, resolve_bf16
+from .hardware import cpu_info, resolve_bf16, resolve_num_workers, usable_cores
 from .loss import LossParts, msn_loss
 from .masking import random_keep_indices
 from .metrics import CollapseMeter, JsonlLog, batch_indicators
@@ -238,6 +239,10 @@ class MSNTrainer:
             opt.bf16, device_type=self.device.type, cpu_flags=cpu_info().flags,
             cuda_bf16=self.device.type == "cuda" and torch.cuda.is_bf16_supported(),
         )
+        self.num_workers = resolve_num_workers(
+            config.data.num_workers, device_type=self.device.type, cores=usable_cores(),
+            local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
         # A compiled *function* over the unchanged modules: their state_dict keys (checkpoints)
         # stay as they are, with no ``_orig_mod.`` prefix.
         self._compiled_forward_loss = (
@@ -254,7 +259,7 @@ class MSNTrainer:
         )
 
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        workers = self.config.data.num_workers
+        workers = self.num_workers
         return DataLoader(
             self.dataset, batch_size=self.config.data.batch_size,
             sampler=self._sampler(epoch, skip_batches), num_workers=workers, drop_last=True,
@@ -433,7 +438,8 @@ class MSNTrainer:
             self._write({"event": "start", "images": len(self.dataset), "skipped_files": skipped,
                          "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                          "world_size": self.world, "start_step": self.step,
-                         "bf16": self.bf16, "compile": self._compiled_forward_loss is not None})
+                         "bf16": self.bf16, "compile": self._compiled_forward_loss is not None,
+                         "loader_workers": self.num_workers})
         limit = self.total_steps if opts.max_steps is None else min(opts.max_steps, self.total_steps)
         self.online.train()
         self.target.train()

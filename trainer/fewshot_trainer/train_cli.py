@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-dir", type=Path, help="folder-per-class set for a per-epoch probe")
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     parser.add_argument("--seed", type=int, help="seed")
-    parser.add_argument("--workers", type=int, help="data.num_workers")
+    parser.add_argument("--workers", type=_workers, metavar="N|auto",
+                        help="data.num_workers: loader processes, or auto (0 on a CPU, the spare "
+                        "cores on a GPU)")
     parser.add_argument("--bf16", action="store_true", default=None,
                         help="bf16 autocast (optimization.bf16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override any config setting, e.g. --set masking.ratio=0.6 --set "
         "'data.focal_scale=[0.05, 0.3]' (value read as YAML; applied after the flags above)",
     )
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 or auto")
+    return count
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
