@@ -2,7 +2,7 @@
 
 - ``sgemm_gflops``: numpy float32 matmul of two N x N matrices (default 4096), the median of a few
   runs: a proxy for the CPU's fp32 limit.
-- ``model_gflop_per_image``: the fp32 model's MatMul/Gemm/Conv FLOPs (2 per multiply-add), counted
+- ``models[].gflop_per_image``: the fp32 model's MatMul/Gemm/Conv FLOPs (2 per multiply-add), counted
   from the graph with ONNX shape inference at batch 1, not hard-coded.
 - per variant (the model and its checked variants next to it, e.g. ``default.int8.onnx``): ONNX
   Runtime img/s at batch 32 on preprocessed tensors (median over interleaved rounds, so machine
@@ -11,8 +11,11 @@
 - ``decode_preprocess_ms``: decode + preprocess per image for JPEGs of 64, 500 and 4000 px (the
   server's ``load_batch``, DCT draft included), the median of several runs.
 
+Several ``--model`` files (e.g. an old and a new default model) are timed in the same interleaved
+rounds, keyed ``<file stem>/<precision>``; the GFLOP and sgemm ratios use each model's own graph.
+
 Only compare numbers within one run. Usage:
-    PYTHONPATH=service:service/client python bench/bench_engine.py [--model models/default.onnx] [--rounds 7]
+    PYTHONPATH=service:service/client python bench/bench_engine.py [--model models/default.onnx ...] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -138,46 +141,61 @@ def decode_ms(model: Path, sides: tuple[int, ...], repeats: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
+    parser.add_argument("--model", type=Path, nargs="+", default=[REPO / "models" / "default.onnx"],
+                        help="fp32 exports; their checked variants next to them are timed too")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sgemm-size", type=int, default=4096)
     parser.add_argument("--sgemm-repeats", type=int, default=3)
     args = parser.parse_args()
 
-    variants = available_variants(args.model)
-    if "fp32" not in variants:
-        raise SystemExit(f"{args.model} is a {next(iter(variants))} variant; give the fp32 export")
-    gflop = model_gflop_per_image(args.model)
+    several = len(args.model) > 1
+    files: dict[str, Path] = {}
+    gflop: dict[str, float] = {}  # per timed key: its fp32 model's GFLOP per image
+    fp32_key: dict[str, str] = {}  # per timed key: the key of its fp32 model
+    for model in args.model:
+        variants = available_variants(model)
+        if "fp32" not in variants:
+            raise SystemExit(f"{model} is a {next(iter(variants))} variant; give the fp32 export")
+        model_gflop = model_gflop_per_image(model)
+        for precision, variant in variants.items():
+            key = f"{model.stem}/{precision}" if several else precision
+            if key in files:
+                raise SystemExit(f"two models named {model.stem}: give files with distinct names")
+            files[key] = variant.path
+            gflop[key] = model_gflop
+            fp32_key[key] = f"{model.stem}/fp32" if several else "fp32"
     sgemm_before = sgemm_gflops(args.sgemm_size, args.sgemm_repeats)
-    rates = engine_rates({p: f.path for p, f in variants.items()}, args.batch, args.rounds)
+    rates = engine_rates(files, args.batch, args.rounds)
     sgemm_after = sgemm_gflops(args.sgemm_size, args.sgemm_repeats)
     sgemm = statistics.mean([sgemm_before, sgemm_after])  # bracket the engine runs
     engine = {
-        precision: {
-            "file": variants[precision].path.name,
+        key: {
+            "file": files[key].name,
             "img_per_s": round(rate, 1),
-            "fp32_equiv_gflops": round(rate * gflop, 1),
-            "ratio_to_sgemm": round(rate * gflop / sgemm, 3),
-            "speedup_vs_fp32": round(rate / rates["fp32"], 3),
+            "fp32_equiv_gflops": round(rate * gflop[key], 1),
+            "ratio_to_sgemm": round(rate * gflop[key] / sgemm, 3),
+            "speedup_vs_fp32": round(rate / rates[fp32_key[key]], 3),
         }
-        for precision, rate in rates.items()
+        for key, rate in rates.items()
     }
     record = {
         "bench": "engine",
         "cpu": cpu_model(),
         "cores": __import__("os").cpu_count(),
         "onnxruntime": ort.__version__,
-        "model": args.model.name,
-        "model_id": variants["fp32"].meta.model_id,
-        "model_gflop_per_image": round(gflop, 4),
+        "models": [
+            {"file": m.name, "model_id": available_variants(m)["fp32"].meta.model_id,
+             "gflop_per_image": round(gflop[f"{m.stem}/fp32" if several else "fp32"], 4)}
+            for m in args.model
+        ],
         "sgemm_size": args.sgemm_size,
         "sgemm_gflops": round(sgemm, 1),
         "sgemm_gflops_before_after": [round(sgemm_before, 1), round(sgemm_after, 1)],
         "batch": args.batch,
         "rounds": args.rounds,
         "engine": engine,
-        "decode_preprocess_ms": decode_ms(args.model, (64, 500, 4000), repeats=max(5, args.rounds)),
+        "decode_preprocess_ms": decode_ms(args.model[0], (64, 500, 4000), repeats=max(5, args.rounds)),
     }
     print(json.dumps(record))
 
