@@ -46,6 +46,21 @@ def test_int8_variant_records_its_precision_and_keeps_the_embedding_space(
     assert cosines.min() > 0.99
 
 
+def test_dynamic_int8_quantizes_the_matmuls_and_keeps_the_patch_convolution_fp32(
+    model_with_int8: Path,
+) -> None:
+    """ORT's ConvInteger was slower than the fp32 Conv it replaced (variants.py), so the patch
+    embedding stays fp32 while every MatMul with weights goes int8."""
+    import onnx
+
+    fp32_ops = [node.op_type for node in onnx.load(model_with_int8).graph.node]
+    int8_ops = [node.op_type for node in onnx.load(variant_path(model_with_int8, "int8")).graph.node]
+    assert "Conv" in fp32_ops and "Conv" in int8_ops and "ConvInteger" not in int8_ops
+    quantized = sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in int8_ops)
+    weight_matmuls = len(onnx.load(model_with_int8).graph.initializer)  # an upper bound
+    assert 0 < quantized <= weight_matmuls
+
+
 def test_a_variant_that_fails_its_check_is_not_written(
     tiny_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
