@@ -14,16 +14,19 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def load(script: Path) -> ModuleType:
-    """Module level only: main() runs under ``__name__ == "__main__"``."""
+    """Module level only: main() runs under ``__name__ == "__main__"``. The script's folder goes on
+    ``sys.path`` first, as ``python bench/x.py`` puts it, so a benchmark may import a sibling."""
     name = f"bench_script_{script.stem}"
     spec = importlib.util.spec_from_file_location(name, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(script.parent))
     try:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[name]
+        sys.path.remove(str(script.parent))
     return module
 
 
