@@ -122,8 +122,8 @@ class Server:
         self.redis = redis.Redis.from_url(redis_url)
         self.registry = Registry(self.redis)
         self.core = FewShotCore(embedder, self.registry, batching=batching)
-        self.server, port = create_grpc_server(self.core, host="127.0.0.1", port=0, max_workers=64)
-        self.client = FewShotClient(f"127.0.0.1:{port}")
+        self.server, self.port = create_grpc_server(self.core, host="127.0.0.1", port=0, max_workers=64)
+        self.client = FewShotClient(f"127.0.0.1:{self.port}")
 
     def close(self) -> None:
         self.client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,6 +182,71 @@ def test_batcher_respects_max_batch_size_without_splitting_requests(
     # Requests of 3 never share a batch of 4; the request of 6 runs alone, whole.
     assert sorted(run.batch_sizes) == [3, 3, 3, 3, 6]
     np.testing.assert_allclose(results[-1], embedder.embed_array(requests[-1]), atol=1e-5)
+
+
+class GatedRun:
+    """A run that holds its first batch until released, so a test controls when the model is busy."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.batch_sizes: list[int] = []
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(pixels))
+        if len(self.batch_sizes) == 1:
+            self.first_started.set()
+            self.release.wait(30)
+        return self.embedder.embed_array(pixels)
+
+
+def test_batcher_runs_a_lone_request_at_once_when_the_model_is_idle(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    """Waiting for company only pays while the model is busy: an idle model runs what it has."""
+    batcher = DynamicBatcher(embedder.embed_array, BatchConfig(max_queue_delay_ms=20_000, workers=1))
+    try:
+        started = time.monotonic()
+        batcher.submit(embedder.load_images(images[:1]))
+        assert time.monotonic() - started < 10  # not the 20 s delay
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batcher_gathers_requests_that_arrive_while_a_batch_runs(
+    embedder: Embedder, images: list[bytes], workers: int
+) -> None:
+    run = GatedRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=20_000, workers=workers))
+    requests = [embedder.load_images(images[i : i + 1]) for i in range(4)]
+    results: list[np.ndarray | None] = [None] * 4
+
+    def submit(i: int) -> None:
+        results[i] = batcher.submit(requests[i])
+
+    try:
+        threads = [threading.Thread(target=submit, args=(0,))]
+        threads[0].start()
+        assert run.first_started.wait(30)  # the model is busy with request 0 alone
+        threads += [threading.Thread(target=submit, args=(i,)) for i in (1, 2, 3)]
+        for thread in threads[1:]:
+            thread.start()
+        if workers == 1:  # the only worker is busy: all three wait in the queue
+            deadline = time.monotonic() + 30
+            while len(batcher._queue) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:  # the second worker gathers them as they come, while the first batch runs
+            time.sleep(0.5)
+        run.release.set()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        batcher.close()
+    assert run.batch_sizes == [1, 3]  # no 20 s wait either: the model went idle, so it ran
+    for request, result in zip(requests, results):
+        np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
 
 
 def test_batcher_reports_failures_to_every_caller_in_the_batch(embedder: Embedder) -> None:
