@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=600, help="requests per load")
     parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[BatchConfig().workers],
+                        help="batcher workers (batches run at once); several: each its own server")
     args = parser.parse_args()
 
     chosen = choose_model_file(args.model, "auto", ["CPUExecutionProvider"])
@@ -130,14 +132,16 @@ def main() -> None:
     decode_ms = (time.perf_counter() - started) / 5 * 1000
     engine_before = engine_img_per_s(chosen.path, pixels)
 
+    configs = {f"batching_on_{w}w" if len(args.workers) > 1 else "batching_on": BatchConfig(workers=w)
+               for w in args.workers}
+    configs["batching_off"] = BatchConfig(enabled=False)
     loads: dict[str, dict[int, list[tuple[float, list[float], int]]]] = {
-        "batching_on": {c: [] for c in args.clients}, "batching_off": {c: [] for c in args.clients}}
+        mode: {c: [] for c in args.clients} for mode in configs}
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
-        servers = {"batching_on": Server(embedder, store.url, BatchConfig()),
-                   "batching_off": Server(embedder, store.url, BatchConfig(enabled=False))}
+        servers = {mode: Server(embedder, store.url, config) for mode, config in configs.items()}
         try:
             batch_times = []
-            client = servers["batching_on"].client
+            client = next(iter(servers.values())).client
             client.embed(images[:32])
             for _ in range(10):
                 begun = time.perf_counter()
@@ -163,6 +167,7 @@ def main() -> None:
                 "p50_ms": ms(latencies, 50), "p99_ms": ms(latencies, 99),
                 "shed_and_retried": sum(s for _, _, s in runs)}
     at16 = {mode: result[mode].get("16", {}).get("img_per_s") for mode in result}
+
     record = {
         "bench": "served", "cpu": cpu_model(), "onnxruntime": ort.__version__,
         "model_file": chosen.path.name, "precision": chosen.meta.precision,
@@ -175,12 +180,12 @@ def main() -> None:
     print(json.dumps(record))
     print(f"\nengine ({chosen.path.name}, batch 32): {engine:.1f} img/s; Embed of 32 images: "
           f"{record['batch32_img_per_s']} img/s; decode + preprocess {decode_ms:.2f} ms/image")
-    print("| clients | batching on: img/s, p50, p99 (ms), shed | batching off: img/s, p50, p99 (ms), shed |")
-    print("|---|---|---|")
+    print("| clients | " + " | ".join(f"{mode}: img/s, p50, p99 (ms), shed" for mode in result) + " |")
+    print("|---|" + "---|" * len(result))
     for clients in args.clients:
-        on, off = (result[m][str(clients)] for m in ("batching_on", "batching_off"))
-        print(f"| {clients} | {on['img_per_s']}, {on['p50_ms']}, {on['p99_ms']}, {on['shed_and_retried']} "
-              f"| {off['img_per_s']}, {off['p50_ms']}, {off['p99_ms']}, {off['shed_and_retried']} |")
+        cells = (result[mode][str(clients)] for mode in result)
+        print(f"| {clients} | " + " | ".join(
+            f"{c['img_per_s']}, {c['p50_ms']}, {c['p99_ms']}, {c['shed_and_retried']}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

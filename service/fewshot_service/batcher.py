@@ -40,10 +40,13 @@ class BatchConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     enabled: bool = True
-    # Measured with bench_serving.concurrent_throughput (16 clients, 1 image each, vit_tiny_p8_64)
-    # on 2 busy shared CPU cores: 1 worker 15-16, 2 workers 17-22, 4 workers 26-29, no batching
-    # 24-31 images/s. 2 is a middle ground that also keeps a GPU fed.
-    workers: int = 2
+    # One: a second worker gathers the next batch while the first runs, then runs it beside the
+    # first, and two ORT runs on one session share its intra-op threads. bench/bench_served.py,
+    # 16 clients in another process, 2-core Xeon (AMX), v1 int8, two runs: 1 worker 261.6 and
+    # 267.4 images/s (p99 86 and 90 ms), 2 workers 241.3 and 262.4 (p99 118 and 109 ms), no
+    # batching 235.5 and 253.9. (Before the batcher stopped waiting with the model idle, more
+    # workers hid that wait: 2 measured faster than 1 then.) A GPU host may want 2: not measured.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0 or self.max_queue_delay_ms < 0 or self.workers <= 0:
