@@ -178,7 +178,7 @@ class DynamicBatcher:
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed or self._running == 0:
-                    break  # the model is idle: more company is not worth the wait
+                    break  # delay spent, closing, or the model idle (no company worth waiting for)
                 self._cond.wait(remaining)
             batch = [request for request in batch if not request.dropped_if_cancelled()]
             if batch:
