@@ -56,7 +56,7 @@ def test_info_of_the_default_model_states_its_non_commercial_licence(private_red
     settings = stack_settings(REPO_ROOT / "models" / "default.onnx", private_redis.url)
     with ServerStack(settings) as running:
         info = httpx.get(f"http://127.0.0.1:{running.http_port}/v1/info").json()
-    assert info["model_id"] == "vit_tiny_d6_p8_64-bd3ec34dd42c"
+    assert info["model_id"] == "vit_tiny_d6_p8_64-cfc47f764064"
     # The CPU serves default.int8.onnx: the licence comes from its fp32 parent's sidecar.
     assert info["precision"] == "int8"
     assert "Tiny ImageNet" in info["license"] and "non-commercial" in info["license"]

@@ -19,7 +19,7 @@ def test_quickstart_script_adds_five_shots_and_classifies(serve_process, tmp_pat
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert "model vit_tiny_d6_p8_64-bd3ec34dd42c" in lines[0]
+    assert "model vit_tiny_d6_p8_64-cfc47f764064" in lines[0]
     assert "class 'red discs': 5 examples" in lines and "class 'blue stripes': 5 examples" in lines
     assert any(line.startswith("new red discs: red discs ") for line in lines), run.stdout
     assert any(line.startswith("new blue stripes: blue stripes ") for line in lines), run.stdout
