@@ -153,11 +153,14 @@ def main() -> None:
     files: dict[str, Path] = {}
     gflop: dict[str, float] = {}  # per timed key: its fp32 model's GFLOP per image
     fp32_key: dict[str, str] = {}  # per timed key: the key of its fp32 model
+    models: list[dict[str, object]] = []
     for model in args.model:
         variants = available_variants(model)
         if "fp32" not in variants:
             raise SystemExit(f"{model} is a {next(iter(variants))} variant; give the fp32 export")
         model_gflop = model_gflop_per_image(model)
+        models.append({"file": model.name, "model_id": variants["fp32"].meta.model_id,
+                       "gflop_per_image": round(model_gflop, 4)})
         for precision, variant in variants.items():
             key = f"{model.stem}/{precision}" if several else precision
             if key in files:
@@ -184,11 +187,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "cores": __import__("os").cpu_count(),
         "onnxruntime": ort.__version__,
-        "models": [
-            {"file": m.name, "model_id": available_variants(m)["fp32"].meta.model_id,
-             "gflop_per_image": round(gflop[f"{m.stem}/fp32" if several else "fp32"], 4)}
-            for m in args.model
-        ],
+        "models": models,
         "sgemm_size": args.sgemm_size,
         "sgemm_gflops": round(sgemm, 1),
         "sgemm_gflops_before_after": [round(sgemm_before, 1), round(sgemm_after, 1)],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import tempfile
 import threading
@@ -32,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench_engine import cpu_model
-from bench_serving import DEFAULT_MODEL, Server, synthetic_jpegs
+from bench_serving import DEFAULT_MODEL, Server, spread_requests, synthetic_jpegs
 from fewshot_common.embedder import Embedder
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
@@ -50,36 +51,26 @@ def _client_load(address: str, images: list[bytes], clients: int, requests: int,
     client = FewShotClient(address)
     for image in images[:clients]:  # warm-up: connections, every code path once
         client.embed([image])
-    counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
     shed = [0]
 
-    def worker() -> None:
+    def embed_one(i: int) -> None:
+        started = time.perf_counter()
         while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            started = time.perf_counter()
-            while True:
-                try:
-                    client.embed([images[i % len(images)]])
-                    break
-                except TooLarge:  # the decode queue is full: back off and retry, as a client should
-                    with lock:
-                        shed[0] += 1
-                    time.sleep(0.005)
-            elapsed = time.perf_counter() - started
-            with lock:
-                latencies.append(elapsed)
+            try:
+                client.embed([images[i % len(images)]])
+                break
+            except TooLarge:  # the decode queue is full: back off and retry, as a client should
+                with lock:
+                    shed[0] += 1
+                time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        with lock:
+            latencies.append(elapsed)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    spread_requests(requests, clients, embed_one)
     results.put((requests / (time.perf_counter() - started), latencies, shed[0]))
     client.close()
 
@@ -90,7 +81,13 @@ def served(address: str, images: list[bytes], clients: int,
     results = context.Queue()
     process = context.Process(target=_client_load, args=(address, images, clients, requests, results))
     process.start()
-    outcome = results.get(timeout=600)
+    while True:  # a client process that dies (any error but a shed call) fails the run at once
+        try:
+            outcome = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"the client process exited with code {process.exitcode}") from None
     process.join()
     return outcome
 

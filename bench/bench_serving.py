@@ -143,13 +143,9 @@ def register_classes(server: Server, count: int, namespace: str) -> None:
         server.registry.add_examples(namespace, f"class-{i:04d}", vectors, server.core.model_id)
 
 
-def concurrent_throughput(
-    server: Server, images: list[bytes], clients: int, requests: int
-) -> tuple[float, float, float]:
-    """``requests`` single-image Embeds issued by ``clients`` threads at once: images per
-    wall-clock second, images per CPU-second of this process (server and client), and images
-    per model run. The second is what batching saves; the first also depends on what else
-    the machine runs."""
+def spread_requests(requests: int, clients: int, call: Callable[[int], None]) -> None:
+    """``call(0)`` .. ``call(requests - 1)`` from ``clients`` threads at once, each taking the
+    next index as it is free (a closed loop of ``clients`` concurrent callers)."""
     counter = iter(range(requests))
     lock = threading.Lock()
 
@@ -159,15 +155,25 @@ def concurrent_throughput(
                 i = next(counter, None)
             if i is None:
                 return
-            server.client.embed([images[i % len(images)]])
+            call(i)
 
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker) for _ in range(clients)]:
+            future.result()
+
+
+def concurrent_throughput(
+    server: Server, images: list[bytes], clients: int, requests: int
+) -> tuple[float, float, float]:
+    """``requests`` single-image Embeds issued by ``clients`` threads at once: images per
+    wall-clock second, images per CPU-second of this process (server and client), and images
+    per model run. The second is what batching saves; the first also depends on what else
+    the machine runs."""
     for image in images[:clients]:  # warm up every code path once
         server.client.embed([image])
     runs_before, images_before = _batch_runs()
     started, cpu_started = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(worker) for _ in range(clients)]:
-            future.result()
+    spread_requests(requests, clients, lambda i: server.client.embed([images[i % len(images)]]))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     runs, images_run = (now - before for now, before in zip(_batch_runs(), (runs_before, images_before)))
     return requests / wall, requests / cpu, images_run / max(runs, 1)

@@ -11,8 +11,8 @@ One step (msn.md §1, reference ``msn_train.py``):
 from __future__ import annotations
 
 import copy
-import os
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
