@@ -9,27 +9,22 @@ queued without bound, and one cancelled while it waits is dropped before it deco
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from fewshot_common.cancellation import CancellationCheck, raise_if_cancelled
+from fewshot_common.cores import usable_cores
 from fewshot_common.errors import Overloaded, Unavailable
 
 T = TypeVar("T")
-
-
-def default_decode_workers() -> int:
-    """One decode thread per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class DecodePool:
     """Runs decode jobs on ``workers`` threads; refuses a job beyond ``workers + max_queued``."""
 
     def __init__(self, workers: int | None = None, max_queued: int = 16) -> None:
-        workers = workers or default_decode_workers()
+        workers = workers or usable_cores()  # one decode thread per core
         if workers <= 0 or max_queued < 0:
             raise ValueError(f"need workers > 0 and max_queued >= 0, got {workers}, {max_queued}")
         self.workers = workers

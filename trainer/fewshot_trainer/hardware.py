@@ -8,7 +8,6 @@ Sessions run on machines that differ, so "auto" decides per machine from the CPU
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -69,14 +68,6 @@ def resolve_bf16(setting: Bf16Setting, *, device_type: str, cpu_flags: frozenset
     if device_type == "cuda":
         return cuda_bf16
     return device_type == "cpu" and has_native_bf16(cpu_flags)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def resolve_num_workers(setting: WorkersSetting, *, device_type: str, cores: int,

@@ -26,12 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fewshot_common.cores import usable_cores
+
 from . import distributed as dist_utils
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, make_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import EpochIndexSampler, UnlabelledImages, sample_seed
 from .ema import ema_update
-from .hardware import cpu_info, resolve_bf16, resolve_num_workers, usable_cores
+from .hardware import cpu_info, resolve_bf16, resolve_num_workers
 from .loss import LossParts, msn_loss
 from .masking import random_keep_indices
 from .metrics import CollapseMeter, JsonlLog, batch_indicators
