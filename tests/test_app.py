@@ -41,3 +41,31 @@ def test_batching_can_be_switched_off_from_the_environment(
             together = client.embed(images)
             alone = np.stack([client.embed([image])[0] for image in images])
             np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_a_cpu_server_shares_the_cores_among_batch_workers_and_does_not_spin(
+    tiny_model_path: Path, redis_url: str
+) -> None:
+    """The defaults the served benchmark chose: concurrent runs' threads add up to the cores, and
+    idle ONNX Runtime threads sleep rather than take cores from decoding."""
+    from fewshot_common.cores import usable_cores
+
+    with ServerStack(stack_settings(tiny_model_path, redis_url)) as stack:
+        assert stack.core is not None
+        options = stack.core.embedder.session_options
+        assert stack.core.batch_config.workers == 2
+        assert options.intra_op_num_threads == max(1, usable_cores() // 2)
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with ServerStack(stack_settings(tiny_model_path, redis_url, intra_op_threads=3,
+                                    intra_op_spinning=True, batch_workers=1)) as stack:  # fmt: skip
+        assert stack.core is not None
+        options = stack.core.embedder.session_options
+        assert options.intra_op_num_threads == 3
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+@pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 2, 1), (16, 2, 8), (1, 2, 1), (3, 2, 1), (8, 1, 8)])
+def test_intra_op_threads_per_batch_is_an_equal_share_of_the_cores(cores: int, workers: int, threads: int) -> None:
+    from fewshot_service.batcher import intra_op_threads_per_batch
+
+    assert intra_op_threads_per_batch(cores, workers) == threads

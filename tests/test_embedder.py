@@ -249,6 +249,63 @@ def test_batcher_gathers_requests_that_arrive_while_a_batch_runs(
         np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
 
 
+class PairedRun:
+    """A run that proceeds only once two runs are in the model at once (a barrier of two)."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.batch_sizes: list[int] = []
+        self.together = threading.Barrier(2, timeout=30)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(pixels))
+        self.together.wait()  # BrokenBarrierError, and a failed request, if the other part waits
+        return self.embedder.embed_array(pixels)
+
+
+def test_batcher_runs_the_parts_of_a_multi_image_request_side_by_side(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    """With two workers, a 6-image request becomes two runs of 3 that are in the model at once."""
+    run = PairedRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=20_000, workers=2))
+    try:
+        request = embedder.load_images(images[:6])
+        result = batcher.submit(request)
+    finally:
+        batcher.close()
+    assert sorted(run.batch_sizes) == [3, 3]
+    np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
+
+
+def test_batcher_never_merges_two_parts_of_one_request(embedder: Embedder, images: list[bytes]) -> None:
+    """One worker busy: the other runs the request's parts one after the other, never as one batch."""
+    run = GatedRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=0, workers=2))
+    first = embedder.load_images(images[:1])
+    request = embedder.load_images(images[1:5])
+    results: list[np.ndarray | None] = [None, None]
+
+    def submit(i: int, pixels: np.ndarray) -> None:
+        results[i] = batcher.submit(pixels)
+
+    try:
+        busy = threading.Thread(target=submit, args=(0, first))
+        busy.start()
+        assert run.first_started.wait(30)  # one worker holds the model
+        split = threading.Thread(target=submit, args=(1, request))
+        split.start()
+        split.join(30)  # the other worker answers both parts meanwhile
+        assert not split.is_alive()
+        run.release.set()
+        busy.join(30)
+    finally:
+        batcher.close()
+    assert run.batch_sizes == [1, 2, 2]
+    np.testing.assert_allclose(results[1], embedder.embed_array(request), atol=1e-5)
+    np.testing.assert_allclose(results[0], embedder.embed_array(first), atol=1e-5)
+
+
 def test_batcher_reports_failures_to_every_caller_in_the_batch(embedder: Embedder) -> None:
     batcher = DynamicBatcher(embedder.embed_array, BatchConfig(max_queue_delay_ms=0))
     try:

@@ -45,6 +45,7 @@ class Embedder:
         providers: Sequence[str] | None = None,
         limits: ImageLimits = ImageLimits(),
         intra_op_threads: int | None = None,
+        spinning: bool = True,
         max_batch_size: int = 32,
     ) -> None:
         path = Path(model_path)
@@ -55,6 +56,10 @@ class Embedder:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        # Spinning (ONNX Runtime's default) makes idle intra-op threads busy-wait for the next
+        # parallel section: fastest for a process doing only inference, but a server's decode and
+        # gRPC threads need those cores between and beside model runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self._session = ort.InferenceSession(
                 str(path), sess_options=options, providers=list(providers or default_providers())
@@ -75,6 +80,11 @@ class Embedder:
         # On a GPU, bind the output to host memory once per run instead of letting ORT allocate
         # and copy through its default path. Written for CUDA/TensorRT; not yet run on a GPU.
         self._bind_io = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+    @property
+    def session_options(self) -> ort.SessionOptions:
+        """The options the session runs with (threads, spinning), as ONNX Runtime reports them."""
+        return self._session.get_session_options()
 
     def _check_graph(self, path: Path) -> None:
         """Refuse a graph whose input/output do not match its own metadata."""

@@ -18,12 +18,13 @@ from types import TracebackType
 import grpc
 import uvicorn
 
+from fewshot_common.cores import usable_cores
 from fewshot_common.embedder import Embedder, default_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
 from .access import AccessControl
-from .batcher import BatchConfig
+from .batcher import BatchConfig, intra_op_threads_per_batch
 from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
@@ -38,6 +39,14 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _HTTP_START_TIMEOUT_S = 15.0
+
+
+def default_intra_op_threads(providers: list[str], settings: Settings) -> int | None:
+    """On a CPU, each batch that may run at once gets its share of the cores (with batching off,
+    requests run side by side, so two shares as well); on a GPU, ONNX Runtime's own choice."""
+    if providers[0] != "CPUExecutionProvider":
+        return None
+    return intra_op_threads_per_batch(usable_cores(), settings.batch_workers if settings.batching else 2)
 
 
 def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
@@ -55,7 +64,8 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         served.path,
         providers=providers,
         limits=limits,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=settings.intra_op_threads or default_intra_op_threads(providers, settings),
+        spinning=settings.intra_op_spinning,
         max_batch_size=settings.max_batch_size,
     )
     registry = Registry(

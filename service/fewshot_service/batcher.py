@@ -5,7 +5,8 @@ Callers hand in their own preprocessed ``[n, 3, S, S]`` array and get back exact
 until the batch holds ``max_batch_size`` images or the oldest request has waited
 ``max_queue_delay_ms``. Requests that arrive while a batch runs are already late by the time the
 worker comes back, so under load batches fill without any added wait (the knobs of Triton's
-``max_queue_delay_microseconds`` and Ray Serve's ``batch_wait_timeout_s``).
+``max_queue_delay_microseconds`` and Ray Serve's ``batch_wait_timeout_s``). With several workers, a
+request of several images is cut into one part per worker, which run side by side.
 
 The wait applies only while another batch is running: with the model idle, whatever is queued
 runs at once, since waiting for company that may never come only adds latency (one client
@@ -40,13 +41,13 @@ class BatchConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     enabled: bool = True
-    # One: a second worker gathers the next batch while the first runs, then runs it beside the
-    # first, and two ORT runs on one session share its intra-op threads. bench/bench_served.py,
-    # 16 clients in another process, 2-core Xeon (AMX), v1 int8, two runs: 1 worker 261.6 and
-    # 267.4 images/s (p99 86 and 90 ms), 2 workers 241.3 and 262.4 (p99 118 and 109 ms), no
-    # batching 235.5 and 253.9. (Before the batcher stopped waiting with the model idle, more
-    # workers hid that wait: 2 measured faster than 1 then.) A GPU host may want 2: not measured.
-    workers: int = 1
+    # Two, each running its batch on its share of the cores (intra_op_threads_per_batch): one
+    # batch is gathered and handed back while the other computes, and no ONNX Runtime thread waits
+    # at another run's barriers. bench/bench_served.py, 2-core AMD EPYC, v2 int8, three rounds
+    # each: 2 workers x 1 thread 249-273 images/s at 16 clients, 239-272 at 64; 1 worker x 2
+    # threads 210-247 and 197-240; batching off 234-251 and 221-237. One client is the price:
+    # 106-126 images/s against 116-144 with one worker on both cores.
+    workers: int = 2
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0 or self.max_queue_delay_ms < 0 or self.workers <= 0:
@@ -59,6 +60,7 @@ class BatchConfig:
 class _Request:
     pixels: np.ndarray
     cancellation: CancellationCheck | None = None
+    caller: object = None  # the parts of one caller's request never share a batch
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[np.ndarray] = field(default_factory=Future)
 
@@ -104,13 +106,22 @@ class DynamicBatcher:
         raise_if_cancelled(cancellation, "inference")
         if not self.config.enabled:
             return self._timed_run(pixels)
-        request = _Request(pixels, cancellation)
+        # With several workers, a request of several images is split into one part per worker, so
+        # that its parts run side by side on their share of the cores instead of one after the other.
+        caller = object()
+        parts = [_Request(part, cancellation, caller)
+                 for part in np.array_split(pixels, min(len(pixels), self.config.workers))]
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down")
-            self._queue.append(request)
-            self._cond.notify()
-        return request.future.result()
+            self._queue.extend(parts)
+            self._cond.notify(len(parts))
+        if len(parts) == 1:
+            return parts[0].future.result()
+        for error in [part.future.exception() for part in parts]:  # waits for every part
+            if error is not None:
+                raise error
+        return np.concatenate([part.future.result() for part in parts])
 
     def close(self) -> None:
         """Finish the queued requests, then stop the workers."""
@@ -164,6 +175,7 @@ class DynamicBatcher:
                 if not first.dropped_if_cancelled():
                     break
             batch = [first]
+            callers = {id(first.caller)}
             size = len(first.pixels)
             deadline = first.enqueued + delay
             while size < limit:
@@ -173,7 +185,10 @@ class DynamicBatcher:
                         continue
                     if size + len(self._queue[0].pixels) > limit:
                         break  # never split a request: it keeps its place for the next batch
+                    if id(self._queue[0].caller) in callers:
+                        break  # another part of a request in this batch: it runs beside it
                     batch.append(self._queue.popleft())
+                    callers.add(id(batch[-1].caller))
                     size += len(batch[-1].pixels)
                     continue
                 remaining = deadline - time.monotonic()
@@ -191,3 +206,10 @@ class DynamicBatcher:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_IMAGES.observe(len(pixels))
         return vectors
+
+
+def intra_op_threads_per_batch(cores: int, workers: int) -> int:
+    """ONNX Runtime threads for one model run when ``workers`` batches may run at once on
+    ``cores``: an equal share, so the threads of concurrent runs add up to the cores instead of
+    each run's threads competing for all of them."""
+    return max(1, cores // workers)
