@@ -13,7 +13,8 @@ Variants, each built here in a temporary folder from ``--model`` (the fp32 expor
 - ``fp32 + transformer fusions``: ``onnxruntime.transformers.optimizer`` (model type ``vit``).
 
 img/s at batch ``--batch`` on real preprocessed images, the median over interleaved rounds (so a
-noisy moment hits every variant alike); numpy sgemm before and after as the fp32 limit proxy
+noisy moment hits every variant alike), each timed run after an untimed one so that no other
+session's spinning threads share its cores (bench_engine.quiet_run); numpy sgemm before and after as the fp32 limit proxy
 (``ratio_to_sgemm`` = img/s x the fp32 GFLOP per image / sgemm GFLOP/s, as in bench_engine.py);
 cosine to fp32 (min, mean) over ``--eval-dir`` images. Only compare numbers within one run:
 
@@ -36,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime import quantization as q
 
-from bench_engine import cpu_model, model_gflop_per_image, sgemm_gflops
+from bench_engine import cpu_model, model_gflop_per_image, quiet_run, sgemm_gflops
 from fewshot_common.image_files import list_image_files, list_labelled_image_files, preprocessed_batches
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, Preprocess
 from fewshot_common.variants import read_meta
@@ -118,7 +119,8 @@ def main() -> None:
     parser.add_argument("--calibration-data", type=Path, required=True)
     parser.add_argument("--eval-dir", type=Path, required=True, help="images for the cosine check")
     parser.add_argument("--images", type=int, default=256, help="images for the cosine check")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="images per run (8: the engine's fastest on 2 cores, bench_engine.py)")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
 
@@ -144,9 +146,7 @@ def main() -> None:
         rates: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(args.rounds):
             for name, session in sessions.items():
-                start = time.perf_counter()
-                session.run([OUTPUT_NAME], {INPUT_NAME: batch})
-                rates[name].append(len(batch) / (time.perf_counter() - start))
+                rates[name].append(len(batch) / quiet_run(session, batch))
         sgemm_after = sgemm_gflops(4096, 3)
         sgemm = (sgemm_before + sgemm_after) / 2
         shares = {name: op_shares(files[name], batch, folder / "profile")

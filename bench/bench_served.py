@@ -1,17 +1,25 @@
-"""Served against the engine, in one run: how much of what ONNX Runtime can do reaches gRPC clients.
+"""Served against the engine, in one run: how much of what ONNX Runtime can do reaches gRPC clients,
+and where the rest of the CPU goes.
 
 - ``engine_img_per_s``: the served model file (the variant the server picks, int8 on a CPU) run
-  directly through ONNX Runtime at batch 32 on preprocessed tensors, measured in this process while
-  the server idles, before and after the load (the median of both);
+  directly through ONNX Runtime on preprocessed tensors, the fastest of bench_engine.py's layouts and
+  batch sizes (8 and 32), measured in this process while the servers idle, before and after the
+  loads (the median of both);
 - ``served``: single-image gRPC ``Embed`` calls from ``C`` concurrent clients (threads) in **another
-  process**, for C in ``--clients`` (default 1, 16, 64), against a real server with dynamic batching
-  on and one with it off, in alternating rounds: images/s, p50 and p99 latency (a call the server
-  sheds with RESOURCE_EXHAUSTED, its decode queue full, is retried after 5 ms and counted);
-- ``batch32_img_per_s``: ``Embed`` with 32 images per call, one client;
+  process**, for C in ``--clients`` (default 1, 16, 64), against real servers built by the server's
+  own ``build_core`` from :data:`CONFIGS` (the defaults; the previous default of one batch worker on
+  ONNX Runtime's own spinning threads; batching off), in alternating rounds: images/s, p50 and p99
+  latency (a call the server sheds with RESOURCE_EXHAUSTED, its decode queue full, is retried after
+  5 ms and counted);
+- ``cpu_ms_per_image`` at each load: CPU time of the server process and of the client process per
+  image served, and the share of the machine's cores they kept busy; beside them, measured alone,
+  decode + preprocess per image and the engine's core-ms per image. ``ceiling_img_per_s`` is what
+  the cores could serve if the engine, the decode and the client were all the work there was:
+  ``served / ceiling`` is what the server's own work (gRPC, hand-offs, batching) leaves;
+- ``batch32_img_per_s``: ``Embed`` with 32 images per call, one client, default server;
 - ``served_over_engine``: served images/s at 16 clients over the engine's.
 
-The images are synthetic JPEGs (``--image-size``, default 256 px), so decoding is part of what is
-served and not of the engine: ``decode_ms`` says what one costs. The client process shares the CPU
+The images are synthetic JPEGs (``--image-size``, default 256 px). The client process shares the CPU
 with the server, as clients on the same host do. Prints one JSON line, then a table:
 
     PYTHONPATH=service:service/client python bench/bench_served.py [--model models/default.onnx]
@@ -27,25 +35,48 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from bench_engine import cpu_model
-from bench_serving import DEFAULT_MODEL, Server, spread_requests, synthetic_jpegs
-from fewshot_common.embedder import Embedder
+from bench_engine import best, cpu_model, engine_rates
+from bench_serving import DEFAULT_MODEL, spread_requests, synthetic_jpegs
+from fewshot_client import FewShotClient
+from fewshot_common.cores import usable_cores
 from fewshot_common.images import ImageLimits, load_batch
-from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
 from fewshot_common.variants import choose_model_file
-from fewshot_service.batcher import BatchConfig
+from fewshot_service.app import build_core
+from fewshot_service.grpc_server import create_grpc_server
+from fewshot_service.redis_client import connect_redis
 from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.settings import Settings
+
+# Server settings compared, each over the same model file; the first is what `fewshot serve` runs.
+CONFIGS: dict[str, dict[str, object]] = {
+    "default": {},
+    "1 worker, spinning": {"batch_workers": 1, "intra_op_threads": usable_cores(), "intra_op_spinning": True},
+    "batching off": {"batching": False},
+}
+
+
+@dataclass
+class Load:
+    """One closed loop of single-image Embeds, as the client process saw it and what it cost."""
+
+    img_per_s: float
+    latencies: list[float]
+    shed: int
+    server_cpu_s: float
+    client_cpu_s: float
+    wall_s: float
+    images: int
 
 
 def _client_load(address: str, images: list[bytes], clients: int, requests: int,
-                 results: "mp.Queue[tuple[float, list[float], int]]") -> None:
+                 results: "mp.Queue[tuple[float, list[float], int, float, float]]",
+                 go: "mp.Event", started: "mp.Event") -> None:
     """In the client process: ``requests`` single-image Embeds from ``clients`` threads."""
-    from fewshot_client import FewShotClient
     from fewshot_client.errors import TooLarge
 
     client = FewShotClient(address)
@@ -56,7 +87,7 @@ def _client_load(address: str, images: list[bytes], clients: int, requests: int,
     shed = [0]
 
     def embed_one(i: int) -> None:
-        started = time.perf_counter()
+        begun = time.perf_counter()
         while True:
             try:
                 client.embed([images[i % len(images)]])
@@ -65,42 +96,46 @@ def _client_load(address: str, images: list[bytes], clients: int, requests: int,
                 with lock:
                     shed[0] += 1
                 time.sleep(0.005)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - begun
         with lock:
             latencies.append(elapsed)
 
-    started = time.perf_counter()
+    started.set()
+    go.wait()  # the parent starts its CPU clock first
+    begun, cpu_begun = time.perf_counter(), time.process_time()
     spread_requests(requests, clients, embed_one)
-    results.put((requests / (time.perf_counter() - started), latencies, shed[0]))
+    wall, cpu = time.perf_counter() - begun, time.process_time() - cpu_begun
+    results.put((requests / wall, latencies, shed[0], cpu, wall))
     client.close()
 
 
-def served(address: str, images: list[bytes], clients: int,
-           requests: int) -> tuple[float, list[float], int]:
+def served(address: str, images: list[bytes], clients: int, requests: int) -> Load:
+    """Run one load from a fresh client process; the server's CPU is this process's."""
     context = mp.get_context("spawn")  # a clean process: no server threads or gRPC state inherited
-    results = context.Queue()
-    process = context.Process(target=_client_load, args=(address, images, clients, requests, results))
+    results, go, started = context.Queue(), context.Event(), context.Event()
+    process = context.Process(target=_client_load,
+                              args=(address, images, clients, requests, results, go, started))
     process.start()
+    while not started.wait(timeout=1):
+        if not process.is_alive():
+            raise RuntimeError(f"the client process exited with code {process.exitcode}")
+    cpu_begun = time.process_time()
+    go.set()
     while True:  # a client process that dies (any error but a shed call) fails the run at once
         try:
-            outcome = results.get(timeout=1)
+            rate, latencies, shed, client_cpu, wall = results.get(timeout=1)
             break
         except queue.Empty:
             if not process.is_alive():
                 raise RuntimeError(f"the client process exited with code {process.exitcode}") from None
+    server_cpu = time.process_time() - cpu_begun  # ends a little after the client's clock
     process.join()
-    return outcome
+    return Load(rate, latencies, shed, server_cpu, client_cpu, wall, requests)
 
 
-def engine_img_per_s(path: Path, pixels: np.ndarray, rounds: int = 10) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
-        rates.append(len(pixels) / (time.perf_counter() - started))
-    return statistics.median(rates)
+def engine_img_per_s(path: Path) -> tuple[float, str, int]:
+    """The served file's fastest engine figure (img/s, layout, batch), as bench_engine.py times it."""
+    return best(engine_rates({"served": path}, [8, 32], rounds=5, cores=usable_cores())["served"])
 
 
 def ms(values: list[float], q: int) -> float:
@@ -112,77 +147,97 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="fp32 export")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=600, help="requests per load")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the configs")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, nargs="+", default=[BatchConfig().workers],
-                        help="batcher workers (batches run at once); several: each its own server")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = parser.parse_args()
 
+    cores = usable_cores()
     chosen = choose_model_file(args.model, "auto", ["CPUExecutionProvider"])
-    embedder = Embedder(chosen.path)
     images = synthetic_jpegs(64, args.image_size)
-    pre = embedder.meta.preprocess
-    pixels = load_batch(images[:32], pre, ImageLimits())
+    pre = chosen.meta.preprocess
+    load_batch(images[:1], pre, ImageLimits())
     started = time.perf_counter()
-    for _ in range(5):
-        load_batch(images[:1], pre, ImageLimits())
-    decode_ms = (time.perf_counter() - started) / 5 * 1000
-    engine_before = engine_img_per_s(chosen.path, pixels)
+    for image in images[:20]:
+        load_batch([image], pre, ImageLimits())
+    decode_ms = (time.perf_counter() - started) / 20 * 1000
+    engine_before = engine_img_per_s(chosen.path)
 
-    configs = {f"batching_on_{w}w" if len(args.workers) > 1 else "batching_on": BatchConfig(workers=w)
-               for w in args.workers}
-    configs["batching_off"] = BatchConfig(enabled=False)
-    loads: dict[str, dict[int, list[tuple[float, list[float], int]]]] = {
-        mode: {c: [] for c in args.clients} for mode in configs}
+    loads: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in args.clients} for name in args.configs}
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
-        servers = {mode: Server(embedder, store.url, config) for mode, config in configs.items()}
+        servers = {}
+        for name in args.configs:
+            client = connect_redis(store.url)
+            core = build_core(Settings(model=args.model, redis_url=store.url, **CONFIGS[name]), client)
+            server, port = create_grpc_server(core, host="127.0.0.1", port=0, max_workers=64)
+            servers[name] = (server, port, core, client)
         try:
             batch_times = []
-            client = next(iter(servers.values())).client
-            client.embed(images[:32])
-            for _ in range(10):
-                begun = time.perf_counter()
+            with FewShotClient(f"127.0.0.1:{servers[args.configs[0]][1]}") as client:
                 client.embed(images[:32])
-                batch_times.append(time.perf_counter() - begun)
+                for _ in range(10):
+                    begun = time.perf_counter()
+                    client.embed(images[:32])
+                    batch_times.append(time.perf_counter() - begun)
             for _ in range(args.rounds):
                 for clients in args.clients:
-                    for mode, server in servers.items():
-                        address = f"127.0.0.1:{server.port}"
-                        loads[mode][clients].append(served(address, images, clients, args.requests))
+                    for name, (_, port, _, _) in servers.items():
+                        loads[name][clients].append(served(f"127.0.0.1:{port}", images, clients, args.requests))
         finally:
-            for server in servers.values():
-                server.close()
-    engine = statistics.median([engine_before, engine_img_per_s(chosen.path, pixels)])
+            for server, _, core, client in servers.values():
+                server.stop(None)
+                core.close()
+                client.close()
+    engine_after = engine_img_per_s(chosen.path)
+    engine = statistics.median([engine_before[0], engine_after[0]])
+    engine_core_ms = 1000 * cores / engine
 
-    result: dict[str, dict[str, dict[str, float]]] = {}
-    for mode, by_clients in loads.items():
-        result[mode] = {}
+    result: dict[str, dict[str, dict[str, object]]] = {}
+    for name, by_clients in loads.items():
+        result[name] = {}
         for clients, runs in by_clients.items():
-            latencies = [t for _, run, _ in runs for t in run]
-            result[mode][str(clients)] = {
-                "img_per_s": round(statistics.median(r for r, _, _ in runs), 1),
+            latencies = [t for run in runs for t in run.latencies]
+            images_served = sum(run.images for run in runs)
+            server_ms = 1000 * sum(run.server_cpu_s for run in runs) / images_served
+            client_ms = 1000 * sum(run.client_cpu_s for run in runs) / images_served
+            ceiling = 1000 * cores / (engine_core_ms + decode_ms + client_ms)
+            rate = statistics.median(run.img_per_s for run in runs)
+            result[name][str(clients)] = {
+                "img_per_s": round(rate, 1), "img_per_s_each_round": [round(r.img_per_s, 1) for r in runs],
                 "p50_ms": ms(latencies, 50), "p99_ms": ms(latencies, 99),
-                "shed_and_retried": sum(s for _, _, s in runs)}
-    at16 = {mode: result[mode].get("16", {}).get("img_per_s") for mode in result}
-
+                "shed_and_retried": sum(run.shed for run in runs),
+                "cpu_ms_per_image": {"server": round(server_ms, 2), "client": round(client_ms, 2)},
+                "cores_busy": round(sum(r.server_cpu_s + r.client_cpu_s for r in runs)
+                                    / sum(r.wall_s for r in runs) / cores, 3),
+                "ceiling_img_per_s": round(ceiling, 1), "served_over_ceiling": round(rate / ceiling, 3),
+            }
     record = {
-        "bench": "served", "cpu": cpu_model(), "onnxruntime": ort.__version__,
+        "bench": "served", "cpu": cpu_model(), "cores": cores, "onnxruntime": ort.__version__,
         "model_file": chosen.path.name, "precision": chosen.meta.precision,
         "model_id": chosen.meta.model_id, "image_size": args.image_size,
-        "decode_ms": round(decode_ms, 2), "engine_img_per_s": round(engine, 1),
+        "decode_ms": round(decode_ms, 3), "engine_img_per_s": round(engine, 1),
+        "engine_at": {"layout": engine_before[1], "batch": engine_before[2]},
+        "engine_core_ms_per_image": round(engine_core_ms, 2),
         "batch32_img_per_s": round(32 / statistics.median(batch_times), 1),
+        "configs": {name: CONFIGS[name] for name in args.configs},
         "served": result,
-        "served_over_engine": {mode: round(v / engine, 3) for mode, v in at16.items() if v},
+        "served_over_engine": {name: round(float(result[name]["16"]["img_per_s"]) / engine, 3)
+                               for name in result if "16" in result[name]},
     }
     print(json.dumps(record))
-    print(f"\nengine ({chosen.path.name}, batch 32): {engine:.1f} img/s; Embed of 32 images: "
-          f"{record['batch32_img_per_s']} img/s; decode + preprocess {decode_ms:.2f} ms/image")
-    print("| clients | " + " | ".join(f"{mode}: img/s, p50, p99 (ms), shed" for mode in result) + " |")
-    print("|---|" + "---|" * len(result))
-    for clients in args.clients:
-        cells = (result[mode][str(clients)] for mode in result)
-        print(f"| {clients} | " + " | ".join(
-            f"{c['img_per_s']}, {c['p50_ms']}, {c['p99_ms']}, {c['shed_and_retried']}" for c in cells) + " |")
+    print(f"\nengine ({chosen.path.name}): {engine:.1f} img/s ({engine_core_ms:.2f} core-ms per image); "
+          f"Embed of 32 images: {record['batch32_img_per_s']} img/s; decode + preprocess "
+          f"{decode_ms:.2f} ms per image; {cores} cores")
+    print("| config | clients | img/s (each round) | p50, p99 ms | shed | server / client CPU ms per image "
+          "| cores busy | served / ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in result:
+        for clients in args.clients:
+            c = result[name][str(clients)]
+            cpu = c["cpu_ms_per_image"]
+            print(f"| {name} | {clients} | {c['img_per_s']} ({', '.join(map(str, c['img_per_s_each_round']))}) "
+                  f"| {c['p50_ms']}, {c['p99_ms']} | {c['shed_and_retried']} | {cpu['server']} / {cpu['client']} "
+                  f"| {c['cores_busy']} | {c['served_over_ceiling']} |")
 
 
 if __name__ == "__main__":
