@@ -109,6 +109,22 @@ def test_preprocess_matches_torchvision_eval_transform() -> None:
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
+def test_every_8_bit_level_normalises_exactly_as_the_per_pixel_formula() -> None:
+    """The lookup table the server normalises with equals converting, scaling and normalising each
+    pixel in float32, bit for bit, for all 256 levels of each channel, and writes into ``out``."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([levels, levels[::-1], levels.T], axis=-1)
+    same_size = Preprocess(input_size=16, resize_size=16)
+    pixels = np.asarray(rgb, dtype=np.float32) * np.float32(1.0 / 255.0)
+    mean, std = (np.asarray(v, dtype=np.float32) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    expected = ((pixels - mean) / std).transpose(2, 0, 1)
+    out = np.zeros((2, 3, 16, 16), dtype=np.float32)
+    returned = preprocess(Image.fromarray(rgb), same_size, out=out[1])
+    assert returned is out[1] or np.shares_memory(returned, out)
+    np.testing.assert_array_equal(out[1], expected)
+    assert not out[0].any()  # only its own row was written
+
+
 @pytest.mark.parametrize("size", [(20_000, 1), (3, 5_000)])
 def test_extreme_aspect_ratios_resample_only_the_crop_yet_equal_resize_then_crop(
     size: tuple[int, int],

@@ -6,6 +6,7 @@ the same inputs with the same messages. Nothing here depends on the model runtim
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -221,7 +222,17 @@ def _wide_to_8bit(img: Image.Image) -> np.ndarray:
     return out
 
 
-def preprocess(img: Image.Image, pre: Preprocess) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _level_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[3, 256]`` float32: the normalised value of each 8-bit level in each channel, computed
+    with the same float32 operations as normalising the pixels one by one (so identical to it)."""
+    levels = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+    mean_f = np.asarray(mean, dtype=np.float32)[:, None]
+    std_f = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean_f) / std_f
+
+
+def preprocess(img: Image.Image, pre: Preprocess, out: np.ndarray | None = None) -> np.ndarray:
     """RGB image -> float32 ``[3, S, S]``: shorter side to ``resize_size``, centre crop, normalise.
 
     Sizes are rounded as torchvision's ``Resize(int)`` + ``CenterCrop`` do, so the server sees
@@ -246,10 +257,15 @@ def preprocess(img: Image.Image, pre: Preprocess) -> np.ndarray:
         box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
         img = img.resize((crop, crop), resample, box=box)
 
-    pixels = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
-    mean = np.asarray(pre.mean, dtype=np.float32)
-    std = np.asarray(pre.std, dtype=np.float32)
-    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+    # One table lookup per pixel, written channel-first straight into ``out`` (a row of the
+    # request's batch): a quarter of the time of converting, scaling, normalising and transposing.
+    rgb = np.asarray(img)
+    table = _level_table(tuple(pre.mean), tuple(pre.std))
+    if out is None:
+        out = np.empty((3, crop, crop), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], rgb[:, :, channel], out=out[channel])
+    return out
 
 
 def load_batch(
@@ -283,5 +299,5 @@ def load_batch(
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
     for image in opened:
         raise_if_cancelled(cancellation, f"decoding image {image.index}")
-        batch[image.index] = preprocess(image.decode(), pre)
+        preprocess(image.decode(), pre, out=batch[image.index])
     return batch
