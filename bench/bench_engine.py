@@ -104,11 +104,18 @@ def model_gflop_per_image(path: Path) -> float:
 LAYOUTS = ("1 run x all cores", "1 run per core")
 
 
+# Long enough for every other session's idle threads to stop spinning (ONNX Runtime's workers
+# spin up to 2^20 pause instructions after their last task: tens of milliseconds).
+QUIET_S = 0.1
+
+
 def quiet_run(session: ort.InferenceSession, pixels: np.ndarray) -> float:
-    """Seconds for one run, after an untimed one of the same session, as in a server that serves
-    one model: timed right after another session's run, a run of the int8 variant measured 0.55x
-    the speed (median of 40 paired rounds, batch 8, 2-core AMD EPYC), as that session's threads
-    still spin and its weights fill the cache."""
+    """Seconds for one run, timed as in a server that serves one model: after a pause for other
+    sessions' spinning threads to sleep, and an untimed run of the same session (its weights in
+    cache). Timed right after three other sessions' runs, the int8 variant measured 0.49-0.54x the
+    speed, and still that after one untimed run only (medians of 30 paired rounds, batch 8, 2-core
+    AMD EPYC)."""
+    time.sleep(QUIET_S)
     session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
     start = time.perf_counter()
     session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
@@ -147,6 +154,7 @@ def engine_rates(files: dict[str, Path], batches: list[int], rounds: int,
                 if layout == LAYOUTS[0]:
                     seconds = quiet_run(session, pixels) / batch
                 else:
+                    time.sleep(QUIET_S)
                     concurrent_run(session, pixels, cores)  # untimed, as in quiet_run
                     seconds = concurrent_run(session, pixels, cores) / (cores * batch)
                 times.setdefault((key, layout, batch), []).append(seconds)
