@@ -51,6 +51,28 @@ def test_a_full_decode_pool_refuses_at_once_and_recovers() -> None:
         pool.close()
 
 
+def test_a_decode_runs_on_the_requests_own_thread_and_close_waits_for_it() -> None:
+    pool = DecodePool(workers=1, max_queued=0)
+    release, threads = threading.Event(), []
+
+    def job() -> str:
+        threads.append(threading.current_thread())
+        release.wait(10)
+        return "decoded"
+
+    caller = threading.Thread(target=pool.run, args=(job,))
+    caller.start()
+    time.sleep(0.1)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    time.sleep(0.1)
+    assert closer.is_alive()  # the admitted decode is still running
+    release.set()
+    closer.join(5)
+    caller.join(5)
+    assert not closer.is_alive() and threads == [caller]  # no hand-off to another thread
+
+
 def test_a_cancellation_tells_a_passed_deadline_from_a_cancel() -> None:
     # gRPC answers DEADLINE_EXCEEDED for the first and CANCELLED for the second.
     expired = Cancellation.after(0.0)
