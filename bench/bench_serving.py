@@ -37,9 +37,10 @@ import redis
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from fewshot_service.batcher import BatchConfig
+from fewshot_service.batcher import BatchConfig, intra_op_threads_per_batch
 from fewshot_client import FewShotClient
 from fewshot_service.core import FewShotCore
+from fewshot_common.cores import usable_cores
 from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server
 from fewshot_service.redis_server import ManagedRedis
@@ -63,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queue-delay-ms", type=float, default=BatchConfig().max_queue_delay_ms)
     parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
     parser.add_argument("--workers", type=int, default=BatchConfig().workers, help="batches run at once")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    parser.add_argument("--threads", type=int,
+                        help="ONNX Runtime intra-op threads (default: the server's, the cores / --workers)")
     return parser.parse_args()
 
 
@@ -190,11 +192,13 @@ def main() -> int:
     args = parse_args()
     images = synthetic_jpegs(64, args.image_size)
     with model_path(args.model) as path, tempfile.TemporaryDirectory() as tmp:
-        embedder = Embedder(path, intra_op_threads=args.threads)
+        # As the server builds it on a CPU: each batch worker's share of the cores, no spinning.
+        threads = args.threads or intra_op_threads_per_batch(usable_cores(), args.workers)
+        embedder = Embedder(path, intra_op_threads=threads, spinning=False)
         print(f"model      {path.name}: {embedder.model_id}, {embedder.meta.arch}, "
               f"input {embedder.meta.preprocess.input_size}px, dim {embedder.embedding_dim}")
         print(f"runtime    onnxruntime {onnxruntime.__version__}, providers {embedder.providers}, "
-              f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, "
+              f"intra-op threads {threads}, {os.cpu_count()} CPUs, "
               f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}")
         print(f"images     synthetic {args.image_size}x{args.image_size} JPEG, "
               f"~{sum(map(len, images)) // len(images) // 1024} KiB each")
