@@ -11,6 +11,7 @@ import redis
 
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix, Prediction, int8_scan_answers
+from fewshot_service.batcher import BatchConfig
 from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
@@ -183,15 +184,26 @@ def test_classify_without_classes_fails_before_embedding(core: FewShotCore) -> N
         core.classify([b"broken"], "empty-ns", 3)
 
 
+@pytest.mark.parametrize("batching", [True, False])
 def test_a_known_namespace_is_checked_beside_the_inference_an_unknown_one_before(
-    core: FewShotCore, monkeypatch: pytest.MonkeyPatch
+    embedder: Embedder, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, batching: bool
 ) -> None:
+    """With batching the check runs on the caller's thread while a worker runs the model; without,
+    on a thread of its own while the caller runs it."""
+    core = FewShotCore(embedder, Registry(redis_client), batching=BatchConfig(enabled=batching))
+    try:
+        _check_beside_the_inference(core, monkeypatch)
+    finally:
+        core.close()
+
+
+def _check_beside_the_inference(core: FewShotCore, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
     core.add_examples("", "red", shots(COLOURS["red"], 2, 0))
     image = shots(COLOURS["red"], 1, 9)
     embed_started, events = threading.Event(), []
-    real_prototypes, real_embed = core.registry.prototypes, core.embed
+    real_prototypes, real_run = core.registry.prototypes, core._batcher._run
     overlap_expected = False
 
     def prototypes(*args, **kwargs):
@@ -200,13 +212,13 @@ def test_a_known_namespace_is_checked_beside_the_inference_an_unknown_one_before
         events.append(("check sees the inference", overlap_expected and embed_started.wait(timeout=10)))
         return real_prototypes(*args, **kwargs)
 
-    def embed(images, **kwargs):
+    def run(pixels):  # the model run, on whichever thread the batcher runs it
         events.append("inference")
         embed_started.set()
-        return real_embed(images, **kwargs)
+        return real_run(pixels)
 
     monkeypatch.setattr(core.registry, "prototypes", prototypes)
-    monkeypatch.setattr(core, "embed", embed)
+    monkeypatch.setattr(core._batcher, "_run", run)
     core.registry._cache.clear()  # as on a replica that never answered for this namespace
     assert [p.label for p in core.classify(image, "", 1)[0]] == ["red"]
     assert events == [("check sees the inference", False), "inference"]  # the check, then inference

@@ -103,9 +103,17 @@ class DynamicBatcher:
         A request whose ``cancellation`` is set before its batch leaves the queue is dropped
         from it and raises :class:`Cancelled`; one already in a running batch completes.
         """
+        return self.start(pixels, cancellation)()
+
+    def start(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> Callable[[], np.ndarray]:
+        """Queue ``pixels`` and return the function that waits for their rows, so that the caller
+        can do other work on its own thread while the model runs (with batching off, the run
+        happens when that function is called)."""
         raise_if_cancelled(cancellation, "inference")
         if not self.config.enabled:
-            return self._timed_run(pixels)
+            return lambda: self._timed_run(pixels)
         # With several workers, a request of several images is split into one part per worker, so
         # that its parts run side by side on their share of the cores instead of one after the other.
         caller = object()
@@ -116,12 +124,16 @@ class DynamicBatcher:
                 raise Unavailable("the server is shutting down")
             self._queue.extend(parts)
             self._cond.notify(len(parts))
-        if len(parts) == 1:
-            return parts[0].future.result()
-        for error in [part.future.exception() for part in parts]:  # waits for every part
-            if error is not None:
-                raise error
-        return np.concatenate([part.future.result() for part in parts])
+
+        def rows() -> np.ndarray:
+            if len(parts) == 1:
+                return parts[0].future.result()
+            for error in [part.future.exception() for part in parts]:  # waits for every part
+                if error is not None:
+                    raise error
+            return np.concatenate([part.future.result() for part in parts])
+
+        return rows
 
     def close(self) -> None:
         """Finish the queued requests, then stop the workers."""

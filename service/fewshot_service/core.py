@@ -159,6 +159,13 @@ class FewShotCore:
         Decoding runs in the bounded decode pool (Overloaded when its queue is full); a set
         ``cancellation`` stops the work at the next image or before the batcher runs it.
         """
+        return self._start_embed(images, operation, cancellation)()
+
+    def _start_embed(
+        self, images: Sequence[bytes], operation: str, cancellation: CancellationCheck | None
+    ) -> Callable[[], np.ndarray]:
+        """Decode ``images`` and queue them for the model; returns the function that waits for
+        the embeddings (see :meth:`DynamicBatcher.start`)."""
         started = time.perf_counter()
         pre, limits = self.embedder.meta.preprocess, self.embedder.limits
         try:
@@ -171,10 +178,19 @@ class FewShotCore:
         metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
         metrics.IMAGES_TOTAL.labels(operation).inc(len(pixels))
         try:
-            return self._batcher.submit(pixels, cancellation)
+            rows = self._batcher.start(pixels, cancellation)
         except Cancelled:
             metrics.CANCELLED_REQUESTS.labels("queue").inc()
             raise
+
+        def embeddings() -> np.ndarray:
+            try:
+                return rows()
+            except Cancelled:
+                metrics.CANCELLED_REQUESTS.labels("queue").inc()
+                raise
+
+        return embeddings
 
     def classify(
         self,
@@ -206,10 +222,16 @@ class FewShotCore:
             return labeller(embeddings, top_k, unknown_rate)
         # A namespace this replica answered before: its freshness check (a Redis round trip, and a
         # patch if it changed) runs beside the inference instead of before it, so Classify costs an
-        # Embed plus the top-k, not plus the round trip too (0.15-0.45 ms on the test VM).
-        pending = self._prefetch.submit(self.labeller, namespace, cancellation)
-        embeddings = self.embed(images, operation="classify", cancellation=cancellation)
-        return pending.result()(embeddings, top_k, unknown_rate)
+        # Embed plus the top-k, not plus the round trip too (0.15-0.45 ms on the test VM). With
+        # batching on it runs on this thread while a batch worker runs the model (no hand-off to a
+        # third thread); with batching off, the inference is this thread's, so the check gets one.
+        if not self._batcher.config.enabled:
+            pending = self._prefetch.submit(self.labeller, namespace, cancellation)
+            embeddings = self.embed(images, operation="classify", cancellation=cancellation)
+            return pending.result()(embeddings, top_k, unknown_rate)
+        embeddings_when_ready = self._start_embed(images, "classify", cancellation)
+        labeller = self.labeller(namespace, cancellation)
+        return labeller(embeddings_when_ready(), top_k, unknown_rate)
 
     def labeller(
         self, namespace: str, cancellation: CancellationCheck | None = None
