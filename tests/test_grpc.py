@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -123,9 +124,20 @@ def test_awkward_images_are_accepted(served: Served) -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
-def test_concurrent_requests_are_batched_and_equal_sequential_ones(served: Served) -> None:
+def test_concurrent_requests_are_batched_and_equal_sequential_ones(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images = [samples.noise_png(100 + i) for i in range(16)]
     sequential = [served.client.embed([image]) for image in images]
+    # Model runs as long as a real model's (the test model's take a fraction of a millisecond, less
+    # than decoding the next request): requests that arrive meanwhile must share the next run.
+    real_run = served.core._batcher._run
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)
+        return real_run(pixels)
+
+    monkeypatch.setattr(served.core._batcher, "_run", run)
     runs_before = REGISTRY.get_sample_value("fewshot_batch_images_count")
     results: list[np.ndarray | None] = [None] * len(images)
     start = threading.Barrier(len(images))
