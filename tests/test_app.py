@@ -69,3 +69,13 @@ def test_intra_op_threads_per_batch_is_an_equal_share_of_the_cores(cores: int, w
     from fewshot_service.batcher import intra_op_threads_per_batch
 
     assert intra_op_threads_per_batch(cores, workers) == threads
+
+
+def test_usable_cores_follow_the_affinity_mask() -> None:
+    """Pinned to one core (as ``taskset`` or a cpuset does), a process counts one."""
+    import subprocess
+    import sys
+
+    code = "import os; os.sched_setaffinity(0, {0}); from fewshot_common.cores import usable_cores; print(usable_cores())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "1"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from loky import cpu_count
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """The cores this process may run on: its affinity mask, and a container's CPU quota (cgroup
+    v1 or v2), which its affinity mask does not show (``docker run --cpus 2``, a Kubernetes CPU
+    limit), rounded up. Counting the host's cores there would give every model run many threads
+    on a CPU budget of two."""
+    return cpu_count()
