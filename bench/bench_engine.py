@@ -30,6 +30,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -109,29 +110,32 @@ LAYOUTS = ("1 run x all cores", "1 run per core")
 QUIET_S = 0.1
 
 
-def quiet_run(session: ort.InferenceSession, pixels: np.ndarray) -> float:
-    """Seconds for one run, timed as in a server that serves one model: after a pause for other
-    sessions' spinning threads to sleep, and an untimed run of the same session (its weights in
+def quiet_seconds(run: Callable[[], object]) -> float:
+    """Seconds for one ``run()``, timed as in a server that serves one model: after a pause for
+    other sessions' spinning threads to sleep, and an untimed run of the same work (its weights in
     cache). Timed right after three other sessions' runs, the int8 variant measured 0.49-0.54x the
     speed, and still that after one untimed run only (medians of 30 paired rounds, batch 8, 2-core
     AMD EPYC)."""
     time.sleep(QUIET_S)
-    session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+    run()
     start = time.perf_counter()
-    session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+    run()
     return time.perf_counter() - start
 
 
-def concurrent_run(session: ort.InferenceSession, pixels: np.ndarray, callers: int) -> float:
-    """Seconds for ``callers`` runs of ``pixels`` started at once on their own threads."""
+def quiet_run(session: ort.InferenceSession, pixels: np.ndarray) -> float:
+    """Seconds for one run of ``pixels``, timed by :func:`quiet_seconds`."""
+    return quiet_seconds(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: pixels}))
+
+
+def run_at_once(session: ort.InferenceSession, pixels: np.ndarray, callers: int) -> None:
+    """``callers`` runs of ``pixels`` started at once on their own threads, until all are done."""
     threads = [threading.Thread(target=session.run, args=([OUTPUT_NAME], {INPUT_NAME: pixels}))
                for _ in range(callers)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - start
 
 
 def engine_rates(files: dict[str, Path], batches: list[int], rounds: int,
@@ -154,9 +158,7 @@ def engine_rates(files: dict[str, Path], batches: list[int], rounds: int,
                 if layout == LAYOUTS[0]:
                     seconds = quiet_run(session, pixels) / batch
                 else:
-                    time.sleep(QUIET_S)
-                    concurrent_run(session, pixels, cores)  # untimed, as in quiet_run
-                    seconds = concurrent_run(session, pixels, cores) / (cores * batch)
+                    seconds = quiet_seconds(lambda: run_at_once(session, pixels, cores)) / (cores * batch)
                 times.setdefault((key, layout, batch), []).append(seconds)
     rates: dict[str, dict[str, dict[int, float]]] = {}
     for (key, layout, batch), seconds in times.items():
