@@ -60,7 +60,7 @@ class BatchConfig:
 class _Request:
     pixels: np.ndarray
     cancellation: CancellationCheck | None = None
-    caller: object = None  # the parts of one caller's request never share a batch
+    caller: object = field(default_factory=object)  # the parts of one request share it; never one batch
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[np.ndarray] = field(default_factory=Future)
 
@@ -187,7 +187,7 @@ class DynamicBatcher:
                 if not first.dropped_if_cancelled():
                     break
             batch = [first]
-            callers = {id(first.caller)}
+            callers = {first.caller}
             size = len(first.pixels)
             deadline = first.enqueued + delay
             while size < limit:
@@ -197,10 +197,10 @@ class DynamicBatcher:
                         continue
                     if size + len(self._queue[0].pixels) > limit:
                         break  # never split a request: it keeps its place for the next batch
-                    if id(self._queue[0].caller) in callers:
+                    if self._queue[0].caller in callers:
                         break  # another part of a request in this batch: it runs beside it
                     batch.append(self._queue.popleft())
-                    callers.add(id(batch[-1].caller))
+                    callers.add(batch[-1].caller)
                     size += len(batch[-1].pixels)
                     continue
                 remaining = deadline - time.monotonic()
