@@ -201,6 +201,30 @@ def test_scan_count_is_read_from_the_markers() -> None:
     assert count_jpeg_scans(hostile.scan_repeating_jpeg(500), stop_after=64) == 65
 
 
+def _noise_jpeg(**save_options: object) -> bytes:
+    """Noise: its entropy-coded data holds many stuffed 0xFF00 bytes."""
+    noise = np.random.default_rng(3).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    return samples.encode(Image.fromarray(noise), "JPEG", quality=95, **save_options)
+
+
+def test_restart_markers_and_stuffed_bytes_inside_a_scan_are_not_markers() -> None:
+    baseline, progressive = _noise_jpeg(), _noise_jpeg(progressive=True)
+    assert baseline.count(b"\xff\x00") > 50  # the case the marker search must step over
+    with_restarts = _noise_jpeg(restart_marker_blocks=1)
+    assert sum(with_restarts.count(bytes([0xFF, m])) for m in range(0xD0, 0xD8)) > 100
+    assert count_jpeg_scans(baseline) == count_jpeg_scans(with_restarts) == 1
+    assert count_jpeg_scans(progressive) == count_jpeg_scans(
+        _noise_jpeg(progressive=True, restart_marker_blocks=1)) == 10
+
+
+def test_fill_bytes_before_a_marker_are_skipped() -> None:
+    """0xFF may pad before any marker (T.81 B.1.1.2), also the one that ends a scan."""
+    progressive = _noise_jpeg(progressive=True)
+    padded = progressive.replace(b"\xff\xda", b"\xff\xff\xff\xda")  # each scan after fill bytes
+    assert padded.count(b"\xff\xff\xff\xda") == 10
+    assert count_jpeg_scans(padded) == 10
+
+
 def test_a_jpeg_repeating_its_last_scan_is_refused_before_decoding() -> None:
     hostile_jpeg = hostile.scan_repeating_jpeg(3000)
     started = time.process_time()
