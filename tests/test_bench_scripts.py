@@ -42,3 +42,31 @@ def test_the_synthetic_open_set_stand_in_separates_classes() -> None:
     same = embeddings[labels == 0] @ embeddings[labels == 0].T
     other = embeddings[labels == 0] @ embeddings[labels == 1].T
     assert same.mean() > other.mean() + 0.1  # classes are clusters, not noise
+
+
+def test_the_fused_attention_export_computes_what_timm_does(tmp_path: Path) -> None:
+    """The ablation's com.microsoft.Attention graph is a faster form of the same model, not another one."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from fewshot_trainer.vit import build_vit, get_arch
+
+    bench = load(BENCH / "ablate_fused_attention.py")
+    spec = get_arch("vit_test_p8_32")
+    torch.manual_seed(0)
+    plain = build_vit(spec).eval()
+    fused = copy.deepcopy(plain)
+    for block in fused.blocks:
+        block.attn = bench.ContribAttentionBlock(block.attn)
+    path = tmp_path / "fused.onnx"
+    bench.export(fused, spec.img_size, path)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Attention") == spec.depth
+    pixels = torch.randn(3, 3, spec.img_size, spec.img_size)
+    with torch.no_grad():
+        expected = plain(pixels).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+    assert abs(got - expected).max() < 1e-4 * max(1.0, abs(expected).max())
