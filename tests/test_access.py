@@ -29,7 +29,7 @@ from conftest import stack_settings
 from tls_certs import Pki, make_pki
 
 from fewshot_common import cli
-from fewshot_common.errors import NotFound
+from fewshot_common.errors import NotFound, Unauthenticated
 from fewshot_service.access import AccessControl, Action, key_digest
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
@@ -556,3 +556,19 @@ def test_models_are_listed_per_key_and_dropping_one_needs_write_and_stays_in_its
     finally:
         for namespace in (TEAM_A, TEAM_B):
             registry.delete_class(namespace, "retired")
+
+
+def test_a_key_file_caught_empty_mid_rewrite_keeps_the_keys(tmp_path: Path) -> None:
+    """Rewritten in place (truncated, then written), the file is empty for a moment: a poll that
+    reads it then must not revoke every key; the finished file is applied on the next."""
+    key_file = tmp_path / "keys.toml"
+    write_key_file(key_file, {"old": ("old-key-123", "read", ["*"])})
+    access = AccessControl(key_file)
+    key_file.write_text("")
+    assert access.reload() is False
+    assert access.check("old-key-123", Action.LIST).name == "old"
+    write_key_file(key_file, {"new": ("new-key-456", "read", ["*"])})
+    assert access.reload() is True
+    assert access.check("new-key-456", Action.LIST).name == "new"
+    with pytest.raises(Unauthenticated, match="unknown API key"):
+        access.check("old-key-123", Action.LIST)

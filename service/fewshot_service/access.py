@@ -226,6 +226,13 @@ class AccessControl:
         if self.key_file is None:
             return False
         stamp = _file_stamp(self.key_file)
+        if stamp is not None and stamp[1] == 0:
+            # An editor or `>` that rewrites the file in place truncates it first: read then, it
+            # would revoke every key until the next poll. The finished write changes the stamp.
+            with self._lock:
+                self._stamp = stamp
+            log.warning("API keys: the key file is empty; keeping the %d keys in use", len(self._keys))
+            return False
         try:
             keys = load_key_file(self.key_file)
         except KeyFileError as exc:
