@@ -231,6 +231,29 @@ def _check_beside_the_inference(core: FewShotCore, monkeypatch: pytest.MonkeyPat
         core.classify(image, "", 1)
 
 
+def test_an_embed_with_the_model_idle_runs_on_the_requests_own_thread(
+    embedder: Embedder, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    core = FewShotCore(embedder, Registry(redis_client), batching=BatchConfig(workers=2))
+    threads: list[threading.Thread] = []
+    real_run = core._batcher._run
+
+    def run(pixels):
+        threads.append(threading.current_thread())
+        return real_run(pixels)
+
+    monkeypatch.setattr(core._batcher, "_run", run)
+    try:
+        core.embed(shots(COLOURS["red"], 1, 0))
+        assert threads == [threading.current_thread()]  # no hand-off to a worker and back
+        core.embed(shots(COLOURS["red"], 4, 0))  # several images: split across both workers
+        assert len(threads) == 3 and threading.current_thread() not in threads[1:]
+    finally:
+        core.close()
+
+
 def test_namespaces_are_separate(core: FewShotCore) -> None:
     core.add_examples("a", "red", shots(COLOURS["red"], 2, 0))
     core.add_examples("b", "blue", shots(COLOURS["blue"], 2, 0))

@@ -249,6 +249,50 @@ def test_batcher_gathers_requests_that_arrive_while_a_batch_runs(
         np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
 
 
+def test_an_idle_batcher_runs_a_lone_request_on_the_callers_thread(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return embedder.embed_array(pixels)
+
+    batcher = DynamicBatcher(run, BatchConfig(workers=2))
+    try:
+        one = embedder.load_images(images[:1])
+        np.testing.assert_allclose(batcher.run_if_idle(one), embedder.embed_array(one), atol=1e-5)
+        assert threads == [threading.current_thread()]
+        assert batcher.run_if_idle(embedder.load_images(images[:4])) is None  # split, not run here
+        assert threads == [threading.current_thread()]
+    finally:
+        batcher.close()
+    assert DynamicBatcher(run, BatchConfig(enabled=False)).run_if_idle(one) is None
+
+
+def test_a_callers_own_run_counts_against_the_workers(embedder: Embedder, images: list[bytes]) -> None:
+    """While a caller's run holds the model, a busy batcher queues the next request, and its one
+    worker starts it only after that run: never more runs at once than workers."""
+    run = GatedRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=0, workers=1))
+    one = embedder.load_images(images[:1])
+    try:
+        caller = threading.Thread(target=batcher.run_if_idle, args=(one,))
+        caller.start()
+        assert run.first_started.wait(30)
+        assert batcher.run_if_idle(one) is None  # busy: the caller must queue instead
+        queued = batcher.start(one)
+        time.sleep(0.3)
+        assert run.batch_sizes == [1]  # the idle worker did not start a second run beside it
+        run.release.set()
+        caller.join(30)
+        np.testing.assert_allclose(queued(), embedder.embed_array(one), atol=1e-5)
+        assert run.batch_sizes == [1, 1]
+    finally:
+        run.release.set()
+        batcher.close()
+
+
 class PairedRun:
     """A run that proceeds only once two runs are in the model at once (a barrier of two)."""
 

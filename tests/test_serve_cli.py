@@ -180,7 +180,7 @@ def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch: pytest.Mo
             "--log-level", "--no-batching"} <= flags  # fmt: skip
     help_text = " ".join(parser.format_help().split())
     assert "env FEWSHOT_MAX_REQUEST_BYTES; default 67108864" in help_text
-    assert "env FEWSHOT_MAX_BATCH_SIZE; default 32" in help_text  # BatchConfig's default
+    assert "env FEWSHOT_MAX_BATCH_SIZE)" in help_text and "on a CPU, 8" in help_text
     assert "env REDIS_URL or FEWSHOT_REDIS_URL" in help_text
 
     monkeypatch.setenv("FEWSHOT_BATCHING", "false")

@@ -24,7 +24,7 @@ from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
 from .access import AccessControl
-from .batcher import BatchConfig, intra_op_threads_per_batch
+from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig, intra_op_threads_per_batch
 from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool
@@ -49,6 +49,11 @@ def default_intra_op_threads(providers: list[str], settings: Settings) -> int | 
     return intra_op_threads_per_batch(usable_cores(), settings.batch_workers if settings.batching else 2)
 
 
+def default_max_batch_size(providers: list[str]) -> int:
+    """Small runs on a CPU, where they are faster per image; large ones on a GPU."""
+    return CPU_MAX_BATCH_SIZE if providers[0] == "CPUExecutionProvider" else BatchConfig().max_batch_size
+
+
 def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     limits = ImageLimits(
         max_image_bytes=settings.max_image_bytes,
@@ -60,13 +65,14 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     )
     providers = settings.providers or default_providers()
     served = choose_model_file(settings.model_path(), settings.precision, providers)
+    max_batch_size = settings.max_batch_size or default_max_batch_size(providers)
     embedder = Embedder(
         served.path,
         providers=providers,
         limits=limits,
         intra_op_threads=settings.intra_op_threads or default_intra_op_threads(providers, settings),
         spinning=settings.intra_op_spinning,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=max_batch_size,
     )
     registry = Registry(
         client,
@@ -74,7 +80,7 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         max_examples_per_class=settings.max_examples_per_class,
     )
     batching = BatchConfig(
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=max_batch_size,
         max_queue_delay_ms=settings.max_queue_delay_ms,
         enabled=settings.batching,
         workers=settings.batch_workers,

@@ -135,6 +135,31 @@ class DynamicBatcher:
 
         return rows
 
+    def run_if_idle(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> np.ndarray | None:
+        """Run ``pixels`` on the calling thread if the model is idle and nothing is queued, and
+        return the rows; None (nothing done) otherwise, or for a request :meth:`start` would split.
+
+        A lone request gains nothing from a worker: handing it over and back cost two thread
+        switches, which left batching a little behind no batching at one client (p50 7.48 against
+        7.37 ms, five rounds, bench/bench_served.py). It counts as a running batch, so requests
+        arriving meanwhile gather behind it and the workers keep the runs at once to ``workers``.
+        """
+        if not self.config.enabled or min(len(pixels), self.config.workers) > 1:
+            return None
+        with self._cond:
+            if self._closed or self._queue or self._running:
+                return None
+            self._running += 1
+        try:
+            raise_if_cancelled(cancellation, "inference")
+            return self._timed_run(pixels)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
     def close(self) -> None:
         """Finish the queued requests, then stop the workers."""
         with self._cond:
@@ -179,8 +204,9 @@ class DynamicBatcher:
         limit, delay = self.config.max_batch_size, self.config.max_queue_delay_ms / 1000.0
         with self._cond:
             while True:
-                while not self._queue:
-                    if self._closed:
+                # A caller's own run (run_if_idle) counts: no more than ``workers`` runs at once.
+                while not self._queue or self._running >= self.config.workers:
+                    if self._closed and not self._queue:
                         return None
                     self._cond.wait()
                 first = self._queue.popleft()
@@ -218,6 +244,13 @@ class DynamicBatcher:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_IMAGES.observe(len(pixels))
         return vectors
+
+
+# On a CPU a model run is best kept small: one ONNX Runtime thread ran the v2 int8 model at 207, 215,
+# 219, 212 and 191 images/s at batch 1, 2, 4, 8 and 16 (2-core AMD EPYC, median of 9 quiet runs;
+# bench_engine.py: batch 8 ahead of 32 in every layout), as a batch's activations outgrow the
+# core's cache. A GPU wants large batches (BatchConfig's default).
+CPU_MAX_BATCH_SIZE = 8
 
 
 def intra_op_threads_per_batch(cores: int, workers: int) -> int:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fewshot_common.images import ImageLimits
 
-from .batcher import BatchConfig
+from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .tls import TlsFiles
 
 MiB = 1024 * 1024
@@ -186,8 +186,11 @@ class Settings(BaseSettings):
         description="let idle ONNX Runtime threads busy-wait for the next parallel section "
         "(faster for one process doing only inference; slower beside decoding)",
     )
-    max_batch_size: int = Field(
-        default=_BATCHING.max_batch_size, gt=0, description="largest merged inference batch"
+    max_batch_size: int | None = Field(
+        default=None, gt=0,
+        description="largest inference batch, merged or of one request (none: on a CPU, "
+        f"{CPU_MAX_BATCH_SIZE}, what one ONNX Runtime thread runs fastest; on a GPU, "
+        f"{_BATCHING.max_batch_size})",
     )
     max_queue_delay_ms: float = Field(
         default=_BATCHING.max_queue_delay_ms, ge=0,
