@@ -293,6 +293,33 @@ def test_a_callers_own_run_counts_against_the_workers(embedder: Embedder, images
         batcher.close()
 
 
+def test_a_request_gathering_behind_a_callers_run_goes_when_that_run_ends(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    """A worker waits for company only while the model is busy: the end of a caller's own run
+    wakes it, instead of leaving it to sit out the (here 20 s) delay."""
+    run = GatedRun(embedder)
+    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=20_000, workers=2))
+    one = embedder.load_images(images[:1])
+    try:
+        caller = threading.Thread(target=batcher.run_if_idle, args=(one,))
+        caller.start()
+        assert run.first_started.wait(30)
+        queued = batcher.start(one)
+        deadline = time.monotonic() + 10
+        while not batcher._gathering and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher._gathering == 1  # a worker holds the request, waiting for company
+        run.release.set()
+        released = time.monotonic()
+        caller.join(30)
+        queued()
+        assert time.monotonic() - released < 10
+    finally:
+        run.release.set()
+        batcher.close()
+
+
 class PairedRun:
     """A run that proceeds only once two runs are in the model at once (a barrier of two)."""
 
