@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -270,27 +272,38 @@ def test_an_idle_batcher_runs_a_lone_request_on_the_callers_thread(
     assert DynamicBatcher(run, BatchConfig(enabled=False)).run_if_idle(one) is None
 
 
+@contextlib.contextmanager
+def model_held_by_a_callers_run(
+    embedder: Embedder, images: list[bytes], config: BatchConfig
+) -> Iterator[tuple[GatedRun, DynamicBatcher, np.ndarray]]:
+    """A batcher whose model is busy with a caller's own run (``run_if_idle`` on another thread)
+    until ``run.release`` is set; yields the run, the batcher and a one-image request."""
+    run = GatedRun(embedder)
+    batcher = DynamicBatcher(run, config)
+    one = embedder.load_images(images[:1])
+    caller = threading.Thread(target=batcher.run_if_idle, args=(one,))
+    try:
+        caller.start()
+        assert run.first_started.wait(30)
+        yield run, batcher, one
+    finally:
+        run.release.set()
+        caller.join(30)
+        batcher.close()
+
+
 def test_a_callers_own_run_counts_against_the_workers(embedder: Embedder, images: list[bytes]) -> None:
     """While a caller's run holds the model, a busy batcher queues the next request, and its one
     worker starts it only after that run: never more runs at once than workers."""
-    run = GatedRun(embedder)
-    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=0, workers=1))
-    one = embedder.load_images(images[:1])
-    try:
-        caller = threading.Thread(target=batcher.run_if_idle, args=(one,))
-        caller.start()
-        assert run.first_started.wait(30)
+    config = BatchConfig(max_queue_delay_ms=0, workers=1)
+    with model_held_by_a_callers_run(embedder, images, config) as (run, batcher, one):
         assert batcher.run_if_idle(one) is None  # busy: the caller must queue instead
         queued = batcher.start(one)
         time.sleep(0.3)
         assert run.batch_sizes == [1]  # the idle worker did not start a second run beside it
         run.release.set()
-        caller.join(30)
         np.testing.assert_allclose(queued(), embedder.embed_array(one), atol=1e-5)
         assert run.batch_sizes == [1, 1]
-    finally:
-        run.release.set()
-        batcher.close()
 
 
 def test_a_request_gathering_behind_a_callers_run_goes_when_that_run_ends(
@@ -298,13 +311,8 @@ def test_a_request_gathering_behind_a_callers_run_goes_when_that_run_ends(
 ) -> None:
     """A worker waits for company only while the model is busy: the end of a caller's own run
     wakes it, instead of leaving it to sit out the (here 20 s) delay."""
-    run = GatedRun(embedder)
-    batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=20_000, workers=2))
-    one = embedder.load_images(images[:1])
-    try:
-        caller = threading.Thread(target=batcher.run_if_idle, args=(one,))
-        caller.start()
-        assert run.first_started.wait(30)
+    config = BatchConfig(max_queue_delay_ms=20_000, workers=2)
+    with model_held_by_a_callers_run(embedder, images, config) as (run, batcher, one):
         queued = batcher.start(one)
         deadline = time.monotonic() + 10
         while not batcher._gathering and time.monotonic() < deadline:
@@ -312,12 +320,8 @@ def test_a_request_gathering_behind_a_callers_run_goes_when_that_run_ends(
         assert batcher._gathering == 1  # a worker holds the request, waiting for company
         run.release.set()
         released = time.monotonic()
-        caller.join(30)
         queued()
         assert time.monotonic() - released < 10
-    finally:
-        run.release.set()
-        batcher.close()
 
 
 class PairedRun:
