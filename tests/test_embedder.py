@@ -158,12 +158,22 @@ def _submit_together(batcher: DynamicBatcher, requests: list[np.ndarray]) -> lis
 def test_batcher_merges_concurrent_requests_and_returns_each_its_rows(
     embedder: Embedder, images: list[bytes], workers: int
 ) -> None:
-    run = RecordingRun(embedder)
+    # The first run is held a moment, as a real model's would be: on a loaded machine a run of the
+    # tiny test model could end before the next caller's thread got to submit, and nothing merge.
+    run = GatedRun(embedder)
     batcher = DynamicBatcher(run, BatchConfig(max_queue_delay_ms=200, workers=workers))
     try:
         requests = [embedder.load_images(images[i : i + 1 + i % 2]) for i in range(5)]  # 1-2 images each
+
+        def release_soon() -> None:
+            run.first_started.wait(30)
+            time.sleep(0.3)  # the other callers submit meanwhile
+            run.release.set()
+
+        threading.Thread(target=release_soon, daemon=True).start()
         results = _submit_together(batcher, requests)
     finally:
+        run.release.set()
         batcher.close()
     for request, result in zip(requests, results):
         np.testing.assert_allclose(result, embedder.embed_array(request), atol=1e-5)
@@ -322,6 +332,22 @@ def test_a_request_gathering_behind_a_callers_run_goes_when_that_run_ends(
         released = time.monotonic()
         queued()
         assert time.monotonic() - released < 10
+
+
+def test_requests_queued_behind_a_callers_run_are_gathered_into_one_batch(
+    embedder: Embedder, images: list[bytes]
+) -> None:
+    """One worker gathers behind a caller's run; the other does not start a second, half batch."""
+    config = BatchConfig(max_queue_delay_ms=20_000, workers=2)
+    with model_held_by_a_callers_run(embedder, images, config) as (run, batcher, one):
+        waits = []
+        for _ in range(3):
+            waits.append(batcher.start(one))
+            time.sleep(0.1)  # each arrives while the first worker is gathering
+        run.release.set()
+        for wait in waits:
+            np.testing.assert_allclose(wait(), embedder.embed_array(one), atol=1e-5)
+    assert run.batch_sizes == [1, 3]
 
 
 class PairedRun:

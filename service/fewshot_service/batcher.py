@@ -147,7 +147,7 @@ class DynamicBatcher:
         alternating rounds, 2-core AMD EPYC: 123.7 and 125.0 images/s, against 120.6 and 126.5
         handing it to a worker and 127.8 and 125.2 with batching off: equal within the VM's noise.)
         It counts as a running batch, so requests arriving meanwhile gather behind it and the
-        workers keep the runs at once to ``workers``; the idle workers are not woken after it.
+        workers keep the runs at once to ``workers``.
         """
         if not self.config.enabled or min(len(pixels), self.config.workers) > 1:
             return None
@@ -159,10 +159,7 @@ class DynamicBatcher:
             raise_if_cancelled(cancellation, "inference")
             return self._timed_run(pixels)
         finally:
-            with self._cond:
-                self._running -= 1
-                if self._queue or self._gathering:  # else waking the idle workers is pure cost
-                    self._cond.notify_all()
+            self._run_ended()
 
     def close(self) -> None:
         """Finish the queued requests, then stop the workers."""
@@ -190,9 +187,7 @@ class DynamicBatcher:
                     request.future.set_exception(exc)
                 continue
             finally:
-                with self._cond:
-                    self._running -= 1
-                    self._cond.notify_all()  # a worker gathering behind this batch may go now
+                self._run_ended()
             offset = 0
             for request in batch:
                 request.future.set_result(vectors[offset : offset + len(request.pixels)])
@@ -208,8 +203,10 @@ class DynamicBatcher:
         limit, delay = self.config.max_batch_size, self.config.max_queue_delay_ms / 1000.0
         with self._cond:
             while True:
-                # A caller's own run (run_if_idle) counts: no more than ``workers`` runs at once.
-                while not self._queue or self._running >= self.config.workers:
+                # A caller's own run (run_if_idle) counts, and so does a batch being gathered: no
+                # more than ``workers`` runs at once, and no two workers gathering side by side
+                # behind a caller's run, each with half the requests.
+                while not self._queue or self._running + self._gathering >= self.config.workers:
                     if self._closed and not self._queue:
                         return None
                     self._cond.wait()
@@ -245,6 +242,15 @@ class DynamicBatcher:
             if batch:
                 self._running += 1
         return batch
+
+    def _run_ended(self) -> None:
+        """A run (a worker's batch or a caller's own) left the model: wake the workers if one may
+        go now, a request being queued or a worker gathering behind the runs; waking idle ones
+        to find nothing is pure cost."""
+        with self._cond:
+            self._running -= 1
+            if self._queue or self._gathering:
+                self._cond.notify_all()
 
     def _timed_run(self, pixels: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
