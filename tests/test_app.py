@@ -56,12 +56,22 @@ def test_a_cpu_server_shares_the_cores_among_batch_workers_and_does_not_spin(
         assert stack.core.batch_config.workers == 2
         assert options.intra_op_num_threads == max(1, usable_cores() // 2)
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        # Runs of at most 8 images on a CPU, merged or of one request.
+        assert stack.core.batch_config.max_batch_size == stack.core.embedder.max_batch_size == 8
     with ServerStack(stack_settings(tiny_model_path, redis_url, intra_op_threads=3,
-                                    intra_op_spinning=True, batch_workers=1)) as stack:  # fmt: skip
+                                    intra_op_spinning=True, batch_workers=1, max_batch_size=32)) as stack:  # fmt: skip
         assert stack.core is not None
         options = stack.core.embedder.session_options
         assert options.intra_op_num_threads == 3
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert stack.core.batch_config.max_batch_size == stack.core.embedder.max_batch_size == 32
+
+
+def test_a_gpu_server_keeps_large_batches() -> None:
+    from fewshot_service.app import default_max_batch_size
+
+    assert default_max_batch_size(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 32
+    assert default_max_batch_size(["CPUExecutionProvider"]) == 8
 
 
 @pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 2, 1), (16, 2, 8), (1, 2, 1), (3, 2, 1), (8, 1, 8)])
