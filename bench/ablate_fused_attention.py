@@ -30,7 +30,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from bench_engine import LAYOUTS, REPO, cpu_model, engine_rates
+from bench_engine import LAYOUTS, REPO, cpu_model, engine_rates, onnxruntime_run
 from fewshot_common.cores import usable_cores
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 from fewshot_trainer.vit import build_vit, get_arch
@@ -121,7 +121,8 @@ def main() -> None:
             (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
             agreement[key] = {"max_abs_diff": float(np.abs(out - reference).max()),
                               "least_cosine": round(least_cosine(out, reference), 5)}
-        rates = engine_rates(files, [8, 32], rounds=args.rounds, cores=usable_cores())
+        rates, _ = engine_rates(files, [8, 32], rounds=args.rounds, cores=usable_cores(), input_size=size,
+                                make_run=onnxruntime_run)
 
     record = {"bench": "ablate_fused_attention", "cpu": cpu_model(), "cores": usable_cores(),
               "onnxruntime": ort.__version__, "arch": meta.arch, "input_size": size,

@@ -4,8 +4,9 @@
   runs: a proxy for the CPU's fp32 limit.
 - ``models[].gflop_per_image``: the fp32 model's MatMul/Gemm/Conv FLOPs (2 per multiply-add), counted
   from the graph with ONNX shape inference at batch 1, not hard-coded.
-- per variant (the model and its checked variants next to it, e.g. ``default.int8.onnx``): ONNX
-  Runtime img/s on preprocessed tensors for each ``--batch`` size (default 8 and 32) and each
+- per variant (the model and its checked variants next to it, e.g. ``default.int8.onnx``), on the
+  engine the server gives it (ONNX Runtime's CPU provider; OpenVINO for ``default.bf16.onnx`` where
+  installed): img/s on preprocessed tensors for each ``--batch`` size (default 8 and 32) and each
   layout of :data:`LAYOUTS` (one run on all cores; one single-threaded run per core at once), the
   median over interleaved rounds (so machine noise hits every variant alike); the engine figure is
   the fastest of them, and ``ratio_to_sgemm`` = that img/s x the fp32 GFLOP per image / sgemm
@@ -38,11 +39,21 @@ import onnxruntime as ort
 from PIL import Image
 
 from fewshot_common.cores import usable_cores
+from fewshot_common.embedder import Embedder
+from fewshot_common.openvino_engine import cpu_flags
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
 from fewshot_common.variants import available_variants
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
 
 
 def cpu_model() -> str:
@@ -123,47 +134,68 @@ def quiet_seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def quiet_run(session: ort.InferenceSession, pixels: np.ndarray) -> float:
-    """Seconds for one run of ``pixels``, timed by :func:`quiet_seconds`."""
-    return quiet_seconds(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: pixels}))
+def quiet_run(run: Callable[[np.ndarray], object], pixels: np.ndarray) -> float:
+    """Seconds for one ``run(pixels)`` (e.g. ``Embedder.run_model``), timed by :func:`quiet_seconds`."""
+    return quiet_seconds(lambda: run(pixels))
 
 
-def run_at_once(session: ort.InferenceSession, pixels: np.ndarray, callers: int) -> None:
+def run_at_once(run: Callable[[np.ndarray], object], pixels: np.ndarray, callers: int) -> None:
     """``callers`` runs of ``pixels`` started at once on their own threads, until all are done."""
-    threads = [threading.Thread(target=session.run, args=([OUTPUT_NAME], {INPUT_NAME: pixels}))
-               for _ in range(callers)]
+    threads = [threading.Thread(target=run, args=(pixels,)) for _ in range(callers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
 
 
-def engine_rates(files: dict[str, Path], batches: list[int], rounds: int,
-                 cores: int) -> dict[str, dict[str, dict[int, float]]]:
-    """img/s per file key, layout and batch size: the median over interleaved rounds."""
-    sessions: dict[tuple[str, str], ort.InferenceSession] = {}
-    size = None
+Run = Callable[[np.ndarray], object]
+
+
+def served_engine_run(path: Path, layout: str, cores: int) -> tuple[Run, str]:
+    """A fewshot model file on the engine the server would give it (OpenVINO for a bf16 variant
+    where installed, else ONNX Runtime's CPU provider), in one of :data:`LAYOUTS`; and its name."""
+    if layout == LAYOUTS[0]:  # the engine's own thread count, spinning where ORT does
+        embedder = Embedder(path, providers=["CPUExecutionProvider"])
+    else:
+        embedder = Embedder(path, providers=["CPUExecutionProvider"], intra_op_threads=1,
+                            concurrent_runs=cores)
+    return embedder.run_model, embedder.engine
+
+
+def onnxruntime_run(path: Path, layout: str, cores: int) -> tuple[Run, str]:
+    """Any ONNX file with the fewshot input/output names, on ONNX Runtime's CPU provider."""
+    options = ort.SessionOptions()
+    if layout == LAYOUTS[1]:
+        options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return (lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})), "onnxruntime CPUExecutionProvider"
+
+
+def engine_rates(files: dict[str, Path], batches: list[int], rounds: int, cores: int, input_size: int,
+                 make_run: Callable[[Path, str, int], tuple[Run, str]] = served_engine_run,
+                 ) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, str]]:
+    """img/s per file key, layout and batch size (the median over interleaved rounds), and the
+    engine that ran each file."""
+    runs: dict[tuple[str, str], Run] = {}
+    engines: dict[str, str] = {}
     for key, path in files.items():
-        single = ort.SessionOptions()
-        single.intra_op_num_threads = 1
-        sessions[key, LAYOUTS[0]] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        sessions[key, LAYOUTS[1]] = ort.InferenceSession(str(path), single, providers=["CPUExecutionProvider"])
-        size = sessions[key, LAYOUTS[0]].get_inputs()[0].shape[-1]
+        for layout in LAYOUTS:
+            runs[key, layout], engines[key] = make_run(path, layout, cores)
     rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, 3, size, size)).astype(np.float32) for b in batches}
+    inputs = {b: rng.standard_normal((b, 3, input_size, input_size)).astype(np.float32) for b in batches}
     times: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(rounds):  # interleaved, so a noisy moment hits every variant
-        for (key, layout), session in sessions.items():
+        for (key, layout), run in runs.items():
             for batch, pixels in inputs.items():
                 if layout == LAYOUTS[0]:
-                    seconds = quiet_run(session, pixels) / batch
+                    seconds = quiet_run(run, pixels) / batch
                 else:
-                    seconds = quiet_seconds(lambda: run_at_once(session, pixels, cores)) / (cores * batch)
+                    seconds = quiet_seconds(lambda: run_at_once(run, pixels, cores)) / (cores * batch)
                 times.setdefault((key, layout, batch), []).append(seconds)
     rates: dict[str, dict[str, dict[int, float]]] = {}
     for (key, layout, batch), seconds in times.items():
         rates.setdefault(key, {}).setdefault(layout, {})[batch] = 1 / statistics.median(seconds)
-    return rates
+    return rates, engines
 
 
 def best(rates: dict[str, dict[int, float]]) -> tuple[float, str, int]:
@@ -230,7 +262,8 @@ def main() -> None:
             fp32_key[key] = f"{model.stem}/fp32" if several else "fp32"
     cores = usable_cores()
     sgemm_before = sgemm_gflops(args.sgemm_size, args.sgemm_repeats)
-    rates = engine_rates(files, args.batch, args.rounds, cores)
+    input_size = variants["fp32"].meta.preprocess.input_size
+    rates, engines = engine_rates(files, args.batch, args.rounds, cores, input_size)
     sgemm_after = sgemm_gflops(args.sgemm_size, args.sgemm_repeats)
     sgemm = statistics.mean([sgemm_before, sgemm_after])  # bracket the engine runs
     engine = {}
@@ -238,6 +271,7 @@ def main() -> None:
         rate, layout, batch = best(by_layout)
         engine[key] = {
             "file": files[key].name,
+            "engine": engines[key],
             "img_per_s": round(rate, 1),
             "at": {"layout": layout, "batch": batch},
             "fp32_equiv_gflops": round(rate * gflop[key], 1),
@@ -251,6 +285,8 @@ def main() -> None:
         "cpu": cpu_model(),
         "cores": cores,
         "onnxruntime": ort.__version__,
+        "openvino": openvino_version(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
         "models": models,
         "sgemm_size": args.sgemm_size,
         "sgemm_gflops": round(sgemm, 1),

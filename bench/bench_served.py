@@ -1,15 +1,17 @@
-"""Served against the engine, in one run: how much of what ONNX Runtime can do reaches gRPC clients,
+"""Served against the engine, in one run: how much of what the engine can do reaches gRPC clients,
 and where the rest of the CPU goes.
 
-- ``engine_img_per_s``: the served model file (the variant the server picks, int8 on a CPU) run
-  directly through ONNX Runtime on preprocessed tensors, the fastest of bench_engine.py's layouts and
-  batch sizes (8 and 32), measured in this process while the servers idle, before and after the
-  loads (the median of both);
+- ``engine_img_per_s``: the served model file (the variant the server picks: int8 on ONNX Runtime
+  on a CPU, bf16 on OpenVINO on a CPU with AMX-BF16) run directly on its engine on preprocessed
+  tensors, the fastest of bench_engine.py's layouts and batch sizes (8 and 32), measured in this
+  process while the servers idle, before and after the loads (the median of both); the same for
+  each other file a config serves (``engine_img_per_s_by_file``);
 - ``served``: single-image gRPC ``Embed`` calls from ``C`` concurrent clients (threads) in **another
   process**, for C in ``--clients`` (default 1, 16, 64), against real servers built by the server's
   own ``build_core`` from :data:`CONFIGS` (the defaults; runs of up to 32 images, the default until
   the CPU cap of 8; one batch worker on ONNX Runtime's own spinning threads, the default before
-  that; batching off), in alternating rounds (every other one in reverse order): images/s, p50 and p99
+  that; batching off; the int8 variant on ONNX Runtime, where the default serves bf16), in
+  alternating rounds (every other one in reverse order): images/s, p50 and p99
   latency (a call the server sheds with RESOURCE_EXHAUSTED, its decode queue full, is retried after
   5 ms and counted);
 - ``cpu_ms_per_image`` at each load: CPU time of the server process and of the client process per
@@ -19,7 +21,7 @@ and where the rest of the CPU goes.
   ``served / ceiling`` is what the server's own work (gRPC, hand-offs, batching) leaves;
 - ``batch32_img_per_s``: ``Embed`` with 32 images per call, one client, per server (interleaved, each
   call timed after a pause and an untimed call, as bench_engine.py times the engine);
-- ``served_over_engine``: served images/s at 16 clients over the engine's.
+- ``served_over_engine``: served images/s at 16 clients over the engine figure of the file served.
 
 The images are synthetic JPEGs (``--image-size``, default 256 px). The client process shares the CPU
 with the server, as clients on the same host do. Prints one JSON line, then a table:
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from bench_engine import best, cpu_model, engine_rates, quiet_seconds
+from bench_engine import best, cpu_model, engine_rates, openvino_version, quiet_seconds
 from bench_serving import DEFAULT_MODEL, spread_requests, synthetic_jpegs
 from fewshot_client import FewShotClient
 from fewshot_common.cores import usable_cores
@@ -61,6 +63,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "max batch 32": {"max_batch_size": 32},
     "1 worker, spinning": {"batch_workers": 1, "intra_op_threads": usable_cores(), "intra_op_spinning": True},
     "batching off": {"batching": False},
+    # The int8 variant on ONNX Runtime, where the default is bf16 on OpenVINO (a CPU with AMX-BF16).
+    "int8": {"precision": "int8"},
 }
 
 
@@ -137,9 +141,11 @@ def served(address: str, images: list[bytes], clients: int, requests: int) -> Lo
     return Load(rate, latencies, shed, server_cpu, client_cpu, wall, requests)
 
 
-def engine_img_per_s(path: Path) -> tuple[float, str, int]:
-    """The served file's fastest engine figure (img/s, layout, batch), as bench_engine.py times it."""
-    return best(engine_rates({"served": path}, [8, 32], rounds=5, cores=usable_cores())["served"])
+def engine_img_per_s(path: Path, input_size: int) -> tuple[float, str, int]:
+    """The file's fastest engine figure (img/s, layout, batch) on the engine the server gives it,
+    as bench_engine.py times it."""
+    rates, _ = engine_rates({"served": path}, [8, 32], rounds=5, cores=usable_cores(), input_size=input_size)
+    return best(rates["served"])
 
 
 def ms(values: list[float], q: int) -> float:
@@ -157,7 +163,10 @@ def main() -> None:
     args = parser.parse_args()
 
     cores = usable_cores()
-    chosen = choose_model_file(args.model, "auto", ["CPUExecutionProvider"])
+    cpu = ["CPUExecutionProvider"]
+    files = {name: choose_model_file(args.model, str(CONFIGS[name].get("precision", "auto")), cpu)
+             for name in args.configs}
+    chosen = files[args.configs[0]]
     images = synthetic_jpegs(64, args.image_size)
     pre = chosen.meta.preprocess
     load_batch(images[:1], pre, ImageLimits())
@@ -165,7 +174,9 @@ def main() -> None:
     for image in images[:20]:
         load_batch([image], pre, ImageLimits())
     decode_ms = (time.perf_counter() - started) / 20 * 1000
-    engine_before = engine_img_per_s(chosen.path)
+    served_files = sorted({file.path for file in files.values()})
+    size = chosen.meta.preprocess.input_size
+    engine_before = {path: engine_img_per_s(path, size) for path in served_files}
 
     loads: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in args.clients} for name in args.configs}
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
@@ -197,8 +208,9 @@ def main() -> None:
                 server.stop(None)
                 core.close()
                 client.close()
-    engine_after = engine_img_per_s(chosen.path)
-    engine = statistics.median([engine_before[0], engine_after[0]])
+    engine_after = {path: engine_img_per_s(path, size) for path in served_files}
+    engines = {path: statistics.median([engine_before[path][0], engine_after[path][0]]) for path in served_files}
+    engine = engines[chosen.path]
     engine_core_ms = 1000 * cores / engine
 
     result: dict[str, dict[str, dict[str, object]]] = {}
@@ -209,7 +221,7 @@ def main() -> None:
             images_served = sum(run.images for run in runs)
             server_ms = 1000 * sum(run.server_cpu_s for run in runs) / images_served
             client_ms = 1000 * sum(run.client_cpu_s for run in runs) / images_served
-            ceiling = 1000 * cores / (engine_core_ms + decode_ms + client_ms)
+            ceiling = 1000 * cores / (1000 * cores / engines[files[name].path] + decode_ms + client_ms)
             rate = statistics.median(run.img_per_s for run in runs)
             result[name][str(clients)] = {
                 "img_per_s": round(rate, 1), "img_per_s_each_round": [round(r.img_per_s, 1) for r in runs],
@@ -222,18 +234,23 @@ def main() -> None:
             }
     record = {
         "bench": "served", "cpu": cpu_model(), "cores": cores, "onnxruntime": ort.__version__,
+        "openvino": openvino_version(),
         "model_file": chosen.path.name, "precision": chosen.meta.precision,
         "model_id": chosen.meta.model_id, "image_size": args.image_size,
         "decode_ms": round(decode_ms, 3), "engine_img_per_s": round(engine, 1),
-        "engine_at": {"layout": engine_before[1], "batch": engine_before[2]},
+        "engine_at": {"layout": engine_before[chosen.path][1], "batch": engine_before[chosen.path][2]},
+        "engine_img_per_s_by_file": {path.name: round(rate, 1) for path, rate in engines.items()},
+        "model_file_by_config": {name: file.path.name for name, file in files.items()},
         "engine_core_ms_per_image": round(engine_core_ms, 2),
         "batch32_img_per_s": {name: result[name]["batch32_img_per_s"] for name in result},
         "configs": {name: CONFIGS[name] for name in args.configs},
         "served": result,
-        "served_over_engine": {name: round(float(result[name]["16"]["img_per_s"]) / engine, 3)
+        # Each server against the engine figure of the file it serves.
+        "served_over_engine": {name: round(float(result[name]["16"]["img_per_s"]) / engines[files[name].path], 3)
                                for name in result if "16" in result[name]},
     }
     print(json.dumps(record))
+    print("engines: " + ", ".join(f"{p.name} {r:.1f} img/s" for p, r in engines.items()))
     print(f"\nengine ({chosen.path.name}): {engine:.1f} img/s ({engine_core_ms:.2f} core-ms per image); "
           f"decode + preprocess "
           f"{decode_ms:.2f} ms per image; {cores} cores")

@@ -51,13 +51,15 @@ def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
     assert scores["5way1shot"]["mean"] > 30.0
 
 
-def test_shipped_int8_variant_is_the_checked_default_on_cpu() -> None:
-    """`models/default.int8.onnx` was written by `fewshot export --from-onnx models/default.onnx
-    --precision int8 --check-data <fewshot-dev>`; the server serves it on a CPU by default."""
+@pytest.mark.parametrize("cpu_bf16, precision", [(False, "int8"), (True, "bf16")])
+def test_shipped_variants_are_checked_and_the_default_on_their_cpus(cpu_bf16: bool, precision: str) -> None:
+    """`models/default.int8.onnx` and `default.bf16.onnx` were written by `fewshot export --from-onnx
+    models/default.onnx --precision int8|bf16 --check-data <fewshot-dev>`; a CPU server serves the
+    bf16 one where the CPU has AMX-BF16, the int8 one elsewhere."""
     from fewshot_common.variants import choose_model_file, variant_path
 
-    served = choose_model_file(MODEL, "auto", ["CPUExecutionProvider"])
-    assert served.path == variant_path(MODEL, "int8")
+    served = choose_model_file(MODEL, "auto", ["CPUExecutionProvider"], cpu_bf16=cpu_bf16)
+    assert served.path == variant_path(MODEL, precision)
     assert served.meta.model_id == Embedder(MODEL).model_id
     check = served.meta.variant_check
     assert check["check_images"] == 2500  # the whole dev set
@@ -69,3 +71,5 @@ def test_shipped_int8_variant_is_the_checked_default_on_cpu() -> None:
     pixels = pixels.astype(np.float32)
     cosines = np.sum(Embedder(MODEL).embed_array(pixels) * Embedder(served.path).embed_array(pixels), 1)
     assert cosines.min() > 0.95
+    if precision == "bf16":  # checked in bf16 arithmetic (on an AMX Xeon), not fp32 on rounded weights
+        assert check["bf16_arithmetic"] == 1

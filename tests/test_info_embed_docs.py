@@ -19,6 +19,7 @@ from conftest import REPO_ROOT, stack_settings
 from fewshot_common.embedder import Embedder
 from fewshot_common.model_license import model_license
 from fewshot_common.modelmeta import Preprocess
+from fewshot_common.openvino_engine import bf16_is_fastest
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
 
@@ -48,6 +49,7 @@ def test_info_describes_the_served_model(http: httpx.Client, stack: ServerStack)
     assert info["embedding_dim"] == meta.embedding_dim
     assert info["preprocess"]["input_size"] == 32 and info["preprocess"]["resize_size"] == 36
     assert info["precision"] == "fp32"
+    assert info["engine"] == "onnxruntime CPUExecutionProvider"
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", info["version"])
     assert info["license"] is None  # the test model states none, and has no sidecar
 
@@ -57,8 +59,12 @@ def test_info_of_the_default_model_states_its_non_commercial_licence(private_red
     with ServerStack(settings) as running:
         info = httpx.get(f"http://127.0.0.1:{running.http_port}/v1/info").json()
     assert info["model_id"] == "vit_tiny_d6_p8_64-cfc47f764064"
-    # The CPU serves default.int8.onnx: the licence comes from its fp32 parent's sidecar.
-    assert info["precision"] == "int8"
+    # A CPU serves default.int8.onnx, or default.bf16.onnx through OpenVINO where it has AMX-BF16:
+    # the licence comes from their fp32 parent's sidecar.
+    if bf16_is_fastest():
+        assert (info["precision"], info["engine"]) == ("bf16", "openvino CPU (bf16)")
+    else:
+        assert (info["precision"], info["engine"]) == ("int8", "onnxruntime CPUExecutionProvider")
     assert "Tiny ImageNet" in info["license"] and "non-commercial" in info["license"]
 
 

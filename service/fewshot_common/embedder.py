@@ -16,6 +16,7 @@ import onnxruntime as ort
 from .image_files import preprocessed_batches
 from .images import ImageLimits, load_batch
 from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
+from .openvino_engine import OpenVinoRunner, openvino_available
 from .vectors import l2_normalize
 
 # Fastest first; the first ones that this onnxruntime build offers are used.
@@ -35,8 +36,30 @@ def default_providers() -> list[str]:
     return [name for name in PREFERRED_PROVIDERS if name in available]
 
 
+def uses_openvino(precision: str, providers: Sequence[str]) -> bool:
+    """A bf16 variant on a CPU host runs on OpenVINO, where it is installed: ONNX Runtime's CPU
+    provider has no bf16 kernels (it would run the file as fp32). Elsewhere ONNX Runtime runs it."""
+    return precision == "bf16" and providers[0] == "CPUExecutionProvider" and openvino_available()
+
+
+def unoptimised_session(
+    path: str | os.PathLike[str], providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> ort.InferenceSession:
+    """A session that only describes the file (metadata, inputs, outputs): loading it costs
+    little. ``providers``: those that will serve it (an fp16 graph may lack CPU kernels)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
 class Embedder:
-    """Loads one exported model and embeds images with it. Thread-safe: ORT sessions are."""
+    """Loads one exported model and embeds images with it. Thread-safe: ORT sessions are, and
+    the OpenVINO runner gives each concurrent run its own infer request.
+
+    ``intra_op_threads``: threads per model run (None: the engine's own choice); ``spinning``:
+    ONNX Runtime's busy-waiting threads; ``concurrent_runs``: how many runs the caller may start
+    at once (OpenVINO compiles one stream per run; ONNX Runtime needs no such hint).
+    """
 
     def __init__(
         self,
@@ -47,12 +70,43 @@ class Embedder:
         intra_op_threads: int | None = None,
         spinning: bool = True,
         max_batch_size: int = 32,
+        concurrent_runs: int = 1,
     ) -> None:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        providers = list(providers or default_providers())
+        # The metadata and the graph's signature come from an unoptimised session (cheap): they
+        # decide which engine runs the file before the engine compiles it.
+        try:
+            described = unoptimised_session(path, providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise InvalidModel(f"{path}: not a loadable ONNX model ({exc})") from exc
+        try:
+            self.meta = ModelMeta.from_metadata_props(described.get_modelmeta().custom_metadata_map)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidModel(f"{path}: {exc}") from exc
+        self._check_graph(path, described)
+        del described
+        self.path = path  # the file served (a variant's own path), for its licence sidecar
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self._session: ort.InferenceSession | None = None
+        self._openvino: OpenVinoRunner | None = None
+        if uses_openvino(self.meta.precision, providers):
+            try:
+                self._openvino = OpenVinoRunner(
+                    path, threads_per_run=intra_op_threads, concurrent_runs=concurrent_runs
+                )
+            except Exception as exc:  # OpenVINO's errors are untyped too
+                raise InvalidModel(f"{path}: OpenVINO cannot compile it ({exc})") from exc
+            self.providers: list[str] = ["CPUExecutionProvider"]
+            self.engine = self._openvino.description
+            self.compute_precision = self._openvino.precision
+            self._bind_io = False
+            return
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
@@ -61,35 +115,27 @@ class Embedder:
         # gRPC threads need those cores between and beside model runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=list(providers or default_providers())
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:
             raise InvalidModel(f"{path}: not a loadable ONNX model ({exc})") from exc
-        try:
-            self.meta = ModelMeta.from_metadata_props(
-                self._session.get_modelmeta().custom_metadata_map
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidModel(f"{path}: {exc}") from exc
-        self._check_graph(path)
-        self.path = path  # the file served (a variant's own path), for its licence sidecar
-        self.limits = limits
-        self.max_batch_size = max_batch_size
-        self.providers: list[str] = self._session.get_providers()
+        self.providers = self._session.get_providers()
+        self.engine = f"onnxruntime {self.providers[0]}"
+        # ONNX Runtime has no bf16 kernels: a bf16 file's weights are cast to fp32 and run so.
+        self.compute_precision = "fp32" if self.meta.precision == "bf16" else self.meta.precision
         # On a GPU, bind the output to host memory once per run instead of letting ORT allocate
         # and copy through its default path. Written for CUDA/TensorRT; not yet run on a GPU.
         self._bind_io = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
     @property
-    def session_options(self) -> ort.SessionOptions:
-        """The options the session runs with (threads, spinning), as ONNX Runtime reports them."""
-        return self._session.get_session_options()
+    def session_options(self) -> ort.SessionOptions | None:
+        """The options the ONNX Runtime session runs with (threads, spinning), as it reports
+        them; ``None`` where OpenVINO runs the model."""
+        return None if self._session is None else self._session.get_session_options()
 
-    def _check_graph(self, path: Path) -> None:
+    def _check_graph(self, path: Path, session: ort.InferenceSession) -> None:
         """Refuse a graph whose input/output do not match its own metadata."""
-        inputs = {node.name: node for node in self._session.get_inputs()}
-        outputs = {node.name: node for node in self._session.get_outputs()}
+        inputs = {node.name: node for node in session.get_inputs()}
+        outputs = {node.name: node for node in session.get_outputs()}
         if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
             raise InvalidModel(
                 f"{path}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}', found inputs "
@@ -122,14 +168,18 @@ class Embedder:
         """Preprocessed ``[N, 3, S, S]`` -> ``[N, D]`` float32, each row of unit L2 norm."""
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         chunks = [
-            self._run(pixels[start : start + self.max_batch_size])
+            self.run_model(pixels[start : start + self.max_batch_size])
             for start in range(0, len(pixels), self.max_batch_size)
         ]
         if not chunks:
             return np.empty((0, self.embedding_dim), dtype=np.float32)
         return l2_normalize(np.concatenate(chunks).astype(np.float32, copy=False))
 
-    def _run(self, pixels: np.ndarray) -> np.ndarray:
+    def run_model(self, pixels: np.ndarray) -> np.ndarray:
+        """One model run on a preprocessed float32 batch, as is: no chunking, no normalising."""
+        if self._openvino is not None:
+            return self._openvino.run(pixels)
+        assert self._session is not None
         if not self._bind_io:
             return self._session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
         binding = self._session.io_binding()

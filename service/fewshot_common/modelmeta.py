@@ -23,10 +23,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos"]
-# Numeric precision of a graph's weights and arithmetic. A variant (int8, fp16) is derived from an
-# fp32 export by `fewshot export --precision` and checked against it before it is written.
-Precision = Literal["fp32", "int8", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int8", "fp16")
+# Numeric precision of a graph's weights and arithmetic. A variant (int8, fp16, bf16) is derived
+# from an fp32 export by `fewshot export --precision` and checked against it before it is written.
+Precision = Literal["fp32", "int8", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import onnxruntime as ort
-
-from .embedder import InvalidModel
+from .embedder import InvalidModel, unoptimised_session
 from .modelmeta import PRECISIONS, ModelMeta
+from .openvino_engine import bf16_is_fastest
 
-PrecisionChoice = Literal["auto", "fp32", "int8", "fp16"]
+PrecisionChoice = Literal["auto", "fp32", "int8", "fp16", "bf16"]
 PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 
 # Fastest first, per kind of host. On x86 CPUs int8 (integer GEMMs, a quarter of the weight bytes)
-# beat fp32 on every machine measured (bench/bench_engine.py); CPUs have no fast fp16 path. On a
-# GPU fp16 runs on tensor cores, while ORT's CUDA provider runs int8 QDQ graphs partly in fp32.
+# beat fp32 on every machine measured (bench/bench_engine.py), and a CPU with AMX-BF16 runs the bf16
+# variant through OpenVINO faster still (about 2x int8 on a 2-core Xeon); without bf16 units a bf16
+# variant is fp32 arithmetic on rounded weights, so it comes last. On a GPU fp16 runs on tensor
+# cores, while ORT's CUDA provider runs int8 QDQ graphs partly in fp32.
 SPEED_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("int8", "fp32"),
+    "cpu": ("int8", "fp32", "bf16"),
+    "cpu+bf16": ("bf16", "int8", "fp32"),
     "gpu": ("fp16", "fp32"),
 }
 GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
@@ -50,11 +52,8 @@ def read_meta(
     path: str | os.PathLike[str], providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",)
 ) -> ModelMeta:
     """The fewshot metadata of an ONNX file (through ONNX Runtime: the serving install has no
-    ``onnx`` package), in an unoptimised session so reading it costs little. ``providers``: those
-    that will serve it (an fp16 graph may have no CPU kernels for some nodes)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    ``onnx`` package), in an unoptimised session so reading it costs little."""
+    session = unoptimised_session(path, providers)
     return ModelMeta.from_metadata_props(session.get_modelmeta().custom_metadata_map)
 
 
@@ -86,16 +85,24 @@ def available_variants(
     return found
 
 
-def host_kind(providers: list[str] | tuple[str, ...]) -> str:
-    """``gpu`` when the first (preferred) provider is a GPU one, else ``cpu``."""
-    return "gpu" if providers and providers[0] in GPU_PROVIDERS else "cpu"
+def host_kind(providers: list[str] | tuple[str, ...], *, cpu_bf16: bool | None = None) -> str:
+    """``gpu`` when the first (preferred) provider is a GPU one; else ``cpu+bf16`` where the CPU
+    runs bf16 fastest (``cpu_bf16``, by default: AMX-BF16 and OpenVINO present), else ``cpu``."""
+    if providers and providers[0] in GPU_PROVIDERS:
+        return "gpu"
+    return "cpu+bf16" if (bf16_is_fastest() if cpu_bf16 is None else cpu_bf16) else "cpu"
 
 
 def choose_model_file(
-    model_path: str | os.PathLike[str], precision: str, providers: list[str] | tuple[str, ...]
+    model_path: str | os.PathLike[str],
+    precision: str,
+    providers: list[str] | tuple[str, ...],
+    *,
+    cpu_bf16: bool | None = None,
 ) -> ModelFile:
-    """The file to serve: with ``auto`` the fastest available variant for the host; otherwise the
-    variant of that precision, or a :class:`VariantError` naming the ones there are."""
+    """The file to serve: with ``auto`` the fastest available variant for the host (``cpu_bf16``:
+    see :func:`host_kind`); otherwise the variant of that precision, or a :class:`VariantError`
+    naming the ones there are."""
     if precision not in PRECISION_CHOICES:
         raise VariantError(f"unknown precision {precision!r}; choose one of {PRECISION_CHOICES}")
     found = available_variants(model_path, providers)
@@ -107,7 +114,7 @@ def choose_model_file(
                 f"{model_path} --precision {precision}`"
             )
         return found[precision]
-    for candidate in SPEED_ORDER[host_kind(providers)]:
+    for candidate in SPEED_ORDER[host_kind(providers, cpu_bf16=cpu_bf16)]:
         if candidate in found:
             return found[candidate]
     # The given file is a variant not in this host's order (e.g. fp16 on a CPU): serve it anyway.

@@ -41,12 +41,18 @@ log = logging.getLogger(__name__)
 _HTTP_START_TIMEOUT_S = 15.0
 
 
+def concurrent_model_runs(settings: Settings) -> int:
+    """How many model runs the server starts at once: one per batch worker, or with batching off
+    two (requests then run side by side on their own threads)."""
+    return settings.batch_workers if settings.batching else 2
+
+
 def default_intra_op_threads(providers: list[str], settings: Settings) -> int | None:
-    """On a CPU, each batch that may run at once gets its share of the cores (with batching off,
-    requests run side by side, so two shares as well); on a GPU, ONNX Runtime's own choice."""
+    """On a CPU, each model run that may happen at once gets its share of the cores; on a GPU,
+    ONNX Runtime's own choice."""
     if providers[0] != "CPUExecutionProvider":
         return None
-    return intra_op_threads_per_batch(usable_cores(), settings.batch_workers if settings.batching else 2)
+    return intra_op_threads_per_batch(usable_cores(), concurrent_model_runs(settings))
 
 
 def default_max_batch_size(providers: list[str]) -> int:
@@ -73,6 +79,7 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         intra_op_threads=settings.intra_op_threads or default_intra_op_threads(providers, settings),
         spinning=settings.intra_op_spinning,
         max_batch_size=max_batch_size,
+        concurrent_runs=concurrent_model_runs(settings),
     )
     registry = Registry(
         client,

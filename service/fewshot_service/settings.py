@@ -40,10 +40,11 @@ class Settings(BaseSettings):
     model: Path | None = Field(
         default=None, description=f"ONNX model to serve (none: {DEFAULT_MODEL} in the working directory or the checkout)"
     )
-    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "int8", "fp16", "bf16"] = Field(
         default="auto",
         description="which checked variant of the model to serve (NAME.int8.onnx next to it); "
-        "auto: the fastest for the host (int8 on CPU, fp16 on GPU, else the file itself)",
+        "auto: the fastest for the host (bf16 through OpenVINO on a CPU with AMX-BF16, else int8 "
+        "on CPU; fp16 on GPU; else the file itself)",
     )
     redis_url: str | None = Field(
         default=None,

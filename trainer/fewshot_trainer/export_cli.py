@@ -43,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="fp32 (default); int8 or fp16 also write a variant next to the fp32 file "
+        help="fp32 (default); int8, fp16 or bf16 also write a variant next to the fp32 file "
         "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
-        "--check-data); the server serves the fastest checked variant for its hardware",
+        "--check-data); the server serves the fastest checked variant for its hardware (bf16: "
+        "bf16 weights, run in bf16 by OpenVINO on CPUs with bf16 units)",
     )
     parser.add_argument(
         "--from-onnx",
@@ -201,7 +202,7 @@ def _write_variant(args: argparse.Namespace, parent: Path, output: Path) -> None
 def _run(args: argparse.Namespace) -> int:
     if args.from_onnx is not None:
         if args.precision == "fp32":
-            raise ExportError("--from-onnx derives a variant: give --precision int8 or fp16")
+            raise ExportError("--from-onnx derives a variant: give --precision int8, fp16 or bf16")
         _write_variant(args, args.from_onnx, args.output or variant_path(args.from_onnx, args.precision))
         return 0
     if args.output is None:

@@ -27,6 +27,7 @@ def _info(embedder: Embedder) -> InfoBody:
         arch=meta.arch,
         embedding_dim=meta.embedding_dim,
         precision=meta.precision,
+        engine=embedder.engine,
         preprocess=PreprocessBody(**asdict(meta.preprocess)),
         license=model_license(embedder.path, meta),
     )

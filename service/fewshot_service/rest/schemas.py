@@ -185,6 +185,8 @@ class InfoBody(BaseModel):
     arch: str
     embedding_dim: int
     precision: str
+    # What runs the model, e.g. "onnxruntime CPUExecutionProvider" or "openvino CPU (bf16)".
+    engine: str
     preprocess: PreprocessBody
     license: str | None  # the model's licence statement; None when the model states none
 
