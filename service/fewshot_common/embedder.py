@@ -95,18 +95,29 @@ class Embedder:
         self.max_batch_size = max_batch_size
         self._session: ort.InferenceSession | None = None
         self._openvino: OpenVinoRunner | None = None
+        self.providers: list[str]
+        self.engine: str  # what runs the model, for /v1/info and logs
+        self.compute_precision: str  # the arithmetic it runs in ("bf16" only on bf16 units)
         if uses_openvino(self.meta.precision, providers):
-            try:
-                self._openvino = OpenVinoRunner(
-                    path, threads_per_run=intra_op_threads, concurrent_runs=concurrent_runs
-                )
-            except Exception as exc:  # OpenVINO's errors are untyped too
-                raise InvalidModel(f"{path}: OpenVINO cannot compile it ({exc})") from exc
-            self.providers: list[str] = ["CPUExecutionProvider"]
-            self.engine = self._openvino.description
-            self.compute_precision = self._openvino.precision
-            self._bind_io = False
-            return
+            self._open_openvino(intra_op_threads, concurrent_runs)
+        else:
+            self._open_onnxruntime(providers, intra_op_threads, spinning)
+
+    def _open_openvino(self, intra_op_threads: int | None, concurrent_runs: int) -> None:
+        try:
+            self._openvino = OpenVinoRunner(
+                self.path, threads_per_run=intra_op_threads, concurrent_runs=concurrent_runs
+            )
+        except Exception as exc:  # OpenVINO's errors are untyped too
+            raise InvalidModel(f"{self.path}: OpenVINO cannot compile it ({exc})") from exc
+        self.providers = ["CPUExecutionProvider"]
+        self.engine = self._openvino.description
+        self.compute_precision = self._openvino.precision
+        self._bind_io = False
+
+    def _open_onnxruntime(
+        self, providers: list[str], intra_op_threads: int | None, spinning: bool
+    ) -> None:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
@@ -115,9 +126,9 @@ class Embedder:
         # gRPC threads need those cores between and beside model runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:
-            raise InvalidModel(f"{path}: not a loadable ONNX model ({exc})") from exc
+            raise InvalidModel(f"{self.path}: not a loadable ONNX model ({exc})") from exc
         self.providers = self._session.get_providers()
         self.engine = f"onnxruntime {self.providers[0]}"
         # ONNX Runtime has no bf16 kernels: a bf16 file's weights are cast to fp32 and run so.
