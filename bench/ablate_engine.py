@@ -10,6 +10,11 @@ Variants, each built here in a temporary folder from ``--model`` (the fp32 expor
 - ``int8 dynamic, per-channel``: per-channel weight scales, MatMul only;
 - ``int8 static QDQ``: activations quantized with ranges calibrated on ``--calibration-data``
   (per-channel weights, U8 activations), what ``--int8-method static`` writes;
+- ``int8 static QDQ, weight MatMuls only``: the same, but only the MatMuls with a weight matrix
+  (the attention's two activation-by-activation MatMuls, the softmax, GELU and norms stay fp32),
+  ranges by the 99.999th percentile: which nodes stay fp32 is the lever;
+- ``bf16 on OpenVINO``: MatMul/Conv weights stored as bf16 (``fewshot export --precision bf16``),
+  run by OpenVINO in bf16 arithmetic where the CPU has it (what a CPU with AMX-BF16 serves);
 - ``fp32 + transformer fusions``: ``onnxruntime.transformers.optimizer`` (model type ``vit``).
 
 img/s at batch ``--batch`` on real preprocessed images, the median over interleaved rounds (so a
@@ -34,16 +39,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime import quantization as q
 
 from bench_engine import cpu_model, model_gflop_per_image, quiet_run, sgemm_gflops
 from fewshot_common.image_files import list_image_files, list_labelled_image_files, preprocessed_batches
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, Preprocess
+from fewshot_common.openvino_engine import OpenVinoRunner, openvino_available
 from fewshot_common.variants import read_meta
+from fewshot_trainer.variants import bf16_weights
 
 CPU = ["CPUExecutionProvider"]
 SHIPPED = "int8 dynamic, MatMul only (shipped)"
+BF16 = "bf16 on OpenVINO (served on AMX)"
 
 
 class _Calibration:
@@ -71,6 +80,24 @@ def build_variants(model: Path, folder: Path, calibration: list[Path],
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
         return path
 
+    def static_weight_matmuls() -> Path:
+        path = folder / "static_weights.onnx"
+        graph = onnx.load(model).graph
+        weights = {t.name for t in graph.initializer}
+        activation_matmuls = [node.name for node in graph.node
+                              if node.op_type == "MatMul" and not weights & set(node.input)]
+        q.quantize_static(model, path, _Calibration(calibration, preprocess),
+                          quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          op_types_to_quantize=["MatMul"], nodes_to_exclude=activation_matmuls,
+                          calibrate_method=q.CalibrationMethod.Percentile)
+        return path
+
+    def bf16() -> Path:
+        path = folder / "bf16.onnx"
+        onnx.save(bf16_weights(onnx.load(model)), path)
+        return path
+
     def fused() -> Path:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -86,6 +113,8 @@ def build_variants(model: Path, folder: Path, calibration: list[Path],
         "int8 dynamic, per-channel": lambda: dynamic("dyn_pc", per_channel=True,
                                                      op_types_to_quantize=["MatMul", "Gemm"]),
         "int8 static QDQ (calibrated)": static,
+        "int8 static QDQ, weight MatMuls only": static_weight_matmuls,
+        BF16: bf16,
         "fp32 + transformer fusions": fused,
     }
     files = {"fp32": model}
@@ -95,6 +124,16 @@ def build_variants(model: Path, folder: Path, calibration: list[Path],
         except Exception as exc:  # noqa: BLE001 -- a lever ORT cannot apply is a finding, not a crash
             print(f"<!-- {name}: not built ({type(exc).__name__}: {str(exc)[:200]}) -->")
     return files
+
+
+def engine_run(name: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """One run of a batch on all cores: OpenVINO for the bf16 variant (where installed), ONNX
+    Runtime's CPU provider for the rest."""
+    if name == BF16 and openvino_available():
+        runner = OpenVinoRunner(path, threads_per_run=None, concurrent_runs=1)
+        return runner.run
+    session = ort.InferenceSession(str(path), providers=CPU)
+    return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
 def op_shares(path: Path, pixels: np.ndarray, prefix: Path, runs: int = 8) -> dict[str, float]:
@@ -135,18 +174,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = build_variants(args.model, folder, calibration, meta.preprocess)
-        sessions = {k: ort.InferenceSession(str(p), providers=CPU) for k, p in files.items()}
-        outputs = {k: s.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0] for k, s in sessions.items()}
+        runs = {k: engine_run(k, p) for k, p in files.items()}
+        outputs = {k: run(pixels) for k, run in runs.items()}
         unit = {k: o / np.linalg.norm(o, axis=1, keepdims=True) for k, o in outputs.items()}
         cosines = {k: np.sum(u * unit["fp32"], axis=1) for k, u in unit.items()}
         batch = pixels[: args.batch]
-        for session in sessions.values():  # warm-up
-            session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        for run in runs.values():  # warm-up
+            run(batch)
         sgemm_before = sgemm_gflops(4096, 3)
-        rates: dict[str, list[float]] = {k: [] for k in sessions}
+        rates: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.rounds):
-            for name, session in sessions.items():
-                rates[name].append(len(batch) / quiet_run(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x}), batch))
+            for name, run in runs.items():
+                rates[name].append(len(batch) / quiet_run(run, batch))
         sgemm_after = sgemm_gflops(4096, 3)
         sgemm = (sgemm_before + sgemm_after) / 2
         shares = {name: op_shares(files[name], batch, folder / "profile")
