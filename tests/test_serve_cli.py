@@ -72,6 +72,8 @@ def test_default_model_is_models_default_onnx_in_the_working_directory(
     shutil.copy(tiny_model_path, tmp_path / "models" / "default.onnx")
     server = serve_process([], cwd=tmp_path).wait_ready()
     assert "vit_test_p8_32-" in server.banner
+    # The banner says what runs the model: the fp32 file (it has no variants) on ONNX Runtime.
+    assert "(precision fp32, engine onnxruntime CPUExecutionProvider)" in server.banner
     ready = httpx.get(f"{server.http_url}/readyz").json()
     assert ready["model_id"].startswith("vit_test_p8_32-")
     # The default data dir is ./.fewshot, with the append-only file under it.

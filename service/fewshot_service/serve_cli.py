@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         keys = f"from {settings.api_keys}" if settings.api_keys else "none (no authentication)"
         print(
             f"fewshot serve: model {stack.core.model_id if stack.core else '?'} "
-            f"({stack.core.embedder.meta.precision + ' on ' + stack.core.embedder.engine if stack.core else '?'}); "
+            f"(precision {stack.core.embedder.meta.precision if stack.core else '?'}, "
+            f"engine {stack.core.embedder.engine if stack.core else '?'}); "
             f"gRPC on {settings.host}:{stack.grpc_port}{' (TLS)' if settings.tls else ''}, "
             f"HTTP on {'https' if settings.tls else 'http'}://{settings.host}:{stack.http_port} "
             f"(docs at /docs); Redis {redacted_url(stack.redis_url or '')}; "
