@@ -279,6 +279,9 @@ def test_health_readiness_metrics_and_docs(http: httpx.Client, stack: ServerStac
     metrics = http.get("/metrics").text
     assert 'fewshot_http_responses_total{method="POST",status="201"}' in metrics
     assert "fewshot_images_total" in metrics
+    # Which model, precision and engine this replica serves (the test model: fp32 on ONNX Runtime).
+    assert (f'fewshot_model_info{{engine="onnxruntime CPUExecutionProvider",model_id="{stack.core.model_id}",'
+            'precision="fp32"} 1.0') in metrics
     assert http.get("/docs").status_code == 200
     openapi = http.get("/openapi.json").json()
     assert "/v1/classes/{label}/examples" in openapi["paths"]

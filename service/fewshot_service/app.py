@@ -30,6 +30,7 @@ from .core import FewShotCore
 from .decode_pool import DecodePool
 from .grpc_server import create_grpc_server
 from .http_timeouts import timed_http_protocol
+from .inference_metrics import MODEL_INFO
 from .redis_client import RedisClient, connect_redis, redacted_url
 from .redis_server import ManagedRedis
 from .registry import Registry
@@ -80,6 +81,9 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         spinning=settings.intra_op_spinning,
         max_batch_size=max_batch_size,
         concurrent_runs=concurrent_model_runs(settings),
+    )
+    MODEL_INFO.info(
+        {"model_id": embedder.model_id, "precision": embedder.meta.precision, "engine": embedder.engine}
     )
     registry = Registry(
         client,

@@ -3,7 +3,7 @@ app exposes at ``/metrics``). Names follow Prometheus conventions: base units, `
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, Info
 
 # Buckets from 0.5 ms to 10 s: a tiny model on a GPU to a large one on a busy CPU.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -19,14 +19,20 @@ QUEUE_SECONDS = Histogram(
     "Time a request waited in the dynamic batcher before its batch started.",
     buckets=_LATENCY_BUCKETS,
 )
+# What this process serves: one model file, run by one engine (dashboards tell replicas on int8
+# from replicas on bf16 by it). Set when the server builds its core.
+MODEL_INFO = Info(
+    "fewshot_model",
+    "The model served: its model id, the variant's precision and the engine that runs it.",
+)
 INFERENCE_SECONDS = Histogram(
     "fewshot_inference_seconds",
-    "One ONNX Runtime run (a whole merged batch).",
+    "One model run (a whole merged batch).",
     buckets=_LATENCY_BUCKETS,
 )
 BATCH_IMAGES = Histogram(
     "fewshot_batch_images",
-    "Images per ONNX Runtime run after dynamic batching.",
+    "Images per model run after dynamic batching.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 IMAGES_TOTAL = Counter(
