@@ -70,3 +70,28 @@ def test_the_fused_attention_export_computes_what_timm_does(tmp_path: Path) -> N
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
     assert abs(got - expected).max() < 1e-4 * max(1.0, abs(expected).max())
+
+
+def test_the_engine_benchmark_times_each_file_on_the_engine_the_server_gives_it(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """bench_engine's figures are only the served engine's if a bf16 variant runs where the server
+    runs it (OpenVINO) and the others on ONNX Runtime, in both layouts."""
+    import shutil
+
+    from fewshot_common.cli import main as fewshot
+    from fewshot_common.openvino_engine import openvino_available
+    from fewshot_common.variants import variant_path
+
+    bench = load(BENCH / "bench_engine.py")
+    parent = tmp_path / "tiny.onnx"
+    shutil.copy(tiny_model_path, parent)
+    assert fewshot(["export", "--from-onnx", str(parent), "--precision", "bf16"]) == 0
+    files = {"fp32": parent, "bf16": variant_path(parent, "bf16")}
+    rates, engines = bench.engine_rates(files, [2], rounds=1, cores=2, input_size=32)
+    assert engines["fp32"] == "onnxruntime CPUExecutionProvider"
+    if openvino_available():
+        assert engines["bf16"].startswith("openvino CPU")
+    for key in files:
+        assert set(rates[key]) == set(bench.LAYOUTS)
+        assert all(rate > 0 for by_batch in rates[key].values() for rate in by_batch.values())
