@@ -141,6 +141,23 @@ def test_without_openvino_onnx_runtime_serves_the_file(
     assert np.sum(bf16.embed_images(batch) * fp32.embed_images(batch), axis=1).min() > 0.999
 
 
+def test_if_openvino_cannot_compile_the_file_onnx_runtime_serves_it_and_says_so(
+    model_with_bf16: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host where OpenVINO fails (an odd CPU plugin, a sandbox) still serves the variant."""
+
+    def cannot_compile(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp: no CPU plugin\nmore")
+
+    monkeypatch.setattr(embedder_module, "OpenVinoRunner", cannot_compile)
+    with caplog.at_level("WARNING", logger="fewshot_common.embedder"):
+        bf16 = Embedder(variant_path(model_with_bf16, "bf16"))
+    assert bf16.engine == "onnxruntime CPUExecutionProvider" and bf16.compute_precision == "fp32"
+    assert "OpenVINO cannot compile tiny.bf16.onnx (Exception from" in caplog.text
+    assert "more" not in caplog.text  # one line of OpenVINO's message, not its whole dump
+    assert bf16.embed_images(images(2)).shape == (2, bf16.embedding_dim)
+
+
 @pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider.")
 def test_auto_serves_bf16_first_only_where_the_cpu_runs_it_fastest(model_with_bf16: Path) -> None:
     choose = choose_model_file

@@ -6,6 +6,7 @@ the embedding size and the model id, so loading needs nothing but the path.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from collections.abc import Iterable, Sequence, Sized
@@ -18,6 +19,8 @@ from .images import ImageLimits, load_batch
 from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 from .openvino_engine import OpenVinoRunner, openvino_available
 from .vectors import l2_normalize
+
+log = logging.getLogger(__name__)
 
 # Fastest first; the first ones that this onnxruntime build offers are used.
 PREFERRED_PROVIDERS = (
@@ -98,22 +101,28 @@ class Embedder:
         self.providers: list[str]
         self.engine: str  # what runs the model, for /v1/info and logs
         self.compute_precision: str  # the arithmetic it runs in ("bf16" only on bf16 units)
-        if uses_openvino(self.meta.precision, providers):
-            self._open_openvino(intra_op_threads, concurrent_runs)
-        else:
+        if not (uses_openvino(self.meta.precision, providers)
+                and self._open_openvino(intra_op_threads, concurrent_runs)):
             self._open_onnxruntime(providers, intra_op_threads, spinning)
 
-    def _open_openvino(self, intra_op_threads: int | None, concurrent_runs: int) -> None:
+    def _open_openvino(self, intra_op_threads: int | None, concurrent_runs: int) -> bool:
+        """OpenVINO compiles the file, or says why not and leaves it to ONNX Runtime (which runs
+        any file OpenVINO reads): a server that cannot have the faster engine still serves."""
         try:
             self._openvino = OpenVinoRunner(
                 self.path, threads_per_run=intra_op_threads, concurrent_runs=concurrent_runs
             )
-        except Exception as exc:  # OpenVINO's errors are untyped too
-            raise InvalidModel(f"{self.path}: OpenVINO cannot compile it ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 -- OpenVINO's errors are untyped
+            log.warning(
+                "OpenVINO cannot compile %s (%s); ONNX Runtime serves it, in fp32 arithmetic",
+                self.path.name, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
+            return False
         self.providers = ["CPUExecutionProvider"]
         self.engine = self._openvino.description
         self.compute_precision = self._openvino.precision
         self._bind_io = False
+        return True
 
     def _open_onnxruntime(
         self, providers: list[str], intra_op_threads: int | None, spinning: bool
