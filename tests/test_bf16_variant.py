@@ -20,7 +20,7 @@ from fewshot_common import embedder as embedder_module
 from fewshot_common.cli import main
 from fewshot_common.embedder import Embedder
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
-from fewshot_common.openvino_engine import bf16_is_fastest, cpu_flags
+from fewshot_common.openvino_engine import bf16_is_fastest, cpu_flags, openvino_available
 from fewshot_common.variants import choose_model_file, variant_path
 from fewshot_service.app import ServerStack
 from fewshot_trainer.variants import to_bfloat16_bits
@@ -186,6 +186,10 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nflags\t\t: other\n")
     assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
     assert cpu_flags(tmp_path / "missing") == frozenset()
+    # bf16 goes first only with AMX-BF16 tiles (measured) and OpenVINO to run it; AVX-512 BF16
+    # alone (an AMD EPYC) keeps int8 first until a benchmark there says otherwise.
+    assert bf16_is_fastest(frozenset({"avx512f", "amx_bf16"})) == openvino_available()
+    assert not bf16_is_fastest(frozenset({"avx512f", "avx512_bf16"}))
 
 
 def test_a_server_told_bf16_serves_it_through_openvino(model_with_bf16: Path, redis_url: str) -> None:
