@@ -43,7 +43,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime import quantization as q
 
-from bench_engine import cpu_model, model_gflop_per_image, quiet_run, sgemm_gflops
+from bench_engine import LAYOUTS, cpu_model, model_gflop_per_image, onnxruntime_run, quiet_run, sgemm_gflops
 from fewshot_common.image_files import list_image_files, list_labelled_image_files, preprocessed_batches
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, Preprocess
 from fewshot_common.openvino_engine import OpenVinoRunner, openvino_available
@@ -132,8 +132,8 @@ def engine_run(name: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
     if name == BF16 and openvino_available():
         runner = OpenVinoRunner(path, threads_per_run=None, concurrent_runs=1)
         return runner.run
-    session = ort.InferenceSession(str(path), providers=CPU)
-    return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    run, _ = onnxruntime_run(path, LAYOUTS[0], cores=0)  # ORT's own threads: one per core
+    return run
 
 
 def op_shares(path: Path, pixels: np.ndarray, prefix: Path, runs: int = 8) -> dict[str, float]:

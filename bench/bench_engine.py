@@ -168,7 +168,7 @@ def onnxruntime_run(path: Path, layout: str, cores: int) -> tuple[Run, str]:
     if layout == LAYOUTS[1]:
         options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return (lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})), "onnxruntime CPUExecutionProvider"
+    return (lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]), "onnxruntime CPUExecutionProvider"
 
 
 def engine_rates(files: dict[str, Path], batches: list[int], rounds: int, cores: int, input_size: int,

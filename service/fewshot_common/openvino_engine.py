@@ -79,7 +79,6 @@ class OpenVinoRunner:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         # What OpenVINO settled on: "bf16" where the CPU computes in bf16, "f32" where it cannot.
         self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
         self.streams = int(self._compiled.get_property("NUM_STREAMS"))
 
     @property
