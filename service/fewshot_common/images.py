@@ -118,8 +118,9 @@ class OpenedImage:
         index = self.index
         try:
             self.image.load()  # first frame only for animations; raises on truncated data
-            img = ImageOps.exif_transpose(self.image)
-            return _to_rgb(img)
+            # In place: otherwise Pillow returns a copy of every image that needs no rotation.
+            ImageOps.exif_transpose(self.image, in_place=True)
+            return _to_rgb(self.image)
         except Image.DecompressionBombError as exc:
             raise TooLarge(f"image {index}: too many pixels ({exc})") from None
         except Exception as exc:

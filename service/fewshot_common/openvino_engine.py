@@ -91,8 +91,9 @@ class OpenVinoRunner:
         except queue.Empty:  # more runs at once than ever before: one more request (cheap)
             request = self._compiled.create_infer_request()
         try:
-            # infer() releases the GIL while the model runs; the result is copied out of the
+            # infer() releases the GIL while the model runs. The input is read in place (the call
+            # is synchronous, so the array outlives the run); the result is copied out of the
             # request's own buffer before the request is reused.
-            return request.infer({INPUT_NAME: pixels})[self._output]
+            return request.infer({INPUT_NAME: pixels}, share_inputs=True)[self._output]
         finally:
             self._idle.put(request)

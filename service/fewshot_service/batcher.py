@@ -118,8 +118,9 @@ class DynamicBatcher:
         # With several workers, a request of several images is split into one part per worker, so
         # that its parts run side by side on their share of the cores instead of one after the other.
         caller = object()
-        parts = [_Request(part, cancellation, caller)
-                 for part in np.array_split(pixels, min(len(pixels), self.config.workers))]
+        pieces = min(len(pixels), self.config.workers)
+        split = [pixels] if pieces == 1 else np.array_split(pixels, pieces)  # most calls: one image
+        parts = [_Request(part, cancellation, caller) for part in split]
         with self._cond:
             if self._closed:
                 raise Unavailable("the server is shutting down")
