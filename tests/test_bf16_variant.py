@@ -126,7 +126,23 @@ def test_concurrent_runs_each_get_their_own_request_and_the_answers_of_runs_alon
         np.testing.assert_allclose(together[index], expected, atol=1e-5)
     runner = embedder._openvino
     assert runner is not None and 1 <= runner._idle.qsize() <= len(batches)
-    assert runner.streams == 2
+    assert runner.copies == 2
+
+
+def test_each_concurrent_run_has_its_own_copy_with_its_share_of_the_cores(
+    model_with_bf16: Path,
+) -> None:
+    """One compiled copy (one stream) per run; without a thread count, the cores are shared out."""
+    from fewshot_common.cores import usable_cores
+    from fewshot_common.openvino_engine import OpenVinoRunner
+
+    runner = OpenVinoRunner(variant_path(model_with_bf16, "bf16"), threads_per_run=None, concurrent_runs=2)
+    assert runner.copies == 2
+    for compiled in runner._copies:
+        assert int(compiled.get_property("NUM_STREAMS")) == 1
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == max(1, usable_cores() // 2)
+    with pytest.raises(ValueError, match="concurrent_runs"):
+        OpenVinoRunner(variant_path(model_with_bf16, "bf16"), threads_per_run=1, concurrent_runs=0)
 
 
 def test_without_openvino_onnx_runtime_serves_the_file(

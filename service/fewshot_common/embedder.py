@@ -61,7 +61,7 @@ class Embedder:
 
     ``intra_op_threads``: threads per model run (None: the engine's own choice); ``spinning``:
     ONNX Runtime's busy-waiting threads; ``concurrent_runs``: how many runs the caller may start
-    at once (OpenVINO compiles one stream per run; ONNX Runtime needs no such hint).
+    at once (OpenVINO compiles one copy of the model per run; ONNX Runtime needs no such hint).
     """
 
     def __init__(

@@ -61,8 +61,8 @@ class OpenVinoRunner:
     each batch worker's run gets its share of the cores. One copy per run rather than one
     compiled model of ``concurrent_runs`` streams: on a 2-core Xeon with AMX (two interleaved
     runs) a lone image ran in 3.5-3.9 ms instead of 4.5-5.7, and two runs at once of 8 images
-    made 624-699 images/s instead of 500-583, as a run no longer waits for a stream's thread
-    to pick it up. Threads are not pinned to cores: the server's decode and gRPC threads share them.
+    made 624-699 images/s instead of 500-583 (likely because a multi-stream model hands each
+    run to one of its own stream threads; not profiled further). Threads are not pinned to cores: the server's decode and gRPC threads share them.
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class OpenVinoRunner:
         self._extra = itertools.count()  # spreads extra requests over the copies
         # What OpenVINO settled on: "bf16" where the CPU computes in bf16, "f32" where it cannot.
         self.precision = self._copies[0].get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.streams = len(self._copies)
+        self.copies = len(self._copies)
 
     @property
     def description(self) -> str:
