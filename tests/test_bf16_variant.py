@@ -20,7 +20,9 @@ from fewshot_common import embedder as embedder_module
 from fewshot_common.cli import main
 from fewshot_common.embedder import Embedder
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
-from fewshot_common.openvino_engine import bf16_is_fastest, cpu_flags, openvino_available
+from fewshot_common.cores import usable_cores
+from fewshot_common.openvino_engine import OpenVinoRunner, bf16_is_fastest, cpu_flags
+from fewshot_common.openvino_engine import openvino_available
 from fewshot_common.variants import choose_model_file, variant_path
 from fewshot_service.app import ServerStack
 from fewshot_trainer.variants import to_bfloat16_bits
@@ -133,9 +135,6 @@ def test_each_concurrent_run_has_its_own_copy_with_its_share_of_the_cores(
     model_with_bf16: Path,
 ) -> None:
     """One compiled copy (one stream) per run; without a thread count, the cores are shared out."""
-    from fewshot_common.cores import usable_cores
-    from fewshot_common.openvino_engine import OpenVinoRunner
-
     runner = OpenVinoRunner(variant_path(model_with_bf16, "bf16"), threads_per_run=None, concurrent_runs=2)
     assert runner.copies == 2
     for compiled in runner._copies:
