@@ -19,6 +19,9 @@ and where the rest of the CPU goes.
   decode + preprocess per image and the engine's core-ms per image. ``ceiling_img_per_s`` is what
   the cores could serve if the engine, the decode and the client were all the work there was:
   ``served / ceiling`` is what the server's own work (gRPC, hand-offs, batching) leaves;
+- ``grpc_floor_cpu_ms``: server and client CPU per call of a do-nothing unary gRPC method with a
+  request of one JPEG's size, 16 client threads in another process: what gRPC's own Python server
+  and client cost per image whatever the handler does;
 - ``batch32_img_per_s``: ``Embed`` with 32 images per call, one client, per server (interleaved, each
   call timed after a pause and an untimed call, as bench_engine.py times the engine);
 - ``served_over_engine``: served images/s at 16 clients over the engine figure of the file served.
@@ -39,9 +42,11 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import onnxruntime as ort
 
 from bench_engine import best, cpu_model, engine_rates, openvino_version, quiet_seconds
@@ -141,6 +146,48 @@ def served(address: str, images: list[bytes], clients: int, requests: int) -> Lo
     return Load(rate, latencies, shed, server_cpu, client_cpu, wall, requests)
 
 
+ECHO_METHOD = "/bench.Floor/Echo"
+
+
+def _echo_load(address: str, payload: bytes, clients: int, calls: int,
+               results: "mp.Queue[float]", go: "mp.Event", started: "mp.Event") -> None:
+    """In the client process: ``calls`` unary calls of ``payload`` from ``clients`` threads."""
+    with grpc.insecure_channel(address) as channel:
+        echo = channel.unary_unary(ECHO_METHOD)
+        for _ in range(clients):
+            echo(payload)
+        started.set()
+        go.wait()
+        cpu_begun = time.process_time()
+        spread_requests(calls, clients, lambda _: echo(payload))
+        results.put(time.process_time() - cpu_begun)
+
+
+def grpc_call_floor(payload_bytes: int, clients: int = 16, calls: int = 5000) -> tuple[float, float]:
+    """Server and client CPU ms per call of a unary method that does nothing (a 512-byte answer,
+    about one embedding's), served by a gRPC server in this process as the real ones are."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=64))
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, context: bytes(512))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Floor", {"Echo": echo}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        context = mp.get_context("spawn")
+        results, go, started = context.Queue(), context.Event(), context.Event()
+        process = context.Process(target=_echo_load, args=(f"127.0.0.1:{port}", bytes(payload_bytes),
+                                                           clients, calls, results, go, started))
+        process.start()
+        started.wait(timeout=60)
+        cpu_begun = time.process_time()
+        go.set()
+        client_cpu = results.get(timeout=600)
+        server_cpu = time.process_time() - cpu_begun
+        process.join()
+    finally:
+        server.stop(None)
+    return 1000 * server_cpu / calls, 1000 * client_cpu / calls
+
+
 def engine_img_per_s(path: Path, input_size: int) -> tuple[float, str, int]:
     """The file's fastest engine figure (img/s, layout, batch) on the engine the server gives it,
     as bench_engine.py times it."""
@@ -177,6 +224,7 @@ def main() -> None:
     served_files = sorted({file.path for file in files.values()})
     size = chosen.meta.preprocess.input_size
     engine_before = {path: engine_img_per_s(path, size) for path in served_files}
+    floor_server_ms, floor_client_ms = grpc_call_floor(round(statistics.mean(map(len, images))))
 
     loads: dict[str, dict[int, list[Load]]] = {name: {c: [] for c in args.clients} for name in args.configs}
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
@@ -242,6 +290,7 @@ def main() -> None:
         "engine_img_per_s_by_file": {path.name: round(rate, 1) for path, rate in engines.items()},
         "model_file_by_config": {name: file.path.name for name, file in files.items()},
         "engine_core_ms_per_image": round(engine_core_ms, 2),
+        "grpc_floor_cpu_ms": {"server": round(floor_server_ms, 3), "client": round(floor_client_ms, 3)},
         "batch32_img_per_s": {name: result[name]["batch32_img_per_s"] for name in result},
         "configs": {name: CONFIGS[name] for name in args.configs},
         "served": result,
@@ -254,6 +303,8 @@ def main() -> None:
     print(f"\nengine ({chosen.path.name}): {engine:.1f} img/s ({engine_core_ms:.2f} core-ms per image); "
           f"decode + preprocess "
           f"{decode_ms:.2f} ms per image; {cores} cores")
+    print(f"a do-nothing gRPC call of one JPEG's size: {floor_server_ms:.3f} ms server CPU, "
+          f"{floor_client_ms:.3f} ms client CPU")
     print("Embed of 32 images, img/s: " + ", ".join(f"{name} {rate}" for name, rate in record["batch32_img_per_s"].items()))
     print("| config | clients | img/s (each round) | p50, p99 ms | shed | server / client CPU ms per image "
           "| cores busy | served / ceiling |")
