@@ -45,6 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 import onnxruntime as ort
@@ -122,12 +123,13 @@ def _client_load(address: str, images: list[bytes], clients: int, requests: int,
     client.close()
 
 
-def served(address: str, images: list[bytes], clients: int, requests: int) -> Load:
-    """Run one load from a fresh client process; the server's CPU is this process's."""
+def in_client_process(target: Callable[..., None], *args: object) -> tuple[Any, float]:
+    """Run ``target(*args, results, go, started)`` in a fresh client process and return what it
+    put on ``results`` and this (the server's) process's CPU seconds meanwhile. ``target`` sets
+    ``started`` when warmed up and starts its own clock on ``go``, after this one's."""
     context = mp.get_context("spawn")  # a clean process: no server threads or gRPC state inherited
     results, go, started = context.Queue(), context.Event(), context.Event()
-    process = context.Process(target=_client_load,
-                              args=(address, images, clients, requests, results, go, started))
+    process = context.Process(target=target, args=(*args, results, go, started))
     process.start()
     while not started.wait(timeout=1):
         if not process.is_alive():
@@ -136,24 +138,31 @@ def served(address: str, images: list[bytes], clients: int, requests: int) -> Lo
     go.set()
     while True:  # a client process that dies (any error but a shed call) fails the run at once
         try:
-            rate, latencies, shed, client_cpu, wall = results.get(timeout=1)
+            result = results.get(timeout=1)
             break
         except queue.Empty:
             if not process.is_alive():
                 raise RuntimeError(f"the client process exited with code {process.exitcode}") from None
     server_cpu = time.process_time() - cpu_begun  # ends a little after the client's clock
     process.join()
+    return result, server_cpu
+
+
+def served(address: str, images: list[bytes], clients: int, requests: int) -> Load:
+    """Run one load from a fresh client process; the server's CPU is this process's."""
+    (rate, latencies, shed, client_cpu, wall), server_cpu = in_client_process(
+        _client_load, address, images, clients, requests)
     return Load(rate, latencies, shed, server_cpu, client_cpu, wall, requests)
 
 
-ECHO_METHOD = "/bench.Floor/Echo"
+ECHO_SERVICE, ECHO_NAME = "bench.Floor", "Echo"
 
 
 def _echo_load(address: str, payload: bytes, clients: int, calls: int,
                results: "mp.Queue[float]", go: "mp.Event", started: "mp.Event") -> None:
     """In the client process: ``calls`` unary calls of ``payload`` from ``clients`` threads."""
     with grpc.insecure_channel(address) as channel:
-        echo = channel.unary_unary(ECHO_METHOD)
+        echo = channel.unary_unary(f"/{ECHO_SERVICE}/{ECHO_NAME}")
         for _ in range(clients):
             echo(payload)
         started.set()
@@ -168,21 +177,12 @@ def grpc_call_floor(payload_bytes: int, clients: int = 16, calls: int = 5000) ->
     about one embedding's), served by a gRPC server in this process as the real ones are."""
     server = grpc.server(ThreadPoolExecutor(max_workers=64))
     echo = grpc.unary_unary_rpc_method_handler(lambda request, context: bytes(512))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Floor", {"Echo": echo}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_NAME: echo}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        context = mp.get_context("spawn")
-        results, go, started = context.Queue(), context.Event(), context.Event()
-        process = context.Process(target=_echo_load, args=(f"127.0.0.1:{port}", bytes(payload_bytes),
-                                                           clients, calls, results, go, started))
-        process.start()
-        started.wait(timeout=60)
-        cpu_begun = time.process_time()
-        go.set()
-        client_cpu = results.get(timeout=600)
-        server_cpu = time.process_time() - cpu_begun
-        process.join()
+        client_cpu, server_cpu = in_client_process(
+            _echo_load, f"127.0.0.1:{port}", bytes(payload_bytes), clients, calls)
     finally:
         server.stop(None)
     return 1000 * server_cpu / calls, 1000 * client_cpu / calls

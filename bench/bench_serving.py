@@ -37,10 +37,10 @@ import redis
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from fewshot_service.batcher import BatchConfig, intra_op_threads_per_batch
+from fewshot_service.batcher import BatchConfig
 from fewshot_client import FewShotClient
 from fewshot_service.core import FewShotCore
-from fewshot_common.cores import usable_cores
+from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder
 from fewshot_service.grpc_server import create_grpc_server
 from fewshot_service.redis_server import ManagedRedis

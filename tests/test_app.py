@@ -76,7 +76,7 @@ def test_a_gpu_server_keeps_large_batches() -> None:
 
 @pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 2, 1), (16, 2, 8), (1, 2, 1), (3, 2, 1), (8, 1, 8)])
 def test_intra_op_threads_per_batch_is_an_equal_share_of_the_cores(cores: int, workers: int, threads: int) -> None:
-    from fewshot_service.batcher import intra_op_threads_per_batch
+    from fewshot_common.cores import intra_op_threads_per_batch
 
     assert intra_op_threads_per_batch(cores, workers) == threads
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cores import usable_cores
+from .cores import intra_op_threads_per_batch, usable_cores
 from .modelmeta import INPUT_NAME, OUTPUT_NAME
 
 ENGINE_NAME = "openvino"
@@ -73,7 +73,7 @@ class OpenVinoRunner:
         if concurrent_runs <= 0:
             raise ValueError(f"concurrent_runs must be positive, got {concurrent_runs}")
         if threads_per_run is None:
-            threads_per_run = max(1, usable_cores() // concurrent_runs)
+            threads_per_run = intra_op_threads_per_batch(usable_cores(), concurrent_runs)
         config: dict[str, object] = {
             "INFERENCE_PRECISION_HINT": "bf16",
             "NUM_STREAMS": 1,

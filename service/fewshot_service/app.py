@@ -18,13 +18,13 @@ from types import TracebackType
 import grpc
 import uvicorn
 
-from fewshot_common.cores import usable_cores
+from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder, default_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
 from .access import AccessControl
-from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig, intra_op_threads_per_batch
+from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .classifier import limit_blas_threads
 from .core import FewShotCore
 from .decode_pool import DecodePool

@@ -267,9 +267,3 @@ class DynamicBatcher:
 # core's cache. A GPU wants large batches (BatchConfig's default).
 CPU_MAX_BATCH_SIZE = 8
 
-
-def intra_op_threads_per_batch(cores: int, workers: int) -> int:
-    """ONNX Runtime threads for one model run when ``workers`` batches may run at once on
-    ``cores``: an equal share, so the threads of concurrent runs add up to the cores instead of
-    each run's threads competing for all of them."""
-    return max(1, cores // workers)
