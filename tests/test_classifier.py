@@ -10,7 +10,14 @@ import pytest
 import redis
 
 from fewshot_common.vectors import l2_normalize
-from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix, Prediction, int8_scan_answers
+from fewshot_service.classifier import (
+    INT8_SCAN_MIN_CLASSES,
+    PrototypeMatrix,
+    Prediction,
+    blas_error_bound,
+    exact_scores,
+    int8_scan_answers,
+)
 from fewshot_service.batcher import BatchConfig
 from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
@@ -59,10 +66,11 @@ def test_thousands_of_classes_match_a_full_sort() -> None:
     labels = [f"class-{i:05d}" for i in range(5000)]
     matrix = PrototypeMatrix(labels, rng.normal(size=(5000, 64)).astype(np.float32))
     queries = unit(rng.normal(size=(4, 64)))
-    scores = queries @ matrix.matrix.T
-    for row, predictions in zip(scores, matrix.top_k(queries, 7)):
+    for query, predictions in zip(queries, matrix.top_k(queries, 7)):
+        row = exact_scores(matrix.matrix, query)
         best = np.lexsort((np.arange(len(row)), -row))[:7]
         assert [p.label for p in predictions] == [matrix.labels[i] for i in best]
+        assert [p.score for p in predictions] == row[best].tolist()
 
 
 def assert_same_classes(patched: PrototypeMatrix, rebuilt: PrototypeMatrix, queries: np.ndarray) -> None:
@@ -369,7 +377,8 @@ def test_the_server_limits_numpys_blas_to_one_thread() -> None:
 
 
 def _float32_top_k(matrix: PrototypeMatrix, queries: np.ndarray, k: int) -> list[list[Prediction]]:
-    return [matrix._best(row, k) for row in matrix._scores(queries.astype(np.float32))]
+    queries = queries.astype(np.float32)
+    return [matrix._best(row, k, query) for row, query in zip(matrix._scores(queries), queries)]
 
 
 @pytest.fixture
@@ -390,10 +399,8 @@ def test_the_int8_scan_answers_like_the_float32_scan(large_matrix) -> None:
     ]).astype(np.float32)  # fmt: skip
     before = dict(int8_scan_answers)
     for k in (1, 5, 32):
-        got, expected = matrix.top_k(queries, k), _float32_top_k(matrix, queries, k)
-        assert [[p.label for p in preds] for preds in got] == [[p.label for p in preds] for preds in expected]
-        for preds, exact in zip(got, expected):
-            assert [p.score for p in preds] == pytest.approx([p.score for p in exact], abs=1e-6)
+        # The same classes with bit-identical scores: both paths rank by the exact score.
+        assert matrix.top_k(queries, k) == _float32_top_k(matrix, queries, k)
     assert int8_scan_answers["int8"] - before["int8"] >= 100  # most answers came from the copy
 
 
@@ -435,3 +442,120 @@ def test_the_int8_copy_is_built_in_the_background_for_a_large_matrix(large_matri
     small = PrototypeMatrix(["a", "b"], np.eye(2, dtype=np.float32))
     small.top_k(np.eye(2, dtype=np.float32), 1)
     assert small._store.int8 is None and not small._store.int8_building  # not worth it: never built
+
+
+# -- one rule for ties on every path and every CPU ---------------------------------------------------
+
+
+def test_exact_scores_are_the_correctly_rounded_dot_products() -> None:
+    import math
+
+    rng = np.random.default_rng(21)
+    for dim in (1, 3, 32, 100, 384):
+        rows = unit(rng.normal(size=(50, dim)))
+        query = unit(rng.normal(size=(1, dim)))[0]
+        expected = [np.float32(math.fsum(float(a) * float(b) for a, b in zip(row, query))) for row in rows]
+        assert exact_scores(rows, query).tolist() == [float(x) for x in expected]
+        # And within the stated bound of what any BLAS kernel computes.
+        assert np.abs(rows @ query - exact_scores(rows, query)).max() <= blas_error_bound(dim, 1.0)
+
+
+def _tied_matrix(rng: np.random.Generator, classes: int, dim: int = 32) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Rows with exact duplicates of the query's direction, rows one float32 step away from it,
+    and random rows; labels in an order unrelated to the rows."""
+    query = l2_normalize(rng.standard_normal(dim)).astype(np.float32)
+    rows = l2_normalize(rng.standard_normal((classes, dim))).astype(np.float32)
+    duplicates = rng.choice(classes, size=281, replace=False)
+    rows[duplicates] = query
+    near = rng.choice(np.setdiff1d(np.arange(classes), duplicates), size=64, replace=False)
+    rows[near] = np.nextafter(query, np.float32(2.0))  # each coordinate one ulp away
+    rows[near[::2], 0] = np.nextafter(query[0], np.float32(-2.0))
+    labels = [f"x{int(i):06d}" for i in rng.permutation(classes)]
+    return labels, rows, query[None, :]
+
+
+@pytest.mark.parametrize("classes", [600, INT8_SCAN_MIN_CLASSES + 300])
+def test_duplicate_and_near_duplicate_rows_rank_the_same_on_every_path(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    labels, rows, query = _tied_matrix(rng, classes)
+    matrix = PrototypeMatrix(labels, rows)
+    matrix.build_int8_scan()
+    order = rng.permutation(classes)
+    reordered = PrototypeMatrix([labels[i] for i in order], rows[order])  # other slots, same classes
+    # A patched version whose tied rows were appended after the int8 copy.
+    moved = {labels[i]: rows[i] for i in range(0, classes, 7)}
+    patched = PrototypeMatrix(
+        [label for label in labels if label not in moved], np.stack([r for label, r in zip(labels, rows) if label not in moved])
+    )
+    patched.build_int8_scan()
+    patched = patched.patched(moved)
+    for k in (1, 5, 300, 400):
+        expected = _float32_top_k(matrix, query, k)
+        for other in (matrix.top_k(query, k), reordered.top_k(query, k), patched.top_k(query, k)):
+            assert other == expected  # same labels, bit-identical scores
+        best = expected[0]
+        # Ordered by the exact score, then by label.
+        assert [(-p.score, p.label) for p in best] == sorted((-p.score, p.label) for p in best)
+        exact = exact_scores(matrix.matrix, query[0])
+        ranked = sorted(zip((-exact).tolist(), matrix.labels))[:k]
+        assert [(p.label, p.score) for p in best] == [(label, -score) for score, label in ranked]
+
+
+_KERNEL_PROBE = """
+import json, sys
+import numpy as np
+from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix
+from threadpoolctl import threadpool_info
+sys.path.insert(0, sys.argv[1])
+from test_classifier import _float32_top_k, _tied_matrix
+out = {"blas": [p.get("architecture") for p in threadpool_info() if p["user_api"] == "blas"]}
+for classes in (600, INT8_SCAN_MIN_CLASSES + 300):
+    rng = np.random.default_rng(classes)
+    labels, rows, query = _tied_matrix(rng, classes)
+    queries = np.concatenate([query, np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    matrix = PrototypeMatrix(labels, rows)
+    matrix.build_int8_scan()
+    for k in (1, 5, 300):
+        for name, answer in (("scan", _float32_top_k(matrix, queries, k)), ("top_k", matrix.top_k(queries, k))):
+            out[f"{classes}/{k}/{name}"] = [[(p.label, p.score.hex()) for p in preds] for preds in answer]
+print(json.dumps(out))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
+
+
+@pytest.mark.slow
+def test_answers_are_the_same_under_every_blas_kernel_this_cpu_can_run() -> None:
+    """What another CPU family computes, seen here: OpenBLAS's kernel for each family this CPU can
+    run (OPENBLAS_CORETYPE), with numpy's own SIMD dispatch held to AVX2 for the AVX2 ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flags = _cpu_flags()
+    kernels = [("Prescott", set()), ("Nehalem", {"sse4_2"}), ("Sandybridge", {"avx"}), ("Haswell", {"avx2", "fma"}),
+               ("SkylakeX", {"avx512f", "avx512bw", "avx512vl", "avx512dq"})]  # fmt: skip
+    runnable = [name for name, needs in kernels if needs <= flags]
+    assert "Haswell" in runnable or "avx2" not in flags
+    numpy_features = [f for f in ("X86_V4", "AVX512_ICL", "AVX512_SPR") if f.lower() in flags or f == "X86_V4"]
+    answers = {}
+    for kernel in runnable:
+        env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
+        if kernel != "SkylakeX" and "avx512f" in flags:
+            env["NPY_DISABLE_CPU_FEATURES"] = " ".join(numpy_features)
+        tests_dir = str(Path(__file__).parent)
+        done = subprocess.run(
+            [sys.executable, "-c", _KERNEL_PROBE, tests_dir], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        answers[kernel] = json.loads(done.stdout.splitlines()[-1])
+    kernels_seen = {kernel: answer.pop("blas") for kernel, answer in answers.items()}
+    assert len(set(map(str, kernels_seen.values()))) == len(runnable), kernels_seen  # really other kernels
+    first = answers[runnable[0]]
+    for kernel in runnable[1:]:
+        assert answers[kernel] == first, f"{kernel} ranks differently from {runnable[0]}"

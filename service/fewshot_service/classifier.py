@@ -4,6 +4,14 @@
 re-normalised class prototype (the mean of the class's normalised example embeddings). It is not
 a calibrated probability.
 
+One rule for ranking, on every path and every CPU: classes are ordered by their *exact score*
+(:func:`exact_scores`: float64 products, which are exact for float32 inputs, summed in a fixed
+order and rounded once to float32), then by label. BLAS only narrows the field: its float32 dot
+products round differently per CPU family (AVX2, AVX-512, AMX kernels sum in other orders), so
+every row within :func:`blas_error_bound` of the k-th best BLAS score is re-scored exactly before
+anything is ranked. The int8 scan, the float32 scan, a patched matrix and a rebuilt one therefore
+return bit-identical scores and the same order, ties included.
+
 A :class:`PrototypeMatrix` is immutable for its readers, yet a change of a few classes costs
 O(changed x D), not a copy of every row: rows live in a growable buffer (:class:`_RowStore`) that
 only the newest version appends to. A changed class gets a fresh row at the end and its old row is
@@ -38,11 +46,48 @@ INT8_SCAN_MIN_CLASSES = 8192
 INT8_CANDIDATES = 128  # rows the int8 scan hands over for re-scoring; k above it scans in float32
 # The int8 copy is rebuilt once this many rows were appended after it (and 1/16 of the buffer).
 _INT8_STALE_ROWS = 2048
+# Rows re-scored exactly at a time (float64 temporaries of 4096 x D).
+_EXACT_CHUNK_ROWS = 4096
 # One background thread builds int8 copies (~30 ms at 100,000 x 128), one buffer at a time.
 _int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
 # How queries that could use an int8 copy were answered (tests, benchmarks): by the copy's
 # candidates, or by the float32 scan because the bound could not rule the other rows out.
 int8_scan_answers = {"int8": 0, "float32_fallback": 0}
+
+
+def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``rows [N, D] . query [D]`` as float32, bit-identical on every CPU.
+
+    A product of two float32 is exact in float64 (24 + 24 significant bits < 53), and the sum
+    adds halves of the columns elementwise (a fixed pairwise tree, no reduction whose order a
+    SIMD kernel may choose), so the one rounding that depends on anything is the final one to
+    float32, and it depends only on the inputs.
+    """
+    if len(rows) > _EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
+        return np.concatenate([
+            exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query) for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
+        ])  # fmt: skip
+    products = np.asarray(rows, dtype=np.float64) * np.asarray(query, dtype=np.float64)[None, :]
+    width = products.shape[1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:  # zeros are exact: pad to a power of two so every level halves evenly
+        products = np.concatenate([products, np.zeros((len(products), padded - width))], axis=1)
+    while products.shape[1] > 1:
+        half = products.shape[1] // 2
+        products = products[:, :half] + products[:, half:]
+    return products[:, 0].astype(np.float32)
+
+
+def blas_error_bound(dim: int, query_norm: float, row_norm: float = 1.0) -> float:
+    """A bound on ``|BLAS float32 dot product - exact score|`` for any summation order.
+
+    A float32 dot product of ``dim`` terms errs by at most ``gamma_dim * sum|q_i w_i|`` <=
+    ``gamma_dim |q| |w|`` (Higham, 3.1; FMA only tightens it), and the exact score's own rounding
+    to float32 adds half an ulp (< 2**-24 in [-1, 1]).
+    """
+    unit_roundoff = 2.0**-24
+    gamma = dim * unit_roundoff / (1 - dim * unit_roundoff)
+    return gamma * query_norm * row_norm * 1.01 + unit_roundoff  # 1.01: rows re-normalised in float32
 
 
 def _capacity(live: int) -> int:
@@ -269,7 +314,7 @@ class PrototypeMatrix:
             scan = self._store.int8_scan(self._slots)
             if scan is not None:
                 return self._top_k_int8(scan, embeddings, k)
-        return [self._best(row, k) for row in self._scores(embeddings)]
+        return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)]
 
     def build_int8_scan(self) -> None:
         """Build the int8 copy for this version now, not in the background (tests, benchmarks)."""
@@ -292,28 +337,34 @@ class PrototypeMatrix:
             candidate_scores[self._dead[candidates]] = -np.inf
             scores = np.concatenate([candidate_scores, appended[i]])
             slots = np.concatenate([candidates, appended_slots])
-            # Every row the int8 scan left out scores at most its k-th value plus the bound in
-            # float32; strictly below the k-th best found, none of them can enter (or tie).
+            # Every row the int8 scan left out scores at most its k-th value plus the bound; strictly
+            # below the k-th best exact score found, none of them can enter (or tie).
             if np.isfinite(scores).sum() >= k:
-                best = self._best(scores, k, slots)
+                best = self._best(scores, k, query, slots)
                 if len(candidates) >= scan.rows or values[i, -1] + bounds[i] < best[-1].score:
                     results.append(best)
                     int8_scan_answers["int8"] += 1
                     continue
             int8_scan_answers["float32_fallback"] += 1
-            results.append(self._best(self._scores(query[None, :])[0], k))
+            results.append(self._best(self._scores(query[None, :])[0], k, query))
         return results
 
-    def _best(self, scores: np.ndarray, k: int, slots: np.ndarray | None = None) -> list[Prediction]:
-        """The ``k`` best of ``scores`` (of store ``slots``; default: slot i is scores[i]); at
-        least ``k`` of them are finite."""
+    def _best(
+        self, scores: np.ndarray, k: int, query: np.ndarray, slots: np.ndarray | None = None
+    ) -> list[Prediction]:
+        """The ``k`` best classes for ``query`` by exact score, then label, given its BLAS
+        ``scores`` against store ``slots`` (default: slot i is scores[i]); at least ``k`` of them
+        are finite (masked-out rows are -inf and stay out)."""
         if k <= 0:
             return []
-        # argpartition finds the k-th best score in O(C); everything tied with it is kept so
-        # the sort below (score desc, then label asc), not argpartition's choice, decides ties.
+        # argpartition finds the k-th best BLAS score in O(C). Any row of the exact top k scores
+        # at least that minus twice the BLAS error bound in BLAS, so re-scoring exactly every row
+        # above that line finds the exact top k, ties at the k-th place included.
         kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        candidates = np.flatnonzero(scores >= kth)
+        line = kth - 2 * blas_error_bound(self.dim, float(np.linalg.norm(query)))
+        candidates = np.flatnonzero(scores >= line)
+        candidate_slots = candidates if slots is None else np.asarray(slots)[candidates]
+        exact = exact_scores(self._store.unit[candidate_slots], query)
         labels = self._store.labels
-        slot_of = (lambda i: i) if slots is None else (lambda i: int(slots[i]))
-        ranked = sorted(candidates.tolist(), key=lambda i: (-scores[i], labels[slot_of(i)]))[:k]
-        return [Prediction(labels[slot_of(i)], float(scores[i])) for i in ranked]
+        order = sorted(range(len(candidates)), key=lambda i: (-exact[i], labels[candidate_slots[i]]))[:k]
+        return [Prediction(labels[candidate_slots[i]], float(exact[i])) for i in order]
