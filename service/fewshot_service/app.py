@@ -108,7 +108,10 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the HTTP socket ourselves, so port 0 gives a known free port and a clash fails early."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening
+    # socket names TCP (base_events._set_nodelay). Without it, Nagle's algorithm held each kept-alive
+    # response's body behind the client's delayed ACK of its headers: 48 ms per request, not 6.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
