@@ -123,7 +123,10 @@ def test_doc_block_runs_as_written(unit: Unit, live: tuple[ServeProcess, Path]) 
     server, workdir = live
     delete_every_namespace(server.http_url)
     run = run_unit(unit, server, workdir)
-    shown = f"--- {unit.name} ({unit.runner}) ---\n{unit.source}\n--- stdout ---\n{run.stdout}\n--- stderr ---\n{run.stderr}"
+    shown = (
+        f"--- {unit.name} ({unit.runner}) ---\n{unit.source}\n"
+        f"--- stdout ---\n{run.stdout}\n--- stderr ---\n{run.stderr}"
+    )
     assert run.returncode == 0, shown
     for (path, line), patterns in EXPECTED_OUTPUT.items():
         if unit.blocks[0].path.as_posix() == path and line in unit.source:
