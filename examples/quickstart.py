@@ -126,12 +126,10 @@ def main() -> None:
         print(f"class {label!r}: {added['count']} examples")
 
     answer = api.call("POST", "/v1/classify", files=queries, top_k=3)
-    for (name, _), result in zip(queries, answer["results"]):
-        predictions = result if isinstance(result, list) else result.get("predictions", [])
+    # "results" holds each image's ranked classes; "unknown", beside it, one flag per image: true
+    # when the image matches none of the classes well enough (open set, calibrated per namespace).
+    for (name, _), predictions, unknown in zip(queries, answer["results"], answer["unknown"]):
         ranked = ", ".join(f"{p['label']} {p['score']:.3f}" for p in predictions)
-        # Open-set answers: once the server says "unknown", show it; until then, a low top score
-        # (cosine similarity) is the hint that an image belongs to none of the classes.
-        unknown = isinstance(result, dict) and result.get("unknown")
         print(f"{name}: {'unknown' if unknown else predictions[0]['label']}  ({ranked})")
 
 
