@@ -36,6 +36,7 @@ REST_KINDS: dict[str, type[FewshotError]] = {
     "invalid_input": InvalidInput,
     "invalid_request": InvalidInput,  # a parameter FastAPI itself refused
     "bad_request": InvalidInput,
+    "unsupported_format": InvalidInput,  # a 415: the body's index says which image
     "too_large": TooLarge,
     "not_found": NotFound,
     "failed_precondition": FailedPrecondition,
