@@ -10,7 +10,7 @@ import functools
 import io
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -291,12 +291,14 @@ def load_batch(
     pre: Preprocess,
     limits: ImageLimits = ImageLimits(),
     cancellation: CancellationCheck | None = None,
+    before_decode: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Decode and preprocess a request's images into one ``[N, 3, S, S]`` float32 array.
 
     Fails on the first bad image, naming its 0-based index in the request. Every header is
     checked before any pixel is decoded, so a request over its pixel budget costs nothing; a
-    ``cancellation`` is checked before each decode.
+    ``cancellation`` is checked, and ``before_decode(index)`` called, before each decode (the
+    decode worker re-arms its CPU limit there).
     """
     if len(images) == 0:
         raise InvalidInput("the request has no images")
@@ -317,5 +319,7 @@ def load_batch(
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
     for image in opened:
         raise_if_cancelled(cancellation, f"decoding image {image.index}")
+        if before_decode is not None:
+            before_decode(image.index)
         preprocess(image.decode(), pre, out=batch[image.index])
     return batch

@@ -57,3 +57,43 @@ def _skip_entropy_coded(data: bytes, pos: int) -> int:
     """Position of the first marker after the entropy-coded data starting at ``pos``."""
     found = _MARKER_AFTER_ENTROPY_CODED.search(data, pos)
     return len(data) if found is None else found.start()
+
+
+# Segments a stored JPEG keeps: what decoding needs (frame, tables, scans, restart interval),
+# JFIF's APP0 and Adobe's APP14 (it says how the colours are coded). Every other APPn (EXIF,
+# XMP, ICC, maker notes), COM, and bytes that start no marker are metadata or junk.
+_KEPT = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
+         0xC4, 0xCC, 0xDB, 0xDD, 0xDE, 0xDF, _SOS}  # fmt: skip
+
+
+def strip_jpeg_metadata(data: bytes) -> bytes | None:
+    """``data`` with only the segments decoding needs (see :data:`_KEPT`), the entropy-coded
+    data copied as is (no re-encoding), nothing after EOI; None if the structure is not walkable."""
+    out, pos, end = [b"\xff\xd8"], 2, len(data)
+    while pos < end:
+        found = _NEXT_MARKER.search(data, pos)
+        if found is None:
+            return None
+        marker, pos = data[found.end() - 1], found.end()
+        if marker == _EOI:
+            out.append(b"\xff\xd9")
+            return b"".join(out)
+        if marker in _STANDALONE:
+            out.append(bytes((0xFF, marker)))
+            continue
+        if pos + 2 > end:
+            return None
+        segment_end = pos + ((data[pos] << 8) | data[pos + 1])
+        if segment_end > end:
+            return None
+        body = data[pos + 2 : segment_end]
+        keep = marker in _KEPT or (marker == 0xE0 and body.startswith(b"JFIF\0")) or (
+            marker == 0xEE and body.startswith(b"Adobe")
+        )
+        if keep:
+            out.append(bytes((0xFF, marker)) + data[pos:segment_end])
+        pos = segment_end
+        if marker == _SOS:
+            pos = _skip_entropy_coded(data, pos)
+            out.append(data[segment_end:pos])
+    return None
