@@ -165,7 +165,7 @@ class DecodeWorker:
             return TooLarge(
                 f"{which}: decoding took longer than {WALL_PER_CPU_SECOND * limits.max_decode_cpu_s} s"
             )
-        if code == -signal.SIGXCPU:
+        if code in (-signal.SIGXCPU, -signal.SIGPROF):
             return TooLarge(
                 f"{which}: decoding needs more than {limits.max_decode_cpu_s} s of CPU, the limit"
             )

@@ -6,8 +6,9 @@ under hard limits the decoder cannot escape, the way browsers isolate their imag
 
 - ``RLIMIT_AS``: address space beyond the worker's own at start-up, re-set before each job
   (an allocation over it fails: MemoryError, or the decoder dies);
-- ``RLIMIT_CPU``: re-armed before each image (the limit is cumulative per process), so an image
-  gets at most ``max_decode_cpu_s`` seconds of CPU before the kernel kills the worker (SIGXCPU).
+- CPU: re-armed before each image (a CPU-time timer, and RLIMIT_CPU behind it: that limit is
+  cumulative per process), so an image gets ``max_decode_cpu_s`` seconds of CPU, then the worker
+  is killed (SIGPROF, or the kernel's SIGXCPU).
 
 The parent (decode_isolation.py) adds a wall-clock deadline, replaces a worker that died, and
 answers 413. This module imports only Pillow and numpy (never ONNX Runtime: the worker stays
@@ -21,8 +22,10 @@ parent trusts nothing it reads (sizes and shapes are checked), and nothing is pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+import signal
 import struct
 import sys
 from typing import IO, Any
@@ -86,10 +89,11 @@ def cpu_seconds() -> float:
 
 
 def arm_cpu(seconds: int) -> None:
-    """Let at most the next ``seconds`` of CPU run (the soft limit is in whole seconds of the
-    process's total, so between ``seconds - 1`` and ``seconds``); then the kernel's SIGXCPU kills."""
-    used = cpu_seconds()
-    soft = max(int(used) + 1, int(used + seconds))
+    """Let the next ``seconds`` of CPU run, then die. ITIMER_PROF counts this process's CPU time
+    exactly and its SIGPROF (never handled here) kills; RLIMIT_CPU, whole seconds of the
+    process's total and so a second or two later, is the kernel's backstop (SIGXCPU)."""
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    soft = math.ceil(cpu_seconds() + seconds) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
 
 
@@ -148,6 +152,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
         del payload
         if vm_size() > base + RECYCLE_GROWTH or reply.get("kind") == "TooLarge":
             reply["exiting"] = exiting = True
+        signal.setitimer(signal.ITIMER_PROF, 0)  # idle between jobs costs nothing anyway
         write_frame(out, reply, data)
         if exiting:
             return
