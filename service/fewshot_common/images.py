@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .cancellation import CancellationCheck, raise_if_cancelled
-from .errors import ImageError, InvalidInput, TooLarge
+from .errors import FewshotError, ImageError, InvalidInput, TooLarge
 from .image_formats import DEFAULT_FORMATS, check_format, normalise_formats
 from .jpeg_scans import count_jpeg_scans
 from .modelmeta import Preprocess
@@ -137,7 +137,7 @@ class OpenedImage:
             # Under the decode worker's RLIMIT_AS, an allocation beyond the budget lands here.
             raise TooLarge(f"image {index}: decoding needs more memory than the limit") from None
         except Exception as exc:
-            raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+            raise _corrupt(index, exc) from None
 
 
 def open_image(
@@ -166,7 +166,7 @@ def open_image(
     except Image.UnidentifiedImageError:
         raise ImageError(index, "not a decodable image (unknown or unsupported format)") from None
     except Exception as exc:  # any failure to parse untrusted bytes is the client's bad image
-        raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+        raise _corrupt(index, exc) from None
 
     width, height = img.size
     if width * height > limits.max_pixels:
@@ -197,6 +197,14 @@ def open_image(
             f"{decoded_bytes} bytes, over the limit of {limits.max_decoded_bytes} bytes"
         )
     return OpenedImage(img, index)
+
+
+def _corrupt(index: int, exc: Exception) -> FewshotError:
+    """A decoder's failure: the image's fault, unless it is an allocation refused by the decode
+    worker's memory limit (libwebp reports those as a decoder it could not create)."""
+    if isinstance(exc, OSError) and "could not create decoder object" in str(exc):
+        return TooLarge(f"image {index}: decoding needs more memory than the limit")
+    return ImageError(index, f"truncated or corrupt image data ({_reason(exc)})")
 
 
 def _reason(exc: Exception) -> str:
