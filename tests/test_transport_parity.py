@@ -36,7 +36,7 @@ Code = grpc.StatusCode
 # The answer classes: a gRPC status and the HTTP statuses that mean the same.
 SAME_CLASS: dict[Code, set[int]] = {
     Code.OK: {200, 201},
-    Code.INVALID_ARGUMENT: {422},
+    Code.INVALID_ARGUMENT: {422, 415},  # 415: a file format the server does not accept
     Code.RESOURCE_EXHAUSTED: {413},
     Code.NOT_FOUND: {404},
     Code.FAILED_PRECONDITION: {409},
@@ -52,6 +52,8 @@ def png(rgb: tuple[int, int, int], size: int = 24) -> bytes:
 
 
 RED = png((230, 20, 20))
+TGA = io.BytesIO()
+Image.new("RGB", (8, 8)).save(TGA, format="TGA")  # a format Pillow reads but the server refuses
 HUGE = png((1, 2, 3), size=300) + b"\0" * MAX_IMAGE_BYTES  # a valid PNG over the byte limit
 CLASSES = [f"c{i}" for i in range(7)]  # more than the default top_k of 5
 
@@ -85,6 +87,8 @@ CASES = [
     Case("unknown_rate 0.5 is allowed", "classify", Code.OK, unknown_rate=0.5, results=5),
     Case("undecodable image", "classify", Code.INVALID_ARGUMENT, images=[RED, b"not an image"]),
     Case("undecodable image (add)", "add", Code.INVALID_ARGUMENT, images=[b"\x89PNG broken"]),
+    Case("format not accepted", "classify", Code.INVALID_ARGUMENT, images=[RED, TGA.getvalue()]),
+    Case("format not accepted (add)", "add", Code.INVALID_ARGUMENT, images=[TGA.getvalue()]),
     Case("no images", "classify", Code.INVALID_ARGUMENT, images=[]),
     Case("too many images", "classify", Code.RESOURCE_EXHAUSTED, images=[RED] * (MAX_IMAGES + 1)),
     Case("image over the byte limit", "classify", Code.RESOURCE_EXHAUSTED, images=[HUGE]),
@@ -202,6 +206,9 @@ def test_rest_and_grpc_give_the_same_answer_class(clients, stack: ServerStack, c
     assert response.status_code in SAME_CLASS[code], (response.status_code, response.text)
     if code != Code.OK:
         assert set(response.json()) >= {"error", "message"}
+    if "format not accepted" in case.id or case.id == "undecodable image":
+        assert response.status_code == 415 and response.json()["error"] == "unsupported_format"
+        assert "send one of JPEG, PNG, WEBP, GIF, BMP, TIFF" in response.json()["message"]
     if "not UTF-8" in case.id:
         assert "not valid UTF-8" in response.json()["message"], response.text
     if case.results is not None:
@@ -216,11 +223,11 @@ class UnmappedError(errors.FewshotError):
 
 @pytest.mark.parametrize(
     "error",
-    [errors.InvalidInput, errors.ImageError, errors.TooLarge, errors.NotFound,
+    [errors.InvalidInput, errors.ImageError, errors.UnsupportedFormat, errors.TooLarge, errors.NotFound,
      errors.FailedPrecondition, errors.Unavailable, UnmappedError],
 )  # fmt: skip
 def test_the_two_tables_agree_on_every_error_type(error: type[errors.FewshotError]) -> None:
-    instance = error(0, "x") if error is errors.ImageError else error("x")
+    instance = error(0, "x") if issubclass(error, errors.ImageError) else error("x")
     status, _kind = errors.lookup(HTTP_STATUS, instance)
     assert status in SAME_CLASS[errors.lookup(GRPC_STATUS, instance)]
     if error is UnmappedError:

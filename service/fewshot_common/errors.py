@@ -3,6 +3,7 @@
 | error               | gRPC                | HTTP |
 |---------------------|---------------------|------|
 | InvalidInput        | INVALID_ARGUMENT    | 422  |
+| UnsupportedFormat   | INVALID_ARGUMENT    | 415  |
 | TooLarge            | RESOURCE_EXHAUSTED  | 413  |
 | NotFound            | NOT_FOUND           | 404  |
 | FailedPrecondition  | FAILED_PRECONDITION | 409  |
@@ -37,6 +38,7 @@ from fewshot_api.errors import (  # noqa: F401 (re-exported)
     TooLarge,
     Unauthenticated,
     Unavailable,
+    UnsupportedFormat,
 )
 
 T = TypeVar("T")

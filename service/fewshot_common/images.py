@@ -10,13 +10,14 @@ import functools
 import io
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .cancellation import CancellationCheck, raise_if_cancelled
-from .errors import ImageError, InvalidInput, TooLarge
+from .errors import FewshotError, ImageError, InvalidInput, TooLarge
+from .image_formats import DEFAULT_FORMATS, check_format, normalise_formats
 from .jpeg_scans import count_jpeg_scans
 from .modelmeta import Preprocess
 
@@ -64,8 +65,15 @@ class ImageLimits:
     max_jpeg_scans: int = 64
     max_decoded_bytes: int = 256 * MiB
     max_request_pixels: int = 200_000_000
+    # The file formats accepted, told from their magic numbers (image_formats.py).
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    # The isolated decode's hard limits (decode_worker.py), whatever a decoder does: CPU seconds
+    # per image, and memory a worker may take beyond its own (RLIMIT_AS). Over either: 413.
+    max_decode_cpu_s: int = 2
+    max_decode_memory: int = 512 * MiB
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", normalise_formats(self.formats))
         values = (
             self.max_image_bytes,
             self.max_pixels,
@@ -73,6 +81,8 @@ class ImageLimits:
             self.max_jpeg_scans,
             self.max_decoded_bytes,
             self.max_request_pixels,
+            self.max_decode_cpu_s,
+            self.max_decode_memory,
         )
         if min(values) <= 0:
             raise ValueError(f"image limits must be positive, got {self}")
@@ -123,8 +133,11 @@ class OpenedImage:
             return _to_rgb(self.image)
         except Image.DecompressionBombError as exc:
             raise TooLarge(f"image {index}: too many pixels ({exc})") from None
+        except MemoryError:
+            # Under the decode worker's RLIMIT_AS, an allocation beyond the budget lands here.
+            raise TooLarge(f"image {index}: decoding needs more memory than the limit") from None
         except Exception as exc:
-            raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+            raise _corrupt(index, exc) from None
 
 
 def open_image(
@@ -141,15 +154,19 @@ def open_image(
         raise TooLarge(
             f"image {index}: {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes"
         )
+    file_format = check_format(data, index, limits.formats)  # before any decoder sees a byte
     try:
-        img = Image.open(io.BytesIO(data))
+        # The same allowlist again, so no other plugin's parser runs even if the sniff is fooled.
+        img = Image.open(io.BytesIO(data), formats=limits.formats)
+    except MemoryError:
+        raise TooLarge(f"image {index}: decoding needs more memory than the limit") from None
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires first for images far beyond its default limit.
         raise TooLarge(f"image {index}: too many pixels ({exc})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(index, "not a decodable image (unknown or unsupported format)") from None
     except Exception as exc:  # any failure to parse untrusted bytes is the client's bad image
-        raise ImageError(index, f"truncated or corrupt image data ({_reason(exc)})") from None
+        raise _corrupt(index, exc) from None
 
     width, height = img.size
     if width * height > limits.max_pixels:
@@ -159,7 +176,7 @@ def open_image(
         )
     if width == 0 or height == 0:
         raise ImageError(index, f"image has no pixels ({width}x{height})")
-    if img.format == "JPEG":
+    if file_format == "JPEG":  # by its bytes: Pillow names some JPEGs MPO
         scans = count_jpeg_scans(data, stop_after=limits.max_jpeg_scans)
         if scans > limits.max_jpeg_scans:
             raise TooLarge(
@@ -182,6 +199,14 @@ def open_image(
     return OpenedImage(img, index)
 
 
+def _corrupt(index: int, exc: Exception) -> FewshotError:
+    """A decoder's failure: the image's fault, unless it is an allocation refused by the decode
+    worker's memory limit (libwebp reports those as a decoder it could not create)."""
+    if isinstance(exc, OSError) and "could not create decoder object" in str(exc):
+        return TooLarge(f"image {index}: decoding needs more memory than the limit")
+    return ImageError(index, f"truncated or corrupt image data ({_reason(exc)})")
+
+
 def _reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
@@ -195,7 +220,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # Palette images may carry transparency in their palette; expand it to RGBA first.
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # no copy of an RGBA image
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
@@ -274,12 +299,14 @@ def load_batch(
     pre: Preprocess,
     limits: ImageLimits = ImageLimits(),
     cancellation: CancellationCheck | None = None,
+    before_decode: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Decode and preprocess a request's images into one ``[N, 3, S, S]`` float32 array.
 
     Fails on the first bad image, naming its 0-based index in the request. Every header is
     checked before any pixel is decoded, so a request over its pixel budget costs nothing; a
-    ``cancellation`` is checked before each decode.
+    ``cancellation`` is checked, and ``before_decode(index)`` called, before each decode (the
+    decode worker re-arms its CPU limit there).
     """
     if len(images) == 0:
         raise InvalidInput("the request has no images")
@@ -300,5 +327,7 @@ def load_batch(
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
     for image in opened:
         raise_if_cancelled(cancellation, f"decoding image {image.index}")
+        if before_decode is not None:
+            before_decode(image.index)
         preprocess(image.decode(), pre, out=batch[image.index])
     return batch

@@ -69,6 +69,9 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         max_jpeg_scans=settings.max_jpeg_scans,
         max_decoded_bytes=settings.max_decoded_bytes,
         max_request_pixels=settings.max_request_pixels,
+        formats=tuple(settings.image_formats),
+        max_decode_cpu_s=settings.decode_cpu_s,
+        max_decode_memory=settings.decode_memory,
     )
     providers = settings.providers or default_providers()
     served = choose_model_file(settings.model_path(), settings.precision, providers)

@@ -21,7 +21,6 @@ from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import Cancelled, FailedPrecondition, InvalidInput, ModelIncomplete
 from fewshot_common.errors import NotFound, Unavailable
-from fewshot_common.images import load_batch
 
 from . import inference_metrics as metrics
 from .batcher import BatchConfig, DynamicBatcher
@@ -31,7 +30,6 @@ from .open_set import DEFAULT_UNKNOWN_RATE, OpenSetCalibrator, OpenSetResult, la
 from .open_set import resolve_unknown_rate
 from .shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
 from .shot_quality import example_quality
-from .stored_images import bounded_copy
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .backfill import Backfiller
@@ -178,9 +176,7 @@ class FewShotCore:
         started = time.perf_counter()
         pre, limits = self.embedder.meta.preprocess, self.embedder.limits
         try:
-            pixels = self.decode_pool.run(
-                lambda: load_batch(images, pre, limits, cancellation), cancellation
-            )
+            pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
         except Cancelled:
             metrics.CANCELLED_REQUESTS.labels("decode").inc()
             raise
@@ -344,7 +340,7 @@ class FewShotCore:
         stored = None
         if self.store_images:
             limits = self.embedder.limits
-            stored = self.decode_pool.run(lambda: [bounded_copy(image, limits) for image in images], cancellation)
+            stored = self.decode_pool.bounded_copies(images, limits, cancellation)
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
             snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fewshot_common.image_formats import normalise_formats
 from fewshot_common.images import ImageLimits
 
 from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig
@@ -118,6 +119,20 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         default=_IMAGE_LIMITS.max_request_pixels, gt=0,
         description="decoded pixels of one request, summed over its images",
+    )
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(_IMAGE_LIMITS.formats),
+        description="comma-separated image formats accepted, told from their first bytes (others: "
+        "415); of JPEG, PNG, WEBP, GIF, BMP, TIFF",
+    )
+    # Each decode runs in a worker process under hard limits (413 beyond; decode_worker.py).
+    decode_cpu_s: int = Field(
+        default=_IMAGE_LIMITS.max_decode_cpu_s, gt=0,
+        description="CPU seconds one image's decode may take in its worker (RLIMIT_CPU)",
+    )
+    decode_memory: int = Field(
+        default=_IMAGE_LIMITS.max_decode_memory, gt=0,
+        description="bytes of memory a decode worker may take for an image beyond its own (RLIMIT_AS)",
     )
     # Decode pool: a full queue answers 429 / RESOURCE_EXHAUSTED at once.
     decode_workers: int | None = Field(
@@ -226,12 +241,17 @@ class Settings(BaseSettings):
     def _lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("providers", "cors_origins", "allowed_hosts", mode="before")
+    @field_validator("providers", "cors_origins", "allowed_hosts", "image_formats", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        return list(normalise_formats(value))  # ValueError names the known formats
 
     @model_validator(mode="after")
     def _cluster_needs_a_url(self) -> "Settings":

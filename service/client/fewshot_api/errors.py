@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "Cancelled", "FailedPrecondition", "FewshotError", "ImageError", "InvalidInput", "ModelIncomplete",
     "NotFound", "Overloaded", "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable",
+    "UnsupportedFormat",
 ]  # fmt: skip
 
 
@@ -34,6 +35,11 @@ class ImageError(InvalidInput):
         super().__init__(f"image {index}: {reason}")
         self.index = index
         self.reason = reason
+
+
+class UnsupportedFormat(ImageError):
+    """An image in a file format the server does not accept (told from its first bytes); the
+    message names the accepted formats. HTTP 415; over gRPC INVALID_ARGUMENT like any bad image."""
 
 
 class TooLarge(FewshotError):

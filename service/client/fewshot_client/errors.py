@@ -16,6 +16,7 @@ from fewshot_api.errors import (
     Cancelled,
     FailedPrecondition,
     FewshotError,
+    ImageError,
     InvalidInput,
     NotFound,
     Overloaded,
@@ -23,6 +24,7 @@ from fewshot_api.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    UnsupportedFormat,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ REST_KINDS: dict[str, type[FewshotError]] = {
     "invalid_input": InvalidInput,
     "invalid_request": InvalidInput,  # a parameter FastAPI itself refused
     "bad_request": InvalidInput,
+    "unsupported_format": UnsupportedFormat,  # a 415: the body's index says which image
     "too_large": TooLarge,
     "not_found": NotFound,
     "failed_precondition": FailedPrecondition,
@@ -68,7 +71,12 @@ def from_http(status: int, body: Any) -> FewshotError:
     kind = str(body.get("error", ""))
     message = str(body.get("message", "")) or f"HTTP {status}"
     cls = REST_KINDS.get(kind) or (InvalidInput if 400 <= status < 500 else FewshotError)
-    error = cls(message)
+    if issubclass(cls, ImageError):  # built from the server's whole message, as it is
+        error = cls.__new__(cls)
+        FewshotError.__init__(error, message)
+        error.reason = message  # type: ignore[attr-defined]
+    else:
+        error = cls(message)
     error.status, error.kind = status, kind  # type: ignore[attr-defined]
     error.index = body.get("index")  # type: ignore[attr-defined]  # which image, if one was bad
     # A 409 during a model roll: how far this server's model is (model_id, embedded, total, ...).

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # (status, error kind) per error class; errors.lookup() picks the nearest mapped class.
 HTTP_STATUS: dict[type[errors.FewshotError], tuple[int, str]] = {
     errors.InvalidInput: (422, "invalid_input"),
+    errors.UnsupportedFormat: (415, "unsupported_format"),
     errors.TooLarge: (413, "too_large"),
     errors.NotFound: (404, "not_found"),
     errors.FailedPrecondition: (409, "failed_precondition"),
@@ -44,6 +45,7 @@ class NamedImageError(errors.InvalidInput):
     """An ImageError that knows the uploaded file's name, for the 422 body."""
 
     def __init__(self, error: errors.ImageError, filenames: list[str]) -> None:
+        self.error = error  # its status is the wrapped error's (415 for an unsupported format)
         self.index = error.index
         self.filename = filenames[error.index] if error.index < len(filenames) else None
         name = f"file {self.filename!r} (#{self.index})" if self.filename else f"image {self.index}"
@@ -100,7 +102,7 @@ def request_id_of(request: Request) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.FewshotError)
     async def fewshot_error(request: Request, exc: errors.FewshotError) -> JSONResponse:
-        status, kind = errors.lookup(HTTP_STATUS, exc)
+        status, kind = errors.lookup(HTTP_STATUS, exc.error if isinstance(exc, NamedImageError) else exc)
         extra: dict[str, Any] = {}
         if isinstance(exc, NamedImageError):
             extra = {"file": exc.filename, "index": exc.index}

@@ -1,0 +1,172 @@
+"""A decode worker process: untrusted image bytes in, model input (and stored copies) out.
+
+Header checks have been escaped twice (a scan counter fooled by one stray byte, a 34-byte WebP
+whose decoder took 1 GB), so every decode of a client's bytes runs here, in a long-lived process
+under hard limits the decoder cannot escape, the way browsers isolate their image decoders:
+
+- ``RLIMIT_AS``: address space beyond the worker's own at start-up, re-set before each job
+  (an allocation over it fails: MemoryError, or the decoder dies);
+- CPU: re-armed before each image (a CPU-time timer, and RLIMIT_CPU behind it: that limit is
+  cumulative per process), so an image gets ``max_decode_cpu_s`` seconds of CPU, then the worker
+  is killed (SIGPROF, or the kernel's SIGXCPU).
+
+The parent (decode_isolation.py) adds a wall-clock deadline, replaces a worker that died, and
+answers 413. This module imports only Pillow and numpy (never ONNX Runtime: the worker stays
+small, and starts in a fraction of a second). The full decoded image never leaves it: the parent
+gets the preprocessed float32 input, or the bounded stored copies.
+
+Wire format, both ways: ``>II`` (header length, payload length), a JSON header, the payload. The
+parent trusts nothing it reads (sizes and shapes are checked), and nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import struct
+import sys
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+from fewshot_common.errors import FewshotError, ImageError, InvalidInput, TooLarge, UnsupportedFormat
+from fewshot_common.images import ImageLimits, load_batch
+from fewshot_common.modelmeta import Preprocess
+
+from .stored_images import bounded_copy
+
+_FRAME = struct.Struct(">II")
+MAX_HEADER_BYTES = 1 << 20
+# A worker whose address space grew this far past its start-up size (fragmentation after a large
+# image) exits after its reply, and the parent starts a fresh one.
+RECYCLE_GROWTH = 64 * 1024 * 1024
+ERROR_KINDS: dict[str, type[FewshotError]] = {
+    "ImageError": ImageError, "UnsupportedFormat": UnsupportedFormat,
+    "InvalidInput": InvalidInput, "TooLarge": TooLarge,
+}  # fmt: skip
+
+
+def write_frame(stream: IO[bytes], header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+    encoded = json.dumps(header).encode()
+    stream.write(_FRAME.pack(len(encoded), len(payload)))
+    stream.write(encoded)
+    if len(payload):
+        stream.write(payload)
+    stream.flush()
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if data is not None and len(data) == size else None
+
+
+def read_frame(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+    """The next frame, or None at end of input (the parent went away)."""
+    head = _read_exact(stream, _FRAME.size)
+    if head is None:
+        return None
+    header_len, payload_len = _FRAME.unpack(head)
+    header = _read_exact(stream, header_len)
+    payload = _read_exact(stream, payload_len) if payload_len else b""
+    if header is None or payload is None:
+        return None
+    return json.loads(header), payload
+
+
+def vm_size() -> int:
+    """This process's address space now (what RLIMIT_AS counts), in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def arm_cpu(seconds: int) -> None:
+    """Let the next ``seconds`` of CPU run, then die. ITIMER_PROF counts this process's CPU time
+    exactly and its SIGPROF (never handled here) kills; RLIMIT_CPU, whole seconds of the
+    process's total and so a second or two later, is the kernel's backstop (SIGXCPU)."""
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    soft = math.ceil(cpu_seconds() + seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+
+
+def _limits(header: dict[str, Any]) -> ImageLimits:
+    raw = dict(header["limits"])
+    raw["formats"] = tuple(raw["formats"])
+    return ImageLimits(**raw)
+
+
+def _run_job(header: dict[str, Any], payload: bytes, out: IO[bytes]) -> tuple[dict[str, Any], bytes]:
+    limits = _limits(header)
+    images, offset = [], 0
+    for size in header["sizes"]:
+        images.append(payload[offset : offset + size])
+        offset += size
+
+    def before_decode(index: int) -> None:
+        arm_cpu(limits.max_decode_cpu_s)
+        write_frame(out, {"t": "image", "i": index})  # the parent's deadline restarts
+
+    arm_cpu(limits.max_decode_cpu_s)  # the header checks of the whole request
+    if header["op"] == "load_batch":
+        pre = Preprocess.from_dict(header["preprocess"])
+        batch = load_batch(images, pre, limits, before_decode=before_decode)
+        return {"t": "done", "shape": list(batch.shape)}, batch.tobytes()
+    copies = []
+    for index, data in enumerate(images):
+        before_decode(index)
+        copies.append(bounded_copy(data, limits, index))
+    return {"t": "done", "sizes": [len(c) for c in copies]}, b"".join(copies)
+
+
+def _error_header(exc: FewshotError) -> dict[str, Any]:
+    kind = type(exc).__name__ if type(exc).__name__ in ERROR_KINDS else "InvalidInput"
+    header: dict[str, Any] = {"t": "error", "kind": kind, "message": str(exc)}
+    if isinstance(exc, ImageError):
+        header.update(index=exc.index, reason=exc.reason)
+    return header
+
+
+def serve(inp: IO[bytes], out: IO[bytes]) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed decoder leaves no core file
+    Image.init()  # every allowed plugin imported now, inside the start-up size
+    base = vm_size()
+    while (frame := read_frame(inp)) is not None:
+        header, payload = frame
+        limit = base + len(payload) + int(header["limits"]["max_decode_memory"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        exiting = False
+        try:
+            reply, data = _run_job(header, payload, out)
+        except FewshotError as exc:
+            reply, data = _error_header(exc), b""
+        except MemoryError:
+            reply, data = _error_header(TooLarge("decoding needs more memory than the limit")), b""
+        del payload
+        if vm_size() > base + RECYCLE_GROWTH or reply.get("kind") == "TooLarge":
+            reply["exiting"] = exiting = True
+        signal.setitimer(signal.ITIMER_PROF, 0)  # idle between jobs costs nothing anyway
+        write_frame(out, reply, data)
+        if exiting:
+            return
+
+
+def main() -> None:
+    # Our own pipes, not sys.stdout: a stray print (a library's warning) cannot corrupt a frame.
+    inp = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+    out = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    np.seterr(all="ignore")
+    serve(inp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

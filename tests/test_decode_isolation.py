@@ -1,0 +1,220 @@
+"""Issue 29: decodes run in worker processes under hard limits; formats are an allowlist; the
+scan counter skips stray bytes; stored copies carry no metadata. Real worker processes, a real
+server stack (REST, gRPC, model, private Redis)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_common.errors import TooLarge
+from fewshot_common.images import ImageLimits, open_image
+from fewshot_common.jpeg_scans import count_jpeg_scans
+from fewshot_common.modelmeta import Preprocess
+from fewshot_service.app import ServerStack
+from fewshot_service.decode_pool import DecodePool
+from fewshot_service.stored_images import bounded_copy
+
+import hostile_images as hostile
+import image_samples as samples
+from conftest import stack_settings
+
+MiB = 1 << 20
+PRE = Preprocess(input_size=32, resize_size=36)
+# Small budgets, so the bombs are refused quickly and the test machine stays comfortable.
+MEMORY = 160 * MiB
+CPU_S = 1
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- the scan counter -----------------------------------------------------------------------------
+
+
+def test_a_stray_byte_after_app0_does_not_hide_the_scans() -> None:
+    data = hostile.stray_byte_jpeg(3000)
+    assert count_jpeg_scans(data, stop_after=64) == 65
+    with pytest.raises(TooLarge, match="more than 64 scans"):
+        open_image(data, 0, ImageLimits())
+    # libjpeg itself skips the byte and decodes the image: the file is a real one.
+    assert Image.open(io.BytesIO(hostile.stray_byte_jpeg(2))).convert("RGB").size == (256, 256)
+
+
+# -- the worker processes -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool() -> Iterator[DecodePool]:
+    pool = DecodePool(workers=1, max_queued=1)
+    yield pool
+    pool.close()
+
+
+def test_the_worker_imports_no_onnxruntime() -> None:
+    code = "import sys, fewshot_service.decode_worker; print(sorted(m for m in sys.modules if 'onnx' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_next_job_succeeds(pool: DecodePool) -> None:
+    limits = ImageLimits(max_decode_cpu_s=30)
+    assert pool.load_batch([samples.solid_png((1, 2, 3))], PRE, limits).shape == (1, 3, 32, 32)
+    worker = pool.processes[0]
+    first_pid = worker.pid
+    slow = hostile.scan_repeating_jpeg(54, (6000, 6000))  # about 1.5 s of decoding
+    errors: list[Exception] = []
+    job = threading.Thread(target=lambda: _catch(errors, pool.load_batch, [slow], PRE, limits))
+    job.start()
+    time.sleep(0.5)
+    assert first_pid is not None
+    os.kill(first_pid, signal.SIGKILL)
+    job.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], TooLarge), errors
+    assert "image 0" in str(errors[0])
+    assert pool.load_batch([samples.solid_png((4, 5, 6))], PRE, limits).shape == (1, 3, 32, 32)
+    assert worker.pid not in (None, first_pid) and worker.started == 2
+
+
+def _catch(errors: list[Exception], fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 (the test inspects it)
+        errors.append(exc)
+
+
+def test_cpu_and_memory_limits_stop_the_decoder_and_close_stops_the_worker(pool: DecodePool) -> None:
+    # No scan cap here: the CPU limit alone must stop a JPEG of 3000 scans (57 s unbounded).
+    tight = ImageLimits(max_decode_cpu_s=1, max_decode_memory=MEMORY, max_jpeg_scans=10**6)
+    started = time.monotonic()
+    with pytest.raises(TooLarge, match="image 0: decoding needs more than 1 s of CPU"):
+        pool.load_batch([hostile.scan_repeating_jpeg(3000, (2000, 2000))], PRE, tight)
+    assert time.monotonic() - started < 4
+    with pytest.raises(TooLarge, match="image 0: decoding needs more"):
+        pool.load_batch([hostile.lossless_webp_bomb((6300, 6300))], PRE, tight)
+    pid = pool.processes[0].pid
+    assert pid is not None
+    limits_text = Path(f"/proc/{pid}/limits").read_text()
+    assert "Max core file size        0" in limits_text
+    pool.close()
+    assert pool.processes[0].pid is None and not Path(f"/proc/{pid}").exists()
+
+
+# -- stored copies --------------------------------------------------------------------------------
+
+
+def _photo_with_gps_and_comment(fmt: str) -> bytes:
+    image = Image.new("RGB", (120, 80), (200, 30, 40))
+    exif = Image.Exif()
+    exif[0x010E] = "secret description"  # ImageDescription
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: "N", 2: (51.0, 30.0, 12.5), 3: "W", 4: (0.0, 7.0, 39.0)})
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        image.save(out, format="JPEG", exif=exif, comment=b"secret comment", quality=95)
+    else:
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", "secret comment")
+        image.save(out, format="PNG", exif=exif, pnginfo=info)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_stored_copies_carry_no_gps_exif_or_comment(fmt: str) -> None:
+    data = _photo_with_gps_and_comment(fmt)
+    original = Image.open(io.BytesIO(data))
+    assert original.getexif().get_ifd(0x8825) and b"secret" in data
+    stored = bounded_copy(data)
+    assert b"secret" not in stored and b"Exif" not in stored
+    copy = Image.open(io.BytesIO(stored))
+    assert not copy.getexif() and "comment" not in copy.info and "icc_profile" not in copy.info
+    # The pixels are the very ones of the upload (JPEG: same entropy-coded data; PNG: lossless).
+    assert list(copy.convert("RGB").getdata()) == list(original.convert("RGB").getdata())
+
+
+# -- over a real server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis, tiny_model_path: Path) -> Iterator[ServerStack]:
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="decode-isolation",
+        decode_workers=1, decode_queue=2, decode_memory=MEMORY, decode_cpu_s=CPU_S,
+    )  # fmt: skip
+    with ServerStack(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def http(stack: ServerStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=60) as client:
+        yield client
+
+
+BOMBS = {
+    "webp-lossless": lambda: hostile.lossless_webp_bomb((6300, 6300)),
+    "png-rgba": lambda: hostile.flat("PNG", (6300, 6300), "RGBA"),
+    "gif": lambda: hostile.flat("GIF", (6300, 6300), "L"),
+    "tiff-deflate": lambda: hostile.flat("TIFF", (6300, 6300), "RGBA", compression="tiff_adobe_deflate"),
+    "bmp-rle": lambda: hostile.rle_bmp_bomb((6000, 6000)),
+    "jpeg-stray-byte": lambda: hostile.stray_byte_jpeg(3000, (2000, 2000)),
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_bombs_of_every_accepted_format_are_413_and_the_server_stays_small(
+    http: httpx.Client, name: str
+) -> None:
+    data = BOMBS[name]()
+    before = rss(os.getpid())  # the server runs in this process
+    started = time.monotonic()
+    response = http.post("/v1/embed", files=[("files", ("bomb", data, "application/octet-stream"))])
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == "too_large" and "image 0" in response.json()["message"]
+    assert time.monotonic() - started < 10
+    assert rss(os.getpid()) - before < 64 * MiB  # the decoded image never entered the server
+    ok = http.post("/v1/embed", files=[("files", ("ok.png", samples.solid_png((9, 9, 9)), "image/png"))])
+    assert ok.status_code == 200 and http.get("/readyz").status_code == 200
+
+
+def _refused_formats() -> dict[str, bytes]:
+    made = {"ico-huge-png": hostile.ico_with_huge_png(3000)}
+    for fmt in ("TGA", "JPEG2000", "QOI", "PCX", "PPM"):
+        try:
+            made[fmt] = samples.encode(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)
+        except (KeyError, OSError):  # this Pillow cannot write it; the others still run
+            continue
+    return made
+
+
+def test_formats_outside_the_allowlist_are_415_over_rest_and_invalid_argument_over_grpc(
+    http: httpx.Client, stack: ServerStack
+) -> None:
+    refused = _refused_formats()
+    assert {"ico-huge-png", "TGA"} <= set(refused)
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = fewshot_pb2_grpc.FewShotStub(channel)
+        for name, data in refused.items():
+            response = http.post("/v1/embed", files=[("files", ("x", data, "application/octet-stream"))])
+            assert response.status_code == 415, (name, response.text)
+            assert "send one of JPEG, PNG, WEBP, GIF, BMP, TIFF" in response.json()["message"]
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Embed(fewshot_pb2.EmbedRequest(images=[data]), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
