@@ -218,3 +218,24 @@ def test_formats_outside_the_allowlist_are_415_over_rest_and_invalid_argument_ov
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Embed(fewshot_pb2.EmbedRequest(images=[data]), timeout=30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+
+
+def test_an_uploads_two_decodes_share_one_images_cpu_budget(pool: DecodePool) -> None:
+    """An example upload decodes each image twice (model input, stored copy) in one worker job:
+    together they get the image's CPU budget, not one budget each."""
+    from fewshot_common.images import load_batch
+
+    probe = hostile.empty_chunk_png(2)
+    costs = []
+    for _ in range(3):  # the least of three: a busy moment only ever inflates CPU time
+        started = time.process_time()
+        load_batch([probe], PRE, ImageLimits())
+        costs.append(time.process_time() - started)
+    per_megabyte = min(costs) / 2
+    png = hostile.empty_chunk_png(max(1, round(0.6 / per_megabyte)))  # one decode: ~0.6 s of CPU
+    limits = ImageLimits(max_decode_cpu_s=1)
+    assert pool.load_batch([png], PRE, limits).shape == (1, 3, 32, 32)  # one decode fits
+    with pytest.raises(TooLarge, match="image 0: decoding needs more than 1 s of CPU"):
+        pool.load_batch_and_copies([png], PRE, limits)
+    batch, [copy] = pool.load_batch_and_copies([samples.solid_png((7, 8, 9))], PRE, limits)
+    assert batch.shape == (1, 3, 32, 32) and copy.startswith(b"\x89PNG")

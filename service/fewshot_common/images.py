@@ -299,14 +299,15 @@ def load_batch(
     pre: Preprocess,
     limits: ImageLimits = ImageLimits(),
     cancellation: CancellationCheck | None = None,
-    before_decode: Callable[[int], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Decode and preprocess a request's images into one ``[N, 3, S, S]`` float32 array.
 
     Fails on the first bad image, naming its 0-based index in the request. Every header is
     checked before any pixel is decoded, so a request over its pixel budget costs nothing; a
-    ``cancellation`` is checked, and ``before_decode(index)`` called, before each decode (the
-    decode worker re-arms its CPU limit there).
+    ``cancellation`` is checked before each decode. ``before_step(index)`` is called before each
+    image's header is parsed and before it is decoded: the decode worker charges the CPU time of
+    both to that image's budget there.
     """
     if len(images) == 0:
         raise InvalidInput("the request has no images")
@@ -314,10 +315,11 @@ def load_batch(
         raise TooLarge(
             f"{len(images)} images in one request exceeds the limit of {limits.max_images}"
         )
-    opened = [
-        open_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size)
-        for index, data in enumerate(images)
-    ]
+    opened = []
+    for index, data in enumerate(images):
+        if before_step is not None:
+            before_step(index)
+        opened.append(open_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size))
     total = sum(image.decoded_pixels for image in opened)
     if total > limits.max_request_pixels:
         raise TooLarge(
@@ -327,7 +329,7 @@ def load_batch(
     batch = np.empty((len(images), 3, pre.input_size, pre.input_size), dtype=np.float32)
     for image in opened:
         raise_if_cancelled(cancellation, f"decoding image {image.index}")
-        if before_decode is not None:
-            before_decode(image.index)
+        if before_step is not None:
+            before_step(image.index)
         preprocess(image.decode(), pre, out=batch[image.index])
     return batch

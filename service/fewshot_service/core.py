@@ -161,7 +161,7 @@ class FewShotCore:
 
     def _start_embed(
         self, images: Sequence[bytes], operation: str, cancellation: CancellationCheck | None,
-        *, run_here_if_idle: bool = False,
+        *, run_here_if_idle: bool = False, copies: list[bytes] | None = None,
     ) -> Callable[[], np.ndarray]:
         """Decode ``images`` and queue them for the model; returns the function that waits for
         the embeddings (see :meth:`DynamicBatcher.start`).
@@ -171,12 +171,17 @@ class FewShotCore:
         and 302 against 283 and 285 images/s for a lone 32-image Embed; under load it gains
         nothing, as the cores are busy anyway.) ``run_here_if_idle``, for a caller that waits at
         once: when the returned function is called, a request of one part runs on this thread if
-        the model is idle then (:meth:`DynamicBatcher.run_if_idle`), else it is queued.
+        the model is idle then (:meth:`DynamicBatcher.run_if_idle`), else it is queued. With
+        ``copies`` (a list to fill), the same worker job also makes the images' stored copies.
         """
         started = time.perf_counter()
         pre, limits = self.embedder.meta.preprocess, self.embedder.limits
         try:
-            pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
+            if copies is None:
+                pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
+            else:
+                pixels, stored = self.decode_pool.load_batch_and_copies(images, pre, limits, cancellation)
+                copies.extend(stored)
         except Cancelled:
             metrics.CANCELLED_REQUESTS.labels("decode").inc()
             raise
@@ -336,11 +341,9 @@ class FewShotCore:
         A request cancelled before its inference starts adds nothing.
         """
         namespace, label = resolve_namespace(namespace), resolve_label(label)
-        embeddings = self.embed(images, operation="add_examples", cancellation=cancellation)
-        stored = None
-        if self.store_images:
-            limits = self.embedder.limits
-            stored = self.decode_pool.bounded_copies(images, limits, cancellation)
+        # One decode job per upload: the model input and the stored copies share each image's budget.
+        stored: list[bytes] | None = [] if self.store_images else None
+        embeddings = self._start_embed(images, "add_examples", cancellation, run_here_if_idle=True, copies=stored)()
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
             snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)

@@ -96,18 +96,32 @@ class DecodeWorker:
         header, payload = self._call(
             {"op": "load_batch", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation
         )
-        shape = tuple(header.get("shape", ()))
-        if shape != (len(images), 3, pre.input_size, pre.input_size) or len(payload) != 4 * np.prod(shape):
-            raise self._protocol_error("a batch of the wrong shape")
-        return np.frombuffer(payload, dtype=np.float32).reshape(shape)
+        batch = self._batch(header, payload, len(images), pre)
+        if batch.nbytes != len(payload):
+            raise self._protocol_error("a batch of the wrong size")
+        return batch
 
-    def bounded_copies(
-        self, images: Sequence[bytes], limits: ImageLimits, cancellation: CancellationCheck | None = None
-    ) -> list[bytes]:
-        """:func:`stored_images.bounded_copy` of each image, in the worker."""
-        header, payload = self._call({"op": "copies"}, images, limits, cancellation)
+    def load_batch_and_copies(
+        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        cancellation: CancellationCheck | None = None,
+    ) -> tuple[np.ndarray, list[bytes]]:
+        """:meth:`load_batch` and :meth:`bounded_copies` in one job: each image's two decodes
+        share its CPU budget (an example upload must not cost twice an image's limit)."""
+        header, payload = self._call(
+            {"op": "load_batch_and_copies", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation
+        )
+        batch = self._batch(header, payload, len(images), pre)
+        return batch, self._copies(header, payload[batch.nbytes :], len(images))
+
+    def _batch(self, header: dict[str, Any], payload: bytearray, count: int, pre: Preprocess) -> np.ndarray:
+        shape = tuple(header.get("shape", ()))
+        if shape != (count, 3, pre.input_size, pre.input_size) or len(payload) < 4 * np.prod(shape):
+            raise self._protocol_error("a batch of the wrong shape")
+        return np.frombuffer(payload, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+    def _copies(self, header: dict[str, Any], payload: bytearray | memoryview, count: int) -> list[bytes]:
         sizes = header.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != len(images) or sum(sizes) != len(payload):
+        if not isinstance(sizes, list) or len(sizes) != count or sum(sizes) != len(payload):
             raise self._protocol_error("copies of the wrong size")
         copies, offset = [], 0
         for size in sizes:

@@ -54,12 +54,13 @@ class DecodePool:
         with self._slot(cancellation) as slot:
             return self.processes[slot].load_batch(images, pre, limits, cancellation)
 
-    def bounded_copies(
-        self, images: Sequence[bytes], limits: ImageLimits, cancellation: CancellationCheck | None = None
-    ) -> list[bytes]:
-        """The copies to store of a request's images (stored_images.py), made in a worker."""
+    def load_batch_and_copies(
+        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        cancellation: CancellationCheck | None = None,
+    ) -> tuple[np.ndarray, list[bytes]]:
+        """:meth:`load_batch` and :meth:`bounded_copies` of an example upload, in one worker job."""
         with self._slot(cancellation) as slot:
-            return self.processes[slot].bounded_copies(images, limits, cancellation)
+            return self.processes[slot].load_batch_and_copies(images, pre, limits, cancellation)
 
     def run(self, job: Callable[[], T], cancellation: CancellationCheck | None = None) -> T:
         """Run ``job`` on this thread once a slot is free and return its result (a job that

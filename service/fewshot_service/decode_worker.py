@@ -88,7 +88,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def arm_cpu(seconds: int) -> None:
+def arm_cpu(seconds: float) -> None:
     """Let the next ``seconds`` of CPU run, then die. ITIMER_PROF counts this process's CPU time
     exactly and its SIGPROF (never handled here) kills; RLIMIT_CPU, whole seconds of the
     process's total and so a second or two later, is the kernel's backstop (SIGXCPU)."""
@@ -109,21 +109,37 @@ def _run_job(header: dict[str, Any], payload: bytes, out: IO[bytes]) -> tuple[di
     for size in header["sizes"]:
         images.append(payload[offset : offset + size])
         offset += size
+    # CPU each image has used so far, header parsing included: an example upload decodes an image
+    # twice (model input, then the stored copy, at other scales), and all of it shares one budget.
+    spent = [0.0] * len(images)
+    current: list[Any] = [None, 0.0]  # the image being decoded, the CPU clock when it started
 
-    def before_decode(index: int) -> None:
-        arm_cpu(limits.max_decode_cpu_s)
+    def account() -> None:
+        if current[0] is not None:
+            spent[current[0]] += cpu_seconds() - current[1]
+            current[0] = None
+
+    def before_step(index: int) -> None:
+        account()
+        arm_cpu(max(limits.max_decode_cpu_s - spent[index], 0.01))
+        current[:] = [index, cpu_seconds()]
         write_frame(out, {"t": "image", "i": index})  # the parent's deadline restarts
 
-    arm_cpu(limits.max_decode_cpu_s)  # the header checks of the whole request
+    if header["op"] not in ("load_batch", "load_batch_and_copies"):
+        raise InvalidInput(f"unknown decode job {header['op']!r}")
+    arm_cpu(limits.max_decode_cpu_s)  # until the first image's step
+    pre = Preprocess.from_dict(header["preprocess"])
+    batch = load_batch(images, pre, limits, before_step=before_step)
+    account()
+    reply: dict[str, Any] = {"t": "done", "shape": list(batch.shape)}
     if header["op"] == "load_batch":
-        pre = Preprocess.from_dict(header["preprocess"])
-        batch = load_batch(images, pre, limits, before_decode=before_decode)
-        return {"t": "done", "shape": list(batch.shape)}, batch.tobytes()
+        return reply, batch.tobytes()
     copies = []
-    for index, data in enumerate(images):
-        before_decode(index)
-        copies.append(bounded_copy(data, limits, index))
-    return {"t": "done", "sizes": [len(c) for c in copies]}, b"".join(copies)
+    for index, image in enumerate(images):
+        before_step(index)
+        copies.append(bounded_copy(image, limits, index))
+    reply["sizes"] = [len(c) for c in copies]
+    return reply, batch.tobytes() + b"".join(copies)
 
 
 def _error_header(exc: FewshotError) -> dict[str, Any]:
