@@ -209,7 +209,10 @@ class Embedder:
         return binding.copy_outputs_to_cpu()[0]
 
     def load_images(self, images: Sequence[bytes]) -> np.ndarray:
-        """Decode, check limits and preprocess: encoded files -> ``[N, 3, S, S]``."""
+        """Decode, check limits and preprocess: encoded files -> ``[N, 3, S, S]``.
+
+        In this process: for trusted files only (evaluation, export checks, tests). The server
+        decodes a client's bytes in its isolated decode workers (fewshot_service.decode_pool)."""
         return load_batch(images, self.meta.preprocess, self.limits)
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:

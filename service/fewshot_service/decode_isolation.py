@@ -105,7 +105,7 @@ class DecodeWorker:
         self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> tuple[np.ndarray, list[bytes]]:
-        """:meth:`load_batch` and :meth:`bounded_copies` in one job: each image's two decodes
+        """:meth:`load_batch` and the stored copies (stored_images.py) in one job: each image's two decodes
         share its CPU budget (an example upload must not cost twice an image's limit)."""
         header, payload = self._call(
             {"op": "load_batch_and_copies", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation

@@ -58,7 +58,7 @@ class DecodePool:
         self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> tuple[np.ndarray, list[bytes]]:
-        """:meth:`load_batch` and :meth:`bounded_copies` of an example upload, in one worker job."""
+        """The model input and the stored copies (stored_images.py) of an example upload, in one worker job."""
         with self._slot(cancellation) as slot:
             return self.processes[slot].load_batch_and_copies(images, pre, limits, cancellation)
 
