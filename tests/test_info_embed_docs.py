@@ -105,9 +105,9 @@ def test_embed_over_rest_gives_the_grpc_embeddings(http: httpx.Client, stack: Se
 
 def test_embed_refuses_a_non_image_by_its_file_name(http: httpx.Client) -> None:
     response = http.post("/v1/embed", files=[("files", ("notes.txt", b"hello", "text/plain"))])
-    assert response.status_code == 422
+    assert response.status_code == 415  # not one of the accepted formats, told from its bytes
     body = response.json()
-    assert body["error"] == "invalid_input" and body["file"] == "notes.txt"
+    assert body["error"] == "unsupported_format" and body["file"] == "notes.txt"
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
