@@ -45,14 +45,23 @@ MAX_TOP_K = 1000
 # Namespaces, labels and example ids alike: any UTF-8 string of 1-128 characters (the registry
 # keeps names out of its key syntax by hex-encoding them, so no alphabet restriction is needed).
 MAX_NAME_CHARS = 128
+# Except these: URL parsers (browsers, proxies, httpx) resolve them as dot-segments, even
+# percent-encoded, so such a name could be created but never be listed or deleted again over REST.
+DOT_SEGMENT_NAMES = frozenset({".", ".."})
 
 
 def resolve_name(value: object, what: str) -> str:
-    """A label, namespace or example id: a UTF-8 string of 1-128 characters, else InvalidInput."""
+    """A label, namespace or example id: a UTF-8 string of 1-128 characters other than ``.`` and
+    ``..``, else InvalidInput."""
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
     if not 1 <= len(value) <= MAX_NAME_CHARS:
         raise InvalidInput(f"{what} must be 1-{MAX_NAME_CHARS} characters long, got {len(value)}")
+    if value in DOT_SEGMENT_NAMES:
+        raise InvalidInput(
+            f"{what} {value!r} is not allowed: a URL cannot carry it ('.' and '..' are path "
+            "navigation, even percent-encoded)"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
