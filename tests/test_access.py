@@ -7,8 +7,11 @@ matrix; others test mTLS, key rotation (file change and SIGHUP), keygen and prot
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import ssl
+import subprocess
+import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -388,9 +391,9 @@ def test_keygen_prints_a_key_and_a_working_toml_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["keygen", "--name", "ingest-bot", "--role", "write", "--namespace", TEAM_A]) == 0
-    out = capsys.readouterr().out
-    key = out.split("\n")[1].strip()
-    entry = out[out.index("[[keys]]") :]
+    captured = capsys.readouterr()
+    key = captured.err.split("\n")[1].strip()
+    entry = captured.out  # stdout is the TOML entry and nothing else
     assert len(key) >= 43 and key not in entry
     assert tomllib.loads(entry)["keys"][0] == {
         "name": "ingest-bot", "sha256": key_digest(key).hex(), "role": "write", "namespaces": [TEAM_A],
@@ -399,6 +402,29 @@ def test_keygen_prints_a_key_and_a_working_toml_entry(
     access = AccessControl(tmp_path / "keys.toml")
     principal = access.check(key, Action.ADD, TEAM_A)
     assert principal.name == "ingest-bot"
+
+
+def test_keygen_appended_with_a_shell_redirect_gives_a_valid_file_for_any_unicode(tmp_path: Path) -> None:
+    """``fewshot keygen ... >> keys.toml``, twice, with names JSON would escape as surrogate
+    pairs (non-BMP), quotes, backslashes and control characters: the server's loader accepts the
+    file and each key opens its own namespace."""
+    fewshot = Path(sys.executable).with_name("fewshot")
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text('# keys\n[[keys]]\nname = "old"\nsha256 = "' + "0" * 64 + '"\nrole = "read"\nnamespaces = ["x"]')  # no final newline
+    odd_names = {"emoji-bot 😀": "ns😀", 'q"uote\\bs': "tab\there\u007f", "\u0001ctl": "日本"}
+    keys: dict[str, str] = {}
+    for name, namespace in odd_names.items():
+        done = subprocess.run(
+            f"{fewshot} keygen --name {shlex.quote(name)} --role read --namespace {shlex.quote(namespace)} >> {keys_file}",
+            shell=True, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        keys[name] = done.stderr.split("\n")[1].strip()
+        assert keys[name] not in keys_file.read_text(encoding="utf-8")
+    access = AccessControl(keys_file)
+    for name, namespace in odd_names.items():
+        principal = access.check(keys[name], Action.LIST, namespace)
+        assert principal.name == name and principal.namespaces == frozenset({namespace})
+    assert "\\ud83d" not in keys_file.read_text(encoding="utf-8")
 
 
 def test_protected_mode_defaults_to_loopback_and_refuses_open_networks(
