@@ -13,6 +13,7 @@
   reach it as its *own* origin, so the origin rule cannot tell; its requests still say
   ``Host: evil.example``. Such a server answers only the host names in ``--allowed-hosts`` (default:
   localhost, 127.0.0.1, ::1), as Jupyter does; with keys, or with an explicit list, the list rules.
+  ``Host`` is parsed as RFC 9110 says (:mod:`.host_header`): a malformed one is 400, not a name.
 
 Request ids come from ``access_log.AccessLog`` (``X-Request-ID``); error bodies of server-side
 failures quote them (``http_errors``), with the detail in the log only.
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..access import AccessControl, Action, Principal, bearer_key
 from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
 from .dependencies import decode_path_param, strict_query_string
+from .host_header import MalformedHost, normalize_host_name, parse_host
 from .http_errors import error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -93,26 +95,25 @@ class CrossOriginGuard:
         await self.app(scope, receive, send)
 
 
-def host_name(host_header: str) -> str:
-    """``Host`` without its port, brackets and trailing dot, lower-cased (``[::1]:8000`` -> ``::1``)."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
-
-
 class HostGuard:
-    """403 for an HTTP request whose ``Host`` names none of ``allowed_hosts`` (see the module doc)."""
+    """403 for an HTTP request whose ``Host`` names none of ``allowed_hosts`` (see the module doc);
+    400 for one whose ``Host`` is missing or not RFC 9110's ``uri-host [":" port]``."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
         self.app = app
-        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
+        self.allowed = frozenset(normalize_host_name(h) for h in allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = host_name(_header(scope, b"host") or "")
+            value = _header(scope, b"host")
+            try:
+                host = parse_host(value) if value is not None else None
+            except MalformedHost as exc:
+                await error_response(400, "bad_host", f"malformed Host header: {exc}")(scope, receive, send)
+                return
+            if host is None:
+                await error_response(400, "bad_host", "the request has no Host header")(scope, receive, send)
+                return
             if host not in self.allowed:
                 response = error_response(
                     403,
