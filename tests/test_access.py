@@ -10,8 +10,10 @@ import os
 import shlex
 import signal
 import ssl
+import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ import image_samples as samples
 from conftest import stack_settings
 from tls_certs import Pki, make_pki
 
+from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_common import cli
 from fewshot_common.errors import NotFound, Unauthenticated
 from fewshot_service.access import AccessControl, Action, key_digest
@@ -232,6 +235,96 @@ def test_rest_without_a_valid_key_is_401(secure_server: SecureServer, authorizat
     assert secure_server.stack.core.get_class(TEAM_A, "seed").count == 1
 
 
+UPLOAD_BYTES = 30 * 1000 * 1000
+UPLOAD_SECONDS = 2.0  # paced like a fast client link (15 MB/s): reading it all takes this long
+
+
+@pytest.fixture(scope="module")
+def plain_keyed_stack(
+    tiny_model_path: Path, private_redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerStack, str]]:
+    """Keys without TLS (on loopback): a plain socket can stream a body from one thread while
+    another reads the answer (an SSL socket cannot be shared so)."""
+    import secrets
+
+    key = secrets.token_urlsafe(32)
+    key_file = tmp_path_factory.mktemp("plain-keys") / "api-keys.toml"
+    write_key_file(key_file, {"write-a": (key, "write", [TEAM_A])})
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="access-early", api_keys=key_file
+    )
+    with ServerStack(settings) as stack:
+        yield stack, key
+
+
+def _time_to_answer(port: int, path: str, authorization: str | None, chunked: bool) -> tuple[float, bytes, int]:
+    """POST a 30 MB multipart body over a real socket, streamed by a second thread over
+    ``UPLOAD_SECONDS``; (seconds from the end of the headers to the status line, that head, body
+    bytes sent by then)."""
+    boundary = "b0undary"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        + (f"Authorization: {authorization}\r\n" if authorization else "")
+        + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {UPLOAD_BYTES}\r\n")
+        + "\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sent = 0
+
+    def stream_body() -> None:
+        nonlocal sent
+        piece = f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.jpg\"\r\n\r\n".encode()
+        piece = piece.ljust(65536, b"\0")
+        try:
+            while sent < UPLOAD_BYTES:
+                pause = started + UPLOAD_SECONDS * sent / UPLOAD_BYTES - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                data = piece[: UPLOAD_BYTES - sent]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                sent += len(data)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: what an early refusal does
+
+    sock.sendall(head)
+    started = time.perf_counter()
+    sender = threading.Thread(target=stream_body, daemon=True)
+    sender.start()
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    seconds, taken = time.perf_counter() - started, sent
+    sock.close()
+    sender.join(timeout=30)
+    return seconds, answer.split(b"\r\n\r\n")[0], taken
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-key"])
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
+    plain_keyed_stack: tuple[ServerStack, str], authorization: str | None, chunked: bool
+) -> None:
+    stack, key = plain_keyed_stack
+    assert stack.http_port is not None and stack.core is not None
+    for path in ("/v1/classify", "/v1/classes/cat/examples?namespace=team-a", "/v1/embed"):
+        seconds, head, taken = _time_to_answer(stack.http_port, path, authorization, chunked)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert b"www-authenticate: Bearer" in head
+        assert seconds < 0.5, f"{path}: 401 after {seconds:.2f}s"
+        assert taken < UPLOAD_BYTES, f"{path}: the whole body was taken before the 401"
+    with pytest.raises(NotFound):
+        stack.core.get_class(TEAM_A, "cat")
+    # The same body with the key is read and judged (a body that holds no image: 422).
+    seconds, head, taken = _time_to_answer(stack.http_port, "/v1/classify?namespace=team-a", f"Bearer {key}", chunked)
+    assert taken == UPLOAD_BYTES and not head.startswith(b"HTTP/1.1 401"), head
+
+
 @pytest.mark.parametrize("key", ["", "not-a-key"])
 def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer, key: str) -> None:
     with secure_server.grpc_client(key) as client:
@@ -240,6 +333,32 @@ def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer
                 call()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "not-a-key" not in refused.value.details()
+
+
+@pytest.mark.parametrize("key", ["", "not-a-key"])
+def test_grpc_refuses_a_stranger_before_the_request_message_arrives(secure_server: SecureServer, key: str) -> None:
+    """The request message is held back for 3 s (as a slow 60 MB upload would be): the refusal
+    must not wait for it, and the message is never parsed or used."""
+    credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    request = fewshot_pb2.ClassifyRequest(images=[samples.grey_png()], namespace=TEAM_A).SerializeToString()
+
+    def held_back() -> Iterator[bytes]:
+        time.sleep(3.0)
+        yield request
+
+    with grpc.secure_channel(secure_server.grpc_target, credentials) as channel:
+        classify = channel.stream_unary("/fewshot.v1.FewShot/Classify")  # bytes in, bytes out
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as refused:
+            classify(held_back(), metadata=metadata, timeout=30)
+        seconds = time.perf_counter() - started
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert seconds < 0.5, f"UNAUTHENTICATED after {seconds:.2f}s"
+        # With a key the same held-back message is waited for and answered.
+        read_key = (("authorization", f"Bearer {secure_server.keys['read-a']}"),)
+        answer = fewshot_pb2.ClassifyResponse.FromString(classify(held_back(), metadata=read_key, timeout=30))
+        assert len(answer.results) == 1 and answer.results[0].predictions
 
 
 def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: SecureServer) -> None:

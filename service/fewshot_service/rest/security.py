@@ -2,7 +2,8 @@
 
 - :func:`require`: a route dependency that reads ``Authorization: Bearer <key>`` and the
   ``namespace`` query parameter and asks :meth:`AccessControl.check` (the same check gRPC's
-  interceptor makes).
+  interceptor makes). :class:`AuthenticateFirst` refuses an unknown key on those routes from the
+  headers alone, before the body is read.
 - :class:`CrossOriginGuard`: a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin``
   is neither the server's own nor one of ``--cors-origins`` gets 403, so a web page elsewhere
   cannot add or delete examples on a server it can reach (e.g. one on the visitor's loopback).
@@ -24,14 +25,17 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fewshot_common import errors
 
 from ..access import AccessControl, Action, Principal, bearer_key
 from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
 from .dependencies import decode_path_param, strict_query_string
 from .host_header import MalformedHost, normalize_host_name, parse_host
-from .http_errors import error_response
+from .http_errors import HTTP_STATUS, error_response
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -58,7 +62,76 @@ def require(action: Action, *, namespace_in_path: bool = False) -> Any:
         access.authorize(principal, action, namespace)
         return principal
 
+    setattr(authorized, _NEEDS_KEY, True)  # AuthenticateFirst checks these routes' keys early
     return Depends(authorized)
+
+
+_NEEDS_KEY = "fewshot_needs_key"
+
+
+def _uses_require(dependant: Dependant) -> bool:
+    return any(
+        getattr(dep.call, _NEEDS_KEY, False) or _uses_require(dep) for dep in dependant.dependencies
+    )
+
+
+class _Refused(Exception):
+    """Raised from ``receive``: the body is not for this caller."""
+
+
+class AuthenticateFirst:
+    """401 for a request to a route that takes a key (one with :func:`require`) and came without a
+    known one, judged from its headers before a byte of its body is read.
+
+    FastAPI reads and parses a (multipart) body before it runs any dependency, so without this a
+    stranger's 60 MB upload was read and parsed before its 401. The check runs on the handler's
+    first ``receive``: by then the router has picked the route (``scope["route"]``), so the rule
+    is the route's own (open routes stay open). Only the key is checked here; the role and
+    namespace rules stay in :func:`require`, which every such route still runs.
+    """
+
+    def __init__(self, app: ASGIApp, access: AccessControl) -> None:
+        self.app = app
+        self.access = access
+        self._needs_key: dict[int, bool] = {}  # per route object: its dependency tree never changes
+
+    def _route_needs_key(self, route: object) -> bool:
+        if id(route) not in self._needs_key:
+            dependant = getattr(route, "dependant", None)
+            self._needs_key[id(route)] = isinstance(dependant, Dependant) and _uses_require(dependant)
+        return self._needs_key[id(route)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.access.enabled:
+            await self.app(scope, receive, send)
+            return
+        refusal: errors.Unauthenticated | None = None
+        checked = False
+
+        async def receive_after_the_key() -> Message:
+            nonlocal refusal, checked
+            if not checked:
+                checked = True
+                if self._route_needs_key(scope.get("route")):
+                    try:
+                        self.access.authenticate(bearer_key(_header(scope, b"authorization")))
+                    except errors.Unauthenticated as exc:
+                        refusal = exc
+                        raise _Refused() from None
+            return await receive()
+
+        async def send_unless_refused(message: Message) -> None:
+            if refusal is None:  # else: the app's answer to a body it never got; ours follows
+                await send(message)
+
+        try:
+            await self.app(scope, receive_after_the_key, send_unless_refused)
+        except _Refused:
+            pass
+        if refusal is not None:
+            status, kind = errors.lookup(HTTP_STATUS, refusal)
+            response = error_response(status, kind, str(refusal), headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -137,6 +210,8 @@ def install_security(
     Middleware added later wraps the earlier: CORS answers preflights before the guard sees them.
     """
     app.state.access = access or AccessControl()
+    # Innermost: it must see the scope the router fills in (and the Host and Origin rules go first).
+    app.add_middleware(AuthenticateFirst, access=app.state.access)
     app.add_middleware(CrossOriginGuard, allowed_origins=list(cors_origins))
     if allowed_hosts or not app.state.access.enabled:
         app.add_middleware(HostGuard, allowed_hosts=list(allowed_hosts or LOOPBACK_HOST_NAMES))
