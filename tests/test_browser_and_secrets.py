@@ -188,3 +188,33 @@ def test_every_response_has_one_request_id(open_server: httpx.Client) -> None:
     assert second.status_code == 404
     ids = [first.headers.get_list("x-request-id"), second.headers.get_list("x-request-id")]
     assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
+
+
+# --- security headers ---------------------------------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(open_server: httpx.Client) -> None:
+    from fewshot_service.rest.security_headers import API_CSP, DOCS_CSP, UI_CSP
+
+    answers = {
+        "/v1/classes": (open_server.get("/v1/classes"), API_CSP),
+        "404": (open_server.get("/v1/classes/nope"), API_CSP),
+        "422": (open_server.get("/v1/classes?namespace=" + "n" * 129), API_CSP),
+        "413": (open_server.post("/v1/classify", content=b"x" * (65 * 2**20)), API_CSP),
+        "403 host": (open_server.get("/v1/classes", headers={"Host": "evil.example"}), API_CSP),
+        "400 host": (open_server.get("/v1/classes", headers={"Host": "localhost:evil"}), API_CSP),
+        "/metrics": (open_server.get("/metrics"), API_CSP),
+        "/ui/": (open_server.get("/ui/"), UI_CSP),
+        "/ui/app.js": (open_server.get("/ui/app.js"), UI_CSP),
+        "/docs": (open_server.get("/docs"), DOCS_CSP),
+        "/redoc": (open_server.get("/redoc"), DOCS_CSP),
+        "/docs-assets": (open_server.get("/docs-assets/swagger-ui-bundle.js"), DOCS_CSP),
+    }
+    assert answers["413"][0].status_code == 413 and answers["400 host"][0].status_code == 400
+    for what, (response, csp) in answers.items():
+        assert response.headers["x-content-type-options"] == "nosniff", what
+        assert response.headers["x-frame-options"] == "DENY", what
+        assert response.headers["referrer-policy"] == "no-referrer", what
+        assert response.headers["content-security-policy"] == csp, what
+        assert "frame-ancestors 'none'" in csp
+    assert "script-src 'self'" in UI_CSP and "unsafe-inline" not in UI_CSP
