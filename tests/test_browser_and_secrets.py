@@ -143,7 +143,7 @@ def test_the_redis_password_is_never_printed(tiny_model_path: Path, tmp_path: Pa
     password = "pw-7c0ffee-do-not-print"
     with ManagedRedis(tmp_path / "redis", persistent=False) as store:
         redis.Redis.from_url(store.url).config_set("requirepass", password)
-        url = store.url.replace("redis://", f"redis://:{password}@", 1)
+        url = f"redis://:{password}@127.0.0.1:{store.port}/0"
         server = serve_process(["--model", tiny_model_path, "--log-level", "debug"], env={"REDIS_URL": url})
         server.wait_ready()
         assert httpx.get(f"{server.http_url}/readyz", timeout=30).json()["ready"] is True

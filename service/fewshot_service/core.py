@@ -121,6 +121,7 @@ class FewShotCore:
         # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
+        self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
@@ -387,15 +388,24 @@ class FewShotCore:
         return confusions(snapshot, label, top_k)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
-        return self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        self._deleted()
 
     def delete_example(
         self, namespace: str | None, label: str, example_id: str
     ) -> "ClassInfo | None":
         """The class as it is after the deletion, or None when that was its last example."""
-        return self.registry.delete_example(
+        info = self.registry.delete_example(
             resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
         )
+        self._deleted()
+        return info
+
+    def _deleted(self) -> None:
+        """Tell :attr:`deletion_listeners` (the embedded Valkey compacts its append-only file,
+        which would otherwise keep the deleted images' bytes)."""
+        for listener in self.deletion_listeners:
+            listener()
 
     def list_namespaces(self) -> "list[NamespaceSummary]":
         """Every namespace holding classes, with class and example counts and its model."""
@@ -403,7 +413,9 @@ class FewShotCore:
 
     def delete_namespace(self, namespace: str | None) -> "DeletedNamespace":
         """Remove a namespace with all its classes and examples, atomically."""
-        return self.registry.delete_namespace(resolve_namespace(namespace))
+        deleted = self.registry.delete_namespace(resolve_namespace(namespace))
+        self._deleted()
+        return deleted
 
     # -- models ------------------------------------------------------------------------------
 
