@@ -247,14 +247,14 @@ def plain_keyed_stack(
     another reads the answer (an SSL socket cannot be shared so)."""
     import secrets
 
-    key = secrets.token_urlsafe(32)
+    key, read_key = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     key_file = tmp_path_factory.mktemp("plain-keys") / "api-keys.toml"
-    write_key_file(key_file, {"write-a": (key, "write", [TEAM_A])})
+    write_key_file(key_file, {"write-a": (key, "write", [TEAM_A]), "read-a": (read_key, "read", [TEAM_A])})
     settings = stack_settings(
         tiny_model_path, private_redis.url, redis_key_prefix="access-early", api_keys=key_file
     )
     with ServerStack(settings) as stack:
-        yield stack, key
+        yield stack, key, read_key
 
 
 def _time_to_answer(port: int, path: str, authorization: str | None, chunked: bool) -> tuple[float, bytes, int]:
@@ -308,9 +308,9 @@ def _time_to_answer(port: int, path: str, authorization: str | None, chunked: bo
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 @pytest.mark.parametrize("authorization", [None, "Bearer not-a-key"])
 def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
-    plain_keyed_stack: tuple[ServerStack, str], authorization: str | None, chunked: bool
+    plain_keyed_stack: tuple[ServerStack, str, str], authorization: str | None, chunked: bool
 ) -> None:
-    stack, key = plain_keyed_stack
+    stack, key, _ = plain_keyed_stack
     assert stack.http_port is not None and stack.core is not None
     for path in ("/v1/classify", "/v1/classes/cat/examples?namespace=team-a", "/v1/embed"):
         seconds, head, taken = _time_to_answer(stack.http_port, path, authorization, chunked)
@@ -323,6 +323,39 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
     # The same body with the key is read and judged (a body that holds no image: 422).
     seconds, head, taken = _time_to_answer(stack.http_port, "/v1/classify?namespace=team-a", f"Bearer {key}", chunked)
     assert taken == UPLOAD_BYTES and not head.startswith(b"HTTP/1.1 401"), head
+
+
+def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_body_is_read(
+    plain_keyed_stack: tuple[ServerStack, str, str]
+) -> None:
+    stack, write_key, read_key = plain_keyed_stack
+    assert stack.http_port is not None and stack.core is not None
+    for path, key, message in (
+        ("/v1/classes/cat/examples?namespace=team-a", read_key, b"needs role 'write'"),
+        ("/v1/classify?namespace=team-b", write_key, b"namespace 'team-b'"),
+        ("/v1/classes/cat/examples?namespace=team-b", write_key, b"namespace 'team-b'"),
+    ):
+        seconds, head, taken = _time_to_answer(stack.http_port, path, f"Bearer {key}", chunked=False)
+        assert head.startswith(b"HTTP/1.1 403"), head
+        assert seconds < 0.5 and taken < UPLOAD_BYTES, f"{path}: 403 after {seconds:.2f}s"
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
+        refused = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_B},
+                            files={"files": ("x.png", samples.grey_png())},
+                            headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        assert refused.status_code == 403 and "team-b" in refused.json()["message"]
+
+        def allowed_decisions() -> float:
+            metrics = http.get("/metrics", headers={"Authorization": f"Bearer {read_key}"}).text
+            line = 'fewshot_auth_decisions_total{key="write-a",outcome="allowed"}'
+            return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
+
+        before = allowed_decisions()
+        added = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_A},
+                          files={"files": ("x.png", samples.grey_png())},
+                          headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        assert added.status_code == 201, added.text
+        # The early check is the route's check: one decision per request, not one per pass.
+        assert allowed_decisions() - before == 1.0
 
 
 @pytest.mark.parametrize("key", ["", "not-a-key"])

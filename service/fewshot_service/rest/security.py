@@ -2,8 +2,7 @@
 
 - :func:`require`: a route dependency that reads ``Authorization: Bearer <key>`` and the
   ``namespace`` query parameter and asks :meth:`AccessControl.check` (the same check gRPC's
-  interceptor makes). :class:`AuthenticateFirst` refuses an unknown key on those routes from the
-  headers alone, before the body is read.
+  interceptor makes). :class:`AuthenticateFirst` runs those checks before the body is read.
 - :class:`CrossOriginGuard`: a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin``
   is neither the server's own nor one of ``--cors-origins`` gets 403, so a web page elsewhere
   cannot add or delete examples on a server it can reach (e.g. one on the visitor's loopback).
@@ -22,7 +21,7 @@ failures quote them (``http_errors``), with the detail in the log only.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
@@ -50,6 +49,9 @@ def require(action: Action, *, namespace_in_path: bool = False) -> Any:
     """
 
     def authorized(request: Request) -> Principal:
+        early: dict[object, Principal] = getattr(request.state, _CHECKED_EARLY, None) or {}
+        if authorized in early:  # AuthenticateFirst ran this very check before the body came
+            return early[authorized]
         access: AccessControl = request.app.state.access
         principal = access.authenticate(bearer_key(request.headers.get("authorization")))
         if access.enabled:
@@ -62,17 +64,23 @@ def require(action: Action, *, namespace_in_path: bool = False) -> Any:
         access.authorize(principal, action, namespace)
         return principal
 
-    setattr(authorized, _NEEDS_KEY, True)  # AuthenticateFirst checks these routes' keys early
+    setattr(authorized, _ACCESS_CHECK, True)  # AuthenticateFirst runs it before the body is read
     return Depends(authorized)
 
 
-_NEEDS_KEY = "fewshot_needs_key"
+_ACCESS_CHECK = "fewshot_access_check"
+_CHECKED_EARLY = "fewshot_access_checked_early"  # request.state: {check: its principal}
+AccessCheck = Callable[[Request], Principal]
 
 
-def _uses_require(dependant: Dependant) -> bool:
-    return any(
-        getattr(dep.call, _NEEDS_KEY, False) or _uses_require(dep) for dep in dependant.dependencies
-    )
+def _access_checks(dependant: Dependant) -> list[AccessCheck]:
+    """The :func:`require` checks in a route's dependency tree."""
+    found: list[AccessCheck] = []
+    for dep in dependant.dependencies:
+        if getattr(dep.call, _ACCESS_CHECK, False):
+            found.append(dep.call)  # type: ignore[arg-type]
+        found.extend(_access_checks(dep))
+    return found
 
 
 class _Refused(Exception):
@@ -80,44 +88,46 @@ class _Refused(Exception):
 
 
 class AuthenticateFirst:
-    """401 for a request to a route that takes a key (one with :func:`require`) and came without a
-    known one, judged from its headers before a byte of its body is read.
+    """The access rules of a route (its :func:`require` checks: key, role, namespace) applied
+    before a byte of the request body is read.
 
     FastAPI reads and parses a (multipart) body before it runs any dependency, so without this a
-    stranger's 60 MB upload was read and parsed before its 401. The check runs on the handler's
-    first ``receive``: by then the router has picked the route (``scope["route"]``), so the rule
-    is the route's own (open routes stay open). Only the key is checked here; the role and
-    namespace rules stay in :func:`require`, which every such route still runs.
+    stranger's 60 MB upload was read and parsed before its 401. The checks run on the handler's
+    first ``receive``: by then the router has picked the route (``scope["route"]``), so each route
+    keeps its own rules (open routes stay open), and the namespace is in the query or the path.
+    A check that passed is not repeated when the route's dependencies run.
     """
 
     def __init__(self, app: ASGIApp, access: AccessControl) -> None:
         self.app = app
         self.access = access
-        self._needs_key: dict[int, bool] = {}  # per route object: its dependency tree never changes
+        self._checks: dict[int, list[AccessCheck]] = {}  # per route object: its tree never changes
 
-    def _route_needs_key(self, route: object) -> bool:
-        if id(route) not in self._needs_key:
+    def _checks_of(self, route: object) -> list[AccessCheck]:
+        if id(route) not in self._checks:
             dependant = getattr(route, "dependant", None)
-            self._needs_key[id(route)] = isinstance(dependant, Dependant) and _uses_require(dependant)
-        return self._needs_key[id(route)]
+            self._checks[id(route)] = _access_checks(dependant) if isinstance(dependant, Dependant) else []
+        return self._checks[id(route)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.access.enabled:
             await self.app(scope, receive, send)
             return
-        refusal: errors.Unauthenticated | None = None
+        refusal: errors.FewshotError | None = None
         checked = False
 
-        async def receive_after_the_key() -> Message:
+        async def receive_after_the_checks() -> Message:
             nonlocal refusal, checked
             if not checked:
                 checked = True
-                if self._route_needs_key(scope.get("route")):
-                    try:
-                        self.access.authenticate(bearer_key(_header(scope, b"authorization")))
-                    except errors.Unauthenticated as exc:
-                        refusal = exc
-                        raise _Refused() from None
+                passed: dict[object, Principal] = {}
+                try:
+                    for check in self._checks_of(scope.get("route")):
+                        passed[check] = check(Request(scope))
+                except errors.FewshotError as exc:
+                    refusal = exc
+                    raise _Refused() from None
+                scope.setdefault("state", {})[_CHECKED_EARLY] = passed
             return await receive()
 
         async def send_unless_refused(message: Message) -> None:
@@ -125,13 +135,13 @@ class AuthenticateFirst:
                 await send(message)
 
         try:
-            await self.app(scope, receive_after_the_key, send_unless_refused)
+            await self.app(scope, receive_after_the_checks, send_unless_refused)
         except _Refused:
             pass
         if refusal is not None:
             status, kind = errors.lookup(HTTP_STATUS, refusal)
-            response = error_response(status, kind, str(refusal), headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            await error_response(status, kind, str(refusal), headers=headers)(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
