@@ -257,7 +257,9 @@ def plain_keyed_stack(
         yield stack, key, read_key
 
 
-def _time_to_answer(port: int, path: str, authorization: str | None, chunked: bool) -> tuple[float, bytes, int]:
+def _time_to_answer(
+    port: int, path: str, authorization: str | None, chunked: bool
+) -> tuple[float, bytes, int]:
     """POST a 30 MB multipart body over a real socket, streamed by a second thread over
     ``UPLOAD_SECONDS``; (seconds from the end of the headers to the status line, that head, body
     bytes sent by then)."""
@@ -274,7 +276,8 @@ def _time_to_answer(port: int, path: str, authorization: str | None, chunked: bo
 
     def stream_body() -> None:
         nonlocal sent
-        piece = f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.jpg\"\r\n\r\n".encode()
+        part_head = 'Content-Disposition: form-data; name="files"; filename="x.jpg"'
+        piece = f"--{boundary}\r\n{part_head}\r\n\r\n".encode()
         piece = piece.ljust(65536, b"\0")
         try:
             while sent < UPLOAD_BYTES:
@@ -321,7 +324,9 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
     with pytest.raises(NotFound):
         stack.core.get_class(TEAM_A, "cat")
     # The same body with the key is read and judged (a body that holds no image: 422).
-    seconds, head, taken = _time_to_answer(stack.http_port, "/v1/classify?namespace=team-a", f"Bearer {key}", chunked)
+    seconds, head, taken = _time_to_answer(
+        stack.http_port, "/v1/classify?namespace=team-a", f"Bearer {key}", chunked
+    )
     assert taken == UPLOAD_BYTES and not head.startswith(b"HTTP/1.1 401"), head
 
 
@@ -369,7 +374,9 @@ def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer
 
 
 @pytest.mark.parametrize("key", ["", "not-a-key"])
-def test_grpc_refuses_a_stranger_before_the_request_message_arrives(secure_server: SecureServer, key: str) -> None:
+def test_grpc_refuses_a_stranger_before_the_request_message_arrives(
+    secure_server: SecureServer, key: str
+) -> None:
     """The request message is held back for 3 s (as a slow 60 MB upload would be): the refusal
     must not wait for it, and the message is never parsed or used."""
     credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
@@ -562,12 +569,14 @@ def test_keygen_appended_with_a_shell_redirect_gives_a_valid_file_for_any_unicod
     file and each key opens its own namespace."""
     fewshot = Path(sys.executable).with_name("fewshot")
     keys_file = tmp_path / "keys.toml"
-    keys_file.write_text('# keys\n[[keys]]\nname = "old"\nsha256 = "' + "0" * 64 + '"\nrole = "read"\nnamespaces = ["x"]')  # no final newline
+    old_entry = f'[[keys]]\nname = "old"\nsha256 = "{"0" * 64}"\nrole = "read"\nnamespaces = ["x"]'
+    keys_file.write_text("# keys\n" + old_entry)  # no final newline
     odd_names = {"emoji-bot 😀": "ns😀", 'q"uote\\bs': "tab\there\u007f", "\u0001ctl": "日本"}
     keys: dict[str, str] = {}
     for name, namespace in odd_names.items():
         done = subprocess.run(
-            f"{fewshot} keygen --name {shlex.quote(name)} --role read --namespace {shlex.quote(namespace)} >> {keys_file}",
+            f"{fewshot} keygen --name {shlex.quote(name)} --role read "
+            f"--namespace {shlex.quote(namespace)} >> {keys_file}",
             shell=True, capture_output=True, text=True, check=True, timeout=60,
         )  # fmt: skip
         keys[name] = done.stderr.split("\n")[1].strip()

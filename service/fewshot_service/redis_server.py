@@ -151,7 +151,9 @@ class ManagedRedis:
     def client(self, **options: object) -> redis.Redis:
         """A client of this server (with its password)."""
         assert self.port is not None
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self._password, **options)  # type: ignore[arg-type]
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self._password, **options  # type: ignore[arg-type]
+        )
 
     @property
     def running(self) -> bool:
@@ -274,7 +276,8 @@ class ManagedRedis:
             "--appendfsync", "everysec",
             "--logfile", "",
         ]  # fmt: skip
-        server_log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE), "ab")
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+        server_log = os.fdopen(log_fd, "ab")
         try:
             process = subprocess.Popen(
                 args,

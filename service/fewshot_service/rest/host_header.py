@@ -23,7 +23,8 @@ class MalformedHost(ValueError):
 
 def parse_host(value: str) -> str:
     """The host of a ``Host`` header value, lower-cased, without brackets, port or trailing dot,
-    an IPv6 address in its canonical form (``[0:0::1]:8000`` -> ``::1``); MalformedHost, naming why, when the value is not RFC 9110's."""
+    an IPv6 address in its canonical form (``[0:0::1]:8000`` -> ``::1``); MalformedHost, naming
+    why, when the value is not RFC 9110's."""
     if value.startswith("["):
         literal, bracket, rest = value[1:].partition("]")
         if not bracket:
