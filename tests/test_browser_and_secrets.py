@@ -17,6 +17,7 @@ from conftest import stack_settings
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
 from fewshot_service.redis_client import redacted_url
+from fewshot_service.rest.host_header import MalformedHost, parse_host
 from fewshot_service.redis_server import ManagedRedis, free_port
 
 ALLOWED_ORIGIN = "https://app.example"
@@ -111,6 +112,22 @@ def test_an_open_server_answers_a_malformed_host_400(open_server: httpx.Client, 
                              files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
     assert added.status_code == 400
     assert open_server.get("/v1/classes").json()["classes"] == []
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [("localhost", "localhost"), ("LocalHost.:8000", "localhost"), ("127.0.0.1:", "127.0.0.1"),
+     ("[::1]", "::1"), ("[0:0:0:0:0:0:0:1]:80", "::1"), ("[V1.fe:80]", "v1.fe:80"),
+     ("[::1]:", "::1"), ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("a%2Db", "a%2db")],
+)  # fmt: skip
+def test_parse_host_reads_rfc_9110_hosts(value: str, host: str) -> None:
+    assert parse_host(value) == host
+
+
+@pytest.mark.parametrize("value", [*MALFORMED_HOSTS, "[]", "[::1]x:1", "a:1:2", "h\u00e9.example", "%zz"])
+def test_parse_host_refuses_what_rfc_9110_does_not_allow(value: str) -> None:
+    with pytest.raises(MalformedHost):
+        parse_host(value)
 
 
 def test_a_request_without_host_is_400(open_server: httpx.Client) -> None:

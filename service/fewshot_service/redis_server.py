@@ -97,15 +97,19 @@ def _child_setup() -> None:
 
 def make_private(folder: Path) -> None:
     """``folder`` 0700 and every file under it 0600, subfolders 0700 (those of older versions
-    were 0755/0644: anyone on the machine could read the stored images)."""
-    os.chmod(folder, PRIVATE_DIR_MODE)
+    were 0755/0644: anyone on the machine could read the stored images). A file we may not
+    chmod (another user's) is logged, not fatal: the server still starts."""
+    paths = [(str(folder), PRIVATE_DIR_MODE)]
     for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), PRIVATE_DIR_MODE)
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, PRIVATE_FILE_MODE)
+        paths += [(os.path.join(root, name), PRIVATE_DIR_MODE) for name in dirs]
+        paths += [(os.path.join(root, name), PRIVATE_FILE_MODE) for name in files]
+    for path, mode in paths:
+        if os.path.islink(path):
+            continue
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            log.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 class ManagedRedis:
