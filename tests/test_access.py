@@ -7,8 +7,13 @@ matrix; others test mTLS, key rotation (file change and SIGHUP), keygen and prot
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import ssl
+import socket
+import subprocess
+import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ import image_samples as samples
 from conftest import stack_settings
 from tls_certs import Pki, make_pki
 
+from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_common import cli
 from fewshot_common.errors import NotFound, Unauthenticated
 from fewshot_service.access import AccessControl, Action, key_digest
@@ -229,6 +235,134 @@ def test_rest_without_a_valid_key_is_401(secure_server: SecureServer, authorizat
     assert secure_server.stack.core.get_class(TEAM_A, "seed").count == 1
 
 
+UPLOAD_BYTES = 30 * 1000 * 1000
+UPLOAD_SECONDS = 2.0  # paced like a fast client link (15 MB/s): reading it all takes this long
+
+
+@pytest.fixture(scope="module")
+def plain_keyed_stack(
+    tiny_model_path: Path, private_redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerStack, str]]:
+    """Keys without TLS (on loopback): a plain socket can stream a body from one thread while
+    another reads the answer (an SSL socket cannot be shared so)."""
+    import secrets
+
+    key, read_key = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    key_file = tmp_path_factory.mktemp("plain-keys") / "api-keys.toml"
+    write_key_file(key_file, {"write-a": (key, "write", [TEAM_A]), "read-a": (read_key, "read", [TEAM_A])})
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="access-early", api_keys=key_file
+    )
+    with ServerStack(settings) as stack:
+        yield stack, key, read_key
+
+
+def _time_to_answer(
+    port: int, path: str, authorization: str | None, chunked: bool
+) -> tuple[float, bytes, int]:
+    """POST a 30 MB multipart body over a real socket, streamed by a second thread over
+    ``UPLOAD_SECONDS``; (seconds from the end of the headers to the status line, that head, body
+    bytes sent by then)."""
+    boundary = "b0undary"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        + (f"Authorization: {authorization}\r\n" if authorization else "")
+        + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {UPLOAD_BYTES}\r\n")
+        + "\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sent = 0
+
+    def stream_body() -> None:
+        nonlocal sent
+        part_head = 'Content-Disposition: form-data; name="files"; filename="x.jpg"'
+        piece = f"--{boundary}\r\n{part_head}\r\n\r\n".encode()
+        piece = piece.ljust(65536, b"\0")
+        try:
+            while sent < UPLOAD_BYTES:
+                pause = started + UPLOAD_SECONDS * sent / UPLOAD_BYTES - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                data = piece[: UPLOAD_BYTES - sent]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                sent += len(data)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: what an early refusal does
+
+    sock.sendall(head)
+    started = time.perf_counter()
+    sender = threading.Thread(target=stream_body, daemon=True)
+    sender.start()
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    seconds, taken = time.perf_counter() - started, sent
+    sock.close()
+    sender.join(timeout=30)
+    return seconds, answer.split(b"\r\n\r\n")[0], taken
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-key"])
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
+    plain_keyed_stack: tuple[ServerStack, str, str], authorization: str | None, chunked: bool
+) -> None:
+    stack, key, _ = plain_keyed_stack
+    assert stack.http_port is not None and stack.core is not None
+    for path in ("/v1/classify", "/v1/classes/cat/examples?namespace=team-a", "/v1/embed"):
+        seconds, head, taken = _time_to_answer(stack.http_port, path, authorization, chunked)
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert b"www-authenticate: Bearer" in head
+        assert seconds < 0.5, f"{path}: 401 after {seconds:.2f}s"
+        assert taken < UPLOAD_BYTES, f"{path}: the whole body was taken before the 401"
+    with pytest.raises(NotFound):
+        stack.core.get_class(TEAM_A, "cat")
+    # The same body with the key is read and judged (a body that holds no image: 422).
+    seconds, head, taken = _time_to_answer(
+        stack.http_port, "/v1/classify?namespace=team-a", f"Bearer {key}", chunked
+    )
+    assert taken == UPLOAD_BYTES and not head.startswith(b"HTTP/1.1 401"), head
+
+
+def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_body_is_read(
+    plain_keyed_stack: tuple[ServerStack, str, str]
+) -> None:
+    stack, write_key, read_key = plain_keyed_stack
+    assert stack.http_port is not None and stack.core is not None
+    for path, key, message in (
+        ("/v1/classes/cat/examples?namespace=team-a", read_key, b"needs role 'write'"),
+        ("/v1/classify?namespace=team-b", write_key, b"namespace 'team-b'"),
+        ("/v1/classes/cat/examples?namespace=team-b", write_key, b"namespace 'team-b'"),
+    ):
+        seconds, head, taken = _time_to_answer(stack.http_port, path, f"Bearer {key}", chunked=False)
+        assert head.startswith(b"HTTP/1.1 403"), head
+        assert seconds < 0.5 and taken < UPLOAD_BYTES, f"{path}: 403 after {seconds:.2f}s"
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
+        refused = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_B},
+                            files={"files": ("x.png", samples.grey_png())},
+                            headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        assert refused.status_code == 403 and "team-b" in refused.json()["message"]
+
+        def allowed_decisions() -> float:
+            metrics = http.get("/metrics", headers={"Authorization": f"Bearer {read_key}"}).text
+            line = 'fewshot_auth_decisions_total{key="write-a",outcome="allowed"}'
+            return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
+
+        before = allowed_decisions()
+        added = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_A},
+                          files={"files": ("x.png", samples.grey_png())},
+                          headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        assert added.status_code == 201, added.text
+        # The early check is the route's check: one decision per request, not one per pass.
+        assert allowed_decisions() - before == 1.0
+
+
 @pytest.mark.parametrize("key", ["", "not-a-key"])
 def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer, key: str) -> None:
     with secure_server.grpc_client(key) as client:
@@ -237,6 +371,34 @@ def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer
                 call()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "not-a-key" not in refused.value.details()
+
+
+@pytest.mark.parametrize("key", ["", "not-a-key"])
+def test_grpc_refuses_a_stranger_before_the_request_message_arrives(
+    secure_server: SecureServer, key: str
+) -> None:
+    """The request message is held back for 3 s (as a slow 60 MB upload would be): the refusal
+    must not wait for it, and the message is never parsed or used."""
+    credentials = grpc.ssl_channel_credentials(secure_server.pki.ca.read_bytes())
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    request = fewshot_pb2.ClassifyRequest(images=[samples.grey_png()], namespace=TEAM_A).SerializeToString()
+
+    def held_back() -> Iterator[bytes]:
+        time.sleep(3.0)
+        yield request
+
+    with grpc.secure_channel(secure_server.grpc_target, credentials) as channel:
+        classify = channel.stream_unary("/fewshot.v1.FewShot/Classify")  # bytes in, bytes out
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as refused:
+            classify(held_back(), metadata=metadata, timeout=30)
+        seconds = time.perf_counter() - started
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert seconds < 0.5, f"UNAUTHENTICATED after {seconds:.2f}s"
+        # With a key the same held-back message is waited for and answered.
+        read_key = (("authorization", f"Bearer {secure_server.keys['read-a']}"),)
+        answer = fewshot_pb2.ClassifyResponse.FromString(classify(held_back(), metadata=read_key, timeout=30))
+        assert len(answer.results) == 1 and answer.results[0].predictions
 
 
 def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: SecureServer) -> None:
@@ -388,9 +550,9 @@ def test_keygen_prints_a_key_and_a_working_toml_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["keygen", "--name", "ingest-bot", "--role", "write", "--namespace", TEAM_A]) == 0
-    out = capsys.readouterr().out
-    key = out.split("\n")[1].strip()
-    entry = out[out.index("[[keys]]") :]
+    captured = capsys.readouterr()
+    key = captured.err.split("\n")[1].strip()
+    entry = captured.out  # stdout is the TOML entry and nothing else
     assert len(key) >= 43 and key not in entry
     assert tomllib.loads(entry)["keys"][0] == {
         "name": "ingest-bot", "sha256": key_digest(key).hex(), "role": "write", "namespaces": [TEAM_A],
@@ -399,6 +561,31 @@ def test_keygen_prints_a_key_and_a_working_toml_entry(
     access = AccessControl(tmp_path / "keys.toml")
     principal = access.check(key, Action.ADD, TEAM_A)
     assert principal.name == "ingest-bot"
+
+
+def test_keygen_appended_with_a_shell_redirect_gives_a_valid_file_for_any_unicode(tmp_path: Path) -> None:
+    """``fewshot keygen ... >> keys.toml``, twice, with names JSON would escape as surrogate
+    pairs (non-BMP), quotes, backslashes and control characters: the server's loader accepts the
+    file and each key opens its own namespace."""
+    fewshot = Path(sys.executable).with_name("fewshot")
+    keys_file = tmp_path / "keys.toml"
+    old_entry = f'[[keys]]\nname = "old"\nsha256 = "{"0" * 64}"\nrole = "read"\nnamespaces = ["x"]'
+    keys_file.write_text("# keys\n" + old_entry)  # no final newline
+    odd_names = {"emoji-bot 😀": "ns😀", 'q"uote\\bs': "tab\there\u007f", "\u0001ctl": "日本"}
+    keys: dict[str, str] = {}
+    for name, namespace in odd_names.items():
+        done = subprocess.run(
+            f"{fewshot} keygen --name {shlex.quote(name)} --role read "
+            f"--namespace {shlex.quote(namespace)} >> {keys_file}",
+            shell=True, capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        keys[name] = done.stderr.split("\n")[1].strip()
+        assert keys[name] not in keys_file.read_text(encoding="utf-8")
+    access = AccessControl(keys_file)
+    for name, namespace in odd_names.items():
+        principal = access.check(keys[name], Action.LIST, namespace)
+        assert principal.name == name and principal.namespaces == frozenset({namespace})
+    assert "\\ud83d" not in keys_file.read_text(encoding="utf-8")
 
 
 def test_protected_mode_defaults_to_loopback_and_refuses_open_networks(

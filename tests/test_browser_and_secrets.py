@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,7 @@ from conftest import stack_settings
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
 from fewshot_service.redis_client import redacted_url
+from fewshot_service.rest.host_header import MalformedHost, parse_host
 from fewshot_service.redis_server import ManagedRedis, free_port
 
 ALLOWED_ORIGIN = "https://app.example"
@@ -90,8 +92,52 @@ def test_an_open_server_refuses_foreign_host_names(open_server: httpx.Client, ho
                              files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
     assert added.status_code == 403
     assert open_server.get("/v1/classes").json()["classes"] == []  # nothing was added
-    for own in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST."):
+    for own in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST.", "localhost:", "[0:0::1]"):
         assert open_server.get("/v1/classes", headers={"Host": own}).status_code == 200, own
+
+
+MALFORMED_HOSTS = [
+    "localhost:18000@evil.example", "[::1]evil.example", "localhost:evil", "127.0.0.1:80:80",
+    "[::1", "[fe80::1%25eth0]", "[localhost]", "localhost/x", "local host", ":8000", "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", MALFORMED_HOSTS)
+def test_an_open_server_answers_a_malformed_host_400(open_server: httpx.Client, host: str) -> None:
+    # RFC 9110: uri-host [":" port]; a loose split took the odd ones for "localhost".
+    refused = open_server.get("/v1/classes", headers={"Host": host})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "bad_host"
+    added = open_server.post("/v1/classes/cat/examples", headers={"Host": host},
+                             files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
+    assert added.status_code == 400
+    assert open_server.get("/v1/classes").json()["classes"] == []
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [("localhost", "localhost"), ("LocalHost.:8000", "localhost"), ("127.0.0.1:", "127.0.0.1"),
+     ("[::1]", "::1"), ("[0:0:0:0:0:0:0:1]:80", "::1"), ("[V1.fe:80]", "v1.fe:80"),
+     ("[::1]:", "::1"), ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("a%2Db", "a%2db")],
+)  # fmt: skip
+def test_parse_host_reads_rfc_9110_hosts(value: str, host: str) -> None:
+    assert parse_host(value) == host
+
+
+@pytest.mark.parametrize("value", [*MALFORMED_HOSTS, "[]", "[::1]x:1", "a:1:2", "h\u00e9.example", "%zz"])
+def test_parse_host_refuses_what_rfc_9110_does_not_allow(value: str) -> None:
+    with pytest.raises(MalformedHost):
+        parse_host(value)
+
+
+def test_a_request_without_host_is_400(open_server: httpx.Client) -> None:
+    port = open_server.base_url.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/classes HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"bad_host" in answer
 
 
 def test_allowed_hosts_name_the_hosts_an_open_server_answers(tiny_model_path: Path, redis_url: str) -> None:
@@ -114,7 +160,7 @@ def test_the_redis_password_is_never_printed(tiny_model_path: Path, tmp_path: Pa
     password = "pw-7c0ffee-do-not-print"
     with ManagedRedis(tmp_path / "redis", persistent=False) as store:
         redis.Redis.from_url(store.url).config_set("requirepass", password)
-        url = store.url.replace("redis://", f"redis://:{password}@", 1)
+        url = f"redis://:{password}@127.0.0.1:{store.port}/0"
         server = serve_process(["--model", tiny_model_path, "--log-level", "debug"], env={"REDIS_URL": url})
         server.wait_ready()
         assert httpx.get(f"{server.http_url}/readyz", timeout=30).json()["ready"] is True
@@ -159,3 +205,33 @@ def test_every_response_has_one_request_id(open_server: httpx.Client) -> None:
     assert second.status_code == 404
     ids = [first.headers.get_list("x-request-id"), second.headers.get_list("x-request-id")]
     assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
+
+
+# --- security headers ---------------------------------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(open_server: httpx.Client) -> None:
+    from fewshot_service.rest.security_headers import API_CSP, DOCS_CSP, UI_CSP
+
+    answers = {
+        "/v1/classes": (open_server.get("/v1/classes"), API_CSP),
+        "404": (open_server.get("/v1/classes/nope"), API_CSP),
+        "422": (open_server.get("/v1/classes?namespace=" + "n" * 129), API_CSP),
+        "413": (open_server.post("/v1/classify", content=b"x" * (65 * 2**20)), API_CSP),
+        "403 host": (open_server.get("/v1/classes", headers={"Host": "evil.example"}), API_CSP),
+        "400 host": (open_server.get("/v1/classes", headers={"Host": "localhost:evil"}), API_CSP),
+        "/metrics": (open_server.get("/metrics"), API_CSP),
+        "/ui/": (open_server.get("/ui/"), UI_CSP),
+        "/ui/app.js": (open_server.get("/ui/app.js"), UI_CSP),
+        "/docs": (open_server.get("/docs"), DOCS_CSP),
+        "/redoc": (open_server.get("/redoc"), DOCS_CSP),
+        "/docs-assets": (open_server.get("/docs-assets/swagger-ui-bundle.js"), DOCS_CSP),
+    }
+    assert answers["413"][0].status_code == 413 and answers["400 host"][0].status_code == 400
+    for what, (response, csp) in answers.items():
+        assert response.headers["x-content-type-options"] == "nosniff", what
+        assert response.headers["x-frame-options"] == "DENY", what
+        assert response.headers["referrer-policy"] == "no-referrer", what
+        assert response.headers["content-security-policy"] == csp, what
+        assert "frame-ancestors 'none'" in csp
+    assert "script-src 'self'" in UI_CSP and "unsafe-inline" not in UI_CSP

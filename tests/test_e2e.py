@@ -136,7 +136,7 @@ def test_redis_down_is_503_and_unavailable_then_recovers_by_itself(
 ) -> None:
     server = ManagedRedis(tmp_path / "redis")
     server.start()
-    port = server.port
+    port, password = server.port, redis.connection.parse_url(server.url)["password"]
     with ServerStack(stack_settings(tiny_model_path, server.url)) as stack:
         url = http_of(stack)
         add(url, "red", [photo(COLOURS["red"], 0)])
@@ -157,7 +157,7 @@ def test_redis_down_is_503_and_unavailable_then_recovers_by_itself(
                 client.classify([photo(COLOURS["red"], 1)])
             assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
-            server = ManagedRedis(tmp_path / "redis", port=port)
+            server = ManagedRedis(tmp_path / "redis", port=port, password=password)  # as it was
             server.start()
         try:
             # No restart of the fewshot server: its next requests simply work again.

@@ -4,7 +4,10 @@ example and a class, switching namespace. Screenshots land in the test's tmp dir
 
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -62,6 +65,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,960", f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
     # An explicit driver path: Selenium Manager never tries to download one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
@@ -69,6 +73,11 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
     finally:
         driver.quit()
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def csp_violations(driver: WebDriver) -> list[str]:
+    """The console's Content-Security-Policy complaints since the last call (the log is drained)."""
+    return [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
 
 
 def wait_for(driver: WebDriver, css: str, text: str | None = None):
@@ -115,6 +124,7 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
     assert sorted(labels) == ["blue stripes", "red discs"]
     browser.save_screenshot(str(tmp_path / "playground.png"))
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+    assert csp_violations(browser) == []  # the page works under its Content-Security-Policy
 
     # "unknown" is shown exactly when the server flags the image (here: noise, and the query above).
     noise = tmp_path / "noise.png"
@@ -150,6 +160,13 @@ def test_playground_deletes_examples_and_classes_and_switches_namespace(
     add_class(browser, "two", [red_discs(tmp_path / f"r{i}.png", i) for i in range(2)])
     remove = browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove')
     browser.execute_script("arguments[0].click()", remove)  # shown on hover only
+    asked = WebDriverWait(browser, WAIT_S).until(EC.alert_is_present())
+    assert 'of class "two"' in asked.text
+    asked.dismiss()  # a stray click, taken back: nothing is deleted
+    assert httpx.get(base + "/v1/classes/two").json()["count"] == 2
+    remove = browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove')
+    browser.execute_script("arguments[0].click()", remove)
+    WebDriverWait(browser, WAIT_S).until(EC.alert_is_present()).accept()
     wait_for(browser, '.class-card[data-label="two"] .count', "1 example")
     assert httpx.get(base + "/v1/classes/two").json()["count"] == 1
 
@@ -168,6 +185,7 @@ def test_playground_deletes_examples_and_classes_and_switches_namespace(
         "only-in-b"
     ]
     browser.save_screenshot(str(tmp_path / "playground-namespace.png"))
+    assert csp_violations(browser) == []
 
 
 def test_playground_shows_an_api_error_clearly(
@@ -190,3 +208,29 @@ def test_swagger_ui_renders_the_api_from_local_assets(stack: ServerStack, browse
     wait_for(browser, ".opblock-summary-path")
     wait_for(browser, "#swagger-ui", "/v1/classify")
     assert "/v1/info" in browser.find_element(By.ID, "swagger-ui").text
+    assert csp_violations(browser) == []
+
+
+def test_redoc_renders_the_api_from_local_assets(stack: ServerStack, browser: WebDriver) -> None:
+    browser.get(f"http://127.0.0.1:{stack.http_port}/redoc")
+    wait_for(browser, "body", "/v1/classify")  # ReDoc's bundle ran and rendered the operations
+    assert csp_violations(browser) == []
+
+
+@pytest.mark.parametrize("page", ["/ui/", "/docs", "/v1/classes"])
+def test_another_origin_cannot_frame_the_server(
+    stack: ServerStack, browser: WebDriver, tmp_path: Path, page: str
+) -> None:
+    """A page on another origin (here localhost:<other port>) frames the playground: the browser
+    refuses (frame-ancestors 'none'), so no click in it can be hijacked."""
+    target = f"http://127.0.0.1:{stack.http_port}{page}"
+    (tmp_path / "frame.html").write_text(f'<!doctype html><iframe id="f" src="{target}"></iframe>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            browser.get(f"http://localhost:{other.server_address[1]}/frame.html")
+            refused = WebDriverWait(browser, WAIT_S).until(lambda d: csp_violations(d))
+        finally:
+            other.shutdown()
+    assert any("frame-ancestors 'none'" in message for message in refused), refused

@@ -46,7 +46,7 @@ def test_persistent_server_keeps_data_across_a_restart_and_listens_on_loopback_o
 ) -> None:
     with ManagedRedis(tmp_path) as server:
         client = redis.Redis.from_url(server.url)
-        assert server.url.startswith("redis://127.0.0.1:")
+        assert server.url.startswith("redis://:") and server.url.endswith(f"@127.0.0.1:{server.port}/0")
         assert client.config_get("bind")["bind"] == "127.0.0.1"
         assert client.config_get("appendonly")["appendonly"] == "yes"
         client.set("kept", "yes")
@@ -154,3 +154,125 @@ def test_the_lock_outlives_a_killed_owner_until_its_server_has_exited(tmp_path: 
     finally:
         owner.kill()
         owner.wait()
+
+
+# --- private to its user (issue 29) -------------------------------------------------------------------
+
+
+def test_a_client_without_the_password_is_refused_and_the_password_is_not_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    with ManagedRedis(tmp_path) as server:
+        for password in (None, "guess"):
+            stranger = redis.Redis(host="127.0.0.1", port=server.port, password=password, protocol=2)
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                stranger.set("k", "v")
+            stranger.close()
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping() and client.dbsize() == 0
+        password = redis.connection.parse_url(server.url)["password"]
+        assert len(password) >= 40
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline  # /proc/<pid>/cmdline: readable by everyone
+        first_url = server.url
+    with ManagedRedis(tmp_path) as again:
+        assert again.url != first_url  # a fresh password per start
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_the_data_folder_and_its_files_are_private(tmp_path: Path) -> None:
+    data = tmp_path / "redis"
+    data.mkdir(mode=0o755)
+    (data / "appendonlydir").mkdir(mode=0o755)
+    old = data / "appendonlydir" / "left-by-an-old-version.aof"
+    old.write_bytes(b"")
+    old.chmod(0o644)
+    with ManagedRedis(data) as server:
+        with redis.Redis.from_url(server.url) as client:
+            client.set("image", b"\xff" * 1000)
+        modes = _modes(data)
+    assert any(name.endswith(".incr.aof") for name in modes), modes
+    assert "server.log" in modes and "appendonlydir" in modes
+    for name, mode in modes.items():
+        is_dir = (data / name).is_dir()
+        assert mode == (0o700 if is_dir else 0o600), f"{name}: {oct(mode)}"
+
+
+def _aof_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("appendonly.aof.*")))
+
+
+def test_compact_soon_rewrites_deleted_bytes_out_of_the_append_only_file(tmp_path: Path) -> None:
+    marker = b"IMAGE-BYTES-" + os.urandom(16).hex().encode()
+    with ManagedRedis(tmp_path, rewrite_delay_s=0.2, rewrite_interval_s=3.0) as server:
+        with redis.Redis.from_url(server.url) as client:
+            client.set("image", marker * 100)
+            client.set("kept", "yes")
+            assert _wait_for(lambda: marker in _aof_bytes(tmp_path))
+            client.delete("image")
+            server.compact_soon()
+            server.compact_soon()  # joins the pending one
+            assert _wait_for(lambda: marker not in _aof_bytes(tmp_path)), "the deleted bytes stayed"
+            assert client.get("kept") == b"yes"
+            # At most one rewrite per interval: the next one waits for the rest of it.
+            client.set("image2", marker)
+            assert _wait_for(lambda: marker in _aof_bytes(tmp_path))
+            client.delete("image2")
+            asked = time.monotonic()
+            server.compact_soon()
+            time.sleep(1.0)
+            assert marker in _aof_bytes(tmp_path), "rewritten again within the interval"
+            assert _wait_for(lambda: marker not in _aof_bytes(tmp_path))
+            assert time.monotonic() - asked >= 1.5
+    with ManagedRedis(tmp_path) as again, redis.Redis.from_url(again.url) as client:
+        assert client.get("kept") == b"yes" and client.get("image") is None
+
+
+def _wait_for(condition, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_server_stack_compacts_its_embedded_valkey_after_a_deletion(
+    tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored image of a deleted example leaves the append-only file (fewshot serve with no
+    Redis URL); a client without the password cannot read the data meanwhile."""
+    import httpx
+    from PIL import Image
+
+    from conftest import stack_settings
+    from fewshot_service import redis_server
+    from fewshot_service.app import ServerStack
+
+    monkeypatch.setattr(redis_server, "REWRITE_DELAY_S", 0.2)  # the default: 5 s
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    png = tmp_path / "noise.png"
+    noise.save(png)
+    settings = stack_settings(tiny_model_path, "", data_dir=tmp_path / "data").model_copy(update={"redis_url": None})
+    with ServerStack(settings) as stack, httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
+        assert stack.managed_redis is not None
+        folder = stack.managed_redis.data_dir
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=stack.managed_redis.port, protocol=2).keys()
+        added = http.post("/v1/classes/noise/examples", files={"files": ("n.png", png.read_bytes())})
+        assert added.status_code == 201, added.text
+        with redis.Redis.from_url(stack.managed_redis.url) as client:
+            stored = [
+                value
+                for key in client.keys()
+                for value in (client.hvals(key) if client.type(key) == b"hash" else
+                              [client.get(key)] if client.type(key) == b"string" else [])
+            ]  # fmt: skip
+        image = max(stored, key=len)  # the stored copy of the image: the largest value
+        assert len(image) > 2000
+        assert _wait_for(lambda: image in _aof_bytes(folder))
+        assert http.delete("/v1/classes/noise").status_code == 200
+        assert _wait_for(lambda: image not in _aof_bytes(folder)), "the deleted image stayed in the AOF"

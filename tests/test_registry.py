@@ -297,7 +297,7 @@ def test_redis_down_is_unavailable_and_the_client_recovers_by_itself(tmp_path: P
     client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=2)
     registry = Registry(client)
     registry.add_examples("default", "cat", rand(2, 16), MODEL)
-    port = server.port
+    port, password = server.port, redis.connection.parse_url(server.url)["password"]
     server.stop()
 
     assert registry.ping() is False
@@ -308,9 +308,9 @@ def test_redis_down_is_unavailable_and_the_client_recovers_by_itself(tmp_path: P
     with pytest.raises(Unavailable):
         registry.list_classes("default")
 
-    # Same port, same data dir: the very same Registry object works again, and the AOF kept "cat"
+    # Same port, password and data dir: the very same Registry object works again, and the AOF kept "cat"
     # (scripts are re-loaded into the fresh server's empty script cache without our help).
-    restarted = ManagedRedis(tmp_path / "redis", port=port, persistent=True)
+    restarted = ManagedRedis(tmp_path / "redis", port=port, password=password, persistent=True)
     restarted.start()
     try:
         assert registry.ping() is True

@@ -19,18 +19,27 @@ import httpx
 import pytest
 import redis
 
+from fewshot_service.redis_client import redacted_url
 from fewshot_service.redis_server import ManagedRedis
 from fewshot_service.registry import Registry
 from fewshot_service.serve_cli import add_arguments, settings_from_args
 
 
-def managed_redis_pid(banner: str) -> int:
-    url = re.search(r"Redis (redis://\S+)", banner).group(1)
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.info("server")["process_id"])
-    finally:
-        client.close()
+def managed_redis_pid(server) -> int:
+    """The pid of the Valkey that ``fewshot serve`` started: its child listening on the port in
+    the banner (the banner's URL hides the password, so it is found by parentage, not asked)."""
+    port = int(re.search(r"Redis redis://\S*127\.0\.0\.1:(\d+)", server.banner).group(1))
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == server.process.pid:  # the parent pid
+            children.append(int(stat.parent.name))
+    servers = [pid for pid in children if f":{port}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, (children, servers)
+    return servers[0]
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
@@ -58,7 +67,7 @@ def test_a_signal_stops_the_server_and_its_managed_redis(
     serve_process, tiny_model_path: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
     server = serve_process(["--model", tiny_model_path, "--data-dir", tmp_path / "data"]).wait_ready()
-    redis_pid = managed_redis_pid(server.banner)
+    redis_pid = managed_redis_pid(server)
     assert httpx.get(f"{server.http_url}/readyz").json()["ready"] is True
     assert server.stop(sig) == 0, server.output()
     assert gone(redis_pid), "the managed Redis outlived fewshot serve"
@@ -86,7 +95,7 @@ def test_settings_come_from_the_environment(
     env = {"FEWSHOT_MODEL": str(tiny_model_path), "REDIS_URL": redis_url,
            "FEWSHOT_REDIS_KEY_PREFIX": "fromenv", "FEWSHOT_MAX_IMAGES": "1"}  # fmt: skip
     server = serve_process([], env=env, cwd=tmp_path).wait_ready()
-    assert f"Redis {redis_url}" in server.banner  # no private server was started
+    assert f"Redis {redacted_url(redis_url)}" in server.banner  # no private server was started
     png = (tmp_path / "x.png")
     from PIL import Image
 

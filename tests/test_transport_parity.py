@@ -109,12 +109,26 @@ CASES = [
     Case("namespace not UTF-8", "classify", Code.INVALID_ARGUMENT, namespace="bad\udcff"),
     Case("namespace not UTF-8 (add)", "add", Code.INVALID_ARGUMENT, namespace="bad\udcfe"),
     Case("namespace not UTF-8 (list)", "list", Code.INVALID_ARGUMENT, namespace="bad\udcff"),
+    # Dot-segments: a URL cannot carry them (browsers resolve even %2E%2E), so they are refused.
+    Case("label '.' (add)", "add", Code.INVALID_ARGUMENT, label="."),
+    Case("label '..' (get)", "get", Code.INVALID_ARGUMENT, label=".."),
+    Case("label '..' (delete)", "delete", Code.INVALID_ARGUMENT, label=".."),
+    Case("example id '.'", "delete_example", Code.INVALID_ARGUMENT, example_id="."),
+    Case("namespace '..'", "classify", Code.INVALID_ARGUMENT, namespace=".."),
+    Case("namespace '.' (add)", "add", Code.INVALID_ARGUMENT, namespace="."),
+    Case("dots inside a name are fine", "add", Code.OK, label="v1.2..x"),
 ]
 
 
 def wire(value: str) -> bytes:
     """The bytes a client sends for ``value`` (surrogate escapes become the raw bytes)."""
     return value.encode("utf-8", "surrogateescape")
+
+
+def path_segment(value: str) -> str:
+    """``value`` percent-encoded for a path, dots too, so that httpx sends a '.' label as
+    ``%2E`` rather than resolving it away (the server must see and refuse it)."""
+    return quote(wire(value), safe="").replace(".", "%2E")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +154,7 @@ def clients(stack: ServerStack, redis_url: str) -> Iterator[tuple[httpx.Client, 
 def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
     # Percent-encoded by hand: httpx would refuse the surrogate-escaped (not UTF-8) cases.
     query = "?" + urlencode({"namespace": wire(case.namespace)})
-    label = f"/v1/classes/{quote(wire(case.label), safe='')}"
+    label = f"/v1/classes/{path_segment(case.label)}"
     uploads = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(case.images)]
     if case.op == "classify":
         classify_query = f"{query}&top_k={case.top_k}&unknown_rate={case.unknown_rate}"
@@ -153,7 +167,7 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
         return http.get(f"{label}{query}")
     if case.op == "delete":
         return http.delete(f"{label}{query}")
-    return http.delete(f"{label}/examples/{quote(wire(case.example_id), safe='')}{query}")
+    return http.delete(f"{label}/examples/{path_segment(case.example_id)}{query}")
 
 
 def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:

@@ -166,6 +166,8 @@ class ServerStack:
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
+        if self.managed_redis is not None:  # deleted images leave its append-only file soon
+            self.core.deletion_listeners.append(self.managed_redis.compact_soon)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
         self.access = AccessControl(settings.api_keys, poll_seconds=settings.api_keys_poll_s)
         self.access.watch()

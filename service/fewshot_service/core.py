@@ -43,14 +43,23 @@ MAX_TOP_K = 1000
 # Namespaces, labels and example ids alike: any UTF-8 string of 1-128 characters (the registry
 # keeps names out of its key syntax by hex-encoding them, so no alphabet restriction is needed).
 MAX_NAME_CHARS = 128
+# Except these: URL parsers (browsers, proxies, httpx) resolve them as dot-segments, even
+# percent-encoded, so such a name could be created but never be listed or deleted again over REST.
+DOT_SEGMENT_NAMES = frozenset({".", ".."})
 
 
 def resolve_name(value: object, what: str) -> str:
-    """A label, namespace or example id: a UTF-8 string of 1-128 characters, else InvalidInput."""
+    """A label, namespace or example id: a UTF-8 string of 1-128 characters other than ``.`` and
+    ``..``, else InvalidInput."""
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
     if not 1 <= len(value) <= MAX_NAME_CHARS:
         raise InvalidInput(f"{what} must be 1-{MAX_NAME_CHARS} characters long, got {len(value)}")
+    if value in DOT_SEGMENT_NAMES:
+        raise InvalidInput(
+            f"{what} {value!r} is not allowed: a URL cannot carry it ('.' and '..' are path "
+            "navigation, even percent-encoded)"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -110,6 +119,7 @@ class FewShotCore:
         # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
+        self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
@@ -377,15 +387,24 @@ class FewShotCore:
         return confusions(snapshot, label, top_k)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
-        return self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        self._deleted()
 
     def delete_example(
         self, namespace: str | None, label: str, example_id: str
     ) -> "ClassInfo | None":
         """The class as it is after the deletion, or None when that was its last example."""
-        return self.registry.delete_example(
+        info = self.registry.delete_example(
             resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
         )
+        self._deleted()
+        return info
+
+    def _deleted(self) -> None:
+        """Tell :attr:`deletion_listeners` (the embedded Valkey compacts its append-only file,
+        which would otherwise keep the deleted images' bytes)."""
+        for listener in self.deletion_listeners:
+            listener()
 
     def list_namespaces(self) -> "list[NamespaceSummary]":
         """Every namespace holding classes, with class and example counts and its model."""
@@ -393,7 +412,9 @@ class FewShotCore:
 
     def delete_namespace(self, namespace: str | None) -> "DeletedNamespace":
         """Remove a namespace with all its classes and examples, atomically."""
-        return self.registry.delete_namespace(resolve_namespace(namespace))
+        deleted = self.registry.delete_namespace(resolve_namespace(namespace))
+        self._deleted()
+        return deleted
 
     # -- models ------------------------------------------------------------------------------
 

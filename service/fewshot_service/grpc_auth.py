@@ -4,6 +4,11 @@
 ``grpc.health.v1`` and reflection (which only describes the API, like /openapi.json) stay open.
 A method of ``fewshot.v1.FewShot`` missing from :data:`METHOD_ACTIONS` is refused: a new RPC gets
 no access by accident.
+
+A missing or unknown key is refused from the metadata alone, before the request message is read:
+the refusing handler is a stream handler that never asks for the message, so a stranger's 60 MB
+message is neither waited for nor parsed. A known key is checked again, with the namespace, once
+the message is in and before the servicer sees it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         rule = METHOD_ACTIONS.get(details.method[len(_PREFIX) :])
         key = bearer_key(_metadata(details.invocation_metadata, "authorization"))
+        try:
+            self._access.authenticate(key)
+        except errors.Unauthenticated as exc:
+            return _refusal_before_the_message(errors.lookup(self._status, exc), str(exc))
         if handler.unary_unary is None:  # streaming RPCs: none today, and none unchecked
             return _refusal(grpc.StatusCode.PERMISSION_DENIED, f"{details.method} has no access rule")
         inner = handler.unary_unary
@@ -76,6 +85,16 @@ def _metadata(metadata: tuple[tuple[str, str | bytes], ...] | None, name: str) -
         if key == name:
             return value if isinstance(value, str) else value.decode("latin-1")
     return None
+
+
+def _refusal_before_the_message(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers ``code`` at once: as a request-streaming handler it is called
+    before any message arrives and never reads one (the wire format is the same as unary's)."""
+
+    def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -1,14 +1,17 @@
 """``fewshot keygen``: a new random API key, printed once, and the TOML entry for the key file.
 
-The server keeps only the key's sha256, so the key cannot be shown again: store it now.
+The server keeps only the key's sha256, so the key cannot be shown again: store it now. The TOML
+entry is all that goes to stdout (the key and the prose go to stderr), so
+``fewshot keygen ... >> keys.toml`` appends a valid entry and never the key itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
+
+import tomli_w
 
 from .access import ANY_NAMESPACE, Role, key_digest
 
@@ -28,20 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def toml_entry(name: str, digest_hex: str, role: str, namespaces: list[str]) -> str:
-    # JSON strings are valid TOML basic strings, so names with quotes stay well-formed.
-    return (
-        "[[keys]]\n"
-        f"name = {json.dumps(name)}\n"
-        f'sha256 = "{digest_hex}"\n'
-        f"role = {json.dumps(role)}\n"
-        f"namespaces = [{', '.join(json.dumps(ns) for ns in namespaces)}]\n"
-    )
+    """One ``[[keys]]`` table, valid TOML for any Unicode name (a TOML writer, not JSON: JSON
+    escapes a non-BMP character as a surrogate pair, which TOML refuses). It starts with a blank
+    line, so appending it to a file that lacks a final newline still parses."""
+    entry = {"name": name, "sha256": digest_hex, "role": role, "namespaces": namespaces}
+    return "\n" + tomli_w.dumps({"keys": [entry]})
 
 
 def run(args: argparse.Namespace) -> int:
     key = secrets.token_urlsafe(KEY_BYTES)
     digest = key_digest(key).hex()
-    print(f"API key (shown once; the server keeps only its hash):\n{key}\n")
-    print("Add this entry to the --api-keys file (the server picks it up within seconds, or on SIGHUP):\n")
+    sys.stderr.write(f"API key (shown once; the server keeps only its hash):\n{key}\n\n")
+    sys.stderr.write(
+        "Add the entry on stdout to the --api-keys file, e.g. `fewshot keygen ... >> keys.toml` "
+        "(the server picks it up within seconds, or on SIGHUP).\n"
+    )
     sys.stdout.write(toml_entry(args.name, digest, args.role, args.namespaces))
     return 0

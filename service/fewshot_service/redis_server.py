@@ -5,18 +5,28 @@ system package; a ``redis-server`` on PATH is the fallback. The server binds to 
 an append-only file in ``data_dir`` when persistent (classes survive a restart), and dies with us.
 It holds a :class:`DataDirLock` on ``data_dir`` for as long as it runs, so no second server (in this
 process or another) ever starts on the same files.
+
+Private to its user: a fresh random password per start (``requirepass``, handed to the server on
+its stdin, never on its command line, and only inside :attr:`ManagedRedis.url`), a 0700 data
+folder and 0600 files (the child's umask; files left by older versions are chmodded), since the
+append-only file holds the stored images. After deletions :meth:`ManagedRedis.compact_soon`
+rewrites that file (BGREWRITEAOF, at most every ``rewrite_interval_s``), so deleted image bytes
+do not stay in it until Valkey's own size-triggered rewrite.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -27,8 +37,15 @@ from redis.retry import Retry
 
 from .data_dir_lock import DataDirLock
 
+log = logging.getLogger(__name__)
+
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
+# A rewrite after deletions: a few seconds after the first one (a burst of deletions makes one
+# rewrite), and at most every five minutes (each rewrite writes the whole data set again).
+REWRITE_DELAY_S = 5.0
+REWRITE_INTERVAL_S = 300.0
+PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PRIVATE_UMASK = 0o700, 0o600, 0o077
 
 
 class RedisBinaryNotFound(RuntimeError):
@@ -66,14 +83,33 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask Linux to SIGTERM it when the thread that started it ends.
+def _child_setup() -> None:
+    """Runs in the child before exec: files it creates are its user's alone (umask 077), and
+    Linux SIGTERMs it when the thread that started it ends.
 
-    This is what keeps a SIGKILLed ``fewshot serve`` from leaving an orphan server behind, so start
-    the server from a long-lived thread (the main thread).
+    The latter is what keeps a SIGKILLed ``fewshot serve`` from leaving an orphan server behind, so
+    start the server from a long-lived thread (the main thread).
     """
+    os.umask(PRIVATE_UMASK)
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def make_private(folder: Path) -> None:
+    """``folder`` 0700 and every file under it 0600, subfolders 0700 (those of older versions
+    were 0755/0644: anyone on the machine could read the stored images). A file we may not
+    chmod (another user's) is logged, not fatal: the server still starts."""
+    paths = [(str(folder), PRIVATE_DIR_MODE)]
+    for root, dirs, files in os.walk(folder):
+        paths += [(os.path.join(root, name), PRIVATE_DIR_MODE) for name in dirs]
+        paths += [(os.path.join(root, name), PRIVATE_FILE_MODE) for name in files]
+    for path, mode in paths:
+        if os.path.islink(path):
+            continue
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            log.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 class ManagedRedis:
@@ -90,20 +126,38 @@ class ManagedRedis:
         port: int | None = None,
         persistent: bool = True,
         binary: str | None = None,
+        password: str | None = None,
+        rewrite_delay_s: float = REWRITE_DELAY_S,
+        rewrite_interval_s: float = REWRITE_INTERVAL_S,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.persistent = persistent
         self.binary = binary
+        self.rewrite_delay_s = rewrite_delay_s
+        self.rewrite_interval_s = rewrite_interval_s
         self._requested_port = port
         self.port: int | None = None
+        self._requested_password = password  # None: a fresh random one per start
+        self._password = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = DataDirLock(self.data_dir)
+        self._rewrite_lock = threading.Lock()
+        self._rewrite_timer: threading.Timer | None = None
+        self._last_rewrite = float("-inf")
 
     @property
     def url(self) -> str:
+        """``redis://:<password>@127.0.0.1:<port>/0``: print it only through ``redacted_url``."""
         if self.port is None or not self.running:
             raise RuntimeError("ManagedRedis is not running; call start() first")
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self._password}@127.0.0.1:{self.port}/0"
+
+    def client(self, **options: object) -> redis.Redis:
+        """A client of this server (with its password)."""
+        assert self.port is not None
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self._password, **options  # type: ignore[arg-type]
+        )
 
     @property
     def running(self) -> bool:
@@ -124,9 +178,10 @@ class ManagedRedis:
         binary = self.binary or find_server_binary()
         if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
             raise RedisBinaryNotFound(f"Redis server binary {binary!r} does not exist or is not executable")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         self._lock.acquire()  # DataDirInUse when another server has these files
         try:
+            make_private(self.data_dir)
             return self._start_locked(binary)
         except BaseException:
             self._lock.release()
@@ -138,6 +193,8 @@ class ManagedRedis:
         last_error = ""
         for _ in range(attempts):
             self.port = self._requested_port or free_port()
+            # URL-safe: it goes into the URL as it is.
+            self._password = self._requested_password or secrets.token_urlsafe(32)
             self._process = self._spawn(binary, self.port)
             error = self._wait_until_ready(self._process, self.port)
             if error is None:
@@ -147,8 +204,41 @@ class ManagedRedis:
             self._reap()
         raise RuntimeError(f"could not start {binary} on 127.0.0.1:{self.port}: {last_error}")
 
+    def compact_soon(self) -> None:
+        """Rewrite the append-only file soon (after deletions): ``rewrite_delay_s`` from now, or
+        ``rewrite_interval_s`` after the last rewrite if that is later. Calls while one is
+        pending join it. Nothing to do for a server without an append-only file."""
+        if not self.persistent:
+            return
+        with self._rewrite_lock:
+            if self._rewrite_timer is not None or not self.running:
+                return
+            wait = max(self.rewrite_delay_s, self._last_rewrite + self.rewrite_interval_s - time.monotonic())
+            self._rewrite_timer = threading.Timer(wait, self._rewrite)
+            self._rewrite_timer.daemon = True
+            self._rewrite_timer.start()
+
+    def _rewrite(self) -> None:
+        with self._rewrite_lock:
+            self._rewrite_timer = None
+            self._last_rewrite = time.monotonic()
+        if not self.running:
+            return
+        try:
+            client = self.client(socket_timeout=5.0, socket_connect_timeout=5.0)
+            try:
+                client.bgrewriteaof()  # Valkey queues it behind a rewrite already running
+            finally:
+                client.close()
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not start rewriting the append-only file: %s", type(exc).__name__)
+
     def stop(self) -> None:
         """SIGTERM makes Valkey/Redis fsync the append-only file and exit; SIGKILL if it hangs."""
+        with self._rewrite_lock:
+            if self._rewrite_timer is not None:
+                self._rewrite_timer.cancel()
+                self._rewrite_timer = None
         process = self._process
         if process is None:
             self._lock.release()
@@ -179,6 +269,7 @@ class ManagedRedis:
     def _spawn(self, binary: str, port: int) -> subprocess.Popen[bytes]:
         args = [
             binary,
+            "-",  # the configuration (here: the password) comes from stdin, not the command line
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
@@ -189,14 +280,15 @@ class ManagedRedis:
             "--appendfsync", "everysec",
             "--logfile", "",
         ]  # fmt: skip
-        log = self.log_path.open("ab")
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+        server_log = os.fdopen(log_fd, "ab")
         try:
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 args,
-                stdout=log,
+                stdout=server_log,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                stdin=subprocess.PIPE,
+                preexec_fn=_child_setup,
                 # The server shares our lock: if we are SIGKILLed, the folder stays locked until it
                 # has flushed its append-only file and exited too.
                 pass_fds=(self._lock.fd,) if self._lock.fd is not None else (),
@@ -204,13 +296,21 @@ class ManagedRedis:
                 start_new_session=True,
             )
         finally:
-            log.close()
+            server_log.close()
+        assert process.stdin is not None
+        try:
+            process.stdin.write(f"requirepass {self._password}\n".encode())
+            process.stdin.close()  # end of the configuration: the server starts
+        except OSError:
+            pass  # it exited at once; _wait_until_ready reports why
+        return process
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes], port: int) -> str | None:
         """None once PING answers; otherwise why not."""
         client = redis.Redis(
             host="127.0.0.1",
             port=port,
+            password=self._password,
             socket_connect_timeout=0.5,
             socket_timeout=0.5,
             retry=Retry(NoBackoff(), 0),  # this loop is the retry
@@ -224,8 +324,9 @@ class ManagedRedis:
                     # Our process must be the one answering, not whoever else holds the port.
                     if client.info("server").get("process_id") == process.pid:
                         return None
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                    pass  # not listening yet, or still replaying the append-only file
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                    pass  # not listening yet, still replaying the append-only file, or someone else's
                 time.sleep(0.05)
             return f"no answer to PING within {_START_TIMEOUT_S:.0f}s: {self._log_tail()}"
         finally:

@@ -22,8 +22,11 @@ from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath
 from .security import install_security
+from .security_headers import SecurityHeaders
 
 __all__ = ["HTTP_STATUS", "create_app"]
+
+DOCS_URL, REDOC_URL, DOCS_ASSETS_URL = "/docs", "/redoc", "/docs-assets"
 
 
 def create_app(
@@ -36,7 +39,9 @@ def create_app(
 ) -> FastAPI:
     # /docs and /redoc with Swagger UI and ReDoc served from a package, not a CDN: they work offline.
     app = FastAPIOffline(
-        static_url="/docs-assets",
+        docs_url=DOCS_URL,
+        redoc_url=REDOC_URL,
+        static_url=DOCS_ASSETS_URL,
         title="fewshot",
         version=__version__,
         description="Few-shot image classification: define classes with a few examples each.",
@@ -58,5 +63,8 @@ def create_app(
     app.add_middleware(RawClassPath)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(CountResponses)
+    # On every answer, refusals included; Swagger UI and ReDoc keep their inline start-up script.
+    docs_paths = [DOCS_URL, REDOC_URL, app.swagger_ui_oauth2_redirect_url or DOCS_URL, DOCS_ASSETS_URL + "/"]
+    app.add_middleware(SecurityHeaders, ui_prefix=ui.UI_PREFIX, docs_paths=docs_paths)
     app.add_middleware(AccessLog, routes=app.router.routes)  # outermost: logs even a refused body
     return app

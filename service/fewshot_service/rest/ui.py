@@ -11,10 +11,11 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
+UI_PREFIX = "/ui"  # its Content-Security-Policy: security_headers.UI_CSP
 
 
 def install(app: FastAPI) -> None:
-    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.mount(UI_PREFIX, StaticFiles(directory=UI_DIR, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

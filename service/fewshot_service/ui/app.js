@@ -170,6 +170,8 @@ function exampleTile(label, id) {
   remove.textContent = "×";
   remove.addEventListener("click", () =>
     run(async () => {
+      // Asked, like deleting a class: one stray click must not lose a shot.
+      if (!confirm(`Delete example ${id.slice(0, 8)} of class "${label}"?`)) return;
       const result = await api("DELETE", `${classPath(label)}/examples/${encodeURIComponent(id)}`);
       localStorage.removeItem(thumbKey(label, id));
       banner(result.class_deleted ? `Deleted the last example: class "${label}" is gone.` : "Example deleted.");
