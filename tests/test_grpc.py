@@ -305,7 +305,7 @@ def test_reflection_lists_and_describes_the_services(served: Served) -> None:
 def test_redis_down_is_unavailable_and_recovers_by_itself(tiny_model_path: Path, tmp_path: Path) -> None:
     store = ManagedRedis(tmp_path / "redis", persistent=True)
     store.start()
-    port = store.port
+    port, password = store.port, redis.connection.parse_url(store.url)["password"]
     served = Served(tiny_model_path, store.url)
     try:
         served.core.add_examples("", "red", [samples.solid_png((255, 0, 0))])
@@ -320,7 +320,7 @@ def test_redis_down_is_unavailable_and_recovers_by_itself(tiny_model_path: Path,
         # Embedding needs no Redis and keeps working.
         assert len(served.client.embed([samples.noise_png(0)])) == 1
 
-        store = ManagedRedis(tmp_path / "redis", port=port, persistent=True)
+        store = ManagedRedis(tmp_path / "redis", port=port, password=password, persistent=True)
         store.start()
         assert served.status() == health_pb2.HealthCheckResponse.SERVING
         assert served.stub.Classify(classify, timeout=30).results[0].predictions[0].label == "red"
