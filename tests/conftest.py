@@ -218,3 +218,31 @@ def cluster_url(redis_cluster) -> str:
     client.flushall(target_nodes=RedisCluster.PRIMARIES)
     client.close()
     return redis_cluster.url
+
+
+# --- test kinds: `pytest -m unit` is the developer's quick loop ------------------------------------
+# Every test gets exactly one kind, from what it uses (the first that applies): ``browser`` (drives
+# Chromium), ``live`` (starts a server: in-process ServerStack/gRPC server, or `fewshot serve`),
+# ``redis`` (a real Redis, no server), ``unit`` (none of these). ``slow`` stays a separate marker.
+_BROWSER_MODULE_NAMES = {"webdriver"}
+_LIVE_MODULE_NAMES = {"ServerStack", "create_grpc_server", "ServeProcess", "serve_command"}
+_LIVE_FIXTURES = {"serve_process"}
+_REDIS_FIXTURES = {"private_redis", "redis_url", "redis_client", "redis_cluster", "cluster_url"}
+TEST_KINDS = ("browser", "live", "redis", "unit")
+
+
+def test_kind(item: pytest.Item) -> str:
+    module_names = set(vars(item.module)) if getattr(item, "module", None) is not None else set()
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if module_names & _BROWSER_MODULE_NAMES:
+        return "browser"
+    if module_names & _LIVE_MODULE_NAMES or fixtures & _LIVE_FIXTURES:
+        return "live"
+    if fixtures & _REDIS_FIXTURES:
+        return "redis"
+    return "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, test_kind(item)))

@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 from test_train import TINY, read_metrics, tiny_config, write_images
 
+pytestmark = pytest.mark.slow  # torchrun and multi-process training: ~30 s
+
 WORLD = 2
 
 

@@ -198,6 +198,7 @@ def test_hostile_uploads_are_refused_fast_and_add_nothing(
     assert_healthy_and_empty(http, name)
 
 
+@pytest.mark.slow
 def test_a_32_bit_tiff_within_the_limits_is_answered_in_bounded_time(http: httpx.Client) -> None:
     tiff = hostile.wide_tiff("I", (6300, 6300))  # 39.7 M pixels, a few hundred KB on the wire
     started = time.monotonic()

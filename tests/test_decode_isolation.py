@@ -98,6 +98,7 @@ def _catch(errors: list[Exception], fn, *args) -> None:
         errors.append(exc)
 
 
+@pytest.mark.slow
 def test_cpu_and_memory_limits_stop_the_decoder_and_close_stops_the_worker(pool: DecodePool) -> None:
     # No scan cap here: the CPU limit alone must stop a JPEG of 3000 scans (57 s unbounded).
     tight = ImageLimits(max_decode_cpu_s=1, max_decode_memory=MEMORY, max_jpeg_scans=10**6)
@@ -220,6 +221,7 @@ def test_formats_outside_the_allowlist_are_415_over_rest_and_invalid_argument_ov
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
 
 
+@pytest.mark.slow
 def test_an_uploads_two_decodes_share_one_images_cpu_budget(pool: DecodePool) -> None:
     """An example upload decodes each image twice (model input, stored copy) in one worker job:
     together they get the image's CPU budget, not one budget each."""

@@ -30,6 +30,7 @@ def test_default_model_loads_with_metadata_and_card_states_its_id() -> None:
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], shared_data: Path
 ) -> None:

@@ -169,6 +169,7 @@ def test_redis_down_is_503_and_unavailable_then_recovers_by_itself(
             server.stop()
 
 
+@pytest.mark.slow
 def test_classes_survive_a_restart_of_fewshot_serve_with_its_embedded_redis(
     serve_process, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -364,6 +364,7 @@ class PairedRun:
         return self.embedder.embed_array(pixels)
 
 
+@pytest.mark.slow
 def test_batcher_runs_the_parts_of_a_multi_image_request_side_by_side(
     embedder: Embedder, images: list[bytes]
 ) -> None:

@@ -81,6 +81,7 @@ def test_cli_random_export_has_contract_names_dynamic_batch_metadata_and_prints_
     np.testing.assert_allclose(_embed(out, pixels[:1]), expected[:1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_model_id_is_a_content_hash(tmp_path: Path) -> None:
     pre = default_preprocess(SPEC)
     first = export_onnx(_random_encoder(0), SPEC, pre, tmp_path / "a.onnx")

@@ -231,6 +231,7 @@ def shipped_stack(private_redis: ManagedRedis) -> Iterator[ServerStack]:
         yield running
 
 
+@pytest.mark.slow
 def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_stack: ServerStack, redis_url: str) -> None:
     files = list_labelled_image_files(shared_data / "fewshot-dev")
     flagged = 0

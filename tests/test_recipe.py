@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fewshot_common.cli import main as fewshot
@@ -15,6 +16,7 @@ from conftest import REPO_ROOT
 RECIPE = REPO_ROOT / "models" / "default.recipe.yaml"
 
 
+@pytest.mark.slow
 def test_recipe_trains_a_few_steps_on_real_images_and_exports(
     tmp_path: Path, shared_data: Path
 ) -> None:

@@ -156,6 +156,7 @@ def test_flags_win_over_the_environment_which_wins_over_defaults(monkeypatch: py
     assert settings_from_args(parser.parse_args([])).redis_url is None  # none: a managed Redis
 
 
+@pytest.mark.slow
 def test_a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_is_gone(
     serve_process, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ def server(serve_process, tiny_model_path: Path, tmp_path: Path):
     ]).wait_ready()  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_turns_readiness_false_then_finishes_calls_in_flight_and_exits_0(server) -> None:
     images = slow_batch()
     channel = grpc.insecure_channel(server.grpc_target)
@@ -101,6 +102,7 @@ def test_sigterm_turns_readiness_false_then_finishes_calls_in_flight_and_exits_0
         channel.close()
 
 
+@pytest.mark.slow
 def test_a_call_longer_than_the_grace_is_cut_and_the_process_still_exits(
     serve_process, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -308,6 +308,7 @@ def test_cli_set_bad_key_or_value_exits_2_with_a_message(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_resume_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_images(tmp_path / "data", 8)
     out = tmp_path / "run"

@@ -143,6 +143,7 @@ def _failing_backward_backend() -> Any:
 
 @pytest.mark.parametrize("backend", [_failing_forward_backend, _failing_backward_backend()],
                          ids=["forward", "backward"])
+@pytest.mark.slow
 def test_a_failing_compiler_falls_back_to_exactly_the_eager_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: Any
 ) -> None:
