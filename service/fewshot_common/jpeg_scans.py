@@ -15,8 +15,9 @@ import re
 _SOS, _EOI = 0xDA, 0xD9
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = {0x01, *range(0xD0, 0xDA)}
-# An 0xFF followed by a byte that ends entropy-coded data. One search in C, where stepping from one
-# 0xFF to the next in Python took 7 ms of a 4000-px photo's 45 ms decode (an 0xFF every ~256 bytes).
+# An 0xFF followed by a byte that ends entropy-coded data. One search in C: stepping from one 0xFF
+# to the next in Python (one every ~256 bytes) cost a sixth of a large photo's decode
+# (docs/benchmarks/code-notes.md).
 _MARKER_AFTER_ENTROPY_CODED = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 # libjpeg's next_marker: skip any bytes up to an 0xFF, any fill 0xFFs, and 0xFF00 pairs.
 _NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff]")

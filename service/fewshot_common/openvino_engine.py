@@ -2,8 +2,8 @@
 
 ONNX Runtime's CPU provider has no bf16 kernels, so a bf16 graph would run there as fp32 with
 bf16-rounded weights. OpenVINO reads the same ONNX file and, asked for bf16, runs its MatMuls on the
-CPU's bf16 units: on a 2-core Xeon with AMX-BF16 the shipped model ran at about twice the int8
-variant's images/s under ONNX Runtime, with a higher cosine to fp32 (README, bench_engine.py).
+CPU's bf16 units: on a Xeon with AMX-BF16 it is the fastest engine for the shipped model, with a
+higher cosine to fp32 than int8 (docs/benchmarks/engine.md).
 
 ``openvino`` is an optional import: without it, a bf16 variant is served by ONNX Runtime instead.
 """
@@ -59,10 +59,10 @@ class OpenVinoRunner:
 
     Each copy runs ``threads_per_run`` threads, so that, like the server's ONNX Runtime sessions,
     each batch worker's run gets its share of the cores. One copy per run rather than one
-    compiled model of ``concurrent_runs`` streams: on a 2-core Xeon with AMX (two interleaved
-    runs) a lone image ran in 3.5-3.9 ms instead of 4.5-5.7, and two runs at once of 8 images
-    made 624-699 images/s instead of 500-583 (likely because a multi-stream model hands each
-    run to one of its own stream threads; not profiled further). Threads are not pinned to cores: the server's decode and gRPC threads share them.
+    compiled model of ``concurrent_runs`` streams measured faster both alone and two runs at once
+    (docs/benchmarks/code-notes.md; likely because a multi-stream model hands each run to one of
+    its own stream threads; not profiled further). Threads are not pinned to cores: the server's decode
+    and gRPC threads share them.
     """
 
     def __init__(

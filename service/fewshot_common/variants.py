@@ -21,7 +21,7 @@ PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 
 # Fastest first, per kind of host. On x86 CPUs int8 (integer GEMMs, a quarter of the weight bytes)
 # beat fp32 on every machine measured (bench/bench_engine.py), and a CPU with AMX-BF16 runs the bf16
-# variant through OpenVINO faster still (about 2x int8 on a 2-core Xeon); without bf16 units a bf16
+# variant through OpenVINO faster still (docs/benchmarks/engine.md); without bf16 units a bf16
 # variant is fp32 arithmetic on rounded weights, so it comes last. On a GPU fp16 runs on tensor
 # cores, while ORT's CUDA provider runs int8 QDQ graphs partly in fp32.
 SPEED_ORDER: dict[str, tuple[str, ...]] = {

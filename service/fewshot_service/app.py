@@ -113,7 +113,7 @@ def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening
     # socket names TCP (base_events._set_nodelay). Without it, Nagle's algorithm held each kept-alive
-    # response's body behind the client's delayed ACK of its headers: 48 ms per request, not 6.
+    # response's body behind the client's delayed ACK of its headers (docs/benchmarks/code-notes.md).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

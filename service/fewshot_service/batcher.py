@@ -9,8 +9,8 @@ worker comes back, so under load batches fill without any added wait (the knobs 
 request of several images is cut into one part per worker, which run side by side.
 
 The wait applies only while another batch is running: with the model idle, whatever is queued
-runs at once, since waiting for company that may never come only adds latency (one client
-measured 122 images/s with the wait against 161 without batching; bench/bench_served.py).
+runs at once, since waiting for company that may never come only adds latency (a lone client
+was much slower with the wait than without batching: docs/benchmarks/code-notes.md).
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ class BatchConfig:
     enabled: bool = True
     # Two, each running its batch on its share of the cores (intra_op_threads_per_batch): one
     # batch is gathered and handed back while the other computes, and no ONNX Runtime thread waits
-    # at another run's barriers. bench/bench_served.py, 2-core AMD EPYC, v2 int8, three rounds
-    # each: 2 workers x 1 thread 249-273 images/s at 16 clients, 239-272 at 64; 1 worker x 2
-    # threads 210-247 and 197-240; batching off 234-251 and 221-237. One client is the price:
-    # 106-126 images/s against 116-144 with one worker on both cores.
+    # at another run's barriers. It served the most images/s at 16 and 64 clients on 2 cores;
+    # a lone client is a little slower than with one worker on both cores
+    # (docs/benchmarks/code-notes.md).
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -144,9 +143,8 @@ class DynamicBatcher:
         return the rows; None (nothing done) otherwise, or for a request :meth:`start` would split.
 
         A lone request gains nothing from a worker but two thread switches, so with the model idle
-        batching runs it exactly as no batching does. (Measured at one client, two runs of eight
-        alternating rounds, 2-core AMD EPYC: 123.7 and 125.0 images/s, against 120.6 and 126.5
-        handing it to a worker and 127.8 and 125.2 with batching off: equal within the VM's noise.)
+        batching runs it exactly as no batching does (at one client, equal to batching off within
+        the noise: docs/benchmarks/code-notes.md).
         It counts as a running batch, so requests arriving meanwhile gather behind it and the
         workers keep the runs at once to ``workers``.
         """
@@ -261,9 +259,8 @@ class DynamicBatcher:
         return vectors
 
 
-# On a CPU a model run is best kept small: one ONNX Runtime thread ran the v2 int8 model at 207, 215,
-# 219, 212 and 191 images/s at batch 1, 2, 4, 8 and 16 (2-core AMD EPYC, median of 9 quiet runs;
-# bench_engine.py: batch 8 ahead of 32 in every layout), as a batch's activations outgrow the
-# core's cache. A GPU wants large batches (BatchConfig's default).
+# On a CPU a model run is best kept small: one ONNX Runtime thread runs batch 16 and 32 slower per
+# image than 4 or 8, as a batch's activations outgrow the core's cache
+# (docs/benchmarks/code-notes.md). A GPU wants large batches (BatchConfig's default).
 CPU_MAX_BATCH_SIZE = 8
 

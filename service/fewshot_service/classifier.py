@@ -40,15 +40,16 @@ from .int8_scan import Int8Scan
 DEFAULT_TOP_K = 5
 # Rebuild compactly once masked-out rows outnumber the live ones (they cost matmul time).
 _MIN_ROWS_BEFORE_COMPACTING = 64
-# Where the int8 scan's fixed cost (~0.15 ms) starts to pay: at 128-wide rows on this CPU, float32
-# vs int8 took 0.14 / 0.18 ms at 5,000 classes, 0.24 / 0.18 ms at 10,000, 0.48 / 0.20 ms at 20,000.
+# Where the int8 scan's fixed cost starts to pay against the float32 scan, between 5,000 and
+# 10,000 classes of 128-wide rows (docs/benchmarks/code-notes.md).
 INT8_SCAN_MIN_CLASSES = 8192
 INT8_CANDIDATES = 128  # rows the int8 scan hands over for re-scoring; k above it scans in float32
 # The int8 copy is rebuilt once this many rows were appended after it (and 1/16 of the buffer).
 _INT8_STALE_ROWS = 2048
 # Rows re-scored exactly at a time (float64 temporaries of 4096 x D).
 _EXACT_CHUNK_ROWS = 4096
-# One background thread builds int8 copies (~30 ms at 100,000 x 128), one buffer at a time.
+# One background thread builds int8 copies, one buffer at a time: a build is short next to the
+# 2,048 appended rows that make the next one (docs/benchmarks/code-notes.md).
 _int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
 # How queries that could use an int8 copy were answered (tests, benchmarks): by the copy's
 # candidates, or by the float32 scan because the bound could not rule the other rows out.
@@ -100,8 +101,8 @@ def limit_blas_threads(threads: int = 1) -> None:
     """Process-wide: numpy's BLAS uses ``threads`` threads (the server calls this once).
 
     Top-k is one matrix-vector product; OpenBLAS splitting it over threads that busy-wait beside
-    ONNX Runtime's own threads made it 20-30 ms instead of ~1 ms at 10k classes on 2 cores
-    (bench/bench_registry_scale.py). Nothing else in the server leans on numpy's BLAS.
+    ONNX Runtime's own threads made it tens of times slower (docs/benchmarks/code-notes.md).
+    Nothing else in the server leans on numpy's BLAS.
     """
     threadpool_limits(limits=threads, user_api="blas")
 

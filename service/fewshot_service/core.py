@@ -177,9 +177,9 @@ class FewShotCore:
         the embeddings (see :meth:`DynamicBatcher.start`).
 
         All images decode before any reaches the model, so a request that fails or is cancelled
-        part way costs no model run. (Queueing them a batch at a time as they decode measured 298
-        and 302 against 283 and 285 images/s for a lone 32-image Embed; under load it gains
-        nothing, as the cores are busy anyway.) ``run_here_if_idle``, for a caller that waits at
+        part way costs no model run. (Queueing them a batch at a time as they decode gained a few
+        per cent for a lone large Embed and nothing under load, as the cores are busy anyway:
+        docs/benchmarks/code-notes.md.) ``run_here_if_idle``, for a caller that waits at
         once: when the returned function is called, a request of one part runs on this thread if
         the model is idle then (:meth:`DynamicBatcher.run_if_idle`), else it is queued. With
         ``copies`` (a list to fill), the same worker job also makes the images' stored copies.
@@ -251,7 +251,7 @@ class FewShotCore:
             return labeller(embeddings, top_k, unknown_rate)
         # A namespace this replica answered before: its freshness check (a Redis round trip, and a
         # patch if it changed) runs beside the inference instead of before it, so Classify costs an
-        # Embed plus the top-k, not plus the round trip too (0.15-0.45 ms on the test VM). With
+        # Embed plus the top-k, not plus the round trip too (docs/benchmarks/registry-scale.md). With
         # batching on it runs on this thread while a batch worker runs the model (no hand-off to a
         # third thread); with batching off, the inference is this thread's, so the check gets one.
         if not self._batcher.config.enabled:

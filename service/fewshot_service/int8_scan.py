@@ -1,9 +1,9 @@
 """An int8 copy of a large prototype matrix, scanned by ONNX Runtime: a quarter of the bytes.
 
 Top-k over 100,000 classes is one matrix-vector product over the whole matrix; at 128 float32 per
-class that reads 51 MB per query, which memory bandwidth makes ~3.5 ms here. Stored as int8 (one
-scale per class) it is 13 MB, fits a server CPU's L3 cache, and ONNX Runtime's integer GEMM with
-TopK scans it in ~1 ms (bench/bench_registry_scale.py).
+class memory bandwidth bounds it. Stored as int8 it is a quarter of the bytes, fits a server CPU's
+L3 cache, and ONNX Runtime's integer GEMM with TopK scans it several times faster
+(docs/benchmarks/registry-scale.md).
 
 The int8 scores only choose candidates; :class:`PrototypeMatrix` re-scores them in float32 and
 uses them only when :meth:`Int8Scan.error_bound` proves that no class outside the candidates can
@@ -13,7 +13,8 @@ falls back to the float32 scan.
 The query batch is quantised here (uint8, one scale and zero point for the batch, as ONNX's
 DynamicQuantizeLinear would), so its rounding error is known exactly; the rows symmetrically with
 one scale for the whole matrix, so the int32 dot products rank like the scores and TopK runs on
-them directly (per-class scales cost a Cast and a Mul over every score: 0.5 ms -> 1.4 ms here). By Cauchy-Schwarz, ``|q.w - q'.w'| <= |q| |w - w'| + |q - q'| |w'|`` (L2 norms).
+them directly (per-class scales cost a Cast and a Mul over every score:
+docs/benchmarks/code-notes.md). By Cauchy-Schwarz, ``|q.w - q'.w'| <= |q| |w - w'| + |q - q'| |w'|`` (L2 norms).
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ path: a sample of :data:`SAMPLED_CLASSES` classes (:data:`SAMPLED_EXAMPLES_PER_C
 is scored against every class in a background thread, at most once per
 :data:`REFRESH_INTERVAL_S` per namespace (and at most :data:`BUSY_FRACTION` of a core), while requests use the newest calibration finished (the
 global defaults until the first one is). One added example barely moves a quantile over a thousand
-LOO scores, whereas recomputing it on the request path made the first Classify after an add at
-10,000 classes cost ~640 ms instead of ~14 ms (bench/bench_registry_scale.py).
+LOO scores, whereas recomputing it on the request path made the first Classify after an add to a
+large namespace cost dozens of Embeds (docs/benchmarks/registry-scale.md).
 """
 
 from __future__ import annotations

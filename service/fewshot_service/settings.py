@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: any free)")
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port (0: any free)")
 
-    # Security (README "Security"): keys, TLS, protected mode, browser origins.
+    # Security (docs/security.md): keys, TLS, protected mode, browser origins.
     api_keys: Path | None = Field(
         default=None, description="TOML file of API keys (fewshot keygen); none: no keys, loopback only"
     )
@@ -195,8 +195,8 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads per model run (none: on a CPU, the cores shared equally "
         "among batch_workers; on a GPU, ONNX Runtime's choice)",
     )
-    # Spinning threads take the cores that decoding and gRPC need between runs: at 16 clients on 2
-    # cores, batching with spinning measured 159-165 images/s in some runs, 240 without in all.
+    # Spinning threads take the cores that decoding and gRPC need between runs
+    # (docs/benchmarks/code-notes.md).
     intra_op_spinning: bool = Field(
         default=False,
         description="let idle ONNX Runtime threads busy-wait for the next parallel section "
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
         description="how long a request may wait for others to share its model run",
     )  # fmt: skip
     # Dynamic batching merges concurrent requests into one model run. On a small shared CPU,
-    # independent runs measured ~18% faster (bench/bench_serving.py), so it can be switched off.
+    # independent runs have measured faster (docs/benchmarks/code-notes.md), so it can be switched off.
     batching: bool = Field(
         default=_BATCHING.enabled, description="merge concurrent requests into one model run"
     )

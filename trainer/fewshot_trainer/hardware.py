@@ -1,8 +1,8 @@
 """What the machine can do, and the settings that depend on it (``optimization.bf16: auto``,
 ``data.num_workers: auto``).
 
-bf16 autocast pays only where the CPU multiplies bf16 natively: on a Xeon with AMX-BF16 the default
-recipe measured 1.2x the images/s of fp32, on AVX2-only machines 2.4-7x *fewer* (models/MODEL_CARD.md).
+bf16 autocast pays only where the CPU multiplies bf16 natively: faster than fp32 on a Xeon with
+AMX-BF16, several times slower on AVX2-only machines (docs/benchmarks/training.md).
 Sessions run on machines that differ, so "auto" decides per machine from the CPU flags.
 """
 
@@ -20,7 +20,8 @@ REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 Bf16Setting = bool | Literal["auto"]
 WorkersSetting = int | Literal["auto"]
 
-# At most this many loader processes per GPU: the v2 run fed an H200 1,300 images/s with 14.
+# At most this many loader processes per GPU: enough to feed an H200 the default recipe
+# (docs/benchmarks/training.md).
 MAX_GPU_WORKERS = 14
 
 
@@ -78,7 +79,7 @@ def resolve_num_workers(setting: WorkersSetting, *, device_type: str, cores: int
       (at most :data:`MAX_GPU_WORKERS` each): a GPU step is milliseconds, so decoding and
       augmenting the views on the CPU is what it waits for;
     - on a CPU, 0 (load in the training process): the compute threads already take every core,
-      and on 2 cores a loader worker measured 0.93x the images/s of none (bench_train_throughput).
+      and on 2 cores a loader worker measured slower than none (docs/benchmarks/training.md).
     """
     if setting != "auto":
         return int(setting)

@@ -90,11 +90,10 @@ def _convert(
     elif precision == "bf16":
         onnx.save(bf16_weights(onnx.load(parent)), output)
     elif int8_method == "dynamic":
-        # Per-tensor weights: on the shipped model per-channel measured *lower* cosine to fp32
-        # (0.992 vs 0.998 min), since dynamic activations dominate the error. MatMul/Gemm only:
-        # ORT's ConvInteger for the patch embedding took 7% of the int8 model's time, against 3%
-        # for the fp32 Conv; keeping it fp32 measured 1.08x the images/s (2-core Xeon, AMX) at
-        # the same cosine to fp32.
+        # Per-tensor weights: on the shipped model per-channel measured *lower* cosine to fp32,
+        # since dynamic activations dominate the error. MatMul/Gemm only: ORT's ConvInteger for
+        # the patch embedding is slower than the fp32 Conv, at the same cosine to fp32
+        # (docs/benchmarks/code-notes.md).
         q.quantize_dynamic(parent, output, weight_type=q.QuantType.QInt8, per_channel=False,
                            op_types_to_quantize=["MatMul", "Gemm"])
     else:
