@@ -21,9 +21,9 @@ few-shot namespace, bulk-loaded through the registry's own add script into a pri
   the int8 copy is built: ONNX Runtime's copies of it).
 - ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
   namespace (no calibration yet), and the background calibration it starts (sampled above
-  ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
+  ``calibrator.SYNC_CALIBRATION_CLASSES`` classes).
 - ``top_k_ms``: one query near one of the classes (and per query in a batch of 32) against all
-  classes, k=5; from 20,000 classes on through the int8 copy (classifier.py), whose answers are
+  classes, k=5; from 20,000 classes on through the int8 copy (classify/prototypes.py), whose answers are
   counted (``int8_answers``), beside the float32 scan of the same queries.
 
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
@@ -49,9 +49,9 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
-from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, int8_scan_answers, limit_blas_threads
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.classify.prototypes import INT8_SCAN_MIN_CLASSES, int8_scan_answers, limit_blas_threads
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 from fewshot_service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def cpu_model() -> str:
 _INT8_COPY_RSS = """
 import os, sys, numpy as np
 from pathlib import Path
-from fewshot_service.int8_scan import Int8Scan
+from fewshot_service.classify.int8_scan import Int8Scan
 def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 rows = np.random.default_rng(0).standard_normal((int(sys.argv[1]), int(sys.argv[2])), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Prototype top-k (fewshot_service.classifier) and FewShotCore on a real model and a real Redis."""
+"""Prototype top-k (fewshot_service.classify.prototypes) and FewShotCore on a real model and a real Redis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from fewshot_common.vectors import l2_normalize
-from fewshot_service.classifier import (
+from fewshot_service.classify.prototypes import (
     INT8_SCAN_MIN_CLASSES,
     PrototypeMatrix,
     Prediction,
@@ -18,11 +18,12 @@ from fewshot_service.classifier import (
     exact_scores,
     int8_scan_answers,
 )
-from fewshot_service.batcher import BatchConfig
-from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
+from fewshot_service.core.batcher import BatchConfig
+from fewshot_service.core.core import FewShotCore
+from fewshot_service.names import resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
-from fewshot_service.registry import Registry
+from fewshot_service.registry.registry import Registry
 
 import image_samples as samples
 
@@ -314,7 +315,7 @@ def test_another_models_examples_are_embedded_on_demand_or_refused_with_the_reas
 
 
 def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:
-    from fewshot_service.redis_server import ManagedRedis
+    from fewshot_service.registry.redis_server import ManagedRedis
 
     server = ManagedRedis(tmp_path / "redis", persistent=False)
     server.start()
@@ -364,7 +365,7 @@ def test_the_registry_owns_the_one_prepared_matrix(core: FewShotCore) -> None:
 def test_the_server_limits_numpys_blas_to_one_thread() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from fewshot_service.classifier import limit_blas_threads
+    from fewshot_service.classify.prototypes import limit_blas_threads
 
     blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
     assert blas, "numpy's BLAS was not found"
@@ -504,7 +505,7 @@ def test_duplicate_and_near_duplicate_rows_rank_the_same_on_every_path(classes: 
 _KERNEL_PROBE = """
 import json, sys
 import numpy as np
-from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix
+from fewshot_service.classify.prototypes import INT8_SCAN_MIN_CLASSES, PrototypeMatrix
 from threadpoolctl import threadpool_info
 sys.path.insert(0, sys.argv[1])
 from test_classifier import _float32_top_k, _tied_matrix

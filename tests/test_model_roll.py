@@ -19,10 +19,10 @@ from redis.cluster import RedisCluster
 
 import image_samples as samples
 from fewshot_common.embedder import Embedder
-from fewshot_service.backfill import Backfiller, FillResult
-from fewshot_service.model_store import ModelStore
-from fewshot_service.redis_client import RedisClient, connect_redis
-from fewshot_service.registry import ModelIncompleteError, Registry
+from fewshot_service.core.backfill import Backfiller, FillResult
+from fewshot_service.registry.model_store import ModelStore
+from fewshot_service.registry.redis_client import RedisClient, connect_redis
+from fewshot_service.registry.registry import ModelIncompleteError, Registry
 
 NS = "roll/🐱"
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220)}

@@ -12,9 +12,9 @@ import redis
 from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
-from fewshot_service.redis_client import RedisClient, connect_redis
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import ModelIncompleteError, Registry
+from fewshot_service.registry.redis_client import RedisClient, connect_redis
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import ModelIncompleteError, Registry
 
 DIM = 16
 MODEL = "vit_test-000000000001"
