@@ -638,6 +638,18 @@ def test_namespaces_are_listed_with_counts_and_model(
     assert listed == [("*", 1, 1, MODEL), ("team/a", 2, 5, MODEL)]
 
 
+@pytest.mark.parametrize("prefix", ["fewshot", "other*", "a:{b}:c", "[x]?"])
+@pytest.mark.parametrize("namespace", ["team/a", "*", "}:state", "é", "ns:{x}"])
+def test_the_key_module_parses_the_namespace_back_from_its_state_key(prefix: str, namespace: str) -> None:
+    from fewshot_service.registry.keys import NamespaceKeys, namespace_of_state_key
+
+    key = NamespaceKeys(prefix, namespace).state
+    assert namespace_of_state_key(prefix, key) == namespace
+    assert namespace_of_state_key(prefix, key.encode()) == namespace  # as SCAN returns it
+    with pytest.raises(ValueError):
+        namespace_of_state_key(prefix + "x", key)  # another registry's key is not parsed as ours
+
+
 def test_deleting_a_namespace_removes_every_key_and_only_its_own(
     redis_url: str, connect: Callable[[str], RedisClient]
 ) -> None:

@@ -7,7 +7,7 @@ whichever door it came through. The registry below trusts the names it is given.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass, field
 import functools
 import logging
 import threading
@@ -31,7 +31,7 @@ from ..names import resolve_example_id, resolve_label, resolve_name, resolve_nam
 from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images
 from ..classify.open_set import resolve_unknown_rate
 from ..classify.shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
-from ..classify.shot_quality import example_quality
+from ..classify.shot_quality import ExampleQuality, ShotWarning, example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .backfill import Backfiller
@@ -40,6 +40,25 @@ if TYPE_CHECKING:  # the registry imports redis; keep this module importable on 
     from ..registry.registry import NamespaceStatus, Registry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """A class as the core answers for it: what the registry stores (its ``ClassInfo``), and what
+    the core judged of its examples. The core's own type, so the registry's stays a storage type."""
+
+    label: str
+    count: int
+    example_ids: list[str]
+    # Only set by add_examples: the ids given to this call's examples, in request order.
+    added_example_ids: list[str] = field(default_factory=list)
+    warnings: list[ShotWarning] = field(default_factory=list)  # add_examples' (shot_quality.py)
+    examples: list[ExampleQuality] = field(default_factory=list)  # get_class's per-example fit
+
+    @classmethod
+    def of(cls, info: "ClassInfo", **judged: list) -> "ClassReport":
+        return cls(info.label, info.count, info.example_ids, info.added_example_ids, **judged)
+
 
 class FewShotCore:
     """Embedder + registry + classifier behind one thread-safe API; owns the dynamic batcher,
@@ -291,7 +310,7 @@ class FewShotCore:
         label: str,
         images: Sequence[bytes],
         cancellation: CancellationCheck | None = None,
-    ) -> "ClassInfo":
+    ) -> ClassReport:
         """Embed every image first, so one bad file adds nothing; then add them atomically.
 
         A request cancelled before its inference starts adds nothing.
@@ -305,23 +324,23 @@ class FewShotCore:
             snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
-            return info
+            return ClassReport.of(info)
         if label not in snapshot.labels:  # deleted by another request in between
-            return info
+            return ClassReport.of(info)
         warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
-        return dataclasses.replace(info, warnings=warnings)
+        return ClassReport.of(info, warnings=warnings)
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))
 
-    def get_class(self, namespace: str | None, label: str) -> "ClassInfo":
+    def get_class(self, namespace: str | None, label: str) -> ClassReport:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         info = self.registry.get_class(namespace, label)
         snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         if label not in snapshot.labels:  # deleted by another request in between
-            return info
-        return dataclasses.replace(info, examples=example_quality(snapshot, label))
+            return ClassReport.of(info)
+        return ClassReport.of(info, examples=example_quality(snapshot, label))
 
     def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
@@ -338,13 +357,13 @@ class FewShotCore:
 
     def delete_example(
         self, namespace: str | None, label: str, example_id: str
-    ) -> "ClassInfo | None":
+    ) -> ClassReport | None:
         """The class as it is after the deletion, or None when that was its last example."""
         info = self.registry.delete_example(
             resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
         )
         self._deleted()
-        return info
+        return None if info is None else ClassReport.of(info)
 
     def _deleted(self) -> None:
         """Tell :attr:`deletion_listeners` (the embedded Valkey compacts its append-only file,

@@ -99,6 +99,20 @@ def glob_escape(value: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in value)
 
 
+def state_key_pattern(prefix: str) -> str:
+    """The SCAN MATCH glob of every namespace's state key (``{prefix}:{ns:*}:state``)."""
+    return f"{glob_escape(prefix)}:{{ns:*}}:state"
+
+
+def namespace_of_state_key(prefix: str, key: bytes | str) -> str:
+    """The namespace whose state key is ``key`` (one that :func:`state_key_pattern` matched)."""
+    head, tail = f"{prefix}:{{ns:", "}:state"
+    name = text(key)
+    if not (name.startswith(head) and name.endswith(tail)):
+        raise ValueError(f"not a namespace state key: {name!r}")
+    return decode(name[len(head) : -len(tail)])
+
+
 class ModelKeys:
     """The keys of one model's embeddings in one namespace."""
 

@@ -23,7 +23,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Collection, Sequence, TypeVar
+from typing import Callable, Collection, Sequence, TypeVar
 
 import numpy as np
 import redis
@@ -35,11 +35,8 @@ from fewshot_common.vectors import l2_normalize
 from ..classify.prototypes import PrototypeMatrix
 from ..classify.snapshot import ExampleSnapshot, PrototypeSet
 from .redis_client import CLUSTER_ERRORS, RedisClient
-from .keys import LAYOUT, REFUSED, NamespaceKeys, decode, encode, glob_escape
-from .keys import load_script, redis_errors, script_code, text
-
-if TYPE_CHECKING:
-    from ..classify.shot_quality import ExampleQuality, ShotWarning
+from .keys import LAYOUT, REFUSED, NamespaceKeys, decode, encode
+from .keys import load_script, namespace_of_state_key, redis_errors, script_code, state_key_pattern, text
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +95,6 @@ class ClassInfo:
     example_ids: list[str]
     # Only set by add_examples: the ids given to this call's examples, in request order.
     added_example_ids: list[str] = field(default_factory=list)
-    # Set by the core (shot_quality.py): add_examples' warnings, get_class's per-example fit.
-    warnings: "list[ShotWarning]" = field(default_factory=list)
-    examples: "list[ExampleQuality]" = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -374,10 +368,10 @@ class Registry:
 
     def list_namespaces(self) -> list[NamespaceSummary]:
         """Every namespace that holds classes, by name, with its counts and per-model progress."""
-        pattern = f"{glob_escape(self._prefix)}:{{ns:*}}:state"
+        pattern = state_key_pattern(self._prefix)
         with redis_errors(self.client):
             names = sorted(
-                {decode(text(key)[len(self._prefix) + 5 : -len("}:state")])
+                {namespace_of_state_key(self._prefix, key)
                  for key in self.client.scan_iter(match=pattern, count=1000)}
             )  # fmt: skip
         for name in names:
