@@ -241,7 +241,7 @@ def test_dropping_a_model_forgets_only_its_embeddings(
     assert [m.model_id for m in registry.list_namespaces()[0].models] == [model_a.model_id]
     assert registry.generation(NS) > generation  # every replica reloads once
     assert reader.prototypes(NS, model_a.model_id).labels == ["red"]
-    assert reader.sync_counts == {"full": 2, "patch": 0}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 0}
     assert ModelStore(registry).drop(NS, model_b.model_id) == 0  # nothing left to drop
     # B can come back: its embeddings are computed again from the stored images.
     assert backfiller(registry, model_b).backfill(NS) == FillResult(3, 0)

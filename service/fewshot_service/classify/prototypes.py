@@ -49,9 +49,25 @@ _INT8_STALE_ROWS = 2048
 _EXACT_CHUNK_ROWS = 4096
 # One background thread builds int8 copies (~30 ms at 100,000 x 128), one buffer at a time.
 _int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
-# How queries that could use an int8 copy were answered (tests, benchmarks): by the copy's
-# candidates, or by the float32 scan because the bound could not rule the other rows out.
-int8_scan_answers = {"int8": 0, "float32_fallback": 0}
+
+
+class ScanStats:
+    """How the queries that could use an int8 copy were answered (tests, benchmarks): from the
+    copy's candidates (``int8``), or by the float32 scan because the bound could not rule the other
+    rows out (``float32_fallback``). Passed to a matrix, shared by its patched versions; request
+    threads count at once, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"int8": 0, "float32_fallback": 0}
+
+    def add(self, how: str) -> None:
+        with self._lock:
+            self._counts[how] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
 
 
 def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -121,7 +137,8 @@ class _RowStore:
     ``slot_of`` (label -> its newest live slot) describes that newest version only.
     """
 
-    def __init__(self, capacity: int, dim: int) -> None:
+    def __init__(self, capacity: int, dim: int, stats: ScanStats) -> None:
+        self.stats = stats
         self.unit = np.zeros((max(capacity, 1), dim), dtype=np.float32)  # re-normalised rows
         self.norms = np.zeros(max(capacity, 1), dtype=np.float32)  # of the class means
         self.labels: list[str] = []  # per slot, appended in step with the rows
@@ -185,13 +202,13 @@ class PrototypeMatrix:
     depend on the order Redis returned the classes in or on the order rows were patched in.
     """
 
-    def __init__(self, labels: Sequence[str], matrix: np.ndarray) -> None:
+    def __init__(self, labels: Sequence[str], matrix: np.ndarray, stats: ScanStats | None = None) -> None:
         matrix = np.asarray(matrix, dtype=np.float32)
         if len(labels) != len(matrix) or matrix.ndim != 2:
             raise ValueError(f"{len(labels)} labels for a prototype matrix of shape {matrix.shape}")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
-        store = _RowStore(_capacity(len(labels)), matrix.shape[1])
+        store = _RowStore(_capacity(len(labels)), matrix.shape[1], stats if stats is not None else ScanStats())
         store.append(matrix, labels)
         self._init(store, np.zeros(len(labels), dtype=bool))
 
@@ -210,6 +227,10 @@ class PrototypeMatrix:
 
     def __len__(self) -> int:
         return self._slots - self._dead_rows
+
+    @property
+    def scan_stats(self) -> ScanStats:
+        return self._store.stats
 
     @property
     def dead_rows(self) -> int:
@@ -290,7 +311,7 @@ class PrototypeMatrix:
         store_labels = self._store.labels
         kept = [slot for slot in self._live_slots().tolist() if store_labels[slot] not in changes]
         live = len(kept) + len(rows)
-        store = _RowStore(_capacity(live), self.dim)
+        store = _RowStore(_capacity(live), self.dim, self._store.stats)
         store.unit[: len(kept)] = self._store.unit[kept]
         store.norms[: len(kept)] = self._store.norms[kept]
         kept_labels = [store_labels[slot] for slot in kept]
@@ -342,9 +363,9 @@ class PrototypeMatrix:
                 best = self._best(scores, k, query, slots)
                 if len(candidates) >= scan.rows or values[i, -1] + bounds[i] < best[-1].score:
                     results.append(best)
-                    int8_scan_answers["int8"] += 1
+                    self._store.stats.add("int8")
                     continue
-            int8_scan_answers["float32_fallback"] += 1
+            self._store.stats.add("float32_fallback")
             results.append(self._best(self._scores(query[None, :])[0], k, query))
         return results
 

@@ -32,7 +32,7 @@ from redis.cluster import RedisCluster
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from fewshot_common.vectors import l2_normalize
 
-from ..classify.prototypes import PrototypeMatrix
+from ..classify.prototypes import PrototypeMatrix, ScanStats
 from ..classify.snapshot import ExampleSnapshot, PrototypeSet
 from .redis_client import CLUSTER_ERRORS, RedisClient
 from .keys import LAYOUT, REFUSED, NamespaceKeys, decode, encode
@@ -115,6 +115,23 @@ class NamespaceStatus:
         return self.embedded >= self.examples
 
 
+class SyncStats:
+    """How a replica caught up with Redis (tests, benchmarks): ``full`` reloads and ``patch``es of
+    the changed classes. Counted by request threads, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"full": 0, "patch": 0}
+
+    def add(self, how: str) -> None:
+        with self._lock:
+            self._counts[how] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class ModelIncompleteError(FailedPrecondition):
     """Raised by :meth:`Registry.prototypes`: the model lacks embeddings of some examples.
     The core turns it into :class:`fewshot_common.errors.ModelIncomplete` with the whole story."""
@@ -145,7 +162,8 @@ class Registry:
             raise ValueError(f"change_log_size must be positive, got {change_log_size}")
         self.max_examples_per_class = max_examples_per_class
         self.change_log_size = change_log_size
-        self.sync_counts = {"full": 0, "patch": 0}  # how replicas caught up (tests, metrics)
+        self.sync_stats = SyncStats()
+        self.scan_stats = ScanStats()  # how this replica's int8 copies answered
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must be non-empty and free of '{' and '}' (the hash tag)")
         self.client = client
@@ -507,7 +525,7 @@ class Registry:
                 fresh, how = self._fetch_prototypes(namespace, model_id), "full"
             with self._cache_lock:
                 self._cache[key] = fresh
-                self.sync_counts[how] += 1
+            self.sync_stats.add(how)
             return fresh
 
     def _fetch_changes(self, namespace: str, model_id: str, cached: PrototypeSet) -> PrototypeSet | None:
@@ -549,7 +567,7 @@ class Registry:
         else:
             matrix = np.zeros((0, 0), dtype=np.float32)
         return PrototypeSet(
-            classifier=PrototypeMatrix(labels, matrix),
+            classifier=PrototypeMatrix(labels, matrix, self.scan_stats),
             model_id=model_id,
             generation=int(generation or 0),
             epoch=text(epoch or b""),
