@@ -13,77 +13,22 @@ import logging
 import signal
 import sys
 import threading
-import types
-import typing
-from pathlib import Path
-from typing import Any
 
-from pydantic import AliasChoices, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
+
+from fewshot_common import settings_flags
 
 from ..settings import Settings
 
-_METAVARS = {int: "N", float: "X", Path: "PATH", str: "TEXT"}
-
-
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def env_names(field: str, info: FieldInfo) -> list[str]:
-    """The environment variables that set ``field``: its explicit upper-case aliases, or
-    ``FEWSHOT_<FIELD>``."""
-    alias = info.validation_alias
-    if isinstance(alias, AliasChoices):
-        names = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
-        if names:
-            return names
-    return [f"{Settings.model_config.get('env_prefix', '')}{field}".upper()]
-
-
-def _value_type(annotation: Any) -> Any:
-    """``X | None`` -> ``X``; ``list[str]`` (a comma-separated flag) -> ``str``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is list:
-        return str
-    return annotation
-
-
-def _help(field: str, info: FieldInfo) -> str:
-    text = info.description or field.replace("_", " ")
-    envs = " or ".join(env_names(field, info))
-    default = info.get_default(call_default_factory=True)
-    if default is None or default == []:
-        return f"{text} (env {envs})"
-    if isinstance(default, bool):
-        default = "on" if default else "off"
-    return f"{text} (env {envs}; default {default})"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`Settings` field, named, typed and described by the field itself.
-
-    A flag left out is absent from the parsed namespace (``SUPPRESS``), so the environment and
-    then the field's default decide it.
-    """
-    for field, info in Settings.model_fields.items():
-        kind = _value_type(info.annotation)
-        options: dict[str, Any] = {"dest": field, "default": argparse.SUPPRESS, "help": _help(field, info)}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is typing.Literal:
-            options["choices"] = list(typing.get_args(kind))
-        else:
-            options["type"] = kind
-            options["metavar"] = _METAVARS.get(kind, "VALUE")
-        parser.add_argument(flag_name(field), **options)
+    """One flag per :class:`Settings` field (:mod:`fewshot_common.settings_flags`)."""
+    settings_flags.add_arguments(parser, Settings)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags given on the command line over the environment over the defaults."""
-    overrides = {field: getattr(args, field) for field in Settings.model_fields if hasattr(args, field)}
-    return Settings(**overrides)
+    return settings_flags.model_from_args(Settings, args)
 
 
 def run(args: argparse.Namespace) -> int:
