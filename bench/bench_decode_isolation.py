@@ -25,8 +25,8 @@ from bench_engine import cpu_model
 from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 from fewshot_common.images import DRAFT_FACTOR, ImageLimits, load_batch
 from fewshot_common.modelmeta import ModelMeta
-from fewshot_service.decode_pool import DecodePool
-from fewshot_service.stored_images import bounded_copy
+from fewshot_service.core.decode_pool import DecodePool
+from fewshot_service.core.stored_images import bounded_copy
 
 
 def parse_args() -> argparse.Namespace:

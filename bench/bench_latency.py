@@ -30,7 +30,7 @@ from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service import app as app_module
 from fewshot_service.app import ServerStack
-from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
 
 BOUNDARY = "bench-latency"

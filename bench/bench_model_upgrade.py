@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "service")]
 
 from fewshot_service.app import build_core  # noqa: E402
-from fewshot_service.classifier import limit_blas_threads  # noqa: E402
-from fewshot_service.redis_server import ManagedRedis  # noqa: E402
+from fewshot_service.classify.prototypes import limit_blas_threads  # noqa: E402
+from fewshot_service.registry.redis_server import ManagedRedis  # noqa: E402
 from fewshot_service.settings import Settings  # noqa: E402
 from rolled_model import rolled_model  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Protocol (per draw, ``--draws`` draws): of the 50 dev classes, ``--unknown-classes`` are held out
 as unknowns; every other class gets 5 random shots registered, its other images are known
-queries. The calibration is the server's (``fewshot_service.open_set``, LOO over the shots).
+queries. The calibration is the server's (``fewshot_service.classify.open_set``, LOO over the shots).
 
 Printed per unknown statistic (``score`` = top-1 cosine, ``margin`` = top-1 minus top-2,
 ``zscore`` = top-1 standardised by the predicted class's LOO own-scores, shrunk to the global
@@ -34,7 +34,7 @@ import numpy as np
 from fewshot_common.embedder import Embedder
 from fewshot_common.vectors import l2_normalize
 from fewshot_common.image_files import list_labelled_image_files
-from fewshot_service.open_set import (
+from fewshot_service.classify.open_set import (
     LooScores,
     calibrate,
     leave_one_out_scores,

@@ -21,9 +21,9 @@ few-shot namespace, bulk-loaded through the registry's own add script into a pri
   the int8 copy is built: ONNX Runtime's copies of it).
 - ``first_classify_minus_embed_ms`` / ``first_calibration_ms``: the first Classify of a fresh
   namespace (no calibration yet), and the background calibration it starts (sampled above
-  ``open_set.SYNC_CALIBRATION_CLASSES`` classes).
+  ``calibrator.SYNC_CALIBRATION_CLASSES`` classes).
 - ``top_k_ms``: one query near one of the classes (and per query in a batch of 32) against all
-  classes, k=5; from 20,000 classes on through the int8 copy (classifier.py), whose answers are
+  classes, k=5; from 20,000 classes on through the int8 copy (classify/prototypes.py), whose answers are
   counted (``int8_answers``), beside the float32 scan of the same queries.
 
 ``extrapolated_1m`` scales the largest measured count linearly to 1,000,000 classes: an
@@ -49,9 +49,9 @@ import numpy as np
 import redis
 
 from fewshot_service.app import build_core
-from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, int8_scan_answers, limit_blas_threads
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.classify.prototypes import INT8_SCAN_MIN_CLASSES, limit_blas_threads
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 from fewshot_service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def cpu_model() -> str:
 _INT8_COPY_RSS = """
 import os, sys, numpy as np
 from pathlib import Path
-from fewshot_service.int8_scan import Int8Scan
+from fewshot_service.classify.int8_scan import Int8Scan
 def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 rows = np.random.default_rng(0).standard_normal((int(sys.argv[1]), int(sys.argv[2])), dtype=np.float32)
@@ -178,11 +178,11 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
     near = vectors[np.random.default_rng(3).integers(len(vectors), size=rounds)]
     near = near + unit_rows(rounds, dim, seed=4)  # cosine ~0.7 to the example it started from
     near = near / np.linalg.norm(near, axis=1, keepdims=True)
-    answers_before = dict(int8_scan_answers)
+    answers_before = matrix.scan_stats.counts()
     top1 = [timed(lambda: matrix.top_k(near[i : i + 1], 5)) for i in range(rounds)]
     top32 = [timed(lambda: matrix.top_k(batch, 5)) / 32 for _ in range(max(rounds // 4, 3))]
     float32 = [timed(lambda: [matrix._best(r, 5) for r in matrix._scores(near[i : i + 1])]) for i in range(rounds)]
-    answers = {key: int8_scan_answers[key] - answers_before[key] for key in answers_before}
+    answers = {key: count - answers_before[key] for key, count in matrix.scan_stats.counts().items()}
     client.close()
     return {
         "classes": classes,
@@ -212,7 +212,7 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         # the background calibration took after it.
         "first_classify_minus_embed_ms": round(classify_overhead_cold * 1e3, 3),
         "first_calibration_ms": round(calibrated_s * 1e3, 1),
-        "reader_syncs": dict(reader.sync_counts),  # cumulative: every size shares the reader
+        "reader_syncs": reader.sync_stats.counts(),  # cumulative: every size shares the reader
         "redis_bytes_per_class": round(redis_bytes / classes),
         "replica_bytes_per_class": round(replica_bytes / classes),
         # Only where top-k uses the int8 copy (classifier.INT8_SCAN_MIN_CLASSES and more).

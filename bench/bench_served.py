@@ -57,9 +57,9 @@ from fewshot_common.cores import usable_cores
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.variants import choose_model_file
 from fewshot_service.app import build_core
-from fewshot_service.grpc_server import create_grpc_server
-from fewshot_service.redis_client import connect_redis
-from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.transport.grpc.server import create_grpc_server
+from fewshot_service.registry.redis_client import connect_redis
+from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
 
 # Server settings compared, each over the same model file; the first is what `fewshot serve` runs.

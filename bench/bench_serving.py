@@ -37,14 +37,14 @@ import redis
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from fewshot_service.batcher import BatchConfig
+from fewshot_service.core.batcher import BatchConfig
 from fewshot_client import FewShotClient
-from fewshot_service.core import FewShotCore
+from fewshot_service.core.core import FewShotCore
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder
-from fewshot_service.grpc_server import create_grpc_server
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.transport.grpc.server import create_grpc_server
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "default.onnx"

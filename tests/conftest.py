@@ -70,7 +70,7 @@ def other_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def private_redis(tmp_path_factory: pytest.TempPathFactory):
     """A session-wide private Valkey/Redis server on a free loopback port."""
-    from fewshot_service.redis_server import ManagedRedis
+    from fewshot_service.registry.redis_server import ManagedRedis
 
     with ManagedRedis(tmp_path_factory.mktemp("redis"), persistent=False) as server:
         yield server

@@ -17,7 +17,7 @@ from types import TracebackType
 
 import redis
 
-from fewshot_service.redis_server import find_server_binary
+from fewshot_service.registry.redis_server import find_server_binary
 
 SLOTS = 16384
 # A node that misses pings for this long is failed and its replica promoted: short, for the tests.

@@ -36,7 +36,7 @@ from tls_certs import Pki, make_pki
 from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_common import cli
 from fewshot_common.errors import NotFound, Unauthenticated
-from fewshot_service.access import AccessControl, Action, key_digest
+from fewshot_service.transport.access import AccessControl, Action, key_digest
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
 from fewshot_service.settings import Settings

@@ -16,9 +16,9 @@ from conftest import stack_settings
 
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
-from fewshot_service.redis_client import redacted_url
-from fewshot_service.rest.host_header import MalformedHost, parse_host
-from fewshot_service.redis_server import ManagedRedis, free_port
+from fewshot_service.registry.redis_client import redacted_url
+from fewshot_service.transport.rest.host_header import MalformedHost, parse_host
+from fewshot_service.registry.redis_server import ManagedRedis, free_port
 
 ALLOWED_ORIGIN = "https://app.example"
 EVIL_ORIGIN = "http://evil.example"
@@ -211,7 +211,7 @@ def test_every_response_has_one_request_id(open_server: httpx.Client) -> None:
 
 
 def test_every_response_carries_the_security_headers(open_server: httpx.Client) -> None:
-    from fewshot_service.rest.security_headers import API_CSP, DOCS_CSP, UI_CSP
+    from fewshot_service.transport.rest.security_headers import API_CSP, DOCS_CSP, UI_CSP
 
     answers = {
         "/v1/classes": (open_server.get("/v1/classes"), API_CSP),

@@ -1,8 +1,9 @@
-"""Prototype top-k (fewshot_service.classifier) and FewShotCore on a real model and a real Redis."""
+"""Prototype top-k (fewshot_service.classify.prototypes) and FewShotCore on a real model and a real Redis."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +11,20 @@ import pytest
 import redis
 
 from fewshot_common.vectors import l2_normalize
-from fewshot_service.classifier import (
+from fewshot_service.classify.prototypes import (
     INT8_SCAN_MIN_CLASSES,
     PrototypeMatrix,
     Prediction,
     blas_error_bound,
     exact_scores,
-    int8_scan_answers,
+    ScanStats,
 )
-from fewshot_service.batcher import BatchConfig
-from fewshot_service.core import FewShotCore, resolve_namespace, resolve_top_k
+from fewshot_service.core.batcher import BatchConfig
+from fewshot_service.core.core import FewShotCore
+from fewshot_service.names import resolve_namespace, resolve_top_k
 from fewshot_common.embedder import Embedder
 from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
-from fewshot_service.registry import Registry
+from fewshot_service.registry.registry import Registry
 
 import image_samples as samples
 
@@ -314,7 +316,7 @@ def test_another_models_examples_are_embedded_on_demand_or_refused_with_the_reas
 
 
 def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:
-    from fewshot_service.redis_server import ManagedRedis
+    from fewshot_service.registry.redis_server import ManagedRedis
 
     server = ManagedRedis(tmp_path / "redis", persistent=False)
     server.start()
@@ -364,7 +366,7 @@ def test_the_registry_owns_the_one_prepared_matrix(core: FewShotCore) -> None:
 def test_the_server_limits_numpys_blas_to_one_thread() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from fewshot_service.classifier import limit_blas_threads
+    from fewshot_service.classify.prototypes import limit_blas_threads
 
     blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
     assert blas, "numpy's BLAS was not found"
@@ -397,11 +399,10 @@ def test_the_int8_scan_answers_like_the_float32_scan(large_matrix) -> None:
         l2_normalize(matrix.matrix[rng.integers(len(matrix), size=20)] + 0.3 * rng.standard_normal((20, 32))),
         l2_normalize(rng.standard_normal((20, 32))),
     ]).astype(np.float32)  # fmt: skip
-    before = dict(int8_scan_answers)
     for k in (1, 5, 32):
         # The same classes with bit-identical scores: both paths rank by the exact score.
         assert matrix.top_k(queries, k) == _float32_top_k(matrix, queries, k)
-    assert int8_scan_answers["int8"] - before["int8"] >= 100  # most answers came from the copy
+    assert matrix.scan_stats.counts()["int8"] >= 100  # most answers came from the copy
 
 
 def test_the_int8_scan_sees_patched_and_deleted_classes(large_matrix) -> None:
@@ -425,10 +426,32 @@ def test_the_int8_scan_falls_back_when_its_bound_cannot_decide(large_matrix) -> 
     rows = l2_normalize(base + 1e-4 * rng.standard_normal((INT8_SCAN_MIN_CLASSES + 10, 32))).astype(np.float32)
     close = PrototypeMatrix([f"r{i:06d}" for i in range(len(rows))], rows)
     close.build_int8_scan()
-    before = int8_scan_answers["float32_fallback"]
     query = base[None, :].astype(np.float32)
     assert close.top_k(query, 5) == _float32_top_k(close, query, 5)
-    assert int8_scan_answers["float32_fallback"] == before + 1
+    assert close.scan_stats.counts() == {"int8": 0, "float32_fallback": 1}
+
+
+def test_scan_stats_are_the_matrixs_shared_by_its_versions_and_exact_across_threads(large_matrix) -> None:
+    matrix, rng = large_matrix
+    stats = ScanStats()
+    rows = matrix.matrix
+    own = PrototypeMatrix(matrix.labels, rows, stats)
+    own.build_int8_scan()
+    patched = own.patched({"c000001": None})  # in place: the same row store
+    compacted = own.patched({label: None for label in own.labels[: len(own) // 2 + 100]})  # a new store
+    queries = l2_normalize(rows[rng.integers(len(rows), size=8)] + 0.3 * rng.standard_normal((8, 32)))
+    queries = queries.astype(np.float32)
+
+    def classify(version: PrototypeMatrix) -> None:
+        for _ in range(25):
+            version.top_k(queries, 5)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(classify, [own, patched, own, patched, own, patched]))
+    counted = stats.counts()
+    assert counted["int8"] + counted["float32_fallback"] == 6 * 25 * len(queries)  # none lost
+    assert patched.scan_stats is stats and compacted.scan_stats is stats
+    assert matrix.scan_stats is not stats and matrix.scan_stats.counts() == {"int8": 0, "float32_fallback": 0}
 
 
 def test_the_int8_copy_is_built_in_the_background_for_a_large_matrix(large_matrix) -> None:
@@ -504,7 +527,7 @@ def test_duplicate_and_near_duplicate_rows_rank_the_same_on_every_path(classes: 
 _KERNEL_PROBE = """
 import json, sys
 import numpy as np
-from fewshot_service.classifier import INT8_SCAN_MIN_CLASSES, PrototypeMatrix
+from fewshot_service.classify.prototypes import INT8_SCAN_MIN_CLASSES, PrototypeMatrix
 from threadpoolctl import threadpool_info
 sys.path.insert(0, sys.argv[1])
 from test_classifier import _float32_top_k, _tied_matrix

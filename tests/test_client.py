@@ -17,8 +17,8 @@ from conftest import stack_settings
 from fewshot_common import errors as core_errors
 from fewshot_service.app import ServerStack
 from fewshot_client import DEFAULT_MAX_MESSAGE_BYTES, ClassifyResult, FewShotClient, errors
-from fewshot_service.grpc_server import GRPC_STATUS
-from fewshot_service.rest import HTTP_STATUS
+from fewshot_service.transport.grpc.server import GRPC_STATUS
+from fewshot_service.transport.rest import HTTP_STATUS
 from fewshot_service.settings import DEFAULT_MAX_REQUEST_BYTES
 
 RED, GREEN = samples.solid_png((230, 20, 20)), samples.solid_png((20, 230, 20))

@@ -14,8 +14,8 @@ from redis.cluster import RedisCluster
 
 from fewshot_common.errors import Unavailable
 from fewshot_service.app import ServerStack
-from fewshot_service.redis_client import connect_redis
-from fewshot_service.registry import Registry
+from fewshot_service.registry.redis_client import connect_redis
+from fewshot_service.registry.registry import Registry
 
 from conftest import stack_settings
 from redis_cluster import LocalCluster, wait_for_replica_to_catch_up

@@ -18,8 +18,8 @@ from fewshot_common.cancellation import Cancellation
 from fewshot_common.errors import Cancelled, Overloaded
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
-from fewshot_service.batcher import BatchConfig, DynamicBatcher
-from fewshot_service.decode_pool import DecodePool
+from fewshot_service.core.batcher import BatchConfig, DynamicBatcher
+from fewshot_service.core.decode_pool import DecodePool
 
 import hostile_images as hostile
 import image_samples as samples

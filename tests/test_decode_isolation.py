@@ -25,8 +25,8 @@ from fewshot_common.images import ImageLimits, open_image
 from fewshot_common.jpeg_scans import count_jpeg_scans
 from fewshot_common.modelmeta import Preprocess
 from fewshot_service.app import ServerStack
-from fewshot_service.decode_pool import DecodePool
-from fewshot_service.stored_images import bounded_copy
+from fewshot_service.core.decode_pool import DecodePool
+from fewshot_service.core.stored_images import bounded_copy
 
 import hostile_images as hostile
 import image_samples as samples
@@ -67,7 +67,7 @@ def pool() -> Iterator[DecodePool]:
 
 
 def test_the_worker_imports_no_onnxruntime() -> None:
-    code = "import sys, fewshot_service.decode_worker; print(sorted(m for m in sys.modules if 'onnx' in m))"
+    code = "import sys, fewshot_service.core.decode_worker; print(sorted(m for m in sys.modules if 'onnx' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 
 from conftest import stack_settings
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fewshot_service.batcher import BatchConfig, DynamicBatcher
+from fewshot_service.core.batcher import BatchConfig, DynamicBatcher
 from fewshot_common.embedder import Embedder, InvalidModel, default_providers
 from fewshot_common.errors import ImageError, Unavailable
 from fewshot_common.modelmeta import METADATA_KEY, ModelMeta

@@ -21,14 +21,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client import REGISTRY
 
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
-from fewshot_service.batcher import BatchConfig
+from fewshot_service.core.batcher import BatchConfig
 from fewshot_client import FewShotClient
-from fewshot_service.core import FewShotCore
+from fewshot_service.core.core import FewShotCore
 from fewshot_common.embedder import Embedder
-from fewshot_service.grpc_server import create_grpc_server
+from fewshot_service.transport.grpc.server import create_grpc_server
 from fewshot_common.images import ImageLimits
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 
 import image_samples as samples
 

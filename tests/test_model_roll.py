@@ -19,10 +19,10 @@ from redis.cluster import RedisCluster
 
 import image_samples as samples
 from fewshot_common.embedder import Embedder
-from fewshot_service.backfill import Backfiller, FillResult
-from fewshot_service.model_store import ModelStore
-from fewshot_service.redis_client import RedisClient, connect_redis
-from fewshot_service.registry import ModelIncompleteError, Registry
+from fewshot_service.core.backfill import Backfiller, FillResult
+from fewshot_service.registry.model_store import ModelStore
+from fewshot_service.registry.redis_client import RedisClient, connect_redis
+from fewshot_service.registry.registry import ModelIncompleteError, Registry
 
 NS = "roll/🐱"
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220)}
@@ -241,7 +241,7 @@ def test_dropping_a_model_forgets_only_its_embeddings(
     assert [m.model_id for m in registry.list_namespaces()[0].models] == [model_a.model_id]
     assert registry.generation(NS) > generation  # every replica reloads once
     assert reader.prototypes(NS, model_a.model_id).labels == ["red"]
-    assert reader.sync_counts == {"full": 2, "patch": 0}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 0}
     assert ModelStore(registry).drop(NS, model_b.model_id) == 0  # nothing left to drop
     # B can come back: its embeddings are computed again from the stored images.
     assert backfiller(registry, model_b).backfill(NS) == FillResult(3, 0)

@@ -19,14 +19,14 @@ from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.vectors import l2_normalize
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
-from fewshot_service.open_set import (
+from fewshot_service.classify.open_set import (
     DEFAULT_CONFIDENCE,
     LooScores,
     calibrate,
     leave_one_out_scores,
     resolve_unknown_rate,
 )
-from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry.redis_server import ManagedRedis
 
 from conftest import stack_settings
 
@@ -253,8 +253,8 @@ def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_
 
 
 def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
-    from fewshot_service.classifier import PrototypeMatrix
-    from fewshot_service.open_set import Calibration, label_images, top_two
+    from fewshot_service.classify.prototypes import PrototypeMatrix
+    from fewshot_service.classify.open_set import Calibration, label_images, top_two
 
     rng = np.random.default_rng(3)
     matrix = PrototypeMatrix([f"c{i:03d}" for i in range(300)], l2_normalize(rng.standard_normal((300, 16))))
@@ -274,7 +274,7 @@ def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
 
 
 def test_sampled_labels_are_stable_and_bounded() -> None:
-    from fewshot_service.open_set import sampled_labels
+    from fewshot_service.classify.open_set import sampled_labels
 
     labels = [f"class-{i}" for i in range(1000)]
     sample = sampled_labels(labels, 50)
@@ -288,16 +288,16 @@ def test_sampled_labels_are_stable_and_bounded() -> None:
 def test_a_large_namespace_is_calibrated_in_the_background_from_a_sample(redis_url: str) -> None:
     import redis as redis_py
 
-    from fewshot_service import open_set
-    from fewshot_service.registry import Registry
+    from fewshot_service.core import calibrator as calibrator_module
+    from fewshot_service.registry.registry import Registry
 
     registry = Registry(redis_py.Redis.from_url(redis_url), key_prefix="calibrate-scale")
     rng = np.random.default_rng(5)
-    classes = open_set.SYNC_CALIBRATION_CLASSES + 40
+    classes = calibrator_module.SYNC_CALIBRATION_CLASSES + 40
     registry.add_classes(
         "big", {f"c{i:04d}": l2_normalize(rng.standard_normal((3, 8))) for i in range(classes)}, "m"
     )
-    calibrator = open_set.OpenSetCalibrator(registry)
+    calibrator = calibrator_module.OpenSetCalibrator(registry)
     fetched: list[int] = []
     real_snapshot = registry.example_snapshot
 
@@ -313,13 +313,13 @@ def test_a_large_namespace_is_calibrated_in_the_background_from_a_sample(redis_u
         assert not first.calibrated  # the request did not wait: global defaults meanwhile
         assert calibrator.wait_idle()
         second = calibrator.calibration("big", state)
-        assert second.calibrated and len(second.sorted_statistics) == open_set.SAMPLED_CLASSES * 3
-        assert fetched == [open_set.SAMPLED_CLASSES]  # a sample of classes, fetched once
+        assert second.calibrated and len(second.sorted_statistics) == calibrator_module.SAMPLED_CLASSES * 3
+        assert fetched == [calibrator_module.SAMPLED_CLASSES]  # a sample of classes, fetched once
         # A change: the stale calibration answers at once; the refresh waits for its interval.
         registry.add_examples("big", "c0000", l2_normalize(rng.standard_normal((1, 8))), "m")
         newer = registry.prototypes("big", "m")
         assert calibrator.calibration("big", newer) is second
-        assert calibrator.wait_idle() and fetched == [open_set.SAMPLED_CLASSES]
+        assert calibrator.wait_idle() and fetched == [calibrator_module.SAMPLED_CLASSES]
     finally:
         calibrator.close()
         registry.delete_namespace("big")
@@ -328,8 +328,8 @@ def test_a_large_namespace_is_calibrated_in_the_background_from_a_sample(redis_u
 def test_a_small_namespace_is_recalibrated_on_the_request_that_sees_the_change(redis_url: str) -> None:
     import redis as redis_py
 
-    from fewshot_service.open_set import OpenSetCalibrator
-    from fewshot_service.registry import Registry
+    from fewshot_service.core.calibrator import OpenSetCalibrator
+    from fewshot_service.registry.registry import Registry
 
     registry = Registry(redis_py.Redis.from_url(redis_url), key_prefix="calibrate-small")
     rng = np.random.default_rng(6)
@@ -348,7 +348,7 @@ def test_a_small_namespace_is_recalibrated_on_the_request_that_sees_the_change(r
 
 @pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.37, 0.5, 0.99])
 def test_the_threshold_is_numpys_quantile(rate: float) -> None:
-    from fewshot_service.open_set import Calibration
+    from fewshot_service.classify.open_set import Calibration
 
     statistics = np.sort(np.random.default_rng(2).normal(0.4, 0.1, 57))
     assert Calibration(statistics, DEFAULT_CONFIDENCE).threshold(rate) == pytest.approx(

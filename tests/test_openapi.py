@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from fewshot_service.app import ServerStack
-from fewshot_service.redis_server import ManagedRedis
+from fewshot_service.registry.redis_server import ManagedRedis
 
 from conftest import stack_settings
 

@@ -6,7 +6,11 @@
   ``fewshot_client`` only ``fewshot_api``: the two are the small client distribution
   (``service/client/``), which must install and run without the rest; only the
   ``fewshot_service.client`` re-export imports the client on the server's side;
-- what ``fewshot serve`` and ``fewshot eval`` load never imports torch (the serving install has none).
+- what ``fewshot serve`` and ``fewshot eval`` load never imports torch (the serving install has none);
+- inside ``fewshot_service``, the groups stack without a circle: ``classify`` imports nothing from
+  ``registry``, ``core`` or ``transport``; ``registry`` nothing from ``core`` or ``transport``;
+  ``core`` nothing from ``transport``; and no module import cycle anywhere in the package
+  (``tools/import_layers.py`` prints the floors).
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ FORBIDDEN = {
 CLIENT_REEXPORT = "fewshot_service.client"
 TORCH_FAMILY = {"torch", "torchvision", "timm", "onnxscript"}
 # onnx (the protobuf schema, no torch) is a serving dependency since the int8 top-k scan builds its
-# graph in the server (fewshot_service/int8_scan.py); only that module may import it.
-ONNX_BUILDERS = {"fewshot_service.int8_scan"}
-TORCH_FREE_COMMANDS = ("fewshot_service.serve_cli", "fewshot_common.eval_cli")
+# graph in the server (fewshot_service/classify/int8_scan.py); only that module may import it.
+ONNX_BUILDERS = {"fewshot_service.classify.int8_scan"}
+TORCH_FREE_COMMANDS = ("fewshot_service.cli.serve", "fewshot_common.eval_cli")
 
 
 def _module_name(path: Path) -> str:
@@ -185,6 +189,89 @@ def test_the_client_distribution_declares_exactly_those_dependencies_and_package
 
 
 def test_the_server_imports_the_shared_api_package_and_never_the_client() -> None:
-    closure = _project_closure("fewshot_service.serve_cli")
+    closure = _project_closure("fewshot_service.cli.serve")
     assert "fewshot_api.fewshot.v1.fewshot_pb2_grpc" in closure and "fewshot_api.errors" in closure
     assert not [m for m in closure if m.startswith("fewshot_client")]
+
+
+# fewshot_service's groups: what each must not import (the floors, bottom up: classify, registry,
+# core, transport; app and cli on top).
+GROUP_FORBIDDEN = {
+    "fewshot_service.classify": {"fewshot_service.registry", "fewshot_service.core", "fewshot_service.transport",
+                                 "fewshot_service.app", "fewshot_service.cli", "fewshot_service.settings"},
+    "fewshot_service.registry": {"fewshot_service.core", "fewshot_service.transport", "fewshot_service.app",
+                                 "fewshot_service.cli", "fewshot_service.settings"},
+    "fewshot_service.core": {"fewshot_service.transport", "fewshot_service.app", "fewshot_service.cli"},
+    "fewshot_service.transport": {"fewshot_service.app", "fewshot_service.cli"},
+    "fewshot_service.names": {"fewshot_service"},  # a leaf: checked without loading anything of ours
+}  # fmt: skip
+
+
+def _group(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _is_under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _group(m) in GROUP_FORBIDDEN))
+def test_no_service_group_imports_a_group_above_it(module: str) -> None:
+    forbidden = GROUP_FORBIDDEN[_group(module)]
+    bad = sorted(
+        name for name in _imports(MODULES[module])
+        if any(_is_under(name, f) for f in forbidden) and not _is_under(name, _group(module))
+    )  # fmt: skip
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_the_groups_exist() -> None:
+    # A renamed group would make the rule above vacuous.
+    groups = {_group(m) for m in MODULES if m.startswith("fewshot_service.")}
+    assert set(GROUP_FORBIDDEN) <= groups
+
+
+def _service_graph() -> dict[str, set[str]]:
+    service = {m for m in MODULES if _is_under(m, "fewshot_service")}
+    return {m: {i for i in _imports(MODULES[m]) if i in service and i != m} for m in service}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (a path back to its start), or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return []
+
+
+def test_the_service_has_no_import_cycle() -> None:
+    # TYPE_CHECKING and function-level imports count: they are arrows a reader follows too.
+    assert not (cycle := _cycle(_service_graph())), " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_keygen_loads_neither_the_core_nor_onnx_runtime() -> None:
+    closure = _project_closure("fewshot_service.cli.keygen")
+    assert "fewshot_service.names" in closure
+    assert not [m for m in closure if _is_under(m, "fewshot_service.core")]
+    external = {name.split(".")[0] for imports in closure.values() for name in imports}
+    assert not external & {"onnxruntime", "openvino", "onnx"}

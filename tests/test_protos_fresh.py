@@ -1,16 +1,21 @@
-"""The committed gRPC code must match protos/ (regenerate with `python -m fewshot_service.protogen`)."""
+"""The committed gRPC code must match protos/ (regenerate with `python tools/protogen.py`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from fewshot_service import protogen
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
-REGENERATE = "stale generated code: run `python -m fewshot_service.protogen` and commit the result"
+# tools/ is a development folder, not a package: load the generator from its file.
+_SPEC = importlib.util.spec_from_file_location("protogen", Path(__file__).resolve().parents[1] / "tools" / "protogen.py")
+protogen = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(protogen)
+
+REGENERATE = "stale generated code: run `python tools/protogen.py` and commit the result"
 
 
 def without_json_names(

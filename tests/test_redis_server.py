@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fewshot_service.data_dir_lock import DataDirInUse, DataDirLock
-from fewshot_service.redis_server import ManagedRedis, RedisBinaryNotFound, find_server_binary
+from fewshot_service.registry.data_dir_lock import DataDirInUse, DataDirLock
+from fewshot_service.registry.redis_server import ManagedRedis, RedisBinaryNotFound, find_server_binary
 
 
 def process_alive(pid: int) -> bool:
@@ -92,7 +92,7 @@ def test_server_dies_with_its_owner_even_when_the_owner_is_killed(tmp_path: Path
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from fewshot_service.redis_server import ManagedRedis\n"
+            "from fewshot_service.registry.redis_server import ManagedRedis\n"
             "server = ManagedRedis(sys.argv[1], persistent=False)\n"
             "server.start()\n"
             "print(server.pid, flush=True)\n"
@@ -129,7 +129,7 @@ def test_the_lock_outlives_a_killed_owner_until_its_server_has_exited(tmp_path: 
     owner = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from fewshot_service.redis_server import ManagedRedis\n"
+         "from fewshot_service.registry.redis_server import ManagedRedis\n"
          "server = ManagedRedis(sys.argv[1])\n"
          "server.start()\n"
          "print(server.pid, flush=True)\n"
@@ -249,7 +249,7 @@ def test_a_server_stack_compacts_its_embedded_valkey_after_a_deletion(
     from PIL import Image
 
     from conftest import stack_settings
-    from fewshot_service import redis_server
+    from fewshot_service.registry import redis_server
     from fewshot_service.app import ServerStack
 
     monkeypatch.setattr(redis_server, "REWRITE_DELAY_S", 0.2)  # the default: 5 s

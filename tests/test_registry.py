@@ -12,9 +12,9 @@ import redis
 from redis.cluster import RedisCluster
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
-from fewshot_service.redis_client import RedisClient, connect_redis
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import ModelIncompleteError, Registry
+from fewshot_service.registry.redis_client import RedisClient, connect_redis
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import ModelIncompleteError, Registry
 
 DIM = 16
 MODEL = "vit_test-000000000001"
@@ -454,7 +454,7 @@ def test_a_replica_behind_fetches_only_the_changed_classes(
     for i in range(30):
         writer.add_examples("default", f"class-{i:02d}", rand(1, 100 + i), MODEL)
     assert len(reader.prototypes("default", MODEL).labels) == 30
-    assert reader.sync_counts == {"full": 1, "patch": 0}
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 0}
 
     writer.add_examples("default", "class-31", rand(2, 131), MODEL)  # a new class
     writer.add_examples("default", "class-03", rand(1, 132), MODEL)  # a changed one
@@ -466,7 +466,7 @@ def test_a_replica_behind_fetches_only_the_changed_classes(
     assert calls["cmdstat_hmget"] == 1 + 2  # the check; the script's state + prototypes HMGETs
     assert calls["cmdstat_evalsha"] == 1
     assert "cmdstat_hgetall" not in calls
-    assert reader.sync_counts == {"full": 1, "patch": 1}
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 1}
     assert len(patched.labels) == 31
     expected = unit_mean(np.concatenate([rand(1, 103), rand(1, 132)]))
     np.testing.assert_allclose(patched.matrix[patched.labels.index("class-03")], expected, atol=1e-6)
@@ -487,7 +487,7 @@ def test_deleted_classes_and_examples_reach_a_replica_incrementally(
     patched = reader.prototypes("default", MODEL)
     assert patched.labels == ["cat", "emu"]
     np.testing.assert_allclose(patched.matrix[0], unit_mean(rand(3, 20)[1:]), atol=1e-6)
-    assert reader.sync_counts == {"full": 1, "patch": 1}
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 1}
     assert_matches_a_fresh_replica(reader, reader_client)
 
     # The last class goes: the namespace is empty again, then a new class comes back.
@@ -498,7 +498,7 @@ def test_deleted_classes_and_examples_reach_a_replica_incrementally(
     writer.add_examples("default", "fox", rand(1, 23), MODEL)
     assert reader.prototypes("default", MODEL).labels == ["fox"]
     # The empty namespace was refused from its state alone: nothing to fetch, so no sync.
-    assert reader.sync_counts == {"full": 1, "patch": 2}
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 2}
 
 
 def test_a_replica_further_behind_than_the_change_log_reloads_in_full(
@@ -511,16 +511,16 @@ def test_a_replica_further_behind_than_the_change_log_reloads_in_full(
     for i, label in enumerate("bcd"):
         writer.add_examples("default", label, rand(1, 31 + i), MODEL)
     assert reader.prototypes("default", MODEL).labels == ["a", "b", "c", "d"]
-    assert reader.sync_counts == {"full": 1, "patch": 1}  # 3 changes: the log still reaches back
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 1}  # 3 changes: the log still reaches back
 
     for i, label in enumerate("efghij"):  # 6 more changed classes: the log keeps the last 4
         writer.add_examples("default", label, rand(1, 40 + i), MODEL)
     assert client.zcard(changes_key(writer)) == 4
     assert reader.prototypes("default", MODEL).labels == list("abcdefghij")
-    assert reader.sync_counts == {"full": 2, "patch": 1}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 1}
     writer.add_examples("default", "a", rand(1, 50), MODEL)  # caught up again: patches resume
     assert_matches_a_fresh_replica(reader, client)
-    assert reader.sync_counts == {"full": 2, "patch": 2}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 2}
 
 
 def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
@@ -536,11 +536,11 @@ def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
                        rand(1, 61)[0].astype("<f4").tobytes())
     reader_client.hincrby(f"{base}:state", "generation", 1)
     np.testing.assert_allclose(reader.prototypes("default", MODEL).matrix[0], rand(1, 61)[0], atol=1e-6)
-    assert reader.sync_counts == {"full": 2, "patch": 0}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 0}
     # The next logged write starts the log afresh; a replica behind that point still reloads.
     writer.add_examples("default", "dog", rand(1, 62), MODEL)
     assert reader.prototypes("default", MODEL).labels == ["cat", "dog"]
-    assert reader.sync_counts == {"full": 2, "patch": 1}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 1}
 
 
 def test_a_new_epoch_reloads_in_full_and_a_model_without_embeddings_is_refused(
@@ -553,9 +553,9 @@ def test_a_new_epoch_reloads_in_full_and_a_model_without_embeddings_is_refused(
     writer.add_examples("default", "dog", rand(2, 71), "vit_other-000000000002")
     with pytest.raises(ModelIncompleteError, match="0 of 2 examples embedded"):
         reader.prototypes("default", MODEL)
-    assert reader.sync_counts == {"full": 1, "patch": 0}  # refused from the state alone
+    assert reader.sync_stats.counts() == {"full": 1, "patch": 0}  # refused from the state alone
     assert reader.prototypes("default").labels == ["dog"]  # the namespace's only model
-    assert reader.sync_counts == {"full": 2, "patch": 0}
+    assert reader.sync_stats.counts() == {"full": 2, "patch": 0}
 
 
 def test_concurrent_readers_and_writers_end_at_the_state_of_a_fresh_replica(
@@ -582,7 +582,7 @@ def test_concurrent_readers_and_writers_end_at_the_state_of_a_fresh_replica(
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda i: write(i) if i % 2 else read(i), range(120)))
     assert_matches_a_fresh_replica(reader, reader_client)
-    assert reader.sync_counts["patch"] > 0
+    assert reader.sync_stats.counts()["patch"] > 0
 
 
 def test_bulk_add_loads_classes_like_single_adds(
@@ -612,7 +612,7 @@ def test_a_namespace_restarted_by_a_model_of_another_width_reaches_a_replica(
     with pytest.raises(ModelIncompleteError, match="0 of 1 examples embedded"):
         reader.prototypes("default", MODEL)
     assert reader.prototypes("default", other).matrix.shape == (1, DIM * 2)
-    assert reader.sync_counts["full"] == 2
+    assert reader.sync_stats.counts()["full"] == 2
 
 
 # --- namespaces ------------------------------------------------------------------------------------
@@ -636,6 +636,18 @@ def test_namespaces_are_listed_with_counts_and_model(
     Registry(connect(redis_url), key_prefix="other*").add_examples("elsewhere", "x", rand(1, 5), MODEL)
     listed = [(n.name, n.class_count, n.example_count, n.model_id) for n in registry.list_namespaces()]
     assert listed == [("*", 1, 1, MODEL), ("team/a", 2, 5, MODEL)]
+
+
+@pytest.mark.parametrize("prefix", ["fewshot", "other*", "a:{b}:c", "[x]?"])
+@pytest.mark.parametrize("namespace", ["team/a", "*", "}:state", "é", "ns:{x}"])
+def test_the_key_module_parses_the_namespace_back_from_its_state_key(prefix: str, namespace: str) -> None:
+    from fewshot_service.registry.keys import NamespaceKeys, namespace_of_state_key
+
+    key = NamespaceKeys(prefix, namespace).state
+    assert namespace_of_state_key(prefix, key) == namespace
+    assert namespace_of_state_key(prefix, key.encode()) == namespace  # as SCAN returns it
+    with pytest.raises(ValueError):
+        namespace_of_state_key(prefix + "x", key)  # another registry's key is not parsed as ours
 
 
 def test_deleting_a_namespace_removes_every_key_and_only_its_own(

@@ -15,8 +15,8 @@ import redis
 from PIL import Image
 
 from fewshot_service.app import ServerStack
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
 from fewshot_service.settings import Settings
 
 MAX_IMAGES = 4

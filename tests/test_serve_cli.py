@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
-from fewshot_service.redis_client import redacted_url
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.registry import Registry
-from fewshot_service.serve_cli import add_arguments, settings_from_args
+from fewshot_service.registry.redis_client import redacted_url
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.registry.registry import Registry
+from fewshot_service.cli.serve import add_arguments, settings_from_args
 
 
 def managed_redis_pid(server) -> int:

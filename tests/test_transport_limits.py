@@ -203,11 +203,11 @@ def test_the_first_undecodable_request_is_a_warning(tiny_model_path: Path, priva
     settings = stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="transport-warn")
     with ServerStack(settings) as fresh, grpc.insecure_channel(f"127.0.0.1:{fresh.grpc_port}") as channel:
         call = channel.unary_unary("/fewshot.v1.FewShot/Embed")
-        with caplog.at_level(logging.WARNING, logger="fewshot_service.grpc_guards"):
+        with caplog.at_level(logging.WARNING, logger="fewshot_service.transport.grpc.guards"):
             for _ in range(2):
                 with pytest.raises(grpc.RpcError):
                     call(b"\xff\xff", timeout=10)
-    warnings = [r for r in caplog.records if r.name == "fewshot_service.grpc_guards"]
+    warnings = [r for r in caplog.records if r.name == "fewshot_service.transport.grpc.guards"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert "fewshot.v1.EmbedRequest" in warnings[0].getMessage()
 

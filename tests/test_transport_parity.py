@@ -22,10 +22,10 @@ from PIL import Image
 from fewshot_common import errors
 from fewshot_api.fewshot.v1 import fewshot_pb2
 from fewshot_service.app import ServerStack
-from fewshot_service.core import FewShotCore
-from fewshot_service.grpc_server import GRPC_STATUS
-from fewshot_service.redis_server import ManagedRedis
-from fewshot_service.rest import HTTP_STATUS
+from fewshot_service.core.core import FewShotCore
+from fewshot_service.transport.grpc.server import GRPC_STATUS
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.transport.rest import HTTP_STATUS
 
 from conftest import stack_settings
 

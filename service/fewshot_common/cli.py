@@ -14,8 +14,8 @@ from typing import Sequence
 from fewshot_common import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("fewshot_service.serve_cli", "run the gRPC + REST inference server"),
-    "keygen": ("fewshot_service.keygen_cli", "make a new API key and its entry for the --api-keys file"),
+    "serve": ("fewshot_service.cli.serve", "run the gRPC + REST inference server"),
+    "keygen": ("fewshot_service.cli.keygen", "make a new API key and its entry for the --api-keys file"),
     "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
     "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),
     "eval": ("fewshot_common.eval_cli", "few-shot evaluation of an ONNX model on a folder-per-class set"),

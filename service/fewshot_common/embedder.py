@@ -212,7 +212,7 @@ class Embedder:
         """Decode, check limits and preprocess: encoded files -> ``[N, 3, S, S]``.
 
         In this process: for trusted files only (evaluation, export checks, tests). The server
-        decodes a client's bytes in its isolated decode workers (fewshot_service.decode_pool)."""
+        decodes a client's bytes in its isolated decode workers (fewshot_service.core.decode_pool)."""
         return load_batch(images, self.meta.preprocess, self.limits)
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:

@@ -5,7 +5,7 @@ probe all list folders and read files here, so they agree on which files count a
 order, how unreadable files are handled and how pixels are preprocessed (the server's own
 :func:`images.decode_image` and :func:`images.preprocess`). They decode in this process: the
 files are the user's own, on their disk. Bytes from the network go through the server's isolated
-decode workers instead (fewshot_service.decode_pool).
+decode workers instead (fewshot_service.core.decode_pool).
 """
 
 from __future__ import annotations

@@ -23,18 +23,18 @@ from fewshot_common.embedder import Embedder, default_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
-from .access import AccessControl
-from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig
-from .classifier import limit_blas_threads
-from .core import FewShotCore
-from .decode_pool import DecodePool
-from .grpc_server import create_grpc_server
-from .http_timeouts import timed_http_protocol
-from .inference_metrics import MODEL_INFO
-from .redis_client import RedisClient, connect_redis, redacted_url
-from .redis_server import ManagedRedis
-from .registry import Registry
-from .rest import create_app
+from .transport.access import AccessControl
+from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
+from .classify.prototypes import limit_blas_threads
+from .core.core import FewShotCore
+from .core.decode_pool import DecodePool
+from .transport.grpc.server import create_grpc_server
+from .transport.rest.http_timeouts import timed_http_protocol
+from .core.metrics import MODEL_INFO
+from .registry.redis_client import RedisClient, connect_redis, redacted_url
+from .registry.redis_server import ManagedRedis
+from .registry.registry import Registry
+from .transport.rest import create_app
 from .settings import Settings
 
 log = logging.getLogger(__name__)

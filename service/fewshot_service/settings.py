@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from fewshot_common.image_formats import normalise_formats
 from fewshot_common.images import ImageLimits
 
-from .batcher import CPU_MAX_BATCH_SIZE, BatchConfig
+from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .tls import TlsFiles
 
 MiB = 1024 * 1024

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from fewshot_common import settings_flags
 from fewshot_common.image_files import list_image_files
 from fewshot_common.modelmeta import PRECISIONS
 from fewshot_common.variants import variant_path
@@ -16,9 +19,9 @@ from fewshot_common.variants import variant_path
 from .export import (
     ENCODER_KEYS,
     POOL_DESCRIPTIONS,
-    POOLS,
     EmbeddingHead,
     ExportError,
+    Pool,
     at_input_size,
     default_preprocess,
     encoder_from_checkpoint,
@@ -30,135 +33,74 @@ from .variants import CheckThresholds, write_variant
 from .vit import ARCHS, build_vit, get_arch
 
 DEFAULT_ARCH = "vit_tiny_p8_64"
+_CHECKS = CheckThresholds()
+# Choices read from their registries; Literal[tuple] is Literal[each], which the flags turn into choices.
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+Arch = Literal[tuple(sorted(ARCHS))]  # type: ignore[valid-type]
+Encoder = Literal[tuple(sorted(ENCODER_KEYS))]  # type: ignore[valid-type]
+
+
+class ExportOptions(BaseModel):
+    """Every option of ``fewshot export``, declared once: the flags and their help derive from it
+    (:mod:`fewshot_common.settings_flags`, as ``fewshot serve``'s from ``Settings``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: Path | None = Field(None, description=(
+        "where to write the .onnx file (required, except with --from-onnx: then the variant "
+        "goes next to that file as NAME.PRECISION.onnx)"))
+    precision: Precision = Field("fp32", description=(
+        "fp32; int8, fp16 or bf16 also write a variant next to the fp32 file "
+        "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
+        "--check-data); the server serves the fastest checked variant for its hardware (bf16: "
+        "bf16 weights, run in bf16 by OpenVINO on CPUs with bf16 units)"))
+    from_onnx: Path | None = Field(None, description=(
+        "derive the --precision variant from this existing fp32 export instead of exporting"))
+    int8_method: Literal["dynamic", "static"] = Field("dynamic", description=(
+        "dynamic: int8 weights, activations quantized per batch (needs no data); "
+        "static: QDQ with activation ranges calibrated on --calibration-data, per-channel weights"))
+    calibration_data: Path | None = Field(None, description="folder of unlabelled images for static int8")
+    check_data: Path | None = Field(None, description=(
+        "folder-per-class labelled images: the variant must match fp32 on the few-shot protocol"))
+    min_cosine: float = Field(_CHECKS.min_cosine, description=(
+        "refuse a variant whose embedding of any checked image has a lower cosine to fp32's"))
+    mean_cosine: float = Field(_CHECKS.mean_cosine, description=(
+        "refuse a variant whose mean cosine to fp32 is lower"))
+    max_accuracy_drop: float = Field(_CHECKS.max_accuracy_drop, description=(
+        "refuse a variant more than this many points below fp32 on 5-way 5-shot or all-way "
+        "5-shot of --check-data"))
+    checkpoint: Path | None = Field(None, description=(
+        "a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
+        "without it the model is randomly initialised"))
+    arch: Arch | None = Field(None, description=(
+        f"architecture of a random model (default {DEFAULT_ARCH}); "
+        "with --checkpoint it must match the checkpoint's"))
+    encoder: Encoder = Field("target", description=(
+        "which encoder of the checkpoint: the EMA target (as MSN evaluates) or the anchor"))
+    pool: Pool = Field("cls", description="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()))
+    blocks: int = Field(1, description=(
+        "pool each of the last N blocks' outputs (through the final norm) and concatenate "
+        "them, last block first (1: the last block only)"))
+    input_size: int | None = Field(None, description=(
+        "input resolution of the exported graph, a multiple of the patch size (default: the "
+        "trained one); the position embedding is resampled to the larger patch grid"))
+    center_data: Path | None = Field(None, description=(
+        "folder of images (searched recursively): subtract their mean embedding inside the graph"))
+    center_samples: int = Field(2000, description=(
+        "how many images of --center-data to average (drawn at random with --seed)"))
+    whiten: bool = Field(False, description=(
+        "also whiten with the covariance of the --center-data embeddings (PCA whitening with "
+        "shrinkage, inside the graph): directions that a few dominant factors inflate count less"))
+    whiten_shrinkage: float = Field(0.3, description=(
+        "added to every variance, as a fraction of the mean variance (smaller "
+        "whitens harder, larger is closer to plain centering)"))
+    whiten_dim: int | None = Field(None, description=(
+        "keep this many leading principal directions (default: all; the embedding size)"))
+    seed: int = Field(0, description="random init and centering sample")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="where to write the .onnx file (required, except with --from-onnx: then the variant "
-        "goes next to that file as NAME.PRECISION.onnx)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (default); int8, fp16 or bf16 also write a variant next to the fp32 file "
-        "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
-        "--check-data); the server serves the fastest checked variant for its hardware (bf16: "
-        "bf16 weights, run in bf16 by OpenVINO on CPUs with bf16 units)",
-    )
-    parser.add_argument(
-        "--from-onnx",
-        type=Path,
-        metavar="FP32_ONNX",
-        help="derive the --precision variant from this existing fp32 export instead of exporting",
-    )
-    parser.add_argument(
-        "--int8-method",
-        choices=("dynamic", "static"),
-        default="dynamic",
-        help="dynamic: int8 weights, activations quantized per batch (default, needs no data); "
-        "static: QDQ with activation ranges calibrated on --calibration-data, per-channel weights",
-    )
-    parser.add_argument(
-        "--calibration-data", type=Path, help="folder of unlabelled images for static int8"
-    )
-    parser.add_argument(
-        "--check-data",
-        type=Path,
-        help="folder-per-class labelled images: the variant must match fp32 on the few-shot protocol",
-    )
-    defaults = CheckThresholds()
-    parser.add_argument(
-        "--min-cosine",
-        type=float,
-        default=defaults.min_cosine,
-        help=f"refuse a variant whose embedding of any checked image has a lower cosine to fp32's "
-        f"(default {defaults.min_cosine})",
-    )
-    parser.add_argument(
-        "--mean-cosine",
-        type=float,
-        default=defaults.mean_cosine,
-        help=f"refuse a variant whose mean cosine to fp32 is lower (default {defaults.mean_cosine})",
-    )
-    parser.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=defaults.max_accuracy_drop,
-        help="refuse a variant more than this many points below fp32 on 5-way 5-shot or all-way "
-        f"5-shot of --check-data (default {defaults.max_accuracy_drop})",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
-        "without it the model is randomly initialised",
-    )
-    parser.add_argument(
-        "--arch",
-        choices=sorted(ARCHS),
-        help=f"architecture of a random model (default {DEFAULT_ARCH}); "
-        "with --checkpoint it must match the checkpoint's",
-    )
-    parser.add_argument(
-        "--encoder",
-        choices=sorted(ENCODER_KEYS),
-        default="target",
-        help="which encoder of the checkpoint: the EMA target (default, as MSN evaluates) or the anchor",
-    )
-    parser.add_argument(
-        "--pool",
-        choices=POOLS,
-        default="cls",
-        help="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()),
-    )
-    parser.add_argument(
-        "--blocks",
-        type=int,
-        default=1,
-        help="pool each of the last N blocks' outputs (through the final norm) and concatenate "
-        "them, last block first (default 1: the last block only)",
-    )
-    parser.add_argument(
-        "--input-size",
-        type=int,
-        help="input resolution of the exported graph, a multiple of the patch size (default: the "
-        "trained one); the position embedding is resampled to the larger patch grid",
-    )
-    parser.add_argument(
-        "--center-data",
-        type=Path,
-        help="folder of images (searched recursively): subtract their mean embedding inside the graph",
-    )
-    parser.add_argument(
-        "--center-samples",
-        type=int,
-        default=2000,
-        help="how many images of --center-data to average (drawn at random with --seed; default 2000)",
-    )
-    parser.add_argument(
-        "--whiten",
-        action="store_true",
-        help="also whiten with the covariance of the --center-data embeddings (PCA whitening with "
-        "shrinkage, inside the graph): directions that a few dominant factors inflate count less",
-    )
-    parser.add_argument(
-        "--whiten-shrinkage",
-        type=float,
-        default=0.3,
-        help="added to every variance, as a fraction of the mean variance (default 0.3; smaller "
-        "whitens harder, larger is closer to plain centering)",
-    )
-    parser.add_argument(
-        "--whiten-dim",
-        type=int,
-        help="keep this many leading principal directions (default: all; the embedding size)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random init and centering sample (default 0)"
-    )
+    settings_flags.add_arguments(parser, ExportOptions)
 
 
 def _center_sample(folder: Path, samples: int, seed: int) -> list[Path]:
@@ -177,13 +119,13 @@ def _center_sample(folder: Path, samples: int, seed: int) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        return _run(settings_flags.model_from_args(ExportOptions, args))
     except ExportError as exc:
         print(f"fewshot export: {exc}", file=sys.stderr)
         return 1
 
 
-def _write_variant(args: argparse.Namespace, parent: Path, output: Path) -> None:
+def _write_variant(args: ExportOptions, parent: Path, output: Path) -> None:
     thresholds = CheckThresholds(args.min_cosine, args.mean_cosine, args.max_accuracy_drop)
     meta = write_variant(
         parent,
@@ -199,7 +141,7 @@ def _write_variant(args: argparse.Namespace, parent: Path, output: Path) -> None
     print(f"wrote {output}: {meta.precision} variant {meta.variant_id} of {meta.model_id}; check: {check}")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: ExportOptions) -> int:
     if args.from_onnx is not None:
         if args.precision == "fp32":
             raise ExportError("--from-onnx derives a variant: give --precision int8, fp16 or bf16")

@@ -1,0 +1,391 @@
+"""Nearest-prototype classification: cosine similarity, top-k, deterministic ties.
+
+``score`` is the cosine similarity in [-1, 1] between the image's L2-normalised embedding and the
+re-normalised class prototype (the mean of the class's normalised example embeddings). It is not
+a calibrated probability.
+
+One rule for ranking, on every path and every CPU: classes are ordered by their *exact score*
+(:func:`exact_scores`: float64 products, which are exact for float32 inputs, summed in a fixed
+order and rounded once to float32), then by label. BLAS only narrows the field: its float32 dot
+products round differently per CPU family (AVX2, AVX-512, AMX kernels sum in other orders), so
+every row within :func:`blas_error_bound` of the k-th best BLAS score is re-scored exactly before
+anything is ranked. The int8 scan, the float32 scan, a patched matrix and a rebuilt one therefore
+return bit-identical scores and the same order, ties included.
+
+A :class:`PrototypeMatrix` is immutable for its readers, yet a change of a few classes costs
+O(changed x D), not a copy of every row: rows live in a growable buffer (:class:`_RowStore`) that
+only the newest version appends to. A changed class gets a fresh row at the end and its old row is
+masked out, so an older version still reading the buffer sees exactly the rows it had.
+
+From :data:`INT8_SCAN_MIN_CLASSES` classes on, top-k reads an int8 copy of the buffer's rows
+(int8_scan.py, built in the background and shared by every version of that buffer): its best
+:data:`INT8_CANDIDATES` rows are re-scored in float32 together with the rows appended since the
+copy, and the answer is used only when the copy's error bound proves it equals the float32 scan's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Mapping, Sequence
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .int8_scan import Int8Scan
+
+# Rebuild compactly once masked-out rows outnumber the live ones (they cost matmul time).
+_MIN_ROWS_BEFORE_COMPACTING = 64
+# Where the int8 scan's fixed cost starts to pay against the float32 scan, between 5,000 and
+# 10,000 classes of 128-wide rows (docs/benchmarks/code-notes.md).
+INT8_SCAN_MIN_CLASSES = 8192
+INT8_CANDIDATES = 128  # rows the int8 scan hands over for re-scoring; k above it scans in float32
+# The int8 copy is rebuilt once this many rows were appended after it (and 1/16 of the buffer).
+_INT8_STALE_ROWS = 2048
+# Rows re-scored exactly at a time (float64 temporaries of 4096 x D).
+_EXACT_CHUNK_ROWS = 4096
+# One background thread builds int8 copies, one buffer at a time: a build is short next to the
+# 2,048 appended rows that make the next one (docs/benchmarks/code-notes.md).
+_int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
+
+
+class ScanStats:
+    """How the queries that could use an int8 copy were answered (tests, benchmarks): from the
+    copy's candidates (``int8``), or by the float32 scan because the bound could not rule the other
+    rows out (``float32_fallback``). Passed to a matrix, shared by its patched versions; request
+    threads count at once, hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"int8": 0, "float32_fallback": 0}
+
+    def add(self, how: str) -> None:
+        with self._lock:
+            self._counts[how] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``rows [N, D] . query [D]`` as float32, bit-identical on every CPU.
+
+    A product of two float32 is exact in float64 (24 + 24 significant bits < 53), and the sum
+    adds halves of the columns elementwise (a fixed pairwise tree, no reduction whose order a
+    SIMD kernel may choose), so the one rounding that depends on anything is the final one to
+    float32, and it depends only on the inputs.
+    """
+    if len(rows) > _EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
+        return np.concatenate([
+            exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query) for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
+        ])  # fmt: skip
+    products = np.asarray(rows, dtype=np.float64) * np.asarray(query, dtype=np.float64)[None, :]
+    width = products.shape[1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:  # zeros are exact: pad to a power of two so every level halves evenly
+        products = np.concatenate([products, np.zeros((len(products), padded - width))], axis=1)
+    while products.shape[1] > 1:
+        half = products.shape[1] // 2
+        products = products[:, :half] + products[:, half:]
+    return products[:, 0].astype(np.float32)
+
+
+def blas_error_bound(dim: int, query_norm: float, row_norm: float = 1.0) -> float:
+    """A bound on ``|BLAS float32 dot product - exact score|`` for any summation order.
+
+    A float32 dot product of ``dim`` terms errs by at most ``gamma_dim * sum|q_i w_i|`` <=
+    ``gamma_dim |q| |w|`` (Higham, 3.1; FMA only tightens it), and the exact score's own rounding
+    to float32 adds half an ulp (< 2**-24 in [-1, 1]).
+    """
+    unit_roundoff = 2.0**-24
+    gamma = dim * unit_roundoff / (1 - dim * unit_roundoff)
+    return gamma * query_norm * row_norm * 1.01 + unit_roundoff  # 1.01: rows re-normalised in float32
+
+
+def _capacity(live: int) -> int:
+    """Rows to allocate for ``live`` classes: 25% room to patch into before the next copy
+    (a copy every live/4 changes costs ~4 row copies per change, amortised)."""
+    return live + max(live // 4, 16)
+
+
+def limit_blas_threads(threads: int = 1) -> None:
+    """Process-wide: numpy's BLAS uses ``threads`` threads (the server calls this once).
+
+    Top-k is one matrix-vector product; OpenBLAS splitting it over threads that busy-wait beside
+    ONNX Runtime's own threads made it tens of times slower (docs/benchmarks/code-notes.md).
+    Nothing else in the server leans on numpy's BLAS.
+    """
+    threadpool_limits(limits=threads, user_api="blas")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    # P(this label is right), from the score's margin over the best other class (open_set.py).
+    confidence: float | None = None
+
+
+class _RowStore:
+    """Append-only rows shared by successive versions of one namespace's matrix.
+
+    Slots below ``used`` are never written again, so every version that read ``[:n]`` keeps
+    seeing the same rows; only the version whose ``n == used`` (the newest) may append, and
+    ``slot_of`` (label -> its newest live slot) describes that newest version only.
+    """
+
+    def __init__(self, capacity: int, dim: int, stats: ScanStats) -> None:
+        self.stats = stats
+        self.unit = np.zeros((max(capacity, 1), dim), dtype=np.float32)  # re-normalised rows
+        self.norms = np.zeros(max(capacity, 1), dtype=np.float32)  # of the class means
+        self.labels: list[str] = []  # per slot, appended in step with the rows
+        self.slot_of: dict[str, int] = {}
+        self.used = 0
+        self.lock = threading.Lock()
+        self.int8: Int8Scan | None = None  # of rows [:int8.rows], which never change
+        self.int8_building = False
+
+    def append(self, rows: np.ndarray, labels: Sequence[str]) -> None:
+        """Caller holds ``lock`` (or owns a new store) and has checked there is room."""
+        start, end = self.used, self.used + len(rows)
+        norms = np.linalg.norm(rows, axis=1)
+        self.unit[start:end] = rows / np.maximum(norms, 1e-12)[:, None]
+        self.norms[start:end] = norms
+        self.labels.extend(labels)
+        self.slot_of.update(zip(labels, range(start, end)))
+        self.used = end
+
+    def int8_scan(self, slots: int) -> Int8Scan | None:
+        """The int8 copy a version seeing rows [:slots] can use; asks for a fresh one (in the
+        background) when there is none or too many rows were appended after it."""
+        scan = self.int8
+        if scan is not None and scan.rows > slots:
+            scan = None  # built from rows a version this old does not see
+        behind = slots - (scan.rows if scan is not None else 0)
+        # Only the newest version asks: a copy of fewer rows than the newest would be discarded.
+        if slots == self.used and (scan is None or behind > max(_INT8_STALE_ROWS, slots // 16)):
+            with self.lock:
+                start, self.int8_building = not self.int8_building, True
+            if start:
+                try:
+                    _int8_builder.submit(self._build_int8, slots)
+                except RuntimeError:  # interpreter shutting down
+                    pass
+        return scan
+
+    def build_int8(self, slots: int) -> Int8Scan:
+        """The int8 copy of rows [:slots], built now (tests, benchmarks; else background)."""
+        scan = Int8Scan(self.unit[:slots])
+        with self.lock:
+            if self.int8 is None or self.int8.rows < scan.rows:
+                self.int8 = scan
+        return scan
+
+    def _build_int8(self, slots: int) -> None:
+        try:
+            self.build_int8(slots)
+        except Exception:  # noqa: BLE001 -- queries keep the float32 scan
+            logging.getLogger(__name__).warning("building the int8 prototype scan failed", exc_info=True)
+        finally:
+            with self.lock:
+                self.int8_building = False
+
+
+class PrototypeMatrix:
+    """Class prototypes prepared once for many queries: rows re-normalised.
+
+    ``labels`` lists the classes sorted; ``prototypes`` (the class means as given) and ``matrix``
+    (re-normalised) are rows in that order. Ties in :meth:`top_k` break by label, so they never
+    depend on the order Redis returned the classes in or on the order rows were patched in.
+    """
+
+    def __init__(self, labels: Sequence[str], matrix: np.ndarray, stats: ScanStats | None = None) -> None:
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if len(labels) != len(matrix) or matrix.ndim != 2:
+            raise ValueError(f"{len(labels)} labels for a prototype matrix of shape {matrix.shape}")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        store = _RowStore(_capacity(len(labels)), matrix.shape[1], stats if stats is not None else ScanStats())
+        store.append(matrix, labels)
+        self._init(store, np.zeros(len(labels), dtype=bool))
+
+    def _init(self, store: _RowStore, dead: np.ndarray) -> None:
+        self._store = store
+        self._slots = len(dead)  # this version sees store rows [:slots]
+        self._dead = dead  # [slots] True where a row is masked out (replaced or deleted)
+        self._dead_rows = int(dead.sum())
+        self.dim = store.unit.shape[1]
+
+    @classmethod
+    def _version(cls, store: _RowStore, dead: np.ndarray) -> "PrototypeMatrix":
+        version = cls.__new__(cls)
+        version._init(store, dead)
+        return version
+
+    def __len__(self) -> int:
+        return self._slots - self._dead_rows
+
+    @property
+    def scan_stats(self) -> ScanStats:
+        return self._store.stats
+
+    @property
+    def dead_rows(self) -> int:
+        """Rows masked out (replaced or deleted classes) that queries still multiply."""
+        return self._dead_rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of row storage this version holds (shared with its successors)."""
+        return int(self._store.unit.nbytes + self._store.norms.nbytes)
+
+    def _live_slots(self) -> np.ndarray:
+        return np.flatnonzero(~self._dead)
+
+    @cached_property
+    def labels(self) -> list[str]:
+        return [label for label, _ in self._labels_and_slots]
+
+    @cached_property
+    def _labels_and_slots(self) -> list[tuple[str, int]]:
+        store_labels = self._store.labels
+        return sorted((store_labels[slot], slot) for slot in self._live_slots().tolist())
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """[C, D] float32, re-normalised rows in ``labels`` order."""
+        rows = self._store.unit[self._rows_in_label_order()]
+        rows.setflags(write=False)
+        return rows
+
+    @cached_property
+    def prototypes(self) -> np.ndarray:
+        """[C, D] float32, the class means as given, in ``labels`` order."""
+        slots = self._rows_in_label_order()
+        rows = self._store.unit[slots] * self._store.norms[slots, None]
+        rows.setflags(write=False)
+        return rows
+
+    def _rows_in_label_order(self) -> np.ndarray:
+        return np.array([slot for _, slot in self._labels_and_slots], dtype=np.int64)
+
+    def patched(self, changes: Mapping[str, np.ndarray | None]) -> "PrototypeMatrix":
+        """A new version with ``changes`` applied (label -> new class mean, or None: deleted).
+
+        This version is left as it was. Costs O(changed x D) plus a copy of the [C] dead-row
+        mask while the buffer has room and masked-out rows stay few; else one compacting copy.
+        """
+        updates = {label: row for label, row in changes.items() if row is not None}
+        rows = (
+            np.stack([np.asarray(r, dtype=np.float32) for r in updates.values()])
+            if updates
+            else np.zeros((0, self.dim), dtype=np.float32)
+        )
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"patched rows of shape {rows.shape} for prototypes of size {self.dim}")
+        store = self._store
+        with store.lock:
+            if store.used == self._slots and self._slots + len(rows) <= len(store.unit):
+                # The newest version: store.slot_of is this version's map, so patch in place.
+                replaced = [store.slot_of[label] for label in changes if label in store.slot_of]
+                slots = self._slots + len(rows)
+                dead_rows = self._dead_rows + len(replaced)
+                if dead_rows <= max(slots - dead_rows, _MIN_ROWS_BEFORE_COMPACTING):
+                    for label in changes:
+                        store.slot_of.pop(label, None)
+                    dead = np.zeros(slots, dtype=bool)
+                    dead[: self._slots] = self._dead
+                    dead[replaced] = True
+                    store.append(rows, list(updates))
+                    return PrototypeMatrix._version(store, dead)
+        return self._compacted(changes, rows, list(updates))
+
+    def _compacted(
+        self, changes: Mapping[str, np.ndarray | None], rows: np.ndarray, labels: list[str]
+    ) -> "PrototypeMatrix":
+        """This version's unchanged live rows and the new ones, copied into a fresh buffer
+        with room to grow (when the buffer is full, mostly masked, or already patched)."""
+        store_labels = self._store.labels
+        kept = [slot for slot in self._live_slots().tolist() if store_labels[slot] not in changes]
+        live = len(kept) + len(rows)
+        store = _RowStore(_capacity(live), self.dim, self._store.stats)
+        store.unit[: len(kept)] = self._store.unit[kept]
+        store.norms[: len(kept)] = self._store.norms[kept]
+        kept_labels = [store_labels[slot] for slot in kept]
+        store.labels.extend(kept_labels)
+        store.slot_of.update(zip(kept_labels, range(len(kept))))
+        store.used = len(kept)
+        store.append(rows, labels)
+        return PrototypeMatrix._version(store, np.zeros(live, dtype=bool))
+
+    def top_k(self, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
+        """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"embedding size {embeddings.shape[1]} does not match prototypes of size "
+                f"{self.dim}"
+            )
+        embeddings = embeddings.astype(np.float32, copy=False)
+        k = min(k, len(self))
+        if len(self) >= INT8_SCAN_MIN_CLASSES and k <= INT8_CANDIDATES // 2:
+            scan = self._store.int8_scan(self._slots)
+            if scan is not None:
+                return self._top_k_int8(scan, embeddings, k)
+        return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)]
+
+    def build_int8_scan(self) -> None:
+        """Build the int8 copy for this version now, not in the background (tests, benchmarks)."""
+        self._store.build_int8(self._slots)
+
+    def _scores(self, embeddings: np.ndarray, start: int = 0) -> np.ndarray:
+        """Float32 scores against slots [start:] this version sees; masked-out rows -inf."""
+        scores = embeddings @ self._store.unit[start : self._slots].T
+        if self._dead_rows:
+            scores[:, self._dead[start:]] = -np.inf
+        return scores
+
+    def _top_k_int8(self, scan: Int8Scan, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
+        values, indices, bounds = scan.candidates(embeddings, INT8_CANDIDATES)
+        appended = self._scores(embeddings, scan.rows)  # rows added after the copy: all exact
+        unit, appended_slots, results = self._store.unit, np.arange(scan.rows, self._slots), []
+        for i, query in enumerate(embeddings):
+            candidates = indices[i]
+            candidate_scores = unit[candidates] @ query
+            candidate_scores[self._dead[candidates]] = -np.inf
+            scores = np.concatenate([candidate_scores, appended[i]])
+            slots = np.concatenate([candidates, appended_slots])
+            # Every row the int8 scan left out scores at most its k-th value plus the bound; strictly
+            # below the k-th best exact score found, none of them can enter (or tie).
+            if np.isfinite(scores).sum() >= k:
+                best = self._best(scores, k, query, slots)
+                if len(candidates) >= scan.rows or values[i, -1] + bounds[i] < best[-1].score:
+                    results.append(best)
+                    self._store.stats.add("int8")
+                    continue
+            self._store.stats.add("float32_fallback")
+            results.append(self._best(self._scores(query[None, :])[0], k, query))
+        return results
+
+    def _best(
+        self, scores: np.ndarray, k: int, query: np.ndarray, slots: np.ndarray | None = None
+    ) -> list[Prediction]:
+        """The ``k`` best classes for ``query`` by exact score, then label, given its BLAS
+        ``scores`` against store ``slots`` (default: slot i is scores[i]); at least ``k`` of them
+        are finite (masked-out rows are -inf and stay out)."""
+        if k <= 0:
+            return []
+        # argpartition finds the k-th best BLAS score in O(C). Any row of the exact top k scores
+        # at least that minus twice the BLAS error bound in BLAS, so re-scoring exactly every row
+        # above that line finds the exact top k, ties at the k-th place included.
+        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
+        line = kth - 2 * blas_error_bound(self.dim, float(np.linalg.norm(query)))
+        candidates = np.flatnonzero(scores >= line)
+        candidate_slots = candidates if slots is None else np.asarray(slots)[candidates]
+        exact = exact_scores(self._store.unit[candidate_slots], query)
+        labels = self._store.labels
+        order = sorted(range(len(candidates)), key=lambda i: (-exact[i], labels[candidate_slots[i]]))[:k]
+        return [Prediction(labels[candidate_slots[i]], float(exact[i])) for i in order]

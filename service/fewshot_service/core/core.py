@@ -1,0 +1,423 @@
+"""The one object both transports call: embedding, classification and the example registry.
+
+gRPC and REST only translate; every check on a request's meaning (namespace, label, example id,
+top_k; image limits through the embedder) is made here, once, so a request is refused the same way
+whichever door it came through. The registry below trusts the names it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from fewshot_common.cancellation import CancellationCheck
+from fewshot_common.embedder import Embedder
+from fewshot_common.errors import Cancelled, FailedPrecondition, InvalidInput, ModelIncomplete
+from fewshot_common.errors import NotFound, Unavailable
+
+from . import metrics
+from .batcher import BatchConfig, DynamicBatcher
+from ..classify.prototypes import Prediction, PrototypeMatrix
+from .calibrator import OpenSetCalibrator
+from .decode_pool import DecodePool
+from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
+from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images
+from ..classify.open_set import resolve_unknown_rate
+from ..classify.shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
+from ..classify.shot_quality import ExampleQuality, ShotWarning, example_quality
+
+if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
+    from .backfill import Backfiller
+    from ..classify.snapshot import PrototypeSet
+    from ..registry.registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary
+    from ..registry.registry import NamespaceStatus, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    """A class as the core answers for it: what the registry stores (its ``ClassInfo``), and what
+    the core judged of its examples. The core's own type, so the registry's stays a storage type."""
+
+    label: str
+    count: int
+    example_ids: list[str]
+    # Only set by add_examples: the ids given to this call's examples, in request order.
+    added_example_ids: list[str] = field(default_factory=list)
+    warnings: list[ShotWarning] = field(default_factory=list)  # add_examples' (shot_quality.py)
+    examples: list[ExampleQuality] = field(default_factory=list)  # get_class's per-example fit
+
+    @classmethod
+    def of(cls, info: "ClassInfo", **judged: list) -> "ClassReport":
+        return cls(info.label, info.count, info.example_ids, info.added_example_ids, **judged)
+
+
+class FewShotCore:
+    """Embedder + registry + classifier behind one thread-safe API; owns the dynamic batcher,
+    so Embed, Classify and example uploads from every transport share model runs."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        registry: "Registry",
+        *,
+        batching: BatchConfig | None = None,
+        decode_pool: DecodePool | None = None,
+        unknown_rate: float = DEFAULT_UNKNOWN_RATE,
+        duplicate_similarity: float = DEFAULT_DUPLICATE_SIMILARITY,
+        store_images: bool = True,
+        backfill_options: dict[str, int] | None = None,
+    ) -> None:
+        from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
+        from ..registry.model_store import ModelStore
+
+        self.embedder = embedder
+        self.registry = registry
+        # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
+        # of another model can embed it later; without, a model roll needs a re-upload.
+        self.store_images = store_images
+        self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
+        self.unknown_rate = resolve_unknown_rate(unknown_rate)
+        self.duplicate_similarity = duplicate_similarity
+        self.open_set = OpenSetCalibrator(registry)
+        self.decode_pool = decode_pool or DecodePool()
+        self._batcher = DynamicBatcher(
+            embedder.embed_array,
+            batching or BatchConfig(max_batch_size=embedder.max_batch_size),
+        )
+        self._draining = threading.Event()
+        # Classify's registry check beside its inference (classify_open_set); one thread per call
+        # that may run at once is plenty: each holds its thread for about a Redis round trip.
+        self._prefetch = ThreadPoolExecutor(max_workers=32, thread_name_prefix="classify-check")
+        self.backfill: Backfiller = Backfiller(
+            ModelStore(registry), embedder.model_id,
+            lambda images, cancellation: self.embed(images, operation="backfill", cancellation=cancellation),
+            **(backfill_options or {}),
+        )  # fmt: skip
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def batch_config(self) -> BatchConfig:
+        return self._batcher.config
+
+    def close(self) -> None:
+        self.backfill.stop(wait=True)  # before the batcher it feeds
+        self._prefetch.shutdown(wait=True)
+        self._batcher.close()
+        self.decode_pool.close()
+        self.open_set.close()
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def embed(
+        self,
+        images: Sequence[bytes],
+        *,
+        operation: str = "embed",
+        cancellation: CancellationCheck | None = None,
+    ) -> np.ndarray:
+        """Encoded image files -> ``[N, D]`` L2-normalised float32 embeddings.
+
+        Decoding runs in the bounded decode pool (Overloaded when its queue is full); a set
+        ``cancellation`` stops the work at the next image or before the batcher runs it.
+        """
+        return self._start_embed(images, operation, cancellation, run_here_if_idle=True)()
+
+    def _start_embed(
+        self, images: Sequence[bytes], operation: str, cancellation: CancellationCheck | None,
+        *, run_here_if_idle: bool = False, copies: list[bytes] | None = None,
+    ) -> Callable[[], np.ndarray]:
+        """Decode ``images`` and queue them for the model; returns the function that waits for
+        the embeddings (see :meth:`DynamicBatcher.start`).
+
+        All images decode before any reaches the model, so a request that fails or is cancelled
+        part way costs no model run. (Queueing them a batch at a time as they decode gained a few
+        per cent for a lone large Embed and nothing under load, as the cores are busy anyway:
+        docs/benchmarks/code-notes.md.) ``run_here_if_idle``, for a caller that waits at
+        once: when the returned function is called, a request of one part runs on this thread if
+        the model is idle then (:meth:`DynamicBatcher.run_if_idle`), else it is queued. With
+        ``copies`` (a list to fill), the same worker job also makes the images' stored copies.
+        """
+        started = time.perf_counter()
+        pre, limits = self.embedder.meta.preprocess, self.embedder.limits
+        try:
+            if copies is None:
+                pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
+            else:
+                pixels, stored = self.decode_pool.load_batch_and_copies(images, pre, limits, cancellation)
+                copies.extend(stored)
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("decode").inc()
+            raise
+        metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
+        metrics.IMAGES_TOTAL.labels(operation).inc(len(pixels))
+        try:
+            if run_here_if_idle:
+                rows = functools.partial(self._run_here_or_queue, pixels, cancellation)
+            else:
+                rows = self._batcher.start(pixels, cancellation)
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("queue").inc()
+            raise
+
+        def embeddings() -> np.ndarray:
+            try:
+                return rows()
+            except Cancelled:
+                metrics.CANCELLED_REQUESTS.labels("queue").inc()
+                raise
+
+        return embeddings
+
+    def _run_here_or_queue(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None
+    ) -> np.ndarray:
+        rows = self._batcher.run_if_idle(pixels, cancellation)
+        return rows if rows is not None else self._batcher.start(pixels, cancellation)()
+
+    def classify(
+        self,
+        images: Sequence[bytes],
+        namespace: str | None = None,
+        top_k: int | None = 0,
+        cancellation: CancellationCheck | None = None,
+    ) -> list[list[Prediction]]:
+        """Per image, the ``top_k`` classes of ``namespace`` by cosine similarity, best first."""
+        return [r.predictions for r in self.classify_open_set(images, namespace, top_k, 0, cancellation)]
+
+    def classify_open_set(
+        self,
+        images: Sequence[bytes],
+        namespace: str | None = None,
+        top_k: int | None = 0,
+        unknown_rate: float | None = 0,
+        cancellation: CancellationCheck | None = None,
+    ) -> list[OpenSetResult]:
+        """Per image: the ``top_k`` classes (with confidences) and whether it matches none of
+        them; ``unknown_rate`` (0: the server's) is the share of known images flagged unknown."""
+        namespace = resolve_namespace(namespace)
+        top_k = resolve_top_k(top_k)
+        unknown_rate = resolve_unknown_rate(unknown_rate, self.unknown_rate)
+        if not self.registry.is_cached(namespace, self.model_id):
+            # The prototypes first: a namespace we cannot answer for should not cost an inference.
+            labeller = self.labeller(namespace, cancellation)
+            embeddings = self.embed(images, operation="classify", cancellation=cancellation)
+            return labeller(embeddings, top_k, unknown_rate)
+        # A namespace this replica answered before: its freshness check (a Redis round trip, and a
+        # patch if it changed) runs beside the inference instead of before it, so Classify costs an
+        # Embed plus the top-k, not plus the round trip too (docs/benchmarks/registry-scale.md). With
+        # batching on it runs on this thread while a batch worker runs the model (no hand-off to a
+        # third thread); with batching off, the inference is this thread's, so the check gets one.
+        if not self._batcher.config.enabled:
+            pending = self._prefetch.submit(self.labeller, namespace, cancellation)
+            embeddings = self.embed(images, operation="classify", cancellation=cancellation)
+            return pending.result()(embeddings, top_k, unknown_rate)
+        embeddings_when_ready = self._start_embed(images, "classify", cancellation)
+        labeller = self.labeller(namespace, cancellation)
+        return labeller(embeddings_when_ready(), top_k, unknown_rate)
+
+    def labeller(
+        self, namespace: str, cancellation: CancellationCheck | None = None
+    ) -> Callable[[np.ndarray, int, float], list[OpenSetResult]]:
+        """Everything Classify does beyond an Embed, for ``namespace``'s current state:
+        (unit embeddings [N, D], top_k, unknown_rate) -> results (bench_registry_scale times it)."""
+        prototypes = self._prototypes(namespace, cancellation)
+        calibration = self.open_set.calibration(namespace, prototypes)
+        return functools.partial(label_images, prototypes.classifier, calibration)
+
+    def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
+        return self._prototypes(namespace, None).classifier
+
+    def _prototypes(self, namespace: str, cancellation: CancellationCheck | None) -> "PrototypeSet":
+        """This model's prototypes of ``namespace``. The registry caches one ready matrix per
+        namespace state and refuses (FailedPrecondition) an empty namespace; when this model
+        lacks the embeddings of a few examples (added on a replica of another model), they are
+        embedded here from their stored images first; of many, a background pass is started and
+        the answer is ModelIncomplete with the progress."""
+        from ..registry.registry import ModelIncompleteError
+
+        try:
+            return self.registry.prototypes(namespace, self.model_id)
+        except ModelIncompleteError as exc:
+            status = exc.status
+        missing = status.examples - status.embedded
+        record = self.backfill.store.last_record(namespace, self.model_id)
+        if record is not None and record.generation == status.generation and missing <= record.without_image:
+            # Nothing changed since a fill found that the rest has no stored image: answer at once,
+            # without reading the namespace's classes again on every request.
+            raise self._incomplete(namespace, status, missing)
+        without_image = None
+        if missing <= self.backfill.on_demand_limit:
+            result = self.backfill.fill_on_demand(namespace, cancellation)
+            if result is not None:
+                without_image = result.without_image
+                try:
+                    return self.registry.prototypes(namespace, self.model_id)
+                except ModelIncompleteError as again:  # still short: more came, or no images
+                    status = again.status
+        if without_image is None or status.examples - status.embedded > without_image:
+            without_image = self._start_backfill(namespace, status)
+        raise self._incomplete(namespace, status, without_image)
+
+    def _start_backfill(self, namespace: str, status: "NamespaceStatus") -> int:
+        """Queue a background pass unless the last one found that the rest cannot be embedded;
+        returns how many examples that pass found without a stored image."""
+        record = self.backfill.store.last_record(namespace, self.model_id)
+        without_image = record.without_image if record is not None else 0
+        missing = status.examples - status.embedded
+        if record is None or missing > record.without_image:
+            self.backfill.request(namespace)
+        return min(without_image, missing)
+
+    def _incomplete(self, namespace: str, status: "NamespaceStatus", without_image: int) -> ModelIncomplete:
+        missing = status.examples - status.embedded
+        backfilling = missing > without_image
+        others = [m for m in self.registry.model_progress(namespace) if m.model_id != self.model_id]
+        message = (
+            f"namespace {namespace!r}: {status.embedded} of {status.examples} examples embedded "
+            f"for model {self.model_id!r}, the model this server runs"
+        )
+        if backfilling:
+            message += "; computing the rest from their stored images, retry shortly"
+        if without_image:
+            message += (
+                f"; {without_image} examples have no stored image: re-upload them (or delete them)"
+            )
+        if others:
+            held = ", ".join(f"{m.model_id!r} ({m.embedded} of {status.examples})" for m in others)
+            message += f"; embeddings of other models: {held}"
+        return ModelIncomplete(message, {
+            "model_id": self.model_id, "embedded": status.embedded, "total": status.examples,
+            "without_image": without_image, "backfilling": backfilling,
+        })  # fmt: skip
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def add_examples(
+        self,
+        namespace: str | None,
+        label: str,
+        images: Sequence[bytes],
+        cancellation: CancellationCheck | None = None,
+    ) -> ClassReport:
+        """Embed every image first, so one bad file adds nothing; then add them atomically.
+
+        A request cancelled before its inference starts adds nothing.
+        """
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        # One decode job per upload: the model input and the stored copies share each image's budget.
+        stored: list[bytes] | None = [] if self.store_images else None
+        embeddings = self._start_embed(images, "add_examples", cancellation, run_here_if_idle=True, copies=stored)()
+        info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
+        try:
+            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
+            log.warning("added %d examples, but could not re-read the class for warnings", len(images))
+            return ClassReport.of(info)
+        if label not in snapshot.labels:  # deleted by another request in between
+            return ClassReport.of(info)
+        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
+        return ClassReport.of(info, warnings=warnings)
+
+    def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
+        return self.registry.list_classes(resolve_namespace(namespace))
+
+    def get_class(self, namespace: str | None, label: str) -> ClassReport:
+        """The class's example ids, and how well each example fits it (leave-one-out)."""
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        info = self.registry.get_class(namespace, label)
+        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        if label not in snapshot.labels:  # deleted by another request in between
+            return ClassReport.of(info)
+        return ClassReport.of(info, examples=example_quality(snapshot, label))
+
+    def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
+        """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        top_k = resolve_top_k(top_k)
+        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        if label not in snapshot.labels:
+            raise NotFound(f"no class {label!r} in namespace {namespace!r}")
+        return confusions(snapshot, label, top_k)
+
+    def delete_class(self, namespace: str | None, label: str) -> None:
+        self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        self._deleted()
+
+    def delete_example(
+        self, namespace: str | None, label: str, example_id: str
+    ) -> ClassReport | None:
+        """The class as it is after the deletion, or None when that was its last example."""
+        info = self.registry.delete_example(
+            resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
+        )
+        self._deleted()
+        return None if info is None else ClassReport.of(info)
+
+    def _deleted(self) -> None:
+        """Tell :attr:`deletion_listeners` (the embedded Valkey compacts its append-only file,
+        which would otherwise keep the deleted images' bytes)."""
+        for listener in self.deletion_listeners:
+            listener()
+
+    def list_namespaces(self) -> "list[NamespaceSummary]":
+        """Every namespace holding classes, with class and example counts and its model."""
+        return self.registry.list_namespaces()
+
+    def delete_namespace(self, namespace: str | None) -> "DeletedNamespace":
+        """Remove a namespace with all its classes and examples, atomically."""
+        deleted = self.registry.delete_namespace(resolve_namespace(namespace))
+        self._deleted()
+        return deleted
+
+    # -- models ------------------------------------------------------------------------------
+
+    def backfill_incomplete_namespaces(self) -> None:
+        """Start embedding, in the background, every namespace this model has not fully
+        embedded (a replica of a newly rolled model warms up before its first Classify)."""
+
+        def incomplete() -> list[str]:
+            return [
+                n.name for n in self.registry.list_namespaces()
+                if not any(m.model_id == self.model_id and m.complete for m in n.models)
+            ]  # fmt: skip
+
+        self.backfill.request_incomplete(incomplete)
+
+    def drop_model(self, model_id: str, namespaces: Sequence[str]) -> dict[str, int]:
+        """Forget ``model_id``'s embeddings in ``namespaces`` (examples and images stay): for a
+        model no replica serves any more. Refused for the model this server runs."""
+        model_id = resolve_name(model_id, "model id")
+        if model_id == self.model_id:
+            raise FailedPrecondition(
+                f"model {model_id!r} is the model this server runs: drop it from a server of another model"
+            )
+        return {namespace: self.backfill.store.drop(namespace, model_id) for namespace in namespaces}
+
+    # -- health ------------------------------------------------------------------------------
+
+    def begin_draining(self) -> None:
+        """Shutdown has begun: report not ready (so load balancers move away); calls still work.
+        The background backfill stops after its current batch (its lease released)."""
+        self._draining.set()
+        self.backfill.stop(wait=False)
+
+    def ready(self) -> bool:
+        """Model loaded (it is, once constructed), Redis answering, and not shutting down."""
+        if self._draining.is_set():
+            return False
+        try:
+            return bool(self.registry.ping())
+        except Exception:  # a health probe reports, it never raises
+            return False

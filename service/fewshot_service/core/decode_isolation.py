@@ -1,0 +1,240 @@
+"""The server's side of a decode worker (decode_worker.py): one long-lived process per decode slot.
+
+Started with ``subprocess`` (fork + exec of a fresh interpreter: the server has many threads,
+gRPC's and ONNX Runtime's, and is never forked as it is), lazily on a slot's first job and again
+at once when one dies. A job that kills its worker (CPU or memory limit) or outlives the wall-clock
+deadline (the backstop for a decoder that sleeps or spins in a way RLIMIT_CPU does not see) is
+answered with :class:`TooLarge` (413 / RESOURCE_EXHAUSTED) naming the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from fewshot_common.cancellation import CancellationCheck
+from fewshot_common.errors import Cancelled, FewshotError, ImageError, TooLarge, Unavailable
+from fewshot_common.images import ImageLimits
+from fewshot_common.modelmeta import Preprocess
+
+from .decode_worker import _FRAME, ERROR_KINDS, MAX_HEADER_BYTES, write_frame
+
+# Wall-clock seconds an image may take per CPU second of its budget: slack for a busy machine
+# (the CPU limit is the real bound; this catches what it cannot, e.g. a decoder that blocks).
+WALL_PER_CPU_SECOND = 5
+_POLL_S = 0.1  # how often a waiting job looks at its request's cancellation
+# One BLAS/OpenMP thread: the worker runs one decode, and each thread's buffers count in RLIMIT_AS.
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class _WorkerGone(Exception):
+    """The worker died, broke the protocol, or ran out of wall-clock time."""
+
+
+class DecodeWorker:
+    """One worker process, used by one request at a time (the decode pool's slot)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # the pool gives a slot to one thread; this is a guard
+        self.started = 0  # processes started so far (tests, metrics)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self) -> None:
+        """Start the process unless it runs (it imports Pillow and numpy while the caller goes on)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._reap()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fewshot_service.core.decode_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            env={**os.environ, **_WORKER_ENV},
+        )  # fmt: skip
+        self.started += 1
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._proc.stdin.close()  # type: ignore[union-attr]  # EOF: the worker exits
+            self._proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._proc = None
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def load_batch(
+        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        cancellation: CancellationCheck | None = None,
+    ) -> np.ndarray:
+        """:func:`images.load_batch`, in the worker: ``[N, 3, S, S]`` float32."""
+        header, payload = self._call(
+            {"op": "load_batch", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation
+        )
+        batch = self._batch(header, payload, len(images), pre)
+        if batch.nbytes != len(payload):
+            raise self._protocol_error("a batch of the wrong size")
+        return batch
+
+    def load_batch_and_copies(
+        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        cancellation: CancellationCheck | None = None,
+    ) -> tuple[np.ndarray, list[bytes]]:
+        """:meth:`load_batch` and the stored copies (stored_images.py) in one job: each image's two decodes
+        share its CPU budget (an example upload must not cost twice an image's limit)."""
+        header, payload = self._call(
+            {"op": "load_batch_and_copies", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation
+        )
+        batch = self._batch(header, payload, len(images), pre)
+        return batch, self._copies(header, payload[batch.nbytes :], len(images))
+
+    def _batch(self, header: dict[str, Any], payload: bytearray, count: int, pre: Preprocess) -> np.ndarray:
+        shape = tuple(header.get("shape", ()))
+        if shape != (count, 3, pre.input_size, pre.input_size) or len(payload) < 4 * np.prod(shape):
+            raise self._protocol_error("a batch of the wrong shape")
+        return np.frombuffer(payload, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+    def _copies(self, header: dict[str, Any], payload: bytearray | memoryview, count: int) -> list[bytes]:
+        sizes = header.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != count or sum(sizes) != len(payload):
+            raise self._protocol_error("copies of the wrong size")
+        copies, offset = [], 0
+        for size in sizes:
+            copies.append(bytes(payload[offset : offset + size]))
+            offset += size
+        return copies
+
+    def _protocol_error(self, what: str) -> FewshotError:
+        self._reap()
+        self.start()
+        return FewshotError(f"the image decoder answered {what}")
+
+    def _call(
+        self, header: dict[str, Any], images: Sequence[bytes], limits: ImageLimits,
+        cancellation: CancellationCheck | None,
+    ) -> tuple[dict[str, Any], bytearray]:
+        with self._lock:
+            self.start()
+            assert self._proc is not None
+            proc = self._proc
+            header = {**header, "limits": _limits_dict(limits), "sizes": [len(i) for i in images]}
+            wall = WALL_PER_CPU_SECOND * limits.max_decode_cpu_s
+            index: int | None = None  # the image being decoded (None: the header checks)
+            try:
+                write_frame(proc.stdin, header, b"".join(images))  # type: ignore[arg-type]
+                deadline = time.monotonic() + wall
+                while True:
+                    reply, payload = self._read_frame(deadline, cancellation)
+                    if reply.get("t") == "image":
+                        index, deadline = int(reply["i"]), time.monotonic() + wall
+                        continue
+                    break
+            except Cancelled:
+                self._reap()  # it may be deep in a decode: stop it, and have a fresh one ready
+                self.start()
+                raise
+            except (_WorkerGone, OSError, ValueError) as exc:
+                raise self._died(index, limits, timed_out=str(exc) == "deadline") from None
+            if reply.get("exiting"):
+                self._reap()
+                self.start()
+            if reply.get("t") == "error":
+                raise _error_from(reply)
+            return reply, payload
+
+    def _died(self, index: int | None, limits: ImageLimits, *, timed_out: bool) -> FewshotError:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        code = proc.wait() if proc is not None else None
+        self._reap()
+        self.start()  # the replacement starts while this request is answered
+        which = f"image {index}" if index is not None else "the images' headers"
+        if timed_out:
+            return TooLarge(
+                f"{which}: decoding took longer than {WALL_PER_CPU_SECOND * limits.max_decode_cpu_s} s"
+            )
+        if code in (-signal.SIGXCPU, -signal.SIGPROF):
+            return TooLarge(
+                f"{which}: decoding needs more than {limits.max_decode_cpu_s} s of CPU, the limit"
+            )
+        if code is not None and code < 0:
+            return TooLarge(
+                f"{which}: decoding needs more than the {limits.max_decode_memory // (1 << 20)} MiB "
+                "of memory an image may use (the decoder was stopped)"
+            )
+        return Unavailable("the image decoder stopped unexpectedly; retry")
+
+    def _read_frame(
+        self, deadline: float, cancellation: CancellationCheck | None
+    ) -> tuple[dict[str, Any], bytearray]:
+        head = self._read(_FRAME.size, deadline, cancellation)
+        header_len, payload_len = _FRAME.unpack(head)
+        if header_len > MAX_HEADER_BYTES:
+            raise _WorkerGone("protocol")
+        header = json.loads(self._read(header_len, deadline, cancellation))
+        if not isinstance(header, dict):
+            raise _WorkerGone("protocol")
+        return header, self._read(payload_len, deadline, cancellation)
+
+    def _read(self, size: int, deadline: float, cancellation: CancellationCheck | None) -> bytearray:
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _WorkerGone("deadline")
+            ready, _, _ = select.select([fd], [], [], min(left, _POLL_S))
+            if not ready:
+                if cancellation is not None and cancellation.is_cancelled():
+                    raise Cancelled("the request was cancelled while decoding its images")
+                continue
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                raise _WorkerGone("exited")
+            got += n
+        return buffer
+
+
+def _limits_dict(limits: ImageLimits) -> dict[str, Any]:
+    return {
+        "max_image_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels,
+        "max_images": limits.max_images, "max_jpeg_scans": limits.max_jpeg_scans,
+        "max_decoded_bytes": limits.max_decoded_bytes, "max_request_pixels": limits.max_request_pixels,
+        "formats": list(limits.formats), "max_decode_cpu_s": limits.max_decode_cpu_s,
+        "max_decode_memory": limits.max_decode_memory,
+    }  # fmt: skip
+
+
+def _error_from(reply: dict[str, Any]) -> FewshotError:
+    cls = ERROR_KINDS.get(str(reply.get("kind")), FewshotError)
+    if issubclass(cls, ImageError):
+        return cls(int(reply.get("index", 0)), str(reply.get("reason", "")))
+    return cls(str(reply.get("message", "")))

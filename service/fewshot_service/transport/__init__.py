@@ -1,0 +1,1 @@
+"""The gRPC and REST transports and the API-key access rules they share; the only callers of the core."""

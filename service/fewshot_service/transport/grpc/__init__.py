@@ -1,0 +1,1 @@
+"""The gRPC transport: servicer, authentication, access log, request guards."""

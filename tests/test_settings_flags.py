@@ -1,0 +1,65 @@
+"""Every command's flags derive from one declared model (fewshot_common.settings_flags): ``fewshot
+serve`` from ``Settings`` (a BaseSettings: flags over environment over defaults), ``fewshot export``
+from ``ExportOptions`` (a plain model: flags over defaults, no environment)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from fewshot_common import settings_flags
+
+
+class _Options(BaseModel):
+    size: int = Field(3, description="how many")
+    mode: Literal["a", "b"] = Field("a", description="which")
+    folder: Path | None = Field(None, description="where")
+    loud: bool = Field(False, description="say it")
+
+
+def _parser(model: type[BaseModel]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="test")
+    settings_flags.add_arguments(parser, model)
+    return parser
+
+
+def test_a_plain_model_gets_typed_flags_its_defaults_and_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIZE", "9")  # a plain model reads no environment
+    parser = _parser(_Options)
+    assert settings_flags.model_from_args(_Options, parser.parse_args([])) == _Options()
+    given = settings_flags.model_from_args(
+        _Options, parser.parse_args(["--size", "5", "--mode", "b", "--folder", "x", "--loud"])
+    )
+    assert given == _Options(size=5, mode="b", folder=Path("x"), loud=True)
+    help_text = " ".join(parser.format_help().split())
+    assert "how many (default 3)" in help_text and "where " in help_text and "env" not in help_text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])  # a Literal is a choice
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--size", "many"])
+
+
+def test_export_flags_come_from_its_options_with_the_former_defaults() -> None:
+    from fewshot_trainer import export_cli
+    from fewshot_trainer.variants import CheckThresholds
+
+    parser = argparse.ArgumentParser(prog="fewshot export")
+    export_cli.add_arguments(parser)
+    flags = {a.dest for a in parser._actions if a.dest != "help"}
+    assert flags == set(export_cli.ExportOptions.model_fields)
+    options = settings_flags.model_from_args(export_cli.ExportOptions, parser.parse_args([]))
+    checks = CheckThresholds()
+    assert (options.precision, options.int8_method, options.encoder, options.pool) == ("fp32", "dynamic", "target", "cls")
+    assert (options.min_cosine, options.mean_cosine, options.max_accuracy_drop) == (
+        checks.min_cosine, checks.mean_cosine, checks.max_accuracy_drop
+    )
+    assert (options.blocks, options.center_samples, options.whiten, options.whiten_shrinkage, options.seed) == (
+        1, 2000, False, 0.3, 0
+    )
+    assert options.output is None and options.arch is None and options.whiten_dim is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--arch", "no_such_arch"])
