@@ -9,13 +9,13 @@ TEST_VENV := .venv
 # is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
 # file is newer than all of them.
 SERVE_STAMP := $(SERVE_VENV)/.installed
-SERVE_SOURCES := pyproject.toml README.md $(shell find service trainer -type f \
+SERVE_SOURCES := pyproject.toml constraints.txt README.md $(shell find service trainer -type f \
 	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/__pycache__/*')
 
 $(SERVE_STAMP): $(SERVE_SOURCES)
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/pip install -q .
+	$(SERVE_VENV)/bin/pip install -q -c constraints.txt .
 	touch $@
 
 install-serve: $(SERVE_STAMP)
@@ -28,7 +28,7 @@ install-test:
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q --upgrade pip
 	$(TEST_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(TEST_VENV)/bin/pip install -q -e '.[train,test]'
+	$(TEST_VENV)/bin/pip install -q -c constraints.txt -e '.[train,test]'
 
 # The /ui/ playground test drives Debian's Chromium through its chromedriver (no browser download:
 # Playwright's and Selenium Manager's are not reachable). Installed with apt-get when missing (root,

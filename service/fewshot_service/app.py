@@ -19,7 +19,8 @@ import grpc
 import uvicorn
 
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
-from fewshot_common.embedder import Embedder, default_providers
+from fewshot_common.embedder import Embedder
+from fewshot_common.providers import choose_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
@@ -70,7 +71,8 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         max_decoded_bytes=settings.max_decoded_bytes,
         max_request_pixels=settings.max_request_pixels,
     )
-    providers = settings.providers or default_providers()
+    # The providers that start here; --providers cuda without a usable GPU refuses (ProviderUnavailable).
+    providers = choose_providers(settings.providers).providers
     served = choose_model_file(settings.model_path(), settings.precision, providers)
     max_batch_size = settings.max_batch_size or default_max_batch_size(providers)
     embedder = Embedder(

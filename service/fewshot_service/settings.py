@@ -173,7 +173,9 @@ class Settings(BaseSettings):
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="ONNX Runtime execution providers, comma-separated (none: CUDA if present, else CPU)",
+        description="ONNX Runtime execution providers, comma-separated: auto (the default: "
+        "TensorRT or CUDA where onnxruntime-gpu has them and a GPU starts, else CPU), cpu, cuda, "
+        "tensorrt or ONNX Runtime's names. Named, the first must start or the server refuses to",
     )
     intra_op_threads: int | None = Field(
         default=None, gt=0,
@@ -232,6 +234,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: list[str]) -> list[str]:
+        from fewshot_common.providers import provider_names  # imports onnxruntime: not for --help
+
+        return provider_names(value)
 
     @model_validator(mode="after")
     def _cluster_needs_a_url(self) -> "Settings":
