@@ -3,7 +3,7 @@ PYTHON ?= python3
 SERVE_VENV := .venv-serve
 TEST_VENV := .venv
 
-.PHONY: serve test install-serve install-test install-browser
+.PHONY: serve test install-serve install-test install-browser install-containers
 
 # Serving install: no torch (the server never imports it). A regular (non-editable) install, so it
 # is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
@@ -39,5 +39,15 @@ install-browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "chromium and chromedriver missing: tests/test_playground.py will fail" >&2; fi
 
-test: install-test install-browser
+# tests/test_container_images.py builds the Dockerfile's images and runs them with podman: no
+# Docker engine on CI machines, and podman needs no daemon. Its base images are made from Debian
+# packages (mmdebstrap) where no registry is reachable. Installed with apt-get when missing (root);
+# elsewhere those tests skip, saying what to install.
+install-containers:
+	@if command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null && command -v tini-static >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc tini mmdebstrap uidmap; \
+	else echo "podman, runc, tini or mmdebstrap missing: tests/test_container_images.py will skip" >&2; fi
+
+test: install-test install-browser install-containers
 	$(TEST_VENV)/bin/python -m pytest

@@ -8,6 +8,7 @@ asked for by name (``--providers cuda``) it refuses to start rather than serve o
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,25 +86,36 @@ def why_unusable(provider: str) -> str | None:
     if provider not in ort.get_available_providers():
         hint = " (install onnxruntime-gpu)" if provider in GPU_PROVIDERS else ""
         return f"this onnxruntime ({ort.__version__}) has no {provider}{hint}"
+    if provider in GPU_PROVIDERS:
+        try:  # the driver's library: ONNX Runtime only logs its absence and carries on without
+            ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            return (
+                f"no NVIDIA driver ({exc}); a container needs the NVIDIA Container Toolkit "
+                "and a GPU passed in (docker run --gpus all)"
+            )
     try:
         # Without fallback ONNX Runtime raises the provider's own error instead of going to the CPU.
-        ort.InferenceSession(_probe_model(), providers=[provider], enable_fallback=0)
+        session = ort.InferenceSession(_probe_model(), providers=[provider], enable_fallback=0)
     except Exception as exc:  # noqa: BLE001 -- ONNX Runtime's errors are untyped
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         return (lines[-1] if lines else type(exc).__name__)[:300]
+    if provider not in session.get_providers():  # some failures are logged, not raised
+        return "ONNX Runtime could not create it (its log above says why)"
     return None
 
 
 @dataclass(frozen=True)
 class ProviderChoice:
     providers: list[str]  # what the server runs on, in ONNX Runtime's order of preference
-    fell_back_from: str | None = None  # the GPU provider that could not start (automatic choice)
-    reason: str | None = None
+    fell_back_from: str | None = None  # the first provider that could not start (automatic choice)
+    reason: str | None = None  # why it could not
 
 
 def choose_providers(requested: Sequence[str]) -> ProviderChoice:
     """``requested``: ONNX Runtime names (empty: automatic). The first of an explicit list must
-    start, or :class:`ProviderUnavailable`; chosen automatically, see :func:`usable_providers`."""
+    start, or :class:`ProviderUnavailable`; chosen automatically, see :func:`usable_providers`.
+    A GPU provider's libraries are preloaded first (onnxruntime-gpu's CUDA/cuDNN wheels)."""
     providers = list(requested) or default_providers()
     if any(name in GPU_PROVIDERS for name in providers):
         preload_gpu_libraries()
@@ -119,18 +131,17 @@ def choose_providers(requested: Sequence[str]) -> ProviderChoice:
 
 
 def usable_providers(candidates: Sequence[str]) -> ProviderChoice:
-    """The candidates that start here, the CPU last; the first that cannot is logged with why."""
-    fell_back_from: str | None = None
-    first_reason: str | None = None
+    """The candidates that start here, the CPU last; each one that cannot is logged with why."""
+    dropped: list[tuple[str, str]] = []
     usable: list[str] = []
     for name in candidates:
         reason = None if name == "CPUExecutionProvider" else why_unusable(name)
         if reason is None:
             usable.append(name)
-        elif fell_back_from is None:
-            fell_back_from, first_reason = name, reason
+        else:
+            dropped.append((name, reason))
     if "CPUExecutionProvider" not in usable:
         usable.append("CPUExecutionProvider")
-    if fell_back_from is not None:
-        log.warning("%s cannot start (%s); serving on %s", fell_back_from, first_reason, usable[0])
-    return ProviderChoice(usable, fell_back_from, first_reason)
+    for name, reason in dropped:
+        log.warning("%s cannot start (%s); serving on %s", name, reason, usable[0])
+    return ProviderChoice(usable, *(dropped[0] if dropped else (None, None)))
