@@ -1,7 +1,7 @@
 # The serving image: fewshot serve with ONNX Runtime, no torch. Two targets on one Python base:
 #   cpu (the default, last stage):  docker build -t fewshot:cpu .
-#   gpu (onnxruntime-gpu with NVIDIA's CUDA 12 and cuDNN 9 wheels from PyPI; the host needs the
-#        NVIDIA driver and the NVIDIA Container Toolkit, no CUDA install):
+#   gpu (onnxruntime-gpu with NVIDIA's CUDA 13 and cuDNN 9 wheels from PyPI; the host needs the
+#        NVIDIA driver, R580+, and the NVIDIA Container Toolkit, no CUDA install):
 #                                    docker build --target gpu -t fewshot:gpu .
 # Podman/Buildah: add --format docker, else the image is OCI and loses its HEALTHCHECK.
 # The model served by default is models/default.onnx, copied in below; mount another and pass

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 CPU_RUNTIME = re.compile(r"^onnxruntime(?=[<>=!~;\s]|$)")
-# NVIDIA's CUDA 12 runtime and cuDNN 9 wheels from PyPI: no CUDA base image needed.
+# NVIDIA's CUDA runtime and cuDNN wheels from PyPI (CUDA 13, cuDNN 9 for 1.31): no CUDA base image.
 GPU_RUNTIME = "onnxruntime-gpu[cuda,cudnn]"
 
 
