@@ -14,13 +14,12 @@ ARG PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS python
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 10001 fewshot && mkdir /data && chown fewshot /data
 
 # --- the fewshot wheels: as published (cpu), and declaring onnxruntime-gpu (gpu) ----------------------
 FROM python AS wheels
-# A build-time cache only where the builder mounts one (CI: --build-arg PIP_NO_CACHE_DIR=0).
-ARG PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/image_requirements.py ./deploy/
@@ -35,7 +34,6 @@ RUN pip wheel --no-deps --wheel-dir /wheels/cpu . \
 # OpenVINO runs the bf16 variant on this server's CPU and reads ONNX only: its Intel GPU and NPU
 # plugins (with the GPU's kernel cache) and its other frameworks' readers are 75 MB never loaded.
 FROM python AS cpu-requirements
-ARG PIP_NO_CACHE_DIR=1
 COPY pyproject.toml constraints.txt deploy/image_requirements.py /tmp/requirements/
 RUN cd /tmp/requirements \
     && python image_requirements.py cpu pyproject.toml > requirements.txt \
@@ -47,7 +45,6 @@ RUN cd /tmp/requirements \
         "$ov"/libopenvino_paddle_frontend.so.* "$ov"/libopenvino_pytorch_frontend.so.* "$ov"/libopenvino_gguf_frontend.so.*
 
 FROM python AS gpu-requirements
-ARG PIP_NO_CACHE_DIR=1
 COPY pyproject.toml constraints.txt deploy/image_requirements.py /tmp/requirements/
 RUN cd /tmp/requirements \
     && python image_requirements.py gpu pyproject.toml > requirements.txt \
@@ -61,7 +58,7 @@ RUN cd /tmp/requirements \
 # --- gpu: onnxruntime-gpu; the server preloads the CUDA/cuDNN wheels' libraries (providers.py) -------
 FROM gpu-requirements AS gpu
 COPY --from=wheels /wheels/gpu /tmp/wheels
-RUN pip install --no-deps --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels && pip check
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels && pip check
 WORKDIR /app
 COPY models ./models
 # Providers chosen automatically: CUDA where a GPU is visible, else the CPU, and the log says so.
@@ -80,7 +77,7 @@ ENTRYPOINT ["fewshot", "serve"]
 # --- cpu: onnxruntime (the default target) --------------------------------------------------------
 FROM cpu-requirements AS cpu
 COPY --from=wheels /wheels/cpu /tmp/wheels
-RUN pip install --no-deps --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels && pip check
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels && pip check
 WORKDIR /app
 COPY models ./models
 ENV FEWSHOT_HOST=0.0.0.0 \

@@ -4,7 +4,7 @@ from Debian packages, and builds that reach PyPI the way this host does.
 CI machines reach Debian's mirror and PyPI but no image registry, so the bases the Dockerfile and
 docker-compose.yml name are made with mmdebstrap and tagged under those names. Where the real
 image is already in local storage (no label of ours) it is used as is. The root filesystems are
-cached outside the clone, keyed by the hash of their recipe, as is pip's download cache.
+cached outside the clone, keyed by the hash of their recipe; podman's layer cache keeps the rest.
 """
 
 from __future__ import annotations
@@ -146,18 +146,16 @@ class Podman:
         return how
 
     def build(self, target: str, tag: str, context: Path, *, timeout: float = 1800) -> float:
-        """``podman build`` of one target as a user would, plus what this host needs to reach PyPI
-        (its CA bundle, mounted read-only at build time, never copied into a layer) and pip's
-        download cache. --format docker keeps the HEALTHCHECK. Returns the seconds it took."""
-        pip_cache = CACHE / "pip"
-        pip_cache.mkdir(parents=True, exist_ok=True)
-        mounts = ["--volume", f"{pip_cache}:/root/.cache/pip"]
+        """``podman build`` of one target as a user would, plus this host's CA bundle (which its
+        PyPI access needs), mounted read-only at build time, never copied into a layer.
+        --format docker keeps the HEALTHCHECK. Returns the seconds it took."""
+        mounts: list[str] = []
         ca = host_ca_bundle()
         if ca is not None:
             mounts += ["--volume", f"{ca}:/etc/ssl/certs/ca-certificates.crt:ro"]
         start = time.monotonic()
-        self.run("build", "--format", "docker", "--target", target, "--tag", tag,
-                 "--build-arg", "PIP_NO_CACHE_DIR=0", *mounts, str(context), timeout=timeout)  # fmt: skip
+        self.run("build", "--format", "docker", "--target", target, "--tag", tag, *mounts, str(context),
+                 timeout=timeout)  # fmt: skip
         return time.monotonic() - start
 
     def size_mb(self, image: str) -> float:

@@ -11,6 +11,7 @@ these tests skip and say why.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,8 +35,11 @@ if ENGINE is None:
         allow_module_level=True,
     )
 
-CPU_TAG = "localhost/fewshot-ci:cpu"
-GPU_TAG = "localhost/fewshot-ci:gpu"
+# Per test run, so two runs on one machine never use each other's images or compose project.
+RUN_ID = f"{os.getpid()}"
+CPU_TAG = f"localhost/fewshot-ci:cpu-{RUN_ID}"
+GPU_TAG = f"localhost/fewshot-ci:gpu-{RUN_ID}"
+PROJECT = f"fewshot-ci-{RUN_ID}"
 PINNED = dict(
     line.split("==") for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
     if line and not line.startswith("#")
@@ -57,17 +61,19 @@ def podman() -> Podman:
 
 
 @pytest.fixture(scope="module")
-def cpu_image(podman: Podman) -> str:
+def cpu_image(podman: Podman) -> Iterator[str]:
     seconds = podman.build("cpu", CPU_TAG, REPO_ROOT)
     print(f"cpu image: built in {seconds:.0f} s, {podman.size_mb(CPU_TAG):.0f} MB")
-    return CPU_TAG
+    yield CPU_TAG
+    podman.run("untag", CPU_TAG, check=False)  # its layers stay: the next run's build cache
 
 
 @pytest.fixture(scope="module")
-def gpu_image(podman: Podman) -> str:
+def gpu_image(podman: Podman) -> Iterator[str]:
     seconds = podman.build("gpu", GPU_TAG, REPO_ROOT, timeout=3600)
     print(f"gpu image: built in {seconds:.0f} s, {podman.size_mb(GPU_TAG):.0f} MB")
-    return GPU_TAG
+    yield GPU_TAG
+    podman.run("untag", GPU_TAG, check=False)
 
 
 class Container:
@@ -154,7 +160,7 @@ def test_the_cpu_image_serves_rest_and_grpc_and_stops_cleanly_on_sigterm(
 def test_compose_default_profile_comes_up_and_serves_without_the_gpu_service(
     podman: Podman, cpu_image: str
 ) -> None:
-    compose = [str(Path(sys.executable).with_name("podman-compose")), "--project-name", "fewshot-ci"]
+    compose = [str(Path(sys.executable).with_name("podman-compose")), "--project-name", PROJECT]
     ports = {"FEWSHOT_HTTP_PORT": free_port(), "FEWSHOT_GRPC_PORT": free_port()}
     env = {**podman.env, **{name: str(port) for name, port in ports.items()}}
     podman.run("tag", cpu_image, "localhost/fewshot:cpu")  # compose's image name, so it builds nothing
@@ -165,9 +171,9 @@ def test_compose_default_profile_comes_up_and_serves_without_the_gpu_service(
     up = compose_run("up", "--detach", "--no-build")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        names = podman.run("ps", "--filter", "label=io.podman.compose.project=fewshot-ci",
+        names = podman.run("ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
                            "--format", "{{.Names}}").stdout.split()  # fmt: skip
-        assert sorted(re.sub(r"^fewshot-ci_|_\d+$", "", name) for name in names) == ["fewshot", "redis"]
+        assert sorted(name.removeprefix(f"{PROJECT}_").rsplit("_", 1)[0] for name in names) == ["fewshot", "redis"]
         http_url = f"http://127.0.0.1:{ports['FEWSHOT_HTTP_PORT']}"
         podman.wait_ready(http_url, next(name for name in names if "_fewshot_" in name))
         assert httpx.get(http_url + "/readyz").json()["redis"] is True
@@ -175,7 +181,7 @@ def test_compose_default_profile_comes_up_and_serves_without_the_gpu_service(
     finally:
         volumes = [
             mount["Name"]
-            for name in podman.run("ps", "--all", "--filter", "label=io.podman.compose.project=fewshot-ci",
+            for name in podman.run("ps", "--all", "--filter", f"label=io.podman.compose.project={PROJECT}",
                                    "--format", "{{.ID}}", check=False).stdout.split()  # fmt: skip
             for mount in json.loads(podman.run("inspect", "--format", "{{json .Mounts}}", name, check=False).stdout or "[]")
             if mount.get("Type") == "volume"
