@@ -76,9 +76,10 @@ def _probe_model() -> bytes:
     value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     out = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [out])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every onnxruntime this project supports
-    return model.SerializeToString()
+    opsets = [onnx.helper.make_opsetid("", 17)]
+    # The oldest IR version for the opset: onnx's newest may be beyond this onnxruntime's.
+    ir_version = onnx.helper.find_min_ir_version_for(opsets)
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=ir_version).SerializeToString()
 
 
 def why_unusable(provider: str) -> str | None:
