@@ -60,12 +60,19 @@ def podman() -> Podman:
     return ENGINE
 
 
+def keep_as_latest(podman: Podman, tag: str) -> None:
+    """The run's tag becomes the target's stable one: the latest image and its layers (the next
+    run's build cache) stay tagged, so `podman image prune` removes only older builds."""
+    podman.run("tag", tag, tag.rsplit("-", 1)[0], check=False)
+    podman.run("untag", tag, check=False)
+
+
 @pytest.fixture(scope="module")
 def cpu_image(podman: Podman) -> Iterator[str]:
     seconds = podman.build("cpu", CPU_TAG, REPO_ROOT)
     print(f"cpu image: built in {seconds:.0f} s, {podman.size_mb(CPU_TAG):.0f} MB")
     yield CPU_TAG
-    podman.run("untag", CPU_TAG, check=False)  # its layers stay: the next run's build cache
+    keep_as_latest(podman, CPU_TAG)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,7 @@ def gpu_image(podman: Podman) -> Iterator[str]:
     seconds = podman.build("gpu", GPU_TAG, REPO_ROOT, timeout=3600)
     print(f"gpu image: built in {seconds:.0f} s, {podman.size_mb(GPU_TAG):.0f} MB")
     yield GPU_TAG
-    podman.run("untag", GPU_TAG, check=False)
+    keep_as_latest(podman, GPU_TAG)
 
 
 class Container:
