@@ -64,7 +64,7 @@ def keep_as_latest(podman: Podman, tag: str) -> None:
     """The run's tag becomes the target's stable one: the latest image and its layers (the next
     run's build cache) stay tagged, so `podman image prune` removes only older builds."""
     podman.run("tag", tag, tag.rsplit("-", 1)[0], check=False)
-    podman.run("untag", tag, check=False)
+    podman.run("untag", tag, tag, check=False)  # only this name: without one, untag drops them all
 
 
 @pytest.fixture(scope="module")
