@@ -78,3 +78,61 @@ def test_the_images_health_check_is_readiness() -> None:
     lines = (REPO_ROOT / "Dockerfile").read_text().splitlines()
     checks = [line for line in lines if line.strip().startswith("CMD")]
     assert len(checks) == 2 and all("/readyz" in line for line in checks)
+
+
+# --- the images' recipe (issue 34; tests/test_container_images.py builds and runs them) ----------
+
+
+def pins() -> dict[str, str]:
+    lines = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def test_tests_and_both_images_run_one_onnxruntime() -> None:
+    import onnxruntime
+
+    pinned = pins()
+    assert pinned["onnxruntime"] == pinned["onnxruntime-gpu"]
+    # The tests run the pinned runtime (make install-test installs with -c constraints.txt).
+    assert onnxruntime.__version__.split(".")[:2] == pinned["onnxruntime"].split(".")[:2]
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert dockerfile.count("-c constraints.txt") == 2  # the cpu and the gpu requirements
+
+
+def test_the_gpu_requirements_swap_only_onnxruntime(tmp_path) -> None:
+    import importlib.util  # deploy/ is no package: the script as a module
+
+    spec = importlib.util.spec_from_file_location("image_requirements", REPO_ROOT / "deploy" / "image_requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pyproject = REPO_ROOT / "pyproject.toml"
+    cpu, gpu = module.requirements(pyproject, "cpu"), module.requirements(pyproject, "gpu")
+    changed = [(a, b) for a, b in zip(cpu, gpu, strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][0].startswith("onnxruntime")
+    assert changed[0][1] == changed[0][0].replace("onnxruntime", "onnxruntime-gpu[cuda,cudnn]", 1)
+    copy = tmp_path / "pyproject.toml"
+    copy.write_text(pyproject.read_text())
+    module.rewrite(copy)  # the gpu wheel's metadata: what the gpu image installs, so pip check passes
+    assert module.requirements(copy, "cpu") == gpu
+    with pytest.raises(SystemExit, match="exactly one onnxruntime"):
+        module.rewrite(copy)
+
+
+def test_images_are_named_in_full_and_the_build_needs_no_frontend_image() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert not dockerfile.startswith("# syntax")  # BuildKit would fetch that image on every build
+    bases = re.findall(r"^ARG \w+_IMAGE=(\S+)$", dockerfile, re.M)
+    assert bases and all(base.startswith("docker.io/") for base in bases)
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
+    for base in re.findall(r"^FROM (\S+)", dockerfile, re.M):
+        assert base in stages or base.startswith("${"), base
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        # Pulled images in full (podman's default configuration refuses short names); built ones
+        # are local tags.
+        assert "build" in service or service["image"].startswith("docker.io/"), name
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
+    ignored = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "!deploy/image_requirements.py" in ignored and "constraints.txt" not in ignored

@@ -106,14 +106,14 @@ def test_configuration_page_is_what_the_generator_writes_from_settings() -> None
 
 
 def test_the_generated_page_names_every_setting_with_its_flag_environment_and_default() -> None:
-    from fewshot_service.serve_cli import env_names, flag_name
+    from fewshot_common.settings_flags import env_names, flag_name
     from fewshot_service.settings import Settings
 
     page = _gen_config_doc().render()
     for field, info in Settings.model_fields.items():
         row = next((line for line in page.splitlines() if line.startswith(f"| `{flag_name(field)}`")), None)
         assert row is not None, field
-        for env in env_names(field, info):
+        for env in env_names(Settings, field, info):
             assert f"`{env}`" in row, (field, env)
     assert "| `--http-port` | `FEWSHOT_HTTP_PORT` | `8000` |" in page
     assert "| `--redis-url` | `REDIS_URL` or `FEWSHOT_REDIS_URL` | — |" in page

@@ -40,8 +40,9 @@ FORBIDDEN = {
 CLIENT_REEXPORT = "fewshot_service.client"
 TORCH_FAMILY = {"torch", "torchvision", "timm", "onnxscript"}
 # onnx (the protobuf schema, no torch) is a serving dependency since the int8 top-k scan builds its
-# graph in the server (fewshot_service/classify/int8_scan.py); only that module may import it.
-ONNX_BUILDERS = {"fewshot_service.classify.int8_scan"}
+# graph in the server (fewshot_service/classify/int8_scan.py); only that module may import it, and the
+# execution-provider probe, which builds a one-node graph for a provider to start on (providers.py).
+ONNX_BUILDERS = {"fewshot_service.classify.int8_scan", "fewshot_common.providers"}
 TORCH_FREE_COMMANDS = ("fewshot_service.cli.serve", "fewshot_common.eval_cli")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from fewshot_service.serve_cli import env_names, flag_name
+from fewshot_common.settings_flags import env_names, flag_name
 from fewshot_service.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def render() -> str:
         flag = flag_name(field)
         if info.annotation is bool:
             flag = f"{flag}` / `--no-{flag[2:]}"
-        envs = " or ".join(f"`{name}`" for name in env_names(field, info))
+        envs = " or ".join(f"`{name}`" for name in env_names(Settings, field, info))
         text = info.description or field.replace("_", " ")
         if typing.get_origin(info.annotation) is typing.Literal:
             text += " (one of " + ", ".join(f"`{c}`" for c in typing.get_args(info.annotation)) + ")"

@@ -18,25 +18,13 @@ from .image_files import preprocessed_batches
 from .images import ImageLimits, load_batch
 from .modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 from .openvino_engine import OpenVinoRunner, openvino_available
+from .providers import default_providers
 from .vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
-# Fastest first; the first ones that this onnxruntime build offers are used.
-PREFERRED_PROVIDERS = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
-)
-
-
 class InvalidModel(ValueError):
     """The file is not a model this server can serve (no fewshot metadata, wrong graph shape)."""
-
-
-def default_providers() -> list[str]:
-    available = set(ort.get_available_providers())
-    return [name for name in PREFERRED_PROVIDERS if name in available]
 
 
 def uses_openvino(precision: str, providers: Sequence[str]) -> bool:

@@ -19,7 +19,8 @@ import grpc
 import uvicorn
 
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
-from fewshot_common.embedder import Embedder, default_providers
+from fewshot_common.embedder import Embedder
+from fewshot_common.providers import choose_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
@@ -73,7 +74,8 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         max_decode_cpu_s=settings.decode_cpu_s,
         max_decode_memory=settings.decode_memory,
     )
-    providers = settings.providers or default_providers()
+    # The providers that start here; --providers cuda without a usable GPU refuses (ProviderUnavailable).
+    providers = choose_providers(settings.providers).providers
     served = choose_model_file(settings.model_path(), settings.precision, providers)
     max_batch_size = settings.max_batch_size or default_max_batch_size(providers)
     embedder = Embedder(
@@ -204,7 +206,7 @@ class ServerStack:
             **tls_options,
         )  # fmt: skip
         self._http = uvicorn.Server(config)
-        # Uvicorn in a thread of ours: signals stay with the main thread (see serve_cli).
+        # Uvicorn in a thread of ours: signals stay with the main thread (see cli/serve.py).
         self._http_thread = threading.Thread(
             target=self._http.run, kwargs={"sockets": [sock]}, name="fewshot-http", daemon=True
         )

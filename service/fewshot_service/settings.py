@@ -34,7 +34,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 class Settings(BaseSettings):
     """Each field is one setting: its type, default and description here are the only ones; the
-    environment variable and the ``fewshot serve`` flag are derived from it (see serve_cli)."""
+    environment variable and the ``fewshot serve`` flag are derived from it (see cli/serve.py)."""
 
     model_config = SettingsConfigDict(env_prefix="FEWSHOT_", extra="forbid")
 
@@ -188,7 +188,9 @@ class Settings(BaseSettings):
     # Inference.
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="ONNX Runtime execution providers, comma-separated (none: CUDA if present, else CPU)",
+        description="ONNX Runtime execution providers, comma-separated: auto (the default: "
+        "TensorRT or CUDA where onnxruntime-gpu has them and a GPU starts, else CPU), cpu, cuda, "
+        "tensorrt or ONNX Runtime's names. Named, the first must start or the server refuses to",
     )
     intra_op_threads: int | None = Field(
         default=None, gt=0,
@@ -252,6 +254,13 @@ class Settings(BaseSettings):
     @classmethod
     def _known_formats(cls, value: list[str]) -> list[str]:
         return list(normalise_formats(value))  # ValueError names the known formats
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: list[str]) -> list[str]:
+        from fewshot_common.providers import provider_names  # imports onnxruntime: not for --help
+
+        return provider_names(value)
 
     @model_validator(mode="after")
     def _cluster_needs_a_url(self) -> "Settings":

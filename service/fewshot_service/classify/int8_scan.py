@@ -50,7 +50,10 @@ def _graph(quantized_t: np.ndarray) -> onnx.ModelProto:
         ],
         [numpy_helper.from_array(quantized_t, "w")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    opsets = [helper.make_opsetid("", _OPSET)]
+    # The oldest IR version that carries the opset (8), not onnx's newest: onnx 1.23 writes IR 14,
+    # which onnxruntime 1.31 (the images' and the tests' pin, constraints.txt) refuses to load.
+    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
 class Int8Scan:
