@@ -3,7 +3,7 @@ PYTHON ?= python3
 SERVE_VENV := .venv-serve
 TEST_VENV := .venv
 
-.PHONY: serve test install-serve install-test install-browser install-containers
+.PHONY: serve test lint format install-serve install-test install-browser install-containers
 
 # Serving install: no torch (the server never imports it). A regular (non-editable) install, so it
 # is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
@@ -51,3 +51,12 @@ install-containers:
 
 test: install-test install-browser install-containers
 	$(TEST_VENV)/bin/python -m pytest
+
+# The formatter and linter CI runs (configured in pyproject.toml); `make format` applies both.
+lint: install-test
+	$(TEST_VENV)/bin/ruff format --check .
+	$(TEST_VENV)/bin/ruff check .
+
+format: install-test
+	$(TEST_VENV)/bin/ruff format .
+	$(TEST_VENV)/bin/ruff check --fix .
