@@ -21,6 +21,7 @@ from fewshot_api.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    RateLimited,
     TooLarge,
     Unauthenticated,
     Unavailable,
@@ -29,7 +30,7 @@ from fewshot_api.errors import (
 
 __all__ = [
     "Cancelled", "FailedPrecondition", "FewshotError", "InvalidInput", "NotFound", "Overloaded",
-    "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable", "from_grpc", "from_http",
+    "PermissionDenied", "RateLimited", "TooLarge", "Unauthenticated", "Unavailable", "from_grpc", "from_http",
 ]  # fmt: skip
 
 # The REST body's "error" -> class; the server's table is rest/http_errors.HTTP_STATUS (a test
@@ -44,6 +45,7 @@ REST_KINDS: dict[str, type[FewshotError]] = {
     "failed_precondition": FailedPrecondition,
     "unavailable": Unavailable,
     "overloaded": Overloaded,
+    "rate_limited": RateLimited,
     "cancelled": Cancelled,
     "unauthenticated": Unauthenticated,
     "permission_denied": PermissionDenied,

@@ -106,6 +106,10 @@ UnknownRate = Annotated[
 ]
 
 
+# request.state attribute: the Principal that security.require admitted (absent on open routes).
+PRINCIPAL_STATE = "principal"
+
+
 @dataclass(frozen=True)
 class Uploads:
     names: list[str]  # the client's file names, or ``#<index>``
@@ -113,6 +117,7 @@ class Uploads:
 
 
 def read_uploads(
+    request: Request,
     files: Annotated[list[UploadFile], File(
         description="one or more image files (JPEG, PNG, WebP, ...)",
         min_length=1,
@@ -121,7 +126,11 @@ def read_uploads(
     )],  # fmt: skip
 ) -> Iterator[Uploads]:
     """The request's files; an image the core refuses is reported by its file name (the one
-    place that does so for every route that takes uploads)."""
+    place that does so for every route that takes uploads). Each image counts against the key's
+    images per second."""
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is not None:
+        request.app.state.access.admit_images(principal, len(files))
     uploads = Uploads(
         names=[f.filename or f"#{i}" for i, f in enumerate(files)],
         contents=[f.file.read() for f in files],
