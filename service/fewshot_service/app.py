@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import ExitStack
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -24,6 +25,7 @@ from fewshot_common.providers import choose_providers
 from fewshot_common.images import ImageLimits
 from fewshot_common.variants import choose_model_file
 
+from . import __version__, tracing
 from .transport.access import AccessControl
 from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .classify.prototypes import limit_blas_threads
@@ -37,6 +39,9 @@ from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
 from .transport.rest import create_app
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +159,9 @@ class ServerStack:
     def _start(self) -> None:
         settings = self.settings
         model_path = settings.model_path()  # fail on a missing model before starting anything
+        provider = tracing.configure(settings.otlp_endpoint, __version__)  # None: tracing stays off
+        if provider is not None:
+            self._cleanup.callback(_stop_tracing, provider)  # last out: flushes the spans of the drain
         if settings.redis_url:
             self.redis_url = settings.redis_url
         else:
@@ -260,3 +268,8 @@ class ServerStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _stop_tracing(provider: "TracerProvider") -> None:
+    tracing.use_provider(None)
+    provider.shutdown()

@@ -26,6 +26,7 @@ from ..access import AccessControl
 from ...core.core import FewShotCore
 from .access_log import AccessLogInterceptor
 from .auth import AuthInterceptor
+from .request_spans import RequestSpanInterceptor
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
 from ...tls import TlsFiles
 
@@ -208,8 +209,8 @@ def create_grpc_server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers + HEALTH_WORKERS, thread_name_prefix="fewshot-grpc"
         ),
-        # A log line and metrics per call (refusals too), then the API key check.
-        interceptors=[AccessLogInterceptor()]
+        # The call's span, a log line and metrics per call (refusals too), then the API key check.
+        interceptors=[RequestSpanInterceptor(), AccessLogInterceptor()]
         + ([AuthInterceptor(access, GRPC_STATUS)] if access is not None else []),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -12,6 +12,7 @@ from fastapi import Depends, File, Query, Request, UploadFile
 from fewshot_common import errors
 from fewshot_common.cancellation import Cancellation
 
+from ... import tracing
 from ...core.core import FewShotCore
 from ...names import MAX_NAME_CHARS, MAX_TOP_K
 from .http_errors import NamedImageError
@@ -128,6 +129,7 @@ def read_uploads(
     """The request's files; an image the core refuses is reported by its file name (the one
     place that does so for every route that takes uploads). Each image counts against the key's
     images per second."""
+    tracing.set_attributes(**{"fewshot.images": len(files)})
     principal = getattr(request.state, PRINCIPAL_STATE, None)
     if principal is not None:
         request.app.state.access.admit_images(principal, len(files))
