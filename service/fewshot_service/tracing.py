@@ -124,6 +124,8 @@ def recording() -> bool:
 
 def set_attributes(**attributes: Any) -> None:
     """Add to the current span (the request's, where called from a handler) when it records."""
+    if _tracer is None:
+        return
     current = trace.get_current_span()
     if current.is_recording():
         current.set_attributes(attributes)
@@ -131,6 +133,8 @@ def set_attributes(**attributes: Any) -> None:
 
 def end_request(status: str | int, failed: bool) -> None:
     """The request's answer on its span: the status and, for a server-side failure, ERROR."""
+    if _tracer is None:
+        return
     current = trace.get_current_span()
     if current.is_recording():
         current.set_attribute("fewshot.status", status)
@@ -140,6 +144,8 @@ def end_request(status: str | int, failed: bool) -> None:
 
 def trace_id() -> str | None:
     """The current span's trace id (32 hex digits) when it records, for the access log."""
+    if _tracer is None:
+        return None
     current = trace.get_current_span()
     if not current.is_recording():
         return None
