@@ -7,7 +7,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -18,11 +18,12 @@ import image_samples as samples
 from conftest import stack_settings
 
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
-from fewshot_common import cli
+from fewshot_client import FewShotClient
+from fewshot_client.errors import RateLimited
+from fewshot_common import cli, errors
 from fewshot_service.app import ServerStack
 from fewshot_service.transport.access import AccessControl, Action, key_digest
 from fewshot_service.transport.rate_limit import Limit, RateLimiter
-from fewshot_common import errors
 
 IMAGE = samples.solid_png((20, 120, 220))
 # Key name -> its limit fields in the key file.
@@ -220,3 +221,21 @@ def test_sighup_reload_changes_the_limits(
     assert statuses(5) == [200] * 5  # the new limit, a fresh bucket
     assert server.stop() == 0
     assert key not in server.output()
+
+
+def test_the_client_raises_rate_limited_with_the_wait_over_both_transports(limited) -> None:
+    stack, keys = limited
+    grpc_target, http_url = f"127.0.0.1:{stack.grpc_port}", f"http://127.0.0.1:{stack.http_port}"
+    time.sleep(1.1)  # full buckets, whatever the earlier tests left
+    with FewShotClient(grpc_target, http_url=http_url, api_key=keys["img-grpc"]) as client:
+        client.embed([IMAGE] * 3)  # 3 images/s: the bucket is empty now
+        with pytest.raises(RateLimited) as over_grpc:
+            client.embed([IMAGE])
+        assert over_grpc.value.retry_after_s == 1
+        assert over_grpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with FewShotClient(grpc_target, http_url=http_url, api_key=keys["req-rest"]) as client:
+        client.list_classes()
+        client.list_classes()  # 2 requests/s: the third must wait
+        with pytest.raises(RateLimited) as over_rest:
+            client.list_classes()
+        assert over_rest.value.retry_after_s == 1 and over_rest.value.status == 429
