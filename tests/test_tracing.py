@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -237,7 +239,7 @@ def test_tracing_off_makes_no_spans_and_no_trace_ids(
 
 
 def test_the_endpoint_comes_from_the_setting_or_the_standard_variables(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, provider: TracerProvider
 ) -> None:
     for variable in tracing.OTLP_ENDPOINT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
@@ -246,3 +248,62 @@ def test_the_endpoint_comes_from_the_setting_or_the_standard_variables(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
     assert tracing.otlp_endpoint(None) == "http://collector:4317"
     assert tracing.otlp_endpoint("http://other:4317") == "http://other:4317"
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    exporting = tracing.configure("http://127.0.0.1:9")  # nothing is sent before a span ends
+    try:
+        assert exporting is not None and exporting.resource.attributes["service.name"] == "fewshot"
+    finally:
+        tracing.use_provider(provider)
+        exporting.shutdown()
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace collector on loopback: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):  # noqa: N802 (the generated name)
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_otlp_endpoint_exports_the_spans_to_a_collector(
+    tiny_model_path: Path, private_redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--otlp-endpoint end to end: the SDK provider the server builds exports by OTLP/gRPC (last in
+    this module: the server's stop turns tracing off)."""
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fewshot-under-test")
+    try:
+        settings = stack_settings(
+            tiny_model_path, private_redis.url, redis_key_prefix="tracing-otlp",
+            otlp_endpoint=f"http://127.0.0.1:{port}",
+        )  # fmt: skip
+        with ServerStack(settings) as stack:
+            assert tracing.enabled()
+            reply = httpx.post(
+                f"http://127.0.0.1:{stack.http_port}/v1/embed", files=[("files", ("a.png", IMAGES[0], "image/png"))],
+                headers={"traceparent": TRACEPARENT}, timeout=30,
+            )  # fmt: skip
+            assert reply.status_code == 200
+        assert not tracing.enabled()  # the stop shut the provider down, flushing its batch
+    finally:
+        server.stop(None)
+    exported = [
+        (resource.resource, span)
+        for request in collector.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+        if span.trace_id.hex() == TRACE_ID
+    ]
+    names = sorted(span.name for _, span in exported)
+    assert names == ["decode", "fewshot.request", "inference"]
+    resource = exported[0][0]
+    service = {a.key: a.value.string_value for a in resource.attributes}
+    assert service["service.name"] == "fewshot-under-test"

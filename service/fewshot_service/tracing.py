@@ -75,8 +75,11 @@ def configure(endpoint: str | None, service_version: str = "") -> "TracerProvide
             f"an OTLP endpoint is set but the OpenTelemetry SDK is missing ({exc.name}): "
             "pip install 'fewshot[otel]'"
         ) from None
-    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES still apply (Resource.create reads them).
-    resource = Resource.create({"service.name": "fewshot", "service.version": service_version})
+    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES apply (Resource.create reads them); without a
+    # name from them the service is "fewshot" rather than the SDK's "unknown_service".
+    resource = Resource.create({"service.version": service_version})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "fewshot"}))
     provider = TracerProvider(resource=resource)
     # Headers, TLS and timeouts of the exporter come from the standard OTEL_EXPORTER_OTLP_* variables.
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
