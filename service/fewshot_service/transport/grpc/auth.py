@@ -66,7 +66,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, UndecodableRequest):
                     # No namespace to judge: a stranger still gets 401; the servicer answers the
                     # rest INVALID_ARGUMENT, as without keys.
-                    self._access.authenticate(key)
+                    self._access.admit_request(self._access.authenticate(key))
                 else:
                     principal = self._access.check(key, action, namespace_of(request) if namespace_of else None)
                     self._access.admit_request(principal)
