@@ -172,6 +172,9 @@ def test_key_file_limits_are_validated(tmp_path: Path) -> None:
     path.write_text(key_file_text({"k": "secret-key-1"}, {"k": "requests_per_s = -1"}))
     with pytest.raises(ValueError, match="requests_per_s"):
         AccessControl(path)
+    path.write_text(key_file_text({"k": "secret-key-1"}, {"k": "images_burst = 20"}))
+    with pytest.raises(ValueError, match="images_burst needs images_per_s"):
+        AccessControl(path)
     path.write_text(key_file_text({"k": "secret-key-1"}, {"k": "images_per_s = 5\nimages_burst = 20"}))
     principal = AccessControl(path).check("secret-key-1", Action.EMBED)
     assert principal.limits.images == Limit(rate=5, burst=20) and principal.limits.requests is None

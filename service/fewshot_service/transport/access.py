@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fewshot_common.errors import PermissionDenied, Unauthenticated
 
@@ -111,6 +111,13 @@ class _KeyEntry(BaseModel):
     requests_burst: float | None = Field(default=None, ge=1)
     images_per_s: float | None = Field(default=None, gt=0)
     images_burst: float | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> "_KeyEntry":
+        for kind in ("requests", "images"):
+            if getattr(self, f"{kind}_burst") is not None and getattr(self, f"{kind}_per_s") is None:
+                raise ValueError(f"{kind}_burst needs {kind}_per_s")
+        return self
 
     def limits(self) -> KeyLimits:
         return KeyLimits(
