@@ -19,7 +19,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from fewshot_service import tracing
 
@@ -98,13 +98,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     on = per_call_ns(one_request, max(1, args.calls // 10), args.rounds) - baseline
     tracing.use_provider(None)
     provider.shutdown()
-    print(json.dumps({
-        "cpu": cpu_name(),
-        "tracing_off_ns_per_request": round(off, 1),
-        "tracing_on_us_per_request": round(on / 1000, 1),
-        "spans_per_request_on": 6,  # one more than a real request: an upper bound
-        "calls": args.calls, "rounds": args.rounds,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "cpu": cpu_name(),
+                "tracing_off_ns_per_request": round(off, 1),
+                "tracing_on_us_per_request": round(on / 1000, 1),
+                "spans_per_request_on": 6,  # one more than a real request: an upper bound
+                "calls": args.calls,
+                "rounds": args.rounds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

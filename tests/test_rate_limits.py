@@ -6,16 +6,13 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-
-import image_samples as samples
-from conftest import stack_settings
 
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_client import FewShotClient
@@ -24,6 +21,9 @@ from fewshot_common import cli, errors
 from fewshot_service.app import ServerStack
 from fewshot_service.transport.access import AccessControl, Action, key_digest
 from fewshot_service.transport.rate_limit import Limit, RateLimiter
+
+import image_samples as samples
+from conftest import stack_settings
 
 IMAGE = samples.solid_png((20, 120, 220))
 # Key name -> its limit fields in the key file.
@@ -51,7 +51,9 @@ def limited(
     keys = {name: secrets.token_urlsafe(32) for name in LIMITS}
     key_file = tmp_path_factory.mktemp("limits") / "keys.toml"
     key_file.write_text(key_file_text(keys, LIMITS))
-    settings = stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="limits", api_keys=key_file)
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="limits", api_keys=key_file
+    )
     with ServerStack(settings) as stack:
         # Warm both paths up (the first inference is slow), so "quick" requests are quick.
         assert rest_embed(stack, keys["free"]).status_code == 200
@@ -61,15 +63,19 @@ def limited(
 
 
 def refused(key_name: str, kind: str) -> float:
-    return REGISTRY.get_sample_value("fewshot_rate_limited_total", {"key_name": key_name, "kind": kind}) or 0.0
+    return (
+        REGISTRY.get_sample_value("fewshot_rate_limited_total", {"key_name": key_name, "kind": kind}) or 0.0
+    )
 
 
 def rest_embed(stack: ServerStack, key: str, images: int = 1) -> httpx.Response:
     files = [("files", (f"{i}.png", IMAGE, "image/png")) for i in range(images)]
     return httpx.post(
-        f"http://127.0.0.1:{stack.http_port}/v1/embed", files=files,
-        headers={"Authorization": f"Bearer {key}"}, timeout=30,
-    )  # fmt: skip
+        f"http://127.0.0.1:{stack.http_port}/v1/embed",
+        files=files,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
 
 
 def grpc_embed(channel: grpc.Channel, key: str, images: int = 1) -> grpc.RpcError | None:
@@ -77,8 +83,9 @@ def grpc_embed(channel: grpc.Channel, key: str, images: int = 1) -> grpc.RpcErro
     try:
         stub.Embed(
             fewshot_pb2.EmbedRequest(images=[IMAGE] * images),
-            metadata=[("authorization", f"Bearer {key}")], timeout=30,
-        )  # fmt: skip
+            metadata=[("authorization", f"Bearer {key}")],
+            timeout=30,
+        )
     except grpc.RpcError as exc:
         return exc
     return None
@@ -181,10 +188,26 @@ def test_key_file_limits_are_validated(tmp_path: Path) -> None:
 
 
 def test_keygen_writes_the_limits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert cli.main([
-        "keygen", "--name", "bot", "--role", "read", "--namespace", "*",
-        "--requests-per-s", "2", "--images-per-s", "7.5", "--images-burst", "30",
-    ]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "keygen",
+                "--name",
+                "bot",
+                "--role",
+                "read",
+                "--namespace",
+                "*",
+                "--requests-per-s",
+                "2",
+                "--images-per-s",
+                "7.5",
+                "--images-burst",
+                "30",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     key = captured.err.split("\n")[1].strip()
     (tmp_path / "keys.toml").write_text(captured.out)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-import image_samples as samples
-from conftest import stack_settings
-
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service import tracing
 from fewshot_service.app import ServerStack
+
+import image_samples as samples
+from conftest import stack_settings
 
 NAMESPACE = "traced"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -71,9 +71,12 @@ def spans(exporter: InMemorySpanExporter, stack: ServerStack) -> InMemorySpanExp
 def rest_classify(stack: ServerStack, headers: dict[str, str] | None = None) -> httpx.Response:
     files = [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(IMAGES)]
     return httpx.post(
-        f"http://127.0.0.1:{stack.http_port}/v1/classify", params={"namespace": NAMESPACE},
-        files=files, headers=headers or {}, timeout=30,
-    )  # fmt: skip
+        f"http://127.0.0.1:{stack.http_port}/v1/classify",
+        params={"namespace": NAMESPACE},
+        files=files,
+        headers=headers or {},
+        timeout=30,
+    )
 
 
 def grpc_classify(stack: ServerStack, metadata: list[tuple[str, str]] | None = None) -> None:
@@ -96,7 +99,9 @@ def finished_trace(exporter: InMemorySpanExporter, trace_id: str = TRACE_ID) -> 
     the answer went out, so the client may see the answer first."""
     deadline = time.monotonic() + 10
     while True:
-        finished = tuple(s for s in exporter.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id)
+        finished = tuple(
+            s for s in exporter.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id
+        )
         if roots(finished) or time.monotonic() > deadline:
             return finished
         time.sleep(0.01)
@@ -181,9 +186,11 @@ def test_without_traceparent_a_new_trace_starts_and_errors_are_recorded(
     stack: ServerStack, spans: InMemorySpanExporter
 ) -> None:
     bad = httpx.post(
-        f"http://127.0.0.1:{stack.http_port}/v1/classify", params={"namespace": NAMESPACE, "top_k": -1},
-        files=[("files", ("x.png", IMAGES[0], "image/png"))], timeout=30,
-    )  # fmt: skip
+        f"http://127.0.0.1:{stack.http_port}/v1/classify",
+        params={"namespace": NAMESPACE, "top_k": -1},
+        files=[("files", ("x.png", IMAGES[0], "image/png"))],
+        timeout=30,
+    )
     assert bad.status_code == 422
     with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
         with pytest.raises(grpc.RpcError) as refused:
@@ -191,8 +198,13 @@ def test_without_traceparent_a_new_trace_starts_and_errors_are_recorded(
                 fewshot_pb2.ClassifyRequest(images=[], namespace=NAMESPACE), timeout=30
             )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
     def failed_roots() -> list[ReadableSpan]:
-        return [s for s in roots(spans.get_finished_spans()) if s.attributes["fewshot.status"] in (422, "INVALID_ARGUMENT")]
+        return [
+            s
+            for s in roots(spans.get_finished_spans())
+            if s.attributes["fewshot.status"] in (422, "INVALID_ARGUMENT")
+        ]
 
     assert wait_for(lambda: len(failed_roots()) == 2)
     http_root, grpc_root = sorted(failed_roots(), key=lambda s: s.start_time)
@@ -209,13 +221,21 @@ def test_without_traceparent_a_new_trace_starts_and_errors_are_recorded(
 def test_a_malformed_traceparent_is_ignored(stack: ServerStack, spans: InMemorySpanExporter) -> None:
     answer = rest_classify(stack, {"traceparent": "00-not-a-trace-01"})
     assert answer.status_code == 200
-    assert wait_for(lambda: any(s.attributes["fewshot.route"] == "/v1/classify" for s in roots(spans.get_finished_spans())))
-    (root,) = [s for s in roots(spans.get_finished_spans()) if s.attributes["fewshot.route"] == "/v1/classify"]
+    assert wait_for(
+        lambda: any(
+            s.attributes["fewshot.route"] == "/v1/classify" for s in roots(spans.get_finished_spans())
+        )
+    )
+    (root,) = [
+        s for s in roots(spans.get_finished_spans()) if s.attributes["fewshot.route"] == "/v1/classify"
+    ]
     assert root.parent is None
 
 
 def test_tracing_off_makes_no_spans_and_no_trace_ids(
-    stack: ServerStack, spans: InMemorySpanExporter, provider: TracerProvider,
+    stack: ServerStack,
+    spans: InMemorySpanExporter,
+    provider: TracerProvider,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="fewshot.access")
@@ -281,15 +301,19 @@ def test_otlp_endpoint_exports_the_spans_to_a_collector(
     monkeypatch.setenv("OTEL_SERVICE_NAME", "fewshot-under-test")
     try:
         settings = stack_settings(
-            tiny_model_path, private_redis.url, redis_key_prefix="tracing-otlp",
+            tiny_model_path,
+            private_redis.url,
+            redis_key_prefix="tracing-otlp",
             otlp_endpoint=f"http://127.0.0.1:{port}",
-        )  # fmt: skip
+        )
         with ServerStack(settings) as stack:
             assert tracing.enabled()
             reply = httpx.post(
-                f"http://127.0.0.1:{stack.http_port}/v1/embed", files=[("files", ("a.png", IMAGES[0], "image/png"))],
-                headers={"traceparent": TRACEPARENT}, timeout=30,
-            )  # fmt: skip
+                f"http://127.0.0.1:{stack.http_port}/v1/embed",
+                files=[("files", ("a.png", IMAGES[0], "image/png"))],
+                headers={"traceparent": TRACEPARENT},
+                timeout=30,
+            )
             assert reply.status_code == 200
         assert not tracing.enabled()  # the stop shut the provider down, flushing its batch
     finally:

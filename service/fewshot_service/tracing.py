@@ -16,7 +16,8 @@ import contextlib
 import contextvars
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -44,7 +45,7 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def use_provider(provider: "trace.TracerProvider | None") -> None:
+def use_provider(provider: trace.TracerProvider | None) -> None:
     """Trace with ``provider`` from now on (None: off). The tests hand in one with an
     in-memory exporter; :func:`configure` one that exports by OTLP."""
     global _tracer
@@ -58,7 +59,7 @@ def otlp_endpoint(configured: str | None) -> str | None:
     return next((os.environ[v] for v in OTLP_ENDPOINT_VARIABLES if os.environ.get(v)), None)
 
 
-def configure(endpoint: str | None, service_version: str = "") -> "TracerProvider | None":
+def configure(endpoint: str | None, service_version: str = "") -> TracerProvider | None:
     """Start exporting spans by OTLP/gRPC to ``endpoint`` (see :func:`otlp_endpoint`); None and
     nothing installed when there is none. The caller shuts the returned provider down at exit
     (that flushes the spans still batched)."""
@@ -98,12 +99,18 @@ def request_span(
     when ``headers`` hold a valid one; the null context while tracing is off."""
     if _tracer is None:
         return _NULL
-    carrier = {name.lower(): value for name, value in headers if name.lower() in ("traceparent", "tracestate")}
+    carrier = {
+        name.lower(): value for name, value in headers if name.lower() in ("traceparent", "tracestate")
+    }
     parent = _PROPAGATOR.extract(carrier) if carrier else None
     return _tracer.start_as_current_span(
-        REQUEST_SPAN, context=parent, kind=SpanKind.SERVER, attributes={"fewshot.route": route, **attributes},
-        record_exception=False, set_status_on_exception=False,
-    )  # fmt: skip
+        REQUEST_SPAN,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"fewshot.route": route, **attributes},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
 
 
 def span(name: str, **attributes: Any) -> ContextManager[Any]:

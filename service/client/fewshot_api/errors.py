@@ -9,10 +9,21 @@ works for the core, REST and gRPC alike. Plain Python: no dependency.
 from __future__ import annotations
 
 __all__ = [
-    "Cancelled", "FailedPrecondition", "FewshotError", "ImageError", "InvalidInput", "ModelIncomplete",
-    "NotFound", "Overloaded", "PermissionDenied", "RateLimited", "TooLarge", "Unauthenticated", "Unavailable",
+    "Cancelled",
+    "FailedPrecondition",
+    "FewshotError",
+    "ImageError",
+    "InvalidInput",
+    "ModelIncomplete",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
+    "TooLarge",
+    "Unauthenticated",
+    "Unavailable",
     "UnsupportedFormat",
-]  # fmt: skip
+]
 
 
 class FewshotError(Exception):

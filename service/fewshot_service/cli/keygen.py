@@ -21,19 +21,33 @@ KEY_BYTES = 32  # 256 random bits, URL-safe base64 (43 characters)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="shows up in logs and metrics (never the key)")
     parser.add_argument(
-        "--role", required=True, choices=[r.value for r in Role],
+        "--role",
+        required=True,
+        choices=[r.value for r in Role],
         help="read: embed, classify, list, get; write: also add and delete",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--namespace", dest="namespaces", action="append", required=True, metavar="NS",
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        required=True,
+        metavar="NS",
         help=f"a namespace the key may use (repeat for several; '{ANY_NAMESPACE}': all)",
-    )  # fmt: skip
+    )
     # Rate limits (per replica, docs/security.md); left out: unlimited.
     for kind, unit in (("requests", "requests"), ("images", "images")):
-        parser.add_argument(f"--{kind}-per-s", type=_positive, metavar="RATE",
-                            help=f"at most RATE {unit} per second (default: unlimited)")  # fmt: skip
-        parser.add_argument(f"--{kind}-burst", type=_positive, metavar="N",
-                            help=f"{unit} that may come at once (default: one second's worth)")  # fmt: skip
+        parser.add_argument(
+            f"--{kind}-per-s",
+            type=_positive,
+            metavar="RATE",
+            help=f"at most RATE {unit} per second (default: unlimited)",
+        )
+        parser.add_argument(
+            f"--{kind}-burst",
+            type=_positive,
+            metavar="N",
+            help=f"{unit} that may come at once (default: one second's worth)",
+        )
 
 
 def _positive(text: str) -> float:

@@ -18,16 +18,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from . import metrics
-from .. import tracing
 from fewshot_common.cancellation import CancellationCheck, raise_if_cancelled
 from fewshot_common.errors import Cancelled, Unavailable
+
+from .. import tracing
+from . import metrics
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,7 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0 or self.max_queue_delay_ms < 0 or self.workers <= 0:
-            raise ValueError(
-                f"need max_batch_size > 0, max_queue_delay_ms >= 0 and workers > 0, got {self}"
-            )
+            raise ValueError(f"need max_batch_size > 0, max_queue_delay_ms >= 0 and workers > 0, got {self}")
 
 
 @dataclass
@@ -80,9 +79,7 @@ class _Request:
 class DynamicBatcher:
     """Merges concurrent :meth:`submit` calls into runs of ``run`` (``[N, ...] -> [N, D]``)."""
 
-    def __init__(
-        self, run: Callable[[np.ndarray], np.ndarray], config: BatchConfig = BatchConfig()
-    ) -> None:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], config: BatchConfig = BatchConfig()) -> None:
         self._run = run
         self.config = config
         self._queue: deque[_Request] = deque()
@@ -93,15 +90,11 @@ class DynamicBatcher:
         self._workers: list[threading.Thread] = []
         if config.enabled:
             for number in range(config.workers):
-                worker = threading.Thread(
-                    target=self._loop, name=f"fewshot-batcher-{number}", daemon=True
-                )
+                worker = threading.Thread(target=self._loop, name=f"fewshot-batcher-{number}", daemon=True)
                 worker.start()
                 self._workers.append(worker)
 
-    def submit(
-        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
-    ) -> np.ndarray:
+    def submit(self, pixels: np.ndarray, cancellation: CancellationCheck | None = None) -> np.ndarray:
         """Embed ``pixels`` (blocking); the result rows are this call's, in its order.
 
         A request whose ``cancellation`` is set before its batch leaves the queue is dropped
@@ -287,4 +280,6 @@ def _trace_parts(parts: list[_Request]) -> None:
     first_run, last_end = min(r[0] for r in runs), max(r[1] for r in runs)
     images = sum(len(part.pixels) for part in parts)
     tracing.record("queue_wait", min(p.enqueued_ns for p in parts), first_run, **{"fewshot.images": images})
-    tracing.record("inference", first_run, last_end, **{"fewshot.images": images, "fewshot.parts": len(parts)})
+    tracing.record(
+        "inference", first_run, last_end, **{"fewshot.images": images, "fewshot.parts": len(parts)}
+    )

@@ -113,7 +113,7 @@ class _KeyEntry(BaseModel):
     images_burst: float | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _burst_needs_a_rate(self) -> "_KeyEntry":
+    def _burst_needs_a_rate(self) -> _KeyEntry:
         for kind in ("requests", "images"):
             if getattr(self, f"{kind}_burst") is not None and getattr(self, f"{kind}_per_s") is None:
                 raise ValueError(f"{kind}_burst needs {kind}_per_s")

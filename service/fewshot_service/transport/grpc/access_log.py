@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -25,9 +26,11 @@ GRPC_REQUESTS = Counter(
     "fewshot_grpc_requests_total", "gRPC calls by full method name and status code.", ["method", "code"]
 )
 GRPC_SECONDS = Histogram(
-    "fewshot_grpc_request_seconds", "gRPC call latency by full method name.", ["method"],
+    "fewshot_grpc_request_seconds",
+    "gRPC call latency by full method name.",
+    ["method"],
     buckets=LATENCY_BUCKETS,
-)  # fmt: skip
+)
 
 
 def _record(method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:
@@ -38,8 +41,13 @@ def _record(method: str, context: grpc.ServicerContext, started: float, failed: 
     GRPC_REQUESTS.labels(method, code.name).inc()
     GRPC_SECONDS.labels(method).observe(seconds)
     trace_id = tracing.trace_id()  # while the call's span records (request_spans.py)
-    log.info("grpc method=%s code=%s ms=%.1f%s", method, code.name, seconds * 1000,
-             f" trace_id={trace_id}" if trace_id else "")  # fmt: skip
+    log.info(
+        "grpc method=%s code=%s ms=%.1f%s",
+        method,
+        code.name,
+        seconds * 1000,
+        f" trace_id={trace_id}" if trace_id else "",
+    )
 
 
 def _unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:

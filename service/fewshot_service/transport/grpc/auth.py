@@ -13,7 +13,8 @@ the message is in and before the servicer sees it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 
@@ -68,7 +69,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     # rest INVALID_ARGUMENT, as without keys.
                     self._access.admit_request(self._access.authenticate(key))
                 else:
-                    principal = self._access.check(key, action, namespace_of(request) if namespace_of else None)
+                    principal = self._access.check(
+                        key, action, namespace_of(request) if namespace_of else None
+                    )
                     self._access.admit_request(principal)
                     self._access.admit_images(principal, len(getattr(request, "images", ())))
             except errors.FewshotError as exc:

@@ -6,7 +6,8 @@ handler unchanged while tracing is off."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 

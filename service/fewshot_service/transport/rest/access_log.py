@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import MutableHeaders
@@ -124,6 +124,11 @@ class AccessLog:
             trace_id = tracing.trace_id()  # set while a request span records (request_spans.py)
             log.info(
                 "http method=%s route=%s status=%d ms=%.1f key=%s request_id=%s%s",
-                method, route, status, seconds * 1000, state.get(KEY_NAME_STATE) or "-", request_id,
+                method,
+                route,
+                status,
+                seconds * 1000,
+                state.get(KEY_NAME_STATE) or "-",
+                request_id,
                 f" trace_id={trace_id}" if trace_id else "",
-            )  # fmt: skip
+            )

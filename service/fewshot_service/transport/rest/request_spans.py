@@ -46,5 +46,7 @@ class RequestSpans:
             finally:
                 note = scope.get(ROUTE_NOTE)
                 route = note.get("route") if isinstance(note, dict) else None
-                tracing.set_attributes(**{"fewshot.route": route or "unmatched", "http.route": route or "unmatched"})
+                tracing.set_attributes(
+                    **{"fewshot.route": route or "unmatched", "http.route": route or "unmatched"}
+                )
                 tracing.end_request(status, failed=status >= 500)
