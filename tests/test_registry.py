@@ -536,7 +536,9 @@ def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
     # without logging (here: changing a prototype behind the registry's back).
     base = f"{writer.key_prefix}:{{ns:{b'default'.hex()}}}"
     reader_client.hset(
-        f"{base}:m:{MODEL.encode().hex()}:prototypes", b"cat".hex(), rand(1, 61)[0].astype("<f4").tobytes()
+        f"{base}:m:{MODEL.encode().hex()}:prototypes",
+        b"cat".hex(),
+        rand(1, 61)[0].astype("<f4").tobytes(),
     )
     reader_client.hincrby(f"{base}:state", "generation", 1)
     np.testing.assert_allclose(reader.prototypes("default", MODEL).matrix[0], rand(1, 61)[0], atol=1e-6)

@@ -37,7 +37,7 @@ Code = grpc.StatusCode
 SAME_CLASS: dict[Code, set[int]] = {
     Code.OK: {200, 201},
     Code.INVALID_ARGUMENT: {422, 415},  # 415: a file format the server does not accept
-    Code.RESOURCE_EXHAUSTED: {413},
+    Code.RESOURCE_EXHAUSTED: {413, 429},  # 429: overloaded, or the key over its rate limit
     Code.NOT_FOUND: {404},
     Code.FAILED_PRECONDITION: {409},
     Code.UNAVAILABLE: {503},
@@ -252,6 +252,8 @@ class UnmappedError(errors.FewshotError):
         errors.NotFound,
         errors.FailedPrecondition,
         errors.Unavailable,
+        errors.Overloaded,
+        errors.RateLimited,
         UnmappedError,
     ],
 )
@@ -259,5 +261,7 @@ def test_the_two_tables_agree_on_every_error_type(error: type[errors.FewshotErro
     instance = error(0, "x") if issubclass(error, errors.ImageError) else error("x")
     status, _kind = errors.lookup(HTTP_STATUS, instance)
     assert status in SAME_CLASS[errors.lookup(GRPC_STATUS, instance)]
+    if error is errors.RateLimited:  # its own kind (the client maps it back), 429 with Retry-After
+        assert errors.lookup(HTTP_STATUS, instance) == (429, "rate_limited")
     if error is UnmappedError:
         assert errors.lookup(GRPC_STATUS, instance) == Code.INTERNAL and status == 500

@@ -9,6 +9,7 @@
 | FailedPrecondition  | FAILED_PRECONDITION | 409  |
 | Unavailable         | UNAVAILABLE         | 503  |
 | Overloaded          | RESOURCE_EXHAUSTED  | 429  |
+| RateLimited         | RESOURCE_EXHAUSTED  | 429  | (+ Retry-After / retry-after metadata)
 | Cancelled           | CANCELLED           | 499  |
 | Unauthenticated     | UNAUTHENTICATED     | 401  |
 | PermissionDenied    | PERMISSION_DENIED   | 403  |
@@ -36,6 +37,7 @@ from fewshot_api.errors import (  # noqa: F401 (re-exported)
     NotFound,
     Overloaded,
     PermissionDenied,
+    RateLimited,
     TooLarge,
     Unauthenticated,
     Unavailable,

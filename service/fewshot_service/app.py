@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import ExitStack
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
@@ -24,6 +25,7 @@ from fewshot_common.images import ImageLimits
 from fewshot_common.providers import choose_providers
 from fewshot_common.variants import choose_model_file
 
+from . import __version__, tracing
 from .classify.prototypes import limit_blas_threads
 from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
@@ -37,6 +39,9 @@ from .transport.access import AccessControl
 from .transport.grpc.server import create_grpc_server
 from .transport.rest import create_app
 from .transport.rest.http_timeouts import timed_http_protocol
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +163,9 @@ class ServerStack:
     def _start(self) -> None:
         settings = self.settings
         model_path = settings.model_path()  # fail on a missing model before starting anything
+        provider = tracing.configure(settings.otlp_endpoint, __version__)  # None: tracing stays off
+        if provider is not None:
+            self._cleanup.callback(_stop_tracing, provider)  # last out: flushes the spans of the drain
         if settings.redis_url:
             self.redis_url = settings.redis_url
         else:
@@ -272,3 +280,8 @@ class ServerStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _stop_tracing(provider: TracerProvider) -> None:
+    tracing.use_provider(None)
+    provider.shutdown()

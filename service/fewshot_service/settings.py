@@ -254,6 +254,12 @@ class Settings(BaseSettings):
     # Redis client: short timeouts so a lost Redis answers 503 quickly instead of hanging.
     redis_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect/read timeout, seconds")
     log_level: LogLevel = Field(default="info", description="log level")
+    # Tracing (docs/observability.md): off unless an endpoint is set here or in the environment.
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC collector (http://collector:4317): export OpenTelemetry traces "
+        "(none: OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing off); needs the otel extra",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

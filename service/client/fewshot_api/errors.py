@@ -18,6 +18,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PermissionDenied",
+    "RateLimited",
     "TooLarge",
     "Unauthenticated",
     "Unavailable",
@@ -81,6 +82,16 @@ class Unavailable(FewshotError):
 
 class Overloaded(FewshotError):
     """The server is busy (its decode queue is full): the same request may succeed later."""
+
+
+class RateLimited(Overloaded):
+    """The caller's API key has used up its requests or images per second (HTTP 429 with
+    ``Retry-After``; gRPC RESOURCE_EXHAUSTED with ``retry-after`` trailing metadata).
+    ``retry_after_s`` is the whole seconds to wait before the same request can pass."""
+
+    def __init__(self, message: str = "", *, retry_after_s: int = 1, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_s = retry_after_s
 
 
 class Cancelled(FewshotError):

@@ -273,7 +273,7 @@ class FewShotClient:
         except ValueError:
             body = None
         if response.is_error:
-            raise from_http(response.status_code, body)
+            raise from_http(response.status_code, body, retry_after=response.headers.get("Retry-After"))
         return body
 
     def _chunks(self, images: Images) -> Iterator[list[bytes]]:

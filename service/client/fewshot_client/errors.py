@@ -21,6 +21,7 @@ from fewshot_api.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    RateLimited,
     TooLarge,
     Unauthenticated,
     Unavailable,
@@ -35,6 +36,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PermissionDenied",
+    "RateLimited",
     "TooLarge",
     "Unauthenticated",
     "Unavailable",
@@ -54,6 +56,7 @@ REST_KINDS: dict[str, type[FewshotError]] = {
     "failed_precondition": FailedPrecondition,
     "unavailable": Unavailable,
     "overloaded": Overloaded,
+    "rate_limited": RateLimited,
     "cancelled": Cancelled,
     "unauthenticated": Unauthenticated,
     "permission_denied": PermissionDenied,
@@ -75,8 +78,17 @@ GRPC_CODES: dict[grpc.StatusCode, type[FewshotError]] = {
 }
 
 
-def from_http(status: int, body: Any) -> FewshotError:
-    """The exception for an HTTP error answer (``body``: its JSON, or None when it had none)."""
+def _seconds(value: Any) -> int | None:
+    """A ``Retry-After`` / ``retry-after`` value in whole seconds (None: absent or a date)."""
+    try:
+        return max(0, int(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def from_http(status: int, body: Any, retry_after: str | None = None) -> FewshotError:
+    """The exception for an HTTP error answer (``body``: its JSON, or None when it had none;
+    ``retry_after``: its ``Retry-After`` header, which a RateLimited carries as ``retry_after_s``)."""
     body = body if isinstance(body, dict) else {}
     kind = str(body.get("error", ""))
     message = str(body.get("message", "")) or f"HTTP {status}"
@@ -85,6 +97,8 @@ def from_http(status: int, body: Any) -> FewshotError:
         error = cls.__new__(cls)
         FewshotError.__init__(error, message)
         error.reason = message  # type: ignore[attr-defined]
+    elif issubclass(cls, RateLimited):
+        error = cls(message, retry_after_s=_seconds(retry_after) or 1)
     else:
         error = cls(message)
     error.status, error.kind = status, kind  # type: ignore[attr-defined]
@@ -117,7 +131,13 @@ def from_grpc(error: grpc.RpcError) -> FewshotError:
     """The typed exception for a failed RPC."""
     code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
     details: str = error.details() or code.name  # type: ignore[attr-defined]
-    typed = _grpc_flavour(GRPC_CODES.get(code, FewshotError))(details)
+    trailing = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+    retry_after = _seconds(trailing.get("retry-after"))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None:
+        # A rate limit: the one RESOURCE_EXHAUSTED that says when to come back.
+        typed = _grpc_flavour(RateLimited)(details, retry_after_s=retry_after)
+    else:
+        typed = _grpc_flavour(GRPC_CODES.get(code, FewshotError))(details)
     typed._code, typed._details = code, details  # type: ignore[attr-defined]
     typed.status, typed.kind = code.name, code.name.lower()  # type: ignore[attr-defined]
     return typed

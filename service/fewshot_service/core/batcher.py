@@ -27,6 +27,7 @@ import numpy as np
 from fewshot_common.cancellation import CancellationCheck, raise_if_cancelled
 from fewshot_common.errors import Cancelled, Unavailable
 
+from .. import tracing
 from . import metrics
 
 
@@ -61,6 +62,9 @@ class _Request:
     caller: object = field(default_factory=object)  # the parts of one request share it; never one batch
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[np.ndarray] = field(default_factory=Future)
+    # Wall-clock nanoseconds (span times): queued, and the run of its batch (set by the worker).
+    enqueued_ns: int = field(default_factory=time.time_ns)
+    run_ns: tuple[int, int] | None = None
 
     def dropped_if_cancelled(self) -> bool:
         """Fail a cancelled request's future (its caller is gone) and say whether it was."""
@@ -120,12 +124,16 @@ class DynamicBatcher:
             self._cond.notify(len(parts))
 
         def rows() -> np.ndarray:
-            if len(parts) == 1:
-                return parts[0].future.result()
-            for error in [part.future.exception() for part in parts]:  # waits for every part
-                if error is not None:
-                    raise error
-            return np.concatenate([part.future.result() for part in parts])
+            try:
+                if len(parts) == 1:
+                    return parts[0].future.result()
+                for error in [part.future.exception() for part in parts]:  # waits for every part
+                    if error is not None:
+                        raise error
+                return np.concatenate([part.future.result() for part in parts])
+            finally:
+                if tracing.recording():
+                    _trace_parts(parts)
 
         return rows
 
@@ -168,7 +176,7 @@ class DynamicBatcher:
                 return
             if not batch:  # every request in it was cancelled
                 continue
-            started = time.monotonic()
+            started, started_ns = time.monotonic(), time.time_ns()
             for request in batch:
                 metrics.QUEUE_SECONDS.observe(started - request.enqueued)
             try:
@@ -180,6 +188,9 @@ class DynamicBatcher:
                 continue
             finally:
                 self._run_ended()
+                ended_ns = time.time_ns()
+                for request in batch:  # before set_result: the caller reads it once woken
+                    request.run_ns = (started_ns, ended_ns)
             offset = 0
             for request in batch:
                 request.future.set_result(vectors[offset : offset + len(request.pixels)])
@@ -246,7 +257,8 @@ class DynamicBatcher:
 
     def _timed_run(self, pixels: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        vectors = self._run(pixels)
+        with tracing.span("inference", **{"fewshot.batch_images": len(pixels)}):  # on the caller's thread
+            vectors = self._run(pixels)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_IMAGES.observe(len(pixels))
         return vectors
@@ -256,3 +268,18 @@ class DynamicBatcher:
 # image than 4 or 8, as a batch's activations outgrow the core's cache
 # (docs/benchmarks/code-notes.md). A GPU wants large batches (BatchConfig's default).
 CPU_MAX_BATCH_SIZE = 8
+
+
+def _trace_parts(parts: list[_Request]) -> None:
+    """The caller's ``queue_wait`` and ``inference`` spans, from the times its worker noted (the
+    worker's thread is in no request's trace). Several parts: from the first queued to the first
+    run, and from the first run to the last."""
+    runs = [part.run_ns for part in parts if part.run_ns is not None]
+    if not runs:
+        return  # dropped (cancelled) before any run
+    first_run, last_end = min(r[0] for r in runs), max(r[1] for r in runs)
+    images = sum(len(part.pixels) for part in parts)
+    tracing.record("queue_wait", min(p.enqueued_ns for p in parts), first_run, **{"fewshot.images": images})
+    tracing.record(
+        "inference", first_run, last_end, **{"fewshot.images": images, "fewshot.parts": len(parts)}
+    )

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from fewshot_common.errors import (
     Unavailable,
 )
 
+from .. import tracing
 from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images, resolve_unknown_rate
 from ..classify.prototypes import Prediction, PrototypeMatrix
 from ..classify.shot_quality import (
@@ -176,11 +178,12 @@ class FewShotCore:
         started = time.perf_counter()
         pre, limits = self.embedder.meta.preprocess, self.embedder.limits
         try:
-            if copies is None:
-                pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
-            else:
-                pixels, stored = self.decode_pool.load_batch_and_copies(images, pre, limits, cancellation)
-                copies.extend(stored)
+            with tracing.span("decode", **{"fewshot.images": len(images)}):
+                if copies is None:
+                    pixels = self.decode_pool.load_batch(images, pre, limits, cancellation)
+                else:
+                    pixels, stored = self.decode_pool.load_batch_and_copies(images, pre, limits, cancellation)
+                    copies.extend(stored)
         except Cancelled:
             metrics.CANCELLED_REQUESTS.labels("decode").inc()
             raise
@@ -242,7 +245,7 @@ class FewShotCore:
         # batching on it runs on this thread while a batch worker runs the model (no hand-off to a
         # third thread); with batching off, the inference is this thread's, so the check gets one.
         if not self._batcher.config.enabled:
-            pending = self._prefetch.submit(self.labeller, namespace, cancellation)
+            pending = self._prefetch.submit(tracing.in_context(self.labeller), namespace, cancellation)
             embeddings = self.embed(images, operation="classify", cancellation=cancellation)
             return pending.result()(embeddings, top_k, unknown_rate)
         embeddings_when_ready = self._start_embed(images, "classify", cancellation)
@@ -254,7 +257,8 @@ class FewShotCore:
     ) -> Callable[[np.ndarray, int, float], list[OpenSetResult]]:
         """Everything Classify does beyond an Embed, for ``namespace``'s current state:
         (unit embeddings [N, D], top_k, unknown_rate) -> results (bench_registry_scale times it)."""
-        prototypes = self._prototypes(namespace, cancellation)
+        with _registry_span("prototypes"):
+            prototypes = self._prototypes(namespace, cancellation)
         calibration = self.open_set.calibration(namespace, prototypes)
         return functools.partial(label_images, prototypes.classifier, calibration)
 
@@ -347,9 +351,13 @@ class FewShotCore:
         embeddings = self._start_embed(
             images, "add_examples", cancellation, run_here_if_idle=True, copies=stored
         )()
-        info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
+        with _registry_span("add_examples"):
+            info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
-            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+            with _registry_span("example_snapshot"):
+                snapshot = self.registry.example_snapshot(
+                    namespace, only_labels=[label], model_id=self.model_id
+                )
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
             return ClassReport.of(info)
@@ -359,13 +367,16 @@ class FewShotCore:
         return ClassReport.of(info, warnings=warnings)
 
     def list_classes(self, namespace: str | None = None) -> list[ClassSummary]:
-        return self.registry.list_classes(resolve_namespace(namespace))
+        namespace = resolve_namespace(namespace)
+        with _registry_span("list_classes"):
+            return self.registry.list_classes(namespace)
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
-        info = self.registry.get_class(namespace, label)
-        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        with _registry_span("get_class"):
+            info = self.registry.get_class(namespace, label)
+            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
         return ClassReport.of(info, examples=example_quality(snapshot, label))
@@ -374,20 +385,27 @@ class FewShotCore:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         top_k = resolve_top_k(top_k)
-        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        with _registry_span("example_snapshot"):
+            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
         return confusions(snapshot, label, top_k)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
-        self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
+        namespace, label = resolve_namespace(namespace), resolve_label(label)
+        with _registry_span("delete_class"):
+            self.registry.delete_class(namespace, label)
         self._deleted()
 
     def delete_example(self, namespace: str | None, label: str, example_id: str) -> ClassReport | None:
         """The class as it is after the deletion, or None when that was its last example."""
-        info = self.registry.delete_example(
-            resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
+        namespace, label, example_id = (
+            resolve_namespace(namespace),
+            resolve_label(label),
+            resolve_example_id(example_id),
         )
+        with _registry_span("delete_example"):
+            info = self.registry.delete_example(namespace, label, example_id)
         self._deleted()
         return None if info is None else ClassReport.of(info)
 
@@ -399,11 +417,14 @@ class FewShotCore:
 
     def list_namespaces(self) -> list[NamespaceSummary]:
         """Every namespace holding classes, with class and example counts and its model."""
-        return self.registry.list_namespaces()
+        with _registry_span("list_namespaces"):
+            return self.registry.list_namespaces()
 
     def delete_namespace(self, namespace: str | None) -> DeletedNamespace:
         """Remove a namespace with all its classes and examples, atomically."""
-        deleted = self.registry.delete_namespace(resolve_namespace(namespace))
+        namespace = resolve_namespace(namespace)
+        with _registry_span("delete_namespace"):
+            deleted = self.registry.delete_namespace(namespace)
         self._deleted()
         return deleted
 
@@ -448,3 +469,8 @@ class FewShotCore:
             return bool(self.registry.ping())
         except Exception:  # a health probe reports, it never raises
             return False
+
+
+def _registry_span(operation: str) -> AbstractContextManager[object]:
+    """A ``registry`` span (Redis round trips, prototype builds) of the current request."""
+    return tracing.span("registry", **{"fewshot.registry_op": operation})

@@ -8,6 +8,8 @@ The key file (``fewshot serve --api-keys FILE``, made with ``fewshot keygen``)::
     sha256 = "<hex sha256 of the key>"
     role = "write"           # "read": embed, classify, list, get; "write": also add, delete
     namespaces = ["team-a"]  # or ["*"]
+    requests_per_s = 20      # optional rate limits (per replica; absent: unlimited), see
+    images_per_s = 100       # rate_limit.py; requests_burst / images_burst: default the rate
 
 Only digests are kept; a presented key is hashed and compared with every digest in constant time.
 The file is re-read when it changes (polled) or on :meth:`reload` (SIGHUP); a file that does not
@@ -27,11 +29,12 @@ from enum import Enum
 from pathlib import Path
 
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fewshot_common.errors import PermissionDenied, Unauthenticated
 
 from ..names import resolve_namespace
+from .rate_limit import UNLIMITED, KeyLimits, Limit, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class Principal:
     name: str
     role: Role
     namespaces: frozenset[str]
+    limits: KeyLimits = UNLIMITED
 
     def may_use(self, namespace: str) -> bool:
         return ANY_NAMESPACE in self.namespaces or namespace in self.namespaces
@@ -102,6 +106,30 @@ class _KeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     role: Role
     namespaces: list[str] = Field(min_length=1)
+    # Rate limits (per replica); a burst defaults to one second's worth, at least 1.
+    requests_per_s: float | None = Field(default=None, gt=0)
+    requests_burst: float | None = Field(default=None, ge=1)
+    images_per_s: float | None = Field(default=None, gt=0)
+    images_burst: float | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> _KeyEntry:
+        for kind in ("requests", "images"):
+            if getattr(self, f"{kind}_burst") is not None and getattr(self, f"{kind}_per_s") is None:
+                raise ValueError(f"{kind}_burst needs {kind}_per_s")
+        return self
+
+    def limits(self) -> KeyLimits:
+        return KeyLimits(
+            requests=_limit(self.requests_per_s, self.requests_burst),
+            images=_limit(self.images_per_s, self.images_burst),
+        )
+
+
+def _limit(rate: float | None, burst: float | None) -> Limit | None:
+    if rate is None:
+        return None
+    return Limit(rate=rate, burst=burst if burst is not None else max(1.0, rate))
 
 
 class _KeyFile(BaseModel):
@@ -136,7 +164,7 @@ def load_key_file(path: Path) -> tuple[_StoredKey, ...]:
     if len({e.sha256.lower() for e in entries}) != len(entries):
         raise KeyFileError(f"API key file {path}: two entries have the same key")
     return tuple(
-        _StoredKey(bytes.fromhex(e.sha256), Principal(e.name, e.role, frozenset(e.namespaces)))
+        _StoredKey(bytes.fromhex(e.sha256), Principal(e.name, e.role, frozenset(e.namespaces), e.limits()))
         for e in entries
     )
 
@@ -161,6 +189,7 @@ class AccessControl:
         self._stamp: tuple[int, int, int] | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.limiter = RateLimiter()
         if key_file is not None:
             self._stamp = _file_stamp(key_file)
             self._keys = load_key_file(key_file)  # at start-up a bad file is fatal
@@ -218,6 +247,14 @@ class AccessControl:
         principal = self.authenticate(key)
         self.authorize(principal, action, namespace)
         return principal
+
+    def admit_request(self, principal: Principal) -> None:
+        """RateLimited when ``principal``'s key is over its requests per second."""
+        self.limiter.take(principal.name, "requests", principal.limits.requests)
+
+    def admit_images(self, principal: Principal, count: int) -> None:
+        """RateLimited when ``count`` more images would put the key over its images per second."""
+        self.limiter.take(principal.name, "images", principal.limits.images, count)
 
     # -- rotation ------------------------------------------------------------------------------
 

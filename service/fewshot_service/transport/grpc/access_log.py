@@ -3,7 +3,8 @@
 ``fewshot_grpc_requests_total{method, code}`` and ``fewshot_grpc_request_seconds{method}``; the
 method is the full name (``/fewshot.v1.FewShot/Classify``) of a registered service, so the label
 set is bounded. The log line (logger ``fewshot.access``) has the method, status code and
-milliseconds -- never a message's content. A streaming response is timed until its last message.
+milliseconds -- never a message's content -- and the ``trace_id`` while tracing records the call.
+A streaming response is timed until its last message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from ... import tracing
 from ...core.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger("fewshot.access")
@@ -38,7 +40,14 @@ def _record(method: str, context: grpc.ServicerContext, started: float, failed: 
     seconds = time.perf_counter() - started
     GRPC_REQUESTS.labels(method, code.name).inc()
     GRPC_SECONDS.labels(method).observe(seconds)
-    log.info("grpc method=%s code=%s ms=%.1f", method, code.name, seconds * 1000)
+    trace_id = tracing.trace_id()  # while the call's span records (request_spans.py)
+    log.info(
+        "grpc method=%s code=%s ms=%.1f%s",
+        method,
+        code.name,
+        seconds * 1000,
+        f" trace_id={trace_id}" if trace_id else "",
+    )
 
 
 def _unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:

@@ -67,10 +67,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, UndecodableRequest):
                     # No namespace to judge: a stranger still gets 401; the servicer answers the
                     # rest INVALID_ARGUMENT, as without keys.
-                    self._access.authenticate(key)
+                    self._access.admit_request(self._access.authenticate(key))
                 else:
-                    self._access.check(key, action, namespace_of(request) if namespace_of else None)
+                    principal = self._access.check(
+                        key, action, namespace_of(request) if namespace_of else None
+                    )
+                    self._access.admit_request(principal)
+                    self._access.admit_images(principal, len(getattr(request, "images", ())))
             except errors.FewshotError as exc:
+                if isinstance(exc, errors.RateLimited):
+                    context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
                 context.abort(errors.lookup(self._status, exc), str(exc))
             return inner(request, context)
 

@@ -29,6 +29,7 @@ from ..access import AccessControl
 from . import guards
 from .access_log import AccessLogInterceptor
 from .auth import AuthInterceptor
+from .request_spans import RequestSpanInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ GRPC_STATUS: dict[type[errors.FewshotError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,  # with retry-after metadata
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
@@ -214,8 +216,8 @@ def create_grpc_server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers + HEALTH_WORKERS, thread_name_prefix="fewshot-grpc"
         ),
-        # A log line and metrics per call (refusals too), then the API key check.
-        interceptors=[AccessLogInterceptor()]
+        # The call's span, a log line and metrics per call (refusals too), then the API key check.
+        interceptors=[RequestSpanInterceptor(), AccessLogInterceptor()]
         + ([AuthInterceptor(access, GRPC_STATUS)] if access is not None else []),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),

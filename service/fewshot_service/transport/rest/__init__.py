@@ -29,6 +29,7 @@ from . import (
 from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath
+from .request_spans import RequestSpans
 from .security import install_security
 from .security_headers import SecurityHeaders
 
@@ -74,5 +75,6 @@ def create_app(
     # On every answer, refusals included; Swagger UI and ReDoc keep their inline start-up script.
     docs_paths = [DOCS_URL, REDOC_URL, app.swagger_ui_oauth2_redirect_url or DOCS_URL, DOCS_ASSETS_URL + "/"]
     app.add_middleware(SecurityHeaders, ui_prefix=ui.UI_PREFIX, docs_paths=docs_paths)
-    app.add_middleware(AccessLog, routes=app.router.routes)  # outermost: logs even a refused body
+    app.add_middleware(AccessLog, routes=app.router.routes)  # logs even a refused body
+    app.add_middleware(RequestSpans)  # outermost: the access log line runs inside the request's span
     return app

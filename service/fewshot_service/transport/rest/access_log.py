@@ -5,7 +5,8 @@ route}``: the route is the matched template (``/v1/classes/{label:path}``), neve
 the label set stays bounded. The log line (logger ``fewshot.access``) has the method, route,
 status, milliseconds, the request id (the client's ``X-Request-ID`` when it is sane, else a new
 one; sent back in the response header) and the API key's *name* when the auth layer put one in
-``request.state.api_key_name`` -- never a key, a body or an image byte. Uvicorn's own access log
+``request.state.api_key_name`` -- never a key, a body or an image byte -- and, while tracing
+records the request, its ``trace_id``. Uvicorn's own access log
 stays off (``app.py``).
 """
 
@@ -22,6 +23,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ... import tracing
 from ...core.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger("fewshot.access")
@@ -119,12 +121,14 @@ class AccessLog:
             method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_SECONDS.labels(method, route).observe(seconds)
+            trace_id = tracing.trace_id()  # set while a request span records (request_spans.py)
             log.info(
-                "http method=%s route=%s status=%d ms=%.1f key=%s request_id=%s",
+                "http method=%s route=%s status=%d ms=%.1f key=%s request_id=%s%s",
                 method,
                 route,
                 status,
                 seconds * 1000,
                 state.get(KEY_NAME_STATE) or "-",
                 request_id,
+                f" trace_id={trace_id}" if trace_id else "",
             )

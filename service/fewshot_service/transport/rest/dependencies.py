@@ -13,6 +13,7 @@ from fastapi import Depends, File, Query, Request, UploadFile
 from fewshot_common import errors
 from fewshot_common.cancellation import Cancellation
 
+from ... import tracing
 from ...core.core import FewShotCore
 from ...names import MAX_NAME_CHARS, MAX_TOP_K
 from .http_errors import NamedImageError
@@ -107,6 +108,10 @@ UnknownRate = Annotated[
 ]
 
 
+# request.state attribute: the Principal that security.require admitted (absent on open routes).
+PRINCIPAL_STATE = "principal"
+
+
 @dataclass(frozen=True)
 class Uploads:
     names: list[str]  # the client's file names, or ``#<index>``
@@ -114,6 +119,7 @@ class Uploads:
 
 
 def read_uploads(
+    request: Request,
     files: Annotated[
         list[UploadFile],
         File(
@@ -125,7 +131,12 @@ def read_uploads(
     ],
 ) -> Iterator[Uploads]:
     """The request's files; an image the core refuses is reported by its file name (the one
-    place that does so for every route that takes uploads)."""
+    place that does so for every route that takes uploads). Each image counts against the key's
+    images per second."""
+    tracing.set_attributes(**{"fewshot.images": len(files)})
+    principal = getattr(request.state, PRINCIPAL_STATE, None)
+    if principal is not None:
+        request.app.state.access.admit_images(principal, len(files))
     uploads = Uploads(
         names=[f.filename or f"#{i}" for i, f in enumerate(files)],
         contents=[f.file.read() for f in files],

@@ -31,6 +31,7 @@ HTTP_STATUS: dict[type[errors.FewshotError], tuple[int, str]] = {
     errors.FailedPrecondition: (409, "failed_precondition"),
     errors.Unavailable: (503, "unavailable"),
     errors.Overloaded: (429, "overloaded"),
+    errors.RateLimited: (429, "rate_limited"),  # with Retry-After
     errors.Cancelled: (499, "cancelled"),  # the client has gone; nginx's code for it
     errors.Unauthenticated: (401, "unauthenticated"),
     errors.PermissionDenied: (403, "permission_denied"),
@@ -56,6 +57,15 @@ def error_response(
     status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return JSONResponse({"error": kind, "message": message, **extra}, status_code=status, headers=headers)
+
+
+def refusal_headers(status: int, exc: errors.FewshotError) -> dict[str, str] | None:
+    """What a client needs besides the body: how to authenticate, or how long to wait."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, errors.RateLimited):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -110,7 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
             extra = {"index": exc.index}
         elif isinstance(exc, errors.ModelIncomplete):
             extra = {"progress": exc.progress}
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = refusal_headers(status, exc)
         if status >= 500:
             # The detail (what Redis said, its address) stays in the log, under the request id.
             request_id = extra["request_id"] = request_id_of(request)

@@ -33,9 +33,9 @@ from fewshot_common import errors
 
 from ..access import AccessControl, Action, Principal, bearer_key
 from .access_log import KEY_NAME_STATE, REQUEST_ID_HEADER
-from .dependencies import decode_path_param, strict_query_string
+from .dependencies import PRINCIPAL_STATE, decode_path_param, strict_query_string
 from .host_header import MalformedHost, normalize_host_name, parse_host
-from .http_errors import HTTP_STATUS, error_response
+from .http_errors import HTTP_STATUS, error_response, refusal_headers
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -63,6 +63,8 @@ def require(action: Action, *, namespace_in_path: bool = False) -> Any:
         else:
             namespace = request.query_params.get("namespace")
         access.authorize(principal, action, namespace)
+        access.admit_request(principal)  # the key's requests/s, once it may make the request
+        setattr(request.state, PRINCIPAL_STATE, principal)  # read_uploads counts its images
         return principal
 
     setattr(authorized, _ACCESS_CHECK, True)  # AuthenticateFirst runs it before the body is read
@@ -141,7 +143,7 @@ class AuthenticateFirst:
             pass
         if refusal is not None:
             status, kind = errors.lookup(HTTP_STATUS, refusal)
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            headers = refusal_headers(status, refusal)
             await error_response(status, kind, str(refusal), headers=headers)(scope, receive, send)
 
 
@@ -232,6 +234,6 @@ def install_security(
             allow_origins=list(cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
-            expose_headers=[REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, "Retry-After"],  # a page can honour a 429's wait
             max_age=600,
         )
