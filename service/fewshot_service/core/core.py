@@ -35,7 +35,7 @@ from ..classify.shot_quality import ExampleQuality, ShotWarning, example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .backfill import Backfiller
-    from ..classify.snapshot import PrototypeSet
+    from ..classify.snapshot import ExampleSnapshot, PrototypeSet
     from ..registry.registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary
     from ..registry.registry import NamespaceStatus, Registry
 
@@ -321,14 +321,30 @@ class FewShotCore:
         embeddings = self._start_embed(images, "add_examples", cancellation, run_here_if_idle=True, copies=stored)()
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
-            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+            snapshot, others = self._class_view(namespace, label)
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
             return ClassReport.of(info)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
-        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
+        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity, others)
         return ClassReport.of(info, warnings=warnings)
+
+    def _class_view(self, namespace: str, label: str) -> "tuple[ExampleSnapshot, PrototypeMatrix | None]":
+        """What the shot-quality judgements of ``label`` read: its own examples and mean, and the
+        other classes as this replica's synced prototype matrix (brought up to the state read
+        after the caller's write, by a patch of the classes changed since its last sync: O(changed),
+        not O(namespace); docs/open-set.md). Where the replica cannot hold that matrix (the model
+        has not embedded every example yet; the namespace just emptied) the snapshot reads every
+        prototype instead, as before."""
+        try:
+            others: PrototypeMatrix | None = self.registry.prototypes(namespace, self.model_id).classifier
+        except FailedPrecondition:  # ModelIncompleteError included; the backfill is Classify's to start
+            others = None
+        snapshot = self.registry.example_snapshot(
+            namespace, only_labels=[label], only_their_means=others is not None, model_id=self.model_id
+        )
+        return snapshot, others
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))
@@ -337,19 +353,19 @@ class FewShotCore:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         info = self.registry.get_class(namespace, label)
-        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        snapshot, others = self._class_view(namespace, label)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
-        return ClassReport.of(info, examples=example_quality(snapshot, label))
+        return ClassReport.of(info, examples=example_quality(snapshot, label, others))
 
     def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         top_k = resolve_top_k(top_k)
-        snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+        snapshot, others = self._class_view(namespace, label)
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
-        return confusions(snapshot, label, top_k)
+        return confusions(snapshot, label, top_k, others)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
         self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
