@@ -26,6 +26,7 @@ from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from ..classify.prototypes import Prediction, PrototypeMatrix
 from .calibrator import OpenSetCalibrator
+from .class_pages import decode_cursor, page, resolve_limit
 from .decode_pool import DecodePool
 from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
 from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images
@@ -348,6 +349,16 @@ class FewShotCore:
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))
+
+    def list_classes_page(
+        self, namespace: str | None = None, limit: int | None = 0, cursor: str | None = None,
+        query: str | None = None,
+    ) -> "tuple[list[ClassSummary], str | None]":
+        """One page of the classes by label (class_pages.py) and the next page's cursor."""
+        limit = resolve_limit(limit)  # a bad page is refused before Redis is asked
+        if cursor:
+            decode_cursor(cursor)
+        return page(self.registry.list_classes(resolve_namespace(namespace)), limit, cursor, query)
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:
         """The class's example ids, and how well each example fits it (leave-one-out)."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 
 from ..access import Action
+from ...core.class_pages import MAX_PAGE_SIZE, MAX_QUERY_CHARS
 from ...names import MAX_NAME_CHARS, resolve_namespace
 from .dependencies import (
     IMAGE_UPLOAD_OPENAPI,
@@ -45,6 +46,15 @@ router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQ
 # Described for the schema (lengths of the percent-decoded value); the core checks them.
 Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
                             json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+PageSize = Annotated[int, Query(
+    description=f"classes per page (0: the default, {MAX_PAGE_SIZE})",
+    json_schema_extra={"minimum": 0, "maximum": MAX_PAGE_SIZE},
+)]  # fmt: skip
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the page before (opaque)")]
+Search = Annotated[str | None, Query(
+    description="only classes whose label contains this (case-insensitive)",
+    json_schema_extra={"maxLength": MAX_QUERY_CHARS},
+)]  # fmt: skip
 ExampleId = Annotated[str, Path(description="an example id, as returned on upload",
                                 json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
 
@@ -81,12 +91,16 @@ def add_examples(
 @router.get(
     "", response_model=ClassListBody, responses=error_responses(401, 403, 422, 503),
     dependencies=[require(Action.LIST)],
+    summary="A page of the namespace's classes by label; follow next_cursor for the rest",
 )
-def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
-    summaries = core.list_classes(namespace)
+def list_classes(
+    core: Core, namespace: Namespace = None, limit: PageSize = 0, cursor: Cursor = None, q: Search = None
+) -> ClassListBody:
+    summaries, next_cursor = core.list_classes_page(namespace, limit, cursor, q)
     return ClassListBody(
         namespace=resolve_namespace(namespace),
         classes=[ClassSummaryBody(label=s.label, count=s.count) for s in summaries],
+        next_cursor=next_cursor,
     )
 
 
