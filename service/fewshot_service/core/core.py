@@ -26,7 +26,7 @@ from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from ..classify.prototypes import Prediction, PrototypeMatrix
 from .calibrator import OpenSetCalibrator
-from .class_pages import decode_cursor, page, resolve_limit
+from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
 from .decode_pool import DecodePool
 from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
 from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images
@@ -355,10 +355,12 @@ class FewShotCore:
         query: str | None = None,
     ) -> "tuple[list[ClassSummary], str | None]":
         """One page of the classes by label (class_pages.py) and the next page's cursor."""
-        limit = resolve_limit(limit)  # a bad page is refused before Redis is asked
-        if cursor:
-            decode_cursor(cursor)
-        return page(self.registry.list_classes(resolve_namespace(namespace)), limit, cursor, query)
+        namespace, limit = resolve_namespace(namespace), resolve_limit(limit)
+        after = decode_cursor(cursor) if cursor else None  # refused before Redis is asked
+        if query:  # a search decodes every label: one pass over the namespace
+            return page(self.registry.list_classes(namespace), limit, cursor, query)
+        found, last = self.registry.class_page(namespace, after, limit)
+        return found, None if last is None else encode_cursor(last)
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
