@@ -32,7 +32,9 @@ def decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeError, ValueError):
         label = ""
     if not label:  # labels are never empty
-        raise InvalidInput("cursor is not one this server handed out: pass next_cursor as given")
+        raise InvalidInput(
+            "cursor is not one this server handed out: pass next_cursor as given"
+        )
     return label
 
 
@@ -46,7 +48,10 @@ def resolve_limit(limit: int | None) -> int:
 
 
 def page(
-    summaries: Sequence["ClassSummary"], limit: int | None, cursor: str | None, query: str | None
+    summaries: Sequence["ClassSummary"],
+    limit: int | None,
+    cursor: str | None,
+    query: str | None,
 ) -> tuple[list["ClassSummary"], str | None]:
     """One page of ``summaries`` (sorted by label): the classes after ``cursor`` whose label
     contains ``query`` (case-insensitive), and the cursor of the next page (None: the last)."""
