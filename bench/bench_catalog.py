@@ -33,11 +33,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
+
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,7 @@ def cpu_model() -> str:
 
 def jpeg(rng: np.random.Generator, size: int = 64) -> bytes:
     pixels = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels).resize(
-        (size, size), Image.BILINEAR
-    )  # blocky: JPEG-friendly
+    image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)  # blocky: JPEG-friendly
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
     return out.getvalue()
@@ -65,9 +64,7 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ordered), 2), "p99": round(p99, 2)}
 
 
-def fill(
-    stack: ServerStack, namespace: str, classes: int, rng: np.random.Generator
-) -> float:
+def fill(stack: ServerStack, namespace: str, classes: int, rng: np.random.Generator) -> float:
     core = stack.core
     assert core is not None
     dim = core.embedder.meta.embedding_dim
@@ -110,9 +107,7 @@ def main() -> None:
         )
         with (
             ServerStack(settings) as stack,
-            httpx.Client(
-                base_url=f"http://127.0.0.1:{stack.http_port}", timeout=60
-            ) as http,
+            httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=60) as http,
         ):
             fill_s = {n: round(fill(stack, f"cat{n}", n, rng), 1) for n in sizes}
             timings: dict[int, dict[str, list[float]]] = {
@@ -128,14 +123,10 @@ def main() -> None:
                         params=params,
                         files=shot,
                     )
-                    get_ms, got = timed_ms(
-                        http.get, f"/v1/classes/{label}", params=params
-                    )
+                    get_ms, got = timed_ms(http.get, f"/v1/classes/{label}", params=params)
                     for response in (added, got):
                         response.raise_for_status()
-                    if (
-                        round_ >= args.warmup
-                    ):  # the first rounds sync the replica's matrix in full
+                    if round_ >= args.warmup:  # the first rounds sync the replica's matrix in full
                         timings[n]["add"].append(add_ms)
                         timings[n]["get"].append(get_ms)
             # Apart, after: a page at 100k allocates 100k objects, which would disturb the rounds.
@@ -167,31 +158,26 @@ def main() -> None:
         "cpu": cpu_model(),
         "rounds": args.rounds,
         "fill_seconds": fill_s,
-        "sizes": {
-            n: {what: quantiles(values) for what, values in timings[n].items()}
-            for n in sizes
-        },
+        "sizes": {n: {what: quantiles(values) for what, values in timings[n].items()} for n in sizes},
         "old_snapshot_ms": old_snapshot_ms,
         "int8_scan_answers": stack_scan_counts,
     }
     lo, hi = min(sizes), max(sizes)
     result["ratio_p50_largest_over_smallest"] = {
-        what: round(
-            result["sizes"][hi][what]["p50"] / result["sizes"][lo][what]["p50"], 2
-        )
+        what: round(result["sizes"][hi][what]["p50"] / result["sizes"][lo][what]["p50"], 2)
         for what in ("add", "get", "list_page")
     }
-    print(
-        f"CPU: {result['cpu']}; {args.rounds} rounds after {args.warmup} warm-up rounds; ms"
-    )
+    print(f"CPU: {result['cpu']}; {args.rounds} rounds after {args.warmup} warm-up rounds; ms")
     print(
         "| classes already in the namespace | add one example p50 / p99 | GET the class p50 / p99 | list page of 50 p50 / p99 | old whole-namespace snapshot |"
     )
     print("|---|---|---|---|---|")
     for n in sizes:
         row = result["sizes"][n]
-        print(f"| {n:,} | {row['add']['p50']} / {row['add']['p99']} | {row['get']['p50']} / {row['get']['p99']} | "
-              f"{row['list_page']['p50']} / {row['list_page']['p99']} | {old_snapshot_ms[n]} |")  # fmt: skip
+        print(
+            f"| {n:,} | {row['add']['p50']} / {row['add']['p99']} | {row['get']['p50']} / {row['get']['p99']} | "
+            f"{row['list_page']['p50']} / {row['list_page']['p99']} | {old_snapshot_ms[n]} |"
+        )
     print(f"p50 ratio {hi:,} / {lo:,}: {result['ratio_p50_largest_over_smallest']}")
     print(json.dumps(result))
 

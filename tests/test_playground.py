@@ -8,8 +8,8 @@ import functools
 import http.server
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -22,8 +22,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import REPO_ROOT, stack_settings
 from fewshot_service.app import ServerStack
+
+from conftest import REPO_ROOT, stack_settings
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 30
@@ -62,9 +63,18 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
     assert not missing, f"{missing} not installed: `make test` installs chromium and chromium-driver"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,960", f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,960",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
     # An explicit driver path: Selenium Manager never tries to download one.
@@ -245,14 +255,17 @@ def test_playground_lists_many_classes_a_page_at_a_time_with_a_search(
     rng = np.random.default_rng(250)
     labels = [f"item {i:03d}" for i in range(250)]
     stack.core.registry.add_classes(
-        "default", {label: rng.standard_normal((1, stack.core.embedder.meta.embedding_dim)) for label in labels},
+        "default",
+        {label: rng.standard_normal((1, stack.core.embedder.meta.embedding_dim)) for label in labels},
         stack.core.model_id,
-    )  # fmt: skip
+    )
     browser.get(base + "/ui/")
     wait_for(browser, '.class-card[data-label="item 049"]')
 
     def cards() -> list[str]:  # read in one script: the list is re-rendered while we look
-        return browser.execute_script('return [...document.querySelectorAll(".class-card")].map(c => c.dataset.label)')
+        return browser.execute_script(
+            'return [...document.querySelectorAll(".class-card")].map(c => c.dataset.label)'
+        )
 
     assert cards() == labels[:50]  # the first page only, by label
     more = wait_for(browser, "#more-classes")

@@ -4,8 +4,8 @@ a private Redis. Every error has its status and a JSON body; nothing answers 500
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import httpx
@@ -178,8 +178,9 @@ def test_limits_are_413(http: httpx.Client) -> None:
     assert_error(http.post(path("red", "/examples"), files=files(big.getvalue())), 413, "too_large")
     wide = io.BytesIO()
     Image.new("L", (1000, 1000)).save(wide, format="PNG")  # a few KiB, but a million pixels
-    assert_error(http.post(path("red", "/examples"), files=files(wide.getvalue())),
-                 413, "too_large", "pixels")  # fmt: skip
+    assert_error(
+        http.post(path("red", "/examples"), files=files(wide.getvalue())), 413, "too_large", "pixels"
+    )
     huge = b"\0" * (MAX_REQUEST_BYTES + 1)
     assert_error(http.post(path("red", "/examples"), files=files(huge)), 413, "too_large", "limit")
 
@@ -205,20 +206,37 @@ def test_not_found_and_failed_precondition(http: httpx.Client, redis_url: str, s
     assert_error(http.delete(path("nope")), 404, "not_found")
     http.post(path("red", "/examples"), files=files(RED))
     assert_error(http.delete(path("red", "/examples/999")), 404, "not_found", "999")
-    assert_error(http.post("/v1/classify", files=files(RED), params={"namespace": "empty"}),
-                 409, "failed_precondition", "no classes")  # fmt: skip
+    assert_error(
+        http.post("/v1/classify", files=files(RED), params={"namespace": "empty"}),
+        409,
+        "failed_precondition",
+        "no classes",
+    )
 
     # A namespace filled by another model without stored images: this server may add to it, but
     # cannot classify until the other model's example is re-uploaded; the 409 says how far it is.
     Registry(redis.Redis.from_url(redis_url)).add_examples(
         "old", "cat", np.ones((1, 8), np.float32), "some-older-model"
     )
-    assert http.post(path("dog", "/examples"), params={"namespace": "old"}, files=files(RED)).status_code == 201
-    body = assert_error(http.post("/v1/classify", params={"namespace": "old"}, files=files(RED)),
-                        409, "failed_precondition", "1 of 2 examples embedded", stack.core.model_id,
-                        "1 examples have no stored image", "'some-older-model' (1 of 2)")  # fmt: skip
-    assert body["progress"] == {"model_id": stack.core.model_id, "embedded": 1, "total": 2,
-                                "without_image": 1, "backfilling": False}
+    assert (
+        http.post(path("dog", "/examples"), params={"namespace": "old"}, files=files(RED)).status_code == 201
+    )
+    body = assert_error(
+        http.post("/v1/classify", params={"namespace": "old"}, files=files(RED)),
+        409,
+        "failed_precondition",
+        "1 of 2 examples embedded",
+        stack.core.model_id,
+        "1 examples have no stored image",
+        "'some-older-model' (1 of 2)",
+    )
+    assert body["progress"] == {
+        "model_id": stack.core.model_id,
+        "embedded": 1,
+        "total": 2,
+        "without_image": 1,
+        "backfilling": False,
+    }
 
 
 def test_bad_names_are_422(http: httpx.Client) -> None:
@@ -231,10 +249,18 @@ def test_bad_names_are_422(http: httpx.Client) -> None:
 def test_names_that_are_not_utf8_once_percent_decoded_are_422_and_add_nothing(http: httpx.Client) -> None:
     # Both used to become the one class "bad\ufffd"; now each is refused, naming what is wrong.
     for raw in ("bad%FF", "bad%FE", "caf%C3"):
-        assert_error(http.post(f"/v1/classes/{raw}/examples", files=files(RED)),
-                     422, "invalid_input", "label is not valid UTF-8")  # fmt: skip
-        assert_error(http.post(f"/v1/classes/red/examples?namespace={raw}", files=files(RED)),
-                     422, "invalid_input", "query parameter 'namespace' is not valid UTF-8")  # fmt: skip
+        assert_error(
+            http.post(f"/v1/classes/{raw}/examples", files=files(RED)),
+            422,
+            "invalid_input",
+            "label is not valid UTF-8",
+        )
+        assert_error(
+            http.post(f"/v1/classes/red/examples?namespace={raw}", files=files(RED)),
+            422,
+            "invalid_input",
+            "query parameter 'namespace' is not valid UTF-8",
+        )
         assert_error(http.get(f"/v1/classes?namespace={raw}"), 422, "invalid_input", "namespace")
         assert_error(http.post(f"/v1/classify?namespace={raw}", files=files(RED)), 422, "invalid_input")
     assert_error(http.delete("/v1/classes/red/examples/1%FF"), 422, "invalid_input", "example id")
@@ -246,13 +272,25 @@ def test_names_that_are_not_utf8_once_percent_decoded_are_422_and_add_nothing(ht
 
 
 JUNK = [
-    ("POST", "/v1/classes/red/examples", {"content": b"\x00\xff" * 50, "headers": {"content-type": "multipart/form-data"}}),
-    ("POST", "/v1/classes/red/examples", {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}}),
+    (
+        "POST",
+        "/v1/classes/red/examples",
+        {"content": b"\x00\xff" * 50, "headers": {"content-type": "multipart/form-data"}},
+    ),
+    (
+        "POST",
+        "/v1/classes/red/examples",
+        {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+    ),
     ("POST", "/v1/classes/red/examples", {"json": {"files": "abc"}}),
     ("POST", "/v1/classes/red/examples", {"data": {"files": "not a file"}}),
     ("POST", "/v1/classes/red/examples", {"content": b"junk", "headers": {"content-type": "text/plain"}}),
     ("POST", "/v1/classify", {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "-3"}}),
-    ("POST", "/v1/classify", {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "many"}}),
+    (
+        "POST",
+        "/v1/classify",
+        {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "many"}},
+    ),
     ("POST", "/v1/classify", {"files": [("files", ("a.gif", b"GIF89a\x01\x00", "image/gif"))]}),
     ("GET", "/v1/classes/%FF%FE", {}),
     ("GET", "/v1/classes/%00", {}),
@@ -260,7 +298,7 @@ JUNK = [
     ("PUT", "/v1/classes/red", {}),
     ("GET", "/v1/nothing-here", {}),
     ("GET", "/v1/classes", {"params": {"namespace": ""}}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("method,url,kwargs", JUNK, ids=[f"{m} {u}" for m, u, _ in JUNK])
@@ -276,14 +314,21 @@ def test_health_readiness_metrics_and_docs(http: httpx.Client, stack: ServerStac
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "model_loaded": True, "model_id": stack.core.model_id, "redis": True}
+    assert ready.json() == {
+        "ready": True,
+        "model_loaded": True,
+        "model_id": stack.core.model_id,
+        "redis": True,
+    }
     http.post(path("red", "/examples"), files=files(RED))
     metrics = http.get("/metrics").text
     assert 'fewshot_http_responses_total{method="POST",status="201"}' in metrics
     assert "fewshot_images_total" in metrics
     # Which model, precision and engine this replica serves (the test model: fp32 on ONNX Runtime).
-    assert (f'fewshot_model_info{{engine="onnxruntime CPUExecutionProvider",model_id="{stack.core.model_id}",'
-            'precision="fp32"} 1.0') in metrics
+    assert (
+        f'fewshot_model_info{{engine="onnxruntime CPUExecutionProvider",model_id="{stack.core.model_id}",'
+        'precision="fp32"} 1.0'
+    ) in metrics
     assert http.get("/docs").status_code == 200
     openapi = http.get("/openapi.json").json()
     assert "/v1/classes/{label}/examples" in openapi["paths"]
@@ -312,13 +357,17 @@ def test_grey_palette_alpha_cmyk_16_bit_and_animated_images_are_valid_examples(h
     assert response.status_code == 201 and response.json()["count"] == len(images), response.text
 
 
-def test_classes_are_listed_a_page_at_a_time_with_a_cursor_and_a_search(stack: ServerStack, http: httpx.Client) -> None:
+def test_classes_are_listed_a_page_at_a_time_with_a_cursor_and_a_search(
+    stack: ServerStack, http: httpx.Client
+) -> None:
     rng = np.random.default_rng(31)
     assert stack.core is not None
     dim = stack.core.embedder.meta.embedding_dim
     labels = [f"item {i:03d}" for i in range(250)] + ["Zebra/striped"]
     stack.core.registry.add_classes(
-        "paged", {label: rng.standard_normal((1 + i % 2, dim)) for i, label in enumerate(labels)}, stack.core.model_id
+        "paged",
+        {label: rng.standard_normal((1 + i % 2, dim)) for i, label in enumerate(labels)},
+        stack.core.model_id,
     )
     seen, cursor, pages = [], None, 0
     while True:
@@ -334,7 +383,9 @@ def test_classes_are_listed_a_page_at_a_time_with_a_cursor_and_a_search(stack: S
     first = http.get("/v1/classes", params={"namespace": "paged", "limit": 2}).json()
     assert [c["label"] for c in first["classes"]] == ["Zebra/striped", "item 000"]
     stack.core.registry.add_classes("paged", {"A first": rng.standard_normal((1, dim))}, stack.core.model_id)
-    second = http.get("/v1/classes", params={"namespace": "paged", "limit": 2, "cursor": first["next_cursor"]}).json()
+    second = http.get(
+        "/v1/classes", params={"namespace": "paged", "limit": 2, "cursor": first["next_cursor"]}
+    ).json()
     assert [c["label"] for c in second["classes"]] == ["item 001", "item 002"]
 
     found = http.get("/v1/classes", params={"namespace": "paged", "q": "zebra"}).json()
@@ -348,9 +399,14 @@ def test_classes_are_listed_a_page_at_a_time_with_a_cursor_and_a_search(stack: S
 
 @pytest.mark.parametrize(
     "params, fragment",
-    [({"limit": 1001}, "limit must be between 0 and 1000"), ({"limit": -1}, "limit"),
-     ({"cursor": "%%%"}, "cursor"), ({"cursor": "_w"}, "cursor"), ({"q": "x" * 129}, "q must be")],
-)  # fmt: skip
+    [
+        ({"limit": 1001}, "limit must be between 0 and 1000"),
+        ({"limit": -1}, "limit"),
+        ({"cursor": "%%%"}, "cursor"),
+        ({"cursor": "_w"}, "cursor"),
+        ({"q": "x" * 129}, "q must be"),
+    ],
+)
 def test_a_bad_page_request_is_refused(http: httpx.Client, params: dict, fragment: str) -> None:
     http.post(path("red", "/examples"), files=files(png((200, 0, 0))))
     assert_error(http.get("/v1/classes", params=params), 422, "invalid_input", fragment)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fewshot_common.errors import InvalidInput
 
@@ -32,9 +33,7 @@ def decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeError, ValueError):
         label = ""
     if not label:  # labels are never empty
-        raise InvalidInput(
-            "cursor is not one this server handed out: pass next_cursor as given"
-        )
+        raise InvalidInput("cursor is not one this server handed out: pass next_cursor as given")
     return label
 
 
@@ -48,11 +47,11 @@ def resolve_limit(limit: int | None) -> int:
 
 
 def page(
-    summaries: Sequence["ClassSummary"],
+    summaries: Sequence[ClassSummary],
     limit: int | None,
     cursor: str | None,
     query: str | None,
-) -> tuple[list["ClassSummary"], str | None]:
+) -> tuple[list[ClassSummary], str | None]:
     """One page of ``summaries`` (sorted by label): the classes after ``cursor`` whose label
     contains ``query`` (case-insensitive), and the cursor of the next page (None: the last)."""
     limit = resolve_limit(limit)
@@ -60,7 +59,7 @@ def page(
         raise InvalidInput(f"q must be at most {MAX_QUERY_CHARS} characters")
     after = decode_cursor(cursor) if cursor else None
     needle = query.casefold() if query else ""
-    found: list["ClassSummary"] = []
+    found: list[ClassSummary] = []
     for summary in summaries:
         if after is not None and summary.label <= after:
             continue

@@ -13,9 +13,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from ..access import Action
 from ...core.class_pages import MAX_PAGE_SIZE, MAX_QUERY_CHARS
 from ...names import MAX_NAME_CHARS, resolve_namespace
+from ..access import Action
 from .dependencies import (
     IMAGE_UPLOAD_OPENAPI,
     Core,
@@ -33,10 +33,10 @@ from .schemas import (
     ClassSummaryBody,
     ConfusionBody,
     ConfusionsBody,
-    ExampleQualityBody,
-    ShotWarningBody,
     DeletedClassBody,
     DeletedExampleBody,
+    ExampleQualityBody,
+    ShotWarningBody,
     error_responses,
 )
 from .security import require
@@ -44,19 +44,35 @@ from .security import require
 router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQuery])
 
 # Described for the schema (lengths of the percent-decoded value); the core checks them.
-Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
-                            json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
-PageSize = Annotated[int, Query(
-    description=f"classes per page (0: the default, {MAX_PAGE_SIZE})",
-    json_schema_extra={"minimum": 0, "maximum": MAX_PAGE_SIZE},
-)]  # fmt: skip
+Label = Annotated[
+    str,
+    Path(
+        description="the class label (encode `/` as `%2F`)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
+PageSize = Annotated[
+    int,
+    Query(
+        description=f"classes per page (0: the default, {MAX_PAGE_SIZE})",
+        json_schema_extra={"minimum": 0, "maximum": MAX_PAGE_SIZE},
+    ),
+]
 Cursor = Annotated[str | None, Query(description="`next_cursor` of the page before (opaque)")]
-Search = Annotated[str | None, Query(
-    description="only classes whose label contains this (case-insensitive)",
-    json_schema_extra={"maxLength": MAX_QUERY_CHARS},
-)]  # fmt: skip
-ExampleId = Annotated[str, Path(description="an example id, as returned on upload",
-                                json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+Search = Annotated[
+    str | None,
+    Query(
+        description="only classes whose label contains this (case-insensitive)",
+        json_schema_extra={"maxLength": MAX_QUERY_CHARS},
+    ),
+]
+ExampleId = Annotated[
+    str,
+    Path(
+        description="an example id, as returned on upload",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
 
 
 @router.post(
@@ -89,7 +105,9 @@ def add_examples(
 
 
 @router.get(
-    "", response_model=ClassListBody, responses=error_responses(401, 403, 422, 503),
+    "",
+    response_model=ClassListBody,
+    responses=error_responses(401, 403, 422, 503),
     dependencies=[require(Action.LIST)],
     summary="A page of the namespace's classes by label; follow next_cursor for the rest",
 )
@@ -168,8 +186,10 @@ def delete_example(
 
 
 @router.delete(
-    "/{label:path}", response_model=DeletedClassBody,
-    responses=error_responses(401, 403, 404, 422, 503), dependencies=[require(Action.DELETE)],
+    "/{label:path}",
+    response_model=DeletedClassBody,
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.DELETE)],
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
     label = decode_path_param(label, "label")
