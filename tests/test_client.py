@@ -146,3 +146,24 @@ def test_the_client_imports_without_the_servers_dependencies() -> None:
     env = {"PYTHONPATH": str(ROOT / "service" / "client"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_classes_are_read_a_page_at_a_time(stack: ServerStack, redis_url: str) -> None:
+    assert stack.core is not None
+    rng = np.random.default_rng(7)
+    dim = stack.core.embedder.meta.embedding_dim
+    labels = [f"k{i:04d}" for i in range(1205)]
+    stack.core.registry.add_classes(
+        "many", {label: rng.standard_normal((1, dim)) for label in labels}, stack.core.model_id
+    )
+    with FewShotClient(http_url=f"http://127.0.0.1:{stack.http_port}") as rest:
+        pages = list(rest.iter_class_pages(namespace="many", page_size=500))
+        assert [len(p) for p in pages] == [500, 500, 205]
+        assert [c.label for p in pages for c in p] == labels
+        # list_classes follows every page: past the server's 1,000 per page.
+        assert [c.label for c in rest.list_classes(namespace="many")] == labels
+        assert [c.label for c in rest.list_classes(namespace="many", query="K120")] == [
+            f"k120{i}" for i in range(5)
+        ]
+        with pytest.raises(errors.InvalidInput):
+            next(rest.iter_class_pages(namespace="many", page_size=5000))

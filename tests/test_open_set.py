@@ -380,3 +380,30 @@ def test_the_threshold_is_numpys_quantile(rate: float) -> None:
     assert Calibration(statistics, DEFAULT_CONFIDENCE).threshold(rate) == pytest.approx(
         float(np.quantile(statistics, rate)), abs=1e-12
     )
+
+
+def test_a_warning_sees_a_class_another_replica_added_just_before(
+    stack: ServerStack, http: httpx.Client, private_redis: ManagedRedis, tiny_model_path: Path
+) -> None:
+    """The other classes come from this replica's matrix (issue 31): it syncs on the add itself,
+    so a class another replica wrote before is in it, though this replica never saw it."""
+    settings = stack_settings(
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="open-set-test",
+        duplicate_similarity=TEST_DUPLICATE_SIMILARITY,
+    )
+    for label in ("red", "green"):
+        add(http, label, shots(COLOURS[label], 3, 1))
+    assert http.get("/v1/classes/red", params={"namespace": "shop"}).status_code == 200  # matrix cached here
+    with (
+        ServerStack(settings) as other,
+        httpx.Client(base_url=f"http://127.0.0.1:{other.http_port}", timeout=60) as second,
+    ):
+        assert add(second, "blue", shots(COLOURS["blue"], 3, 2))["warnings"] == []
+    body = add(http, "red", [shots(COLOURS["blue"], 1, 3)[0]])
+    assert [(w["kind"], w["other"]) for w in body["warnings"]] == [("likely_mislabel", "blue")], body
+    detail = http.get("/v1/classes/red", params={"namespace": "shop"}).json()
+    assert detail["examples"][-1]["nearest_other_label"] == "blue"
+    confusions = http.get("/v1/classes/red/confusions", params={"namespace": "shop"}).json()["confusions"]
+    assert {c["label"] for c in confusions} == {"green", "blue"}

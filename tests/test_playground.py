@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 from selenium import webdriver
@@ -244,3 +245,46 @@ def test_another_origin_cannot_frame_the_server(
         finally:
             other.shutdown()
     assert any("frame-ancestors 'none'" in message for message in refused), refused
+
+
+def test_playground_lists_many_classes_a_page_at_a_time_with_a_search(
+    stack: ServerStack, redis_url: str, browser: WebDriver
+) -> None:
+    assert stack.core is not None
+    base = f"http://127.0.0.1:{stack.http_port}"
+    rng = np.random.default_rng(250)
+    labels = [f"item {i:03d}" for i in range(250)]
+    stack.core.registry.add_classes(
+        "default",
+        {label: rng.standard_normal((1, stack.core.embedder.meta.embedding_dim)) for label in labels},
+        stack.core.model_id,
+    )
+    browser.get(base + "/ui/")
+    wait_for(browser, '.class-card[data-label="item 049"]')
+
+    def cards() -> list[str]:  # read in one script: the list is re-rendered while we look
+        return browser.execute_script(
+            'return [...document.querySelectorAll(".class-card")].map(c => c.dataset.label)'
+        )
+
+    assert cards() == labels[:50]  # the first page only, by label
+    more = wait_for(browser, "#more-classes")
+
+    search = browser.find_element(By.ID, "class-search")
+    search.send_keys("ITEM 123")
+    WebDriverWait(browser, WAIT_S).until(lambda _: cards() == ["item 123"])
+    assert browser.find_element(By.ID, "more-classes").is_displayed() is False
+    search.clear()
+    search.send_keys(" ")  # an input event with an empty search: the whole list again
+    WebDriverWait(browser, WAIT_S).until(lambda _: cards() == labels[:50])
+
+    more = wait_for(browser, "#more-classes")
+    browser.execute_script("arguments[0].scrollIntoView()", more)  # scrolling to it loads the next page
+    WebDriverWait(browser, WAIT_S).until(lambda _: len(cards()) >= 100)
+    assert cards()[:100] == labels[:100]
+    while browser.find_element(By.ID, "more-classes").is_displayed():
+        count = len(cards())
+        browser.execute_script("arguments[0].click()", browser.find_element(By.ID, "more-classes"))
+        WebDriverWait(browser, WAIT_S).until(lambda _, count=count: len(cards()) > count)
+    assert cards() == labels  # every page once, none twice
+    assert csp_violations(browser) == []

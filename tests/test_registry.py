@@ -709,3 +709,25 @@ def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
         registry._delete_namespace(keys=stale, args=[1, b"cat".hex(), MODEL])
     assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
     assert registry.delete_namespace("ns").class_count == 2
+
+
+def test_class_pages_follow_label_order_for_any_unicode_and_read_one_page_of_counts(
+    redis_client: RedisClient,
+) -> None:
+    registry = Registry(redis_client, key_prefix="pages")
+    labels = ["b", "a", "A", "é", "e", "z", "ß", "日本", "😀", "a b", "a/b", "ab"] + [
+        f"n{i:03d}" for i in range(30)
+    ]
+    rng = np.random.default_rng(0)
+    registry.add_classes("ns", {label: rng.standard_normal((1 + len(label) % 3, 4)) for label in labels}, "m")
+    seen, after = [], None
+    while True:
+        page, after = registry.class_page("ns", after, 5)
+        assert len(page) <= 5
+        seen += page
+        if after is None:
+            break
+    assert [s.label for s in seen] == sorted(labels)  # Python's order (code points) = the hex fields' order
+    assert seen == registry.list_classes("ns")  # counts included
+    assert registry.class_page("ns", "😀", 5) == ([], None)
+    assert registry.class_page("empty", None, 5) == ([], None)

@@ -92,6 +92,7 @@ def test_class_lifecycle(http: httpx.Client, stack: ServerStack) -> None:
     assert listed == {
         "namespace": "default",
         "classes": [{"label": "green", "count": 1}, {"label": "red", "count": 5}],
+        "next_cursor": None,  # one page holds them all
     }
     one = http.get(path("red")).json()
     assert one["count"] == 5 and one["example_ids"] == more["example_ids"]
@@ -354,3 +355,58 @@ def test_grey_palette_alpha_cmyk_16_bit_and_animated_images_are_valid_examples(h
     assert response.status_code == 201, response.text
     response = http.post(path("modes", "/examples"), files=uploads[MAX_IMAGES:])
     assert response.status_code == 201 and response.json()["count"] == len(images), response.text
+
+
+def test_classes_are_listed_a_page_at_a_time_with_a_cursor_and_a_search(
+    stack: ServerStack, http: httpx.Client
+) -> None:
+    rng = np.random.default_rng(31)
+    assert stack.core is not None
+    dim = stack.core.embedder.meta.embedding_dim
+    labels = [f"item {i:03d}" for i in range(250)] + ["Zebra/striped"]
+    stack.core.registry.add_classes(
+        "paged",
+        {label: rng.standard_normal((1 + i % 2, dim)) for i, label in enumerate(labels)},
+        stack.core.model_id,
+    )
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"namespace": "paged", "limit": 100, **({"cursor": cursor} if cursor else {})}
+        body = http.get("/v1/classes", params=params).json()
+        assert len(body["classes"]) <= 100
+        seen += [c["label"] for c in body["classes"]]
+        pages, cursor = pages + 1, body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and seen == sorted(labels)  # by label, nothing repeated or skipped
+    # A class added between pages lands in its place; the cursor does not shift.
+    first = http.get("/v1/classes", params={"namespace": "paged", "limit": 2}).json()
+    assert [c["label"] for c in first["classes"]] == ["Zebra/striped", "item 000"]
+    stack.core.registry.add_classes("paged", {"A first": rng.standard_normal((1, dim))}, stack.core.model_id)
+    second = http.get(
+        "/v1/classes", params={"namespace": "paged", "limit": 2, "cursor": first["next_cursor"]}
+    ).json()
+    assert [c["label"] for c in second["classes"]] == ["item 001", "item 002"]
+
+    found = http.get("/v1/classes", params={"namespace": "paged", "q": "zebra"}).json()
+    assert found["classes"] == [{"label": "Zebra/striped", "count": 1}] and found["next_cursor"] is None
+    searched = http.get("/v1/classes", params={"namespace": "paged", "q": "item 1", "limit": 60}).json()
+    assert [c["label"] for c in searched["classes"]] == [f"item {i}" for i in range(100, 160)]
+    assert searched["next_cursor"] is not None
+    default = http.get("/v1/classes", params={"namespace": "paged"}).json()
+    assert len(default["classes"]) == 252 and default["next_cursor"] is None  # the default page holds 1,000
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"limit": 1001}, "limit must be between 0 and 1000"),
+        ({"limit": -1}, "limit"),
+        ({"cursor": "%%%"}, "cursor"),
+        ({"cursor": "_w"}, "cursor"),
+        ({"q": "x" * 129}, "q must be"),
+    ],
+)
+def test_a_bad_page_request_is_refused(http: httpx.Client, params: dict, fragment: str) -> None:
+    http.post(path("red", "/examples"), files=files(png((200, 0, 0))))
+    assert_error(http.get("/v1/classes", params=params), 422, "invalid_input", fragment)

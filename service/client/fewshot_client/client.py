@@ -211,9 +211,29 @@ class FewShotClient:
             body["namespace"], body["label"], body["count"], body["example_ids"], added, warnings
         )
 
-    def list_classes(self, *, namespace: str = "") -> list[ClassSummary]:
-        body = self._rest("GET", "/v1/classes", params=_ns(namespace))
-        return [ClassSummary(c["label"], c["count"]) for c in body["classes"]]
+    def list_classes(self, *, namespace: str = "", query: str = "") -> list[ClassSummary]:
+        """Every class (of those whose label contains ``query``), by label: all pages read."""
+        return [
+            summary for page in self.iter_class_pages(namespace=namespace, query=query) for summary in page
+        ]
+
+    def iter_class_pages(
+        self, *, namespace: str = "", query: str = "", page_size: int = 0
+    ) -> Iterator[list[ClassSummary]]:
+        """The classes by label a page at a time (``page_size`` 0: the server's default),
+        following the server's cursor; a page is fetched when the one before has been used."""
+        params: dict[str, Any] = {**_ns(namespace)}
+        if query:
+            params["q"] = query
+        if page_size:
+            params["limit"] = page_size
+        while True:
+            body = self._rest("GET", "/v1/classes", params=params)
+            yield [ClassSummary(c["label"], c["count"]) for c in body["classes"]]
+            cursor = body.get("next_cursor")  # absent from servers before paging: one page
+            if not cursor:
+                return
+            params["cursor"] = cursor
 
     def get_class(self, label: str, *, namespace: str = "") -> ClassInfo:
         body = self._rest("GET", _class_path(label), params=_ns(namespace))

@@ -327,6 +327,20 @@ class PrototypeMatrix:
         store.append(rows, labels)
         return PrototypeMatrix._version(store, np.zeros(live, dtype=bool))
 
+    def unit_row(self, label: str) -> np.ndarray | None:
+        """``label``'s re-normalised row in this version (None: not a class of it).
+
+        O(1) while ``label`` has not changed since this version; else one pass back over the
+        slots (an older version read after a newer one patched that class)."""
+        store = self._store
+        slot = store.slot_of.get(label)
+        if slot is None or slot >= self._slots or self._dead[slot]:
+            slot = next(
+                (s for s in range(self._slots - 1, -1, -1) if store.labels[s] == label and not self._dead[s]),
+                None,
+            )
+        return None if slot is None else store.unit[slot]
+
     def top_k(self, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
         """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
         if embeddings.shape[1] != self.dim:

@@ -8,7 +8,12 @@
 - a class's **confusions** are the classes whose prototypes are most similar to its own, with how
   many of its examples are (leave-one-out) closer to them than to their own class.
 
-All of it works on one :class:`snapshot.ExampleSnapshot` of the namespace.
+The changed class's own side (consistency, duplicates) comes from its examples in an
+:class:`snapshot.ExampleSnapshot`. The other classes' side (nearest other class, most similar
+prototypes) comes either from the same snapshot holding every prototype, or, given ``others``
+(the replica's synced :class:`PrototypeMatrix`), from a top-k against that matrix: O(class + k)
+per call instead of a read of the whole namespace (docs/open-set.md, "Where the warnings'
+other classes come from").
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from fewshot_common.vectors import l2_normalize
 from .open_set import leave_one_out_scores
 
 if TYPE_CHECKING:
+    from .prototypes import PrototypeMatrix
     from .snapshot import ExampleSnapshot
 
 # Shipped model on dev images: the same file 1.0, a JPEG q70 re-encode >= 0.98 (median 0.994),
@@ -66,19 +72,41 @@ def _class_index(snapshot: ExampleSnapshot, label: str) -> int:
     return snapshot.labels.index(label)
 
 
-def example_quality(snapshot: ExampleSnapshot, label: str) -> list[ExampleQuality]:
-    """Every fetched example of ``label`` (which must be in the snapshot), in id order."""
+def _nearest_others(
+    others: PrototypeMatrix, label: str, vectors: np.ndarray
+) -> list[tuple[str | None, float | None]]:
+    """Per row of ``vectors``: the closest class of ``others`` but ``label``, and its score
+    (the top 2, so ``label``'s own row may be one of them; the int8 scan answers large ones)."""
+    if len(vectors) == 0 or len(others) == 0:
+        return [(None, None)] * len(vectors)
+    nearest: list[tuple[str | None, float | None]] = []
+    for predictions in others.top_k(np.ascontiguousarray(vectors, dtype=np.float32), 2):
+        other = next((p for p in predictions if p.label != label), None)
+        nearest.append((other.label, other.score) if other is not None else (None, None))
+    return nearest
+
+
+def example_quality(
+    snapshot: ExampleSnapshot, label: str, others: PrototypeMatrix | None = None
+) -> list[ExampleQuality]:
+    """Every fetched example of ``label`` (which must be in the snapshot), in id order.
+
+    With ``others``, the nearest other class comes from that matrix and the snapshot need only
+    hold ``label``; without, from the snapshot's prototypes (it must hold every class)."""
     c = _class_index(snapshot, label)
     vectors = snapshot.embeddings[c]
     only_mine = [v if i == c else v[:0] for i, v in enumerate(snapshot.embeddings)]
     scores = leave_one_out_scores(snapshot.means, snapshot.counts, only_mine).scores
-    others = np.delete(np.arange(len(snapshot.labels)), c)
+    from_matrix = _nearest_others(others, label, vectors) if others is not None else None
+    others_in_snapshot = np.delete(np.arange(len(snapshot.labels)), c)
     qualities = []
     for row, example_id in enumerate(snapshot.example_ids[c]):
         consistency = float(scores[row, c]) if len(scores) else None
-        if len(others):
+        if from_matrix is not None:
+            nearest_label, nearest_score = from_matrix[row]
+        elif len(others_in_snapshot):
             own_row = scores[row] if len(scores) else vectors[row] @ l2_normalize(snapshot.means).T
-            nearest = int(others[np.argmax(own_row[others])])
+            nearest = int(others_in_snapshot[np.argmax(own_row[others_in_snapshot])])
             nearest_label, nearest_score = snapshot.labels[nearest], float(own_row[nearest])
         else:
             nearest_label, nearest_score = None, None
@@ -87,13 +115,18 @@ def example_quality(snapshot: ExampleSnapshot, label: str) -> list[ExampleQualit
 
 
 def add_warnings(
-    snapshot: ExampleSnapshot, label: str, added_ids: list[str], duplicate_similarity: float
+    snapshot: ExampleSnapshot,
+    label: str,
+    added_ids: list[str],
+    duplicate_similarity: float,
+    others: PrototypeMatrix | None = None,
 ) -> list[ShotWarning]:
-    """Warnings for the examples ``added_ids`` of ``label`` (already stored), in request order."""
+    """Warnings for the examples ``added_ids`` of ``label`` (already stored), in request order
+    (``others``: as for :func:`example_quality`)."""
     c = _class_index(snapshot, label)
     ids = snapshot.example_ids[c]
     row_of = {example_id: row for row, example_id in enumerate(ids)}
-    quality = {q.example_id: q for q in example_quality(snapshot, label)}
+    quality = {q.example_id: q for q in example_quality(snapshot, label, others)}
     vectors = snapshot.embeddings[c]
     warnings: list[ShotWarning] = []
     later = set(added_ids)
@@ -133,15 +166,31 @@ def add_warnings(
     return warnings
 
 
-def confusions(snapshot: ExampleSnapshot, label: str, top_k: int) -> list[Confusion]:
-    """The ``top_k`` other classes most similar to ``label``, most similar first."""
+def confusions(
+    snapshot: ExampleSnapshot, label: str, top_k: int, others: PrototypeMatrix | None = None
+) -> list[Confusion]:
+    """The ``top_k`` other classes most similar to ``label``, most similar first (``others``:
+    as for :func:`example_quality`; its top-k against ``label``'s prototype picks them)."""
     c = _class_index(snapshot, label)
+    only_mine = [v if i == c else v[:0] for i, v in enumerate(snapshot.embeddings)]
+    loo = leave_one_out_scores(snapshot.means, snapshot.counts, only_mine).scores
+    if others is not None:
+        query = l2_normalize(snapshot.means[c : c + 1].astype(np.float64)).astype(np.float32)
+        best = others.top_k(query, top_k + 1)[0] if len(others) else []
+        picked = [p for p in best if p.label != label][:top_k]
+        found = []
+        for p in picked:
+            row = others.unit_row(p.label)
+            closer = 0
+            if row is not None and len(loo):
+                vectors = snapshot.embeddings[c].astype(np.float64)
+                closer = int(np.sum(vectors @ row.astype(np.float64) > loo[:, c]))
+            found.append(Confusion(p.label, p.score, closer))
+        return found
     prototypes = l2_normalize(snapshot.means.astype(np.float64))
     similarity = prototypes @ prototypes[c]
     closer = np.zeros(len(snapshot.labels), dtype=np.int64)
-    only_mine = [v if i == c else v[:0] for i, v in enumerate(snapshot.embeddings)]
-    scores = leave_one_out_scores(snapshot.means, snapshot.counts, only_mine).scores
-    for row in scores:
+    for row in loo:
         closer += row > row[c]
-    others = [i for i in np.argsort(-similarity, kind="stable") if i != c][:top_k]
-    return [Confusion(snapshot.labels[i], float(similarity[i]), int(closer[i])) for i in others]
+    indices = [i for i in np.argsort(-similarity, kind="stable") if i != c][:top_k]
+    return [Confusion(snapshot.labels[i], float(similarity[i]), int(closer[i])) for i in indices]

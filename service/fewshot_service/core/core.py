@@ -45,10 +45,11 @@ from ..names import resolve_example_id, resolve_label, resolve_name, resolve_nam
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .calibrator import OpenSetCalibrator
+from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
 from .decode_pool import DecodePool
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
-    from ..classify.snapshot import PrototypeSet
+    from ..classify.snapshot import ExampleSnapshot, PrototypeSet
     from ..registry.registry import (
         ClassInfo,
         ClassSummary,
@@ -355,41 +356,70 @@ class FewShotCore:
             info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
             with _registry_span("example_snapshot"):
-                snapshot = self.registry.example_snapshot(
-                    namespace, only_labels=[label], model_id=self.model_id
-                )
+                snapshot, others = self._class_view(namespace, label)
         except Unavailable:  # the add is stored: answer it (without warnings) rather than a 503
             log.warning("added %d examples, but could not re-read the class for warnings", len(images))
             return ClassReport.of(info)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
-        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
+        warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity, others)
         return ClassReport.of(info, warnings=warnings)
+
+    def _class_view(self, namespace: str, label: str) -> tuple[ExampleSnapshot, PrototypeMatrix | None]:
+        """What the shot-quality judgements of ``label`` read: its own examples and mean, and the
+        other classes as this replica's synced prototype matrix (brought up to the state read
+        after the caller's write, by a patch of the classes changed since its last sync: O(changed),
+        not O(namespace); docs/open-set.md). Where the replica cannot hold that matrix (the model
+        has not embedded every example yet; the namespace just emptied) the snapshot reads every
+        prototype instead, as before."""
+        try:
+            others: PrototypeMatrix | None = self.registry.prototypes(namespace, self.model_id).classifier
+        except FailedPrecondition:  # ModelIncompleteError included; the backfill is Classify's to start
+            others = None
+        snapshot = self.registry.example_snapshot(
+            namespace, only_labels=[label], only_their_means=others is not None, model_id=self.model_id
+        )
+        return snapshot, others
 
     def list_classes(self, namespace: str | None = None) -> list[ClassSummary]:
         namespace = resolve_namespace(namespace)
         with _registry_span("list_classes"):
             return self.registry.list_classes(namespace)
 
+    def list_classes_page(
+        self,
+        namespace: str | None = None,
+        limit: int | None = 0,
+        cursor: str | None = None,
+        query: str | None = None,
+    ) -> tuple[list[ClassSummary], str | None]:
+        """One page of the classes by label (class_pages.py) and the next page's cursor."""
+        namespace, limit = resolve_namespace(namespace), resolve_limit(limit)
+        after = decode_cursor(cursor) if cursor else None  # refused before Redis is asked
+        if query:  # a search decodes every label: one pass over the namespace
+            return page(self.registry.list_classes(namespace), limit, cursor, query)
+        found, last = self.registry.class_page(namespace, after, limit)
+        return found, None if last is None else encode_cursor(last)
+
     def get_class(self, namespace: str | None, label: str) -> ClassReport:
         """The class's example ids, and how well each example fits it (leave-one-out)."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         with _registry_span("get_class"):
             info = self.registry.get_class(namespace, label)
-            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+            snapshot, others = self._class_view(namespace, label)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
-        return ClassReport.of(info, examples=example_quality(snapshot, label))
+        return ClassReport.of(info, examples=example_quality(snapshot, label, others))
 
     def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         top_k = resolve_top_k(top_k)
         with _registry_span("example_snapshot"):
-            snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
+            snapshot, others = self._class_view(namespace, label)
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
-        return confusions(snapshot, label, top_k)
+        return confusions(snapshot, label, top_k, others)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
         namespace, label = resolve_namespace(namespace), resolve_label(label)

@@ -19,6 +19,7 @@ it in step on a Cluster. SCAN costs a pass over the keyspace, which an admin cal
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import uuid
@@ -378,6 +379,25 @@ class Registry:
             counts = self.client.hgetall(keys.counts)  # the same field in both layouts
         summaries = [ClassSummary(decode(f), int(c)) for f, c in counts.items()]
         return sorted(summaries, key=lambda s: s.label)
+
+    def class_page(
+        self, namespace: str, after: str | None, limit: int
+    ) -> tuple[list[ClassSummary], str | None]:
+        """Up to ``limit`` classes by label after ``after``, and the label the next page starts
+        after (None: this is the last page).
+
+        Only the page's labels are decoded and only its counts read: the fields are hex of the
+        labels' UTF-8, which sorts as the labels do (code point order), so the cursor is found by
+        bisection among the raw fields. Still one HKEYS of the namespace (no index of labels in
+        Redis). A class deleted between the two reads is left out of the page."""
+        keys = self.keys(namespace)
+        with redis_errors(self.client):
+            fields = sorted(self.client.hkeys(keys.counts))
+            start = bisect.bisect_right(fields, encode(after).encode()) if after else 0
+            chosen = fields[start : start + limit]
+            counts = self.client.hmget(keys.counts, chosen) if chosen else []
+        found = [ClassSummary(decode(f), int(c)) for f, c in zip(chosen, counts) if c is not None]
+        return found, decode(chosen[-1]) if start + limit < len(fields) else None
 
     def get_class(self, namespace: str, label: str) -> ClassInfo:
         keys = self.keys(namespace)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 
+from ...core.class_pages import MAX_PAGE_SIZE, MAX_QUERY_CHARS
 from ...names import MAX_NAME_CHARS, resolve_namespace
 from ..access import Action
 from .dependencies import (
@@ -48,6 +49,21 @@ Label = Annotated[
     Path(
         description="the class label (encode `/` as `%2F`)",
         json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
+PageSize = Annotated[
+    int,
+    Query(
+        description=f"classes per page (0: the default, {MAX_PAGE_SIZE})",
+        json_schema_extra={"minimum": 0, "maximum": MAX_PAGE_SIZE},
+    ),
+]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the page before (opaque)")]
+Search = Annotated[
+    str | None,
+    Query(
+        description="only classes whose label contains this (case-insensitive)",
+        json_schema_extra={"maxLength": MAX_QUERY_CHARS},
     ),
 ]
 ExampleId = Annotated[
@@ -93,12 +109,16 @@ def add_examples(
     response_model=ClassListBody,
     responses=error_responses(401, 403, 422, 503),
     dependencies=[require(Action.LIST)],
+    summary="A page of the namespace's classes by label; follow next_cursor for the rest",
 )
-def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
-    summaries = core.list_classes(namespace)
+def list_classes(
+    core: Core, namespace: Namespace = None, limit: PageSize = 0, cursor: Cursor = None, q: Search = None
+) -> ClassListBody:
+    summaries, next_cursor = core.list_classes_page(namespace, limit, cursor, q)
     return ClassListBody(
         namespace=resolve_namespace(namespace),
         classes=[ClassSummaryBody(label=s.label, count=s.count) for s in summaries],
+        next_cursor=next_cursor,
     )
 
 

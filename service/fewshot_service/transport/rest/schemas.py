@@ -33,7 +33,9 @@ class ClassSummaryBody(BaseModel):
 
 class ClassListBody(BaseModel):
     namespace: str
-    classes: list[ClassSummaryBody]
+    classes: list[ClassSummaryBody]  # one page, by label
+    # Pass as ``cursor`` for the next page; null on the last page.
+    next_cursor: str | None = None
 
 
 class ClassBody(BaseModel):

@@ -93,18 +93,58 @@ async function addExamples(label, files) {
   await refreshClasses();
 }
 
+// Classes come a page at a time (GET /v1/classes?limit&cursor&q): a namespace of thousands
+// must not cost a request per class before anything shows.
+const CLASS_PAGE = 50;
+const listing = { cursor: null, query: "", generation: 0, loading: false };
+
 async function refreshClasses() {
   $("namespace-name").textContent = `in namespace "${state.namespace || "default"}"`;
-  const list = await api("GET", "classes");
-  const container = $("classes");
-  container.replaceChildren();
-  if (!list.classes.length) {
-    container.innerHTML = '<p class="muted">No classes yet.</p>';
-    return;
+  listing.generation += 1; // pages still on their way for an older list are dropped
+  listing.cursor = null;
+  listing.query = $("class-search").value.trim();
+  listing.loading = false;
+  $("classes").replaceChildren();
+  await loadClassPage(true);
+}
+
+async function loadClassPage(first = false) {
+  if (listing.loading || (!first && !listing.cursor)) return;
+  const generation = listing.generation;
+  listing.loading = true;
+  try {
+    const params = { limit: CLASS_PAGE };
+    if (listing.cursor) params.cursor = listing.cursor;
+    if (listing.query) params.q = listing.query;
+    const list = await api("GET", "classes", { params });
+    const infos = await Promise.all(list.classes.map((summary) => api("GET", classPath(summary.label))));
+    if (generation !== listing.generation) return;
+    const container = $("classes");
+    if (first && !list.classes.length) {
+      container.innerHTML = listing.query
+        ? '<p class="muted">No class matches.</p>'
+        : '<p class="muted">No classes yet.</p>';
+    }
+    for (const info of infos) container.append(classCard(info));
+    listing.cursor = list.next_cursor || null;
+    $("more-classes").hidden = !listing.cursor;
+  } finally {
+    if (generation === listing.generation) listing.loading = false;
   }
-  for (const summary of list.classes) {
-    const info = await api("GET", classPath(summary.label));
-    container.append(classCard(info));
+}
+
+function watchClassList() {
+  let typing = null;
+  $("class-search").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => run(refreshClasses), 250);
+  });
+  $("more-classes").addEventListener("click", () => run(loadClassPage));
+  // Scrolling the button into view loads the next page too.
+  if ("IntersectionObserver" in window) {
+    new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting) && !$("more-classes").hidden) run(loadClassPage);
+    }).observe($("more-classes"));
   }
 }
 
@@ -326,6 +366,7 @@ function init() {
   $("webcam-button").addEventListener("click", () => run(startWebcam));
   $("snap-button").addEventListener("click", snapFrame);
 
+  watchClassList();
   loadInfo();
   run(refreshClasses);
 }

@@ -1,0 +1,71 @@
+"""Paged class listing: a stable order by label, an opaque cursor, an optional search.
+
+The cursor names the last label of the page before (base64url of its UTF-8), so a page stays
+right when classes are added or deleted between calls: nothing is skipped or repeated that
+existed throughout. Clients must treat it as opaque; its form may change.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from fewshot_common.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from ..registry.registry import ClassSummary
+
+DEFAULT_PAGE_SIZE = 1000  # also the most a page holds: a request's work stays bounded
+MAX_PAGE_SIZE = 1000
+MAX_QUERY_CHARS = 128
+
+
+def encode_cursor(label: str) -> str:
+    return base64.urlsafe_b64encode(label.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        padded = (cursor + "=" * (-len(cursor) % 4)).encode("ascii")
+        label = base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        label = ""
+    if not label:  # labels are never empty
+        raise InvalidInput("cursor is not one this server handed out: pass next_cursor as given")
+    return label
+
+
+def resolve_limit(limit: int | None) -> int:
+    """0 (or unset) means :data:`DEFAULT_PAGE_SIZE`."""
+    if not limit:
+        return DEFAULT_PAGE_SIZE
+    if limit < 0 or limit > MAX_PAGE_SIZE:
+        raise InvalidInput(f"limit must be between 0 and {MAX_PAGE_SIZE}, got {limit}")
+    return int(limit)
+
+
+def page(
+    summaries: Sequence[ClassSummary],
+    limit: int | None,
+    cursor: str | None,
+    query: str | None,
+) -> tuple[list[ClassSummary], str | None]:
+    """One page of ``summaries`` (sorted by label): the classes after ``cursor`` whose label
+    contains ``query`` (case-insensitive), and the cursor of the next page (None: the last)."""
+    limit = resolve_limit(limit)
+    if query and len(query) > MAX_QUERY_CHARS:
+        raise InvalidInput(f"q must be at most {MAX_QUERY_CHARS} characters")
+    after = decode_cursor(cursor) if cursor else None
+    needle = query.casefold() if query else ""
+    found: list[ClassSummary] = []
+    for summary in summaries:
+        if after is not None and summary.label <= after:
+            continue
+        if needle and needle not in summary.label.casefold():
+            continue
+        if len(found) == limit:  # one more exists: the page is full and not the last
+            return found, encode_cursor(found[-1].label)
+        found.append(summary)
+    return found, None
