@@ -33,6 +33,7 @@ from .transport.grpc.server import create_grpc_server
 from .transport.rest.http_timeouts import timed_http_protocol
 from .core.metrics import MODEL_INFO
 from .registry.redis_client import RedisClient, connect_redis, redacted_url
+from .registry.redis_health import PROBE_TIMEOUT_SHARE, RedisHealth
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
 from .transport.rest import create_app
@@ -133,6 +134,7 @@ class ServerStack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.managed_redis: ManagedRedis | None = None
+        self.redis_health: RedisHealth | None = None
         self.redis_url: str | None = None
         self.core: FewShotCore | None = None
         self.access: AccessControl | None = None
@@ -164,12 +166,20 @@ class ServerStack:
             self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster
         )
         self._cleanup.callback(client.close)
+        # Readiness and the fail-fast breaker read this probe, not Redis (redis_health.py).
+        probe_client = connect_redis(
+            self.redis_url, settings.redis_timeout_s * PROBE_TIMEOUT_SHARE, cluster=settings.redis_cluster
+        )
+        self.redis_health = RedisHealth(client, probe_client, timeout_s=settings.redis_timeout_s).start()
+        self._cleanup.callback(self.redis_health.stop)
 
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
         if self.managed_redis is not None:  # deleted images leave its append-only file soon
             self.core.deletion_listeners.append(self.managed_redis.compact_soon)
+            managed = self.managed_redis  # restarted when it dies; liveness fails if it cannot be
+            self.core.liveness_checks.append(lambda: not managed.dead)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
         self.access = AccessControl(settings.api_keys, poll_seconds=settings.api_keys_poll_s)
         self.access.watch()
@@ -231,6 +241,10 @@ class ServerStack:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
             self._http_thread.join(timeout=self.settings.shutdown_grace_s + 2.0)
+
+    def alive(self) -> bool:
+        """Liveness (see FewShotCore.alive): false once a part failed for good."""
+        return self.core is None or self.core.alive()
 
     def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""

@@ -85,6 +85,7 @@ class FewShotCore:
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
         self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
+        self.liveness_checks: list[Callable[[], bool]] = []  # all true while the process is alive
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
@@ -414,10 +415,16 @@ class FewShotCore:
         self.backfill.stop(wait=False)
 
     def ready(self) -> bool:
-        """Model loaded (it is, once constructed), Redis answering, and not shutting down."""
-        if self._draining.is_set():
+        """Model loaded (it is, once constructed), Redis answering, and not shutting down. Reads
+        the cached Redis probe where there is one (redis_health.py): answers at once."""
+        if self._draining.is_set() or not self.alive():
             return False
         try:
-            return bool(self.registry.ping())
+            return self.registry.reachable()
         except Exception:  # a health probe reports, it never raises
             return False
+
+    def alive(self) -> bool:
+        """Liveness: no part of the server has failed for good (e.g. its embedded Redis could
+        not be restarted). Never touches Redis; false means only a restart of the process helps."""
+        return all(check() for check in self.liveness_checks)

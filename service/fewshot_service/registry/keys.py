@@ -40,6 +40,7 @@ import redis
 from fewshot_common.errors import Unavailable
 
 from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_health import health_of
 
 LAYOUT = "2"
 
@@ -48,6 +49,7 @@ SCRIPT_ERRORS = {
     "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES", "CHANGED", "LEGACY",
 }  # fmt: skip
 REFUSED = "the class store (Redis) refused the request; retry later"
+UNREACHABLE = "the class store (Redis) is unreachable; retry later"
 
 
 def encode(name: str) -> str:
@@ -77,12 +79,22 @@ def load_script(name: str, *, prelude: bool = True) -> str:
 
 @contextmanager
 def redis_errors(client: RedisClient) -> Iterator[None]:
-    """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
+    """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call.
+
+    While the client's :class:`RedisHealth` knows Redis unreachable, fail at once rather than wait
+    for a socket timeout per command; the first timeout tells it so (see redis_health.py)."""
+    health = health_of(client)
+    if health is not None and not health.reachable:
+        raise Unavailable(UNREACHABLE, detail="Redis did not answer the last probe")
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except redis.exceptions.TimeoutError as exc:
+        if health is not None:
+            health.timed_out()
+        raise Unavailable(UNREACHABLE, detail=str(exc)) from None
+    except redis.exceptions.ConnectionError as exc:
         # No address in the message: it reaches clients, and the deployment is not theirs to see.
-        raise Unavailable("the class store (Redis) is unreachable; retry later", detail=str(exc)) from None
+        raise Unavailable(UNREACHABLE, detail=str(exc)) from None
     except CLUSTER_ERRORS as exc:  # e.g. a slot without a master during a failover
         raise Unavailable(
             "the class store (Redis Cluster) is unavailable; retry later", detail=str(exc)

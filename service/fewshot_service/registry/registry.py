@@ -35,6 +35,7 @@ from fewshot_common.vectors import l2_normalize
 from ..classify.prototypes import PrototypeMatrix, ScanStats
 from ..classify.snapshot import ExampleSnapshot, PrototypeSet
 from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_health import health_of
 from .keys import LAYOUT, REFUSED, NamespaceKeys, decode, encode
 from .keys import load_script, namespace_of_state_key, redis_errors, script_code, state_key_pattern, text
 
@@ -187,6 +188,11 @@ class Registry:
 
     def keys(self, namespace: str) -> NamespaceKeys:
         return NamespaceKeys(self._prefix, namespace)
+
+    def reachable(self) -> bool:
+        """Redis answers: the background probe's last answer where there is one, else a PING."""
+        health = health_of(self.client)
+        return health.reachable if health is not None else self.ping()
 
     def ping(self) -> bool:
         try:
