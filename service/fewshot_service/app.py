@@ -107,7 +107,8 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         embedder, registry, batching=batching, decode_pool=decode_pool,
         unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
         store_images=settings.store_images,
-        backfill_options={"on_demand_limit": settings.backfill_on_demand},
+        backfill_options={"on_demand_limit": settings.backfill_on_demand,
+                          "lease_ms": int(settings.backfill_lease_s * 1000)},
     )  # fmt: skip
 
 
@@ -229,7 +230,7 @@ class ServerStack:
                 raise RuntimeError(f"the HTTP server did not start on {host}:{self.http_port}")
             time.sleep(0.02)
         if settings.backfill_on_start:
-            self.core.backfill_incomplete_namespaces()
+            self.core.backfill_incomplete_namespaces(sweep_every_s=settings.backfill_sweep_s)
         log.info(
             "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
             self.core.model_id, host, self.grpc_port, host, self.http_port,

@@ -384,17 +384,29 @@ class FewShotCore:
 
     # -- models ------------------------------------------------------------------------------
 
-    def backfill_incomplete_namespaces(self) -> None:
+    def backfill_incomplete_namespaces(self, sweep_every_s: float = 0.0) -> None:
         """Start embedding, in the background, every namespace this model has not fully
-        embedded (a replica of a newly rolled model warms up before its first Classify)."""
+        embedded (a replica of a newly rolled model warms up before its first Classify); with
+        ``sweep_every_s``, look again that often (a pass whose replica died is resumed)."""
+        self.backfill.request_incomplete(self._namespaces_to_backfill)
+        if sweep_every_s > 0:
+            self.backfill.sweep_every(sweep_every_s, self._namespaces_to_backfill)
 
-        def incomplete() -> list[str]:
-            return [
-                n.name for n in self.registry.list_namespaces()
-                if not any(m.model_id == self.model_id and m.complete for m in n.models)
-            ]  # fmt: skip
-
-        self.backfill.request_incomplete(incomplete)
+    def _namespaces_to_backfill(self) -> list[str]:
+        """Namespaces this model has not fully embedded, less those whose last pass found that
+        the rest has no stored image (nothing changed since: another pass cannot help)."""
+        names = []
+        for summary in self.registry.list_namespaces():
+            if any(m.model_id == self.model_id and m.complete for m in summary.models):
+                continue
+            status = self.registry.status(summary.name, self.model_id)
+            record = self.backfill.store.last_record(summary.name, self.model_id)
+            if record is not None and record.generation == status.generation and (
+                status.examples - status.embedded <= record.without_image
+            ):
+                continue
+            names.append(summary.name)
+        return names
 
     def drop_model(self, model_id: str, namespaces: Sequence[str]) -> dict[str, int]:
         """Forget ``model_id``'s embeddings in ``namespaces`` (examples and images stay): for a
