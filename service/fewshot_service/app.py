@@ -33,6 +33,7 @@ from .transport.grpc.server import create_grpc_server
 from .transport.rest.http_timeouts import timed_http_protocol
 from .core.metrics import MODEL_INFO
 from .registry.redis_client import RedisClient, connect_redis, redacted_url
+from .registry.heartbeats import Heartbeat, new_server_id
 from .registry.redis_health import PROBE_TIMEOUT_SHARE, RedisHealth
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
@@ -136,6 +137,8 @@ class ServerStack:
         self.settings = settings
         self.managed_redis: ManagedRedis | None = None
         self.redis_health: RedisHealth | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.server_id = new_server_id()
         self.redis_url: str | None = None
         self.core: FewShotCore | None = None
         self.access: AccessControl | None = None
@@ -181,6 +184,11 @@ class ServerStack:
             self.core.deletion_listeners.append(self.managed_redis.compact_soon)
             managed = self.managed_redis  # restarted when it dies; liveness fails if it cannot be
             self.core.liveness_checks.append(lambda: not managed.dead)
+        # Announced as long as it runs: a drop of its model is refused meanwhile (heartbeats.py).
+        self.heartbeat = Heartbeat(
+            client, settings.redis_key_prefix, self.core.model_id, self.server_id, interval_s=settings.heartbeat_s
+        ).start()
+        self._cleanup.callback(self.heartbeat.stop)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
         self.access = AccessControl(settings.api_keys, poll_seconds=settings.api_keys_poll_s)
         self.access.watch()
@@ -232,8 +240,8 @@ class ServerStack:
         if settings.backfill_on_start:
             self.core.backfill_incomplete_namespaces(sweep_every_s=settings.backfill_sweep_s)
         log.info(
-            "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
-            self.core.model_id, host, self.grpc_port, host, self.http_port,
+            "serving model %s as server %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
+            self.core.model_id, self.server_id, host, self.grpc_port, host, self.http_port,
             "managed in " + str(settings.redis_data_dir) if self.managed_redis
             else redacted_url(self.redis_url),
         )  # fmt: skip

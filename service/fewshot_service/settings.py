@@ -186,6 +186,11 @@ class Settings(BaseSettings):
         "yet to embed, so a backfill whose server died resumes once its lease expires, without "
         "traffic (0: only at start)",
     )
+    heartbeat_s: float = Field(
+        default=5.0, gt=0,
+        description="seconds between announcements of the model this server runs (lapsing after "
+        "three): dropping a model a live server announces is refused unless forced",
+    )
     # Open set and shot quality (open_set.py, shot_quality.py).
     unknown_rate: float = Field(
         default=0.05, gt=0, lt=1,

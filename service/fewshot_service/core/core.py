@@ -408,13 +408,23 @@ class FewShotCore:
             names.append(summary.name)
         return names
 
-    def drop_model(self, model_id: str, namespaces: Sequence[str]) -> dict[str, int]:
+    def drop_model(self, model_id: str, namespaces: Sequence[str], *, force: bool = False) -> dict[str, int]:
         """Forget ``model_id``'s embeddings in ``namespaces`` (examples and images stay): for a
-        model no replica serves any more. Refused for the model this server runs."""
+        model no replica serves any more. Refused for the model this server runs, and (unless
+        ``force``) for a model a live server announces (heartbeats.py): it would answer 409 to
+        every Classify until it had embedded everything again."""
+        from ..registry.heartbeats import live_servers
+
         model_id = resolve_name(model_id, "model id")
         if model_id == self.model_id:
             raise FailedPrecondition(
                 f"model {model_id!r} is the model this server runs: drop it from a server of another model"
+            )
+        live = live_servers(self.registry.client, self.registry.key_prefix, model_id)
+        if live and not force:
+            raise FailedPrecondition(
+                f"model {model_id!r} is served by {len(live)} live server(s) ({', '.join(live)}): "
+                "stop them first, or force the drop (force=true)"
             )
         return {namespace: self.backfill.store.drop(namespace, model_id) for namespace in namespaces}
 

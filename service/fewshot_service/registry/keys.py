@@ -23,6 +23,10 @@ One hash tag per namespace, so every script of a namespace runs on one Cluster s
     m:lease         string the token of the replica backfilling this model here (expires)
     m:backfill      hash   what its last backfill pass found (expires)
 
+and per model, outside every namespace (heartbeats.py)::
+
+    {prefix}:alive:<model id hex>  zset  <server id> -> when its announcement lapses (Unix s)
+
 A model is complete for a namespace when ``n:<model>`` equals ``examples``. Names appear in key
 names only as the hex of their UTF-8, so no label can reach another key, break out of the hash
 tag, or look like a glob. Namespaces written before per-model keys (``:model``, ``:prototypes``,
@@ -104,6 +108,11 @@ def redis_errors(client: RedisClient) -> Iterator[None]:
             raise  # a registry script's own answer; the caller translates it
         # Redis' words may name keys or script hashes: for the server log only.
         raise Unavailable(REFUSED, detail=f"Redis: {exc}") from None
+
+
+def alive_key(prefix: str, model_id: str) -> str:
+    """The servers announcing ``model_id`` (heartbeats.py)."""
+    return f"{prefix}:alive:{encode(model_id)}"
 
 
 def glob_escape(value: str) -> str:
