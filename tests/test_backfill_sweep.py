@@ -26,7 +26,9 @@ def test_a_killed_backfill_is_resumed_by_the_sweep_without_traffic(
     serve_process, redis_url: str, tiny_model_path: Path, other_model_path: Path
 ) -> None:
     settings = stack_settings(tiny_model_path, redis_url, redis_key_prefix=PREFIX, backfill_on_start=False)
-    with ServerStack(settings) as model_a, httpx.Client(base_url=f"http://127.0.0.1:{model_a.http_port}", timeout=60) as http:
+    with ServerStack(settings) as model_a, httpx.Client(
+        base_url=f"http://127.0.0.1:{model_a.http_port}", timeout=60
+    ) as http:
         for start in range(0, EXAMPLES, 64):
             files = [("files", (f"{i}.png", photo(COLOURS["red" if i % 2 else "blue"], i, (64, 64)), "image/png"))
                      for i in range(start, start + 64)]  # fmt: skip

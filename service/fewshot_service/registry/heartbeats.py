@@ -41,7 +41,9 @@ def live_servers(client: RedisClient, prefix: str, model_id: str) -> list[str]:
 class Heartbeat:
     """Announces ``model_id`` as served by ``server_id`` until :meth:`stop` (which withdraws it)."""
 
-    def __init__(self, client: RedisClient, prefix: str, model_id: str, server_id: str, *, interval_s: float) -> None:
+    def __init__(
+        self, client: RedisClient, prefix: str, model_id: str, server_id: str, *, interval_s: float
+    ) -> None:
         self.client = client
         self.key = alive_key(prefix, model_id)
         self.server_id = server_id

@@ -89,12 +89,12 @@ def redis_errors(client: RedisClient) -> Iterator[None]:
     for a socket timeout per command; the first timeout tells it so (see redis_health.py)."""
     health = health_of(client)
     if health is not None and not health.reachable:
-        raise Unavailable(UNREACHABLE, detail="Redis did not answer the last probe")
+        raise Unavailable(UNREACHABLE, detail=f"not tried: Redis failed {health.last_error}")
     try:
         yield
     except redis.exceptions.TimeoutError as exc:
         if health is not None:
-            health.timed_out()
+            health.timed_out(exc)
         raise Unavailable(UNREACHABLE, detail=str(exc)) from None
     except redis.exceptions.ConnectionError as exc:
         # No address in the message: it reaches clients, and the deployment is not theirs to see.

@@ -43,6 +43,7 @@ class RedisHealth:
     def __init__(self, client: RedisClient, probe_client: RedisClient, *, timeout_s: float) -> None:
         self._probe_client = probe_client
         self.interval_s = min(MAX_PROBE_INTERVAL_S, timeout_s / 4)
+        self.last_error = ""  # why Redis was last found unreachable (server log only)
         self._reachable = self._ping()  # known before the first request
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -64,8 +65,9 @@ class RedisHealth:
             self._thread.join(timeout=self.interval_s + 5.0)
         self._probe_client.close()
 
-    def timed_out(self) -> None:
+    def timed_out(self, error: Exception) -> None:
         """A request's command timed out: Redis is unreachable until the probe says otherwise."""
+        self.last_error = f"a command: {error}"
         self._set(False)
 
     def wait_for(self, reachable: bool, timeout: float) -> bool:
@@ -83,7 +85,8 @@ class RedisHealth:
     def _ping(self) -> bool:
         try:
             return bool(self._probe_client.ping())
-        except (redis.exceptions.RedisError, *CLUSTER_ERRORS):
+        except (redis.exceptions.RedisError, *CLUSTER_ERRORS) as exc:
+            self.last_error = f"the last probe: {exc}"  # for the server log (it may name the address)
             return False
 
     def _loop(self) -> None:

@@ -31,7 +31,8 @@ def _core(request: Request) -> FewShotCore:
 async def healthz(request: Request) -> JSONResponse:
     core = _core(request)
     alive = core.alive()
-    return JSONResponse(HealthBody(status="ok" if alive else "failed").model_dump(), status_code=200 if alive else 503)
+    body = HealthBody(status="ok" if alive else "failed")
+    return JSONResponse(body.model_dump(), status_code=200 if alive else 503)
 
 
 @router.get(
