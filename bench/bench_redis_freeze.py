@@ -50,10 +50,26 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp) / "redis", persistent=False) as valkey:
         server = subprocess.Popen(
-            [sys.executable, "-m", "fewshot_common.cli", "serve", "--model", str(args.model), "--redis-url", valkey.url,
-             "--redis-timeout-s", str(args.redis_timeout_s), "--grpc-port", "0", "--http-port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "fewshot_common.cli",
+                "serve",
+                "--model",
+                str(args.model),
+                "--redis-url",
+                valkey.url,
+                "--redis-timeout-s",
+                str(args.redis_timeout_s),
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             assert server.stdout is not None
             banner = server.stdout.readline()
@@ -76,10 +92,12 @@ def main() -> None:
                 try:
                     for name, call in calls.items():
                         runs = [timed(call) for _ in range(args.calls)]
-                        results[name] = {"status": sorted({s for s, _ in runs}),
-                                         "first_s": round(runs[0][1], 3),
-                                         "median_s": round(statistics.median(t for _, t in runs), 3),
-                                         "max_s": round(max(t for _, t in runs), 3)}  # fmt: skip
+                        results[name] = {
+                            "status": sorted({s for s, _ in runs}),
+                            "first_s": round(runs[0][1], 3),
+                            "median_s": round(statistics.median(t for _, t in runs), 3),
+                            "max_s": round(max(t for _, t in runs), 3),
+                        }
                 finally:
                     os.kill(valkey.pid, signal.SIGCONT)
                 started = time.monotonic()
@@ -89,8 +107,14 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    print(json.dumps({"redis_timeout_s": args.redis_timeout_s, "calls": results, "ready_again_s": ready_again_s}))
-    print(f"\n| call (Redis frozen, --redis-timeout-s {args.redis_timeout_s}) | status | first s | median s | max s |")
+    print(
+        json.dumps(
+            {"redis_timeout_s": args.redis_timeout_s, "calls": results, "ready_again_s": ready_again_s}
+        )
+    )
+    print(
+        f"\n| call (Redis frozen, --redis-timeout-s {args.redis_timeout_s}) | status | first s | median s | max s |"
+    )
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['status']} | {r['first_s']} | {r['median_s']} | {r['max_s']} |")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import httpx
 import redis
+from test_e2e import COLOURS, photo
 
-from conftest import stack_settings
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.model_store import ModelStore
 from fewshot_service.registry.registry import Registry
-from test_e2e import COLOURS, photo
+
+from conftest import stack_settings
 
 PREFIX = "sweep"
 NS = "shop"
@@ -26,25 +27,46 @@ def test_a_killed_backfill_is_resumed_by_the_sweep_without_traffic(
     serve_process, redis_url: str, tiny_model_path: Path, other_model_path: Path
 ) -> None:
     settings = stack_settings(tiny_model_path, redis_url, redis_key_prefix=PREFIX, backfill_on_start=False)
-    with ServerStack(settings) as model_a, httpx.Client(
-        base_url=f"http://127.0.0.1:{model_a.http_port}", timeout=60
-    ) as http:
+    with (
+        ServerStack(settings) as model_a,
+        httpx.Client(base_url=f"http://127.0.0.1:{model_a.http_port}", timeout=60) as http,
+    ):
         for start in range(0, EXAMPLES, 64):
-            files = [("files", (f"{i}.png", photo(COLOURS["red" if i % 2 else "blue"], i, (64, 64)), "image/png"))
-                     for i in range(start, start + 64)]  # fmt: skip
-            response = http.post(f"/v1/classes/{'red' if start % 128 else 'blue'}/examples",
-                                 params={"namespace": NS}, files=files)  # fmt: skip
+            files = [
+                ("files", (f"{i}.png", photo(COLOURS["red" if i % 2 else "blue"], i, (64, 64)), "image/png"))
+                for i in range(start, start + 64)
+            ]
+            response = http.post(
+                f"/v1/classes/{'red' if start % 128 else 'blue'}/examples",
+                params={"namespace": NS},
+                files=files,
+            )
             assert response.status_code == 201, response.text
     client = redis.Redis.from_url(redis_url)
     store = ModelStore(Registry(client, key_prefix=PREFIX))
 
     def serve_b(sweep_s: float):  # type: ignore[no-untyped-def]
-        return serve_process([
-            "--model", other_model_path, "--redis-url", redis_url, "--redis-key-prefix", PREFIX,
-            "--backfill-lease-s", LEASE_S, "--backfill-sweep-s", sweep_s,
-            # Slow enough to be caught mid-pass: one image per model run, one thread.
-            "--max-batch-size", 1, "--batch-workers", 1, "--intra-op-threads", 1,
-        ])  # fmt: skip
+        return serve_process(
+            [
+                "--model",
+                other_model_path,
+                "--redis-url",
+                redis_url,
+                "--redis-key-prefix",
+                PREFIX,
+                "--backfill-lease-s",
+                LEASE_S,
+                "--backfill-sweep-s",
+                sweep_s,
+                # Slow enough to be caught mid-pass: one image per model run, one thread.
+                "--max-batch-size",
+                1,
+                "--batch-workers",
+                1,
+                "--intra-op-threads",
+                1,
+            ]
+        )
 
     def embedded(model_id: str) -> int:
         return store.registry.status(NS, model_id).embedded

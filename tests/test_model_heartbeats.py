@@ -9,13 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_e2e import COLOURS, photo, upload
 
-from conftest import stack_settings
 from fewshot_client import FewShotClient
 from fewshot_client.errors import FailedPrecondition
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.heartbeats import live_servers
-from test_e2e import COLOURS, photo, upload
+
+from conftest import stack_settings
 
 PREFIX = "heartbeats"
 BEAT_S = 0.5
@@ -24,16 +25,30 @@ BEAT_S = 0.5
 def test_a_model_a_live_server_announces_is_not_dropped_unless_forced(
     serve_process, redis_url: str, redis_client, tiny_model_path: Path, other_model_path: Path
 ) -> None:
-    model_a = serve_process([
-        "--model", tiny_model_path, "--redis-url", redis_url, "--redis-key-prefix", PREFIX, "--heartbeat-s", BEAT_S,
-    ]).wait_ready()  # fmt: skip
-    response = httpx.post(f"{model_a.http_url}/v1/classes/red/examples", files=upload([photo(COLOURS["red"], 0)]))
+    model_a = serve_process(
+        [
+            "--model",
+            tiny_model_path,
+            "--redis-url",
+            redis_url,
+            "--redis-key-prefix",
+            PREFIX,
+            "--heartbeat-s",
+            BEAT_S,
+        ]
+    ).wait_ready()
+    response = httpx.post(
+        f"{model_a.http_url}/v1/classes/red/examples", files=upload([photo(COLOURS["red"], 0)])
+    )
     assert response.status_code == 201, response.text
     model_id_a = model_a.banner.split("model ", 1)[1].split(" ", 1)[0]
     server_a = model_a.output().split(f"serving model {model_id_a} as server ", 1)[1].split(":", 1)[0]
 
     settings_b = stack_settings(other_model_path, redis_url, redis_key_prefix=PREFIX, heartbeat_s=BEAT_S)
-    with ServerStack(settings_b) as model_b, httpx.Client(base_url=f"http://127.0.0.1:{model_b.http_port}") as b:
+    with (
+        ServerStack(settings_b) as model_b,
+        httpx.Client(base_url=f"http://127.0.0.1:{model_b.http_port}") as b,
+    ):
         assert model_b.core is not None
         assert live_servers(redis_client, PREFIX, model_b.core.model_id) == [model_b.server_id]
         assert live_servers(redis_client, PREFIX, model_id_a) == [server_a]
@@ -63,11 +78,18 @@ def test_a_model_a_live_server_announces_is_not_dropped_unless_forced(
 def test_force_drops_a_model_that_live_servers_announce_and_a_stopped_server_withdraws_at_once(
     redis_url: str, redis_client, tiny_model_path: Path, other_model_path: Path
 ) -> None:
-    settings_a = stack_settings(tiny_model_path, redis_url, redis_key_prefix=PREFIX + "-force", heartbeat_s=60)
-    settings_b = stack_settings(other_model_path, redis_url, redis_key_prefix=PREFIX + "-force", heartbeat_s=60)
+    settings_a = stack_settings(
+        tiny_model_path, redis_url, redis_key_prefix=PREFIX + "-force", heartbeat_s=60
+    )
+    settings_b = stack_settings(
+        other_model_path, redis_url, redis_key_prefix=PREFIX + "-force", heartbeat_s=60
+    )
     with ServerStack(settings_a) as a, ServerStack(settings_b) as b:
         assert a.core is not None
-        httpx.post(f"http://127.0.0.1:{a.http_port}/v1/classes/red/examples", files=upload([photo(COLOURS["red"], 0)]))
+        httpx.post(
+            f"http://127.0.0.1:{a.http_port}/v1/classes/red/examples",
+            files=upload([photo(COLOURS["red"], 0)]),
+        )
         with FewShotClient(f"127.0.0.1:{b.grpc_port}", http_url=f"http://127.0.0.1:{b.http_port}") as client:
             with pytest.raises(FailedPrecondition, match=a.server_id):
                 client.delete_model(a.core.model_id)

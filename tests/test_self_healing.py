@@ -16,13 +16,12 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_e2e import COLOURS, add, grpc_of, http_of, photo, upload
 
 from fewshot_client import FewShotClient
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
-
-from test_e2e import COLOURS, add, grpc_of, http_of, photo, upload
 
 HEALTH_LIMIT_S = 0.1
 
@@ -41,7 +40,9 @@ def grpc_health(port: int) -> tuple[int, float]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
         started = time.monotonic()
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
         return reply.status, time.monotonic() - started
 
 
@@ -84,7 +85,9 @@ def kill_until_dead(managed: ManagedRedis, timeout: float = 30.0) -> int:
 
 
 def test_a_killed_embedded_redis_is_restarted_with_its_classes(tmp_path: Path, tiny_model_path: Path) -> None:
-    settings = Settings(model=tiny_model_path, data_dir=tmp_path / "data", host="127.0.0.1", grpc_port=0, http_port=0)
+    settings = Settings(
+        model=tiny_model_path, data_dir=tmp_path / "data", host="127.0.0.1", grpc_port=0, http_port=0
+    )
     with ServerStack(settings) as stack:
         url, managed = http_of(stack), stack.managed_redis
         assert managed is not None and stack.redis_health is not None
@@ -101,7 +104,9 @@ def test_a_killed_embedded_redis_is_restarted_with_its_classes(tmp_path: Path, t
 
 
 def test_an_embedded_redis_that_keeps_dying_fails_liveness(tmp_path: Path, tiny_model_path: Path) -> None:
-    settings = Settings(model=tiny_model_path, data_dir=tmp_path / "data", host="127.0.0.1", grpc_port=0, http_port=0)
+    settings = Settings(
+        model=tiny_model_path, data_dir=tmp_path / "data", host="127.0.0.1", grpc_port=0, http_port=0
+    )
     with ServerStack(settings) as stack:
         url, managed = http_of(stack), stack.managed_redis
         assert managed is not None
@@ -141,21 +146,31 @@ def test_a_frozen_redis_answers_every_call_within_the_timeout_and_health_at_once
     """A separate ``fewshot serve`` process: timings here are the server's, not this test's GIL."""
     timeout_s, slack_s = 1.0, 1.0  # slack: the adds and classifies embed first (CPU)
     with ManagedRedis(tmp_path / "redis", persistent=False) as external:  # SIGSTOPped below
-        server = serve_process([
-            "--model", tiny_model_path, "--redis-url", external.url, "--redis-timeout-s", timeout_s,
-        ]).wait_ready()  # fmt: skip
+        server = serve_process(
+            [
+                "--model",
+                tiny_model_path,
+                "--redis-url",
+                external.url,
+                "--redis-timeout-s",
+                timeout_s,
+            ]
+        ).wait_ready()
         url = server.http_url
         add(url, "red", [photo(COLOURS["red"], 0)])
         shot, query = upload([photo(COLOURS["red"], 1)]), upload([photo(COLOURS["red"], 2)])
         grpc_query = photo(COLOURS["red"], 3)
         assert external.pid is not None
-        with httpx.Client(base_url=url, timeout=30) as http, FewShotClient(server.grpc_target, timeout=30) as rpc:
+        with (
+            httpx.Client(base_url=url, timeout=30) as http,
+            FewShotClient(server.grpc_target, timeout=30) as rpc,
+        ):
             requests = [
                 lambda: http.get("/v1/classes"),
                 lambda: http.get("/v1/classes/red"),
                 lambda: http.post("/v1/classes/red/examples", files=shot),
                 lambda: http.post("/v1/classify", files=query),
-            ] * 6  # fmt: skip
+            ] * 6
 
             def timed(call):  # type: ignore[no-untyped-def]
                 started = time.monotonic()
@@ -202,7 +217,10 @@ def test_a_frozen_redis_answers_every_call_within_the_timeout_and_health_at_once
                         assert response.json()["error"] == "unavailable"
                         assert took < timeout_s + slack_s, f"{response.request.url} took {took:.2f}s"
                     for code, took in (f.result() for f in grpc_calls):
-                        assert code == grpc.StatusCode.UNAVAILABLE and took < timeout_s + slack_s, (code, took)
+                        assert code == grpc.StatusCode.UNAVAILABLE and took < timeout_s + slack_s, (
+                            code,
+                            took,
+                        )
                 # Readiness knows within one timeout, and says so at once.
                 assert wait_for(lambda: timed_get(f"{url}/readyz")[0] == 503, timeout_s)
                 status, took = timed_get(f"{url}/readyz")

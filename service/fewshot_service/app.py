@@ -20,25 +20,25 @@ import uvicorn
 
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder
-from fewshot_common.providers import choose_providers
 from fewshot_common.images import ImageLimits
+from fewshot_common.providers import choose_providers
 from fewshot_common.variants import choose_model_file
 
-from .transport.access import AccessControl
-from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .classify.prototypes import limit_blas_threads
+from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
 from .core.decode_pool import DecodePool
-from .transport.grpc.server import create_grpc_server
-from .transport.rest.http_timeouts import timed_http_protocol
 from .core.metrics import MODEL_INFO
-from .registry.redis_client import RedisClient, connect_redis, redacted_url
 from .registry.heartbeats import Heartbeat, new_server_id
+from .registry.redis_client import RedisClient, connect_redis, redacted_url
 from .registry.redis_health import PROBE_TIMEOUT_SHARE, RedisHealth
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
-from .transport.rest import create_app
 from .settings import Settings
+from .transport.access import AccessControl
+from .transport.grpc.server import create_grpc_server
+from .transport.rest import create_app
+from .transport.rest.http_timeouts import timed_http_protocol
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,18 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     )
     decode_pool = DecodePool(settings.decode_workers, max_queued=settings.decode_queue)
     return FewShotCore(
-        embedder, registry, batching=batching, decode_pool=decode_pool,
-        unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
+        embedder,
+        registry,
+        batching=batching,
+        decode_pool=decode_pool,
+        unknown_rate=settings.unknown_rate,
+        duplicate_similarity=settings.duplicate_similarity,
         store_images=settings.store_images,
-        backfill_options={"on_demand_limit": settings.backfill_on_demand,
-                          "lease_ms": int(settings.backfill_lease_s * 1000)},
-    )  # fmt: skip
+        backfill_options={
+            "on_demand_limit": settings.backfill_on_demand,
+            "lease_ms": int(settings.backfill_lease_s * 1000),
+        },
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -149,7 +155,7 @@ class ServerStack:
         self._http_thread: threading.Thread | None = None
         self._cleanup = ExitStack()
 
-    def start(self) -> "ServerStack":
+    def start(self) -> ServerStack:
         try:
             self._start()
         except BaseException:
@@ -166,9 +172,7 @@ class ServerStack:
             self.managed_redis = ManagedRedis(settings.redis_data_dir, persistent=True)
             self.redis_url = self.managed_redis.start()
             self._cleanup.callback(self.managed_redis.stop)
-        client = connect_redis(
-            self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster
-        )
+        client = connect_redis(self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
         self._cleanup.callback(client.close)
         # Readiness and the fail-fast breaker read this probe, not Redis (redis_health.py).
         probe_client = connect_redis(
@@ -186,7 +190,11 @@ class ServerStack:
             self.core.liveness_checks.append(lambda: not managed.dead)
         # Announced as long as it runs: a drop of its model is refused meanwhile (heartbeats.py).
         self.heartbeat = Heartbeat(
-            client, settings.redis_key_prefix, self.core.model_id, self.server_id, interval_s=settings.heartbeat_s
+            client,
+            settings.redis_key_prefix,
+            self.core.model_id,
+            self.server_id,
+            interval_s=settings.heartbeat_s,
         ).start()
         self._cleanup.callback(self.heartbeat.stop)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
@@ -219,11 +227,14 @@ class ServerStack:
         )
         tls_options = settings.tls.uvicorn_options() if settings.tls else {}
         config = uvicorn.Config(
-            app, log_level=settings.log_level, access_log=False, lifespan="off",
+            app,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="off",
             http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
             timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
             **tls_options,
-        )  # fmt: skip
+        )
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see cli/serve.py).
         self._http_thread = threading.Thread(
@@ -241,10 +252,16 @@ class ServerStack:
             self.core.backfill_incomplete_namespaces(sweep_every_s=settings.backfill_sweep_s)
         log.info(
             "serving model %s as server %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
-            self.core.model_id, self.server_id, host, self.grpc_port, host, self.http_port,
-            "managed in " + str(settings.redis_data_dir) if self.managed_redis
+            self.core.model_id,
+            self.server_id,
+            host,
+            self.grpc_port,
+            host,
+            self.http_port,
+            "managed in " + str(settings.redis_data_dir)
+            if self.managed_redis
             else redacted_url(self.redis_url),
-        )  # fmt: skip
+        )
 
     def _stop_http(self) -> None:
         if self._http is not None and self._http_thread is not None:
@@ -267,13 +284,15 @@ class ServerStack:
             return  # not fully started (start() failed), or drained already
         settings = self.settings
         self.core.begin_draining()  # /readyz 503, gRPC health NOT_SERVING
-        log.info("shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s)
+        log.info(
+            "shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s
+        )
         time.sleep(settings.shutdown_delay_s)
         grpc_done = self._grpc.stop(settings.shutdown_grace_s)  # refuses new RPCs at once
         self._stop_http()  # uvicorn closes its socket, then waits for open requests
         grpc_done.wait(settings.shutdown_grace_s + 1.0)
 
-    def __enter__(self) -> "ServerStack":
+    def __enter__(self) -> ServerStack:
         return self.start()
 
     def __exit__(

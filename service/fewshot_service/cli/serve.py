@@ -50,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Installed before anything starts, so a signal during start-up still shuts down in order.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    from ..transport.access import KeyFileError
+    from fewshot_common.embedder import InvalidModel
+
     from ..app import ServerStack
     from ..registry.redis_client import redacted_url
-    from fewshot_common.embedder import InvalidModel
     from ..registry.redis_server import RedisBinaryNotFound
+    from ..transport.access import KeyFileError
 
     stack = ServerStack(settings)
 
@@ -67,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             stack.start()
         except (
-            FileNotFoundError, InvalidModel, RedisBinaryNotFound, KeyFileError, OSError, RuntimeError
+            FileNotFoundError,
+            InvalidModel,
+            RedisBinaryNotFound,
+            KeyFileError,
+            OSError,
+            RuntimeError,
         ) as exc:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1
@@ -84,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         )
         while not stop.wait(0.5):
             if not stack.alive():  # e.g. the embedded Redis could not be restarted
-                print("fewshot serve: liveness failed (see the log), shutting down", file=sys.stderr, flush=True)
+                print(
+                    "fewshot serve: liveness failed (see the log), shutting down", file=sys.stderr, flush=True
+                )
                 return 1  # non-zero: a process supervisor (or make serve's caller) restarts us
         print(f"fewshot serve: {signal.Signals(received[0]).name}, shutting down", flush=True)
         return 0

@@ -26,8 +26,8 @@ import itertools
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -82,7 +82,9 @@ class Backfiller:
 
     # -- on demand -----------------------------------------------------------------------------
 
-    def fill_on_demand(self, namespace: str, cancellation: CancellationCheck | None = None) -> FillResult | None:
+    def fill_on_demand(
+        self, namespace: str, cancellation: CancellationCheck | None = None
+    ) -> FillResult | None:
         """Embed the few examples this model lacks, or None when there are more than
         ``on_demand_limit`` (a background pass is for those). One request per namespace at a
         time fills; the others wait for it rather than embed the same images again."""
@@ -197,7 +199,9 @@ class Backfiller:
                     for namespace in sweep():
                         self.request(namespace)
                 except Unavailable as exc:  # Redis away: the next sweep looks again
-                    log.warning("could not look for namespaces model %s has yet to embed: %s", self.model_id, exc)
+                    log.warning(
+                        "could not look for namespaces model %s has yet to embed: %s", self.model_id, exc
+                    )
                 except Exception:
                     log.exception("could not list the namespaces model %s has yet to embed", self.model_id)
                 continue
@@ -208,7 +212,9 @@ class Backfiller:
             try:
                 self.backfill(namespace)
             except Exception:  # Redis away, a bug: logged; a later request queues it again
-                log.exception("backfill of a namespace for model %s failed; it is retried on demand", self.model_id)
+                log.exception(
+                    "backfill of a namespace for model %s failed; it is retried on demand", self.model_id
+                )
             finally:
                 with self._cond:
                     self._busy = None
@@ -247,8 +253,13 @@ class Backfiller:
             generation = self.store.registry.generation(namespace)
             self.store.record(namespace, self.model_id, without_image, generation)
             if filled or without_image:
-                log.info("backfill for model %s: %d embeddings computed from stored images, %d "
-                         "examples without one (re-upload them)", self.model_id, filled, without_image)  # fmt: skip
+                log.info(
+                    "backfill for model %s: %d embeddings computed from stored images, %d "
+                    "examples without one (re-upload them)",
+                    self.model_id,
+                    filled,
+                    without_image,
+                )
             return FillResult(filled, without_image)
         finally:
             try:

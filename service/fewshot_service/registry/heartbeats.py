@@ -51,7 +51,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._beat()  # announced before the server takes requests
         self._thread = threading.Thread(target=self._loop, name="fewshot-heartbeat", daemon=True)
         self._thread.start()

@@ -29,10 +29,10 @@ PROBE_TIMEOUT_SHARE = 0.5
 MAX_PROBE_INTERVAL_S = 0.5
 
 # The health of each request client, for redis_errors (which is handed only the client).
-_BY_CLIENT: "weakref.WeakKeyDictionary[object, RedisHealth]" = weakref.WeakKeyDictionary()
+_BY_CLIENT: weakref.WeakKeyDictionary[object, RedisHealth] = weakref.WeakKeyDictionary()
 
 
-def health_of(client: object) -> "RedisHealth | None":
+def health_of(client: object) -> RedisHealth | None:
     return _BY_CLIENT.get(client)
 
 
@@ -54,7 +54,7 @@ class RedisHealth:
     def reachable(self) -> bool:
         return self._reachable
 
-    def start(self) -> "RedisHealth":
+    def start(self) -> RedisHealth:
         self._thread = threading.Thread(target=self._loop, name="fewshot-redis-probe", daemon=True)
         self._thread.start()
         return self
@@ -78,7 +78,9 @@ class RedisHealth:
     def _set(self, reachable: bool) -> None:
         with self._changed:
             if reachable != self._reachable:
-                log.warning("Redis is %s", "reachable again" if reachable else "unreachable: requests answer 503")
+                log.warning(
+                    "Redis is %s", "reachable again" if reachable else "unreachable: requests answer 503"
+                )
             self._reachable = reachable
             self._changed.notify_all()
 

@@ -180,7 +180,10 @@ class ManagedRedis:
         """A client of this server (with its password)."""
         assert self.port is not None
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self._password, **options  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=self.port,
+            password=self._password,
+            **options,  # type: ignore[arg-type]
         )
 
     @property
@@ -250,7 +253,9 @@ class ManagedRedis:
             code = process.wait()
             if self._stopping.is_set():
                 return
-            log.warning("the embedded Redis server exited unexpectedly (%s); restarting it", _exit_status(code))
+            log.warning(
+                "the embedded Redis server exited unexpectedly (%s); restarting it", _exit_status(code)
+            )
             attempt = 0
             while True:
                 now = time.monotonic()
@@ -259,8 +264,9 @@ class ManagedRedis:
                     log.error(
                         "the embedded Redis server died or failed to start %d times within %.0fs; "
                         "giving up: liveness fails so that this server is restarted",
-                        len(failures), self.restart_window_s,
-                    )  # fmt: skip
+                        len(failures),
+                        self.restart_window_s,
+                    )
                     self._dead.set()
                     return
                 delay = min(self.restart_backoff_s * 2**attempt, RESTART_BACKOFF_CAP_S)
@@ -270,7 +276,9 @@ class ManagedRedis:
                 error = self._restart()
                 if error is None:
                     self.restarts += 1
-                    log.info("the embedded Redis server is back (restart %d, same data and port)", self.restarts)
+                    log.info(
+                        "the embedded Redis server is back (restart %d, same data and port)", self.restarts
+                    )
                     break
                 if self._stopping.is_set():
                     return
@@ -346,7 +354,7 @@ class ManagedRedis:
         self._lock.release()
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "ManagedRedis":
+    def __enter__(self) -> ManagedRedis:
         self.start()
         return self
 
@@ -362,16 +370,25 @@ class ManagedRedis:
         args = [
             binary,
             "-",  # the configuration (here: the password) comes from stdin, not the command line
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--dir", str(self.data_dir.resolve()),
-            "--save", "",  # snapshots off: the append-only file is the persistence
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "everysec",
-            "--logfile", "",
-        ]  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",  # snapshots off: the append-only file is the persistence
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            "",
+        ]
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
         server_log = os.fdopen(log_fd, "ab")
         try:
@@ -416,8 +433,12 @@ class ManagedRedis:
                     # Our process must be the one answering, not whoever else holds the port.
                     if client.info("server").get("process_id") == process.pid:
                         return None
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                except (
+                    redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError,
+                    redis.exceptions.AuthenticationError,
+                    redis.exceptions.ResponseError,
+                ):
                     pass  # not listening yet, still replaying the append-only file, or someone else's
                 time.sleep(0.05)
             return f"no answer to PING within {_START_TIMEOUT_S:.0f}s: {self._log_tail()}"

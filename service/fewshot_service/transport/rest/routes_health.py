@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..access import Action
 from ...core.core import FewShotCore
-from .security import require
+from ..access import Action
 from .schemas import HealthBody, ReadyBody, error_responses
+from .security import require
 
 router = APIRouter(tags=["health"])
 
@@ -53,8 +53,10 @@ async def readyz(request: Request) -> JSONResponse:
     summary="Prometheus metrics (with --api-keys: any valid key)",
     response_class=Response,
     dependencies=[require(Action.METRICS)],
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
-               **error_responses(401)},  # fmt: skip
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+        **error_responses(401),
+    },
 )
 def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
