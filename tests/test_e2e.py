@@ -149,6 +149,9 @@ def test_redis_down_is_503_and_unavailable_then_recovers_by_itself(
         add(url, "red", [photo(COLOURS["red"], 0)])
         server.stop()
         try:
+            # Readiness reads a background probe: it follows Redis within one --redis-timeout-s.
+            assert stack.redis_health is not None
+            assert stack.redis_health.wait_for(False, stack.settings.redis_timeout_s)
             ready = httpx.get(f"{url}/readyz")
             assert ready.status_code == 503 and ready.json()["ready"] is False
             assert httpx.get(f"{url}/healthz").status_code == 200  # alive all the same
@@ -168,6 +171,7 @@ def test_redis_down_is_503_and_unavailable_then_recovers_by_itself(
             server.start()
         try:
             # No restart of the fewshot server: its next requests simply work again.
+            assert stack.redis_health.wait_for(True, stack.settings.redis_timeout_s)
             assert httpx.get(f"{url}/readyz").json()["ready"] is True
             assert httpx.get(f"{url}/v1/classes/red").json()["count"] == 1  # kept by the AOF
             with grpc_of(stack) as client:

@@ -288,3 +288,56 @@ def test_a_server_stack_compacts_its_embedded_valkey_after_a_deletion(
         assert _wait_for(lambda: image in _aof_bytes(folder))
         assert http.delete("/v1/classes/noise").status_code == 200
         assert _wait_for(lambda: image not in _aof_bytes(folder)), "the deleted image stayed in the AOF"
+
+
+def wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_server_is_restarted_on_the_same_port_password_and_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="fewshot_service.registry.redis_server")
+    with ManagedRedis(tmp_path, restart_backoff_s=0.1) as server:
+        url, first_pid = server.url, server.pid
+        assert first_pid is not None
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        client.set("acknowledged", "before the kill")  # answered: written to the append-only file
+        os.kill(first_pid, signal.SIGKILL)
+        assert wait_for(lambda: server.restarts == 1), "the killed server was not restarted"
+        assert server.pid != first_pid and server.url == url and not server.dead
+        assert client.get("acknowledged") == b"before the kill"  # same port and password, data kept
+        assert "exited unexpectedly (killed by SIGKILL)" in caplog.text
+        assert "is back (restart 1" in caplog.text
+        client.close()
+        restarted_pid = server.pid
+    assert restarted_pid is not None and wait_gone(restarted_pid), "stop() left the restarted server running"
+
+
+def test_a_server_that_keeps_dying_is_declared_dead_and_not_restarted_again(tmp_path: Path) -> None:
+    with ManagedRedis(tmp_path, persistent=False, restart_backoff_s=0.05, max_restarts=1) as server:
+        first_pid = server.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        assert wait_for(lambda: server.restarts == 1)
+        second_pid = server.pid
+        assert second_pid is not None
+        os.kill(second_pid, signal.SIGKILL)  # the second death within the window: give up
+        assert wait_for(lambda: server.dead), "a crash loop was not declared dead"
+        time.sleep(0.5)
+        assert server.pid == second_pid and not server.running and server.restarts == 1
+
+
+def test_a_stopped_server_is_not_restarted(tmp_path: Path) -> None:
+    server = ManagedRedis(tmp_path, persistent=False, restart_backoff_s=0.05)
+    server.start()
+    pid = server.pid
+    server.stop()
+    assert pid is not None and wait_gone(pid)
+    time.sleep(0.3)
+    assert server.restarts == 0 and not server.dead and not server.running

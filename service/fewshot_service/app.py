@@ -31,7 +31,9 @@ from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
 from .core.decode_pool import DecodePool
 from .core.metrics import MODEL_INFO
+from .registry.heartbeats import Heartbeat, new_server_id
 from .registry.redis_client import RedisClient, connect_redis, redacted_url
+from .registry.redis_health import PROBE_TIMEOUT_SHARE, RedisHealth
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
 from .settings import Settings
@@ -115,7 +117,10 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         unknown_rate=settings.unknown_rate,
         duplicate_similarity=settings.duplicate_similarity,
         store_images=settings.store_images,
-        backfill_options={"on_demand_limit": settings.backfill_on_demand},
+        backfill_options={
+            "on_demand_limit": settings.backfill_on_demand,
+            "lease_ms": int(settings.backfill_lease_s * 1000),
+        },
     )
 
 
@@ -142,6 +147,9 @@ class ServerStack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.managed_redis: ManagedRedis | None = None
+        self.redis_health: RedisHealth | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.server_id = new_server_id()
         self.redis_url: str | None = None
         self.core: FewShotCore | None = None
         self.access: AccessControl | None = None
@@ -174,12 +182,29 @@ class ServerStack:
             self._cleanup.callback(self.managed_redis.stop)
         client = connect_redis(self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
         self._cleanup.callback(client.close)
+        # Readiness and the fail-fast breaker read this probe, not Redis (redis_health.py).
+        probe_client = connect_redis(
+            self.redis_url, settings.redis_timeout_s * PROBE_TIMEOUT_SHARE, cluster=settings.redis_cluster
+        )
+        self.redis_health = RedisHealth(client, probe_client, timeout_s=settings.redis_timeout_s).start()
+        self._cleanup.callback(self.redis_health.stop)
 
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
         if self.managed_redis is not None:  # deleted images leave its append-only file soon
             self.core.deletion_listeners.append(self.managed_redis.compact_soon)
+            managed = self.managed_redis  # restarted when it dies; liveness fails if it cannot be
+            self.core.liveness_checks.append(lambda: not managed.dead)
+        # Announced as long as it runs: a drop of its model is refused meanwhile (heartbeats.py).
+        self.heartbeat = Heartbeat(
+            client,
+            settings.redis_key_prefix,
+            self.core.model_id,
+            self.server_id,
+            interval_s=settings.heartbeat_s,
+        ).start()
+        self._cleanup.callback(self.heartbeat.stop)
         # A bad key file stops the start (KeyFileError); later edits are polled and SIGHUP'd.
         self.access = AccessControl(settings.api_keys, poll_seconds=settings.api_keys_poll_s)
         self.access.watch()
@@ -232,10 +257,11 @@ class ServerStack:
                 raise RuntimeError(f"the HTTP server did not start on {host}:{self.http_port}")
             time.sleep(0.02)
         if settings.backfill_on_start:
-            self.core.backfill_incomplete_namespaces()
+            self.core.backfill_incomplete_namespaces(sweep_every_s=settings.backfill_sweep_s)
         log.info(
-            "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
+            "serving model %s as server %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
             self.core.model_id,
+            self.server_id,
             host,
             self.grpc_port,
             host,
@@ -249,6 +275,10 @@ class ServerStack:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
             self._http_thread.join(timeout=self.settings.shutdown_grace_s + 2.0)
+
+    def alive(self) -> bool:
+        """Liveness (see FewShotCore.alive): false once a part failed for good."""
+        return self.core is None or self.core.alive()
 
     def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then release Redis. Idempotent."""

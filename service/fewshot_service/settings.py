@@ -183,6 +183,25 @@ class Settings(BaseSettings):
         description="at start, embed in the background the examples of every namespace this "
         "model has not embedded yet (else only when a Classify asks)",
     )
+    backfill_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a backfill lease lasts unless renewed (after each batch): how long "
+        "a namespace waits for a replica to take over the backfill of one that died",
+    )
+    backfill_sweep_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="with backfill_on_start, seconds between looks for namespaces this model has "
+        "yet to embed, so a backfill whose server died resumes once its lease expires, without "
+        "traffic (0: only at start)",
+    )
+    heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds between announcements of the model this server runs (lapsing after "
+        "three): dropping a model a live server announces is refused unless forced",
+    )
     # Open set and shot quality (open_set.py, shot_quality.py).
     unknown_rate: float = Field(
         default=0.05,

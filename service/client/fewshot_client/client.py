@@ -271,10 +271,12 @@ class FewShotClient:
         """The models holding embeddings in this key's namespaces, and how complete each is."""
         return [ModelInfo(**m) for m in self._rest("GET", "/v1/models")["models"]]
 
-    def delete_model(self, model_id: str) -> DroppedModel:
+    def delete_model(self, model_id: str, force: bool = False) -> DroppedModel:
         """Drop ``model_id``'s embeddings in every namespace this key may write to (a model no
-        server runs any more); FailedPrecondition for the model the server runs."""
-        return DroppedModel(**self._rest("DELETE", f"/v1/models/{quote(model_id, safe='')}"))
+        server runs any more); FailedPrecondition for the model the server runs, and for one a
+        live server announces unless ``force``."""
+        params = {"force": "true"} if force else {}
+        return DroppedModel(**self._rest("DELETE", f"/v1/models/{quote(model_id, safe='')}", params=params))
 
     # -- plumbing --------------------------------------------------------------------------------
 

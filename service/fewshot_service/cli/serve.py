@@ -89,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop.wait(0.5):
-            pass
+            if not stack.alive():  # e.g. the embedded Redis could not be restarted
+                print(
+                    "fewshot serve: liveness failed (see the log), shutting down", file=sys.stderr, flush=True
+                )
+                return 1  # non-zero: a process supervisor (or make serve's caller) restarts us
         print(f"fewshot serve: {signal.Signals(received[0]).name}, shutting down", flush=True)
         return 0
     finally:

@@ -14,6 +14,10 @@ Two ways, both through the core's own embed path (decode pool, limits, batcher):
 
 Writes skip examples deleted meanwhile (model_store.fill); the worker stops between batches on
 shutdown and releases its lease.
+
+A periodic sweep (:meth:`Backfiller.sweep_every`) looks again for namespaces this model has yet
+to embed: a pass whose replica died (SIGKILL, OOM) leaves a lease that expires, and the next
+sweep of any replica of the model takes it, with no request needed to notice.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
-from fewshot_common.errors import FewshotError, ImageError
+from fewshot_common.errors import FewshotError, ImageError, Unavailable
 
 from ..registry.model_store import MissingExample, ModelStore
 
@@ -72,6 +76,7 @@ class Backfiller:
         self._sweep: Callable[[], list[str]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
         self._fill_locks: dict[str, threading.Lock] = {}
         self.passes = 0  # completed background passes (tests, logs)
 
@@ -153,6 +158,18 @@ class Backfiller:
             self._start()
             self._cond.notify()
 
+    def sweep_every(self, interval_s: float, find: Callable[[], list[str]]) -> None:
+        """Every ``interval_s``, queue what ``find()`` names (as :meth:`request_incomplete`), in
+        a timer thread of its own, until :meth:`stop`. A namespace another live replica holds
+        the lease of costs one SET NX that fails."""
+
+        def sweep() -> None:
+            while not self._stop.wait(interval_s):
+                self.request_incomplete(find)
+
+        self._sweeper = threading.Thread(target=sweep, name="fewshot-backfill-sweep", daemon=True)
+        self._sweeper.start()
+
     def pending(self, namespace: str) -> bool:
         """Queued or running here."""
         with self._cond:
@@ -166,6 +183,8 @@ class Backfiller:
             self._cond.notify_all()
         if wait and self._thread is not None:
             self._thread.join(timeout=60)
+        if wait and self._sweeper is not None:
+            self._sweeper.join(timeout=5)
 
     def _loop(self) -> None:
         while True:
@@ -179,6 +198,10 @@ class Backfiller:
                 try:
                     for namespace in sweep():
                         self.request(namespace)
+                except Unavailable as exc:  # Redis away: the next sweep looks again
+                    log.warning(
+                        "could not look for namespaces model %s has yet to embed: %s", self.model_id, exc
+                    )
                 except Exception:
                     log.exception("could not list the namespaces model %s has yet to embed", self.model_id)
                 continue

@@ -106,6 +106,7 @@ class FewShotCore:
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
         self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
+        self.liveness_checks: list[Callable[[], bool]] = []  # all true while the process is alive
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
@@ -460,26 +461,49 @@ class FewShotCore:
 
     # -- models ------------------------------------------------------------------------------
 
-    def backfill_incomplete_namespaces(self) -> None:
+    def backfill_incomplete_namespaces(self, sweep_every_s: float = 0.0) -> None:
         """Start embedding, in the background, every namespace this model has not fully
-        embedded (a replica of a newly rolled model warms up before its first Classify)."""
+        embedded (a replica of a newly rolled model warms up before its first Classify); with
+        ``sweep_every_s``, look again that often (a pass whose replica died is resumed)."""
+        self.backfill.request_incomplete(self._namespaces_to_backfill)
+        if sweep_every_s > 0:
+            self.backfill.sweep_every(sweep_every_s, self._namespaces_to_backfill)
 
-        def incomplete() -> list[str]:
-            return [
-                n.name
-                for n in self.registry.list_namespaces()
-                if not any(m.model_id == self.model_id and m.complete for m in n.models)
-            ]
+    def _namespaces_to_backfill(self) -> list[str]:
+        """Namespaces this model has not fully embedded, less those whose last pass found that
+        the rest has no stored image (nothing changed since: another pass cannot help)."""
+        names = []
+        for summary in self.registry.list_namespaces():
+            if any(m.model_id == self.model_id and m.complete for m in summary.models):
+                continue
+            status = self.registry.status(summary.name, self.model_id)
+            record = self.backfill.store.last_record(summary.name, self.model_id)
+            if (
+                record is not None
+                and record.generation == status.generation
+                and (status.examples - status.embedded <= record.without_image)
+            ):
+                continue
+            names.append(summary.name)
+        return names
 
-        self.backfill.request_incomplete(incomplete)
-
-    def drop_model(self, model_id: str, namespaces: Sequence[str]) -> dict[str, int]:
+    def drop_model(self, model_id: str, namespaces: Sequence[str], *, force: bool = False) -> dict[str, int]:
         """Forget ``model_id``'s embeddings in ``namespaces`` (examples and images stay): for a
-        model no replica serves any more. Refused for the model this server runs."""
+        model no replica serves any more. Refused for the model this server runs, and (unless
+        ``force``) for a model a live server announces (heartbeats.py): it would answer 409 to
+        every Classify until it had embedded everything again."""
+        from ..registry.heartbeats import live_servers
+
         model_id = resolve_name(model_id, "model id")
         if model_id == self.model_id:
             raise FailedPrecondition(
                 f"model {model_id!r} is the model this server runs: drop it from a server of another model"
+            )
+        live = live_servers(self.registry.client, self.registry.key_prefix, model_id)
+        if live and not force:
+            raise FailedPrecondition(
+                f"model {model_id!r} is served by {len(live)} live server(s) ({', '.join(live)}): "
+                "stop them first, or force the drop (force=true)"
             )
         return {namespace: self.backfill.store.drop(namespace, model_id) for namespace in namespaces}
 
@@ -492,13 +516,19 @@ class FewShotCore:
         self.backfill.stop(wait=False)
 
     def ready(self) -> bool:
-        """Model loaded (it is, once constructed), Redis answering, and not shutting down."""
-        if self._draining.is_set():
+        """Model loaded (it is, once constructed), Redis answering, and not shutting down. Reads
+        the cached Redis probe where there is one (redis_health.py): answers at once."""
+        if self._draining.is_set() or not self.alive():
             return False
         try:
-            return bool(self.registry.ping())
+            return self.registry.reachable()
         except Exception:  # a health probe reports, it never raises
             return False
+
+    def alive(self) -> bool:
+        """Liveness: no part of the server has failed for good (e.g. its embedded Redis could
+        not be restarted). Never touches Redis; false means only a restart of the process helps."""
+        return all(check() for check in self.liveness_checks)
 
 
 def _registry_span(operation: str) -> AbstractContextManager[object]:

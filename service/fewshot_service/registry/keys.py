@@ -23,6 +23,10 @@ One hash tag per namespace, so every script of a namespace runs on one Cluster s
     m:lease         string the token of the replica backfilling this model here (expires)
     m:backfill      hash   what its last backfill pass found (expires)
 
+and per model, outside every namespace (heartbeats.py)::
+
+    {prefix}:alive:<model id hex>  zset  <server id> -> when its announcement lapses (Unix s)
+
 A model is complete for a namespace when ``n:<model>`` equals ``examples``. Names appear in key
 names only as the hex of their UTF-8, so no label can reach another key, break out of the hash
 tag, or look like a glob. Namespaces written before per-model keys (``:model``, ``:prototypes``,
@@ -40,6 +44,7 @@ import redis
 from fewshot_common.errors import Unavailable
 
 from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_health import health_of
 
 LAYOUT = "2"
 
@@ -53,6 +58,7 @@ SCRIPT_ERRORS = {
     "LEGACY",
 }
 REFUSED = "the class store (Redis) refused the request; retry later"
+UNREACHABLE = "the class store (Redis) is unreachable; retry later"
 
 
 def encode(name: str) -> str:
@@ -82,12 +88,22 @@ def load_script(name: str, *, prelude: bool = True) -> str:
 
 @contextmanager
 def redis_errors(client: RedisClient) -> Iterator[None]:
-    """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call."""
+    """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call.
+
+    While the client's :class:`RedisHealth` knows Redis unreachable, fail at once rather than wait
+    for a socket timeout per command; the first timeout tells it so (see redis_health.py)."""
+    health = health_of(client)
+    if health is not None and not health.reachable:
+        raise Unavailable(UNREACHABLE, detail=f"not tried: Redis failed {health.last_error}")
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+    except redis.exceptions.TimeoutError as exc:
+        if health is not None:
+            health.timed_out(exc)
+        raise Unavailable(UNREACHABLE, detail=str(exc)) from None
+    except redis.exceptions.ConnectionError as exc:
         # No address in the message: it reaches clients, and the deployment is not theirs to see.
-        raise Unavailable("the class store (Redis) is unreachable; retry later", detail=str(exc)) from None
+        raise Unavailable(UNREACHABLE, detail=str(exc)) from None
     except CLUSTER_ERRORS as exc:  # e.g. a slot without a master during a failover
         raise Unavailable(
             "the class store (Redis Cluster) is unavailable; retry later", detail=str(exc)
@@ -97,6 +113,11 @@ def redis_errors(client: RedisClient) -> Iterator[None]:
             raise  # a registry script's own answer; the caller translates it
         # Redis' words may name keys or script hashes: for the server log only.
         raise Unavailable(REFUSED, detail=f"Redis: {exc}") from None
+
+
+def alive_key(prefix: str, model_id: str) -> str:
+    """The servers announcing ``model_id`` (heartbeats.py)."""
+    return f"{prefix}:alive:{encode(model_id)}"
 
 
 def glob_escape(value: str) -> str:

@@ -27,7 +27,10 @@ def connect_redis(url: str, timeout_s: float = 2.0, *, cluster: bool = False) ->
 
     One quick retry covers the usual case of a pooled connection that died with a restarted server.
     A cluster client gets two: the first retry after a connection error also refreshes the slot map,
-    which is how it finds the replica promoted in a failover.
+    which is how it finds the replica promoted in a failover. Only connection errors are retried,
+    never a timeout: a command that waited ``timeout_s`` has used the call's whole time in Redis
+    (with a retry of it, a frozen Redis held each command twice as long). The cluster client
+    retries timeouts whatever it is told, so there each try gets a third of ``timeout_s``.
     """
     backoff = ExponentialBackoff(cap=0.2, base=0.05)
     options = {
@@ -36,12 +39,18 @@ def connect_redis(url: str, timeout_s: float = 2.0, *, cluster: bool = False) ->
         "health_check_interval": 30,
     }
     if cluster:
+        options["socket_timeout"] = options["socket_connect_timeout"] = timeout_s / 3
         try:
             # Connects at once: it must read the slot map from a node before any command.
-            return RedisCluster.from_url(url, retry=Retry(backoff, retries=2), **options)
+            return RedisCluster.from_url(url, retry=_retry(backoff, 2), **options)
         except (redis.exceptions.RedisError, *CLUSTER_ERRORS) as exc:
             raise RuntimeError(f"cannot use the Redis Cluster named by the Redis URL: {exc}") from None
-    return redis.Redis.from_url(url, retry=Retry(backoff, retries=1), **options)
+    return redis.Redis.from_url(url, retry=_retry(backoff, 1), **options)
+
+
+def _retry(backoff: ExponentialBackoff, retries: int) -> Retry:
+    """Retries of refused or reset connections (quick to fail), not of timeouts (see above)."""
+    return Retry(backoff, retries, supported_errors=(redis.exceptions.ConnectionError,))
 
 
 def redacted_url(url: str) -> str:

@@ -12,6 +12,12 @@ folder and 0600 files (the child's umask; files left by older versions are chmod
 append-only file holds the stored images. After deletions :meth:`ManagedRedis.compact_soon`
 rewrites that file (BGREWRITEAOF, at most every ``rewrite_interval_s``), so deleted image bytes
 do not stay in it until Valkey's own size-triggered rewrite.
+
+Supervised: a watcher thread waits on the child; when it dies (SIGKILL, OOM killer, a crash) it is
+started again on the same folder, port and password (its append-only file brings the classes
+back), with a capped exponential backoff. After ``max_restarts`` deaths or failed starts within
+``restart_window_s`` it gives up and :attr:`ManagedRedis.dead` turns true: the server's liveness
+then fails, so a process supervisor restarts the whole server.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ _STOP_TIMEOUT_S = 10.0
 REWRITE_DELAY_S = 5.0
 REWRITE_INTERVAL_S = 300.0
 PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PRIVATE_UMASK = 0o700, 0o600, 0o077
+# Restarts after the child died: 0.5 s, 1 s, 2 s ... at most 10 s apart; five deaths or failed
+# starts within a minute and the store is declared dead (a crash loop a restart here won't fix).
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_CAP_S = 10.0
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 class RedisBinaryNotFound(RuntimeError):
@@ -129,6 +141,9 @@ class ManagedRedis:
         password: str | None = None,
         rewrite_delay_s: float = REWRITE_DELAY_S,
         rewrite_interval_s: float = REWRITE_INTERVAL_S,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
+        restart_backoff_s: float = RESTART_BACKOFF_S,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.persistent = persistent
@@ -144,6 +159,15 @@ class ManagedRedis:
         self._rewrite_lock = threading.Lock()
         self._rewrite_timer: threading.Timer | None = None
         self._last_rewrite = float("-inf")
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self.restart_backoff_s = restart_backoff_s
+        self.restarts = 0  # successful restarts after a death (tests, logs)
+        self._binary = ""
+        self._stopping = threading.Event()
+        self._dead = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._process_lock = threading.Lock()  # the watcher swaps _process; stop() reads it
 
     @property
     def url(self) -> str:
@@ -165,6 +189,11 @@ class ManagedRedis:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def dead(self) -> bool:
+        """The child died and could not be restarted: only a restart of this process helps."""
+        return self._dead.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -202,10 +231,73 @@ class ManagedRedis:
             error = self._wait_until_ready(self._process, self.port)
             if error is None:
                 atexit.register(self.stop)
+                self._binary = binary
+                self._stopping.clear()
+                self._dead.clear()
+                # A thread of its own: PR_SET_PDEATHSIG of a restarted child follows the thread
+                # that started it, and this one lives as long as the child should.
+                self._watcher = threading.Thread(target=self._watch, name="fewshot-redis-watch", daemon=True)
+                self._watcher.start()
                 return self.url
             last_error = error
             self._reap()
         raise RuntimeError(f"could not start {binary} on 127.0.0.1:{self.port}: {last_error}")
+
+    def _watch(self) -> None:
+        """Wait for the child to exit; unless we are stopping, start it again (see the module doc)."""
+        failures: list[float] = []  # deaths and failed starts within the window
+        while True:
+            process = self._process
+            if process is None:
+                return
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            log.warning(
+                "the embedded Redis server exited unexpectedly (%s); restarting it", _exit_status(code)
+            )
+            attempt = 0
+            while True:
+                now = time.monotonic()
+                failures = [t for t in failures if now - t < self.restart_window_s] + [now]
+                if len(failures) > self.max_restarts:
+                    log.error(
+                        "the embedded Redis server died or failed to start %d times within %.0fs; "
+                        "giving up: liveness fails so that this server is restarted",
+                        len(failures),
+                        self.restart_window_s,
+                    )
+                    self._dead.set()
+                    return
+                delay = min(self.restart_backoff_s * 2**attempt, RESTART_BACKOFF_CAP_S)
+                if self._stopping.wait(delay):
+                    return
+                attempt += 1
+                error = self._restart()
+                if error is None:
+                    self.restarts += 1
+                    log.info(
+                        "the embedded Redis server is back (restart %d, same data and port)", self.restarts
+                    )
+                    break
+                if self._stopping.is_set():
+                    return
+                log.warning("restarting the embedded Redis server failed: %s", error)
+
+    def _restart(self) -> str | None:
+        """Start the child again on the same port and password; None once it answers."""
+        assert self.port is not None
+        with self._process_lock:
+            if self._stopping.is_set():
+                return None
+            process = self._process = self._spawn(self._binary, self.port)
+        error = self._wait_until_ready(process, self.port)
+        if error is not None:
+            with self._process_lock:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+        return error
 
     def compact_soon(self) -> None:
         """Rewrite the append-only file soon (after deletions): ``rewrite_delay_s`` from now, or
@@ -242,7 +334,9 @@ class ManagedRedis:
             if self._rewrite_timer is not None:
                 self._rewrite_timer.cancel()
                 self._rewrite_timer = None
-        process = self._process
+        with self._process_lock:
+            self._stopping.set()  # the watcher must not restart what we stop
+            process = self._process
         if process is None:
             self._lock.release()
             return
@@ -254,6 +348,9 @@ class ManagedRedis:
                 process.kill()
                 process.wait()
         self._process = None
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=_START_TIMEOUT_S + 1.0)
+            self._watcher = None
         self._lock.release()
         atexit.unregister(self.stop)
 
@@ -360,3 +457,13 @@ class ManagedRedis:
         except OSError:
             return "(no log)"
         return " | ".join(text[-lines:])
+
+
+def _exit_status(code: int) -> str:
+    """``exit code 1`` or ``killed by SIGKILL``: what the log says about a death."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -49,6 +49,7 @@ from .keys import (
     text,
 )
 from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_health import health_of
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,11 @@ class Registry:
 
     def keys(self, namespace: str) -> NamespaceKeys:
         return NamespaceKeys(self._prefix, namespace)
+
+    def reachable(self) -> bool:
+        """Redis answers: the background probe's last answer where there is one, else a PING."""
+        health = health_of(self.client)
+        return health.reachable if health is not None else self.ping()
 
     def ping(self) -> bool:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 
 from ...names import MAX_NAME_CHARS
 from ..access import Action, Principal
@@ -62,10 +62,14 @@ def list_models(core: Core, caller: Annotated[Principal, require(Action.LIST_MOD
     response_model=DroppedModelBody,
     responses=error_responses(401, 403, 409, 422, 503),
     summary="Drop a model's embeddings in every namespace this API key may write to (not the "
-    "model this server runs: 409); examples and stored images stay",
+    "model this server runs, nor one a live server announces unless force=true: 409); examples "
+    "and stored images stay",
 )
 def drop_model(
-    model_id: ModelId, core: Core, caller: Annotated[Principal, require(Action.DROP_MODEL)]
+    model_id: ModelId,
+    core: Core,
+    caller: Annotated[Principal, require(Action.DROP_MODEL)],
+    force: Annotated[bool, Query(description="drop it even while live servers announce it")] = False,
 ) -> DroppedModelBody:
     model_id = decode_path_param(model_id, "model id")
     holding = [
@@ -73,5 +77,5 @@ def drop_model(
         for n in core.list_namespaces()
         if caller.may_use(n.name) and any(m.model_id == model_id for m in n.models)
     ]
-    dropped = core.drop_model(model_id, holding)
+    dropped = core.drop_model(model_id, holding, force=force)
     return DroppedModelBody(model_id=model_id, dropped_embeddings=sum(dropped.values()), namespaces=holding)
