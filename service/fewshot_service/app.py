@@ -105,7 +105,7 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     return FewShotCore(
         embedder, registry, batching=batching, decode_pool=decode_pool,
         unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
-        store_images=settings.store_images,
+        store_images=settings.store_images, max_bulk_images=settings.max_bulk_images,
         backfill_options={"on_demand_limit": settings.backfill_on_demand},
     )  # fmt: skip
 

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         default=_IMAGE_LIMITS.max_pixels, gt=0, description="pixels per decoded image"
     )
     max_images: int = Field(default=_IMAGE_LIMITS.max_images, gt=0, description="images per request")
+    max_bulk_images: int = Field(
+        default=1024, gt=0, le=65536,
+        description="images per bulk add (POST /v1/examples:bulk); each batch of them within the "
+        "per-request limits",
+    )
     max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES, gt=0, description="bytes per HTTP body or gRPC message"
     )

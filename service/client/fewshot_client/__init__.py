@@ -5,8 +5,8 @@ and the typed errors), which ships with it; nothing here imports the server's mo
 """
 
 from . import errors
-from .client import API_KEY_ENV, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
-from .types import ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel
+from .client import API_KEY_ENV, DEFAULT_BULK_SIZE, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
+from .types import BulkAdded, BulkClassResult, ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel
 from .types import ModelCompleteness, ModelInfo, NamespaceInfo, Prediction
 
 # The fewshot-client distribution's version (service/client/pyproject.toml reads it here: that
@@ -14,7 +14,7 @@ from .types import ModelCompleteness, ModelInfo, NamespaceInfo, Prediction
 __version__ = "0.1.0"
 
 __all__ = [
-    "API_KEY_ENV", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
+    "API_KEY_ENV", "BulkAdded", "BulkClassResult", "DEFAULT_BULK_SIZE", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
     "DeletedNamespace", "DroppedModel", "FewShotClient", "ImageInput", "ModelCompleteness",
     "ModelInfo", "NamespaceInfo", "Prediction", "errors",
 ]  # fmt: skip

@@ -35,6 +35,7 @@ from ..classify.shot_quality import ExampleQuality, ShotWarning, example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from .backfill import Backfiller
+    from .bulk_add import BulkReport
     from ..classify.snapshot import PrototypeSet
     from ..registry.registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary
     from ..registry.registry import NamespaceStatus, Registry
@@ -75,6 +76,7 @@ class FewShotCore:
         duplicate_similarity: float = DEFAULT_DUPLICATE_SIMILARITY,
         store_images: bool = True,
         backfill_options: dict[str, int] | None = None,
+        max_bulk_images: int = 1024,
     ) -> None:
         from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
         from ..registry.model_store import ModelStore
@@ -84,6 +86,7 @@ class FewShotCore:
         # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
+        self.max_bulk_images = max_bulk_images  # uploads one bulk add may carry (bulk_add.py)
         self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
@@ -179,6 +182,17 @@ class FewShotCore:
                 raise
 
         return embeddings
+
+    def start_inference(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> Callable[[], np.ndarray]:
+        """Queue decoded ``pixels`` for the model; returns the function that waits for their
+        rows (bulk_add.py queues one full batch while it decodes the next)."""
+        try:
+            return self._batcher.start(pixels, cancellation)
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("queue").inc()
+            raise
 
     def _run_here_or_queue(
         self, pixels: np.ndarray, cancellation: CancellationCheck | None
@@ -329,6 +343,19 @@ class FewShotCore:
             return ClassReport.of(info)
         warnings = add_warnings(snapshot, label, info.added_example_ids, self.duplicate_similarity)
         return ClassReport.of(info, warnings=warnings)
+
+    def add_examples_bulk(
+        self,
+        namespace: str | None,
+        labels: Sequence[str],
+        images: Sequence[bytes],
+        cancellation: CancellationCheck | None = None,
+    ) -> "BulkReport":
+        """``images[i]`` as an example of ``labels[i]``, many classes at once, skipping bytes a
+        class already holds (bulk_add.py)."""
+        from .bulk_add import add_examples_bulk
+
+        return add_examples_bulk(self, namespace, labels, images, self.max_bulk_images, cancellation)
 
     def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
         return self.registry.list_classes(resolve_namespace(namespace))

@@ -16,7 +16,7 @@ from ... import __version__
 from ..access import AccessControl
 from ...core.core import FewShotCore
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
-from . import routes_classes, routes_classify, routes_embed, routes_health, routes_info, routes_models
+from . import routes_bulk, routes_classes, routes_classify, routes_embed, routes_health, routes_info, routes_models
 from . import routes_namespaces, ui
 from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
@@ -49,6 +49,7 @@ def create_app(
     app.state.core = core
     install_error_handlers(app)
     app.include_router(routes_classes.router)
+    app.include_router(routes_bulk.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_namespaces.router)
     app.include_router(routes_models.router)
