@@ -4,13 +4,12 @@ Cluster: classes land, re-sent bytes are skipped, bad input is refused whole wit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
-import pytest
-
 import image_samples as samples
+import pytest
 from conftest import stack_settings
 from fewshot_client import FewShotClient
 from fewshot_common.cli import main as fewshot_main
@@ -23,13 +22,17 @@ LIMITS = {"max_batch_size": 4, "max_bulk_images": 40, "max_examples_per_class": 
 
 @pytest.fixture(scope="module")
 def stack(private_redis, tiny_model_path: Path) -> Iterator[ServerStack]:
-    settings = stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="bulk-test", **LIMITS)
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="bulk-test", **LIMITS
+    )
     with ServerStack(settings) as running:
         yield running
 
 
 @pytest.fixture
-def url(stack: ServerStack, redis_url: str) -> str:  # redis_url: the database emptied per test
+def url(
+    stack: ServerStack, redis_url: str
+) -> str:  # redis_url: the database emptied per test
     return f"http://127.0.0.1:{stack.http_port}"
 
 
@@ -46,17 +49,24 @@ def bulk(url: str, items: list[tuple[str, bytes]], **params: str) -> httpx.Respo
     )  # fmt: skip
 
 
-def test_one_request_adds_many_classes_and_they_classify(url: str, client: FewShotClient) -> None:
+def test_one_request_adds_many_classes_and_they_classify(
+    url: str, client: FewShotClient
+) -> None:
     items = [(f"class/{i % 7}", samples.noise_png(i)) for i in range(21)]
     response = bulk(url, items, namespace="shop")
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["namespace"], body["added"], body["skipped"]) == ("shop", 21, 0)
-    assert [c["label"] for c in body["classes"]] == [f"class/{i}" for i in range(7)]  # first appearance
-    assert all(c["count"] == 3 and len(c["added_example_ids"]) == 3 and c["error"] is None for c in body["classes"])
-    assert sorted((c.label, c.count) for c in client.list_classes(namespace="shop")) == [
-        (f"class/{i}", 3) for i in range(7)
-    ]
+    assert [c["label"] for c in body["classes"]] == [
+        f"class/{i}" for i in range(7)
+    ]  # first appearance
+    assert all(
+        c["count"] == 3 and len(c["added_example_ids"]) == 3 and c["error"] is None
+        for c in body["classes"]
+    )
+    assert sorted(
+        (c.label, c.count) for c in client.list_classes(namespace="shop")
+    ) == [(f"class/{i}", 3) for i in range(7)]
     # One-image classes: each upload is its class's prototype, so it classifies as its class.
     solo = [(f"solo {i}", samples.noise_png(100 + i)) for i in range(6)]
     assert bulk(url, solo, namespace="solo").status_code == 200
@@ -65,43 +75,74 @@ def test_one_request_adds_many_classes_and_they_classify(url: str, client: FewSh
     assert all(r[0].score > 0.999 for r in results)
 
 
-def test_sending_the_same_bytes_again_skips_them(url: str, client: FewShotClient) -> None:
-    items = [("red", samples.solid_png((230, 20, 20))), ("green", samples.solid_png((20, 230, 20)))]
+def test_sending_the_same_bytes_again_skips_them(
+    url: str, client: FewShotClient
+) -> None:
+    items = [
+        ("red", samples.solid_png((230, 20, 20))),
+        ("green", samples.solid_png((20, 230, 20))),
+    ]
     first = client.add_examples_bulk(items)
     assert (first.added, first.skipped) == (2, 0)
     red_id = first.classes[0].added_example_ids[0]
     # Again, with one new image and the red bytes twice more (once under another label: added there).
-    again = client.add_examples_bulk(items + [("red", samples.noise_png(1)), ("red", items[0][1]), ("blue", items[0][1])])
+    again = client.add_examples_bulk(
+        items
+        + [("red", samples.noise_png(1)), ("red", items[0][1]), ("blue", items[0][1])]
+    )
     assert (again.added, again.skipped) == (2, 3)
     by_label = {c.label: c for c in again.classes}
-    assert by_label["red"].skipped == [(0, red_id), (3, red_id)] and by_label["red"].count == 2
+    assert (
+        by_label["red"].skipped == [(0, red_id), (3, red_id)]
+        and by_label["red"].count == 2
+    )
     assert by_label["green"].added_example_ids == [] and by_label["green"].count == 1
     assert by_label["blue"].count == 1
     # Two copies in one request: the second is skipped as a copy of the first.
-    twice = client.add_examples_bulk([("yellow", samples.noise_png(5)), ("yellow", samples.noise_png(5))])
+    twice = client.add_examples_bulk(
+        [("yellow", samples.noise_png(5)), ("yellow", samples.noise_png(5))]
+    )
     [yellow] = twice.classes
     assert yellow.count == 1 and yellow.skipped == [(1, yellow.added_example_ids[0])]
 
 
-def test_a_deleted_example_s_bytes_are_added_again(url: str, client: FewShotClient) -> None:
+def test_a_deleted_example_s_bytes_are_added_again(
+    url: str, client: FewShotClient
+) -> None:
     image = samples.noise_png(7)
-    [added] = client.add_examples_bulk([("cat", image), ("cat", samples.noise_png(8))]).classes
+    [added] = client.add_examples_bulk(
+        [("cat", image), ("cat", samples.noise_png(8))]
+    ).classes
     client.delete_example("cat", added.added_example_ids[0])
     [again] = client.add_examples_bulk([("cat", image)]).classes
     assert again.skipped == [] and again.count == 2
     assert again.added_example_ids == ["3"]
     # A re-created namespace restarts its example ids: the old entry (id 3) must not match the new 3.
     client.delete_namespace("default")
-    [fresh] = client.add_examples_bulk([("cat", samples.noise_png(20 + i)) for i in range(3)]).classes
+    [fresh] = client.add_examples_bulk(
+        [("cat", samples.noise_png(20 + i)) for i in range(3)]
+    ).classes
     [cat] = client.add_examples_bulk([("cat", image)]).classes
-    assert fresh.added_example_ids == ["1", "2", "3"] and cat.skipped == [] and cat.count == 4
+    assert (
+        fresh.added_example_ids == ["1", "2", "3"]
+        and cat.skipped == []
+        and cat.count == 4
+    )
 
 
-def test_a_bad_file_refuses_the_request_whole_and_names_the_file(url: str, client: FewShotClient) -> None:
+def test_a_bad_file_refuses_the_request_whole_and_names_the_file(
+    url: str, client: FewShotClient
+) -> None:
     items = [(f"c{i}", samples.noise_png(i)) for i in range(9)]
-    items[6] = ("c6", b"not an image at all")  # in the second decode chunk (batches of 4)
+    items[6] = (
+        "c6",
+        b"not an image at all",
+    )  # in the second decode chunk (batches of 4)
     response = bulk(url, items)
-    assert response.status_code == 415 and response.headers["content-type"] == "application/json"  # as one add
+    assert (
+        response.status_code == 415
+        and response.headers["content-type"] == "application/json"
+    )  # as one add
     body = response.json()
     assert (body["index"], body["file"]) == (6, "f6.png")
     assert client.list_classes() == []  # nothing of the request was added
@@ -116,7 +157,9 @@ def test_a_bad_file_refuses_the_request_whole_and_names_the_file(url: str, clien
         (["a", ""], 2, 422),  # an empty label
     ],
 )
-def test_malformed_bulk_requests_are_refused_with_json(url: str, labels: list[str], files: int, status: int) -> None:
+def test_malformed_bulk_requests_are_refused_with_json(
+    url: str, labels: list[str], files: int, status: int
+) -> None:
     response = httpx.post(
         f"{url}/v1/examples:bulk", data={"labels": labels},
         files=[("files", (f"f{i}.png", samples.noise_png(i), "image/png")) for i in range(files)],
@@ -126,20 +169,30 @@ def test_malformed_bulk_requests_are_refused_with_json(url: str, labels: list[st
 
 
 def test_a_class_over_its_cap_is_refused_alone(url: str, client: FewShotClient) -> None:
-    items = [("big", samples.noise_png(i)) for i in range(7)] + [("small", samples.noise_png(99))]
+    items = [("big", samples.noise_png(i)) for i in range(7)] + [
+        ("small", samples.noise_png(99))
+    ]
     answer = client.add_examples_bulk(items)
     by_label = {c.label: c for c in answer.classes}
-    assert by_label["big"].error and "limit of 6" in by_label["big"].error and by_label["big"].count == 0
+    assert (
+        by_label["big"].error
+        and "limit of 6" in by_label["big"].error
+        and by_label["big"].count == 0
+    )
     assert by_label["small"].count == 1 and answer.added == 1
     assert [c.label for c in client.list_classes()] == ["small"]
 
 
-def test_fewshot_import_fills_and_resumes(url: str, client: FewShotClient, tmp_path: Path, capsys) -> None:
+def test_fewshot_import_fills_and_resumes(
+    url: str, client: FewShotClient, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "set"
     for c in range(5):
         (root / f"label {c}").mkdir(parents=True)
         for i in range(2):
-            (root / f"label {c}" / f"{i}.png").write_bytes(samples.noise_png(10 * c + i))
+            (root / f"label {c}" / f"{i}.png").write_bytes(
+                samples.noise_png(10 * c + i)
+            )
     (root / "label 0" / "notes.txt").write_text("not an image file: not listed")
     args = ["import", str(root), "--url", url, "--namespace", "imp", "--batch", "3"]
     assert fewshot_main(args) == 0
@@ -156,19 +209,34 @@ def test_fewshot_import_fills_and_resumes(url: str, client: FewShotClient, tmp_p
     assert client.get_class("label 4", namespace="imp").count == 3
 
 
-def test_fewshot_import_stops_non_zero_when_no_server_answers(tmp_path: Path, capsys) -> None:
+def test_fewshot_import_stops_non_zero_when_no_server_answers(
+    tmp_path: Path, capsys
+) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(samples.noise_png(0))
-    assert fewshot_main(["import", str(tmp_path), "--url", "http://127.0.0.1:9", "--timeout-s", "5"]) == 1
+    assert (
+        fewshot_main(
+            ["import", str(tmp_path), "--url", "http://127.0.0.1:9", "--timeout-s", "5"]
+        )
+        == 1
+    )
     assert "run again to resume" in capsys.readouterr().err
 
 
 def test_bulk_add_on_the_cluster(tiny_model_path: Path, cluster_url: str) -> None:
-    settings = stack_settings(tiny_model_path, cluster_url, redis_cluster=True, max_batch_size=4)
-    with ServerStack(settings) as stack, FewShotClient(http_url=f"http://127.0.0.1:{stack.http_port}") as client:
+    settings = stack_settings(
+        tiny_model_path, cluster_url, redis_cluster=True, max_batch_size=4
+    )
+    with (
+        ServerStack(settings) as stack,
+        FewShotClient(http_url=f"http://127.0.0.1:{stack.http_port}") as client,
+    ):
         items = [(f"k{i}", samples.noise_png(i)) for i in range(10)]
         for namespace in ("one", "two"):
-            assert client.add_examples_bulk(items, namespace=namespace, batch_size=6).added == 10
+            assert (
+                client.add_examples_bulk(items, namespace=namespace, batch_size=6).added
+                == 10
+            )
             again = client.add_examples_bulk(items, namespace=namespace)
             assert (again.added, again.skipped) == (0, 10)
         results = client.classify([data for _, data in items], namespace="two", top_k=1)

@@ -17,29 +17,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-from pydantic import BaseModel, Field
-from tqdm import tqdm
-
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.settings_flags import add_arguments as add_model_arguments
 from fewshot_common.settings_flags import model_from_args
+from pydantic import BaseModel, Field
+from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from fewshot_client import FewShotClient
+if (
+    TYPE_CHECKING
+):  # the client, through the server package's one door to it (package boundaries)
+    from ..client import FewShotClient
 
 
 class ImportOptions(BaseModel):
-    url: str = Field(default="http://localhost:8000", description="the server's REST URL")
-    namespace: str = Field(default="", description="namespace to fill (empty: default)")
-    batch: int = Field(default=256, gt=0, description="files per bulk request (the server allows --max-bulk-images)")
-    api_key: str | None = Field(
-        default=None, description="API key with the write role (default: $FEWSHOT_API_KEY)"
+    url: str = Field(
+        default="http://localhost:8000", description="the server's REST URL"
     )
-    timeout_s: float = Field(default=300.0, gt=0, description="seconds one bulk request may take")
+    namespace: str = Field(default="", description="namespace to fill (empty: default)")
+    batch: int = Field(
+        default=256,
+        gt=0,
+        description="files per bulk request (the server allows --max-bulk-images)",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="API key with the write role (default: $FEWSHOT_API_KEY)",
+    )
+    timeout_s: float = Field(
+        default=300.0, gt=0, description="seconds one bulk request may take"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, metavar="DIR", help="one folder per class, named by its label")
+    parser.add_argument(
+        "dir", type=Path, metavar="DIR", help="one folder per class, named by its label"
+    )
     add_model_arguments(parser, ImportOptions)
 
 
@@ -52,17 +64,24 @@ class Summary:
     warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
-def import_dir(client: "FewShotClient", root: Path, namespace: str, batch: int, progress: tqdm) -> Summary:
-    from fewshot_client import errors
+def import_dir(
+    client: FewShotClient, root: Path, namespace: str, batch: int, progress: tqdm
+) -> Summary:
+    from ..client import errors
 
     listed = list_labelled_image_files(root)
-    items = [(listed.classes[int(label)], path) for path, label in zip(listed.paths, listed.labels)]
+    items = [
+        (listed.classes[int(label)], path)
+        for path, label in zip(listed.paths, listed.labels)
+    ]
     summary = Summary()
     for start in range(0, len(items), batch):
         pending = items[start : start + batch]
         while pending:
             try:
-                answer = client.add_examples_bulk(pending, namespace=namespace, batch_size=len(pending))
+                answer = client.add_examples_bulk(
+                    pending, namespace=namespace, batch_size=len(pending)
+                )
             except errors.FewshotError as exc:
                 index = getattr(exc, "index", None)
                 if index is None or not 0 <= index < len(pending):
@@ -77,14 +96,16 @@ def import_dir(client: "FewShotClient", root: Path, namespace: str, batch: int, 
                 if result.error:
                     summary.class_errors[result.label] = result.error
                 if result.warnings:
-                    summary.warnings.setdefault(result.label, []).extend(w["message"] for w in result.warnings)
+                    summary.warnings.setdefault(result.label, []).extend(
+                        w["message"] for w in result.warnings
+                    )
             progress.update(len(pending))
             break
     return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewshot_client import FewShotClient, errors
+    from ..client import FewShotClient, errors
 
     options = model_from_args(ImportOptions, args)
     root: Path = args.dir
@@ -95,13 +116,20 @@ def run(args: argparse.Namespace) -> int:
     if total == 0:
         print(f"fewshot import: no image files under {root}/<class>/", file=sys.stderr)
         return 2
-    with FewShotClient(http_url=options.url, api_key=options.api_key, timeout=options.timeout_s) as client:
+    with FewShotClient(
+        http_url=options.url, api_key=options.api_key, timeout=options.timeout_s
+    ) as client:
         with tqdm(total=total, unit="img", desc="import", file=sys.stderr) as progress:
             try:
-                summary = import_dir(client, root, options.namespace, options.batch, progress)
+                summary = import_dir(
+                    client, root, options.namespace, options.batch, progress
+                )
             except (errors.FewshotError, httpx.HTTPError, OSError) as exc:
                 progress.close()
-                print(f"fewshot import: stopped: {exc} (run again to resume)", file=sys.stderr)
+                print(
+                    f"fewshot import: stopped: {exc} (run again to resume)",
+                    file=sys.stderr,
+                )
                 return 1
     for label, messages in sorted(summary.warnings.items()):
         for message in messages:

@@ -12,22 +12,47 @@ folder is harmless (``fewshot import`` resumes that way).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.errors import ImageError, InvalidInput, TooLarge, Unavailable
 
-from . import metrics
 from ..classify.shot_quality import ShotWarning, add_warnings
 from ..names import resolve_label, resolve_namespace
+from . import metrics
+from .batcher import BatchConfig
+from .decode_pool import DecodePool
 
 if TYPE_CHECKING:
-    from .core import FewShotCore
+    from fewshot_common.embedder import Embedder
+
+    from ..registry.registry import Registry
 
 log = logging.getLogger(__name__)
+
+
+class BulkCore(Protocol):
+    """What a bulk add uses of :class:`core.FewShotCore` (which calls this module, so it is not
+    imported here: no import cycle)."""
+
+    embedder: Embedder
+    registry: Registry
+    decode_pool: DecodePool
+    store_images: bool
+    duplicate_similarity: float
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def batch_config(self) -> BatchConfig: ...
+
+    def start_inference(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> Callable[[], np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +68,9 @@ class BulkClassReport:
     added_example_ids: list[str] = field(default_factory=list)
     skipped: list[SkippedExample] = field(default_factory=list)
     warnings: list[ShotWarning] = field(default_factory=list)
-    error: str | None = None  # this class's add was refused (over its cap): nothing of it added
+    error: str | None = (
+        None  # this class's add was refused (over its cap): nothing of it added
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +87,7 @@ class BulkReport:
 
 
 def add_examples_bulk(
-    core: "FewShotCore",
+    core: BulkCore,
     namespace: str | None,
     labels: Sequence[str],
     images: Sequence[bytes],
@@ -68,15 +95,24 @@ def add_examples_bulk(
     cancellation: CancellationCheck | None = None,
 ) -> BulkReport:
     """Add ``images[i]`` as an example of ``labels[i]``, for every i (see the module's text)."""
-    from ..registry.bulk import ClassUpload, add_classes_with_hashes, content_hash, known_hashes
+    from ..registry.bulk import (
+        ClassUpload,
+        add_classes_with_hashes,
+        content_hash,
+        known_hashes,
+    )
 
     namespace = resolve_namespace(namespace)
     if not images:
         raise InvalidInput("a bulk add needs at least one image")
     if len(labels) != len(images):
-        raise InvalidInput(f"{len(labels)} labels for {len(images)} images: give one label per image")
+        raise InvalidInput(
+            f"{len(labels)} labels for {len(images)} images: give one label per image"
+        )
     if len(images) > max_images:
-        raise TooLarge(f"{len(images)} images in one bulk request exceeds the limit of {max_images}")
+        raise TooLarge(
+            f"{len(images)} images in one bulk request exceeds the limit of {max_images}"
+        )
     resolved = [resolve_label(label) for label in labels]
     hashes = [content_hash(data) for data in images]
 
@@ -88,7 +124,9 @@ def add_examples_bulk(
     held = known_hashes(core.registry, namespace, wanted)
 
     first_in_request: dict[tuple[str, str], int] = {}
-    duplicates: list[tuple[int, int]] = []  # (index, index of its first copy in this request)
+    duplicates: list[
+        tuple[int, int]
+    ] = []  # (index, index of its first copy in this request)
     to_add: list[int] = []
     for index, (label, digest) in enumerate(zip(resolved, hashes)):
         if digest in held.get(label, {}):
@@ -99,7 +137,9 @@ def add_examples_bulk(
             first_in_request[label, digest] = index
             to_add.append(index)
 
-    embeddings, stored = _embed_in_batches(core, [images[i] for i in to_add], to_add, cancellation)
+    embeddings, stored = _embed_in_batches(
+        core, [images[i] for i in to_add], to_add, cancellation
+    )
     uploads: list[ClassUpload] = []
     rows_of: dict[str, list[int]] = {}
     for row, index in enumerate(to_add):
@@ -109,7 +149,11 @@ def add_examples_bulk(
             label, embeddings[rows], [stored[r] for r in rows] if stored is not None else None,
             [hashes[to_add[r]] for r in rows],
         ))  # fmt: skip
-    outcomes = add_classes_with_hashes(core.registry, namespace, uploads, core.model_id) if uploads else []
+    outcomes = (
+        add_classes_with_hashes(core.registry, namespace, uploads, core.model_id)
+        if uploads
+        else []
+    )
 
     example_of: dict[int, str] = {}  # request index -> the example id it was given
     for upload, outcome in zip(uploads, outcomes):
@@ -120,7 +164,9 @@ def add_examples_bulk(
             example_of[to_add[row]] = example_id
     for index, first in duplicates:
         if first in example_of:  # else its class was refused, and the report says so
-            reports[resolved[index]].skipped.append(SkippedExample(index, example_of[first]))
+            reports[resolved[index]].skipped.append(
+                SkippedExample(index, example_of[first])
+            )
     for report in reports.values():
         report.skipped.sort(key=lambda s: s.index)
         if not report.added_example_ids and report.error is None and report.skipped:
@@ -130,7 +176,10 @@ def add_examples_bulk(
 
 
 def _embed_in_batches(
-    core: "FewShotCore", images: list[bytes], indices: list[int], cancellation: CancellationCheck | None
+    core: BulkCore,
+    images: list[bytes],
+    indices: list[int],
+    cancellation: CancellationCheck | None,
 ) -> tuple[np.ndarray, list[bytes] | None]:
     """Decode a chunk of the batcher's max batch (within the per-request limits) at a time and
     queue it for the model at once; the next chunk decodes while the model runs it."""
@@ -147,7 +196,9 @@ def _embed_in_batches(
             if stored is None:
                 pixels = core.decode_pool.load_batch(part, pre, limits, cancellation)
             else:
-                pixels, copies = core.decode_pool.load_batch_and_copies(part, pre, limits, cancellation)
+                pixels, copies = core.decode_pool.load_batch_and_copies(
+                    part, pre, limits, cancellation
+                )
                 stored.extend(copies)
         except ImageError as exc:  # name the upload by its place in the request
             raise _reindexed(exc, indices[start + exc.index]) from None
@@ -162,14 +213,16 @@ def _reindexed(exc: ImageError, index: int) -> ImageError:
     return error
 
 
-def _count(core: "FewShotCore", namespace: str, label: str) -> int:
+def _count(core: BulkCore, namespace: str, label: str) -> int:
     try:
         return core.registry.get_class(namespace, label).count
     except Exception:  # noqa: BLE001 (deleted meanwhile, or Redis gone: the count is a courtesy)
         return 0
 
 
-def _add_warnings(core: "FewShotCore", namespace: str, reports: list[BulkClassReport]) -> None:
+def _add_warnings(
+    core: BulkCore, namespace: str, reports: list[BulkClassReport]
+) -> None:
     """Each class's shot warnings, as a single add gives them, from one snapshot of the classes."""
     if not reports:
         return
@@ -177,9 +230,18 @@ def _add_warnings(core: "FewShotCore", namespace: str, reports: list[BulkClassRe
         snapshot = core.registry.example_snapshot(
             namespace, only_labels=[r.label for r in reports], model_id=core.model_id
         )
-    except Unavailable:  # the adds are stored: answer them (without warnings) rather than a 503
+    except (
+        Unavailable
+    ):  # the adds are stored: answer them (without warnings) rather than a 503
         log.warning("bulk add stored, but could not re-read its classes for warnings")
         return
     for report in reports:
-        if report.label in snapshot.labels:  # else deleted by another request in between
-            report.warnings = add_warnings(snapshot, report.label, report.added_example_ids, core.duplicate_similarity)
+        if (
+            report.label in snapshot.labels
+        ):  # else deleted by another request in between
+            report.warnings = add_warnings(
+                snapshot,
+                report.label,
+                report.added_example_ids,
+                core.duplicate_similarity,
+            )

@@ -11,8 +11,8 @@ by a deleted example (or a deleted and re-created namespace, whose ids restart) 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import redis
@@ -42,10 +42,14 @@ class ClassOutcome:
     label: str
     count: int = 0  # the class's examples after the add
     added_example_ids: list[str] = field(default_factory=list)
-    error: str | None = None  # the class's add was refused (e.g. over its cap); nothing added
+    error: str | None = (
+        None  # the class's add was refused (e.g. over its cap); nothing added
+    )
 
 
-def known_hashes(registry: Registry, namespace: str, wanted: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+def known_hashes(
+    registry: Registry, namespace: str, wanted: dict[str, list[str]]
+) -> dict[str, dict[str, str]]:
     """label -> {content hash -> example id} for those of ``wanted`` (label -> hashes) that the
     class holds now: two pipelined round trips, whatever the number of classes."""
     keys = registry.keys(namespace)
@@ -91,13 +95,21 @@ def add_classes_with_hashes(
     pipelined = not isinstance(registry.client, RedisCluster)
     replies: list[object] = []
     with redis_errors(registry.client):
-        runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
+        runner = (
+            registry.client.pipeline(transaction=False)
+            if pipelined
+            else registry.client
+        )
         for upload in uploads:
             vectors = registry._check_embeddings(upload.embeddings)
             args = registry._add_args(upload.label, model_id, vectors, upload.images)
             try:
                 replies.append(
-                    registry._add(keys=registry._add_keys(keys, upload.label, model_id), args=args, client=runner)
+                    registry._add(
+                        keys=registry._add_keys(keys, upload.label, model_id),
+                        args=args,
+                        client=runner,
+                    )
                 )
             except redis.exceptions.ResponseError as exc:
                 replies.append(exc)
@@ -107,19 +119,26 @@ def add_classes_with_hashes(
     outcomes: list[ClassOutcome] = []
     for upload, reply in zip(uploads, replies):
         if isinstance(reply, redis.exceptions.ResponseError):
-            error = registry._script_error(reply, namespace, upload.label, model_id, adding=len(upload.hashes))
+            error = registry._script_error(
+                reply, namespace, upload.label, model_id, adding=len(upload.hashes)
+            )
             if script_code(reply) != "TOO_MANY_EXAMPLES":
                 raise error  # the namespace's model, or Redis refusing: not one class's problem
             outcomes.append(ClassOutcome(upload.label, error=str(error)))
             continue
         _generation, count, *added = reply  # type: ignore[misc]
-        outcomes.append(ClassOutcome(upload.label, int(count), [text(i) for i in added]))
+        outcomes.append(
+            ClassOutcome(upload.label, int(count), [text(i) for i in added])
+        )
     _record_hashes(registry, namespace, uploads, outcomes)
     return outcomes
 
 
 def _record_hashes(
-    registry: Registry, namespace: str, uploads: Sequence[ClassUpload], outcomes: Sequence[ClassOutcome]
+    registry: Registry,
+    namespace: str,
+    uploads: Sequence[ClassUpload],
+    outcomes: Sequence[ClassOutcome],
 ) -> None:
     keys = registry.keys(namespace)
     with redis_errors(registry.client):
@@ -131,7 +150,9 @@ def _record_hashes(
             if outcome.added_example_ids:
                 mapping = {
                     digest: f"{text(epoch)}:{example_id}"
-                    for digest, example_id in zip(upload.hashes, outcome.added_example_ids)
+                    for digest, example_id in zip(
+                        upload.hashes, outcome.added_example_ids
+                    )
                 }
                 pipe.hset(keys.hashes(upload.label), mapping=mapping)
         pipe.execute()

@@ -12,10 +12,23 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form
 
-from ..access import Action
 from ...names import MAX_NAME_CHARS, resolve_namespace
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, RequestCancellation, StrictQuery
-from .schemas import BulkAddedBody, BulkClassBody, ShotWarningBody, SkippedExampleBody, error_responses
+from ..access import Action
+from .dependencies import (
+    IMAGE_UPLOAD_OPENAPI,
+    Core,
+    Images,
+    Namespace,
+    RequestCancellation,
+    StrictQuery,
+)
+from .schemas import (
+    BulkAddedBody,
+    BulkClassBody,
+    ShotWarningBody,
+    SkippedExampleBody,
+    error_responses,
+)
 from .security import require
 
 router = APIRouter(prefix="/v1", tags=["classes"], dependencies=[StrictQuery])
@@ -53,7 +66,10 @@ def add_examples_bulk(
                 label=c.label,
                 count=c.count,
                 added_example_ids=c.added_example_ids,
-                skipped=[SkippedExampleBody(index=s.index, example_id=s.example_id) for s in c.skipped],
+                skipped=[
+                    SkippedExampleBody(index=s.index, example_id=s.example_id)
+                    for s in c.skipped
+                ],
                 warnings=[ShotWarningBody(**dataclasses.asdict(w)) for w in c.warnings],
                 error=c.error,
             )
