@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,43 +66,70 @@ class Summary:
     warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
+# Requests in flight at once: while the server writes one batch and answers, the next is being
+# decoded and embedded, so the model does not wait on HTTP and Redis (bench/bench_import.py).
+IN_FLIGHT = 2
+
+
+def _send(
+    client: FewShotClient, pending: list[tuple[str, Path]], namespace: str
+) -> tuple[object | None, list[tuple[Path, str]]]:
+    """One batch, sent again without any file the server refuses: (answer or None, refused)."""
+    from ..client import errors
+
+    refused: list[tuple[Path, str]] = []
+    while pending:
+        try:
+            return client.add_examples_bulk(
+                pending, namespace=namespace, batch_size=len(pending)
+            ), refused
+        except errors.FewshotError as exc:
+            index = getattr(exc, "index", None)
+            if index is None or not 0 <= index < len(pending):
+                raise  # not one file's fault: stop here (a rerun resumes)
+            refused.append((pending[index][1], str(exc)))
+            pending = pending[:index] + pending[index + 1 :]
+    return None, refused
+
+
 def import_dir(
     client: FewShotClient, root: Path, namespace: str, batch: int, progress: tqdm
 ) -> Summary:
-    from ..client import errors
-
     listed = list_labelled_image_files(root)
     items = [
         (listed.classes[int(label)], path)
         for path, label in zip(listed.paths, listed.labels)
     ]
+    batches = [items[start : start + batch] for start in range(0, len(items), batch)]
     summary = Summary()
-    for start in range(0, len(items), batch):
-        pending = items[start : start + batch]
-        while pending:
-            try:
-                answer = client.add_examples_bulk(
-                    pending, namespace=namespace, batch_size=len(pending)
-                )
-            except errors.FewshotError as exc:
-                index = getattr(exc, "index", None)
-                if index is None or not 0 <= index < len(pending):
-                    raise  # not one file's fault: stop here (a rerun resumes)
-                summary.refused_files.append((pending[index][1], str(exc)))
-                pending = pending[:index] + pending[index + 1 :]
-                progress.update(1)
-                continue
-            summary.added += answer.added
-            summary.skipped += answer.skipped
-            for result in answer.classes:
-                if result.error:
-                    summary.class_errors[result.label] = result.error
-                if result.warnings:
+    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="import") as pool:
+        futures = deque(
+            pool.submit(_send, client, b, namespace) for b in batches[:IN_FLIGHT]
+        )
+        queued = batches[IN_FLIGHT:]
+        try:
+            for sent in batches:
+                answer, refused = futures.popleft().result()
+                if queued:
+                    futures.append(pool.submit(_send, client, queued.pop(0), namespace))
+                summary.refused_files += refused
+                progress.update(len(sent))
+                if answer is None:
+                    continue
+                summary.added += answer.added
+                summary.skipped += answer.skipped
+                for result in answer.classes:
+                    if result.error:
+                        summary.class_errors[result.label] = result.error
                     summary.warnings.setdefault(result.label, []).extend(
                         w["message"] for w in result.warnings
                     )
-            progress.update(len(pending))
-            break
+        finally:
+            for future in futures:
+                future.cancel()
+    summary.warnings = {
+        label: messages for label, messages in summary.warnings.items() if messages
+    }
     return summary
 
 

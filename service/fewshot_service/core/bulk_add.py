@@ -98,6 +98,7 @@ def add_examples_bulk(
     from ..registry.bulk import (
         ClassUpload,
         add_classes_with_hashes,
+        class_counts,
         content_hash,
         known_hashes,
     )
@@ -167,10 +168,14 @@ def add_examples_bulk(
             reports[resolved[index]].skipped.append(
                 SkippedExample(index, example_of[first])
             )
+    only_skipped = [
+        r for r in reports.values() if not r.added_example_ids and r.error is None
+    ]
+    counts = class_counts(core.registry, namespace, [r.label for r in only_skipped])
     for report in reports.values():
         report.skipped.sort(key=lambda s: s.index)
-        if not report.added_example_ids and report.error is None and report.skipped:
-            report.count = _count(core, namespace, report.label)
+    for report in only_skipped:
+        report.count = counts.get(report.label, 0)
     _add_warnings(core, namespace, [r for r in reports.values() if r.added_example_ids])
     return BulkReport(list(reports.values()))
 
@@ -181,15 +186,18 @@ def _embed_in_batches(
     indices: list[int],
     cancellation: CancellationCheck | None,
 ) -> tuple[np.ndarray, list[bytes] | None]:
-    """Decode a chunk of the batcher's max batch (within the per-request limits) at a time and
-    queue it for the model at once; the next chunk decodes while the model runs it."""
-    dim_unknown = np.zeros((0, 0), dtype=np.float32)
-    if not images:
-        return dim_unknown, [] if core.store_images else None
+    """Decode up to the per-request image limit at a time (one decode-worker job, within every
+    per-request limit) and queue its pixels for the model at once in batches of the batcher's
+    max batch; the next chunk decodes while the model runs these."""
     pre, limits = core.embedder.meta.preprocess, core.embedder.limits
-    chunk = max(1, min(core.batch_config.max_batch_size, limits.max_images))
-    pending: list[Callable[[], np.ndarray]] = []
     stored: list[bytes] | None = [] if core.store_images else None
+    if not images:
+        return np.zeros((0, 0), dtype=np.float32), stored
+    batch = core.batch_config.max_batch_size
+    chunk = max(
+        batch, limits.max_images // batch * batch
+    )  # whole batches per decode job
+    pending: list[Callable[[], np.ndarray]] = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
         try:
@@ -203,7 +211,10 @@ def _embed_in_batches(
         except ImageError as exc:  # name the upload by its place in the request
             raise _reindexed(exc, indices[start + exc.index]) from None
         metrics.IMAGES_TOTAL.labels("add_examples").inc(len(pixels))
-        pending.append(core.start_inference(pixels, cancellation))
+        pending += [
+            core.start_inference(pixels[i : i + batch], cancellation)
+            for i in range(0, len(pixels), batch)
+        ]
     return np.concatenate([rows() for rows in pending]), stored
 
 
@@ -213,35 +224,20 @@ def _reindexed(exc: ImageError, index: int) -> ImageError:
     return error
 
 
-def _count(core: BulkCore, namespace: str, label: str) -> int:
-    try:
-        return core.registry.get_class(namespace, label).count
-    except Exception:  # noqa: BLE001 (deleted meanwhile, or Redis gone: the count is a courtesy)
-        return 0
-
-
-def _add_warnings(
-    core: BulkCore, namespace: str, reports: list[BulkClassReport]
-) -> None:
-    """Each class's shot warnings, as a single add gives them, from one snapshot of the classes."""
+def _add_warnings(core: BulkCore, namespace: str, reports: list[BulkClassReport]) -> None:
+    """Each class's shot warnings as a single add gives them, but judged among the classes of
+    this request (one snapshot of their means): O(request), not O(namespace), as a bulk import
+    of 100k classes cannot re-read the namespace per request. GET /v1/classes/{label} judges an
+    example against every class."""
     if not reports:
         return
     try:
         snapshot = core.registry.example_snapshot(
-            namespace, only_labels=[r.label for r in reports], model_id=core.model_id
+            namespace, only_labels=[r.label for r in reports], only_their_means=True, model_id=core.model_id
         )
-    except (
-        Unavailable
-    ):  # the adds are stored: answer them (without warnings) rather than a 503
+    except Unavailable:  # the adds are stored: answer them (without warnings) rather than a 503
         log.warning("bulk add stored, but could not re-read its classes for warnings")
         return
     for report in reports:
-        if (
-            report.label in snapshot.labels
-        ):  # else deleted by another request in between
-            report.warnings = add_warnings(
-                snapshot,
-                report.label,
-                report.added_example_ids,
-                core.duplicate_similarity,
-            )
+        if report.label in snapshot.labels:  # else deleted by another request in between
+            report.warnings = add_warnings(snapshot, report.label, report.added_example_ids, core.duplicate_similarity)

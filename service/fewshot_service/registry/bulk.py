@@ -18,7 +18,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
-from .keys import redis_errors, script_code, text
+from .keys import encode, redis_errors, script_code, text
 from .registry import Registry
 
 
@@ -81,6 +81,21 @@ def known_hashes(
         if exists:
             found.setdefault(label, {})[digest] = example_id
     return found
+
+
+def class_counts(
+    registry: Registry, namespace: str, labels: Sequence[str]
+) -> dict[str, int]:
+    """label -> its example count, for those of ``labels`` that exist: one round trip."""
+    if not labels:
+        return {}
+    with redis_errors(registry.client):
+        values = registry.client.hmget(
+            registry.keys(namespace).counts, [encode(label) for label in labels]
+        )
+    return {
+        label: int(value) for label, value in zip(labels, values) if value is not None
+    }
 
 
 def add_classes_with_hashes(
