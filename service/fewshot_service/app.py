@@ -33,6 +33,7 @@ from .transport.grpc.server import create_grpc_server
 from .transport.rest.http_timeouts import timed_http_protocol
 from .core.metrics import MODEL_INFO
 from .registry.redis_client import RedisClient, connect_redis, redacted_url
+from .registry.durability import appendfsync_for, check_external
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
 from .transport.rest import create_app
@@ -157,13 +158,17 @@ class ServerStack:
         if settings.redis_url:
             self.redis_url = settings.redis_url
         else:
-            self.managed_redis = ManagedRedis(settings.redis_data_dir, persistent=True)
+            self.managed_redis = ManagedRedis(
+                settings.redis_data_dir, persistent=True, appendfsync=appendfsync_for(settings.durability)
+            )
             self.redis_url = self.managed_redis.start()
             self._cleanup.callback(self.managed_redis.stop)
         client = connect_redis(
             self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster
         )
         self._cleanup.callback(client.close)
+        if settings.redis_url:  # the embedded server is started as --durability asks
+            check_external(client, settings.durability)
 
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)

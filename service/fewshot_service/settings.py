@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         default=False,
         description="the Redis URL names one node of a Redis Cluster: use the cluster client",
     )
+    durability: Literal["everysec", "always"] = Field(
+        default="everysec",
+        description="when an add is acknowledged: everysec (Redis fsyncs once a second; a power loss "
+        "can lose about the last second of adds) or always (after Redis fsynced it; the embedded "
+        "server runs appendfsync always, an external one must, else the server refuses to start)",
+    )
     redis_key_prefix: str = Field(
         default="fewshot", pattern=r"^[^{}]+$", description="prefix of every Redis key (no braces)"
     )

@@ -129,12 +129,14 @@ class ManagedRedis:
         password: str | None = None,
         rewrite_delay_s: float = REWRITE_DELAY_S,
         rewrite_interval_s: float = REWRITE_INTERVAL_S,
+        appendfsync: str = "everysec",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.persistent = persistent
         self.binary = binary
         self.rewrite_delay_s = rewrite_delay_s
         self.rewrite_interval_s = rewrite_interval_s
+        self.appendfsync = appendfsync  # "always": each write fsynced before it is answered (durability.py)
         self._requested_port = port
         self.port: int | None = None
         self._requested_password = password  # None: a fresh random one per start
@@ -277,7 +279,7 @@ class ManagedRedis:
             "--dir", str(self.data_dir.resolve()),
             "--save", "",  # snapshots off: the append-only file is the persistence
             "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--logfile", "",
         ]  # fmt: skip
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
