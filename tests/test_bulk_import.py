@@ -15,9 +15,9 @@ from fewshot_client import FewShotClient
 from fewshot_common.cli import main as fewshot_main
 from fewshot_service.app import ServerStack
 
-# Small limits, so one test request crosses them: batches of 4 (several decode chunks per
-# request), at most 40 uploads per bulk request, 6 examples per class.
-LIMITS = {"max_batch_size": 4, "max_bulk_images": 40, "max_examples_per_class": 6}
+# Small limits, so one test request crosses them: 4 images per request (a bulk request decodes 4
+# per job, several jobs) in batches of 4, at most 40 uploads per bulk request, 6 examples per class.
+LIMITS = {"max_images": 4, "max_batch_size": 4, "max_bulk_images": 40, "max_examples_per_class": 6}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def url(
 
 @pytest.fixture
 def client(url: str) -> Iterator[FewShotClient]:
-    with FewShotClient(http_url=url) as opened:
+    with FewShotClient(http_url=url, chunk_size=4) as opened:  # classify: within max_images
         yield opened
 
 
@@ -130,22 +130,16 @@ def test_a_deleted_example_s_bytes_are_added_again(
     )
 
 
-def test_a_bad_file_refuses_the_request_whole_and_names_the_file(
-    url: str, client: FewShotClient
-) -> None:
+def test_a_bad_file_refuses_the_request_whole_and_names_the_file(url: str, client: FewShotClient) -> None:
     items = [(f"c{i}", samples.noise_png(i)) for i in range(9)]
-    items[6] = (
-        "c6",
-        b"not an image at all",
-    )  # in the second decode chunk (batches of 4)
+    client.add_examples_bulk(items[:1])  # skipped below: the bad file is the 6th of those sent on
+    items[6] = ("c6", b"not an image at all")  # in the second decode job (4 images per request)
     response = bulk(url, items)
-    assert (
-        response.status_code == 415
-        and response.headers["content-type"] == "application/json"
-    )  # as one add
+    assert response.status_code == 415, response.text  # as for a single add: not an image format
+    assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert (body["index"], body["file"]) == (6, "f6.png")
-    assert client.list_classes() == []  # nothing of the request was added
+    assert (body["index"], body["file"]) == (6, "f6.png")  # its place in the request
+    assert [c.label for c in client.list_classes()] == ["c0"]  # nothing of the request was added
 
 
 @pytest.mark.parametrize(

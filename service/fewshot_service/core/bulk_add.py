@@ -125,9 +125,8 @@ def add_examples_bulk(
     held = known_hashes(core.registry, namespace, wanted)
 
     first_in_request: dict[tuple[str, str], int] = {}
-    duplicates: list[
-        tuple[int, int]
-    ] = []  # (index, index of its first copy in this request)
+    # (index, index of its first copy in this request)
+    duplicates: list[tuple[int, int]] = []
     to_add: list[int] = []
     for index, (label, digest) in enumerate(zip(resolved, hashes)):
         if digest in held.get(label, {}):
@@ -194,9 +193,8 @@ def _embed_in_batches(
     if not images:
         return np.zeros((0, 0), dtype=np.float32), stored
     batch = core.batch_config.max_batch_size
-    chunk = max(
-        batch, limits.max_images // batch * batch
-    )  # whole batches per decode job
+    # Whole batches per decode job, never more images than one request may carry.
+    chunk = limits.max_images // batch * batch or limits.max_images
     pending: list[Callable[[], np.ndarray]] = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
