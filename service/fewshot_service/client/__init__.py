@@ -5,7 +5,10 @@ these are its very objects. New code imports ``fewshot_client``.
 
 from fewshot_client import (
     API_KEY_ENV,
+    DEFAULT_BULK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
+    BulkAdded,
+    BulkClassResult,
     ClassifyResult,
     ClassInfo,
     ClassSummary,
@@ -21,7 +24,7 @@ from fewshot_client import (
 )
 
 __all__ = [
-    "API_KEY_ENV", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
+    "API_KEY_ENV", "BulkAdded", "BulkClassResult", "DEFAULT_BULK_SIZE", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
     "DeletedNamespace", "DroppedModel", "FewShotClient", "ImageInput", "ModelCompleteness",
     "ModelInfo", "NamespaceInfo", "Prediction", "errors",
 ]  # fmt: skip
