@@ -34,21 +34,21 @@ import collections
 import json
 import statistics
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime import quantization as q
 
-from bench_engine import LAYOUTS, cpu_model, model_gflop_per_image, onnxruntime_run, quiet_run, sgemm_gflops
 from fewshot_common.image_files import list_image_files, list_labelled_image_files, preprocessed_batches
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, Preprocess
 from fewshot_common.openvino_engine import OpenVinoRunner, openvino_available
 from fewshot_common.variants import read_meta
 from fewshot_trainer.variants import bf16_weights
+
+from bench_engine import LAYOUTS, cpu_model, model_gflop_per_image, onnxruntime_run, quiet_run, sgemm_gflops
 
 CPU = ["CPUExecutionProvider"]
 SHIPPED = "int8 dynamic, MatMul only (shipped)"
@@ -66,8 +66,9 @@ class _Calibration:
         return None if batch is None else {INPUT_NAME: batch[0]}
 
 
-def build_variants(model: Path, folder: Path, calibration: list[Path],
-                   preprocess: Preprocess) -> dict[str, Path]:
+def build_variants(
+    model: Path, folder: Path, calibration: list[Path], preprocess: Preprocess
+) -> dict[str, Path]:
     def dynamic(name: str, **options: object) -> Path:
         path = folder / f"{name}.onnx"
         q.quantize_dynamic(model, path, weight_type=q.QuantType.QInt8, **options)
@@ -75,22 +76,36 @@ def build_variants(model: Path, folder: Path, calibration: list[Path],
 
     def static() -> Path:
         path = folder / "static.onnx"
-        q.quantize_static(model, path, _Calibration(calibration, preprocess),
-                          quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+        q.quantize_static(
+            model,
+            path,
+            _Calibration(calibration, preprocess),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+        )
         return path
 
     def static_weight_matmuls() -> Path:
         path = folder / "static_weights.onnx"
         graph = onnx.load(model).graph
         weights = {t.name for t in graph.initializer}
-        activation_matmuls = [node.name for node in graph.node
-                              if node.op_type == "MatMul" and not weights & set(node.input)]
-        q.quantize_static(model, path, _Calibration(calibration, preprocess),
-                          quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          op_types_to_quantize=["MatMul"], nodes_to_exclude=activation_matmuls,
-                          calibrate_method=q.CalibrationMethod.Percentile)
+        activation_matmuls = [
+            node.name for node in graph.node if node.op_type == "MatMul" and not weights & set(node.input)
+        ]
+        q.quantize_static(
+            model,
+            path,
+            _Calibration(calibration, preprocess),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=activation_matmuls,
+            calibrate_method=q.CalibrationMethod.Percentile,
+        )
         return path
 
     def bf16() -> Path:
@@ -103,15 +118,15 @@ def build_variants(model: Path, folder: Path, calibration: list[Path],
 
         path = folder / "fused.onnx"
         # 0 heads / 0 hidden size: the optimizer reads them off the graph
-        optimize_model(str(model), model_type="vit", num_heads=0,
-                       hidden_size=0).save_model_to_file(str(path))
+        optimize_model(str(model), model_type="vit", num_heads=0, hidden_size=0).save_model_to_file(str(path))
         return path
 
     builders: dict[str, Callable[[], Path]] = {
         SHIPPED: lambda: dynamic("dyn_matmul", per_channel=False, op_types_to_quantize=["MatMul", "Gemm"]),
         "int8 dynamic, all ops": lambda: dynamic("dyn_all", per_channel=False),
-        "int8 dynamic, per-channel": lambda: dynamic("dyn_pc", per_channel=True,
-                                                     op_types_to_quantize=["MatMul", "Gemm"]),
+        "int8 dynamic, per-channel": lambda: dynamic(
+            "dyn_pc", per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]
+        ),
         "int8 static QDQ (calibrated)": static,
         "int8 static QDQ, weight MatMuls only": static_weight_matmuls,
         BF16: bf16,
@@ -158,8 +173,12 @@ def main() -> None:
     parser.add_argument("--calibration-data", type=Path, required=True)
     parser.add_argument("--eval-dir", type=Path, required=True, help="images for the cosine check")
     parser.add_argument("--images", type=int, default=256, help="images for the cosine check")
-    parser.add_argument("--batch", type=int, default=8,
-                        help="images per run (8: the engine's fastest on 2 cores, bench_engine.py)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="images per run (8: the engine's fastest on 2 cores, bench_engine.py)",
+    )
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
 
@@ -169,8 +188,9 @@ def main() -> None:
     sample = sample[:: max(1, len(sample) // args.images)][: args.images]
     calibration = list_image_files(args.calibration_data)
     calibration = calibration[:: max(1, len(calibration) // 256)][:256]
-    pixels = np.concatenate([b for b, _ in preprocessed_batches(sample, meta.preprocess, 64,
-                                                                skip_unreadable=True)])
+    pixels = np.concatenate(
+        [b for b, _ in preprocessed_batches(sample, meta.preprocess, 64, skip_unreadable=True)]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = build_variants(args.model, folder, calibration, meta.preprocess)
@@ -188,27 +208,49 @@ def main() -> None:
                 rates[name].append(len(batch) / quiet_run(run, batch))
         sgemm_after = sgemm_gflops(4096, 3)
         sgemm = (sgemm_before + sgemm_after) / 2
-        shares = {name: op_shares(files[name], batch, folder / "profile")
-                  for name in ("fp32", SHIPPED) if name in files}
+        shares = {
+            name: op_shares(files[name], batch, folder / "profile")
+            for name in ("fp32", SHIPPED)
+            if name in files
+        }
     median = {k: statistics.median(v) for k, v in rates.items()}
     rows = {
-        name: {"img_per_s": round(rate, 1), "x_fp32": round(rate / median["fp32"], 2),
-               "ratio_to_sgemm": round(rate * gflop / sgemm, 3),
-               "cosine_min": round(float(cosines[name].min()), 4),
-               "cosine_mean": round(float(cosines[name].mean()), 4)}
+        name: {
+            "img_per_s": round(rate, 1),
+            "x_fp32": round(rate / median["fp32"], 2),
+            "ratio_to_sgemm": round(rate * gflop / sgemm, 3),
+            "cosine_min": round(float(cosines[name].min()), 4),
+            "cosine_mean": round(float(cosines[name].mean()), 4),
+        }
         for name, rate in median.items()
     }
-    print(json.dumps({"bench": "ablate_engine", "cpu": cpu_model(), "onnxruntime": ort.__version__,
-                      "model_id": meta.model_id, "gflop_per_image": round(gflop, 4),
-                      "sgemm_gflops_before_after": [round(sgemm_before, 1), round(sgemm_after, 1)],
-                      "batch": args.batch, "rounds": args.rounds, "images": len(pixels),
-                      "variants": rows, "op_time_shares": shares}))
-    print(f"\n| variant (batch {args.batch}) | img/s | × fp32 | ÷ sgemm ({sgemm:.0f} GFLOP/s) "
-          "| cosine to fp32 min / mean |")
+    print(
+        json.dumps(
+            {
+                "bench": "ablate_engine",
+                "cpu": cpu_model(),
+                "onnxruntime": ort.__version__,
+                "model_id": meta.model_id,
+                "gflop_per_image": round(gflop, 4),
+                "sgemm_gflops_before_after": [round(sgemm_before, 1), round(sgemm_after, 1)],
+                "batch": args.batch,
+                "rounds": args.rounds,
+                "images": len(pixels),
+                "variants": rows,
+                "op_time_shares": shares,
+            }
+        )
+    )
+    print(
+        f"\n| variant (batch {args.batch}) | img/s | × fp32 | ÷ sgemm ({sgemm:.0f} GFLOP/s) "
+        "| cosine to fp32 min / mean |"
+    )
     print("|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['img_per_s']} | {row['x_fp32']} | {row['ratio_to_sgemm']} "
-              f"| {row['cosine_min']} / {row['cosine_mean']} |")
+        print(
+            f"| {name} | {row['img_per_s']} | {row['x_fp32']} | {row['ratio_to_sgemm']} "
+            f"| {row['cosine_min']} / {row['cosine_mean']} |"
+        )
     for name, share in shares.items():
         print(f"\n{name}: " + ", ".join(f"{op} {s:.0%}" for op, s in share.items()))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewshot_common.fewshot_eval import evaluate_embeddings
 from fewshot_trainer.export import (
     EmbeddingHead,
     at_input_size,
@@ -34,7 +35,6 @@ from fewshot_trainer.export import (
     whitening_projection,
 )
 from fewshot_trainer.export_cli import _center_sample
-from fewshot_common.fewshot_eval import evaluate_embeddings
 from fewshot_trainer.probe import labelled_images
 
 PROTOCOLS = ("5way1shot", "5way5shot", "allway5shot")
@@ -65,8 +65,10 @@ def main() -> None:
     spec, encoder, preprocess = encoder_from_checkpoint(args.checkpoint)
     eval_paths, labels = labelled_images(args.eval_dir)
     center_paths = _center_sample(args.center_data, args.center_samples, args.seed)
-    print(f"{args.checkpoint}: {spec.name}; {len(eval_paths)} evaluation images, "
-          f"{len(center_paths)} centring images, {args.episodes} episodes\n")
+    print(
+        f"{args.checkpoint}: {spec.name}; {len(eval_paths)} evaluation images, "
+        f"{len(center_paths)} centring images, {args.episodes} episodes\n"
+    )
     print("| input | blocks | vector | 5-way 1-shot | 5-way 5-shot | all-way 5-shot |")
     print("|---|---|---|---|---|---|")
     width = 2 * spec.embed_dim  # one block's CLS ⊕ patch-mean; its first half is the CLS
@@ -89,15 +91,22 @@ def main() -> None:
             mean = center.mean(axis=0)
             rows.append(("CLS ⊕ patch-mean, centred", evals - mean))
             for shrinkage in args.shrinkage:
-                projection = whitening_projection(
-                    center, shrinkage=shrinkage, dim=min(args.whiten_dim, center.shape[1])
-                ).double().numpy()
-                name = (f"CLS ⊕ patch-mean, centred + whitened "
-                        f"(shrinkage {shrinkage:g}, {projection.shape[1]} dims)")
+                projection = (
+                    whitening_projection(
+                        center, shrinkage=shrinkage, dim=min(args.whiten_dim, center.shape[1])
+                    )
+                    .double()
+                    .numpy()
+                )
+                name = (
+                    f"CLS ⊕ patch-mean, centred + whitened "
+                    f"(shrinkage {shrinkage:g}, {projection.shape[1]} dims)"
+                )
                 rows.append((name, (evals - mean) @ projection))
             for name, embeddings in rows:
-                print(f"| {size} | {blocks} | {name} | {score(embeddings, labels, args.episodes)} |",
-                      flush=True)
+                print(
+                    f"| {size} | {blocks} | {name} | {score(embeddings, labels, args.episodes)} |", flush=True
+                )
 
 
 if __name__ == "__main__":

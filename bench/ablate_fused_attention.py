@@ -30,18 +30,20 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from bench_engine import LAYOUTS, REPO, cpu_model, engine_rates, onnxruntime_run
 from fewshot_common.cores import usable_cores
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 from fewshot_trainer.vit import build_vit, get_arch
+
+from bench_engine import LAYOUTS, REPO, cpu_model, engine_rates, onnxruntime_run
 
 
 class _ContribAttention(torch.autograd.Function):
     """Multi-head self-attention without the output projection; exported as one contrib op."""
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                num_heads: int) -> torch.Tensor:
+    def forward(
+        ctx: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_heads: int
+    ) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = (x @ weight + bias).reshape(batch, tokens, 3, num_heads, dim // num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -64,18 +66,26 @@ class ContribAttentionBlock(nn.Module):
         self.bias = nn.Parameter(attention.qkv.bias.detach().clone())
         self.proj = attention.proj
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         return self.proj(_ContribAttention.apply(x, self.weight, self.bias, self.num_heads))
 
 
 def export(model: nn.Module, size: int, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path),
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=17, dynamo=False, custom_opsets={"com.microsoft": 1})
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 3, size, size),),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+            custom_opsets={"com.microsoft": 1},
+        )
 
 
 def least_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,8 +96,12 @@ def least_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx",
-                        help="the served fp32 export, for its shape only")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=REPO / "models" / "default.onnx",
+        help="the served fp32 export, for its shape only",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
@@ -106,30 +120,57 @@ def main() -> None:
         reference = plain(pixels).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        files = {"fp32": folder / "plain.onnx", "fp32, fused Attention": folder / "fused.onnx",
-                 "int8": folder / "plain.int8.onnx", "int8, QAttention": folder / "fused.int8.onnx"}
+        files = {
+            "fp32": folder / "plain.onnx",
+            "fp32, fused Attention": folder / "fused.onnx",
+            "int8": folder / "plain.int8.onnx",
+            "int8, QAttention": folder / "fused.int8.onnx",
+        }
         export(plain, size, files["fp32"])
         export(fused, size, files["fp32, fused Attention"])
         # The shipped recipe (MatMul only); the fused graph's Attention quantized as well.
-        quantize_dynamic(files["fp32"], files["int8"], weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
-        quantize_dynamic(files["fp32, fused Attention"], files["int8, QAttention"],
-                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Attention"])
+        quantize_dynamic(
+            files["fp32"], files["int8"], weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+        quantize_dynamic(
+            files["fp32, fused Attention"],
+            files["int8, QAttention"],
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+        )
         agreement = {}
         for key, path in files.items():
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
-            agreement[key] = {"max_abs_diff": float(np.abs(out - reference).max()),
-                              "least_cosine": round(least_cosine(out, reference), 5)}
-        rates, _ = engine_rates(files, [8, 32], rounds=args.rounds, cores=usable_cores(), input_size=size,
-                                make_run=onnxruntime_run)
+            agreement[key] = {
+                "max_abs_diff": float(np.abs(out - reference).max()),
+                "least_cosine": round(least_cosine(out, reference), 5),
+            }
+        rates, _ = engine_rates(
+            files,
+            [8, 32],
+            rounds=args.rounds,
+            cores=usable_cores(),
+            input_size=size,
+            make_run=onnxruntime_run,
+        )
 
-    record = {"bench": "ablate_fused_attention", "cpu": cpu_model(), "cores": usable_cores(),
-              "onnxruntime": ort.__version__, "arch": meta.arch, "input_size": size,
-              "agreement_with_pytorch": agreement,
-              "img_per_s": {key: {layout: {str(b): round(r, 1) for b, r in by_batch.items()}
-                                  for layout, by_batch in by_layout.items()}
-                            for key, by_layout in rates.items()}}
+    record = {
+        "bench": "ablate_fused_attention",
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "onnxruntime": ort.__version__,
+        "arch": meta.arch,
+        "input_size": size,
+        "agreement_with_pytorch": agreement,
+        "img_per_s": {
+            key: {
+                layout: {str(b): round(r, 1) for b, r in by_batch.items()}
+                for layout, by_batch in by_layout.items()
+            }
+            for key, by_layout in rates.items()
+        },
+    }
     print(json.dumps(record))
     print(f"\n{meta.arch} at {size} px, random weights; {record['cpu']}, {record['cores']} cores")
     print(f"| graph | {LAYOUTS[0]}: batch 8 / 32 | {LAYOUTS[1]}: batch 8 / 32 | vs PyTorch |")
@@ -137,8 +178,10 @@ def main() -> None:
     for key, by_layout in rates.items():
         cells = [" / ".join(f"{by_layout[layout][b]:.1f}" for b in (8, 32)) for layout in LAYOUTS]
         a = agreement[key]
-        print(f"| {key} | {cells[0]} | {cells[1]} | max diff {a['max_abs_diff']:.2g}, "
-              f"least cosine {a['least_cosine']} |")
+        print(
+            f"| {key} | {cells[0]} | {cells[1]} | max diff {a['max_abs_diff']:.2g}, "
+            f"least cosine {a['least_cosine']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -52,13 +52,21 @@ def embed(head, paths: list[Path], preprocess, batch_size: int = 256) -> np.ndar
     return np.concatenate(out)
 
 
-def score_checkpoint(checkpoint: Path, eval_dir: Path, center_dir: Path, *, pool: str,
-                     center_samples: int, episodes: int, encoder_role: str = "target",
-                     blocks: int = 1) -> dict[str, float]:
+def score_checkpoint(
+    checkpoint: Path,
+    eval_dir: Path,
+    center_dir: Path,
+    *,
+    pool: str,
+    center_samples: int,
+    episodes: int,
+    encoder_role: str = "target",
+    blocks: int = 1,
+) -> dict[str, float]:
     from fewshot_common.eval_cli import labelled_paths
+    from fewshot_common.fewshot_eval import evaluate_embeddings
     from fewshot_trainer.export import EmbeddingHead, encoder_from_checkpoint, mean_embedding
     from fewshot_trainer.export_cli import _center_sample
-    from fewshot_common.fewshot_eval import evaluate_embeddings
 
     _, encoder, preprocess = encoder_from_checkpoint(checkpoint, encoder_role)
     head = EmbeddingHead(encoder, pool, blocks=blocks).eval()
@@ -80,21 +88,37 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="unlabelled training images")
     parser.add_argument("--eval-dir", type=Path, required=True, help="folder-per-class set")
     parser.add_argument("--output", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--variant", action="append", required=True,
-                        help="'NAME [section.key=VALUE ...]' (repeat); 'base' alone = the recipe")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        help="'NAME [section.key=VALUE ...]' (repeat); 'base' alone = the recipe",
+    )
     parser.add_argument("--steps", type=int, default=250, help="training steps per variant")
     parser.add_argument("--epochs", type=int, default=1, help="epochs the schedules span")
     parser.add_argument("--pool", default="cls_mean", help="exported vector (fewshot export --pool)")
-    parser.add_argument("--blocks", type=int, default=1,
-                        help="pool the last N blocks, concatenated (fewshot export --blocks)")
-    parser.add_argument("--center-samples", type=int, default=2000,
-                        help="training images whose mean is subtracted (0: no centering)")
+    parser.add_argument(
+        "--blocks", type=int, default=1, help="pool the last N blocks, concatenated (fewshot export --blocks)"
+    )
+    parser.add_argument(
+        "--center-samples",
+        type=int,
+        default=2000,
+        help="training images whose mean is subtracted (0: no centering)",
+    )
     parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--encoder", choices=("target", "anchor"), default="target",
-                        help="which encoder to score: the EMA target (what export ships) or the "
-                             "online one (short runs: the target still holds much of its init)")
-    parser.add_argument("--score-only", action="store_true",
-                        help="score the variants' existing checkpoints under --output, no training")
+    parser.add_argument(
+        "--encoder",
+        choices=("target", "anchor"),
+        default="target",
+        help="which encoder to score: the EMA target (what export ships) or the "
+        "online one (short runs: the target still holds much of its init)",
+    )
+    parser.add_argument(
+        "--score-only",
+        action="store_true",
+        help="score the variants' existing checkpoints under --output, no training",
+    )
     args = parser.parse_args()
 
     import logging
@@ -116,22 +140,34 @@ def main() -> None:
         minutes = float("nan")
         if not args.score_only:
             start = time.perf_counter()
-            result = train(config, TrainOptions(data=args.data, output=run_dir,
-                                                max_steps=args.steps, progress=False))
+            result = train(
+                config, TrainOptions(data=args.data, output=run_dir, max_steps=args.steps, progress=False)
+            )
             minutes = (time.perf_counter() - start) / 60
-            record.update(steps=result.step, train_minutes=round(minutes, 2),
-                          img_per_s=round(result.step * config.data.batch_size / (minutes * 60), 1),
-                          np_last=result.last.get("np"))
-        scores = score_checkpoint(run_dir / "checkpoint.pt", args.eval_dir, args.data,
-                                  pool=args.pool, center_samples=args.center_samples,
-                                  episodes=args.episodes, encoder_role=args.encoder,
-                                  blocks=args.blocks)
+            record.update(
+                steps=result.step,
+                train_minutes=round(minutes, 2),
+                img_per_s=round(result.step * config.data.batch_size / (minutes * 60), 1),
+                np_last=result.last.get("np"),
+            )
+        scores = score_checkpoint(
+            run_dir / "checkpoint.pt",
+            args.eval_dir,
+            args.data,
+            pool=args.pool,
+            center_samples=args.center_samples,
+            episodes=args.episodes,
+            encoder_role=args.encoder,
+            blocks=args.blocks,
+        )
         record.update(scores)
         with results_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        rows.append(f"{name:<28} {scores['5way1shot']:>6} {scores['5way5shot']:>6} "
-                    f"{scores['allway5shot']:>6} {record.get('img_per_s', float('nan')):>7} "
-                    f"{minutes:>6.1f}")
+        rows.append(
+            f"{name:<28} {scores['5way1shot']:>6} {scores['5way5shot']:>6} "
+            f"{scores['allway5shot']:>6} {record.get('img_per_s', float('nan')):>7} "
+            f"{minutes:>6.1f}"
+        )
         print(rows[-1], flush=True)
     print("\n".join(rows))
 

@@ -59,12 +59,18 @@ def mirrored(data: bytes) -> bytes:
 
 
 def embed(embedder: Embedder, images: list[bytes], batch: int = 64) -> np.ndarray:
-    return np.concatenate([embedder.embed_images(images[i : i + batch]) for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [embedder.embed_images(images[i : i + batch]) for i in range(0, len(images), batch)]
+    )
 
 
 def row(name: str, embeddings: np.ndarray, labels: np.ndarray, episodes: int, scorer: Scorer) -> str:
     results = evaluate_embeddings(embeddings, labels, episodes=episodes, scorer=scorer)
-    return f"| {name} | " + " | ".join(f"{results[p]['mean']:.1f} ± {results[p]['ci95']:.1f}" for p in PROTOCOLS) + " |"
+    return (
+        f"| {name} | "
+        + " | ".join(f"{results[p]['mean']:.1f} ± {results[p]['ci95']:.1f}" for p in PROTOCOLS)
+        + " |"
+    )
 
 
 def main() -> None:
@@ -81,8 +87,10 @@ def main() -> None:
     start = time.perf_counter()
     plain = embed(embedder, images)
     flipped = l2_normalize(l2_normalize(plain) + l2_normalize(embed(embedder, [mirrored(i) for i in images])))
-    print(f"{args.model} ({embedder.model_id}), {len(images)} images, embedded twice in "
-          f"{time.perf_counter() - start:.0f} s\n")
+    print(
+        f"{args.model} ({embedder.model_id}), {len(images)} images, embedded twice in "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print("| lever | 5-way 1-shot | 5-way 5-shot | all-way 5-shot |\n|---|---|---|---|")
     print(row("prototype (protocol, server)", plain, labels, args.episodes, nearest_prototype_scores))
     print(row("flip averaging", flipped, labels, args.episodes, nearest_prototype_scores))

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from bench_engine import cpu_model
-from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 from fewshot_common.images import DRAFT_FACTOR, ImageLimits, load_batch
 from fewshot_common.modelmeta import ModelMeta
 from fewshot_service.core.decode_pool import DecodePool
 from fewshot_service.core.stored_images import bounded_copy
+
+from bench_engine import cpu_model
+from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,7 +72,11 @@ def main() -> int:
             figures[f"{side}px"] = {name: round(statistics.median(t), 3) for name, t in times.items()}
     finally:
         pool.close()
-    print(json.dumps({"cpu": cpu_model(), "draft_factor": DRAFT_FACTOR, "input_size": pre.input_size, "ms": figures}))
+    print(
+        json.dumps(
+            {"cpu": cpu_model(), "draft_factor": DRAFT_FACTOR, "input_size": pre.input_size, "ms": figures}
+        )
+    )
     names = list(next(iter(figures.values())))
     print("\n" + f"{'JPEG':>8} " + " ".join(f"{name:>20}" for name in names) + "   (median ms per image)")
     for size, row in figures.items():

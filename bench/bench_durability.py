@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from fewshot_service.registry.redis_client import connect_redis
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.registry.registry import Registry
@@ -40,10 +41,7 @@ def main() -> None:
     image = os.urandom(args.image_bytes)
     times: dict[str, list[float]] = {"everysec": [], "always": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        servers = {
-            mode: ManagedRedis(Path(tmp) / mode, persistent=True, appendfsync=mode)
-            for mode in times
-        }
+        servers = {mode: ManagedRedis(Path(tmp) / mode, persistent=True, appendfsync=mode) for mode in times}
         registries = {}
         for mode, server in servers.items():
             registries[mode] = Registry(connect_redis(server.start()))
@@ -52,9 +50,7 @@ def main() -> None:
                 for mode, registry in registries.items():
                     vector = rng.normal(size=(1, args.dim)).astype(np.float32)
                     started = time.perf_counter()
-                    registry.add_examples(
-                        "bench", f"class-{i % 100}", vector, "model", [image]
-                    )
+                    registry.add_examples("bench", f"class-{i % 100}", vector, "model", [image])
                     times[mode].append((time.perf_counter() - started) * 1000)
         finally:
             for server in servers.values():
@@ -69,9 +65,7 @@ def main() -> None:
     result["always_minus_everysec_median_ms"] = round(
         result["always"]["median_ms"] - result["everysec"]["median_ms"], 3
     )
-    result.update(
-        adds=args.adds, dim=args.dim, image_bytes=args.image_bytes, dir=str(args.dir)
-    )
+    result.update(adds=args.adds, dim=args.dim, image_bytes=args.image_bytes, dir=str(args.dir))
     print(json.dumps(result))
 
 

@@ -30,8 +30,8 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -40,9 +40,9 @@ from PIL import Image
 
 from fewshot_common.cores import usable_cores
 from fewshot_common.embedder import Embedder
-from fewshot_common.openvino_engine import cpu_flags
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
+from fewshot_common.openvino_engine import cpu_flags
 from fewshot_common.variants import available_variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,8 +157,9 @@ def served_engine_run(path: Path, layout: str, cores: int) -> tuple[Run, str]:
     if layout == LAYOUTS[0]:  # the engine's own thread count, spinning where ORT does
         embedder = Embedder(path, providers=["CPUExecutionProvider"])
     else:
-        embedder = Embedder(path, providers=["CPUExecutionProvider"], intra_op_threads=1,
-                            concurrent_runs=cores)
+        embedder = Embedder(
+            path, providers=["CPUExecutionProvider"], intra_op_threads=1, concurrent_runs=cores
+        )
     return embedder.run_model, embedder.engine
 
 
@@ -168,12 +169,19 @@ def onnxruntime_run(path: Path, layout: str, cores: int) -> tuple[Run, str]:
     if layout == LAYOUTS[1]:
         options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return (lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]), "onnxruntime CPUExecutionProvider"
+    return (
+        lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    ), "onnxruntime CPUExecutionProvider"
 
 
-def engine_rates(files: dict[str, Path], batches: list[int], rounds: int, cores: int, input_size: int,
-                 make_run: Callable[[Path, str, int], tuple[Run, str]] = served_engine_run,
-                 ) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, str]]:
+def engine_rates(
+    files: dict[str, Path],
+    batches: list[int],
+    rounds: int,
+    cores: int,
+    input_size: int,
+    make_run: Callable[[Path, str, int], tuple[Run, str]] = served_engine_run,
+) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, str]]:
     """img/s per file key, layout and batch size (the median over interleaved rounds), and the
     engine that ran each file."""
     runs: dict[tuple[str, str], Run] = {}
@@ -200,7 +208,9 @@ def engine_rates(files: dict[str, Path], batches: list[int], rounds: int, cores:
 
 def best(rates: dict[str, dict[int, float]]) -> tuple[float, str, int]:
     """The fastest (img/s, layout, batch) of one file's rates."""
-    return max((rate, layout, batch) for layout, by_batch in rates.items() for batch, rate in by_batch.items())
+    return max(
+        (rate, layout, batch) for layout, by_batch in rates.items() for batch, rate in by_batch.items()
+    )
 
 
 def jpeg(side: int) -> bytes:
@@ -232,10 +242,20 @@ def decode_ms(model: Path, sides: tuple[int, ...], repeats: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, nargs="+", default=[REPO / "models" / "default.onnx"],
-                        help="fp32 exports; their checked variants next to them are timed too")
-    parser.add_argument("--batch", type=int, nargs="+", default=[8, 32],
-                        help="batch sizes; the engine figure is the fastest of them")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        default=[REPO / "models" / "default.onnx"],
+        help="fp32 exports; their checked variants next to them are timed too",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[8, 32],
+        help="batch sizes; the engine figure is the fastest of them",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sgemm-size", type=int, default=4096)
     parser.add_argument("--sgemm-repeats", type=int, default=3)
@@ -251,8 +271,13 @@ def main() -> None:
         if "fp32" not in variants:
             raise SystemExit(f"{model} is a {next(iter(variants))} variant; give the fp32 export")
         model_gflop = model_gflop_per_image(model)
-        models.append({"file": model.name, "model_id": variants["fp32"].meta.model_id,
-                       "gflop_per_image": round(model_gflop, 4)})
+        models.append(
+            {
+                "file": model.name,
+                "model_id": variants["fp32"].meta.model_id,
+                "gflop_per_image": round(model_gflop, 4),
+            }
+        )
         for precision, variant in variants.items():
             key = f"{model.stem}/{precision}" if several else precision
             if key in files:
@@ -278,7 +303,8 @@ def main() -> None:
             "ratio_to_sgemm": round(rate * gflop[key] / sgemm, 3),
             "speedup_vs_fp32": round(rate / best(rates[fp32_key[key]])[0], 3),
             "img_per_s_by_layout_and_batch": {
-                lay: {str(b): round(r, 1) for b, r in by_batch.items()} for lay, by_batch in by_layout.items()},
+                lay: {str(b): round(r, 1) for b, r in by_batch.items()} for lay, by_batch in by_layout.items()
+            },
         }
     record = {
         "bench": "engine",
@@ -286,7 +312,9 @@ def main() -> None:
         "cores": cores,
         "onnxruntime": ort.__version__,
         "openvino": openvino_version(),
-        "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}),
+        "cpu_flags": sorted(
+            cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
+        ),
         "models": models,
         "sgemm_size": args.sgemm_size,
         "sgemm_gflops": round(sgemm, 1),

@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from fewshot_common.images import load_batch
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,7 @@ def jpeg(seed: int, side: int = 64) -> bytes:
     image = Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC)
     noisy = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
-        buffer, "JPEG", quality=90
-    )
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
 
 
@@ -65,9 +64,7 @@ def engine_img_s(stack: ServerStack, seconds: float) -> float:
         wait()
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        waits = [
-            core.start_inference(pixels) for _ in range(4 * core.batch_config.workers)
-        ]
+        waits = [core.start_inference(pixels) for _ in range(4 * core.batch_config.workers)]
         for wait in waits:
             wait()
         done += batch * len(waits)
@@ -79,12 +76,21 @@ def run_import(root: Path, url: str, namespace: str, batch: int) -> float:
         **os.environ,
         "PYTHONPATH": f"{REPO / 'service'}:{REPO / 'service' / 'client'}",
     }
-    command = [sys.executable, "-m", "fewshot_common.cli", "import", str(root), "--url", url,
-               "--namespace", namespace, "--batch", str(batch)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "fewshot_common.cli",
+        "import",
+        str(root),
+        "--url",
+        url,
+        "--namespace",
+        namespace,
+        "--batch",
+        str(batch),
+    ]
     started = time.perf_counter()
-    done = subprocess.run(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"fewshot import failed ({done.returncode}): {done.stdout}")
@@ -105,8 +111,14 @@ def main() -> None:
         root = Path(tmp) / "set"
         write_set(root, args.classes)
         with ManagedRedis(Path(tmp) / "redis", persistent=False) as redis_server:
-            settings = Settings(model=args.model, redis_url=redis_server.url, host="127.0.0.1",
-                                grpc_port=0, http_port=0, backfill_on_start=False)  # fmt: skip
+            settings = Settings(
+                model=args.model,
+                redis_url=redis_server.url,
+                host="127.0.0.1",
+                grpc_port=0,
+                http_port=0,
+                backfill_on_start=False,
+            )
             with ServerStack(settings) as stack:
                 url = f"http://127.0.0.1:{stack.http_port}"
                 before = engine_img_s(stack, args.engine_seconds)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import grpc
 
-from bench_engine import cpu_model
-from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service import app as app_module
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
+
+from bench_engine import cpu_model
+from bench_serving import DEFAULT_MODEL, synthetic_jpegs
 
 BOUNDARY = "bench-latency"
 
@@ -40,7 +41,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model served")
     parser.add_argument("--requests", type=int, default=300, help="timed requests per row")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the requests are split into")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds the requests are split into"
+    )
     parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic JPEG sent")
     return parser.parse_args()
 
@@ -79,7 +82,9 @@ def multipart(image: bytes) -> bytes:
 
 
 def rest_call(connection: http.client.HTTPConnection, body: bytes) -> None:
-    connection.request("POST", "/v1/embed", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    connection.request(
+        "POST", "/v1/embed", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    )
     response = connection.getresponse()
     response.read()
     if response.status != 200:
@@ -145,7 +150,11 @@ def main() -> int:
         }
         for name, values in times.items()
     }
-    print(json.dumps({"cpu": cpu_model(), "model": str(args.model), "image_px": args.image_size, "latency": figures}))
+    print(
+        json.dumps(
+            {"cpu": cpu_model(), "model": str(args.model), "image_px": args.image_size, "latency": figures}
+        )
+    )
     print(f"\n{'one client, single-image Embed':<46} {'p50 ms':>8} {'p99 ms':>8}")
     for name, figure in figures.items():
         print(f"{name:<46} {figure['p50_ms']:>8.2f} {figure['p99_ms']:>8.2f}")

@@ -37,17 +37,19 @@ def build_trainer(arch: str, ratio: float, batch_size: int, bf16: bool):
     from fewshot_trainer.config import load_config
     from fewshot_trainer.train import MSNTrainer, TrainOptions
 
-    config = load_config(arch=arch, overrides={
-        "data": {"batch_size": batch_size, "num_workers": 0},
-        "masking": {"ratio": ratio},
-        "optimization": {"bf16": bf16},
-    })
+    config = load_config(
+        arch=arch,
+        overrides={
+            "data": {"batch_size": batch_size, "num_workers": 0},
+            "masking": {"ratio": ratio},
+            "optimization": {"bf16": bf16},
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         # The trainer wants an image folder; the timed steps use synthetic tensors instead.
         for i in range(batch_size):
             Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(Path(tmp) / f"{i}.png")
-        trainer = MSNTrainer(config, TrainOptions(data=Path(tmp), output=Path(tmp) / "out",
-                                                  progress=False))
+        trainer = MSNTrainer(config, TrainOptions(data=Path(tmp), output=Path(tmp) / "out", progress=False))
     trainer.online.train()
     trainer.target.train()
     return trainer
@@ -79,8 +81,19 @@ def saved_activation_mib(trainer, views, meter) -> float:
 
 
 def child_peak_rss(args: argparse.Namespace, ratio: float) -> float:
-    cmd = [sys.executable, __file__, "--child-rss", "--arch", args.arch, "--ratios", str(ratio),
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-rss",
+        "--arch",
+        args.arch,
+        "--ratios",
+        str(ratio),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+    ]
     cmd += ["--bf16"] if args.bf16 else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -102,9 +115,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        row = {"ratio": ratio, "kept": num_kept(trainer.spec.num_patches, ratio),
-               "patches": trainer.spec.num_patches,
-               "saved_mib": saved_activation_mib(trainer, views, meter), "times": []}
+        row = {
+            "ratio": ratio,
+            "kept": num_kept(trainer.spec.num_patches, ratio),
+            "patches": trainer.spec.num_patches,
+            "saved_mib": saved_activation_mib(trainer, views, meter),
+            "times": [],
+        }
         if device.type == "cuda":
             row["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         rows.append(row)
@@ -151,13 +168,19 @@ def main() -> None:
         print(json.dumps(row))
     base = rows[0]
     mem_keys = [k for k in ("saved_mib", "cuda_peak_mib", "peak_rss_mib") if k in base]
-    print(f"\n{args.arch}, batch {args.batch_size}, {base['device']}, "
-          f"{'bf16' if args.bf16 else 'fp32'}; ratios relative to mask {base['ratio']}")
-    print(f"{'mask':>5} {'kept':>9} {'img/s':>8} {'speed-up':>9}"
-          + "".join(f" {k:>14} {'ratio':>6}" for k in mem_keys))
+    print(
+        f"\n{args.arch}, batch {args.batch_size}, {base['device']}, "
+        f"{'bf16' if args.bf16 else 'fp32'}; ratios relative to mask {base['ratio']}"
+    )
+    print(
+        f"{'mask':>5} {'kept':>9} {'img/s':>8} {'speed-up':>9}"
+        + "".join(f" {k:>14} {'ratio':>6}" for k in mem_keys)
+    )
     for row in rows:
-        line = (f"{row['ratio']:>5.2f} {row['kept']:>4}/{row['patches']:<4} "
-                f"{row['img_per_s']:>8.2f} {row['img_per_s'] / base['img_per_s']:>8.2f}x")
+        line = (
+            f"{row['ratio']:>5.2f} {row['kept']:>4}/{row['patches']:<4} "
+            f"{row['img_per_s']:>8.2f} {row['img_per_s'] / base['img_per_s']:>8.2f}x"
+        )
         line += "".join(f" {row[k]:>14.1f} {row[k] / base[k]:>5.2f}x" for k in mem_keys)
         print(line)
 

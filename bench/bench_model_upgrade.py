@@ -42,6 +42,7 @@ from fewshot_service.app import build_core  # noqa: E402
 from fewshot_service.classify.prototypes import limit_blas_threads  # noqa: E402
 from fewshot_service.registry.redis_server import ManagedRedis  # noqa: E402
 from fewshot_service.settings import Settings  # noqa: E402
+
 from rolled_model import rolled_model  # noqa: E402
 
 DEV = REPO.parent / "shared" / "data" / "tiny-imagenet" / "fewshot-dev"
@@ -102,7 +103,9 @@ def load(model: Path, images: list[bytes], store_images: bool) -> tuple[int, flo
     add time, the Redis URL and the server (still running: the caller stops it)."""
     server = PrivateRedis()
     url = server.start()
-    settings = Settings(model=model, redis_url=url, intra_op_threads=os.cpu_count(), store_images=store_images)
+    settings = Settings(
+        model=model, redis_url=url, intra_op_threads=os.cpu_count(), store_images=store_images
+    )
     core = build_core(settings, redis.Redis.from_url(url))
     try:
         before = used_memory(url)
@@ -116,7 +119,9 @@ def load(model: Path, images: list[bytes], store_images: bool) -> tuple[int, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
     args = parser.parse_args()
@@ -165,21 +170,25 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(json.dumps({
-        "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)),
-        "examples": n,
-        "images": source,
-        "model": args.model.name,
-        "storage": storage,
-        "backfill": {
-            "model": model_b,
-            "precision": precision_b,
-            "examples_per_s": round(n / backfill_s, 1),
-            "plain_embed_of_stored_images_per_s": round(n / embed_s, 1),
-            "batch": 32,
-        },
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "cpu": cpu_model(),
+                "cores": len(os.sched_getaffinity(0)),
+                "examples": n,
+                "images": source,
+                "model": args.model.name,
+                "storage": storage,
+                "backfill": {
+                    "model": model_b,
+                    "precision": precision_b,
+                    "examples_per_s": round(n / backfill_s, 1),
+                    "plain_embed_of_stored_images_per_s": round(n / embed_s, 1),
+                    "batch": 32,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

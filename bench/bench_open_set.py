@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from fewshot_common.embedder import Embedder
-from fewshot_common.vectors import l2_normalize
 from fewshot_common.image_files import list_labelled_image_files
+from fewshot_common.vectors import l2_normalize
 from fewshot_service.classify.open_set import (
     LooScores,
     calibrate,
     leave_one_out_scores,
-
     top_two,
 )
 
@@ -61,7 +60,9 @@ def embed_dev(model: Path, cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
     return embeddings, files.labels
 
 
-def synthetic_embeddings(noise: float, seed: int, classes: int = 50, per_class: int = 50, dim: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_embeddings(
+    noise: float, seed: int, classes: int = 50, per_class: int = 50, dim: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     # Class centres share a common direction (cosine ~0.5 between two classes), as a real model's do.
     shared = rng.standard_normal(dim)
@@ -100,7 +101,9 @@ def statistics(scores: np.ndarray, means: np.ndarray, spreads: np.ndarray) -> di
     return {"score": top1, "margin": top1 - top2, "zscore": (top1 - means[best]) / spreads[best]}
 
 
-def one_draw(embeddings: np.ndarray, labels: np.ndarray, unknown_classes: int, rng: np.random.Generator) -> dict:
+def one_draw(
+    embeddings: np.ndarray, labels: np.ndarray, unknown_classes: int, rng: np.random.Generator
+) -> dict:
     classes = rng.permutation(np.unique(labels))
     held_out, registered = classes[:unknown_classes], np.sort(classes[unknown_classes:])
     shots, queries, query_labels = [], [], []
@@ -145,11 +148,14 @@ def reliability(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, lis
             continue
         gap = abs(confidence[inside].mean() - correct[inside].mean())
         ece += inside.mean() * gap
-        table.append({
-            "bin": f"{b / ECE_BINS:.2f}-{(b + 1) / ECE_BINS:.2f}", "images": int(inside.sum()),
-            "confidence": round(float(confidence[inside].mean()), 3),
-            "accuracy": round(float(correct[inside].mean()), 3),
-        })  # fmt: skip
+        table.append(
+            {
+                "bin": f"{b / ECE_BINS:.2f}-{(b + 1) / ECE_BINS:.2f}",
+                "images": int(inside.sum()),
+                "confidence": round(float(confidence[inside].mean()), 3),
+                "accuracy": round(float(correct[inside].mean()), 3),
+            }
+        )
     return float(ece), table
 
 
@@ -169,25 +175,35 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     draws = [one_draw(embeddings, labels, args.unknown_classes, rng) for _ in range(args.draws)]
     model = f"synthetic, noise {args.synthetic}" if args.synthetic is not None else args.model.name
-    summary: dict = {"model": model, "cpu": platform.processor() or platform.machine(),
-                     "draws": args.draws, "registered_classes": 50 - args.unknown_classes,
-                     "shots": SHOTS, "statistics": {}}  # fmt: skip
+    summary: dict = {
+        "model": model,
+        "cpu": platform.processor() or platform.machine(),
+        "draws": args.draws,
+        "registered_classes": 50 - args.unknown_classes,
+        "shots": SHOTS,
+        "statistics": {},
+    }
     for kind in draws[0]["statistics"]:
         per = [d["statistics"][kind] for d in draws]
         summary["statistics"][kind] = {
             "auroc": round(float(np.mean([p["auroc"] for p in per])), 3),
-            "flagged_known": {r: round(float(np.mean([p["flagged_known"][r] for p in per])), 3) for r in RATES},
-            "flagged_unknown": {r: round(float(np.mean([p["flagged_unknown"][r] for p in per])), 3) for r in RATES},
+            "flagged_known": {
+                r: round(float(np.mean([p["flagged_known"][r] for p in per])), 3) for r in RATES
+            },
+            "flagged_unknown": {
+                r: round(float(np.mean([p["flagged_unknown"][r] for p in per])), 3) for r in RATES
+            },
         }
     confidence = np.concatenate([d["confidence"][0] for d in draws])
     correct = np.concatenate([d["confidence"][1] for d in draws])
     ece, table = reliability(confidence, correct)
     summary["confidence"] = {
-        "ece": round(ece, 4), "accuracy": round(float(correct.mean()), 3),
+        "ece": round(ece, 4),
+        "accuracy": round(float(correct.mean()), 3),
         "mean_confidence": round(float(confidence.mean()), 3),
         "mean_curve": [round(float(np.mean([d["curve"][i] for d in draws])), 2) for i in range(2)],
         "reliability": table,
-    }  # fmt: skip
+    }
     print(json.dumps(summary, indent=1))
 
 

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import redis
@@ -83,8 +83,10 @@ def int8_copy_bytes(classes: int, dim: int) -> int:
     (in this one, freed and reused memory made the delta meaningless, even negative)."""
     result = subprocess.run(
         [sys.executable, "-c", _INT8_COPY_RSS, str(classes), str(dim)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(result.stdout.strip().splitlines()[-1])
 
 
@@ -154,7 +156,9 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         warm_overlapped.append(after_the_check())
         for overlapped in (False, True):
             label = f"class-{int(rng.integers(classes)):07d}"
-            writer.add_examples(namespace, label, unit_rows(1, dim, seed=int(rng.integers(1 << 30))), model_id)
+            writer.add_examples(
+                namespace, label, unit_rows(1, dim, seed=int(rng.integers(1 << 30))), model_id
+            )
             if overlapped:
                 after_add_overlapped.append(after_the_check())
             else:
@@ -181,7 +185,9 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
     answers_before = matrix.scan_stats.counts()
     top1 = [timed(lambda: matrix.top_k(near[i : i + 1], 5)) for i in range(rounds)]
     top32 = [timed(lambda: matrix.top_k(batch, 5)) / 32 for _ in range(max(rounds // 4, 3))]
-    float32 = [timed(lambda: [matrix._best(r, 5) for r in matrix._scores(near[i : i + 1])]) for i in range(rounds)]
+    float32 = [
+        timed(lambda: [matrix._best(r, 5) for r in matrix._scores(near[i : i + 1])]) for i in range(rounds)
+    ]
     answers = {key: count - answers_before[key] for key, count in matrix.scan_stats.counts().items()}
     client.close()
     return {
@@ -192,7 +198,8 @@ def measure(classes: int, shots: int, url: str, core, writer: Registry, rounds: 
         # As served: a namespace the replica answered before is checked beside the inference
         # (core.classify_open_set), so only the labelling after it adds to the Embed.
         "classify_minus_embed_overlapped_ms": {
-            "warm": median_ms(warm_overlapped), "after_add": median_ms(after_add_overlapped),
+            "warm": median_ms(warm_overlapped),
+            "after_add": median_ms(after_add_overlapped),
         },
         "end_to_end_ms": {
             "embed": median_ms(e2e_embed),
@@ -235,9 +242,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
     parser.add_argument(
-        "--blas-threads-default", action="store_true",
+        "--blas-threads-default",
+        action="store_true",
         help="leave numpy's BLAS threads as they are (the server limits them to 1)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.classes.split(",")]
     with tempfile.TemporaryDirectory() as tmp, ManagedRedis(Path(tmp), persistent=False) as server:
@@ -253,20 +261,24 @@ def main() -> None:
             core.close()
     largest = results[-1]
     scale = 1_000_000 / largest["classes"]
-    print(json.dumps({
-        "cpu": cpu_model(),
-        "model": core.model_id,
-        "dim": core.embedder.meta.embedding_dim,
-        "blas_threads": "default" if args.blas_threads_default else 1,
-        "results": results,
-        "extrapolated_1m": {
-            "note": f"linear from {largest['classes']} classes: not measured",
-            "redis_gib": round(largest["redis_bytes_per_class"] * 1e6 / 2**30, 2),
-            "replica_gib": round(largest["replica_bytes_per_class"] * 1e6 / 2**30, 2),
-            "top_k_one_query_ms": round(largest["top_k_ms"]["one_query"] * scale, 1),
-            "full_reload_s": round(largest["full_reload_ms"] * scale / 1e3, 1),
-        },
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "cpu": cpu_model(),
+                "model": core.model_id,
+                "dim": core.embedder.meta.embedding_dim,
+                "blas_threads": "default" if args.blas_threads_default else 1,
+                "results": results,
+                "extrapolated_1m": {
+                    "note": f"linear from {largest['classes']} classes: not measured",
+                    "redis_gib": round(largest["redis_bytes_per_class"] * 1e6 / 2**30, 2),
+                    "replica_gib": round(largest["replica_bytes_per_class"] * 1e6 / 2**30, 2),
+                    "top_k_one_query_ms": round(largest["top_k_ms"]["one_query"] * scale, 1),
+                    "full_reload_s": round(largest["full_reload_ms"] * scale / 1e3, 1),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

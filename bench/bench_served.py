@@ -42,25 +42,27 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import onnxruntime as ort
 
-from bench_engine import best, cpu_model, engine_rates, openvino_version, quiet_seconds
-from bench_serving import DEFAULT_MODEL, spread_requests, synthetic_jpegs
 from fewshot_client import FewShotClient
 from fewshot_common.cores import usable_cores
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.variants import choose_model_file
 from fewshot_service.app import build_core
-from fewshot_service.transport.grpc.server import create_grpc_server
 from fewshot_service.registry.redis_client import connect_redis
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.settings import Settings
+from fewshot_service.transport.grpc.server import create_grpc_server
+
+from bench_engine import best, cpu_model, engine_rates, openvino_version, quiet_seconds
+from bench_serving import DEFAULT_MODEL, spread_requests, synthetic_jpegs
 
 # Server settings compared, each over the same model file; the first is what `fewshot serve` runs.
 CONFIGS: dict[str, dict[str, object]] = {
@@ -87,9 +89,15 @@ class Load:
     images: int
 
 
-def _client_load(address: str, images: list[bytes], clients: int, requests: int,
-                 results: "mp.Queue[tuple[float, list[float], int, float, float]]",
-                 go: "mp.Event", started: "mp.Event") -> None:
+def _client_load(
+    address: str,
+    images: list[bytes],
+    clients: int,
+    requests: int,
+    results: mp.Queue[tuple[float, list[float], int, float, float]],
+    go: mp.Event,
+    started: mp.Event,
+) -> None:
     """In the client process: ``requests`` single-image Embeds from ``clients`` threads."""
     from fewshot_client.errors import TooLarge
 
@@ -151,15 +159,23 @@ def in_client_process(target: Callable[..., None], *args: object) -> tuple[Any, 
 def served(address: str, images: list[bytes], clients: int, requests: int) -> Load:
     """Run one load from a fresh client process; the server's CPU is this process's."""
     (rate, latencies, shed, client_cpu, wall), server_cpu = in_client_process(
-        _client_load, address, images, clients, requests)
+        _client_load, address, images, clients, requests
+    )
     return Load(rate, latencies, shed, server_cpu, client_cpu, wall, requests)
 
 
 ECHO_SERVICE, ECHO_NAME = "bench.Floor", "Echo"
 
 
-def _echo_load(address: str, payload: bytes, clients: int, calls: int,
-               results: "mp.Queue[float]", go: "mp.Event", started: "mp.Event") -> None:
+def _echo_load(
+    address: str,
+    payload: bytes,
+    clients: int,
+    calls: int,
+    results: mp.Queue[float],
+    go: mp.Event,
+    started: mp.Event,
+) -> None:
     """In the client process: ``calls`` unary calls of ``payload`` from ``clients`` threads."""
     with grpc.insecure_channel(address) as channel:
         echo = channel.unary_unary(f"/{ECHO_SERVICE}/{ECHO_NAME}")
@@ -182,7 +198,8 @@ def grpc_call_floor(payload_bytes: int, clients: int = 16, calls: int = 5000) ->
     server.start()
     try:
         client_cpu, server_cpu = in_client_process(
-            _echo_load, f"127.0.0.1:{port}", bytes(payload_bytes), clients, calls)
+            _echo_load, f"127.0.0.1:{port}", bytes(payload_bytes), clients, calls
+        )
     finally:
         server.stop(None)
     return 1000 * server_cpu / calls, 1000 * client_cpu / calls
@@ -211,8 +228,10 @@ def main() -> None:
 
     cores = usable_cores()
     cpu = ["CPUExecutionProvider"]
-    files = {name: choose_model_file(args.model, str(CONFIGS[name].get("precision", "auto")), cpu)
-             for name in args.configs}
+    files = {
+        name: choose_model_file(args.model, str(CONFIGS[name].get("precision", "auto")), cpu)
+        for name in args.configs
+    }
     chosen = files[args.configs[0]]
     images = synthetic_jpegs(64, args.image_size)
     pre = chosen.meta.preprocess
@@ -236,7 +255,9 @@ def main() -> None:
             servers[name] = (server, port, core, client)
         try:
             batch_times: dict[str, list[float]] = {name: [] for name in servers}
-            batch_clients = {name: FewShotClient(f"127.0.0.1:{port}") for name, (_, port, _, _) in servers.items()}
+            batch_clients = {
+                name: FewShotClient(f"127.0.0.1:{port}") for name, (_, port, _, _) in servers.items()
+            }
             for _ in range(10):  # interleaved, each call after a pause and an untimed call
                 for name, client in batch_clients.items():
                     batch_times[name].append(quiet_seconds(lambda c=client: c.embed(images[:32])))
@@ -250,14 +271,18 @@ def main() -> None:
                 for clients in args.clients:
                     for name in names:
                         port = servers[name][1]
-                        loads[name][clients].append(served(f"127.0.0.1:{port}", images, clients, args.requests))
+                        loads[name][clients].append(
+                            served(f"127.0.0.1:{port}", images, clients, args.requests)
+                        )
         finally:
             for server, _, core, client in servers.values():
                 server.stop(None)
                 core.close()
                 client.close()
     engine_after = {path: engine_img_per_s(path, size) for path in served_files}
-    engines = {path: statistics.median([engine_before[path][0], engine_after[path][0]]) for path in served_files}
+    engines = {
+        path: statistics.median([engine_before[path][0], engine_after[path][0]]) for path in served_files
+    }
     engine = engines[chosen.path]
     engine_core_ms = 1000 * cores / engine
 
@@ -272,20 +297,31 @@ def main() -> None:
             ceiling = 1000 * cores / (1000 * cores / engines[files[name].path] + decode_ms + client_ms)
             rate = statistics.median(run.img_per_s for run in runs)
             result[name][str(clients)] = {
-                "img_per_s": round(rate, 1), "img_per_s_each_round": [round(r.img_per_s, 1) for r in runs],
-                "p50_ms": ms(latencies, 50), "p99_ms": ms(latencies, 99),
+                "img_per_s": round(rate, 1),
+                "img_per_s_each_round": [round(r.img_per_s, 1) for r in runs],
+                "p50_ms": ms(latencies, 50),
+                "p99_ms": ms(latencies, 99),
                 "shed_and_retried": sum(run.shed for run in runs),
                 "cpu_ms_per_image": {"server": round(server_ms, 2), "client": round(client_ms, 2)},
-                "cores_busy": round(sum(r.server_cpu_s + r.client_cpu_s for r in runs)
-                                    / sum(r.wall_s for r in runs) / cores, 3),
-                "ceiling_img_per_s": round(ceiling, 1), "served_over_ceiling": round(rate / ceiling, 3),
+                "cores_busy": round(
+                    sum(r.server_cpu_s + r.client_cpu_s for r in runs) / sum(r.wall_s for r in runs) / cores,
+                    3,
+                ),
+                "ceiling_img_per_s": round(ceiling, 1),
+                "served_over_ceiling": round(rate / ceiling, 3),
             }
     record = {
-        "bench": "served", "cpu": cpu_model(), "cores": cores, "onnxruntime": ort.__version__,
+        "bench": "served",
+        "cpu": cpu_model(),
+        "cores": cores,
+        "onnxruntime": ort.__version__,
         "openvino": openvino_version(),
-        "model_file": chosen.path.name, "precision": chosen.meta.precision,
-        "model_id": chosen.meta.model_id, "image_size": args.image_size,
-        "decode_ms": round(decode_ms, 3), "engine_img_per_s": round(engine, 1),
+        "model_file": chosen.path.name,
+        "precision": chosen.meta.precision,
+        "model_id": chosen.meta.model_id,
+        "image_size": args.image_size,
+        "decode_ms": round(decode_ms, 3),
+        "engine_img_per_s": round(engine, 1),
         "engine_at": {"layout": engine_before[chosen.path][1], "batch": engine_before[chosen.path][2]},
         "engine_img_per_s_by_file": {path.name: round(rate, 1) for path, rate in engines.items()},
         "model_file_by_config": {name: file.path.name for name, file in files.items()},
@@ -295,27 +331,41 @@ def main() -> None:
         "configs": {name: CONFIGS[name] for name in args.configs},
         "served": result,
         # Each server against the engine figure of the file it serves.
-        "served_over_engine": {name: round(float(result[name]["16"]["img_per_s"]) / engines[files[name].path], 3)
-                               for name in result if "16" in result[name]},
+        "served_over_engine": {
+            name: round(float(result[name]["16"]["img_per_s"]) / engines[files[name].path], 3)
+            for name in result
+            if "16" in result[name]
+        },
     }
     print(json.dumps(record))
     print("engines: " + ", ".join(f"{p.name} {r:.1f} img/s" for p, r in engines.items()))
-    print(f"\nengine ({chosen.path.name}): {engine:.1f} img/s ({engine_core_ms:.2f} core-ms per image); "
-          f"decode + preprocess "
-          f"{decode_ms:.2f} ms per image; {cores} cores")
-    print(f"a do-nothing gRPC call of one JPEG's size: {floor_server_ms:.3f} ms server CPU, "
-          f"{floor_client_ms:.3f} ms client CPU")
-    print("Embed of 32 images, img/s: " + ", ".join(f"{name} {rate}" for name, rate in record["batch32_img_per_s"].items()))
-    print("| config | clients | img/s (each round) | p50, p99 ms | shed | server / client CPU ms per image "
-          "| cores busy | served / ceiling |")
+    print(
+        f"\nengine ({chosen.path.name}): {engine:.1f} img/s ({engine_core_ms:.2f} core-ms per image); "
+        f"decode + preprocess "
+        f"{decode_ms:.2f} ms per image; {cores} cores"
+    )
+    print(
+        f"a do-nothing gRPC call of one JPEG's size: {floor_server_ms:.3f} ms server CPU, "
+        f"{floor_client_ms:.3f} ms client CPU"
+    )
+    print(
+        "Embed of 32 images, img/s: "
+        + ", ".join(f"{name} {rate}" for name, rate in record["batch32_img_per_s"].items())
+    )
+    print(
+        "| config | clients | img/s (each round) | p50, p99 ms | shed | server / client CPU ms per image "
+        "| cores busy | served / ceiling |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in result:
         for clients in args.clients:
             c = result[name][str(clients)]
             cpu = c["cpu_ms_per_image"]
-            print(f"| {name} | {clients} | {c['img_per_s']} ({', '.join(map(str, c['img_per_s_each_round']))}) "
-                  f"| {c['p50_ms']}, {c['p99_ms']} | {c['shed_and_retried']} | {cpu['server']} / {cpu['client']} "
-                  f"| {c['cores_busy']} | {c['served_over_ceiling']} |")
+            print(
+                f"| {name} | {clients} | {c['img_per_s']} ({', '.join(map(str, c['img_per_s_each_round']))}) "
+                f"| {c['p50_ms']}, {c['p99_ms']} | {c['shed_and_retried']} | {cpu['server']} / {cpu['client']} "
+                f"| {c['cores_busy']} | {c['served_over_ceiling']} |"
+            )
 
 
 if __name__ == "__main__":

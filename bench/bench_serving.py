@@ -26,10 +26,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import onnxruntime
@@ -37,14 +37,14 @@ import redis
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from fewshot_service.core.batcher import BatchConfig
 from fewshot_client import FewShotClient
-from fewshot_service.core.core import FewShotCore
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder
-from fewshot_service.transport.grpc.server import create_grpc_server
+from fewshot_service.core.batcher import BatchConfig
+from fewshot_service.core.core import FewShotCore
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.registry.registry import Registry
+from fewshot_service.transport.grpc.server import create_grpc_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "default.onnx"
@@ -64,8 +64,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--queue-delay-ms", type=float, default=BatchConfig().max_queue_delay_ms)
     parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
     parser.add_argument("--workers", type=int, default=BatchConfig().workers, help="batches run at once")
-    parser.add_argument("--threads", type=int,
-                        help="ONNX Runtime intra-op threads (default: the server's, the cores / --workers)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="ONNX Runtime intra-op threads (default: the server's, the cores / --workers)",
+    )
     return parser.parse_args()
 
 
@@ -78,6 +81,7 @@ def model_path(requested: Path | None) -> Iterator[Path]:
         yield DEFAULT_MODEL
         return
     import torch
+
     from fewshot_common.modelmeta import Preprocess
     from fewshot_trainer.export import export_onnx
     from fewshot_trainer.vit import build_vit, get_arch
@@ -195,13 +199,19 @@ def main() -> int:
         # As the server builds it on a CPU: each batch worker's share of the cores, no spinning.
         threads = args.threads or intra_op_threads_per_batch(usable_cores(), args.workers)
         embedder = Embedder(path, intra_op_threads=threads, spinning=False)
-        print(f"model      {path.name}: {embedder.model_id}, {embedder.meta.arch}, "
-              f"input {embedder.meta.preprocess.input_size}px, dim {embedder.embedding_dim}")
-        print(f"runtime    onnxruntime {onnxruntime.__version__}, providers {embedder.providers}, "
-              f"intra-op threads {threads}, {os.cpu_count()} CPUs, "
-              f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}")
-        print(f"images     synthetic {args.image_size}x{args.image_size} JPEG, "
-              f"~{sum(map(len, images)) // len(images) // 1024} KiB each")
+        print(
+            f"model      {path.name}: {embedder.model_id}, {embedder.meta.arch}, "
+            f"input {embedder.meta.preprocess.input_size}px, dim {embedder.embedding_dim}"
+        )
+        print(
+            f"runtime    onnxruntime {onnxruntime.__version__}, providers {embedder.providers}, "
+            f"intra-op threads {threads}, {os.cpu_count()} CPUs, "
+            f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"images     synthetic {args.image_size}x{args.image_size} JPEG, "
+            f"~{sum(map(len, images)) // len(images) // 1024} KiB each"
+        )
         with ManagedRedis(Path(tmp) / "redis", persistent=False) as store:
             batching = BatchConfig(max_queue_delay_ms=args.queue_delay_ms, workers=args.workers)
             batched = Server(embedder, store.url, batching)
@@ -212,13 +222,17 @@ def main() -> int:
 
                 batch = images[:32]
                 times = timed(lambda: batched.client.embed(batch), args.batch_rounds, warmup=2)
-                print(f"Embed, batch of 32      {32 / statistics.median(times):7.1f} images/s "
-                      f"(median of {len(times)} calls, {statistics.median(times) * 1000:.1f} ms each)")
+                print(
+                    f"Embed, batch of 32      {32 / statistics.median(times):7.1f} images/s "
+                    f"(median of {len(times)} calls, {statistics.median(times) * 1000:.1f} ms each)"
+                )
 
                 register_classes(batched, args.classes, "bench")
                 classify = lambda: batched.client.classify(one, namespace="bench", top_k=5)  # noqa: E731
-                print(f"Classify, 1 image, {args.classes} classes "
-                      f"{percentiles_ms(timed(classify, args.requests))}")
+                print(
+                    f"Classify, 1 image, {args.classes} classes "
+                    f"{percentiles_ms(timed(classify, args.requests))}"
+                )
 
                 # Both servers at once, measured in alternation, so that a change in background
                 # load hits both modes alike.
@@ -233,18 +247,25 @@ def main() -> int:
                     unbatched.close()
             finally:
                 batched.close()
-            print(f"{args.concurrency} concurrent clients, 1 image per Embed "
-                  f"({args.concurrent_requests} requests x {args.rounds} alternating rounds):")
+            print(
+                f"{args.concurrency} concurrent clients, 1 image per Embed "
+                f"({args.concurrent_requests} requests x {args.rounds} alternating rounds):"
+            )
             for name, results in (
-                (f"batching on  (max batch 32, max delay {args.queue_delay_ms} ms, "
-                 f"{args.workers} worker{'s' if args.workers > 1 else ''})", on),
+                (
+                    f"batching on  (max batch 32, max delay {args.queue_delay_ms} ms, "
+                    f"{args.workers} worker{'s' if args.workers > 1 else ''})",
+                    on,
+                ),
                 ("batching off (one ORT run per request)", off),
             ):
                 wall = [r[0] for r in results]
                 cpu = [r[1] for r in results]
-                print(f"  {name:<60} {statistics.median(wall):7.1f} images/s   "
-                      f"{statistics.median(cpu):6.1f} images/CPU-s   "
-                      f"(rounds: {' '.join(f'{w:.1f}' for w in wall)} images/s)")
+                print(
+                    f"  {name:<60} {statistics.median(wall):7.1f} images/s   "
+                    f"{statistics.median(cpu):6.1f} images/CPU-s   "
+                    f"(rounds: {' '.join(f'{w:.1f}' for w in wall)} images/s)"
+                )
                 print(f"  {'':<60} {statistics.median(r[2] for r in results):7.1f} images per model run")
     return 0
 

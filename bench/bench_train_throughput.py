@@ -93,18 +93,20 @@ def synthetic_views(config) -> list:
     import torch
 
     d, gen = config.data, torch.Generator().manual_seed(0)
-    views = [torch.randn(d.batch_size, 3, d.random_size, d.random_size, generator=gen)
-             for _ in range(2)]
-    views += [torch.randn(d.batch_size, 3, d.focal_size, d.focal_size, generator=gen)
-              for _ in range(d.focal_views)]
+    views = [torch.randn(d.batch_size, 3, d.random_size, d.random_size, generator=gen) for _ in range(2)]
+    views += [
+        torch.randn(d.batch_size, 3, d.focal_size, d.focal_size, generator=gen) for _ in range(d.focal_views)
+    ]
     return views
 
 
 def compile_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
 def make_variants(args: argparse.Namespace, default_threads: int) -> list[Variant]:
@@ -114,8 +116,9 @@ def make_variants(args: argparse.Namespace, default_threads: int) -> list[Varian
             threads = sorted(set(args.threads)) if mode == "eager" else [default_threads]
             variants += [Variant(precision, mode, t) for t in threads]
     # The baseline first: fp32, eager, default threads (added if the filters left it out).
-    baseline = next((v for v in variants if (v.precision, v.mode, v.threads)
-                     == ("fp32", "eager", default_threads)), None)
+    baseline = next(
+        (v for v in variants if (v.precision, v.mode, v.threads) == ("fp32", "eager", default_threads)), None
+    )
     if baseline is None:
         baseline = Variant("fp32", "eager", default_threads)
     return [baseline] + [v for v in variants if v is not baseline]
@@ -126,9 +129,10 @@ def first_step(variant: Variant, views: list, meter, stub: Path, config_path: Pa
     import torch
 
     torch.set_num_threads(variant.threads)
-    overrides = {"data": {"num_workers": 0},
-                 "optimization": {"bf16": variant.precision == "bf16",
-                                  "compile": variant.mode == "compile-step"}}
+    overrides = {
+        "data": {"num_workers": 0},
+        "optimization": {"bf16": variant.precision == "bf16", "compile": variant.mode == "compile-step"},
+    }
     before = compile_counters()
     start = time.perf_counter()
     try:
@@ -183,8 +187,14 @@ def time_compute(args: argparse.Namespace, variants: list[Variant], default_thre
     batch = config.data.batch_size
     for v in live:
         median = statistics.median(v.times)
-        v.result.update({"step_s": round(median, 4), "img_per_s": round(batch / median, 2),
-                         "step_s_min": round(min(v.times), 4), "steps": len(v.times)})
+        v.result.update(
+            {
+                "step_s": round(median, 4),
+                "img_per_s": round(batch / median, 2),
+                "step_s_min": round(min(v.times), 4),
+                "steps": len(v.times),
+            }
+        )
     return recompiled
 
 
@@ -204,27 +214,34 @@ def loading_folder(args: argparse.Namespace) -> tuple[Path, str]:
     for i in range(256):
         # Smooth random blobs, 64 px like tiny-imagenet, as JPEG: decode cost of the real thing.
         small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((64, 64), Image.BICUBIC).save(folder / f"{i:04d}.jpg",
-                                                                     quality=90)
+        Image.fromarray(small).resize((64, 64), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
     return folder, "256 generated 64-px JPEGs"
 
 
-def time_loading(args: argparse.Namespace, baseline_step_s: float | None,
-                 default_threads: int) -> dict[str, Any]:
+def time_loading(
+    args: argparse.Namespace, baseline_step_s: float | None, default_threads: int
+) -> dict[str, Any]:
     import torch
 
     from fewshot_trainer.metrics import CollapseMeter
 
     folder, source = loading_folder(args)
-    trainers = {w: build_trainer(args.config, folder, {"data": {"num_workers": w},
-                                                       "optimization": {"bf16": False,
-                                                                        "compile": False}})
-                for w in (0, 1)}
+    trainers = {
+        w: build_trainer(
+            args.config,
+            folder,
+            {"data": {"num_workers": w}, "optimization": {"bf16": False, "compile": False}},
+        )
+        for w in (0, 1)
+    }
     batch = trainers[0].config.data.batch_size
     result: dict[str, Any] = {"source": source, "batch_size": batch}
     if trainers[0].steps_per_epoch < args.load_batches + 1:
-        return {**result, "error": f"{len(trainers[0].dataset)} images: fewer than "
-                                   f"{args.load_batches + 1} batches; raise --load-images"}
+        return {
+            **result,
+            "error": f"{len(trainers[0].dataset)} images: fewer than "
+            f"{args.load_batches + 1} batches; raise --load-images",
+        }
     torch.set_num_threads(default_threads)
 
     # 1. Loading alone, in this process (num_workers 0): what it adds to a step when not overlapped.
@@ -260,7 +277,8 @@ def time_loading(args: argparse.Namespace, baseline_step_s: float | None,
     for workers, step_times in e2e.items():
         result[f"e2e_img_per_s_workers{workers}"] = round(batch / statistics.median(step_times), 2)
     result["e2e_worker_speedup"] = round(
-        result["e2e_img_per_s_workers1"] / result["e2e_img_per_s_workers0"], 3)
+        result["e2e_img_per_s_workers1"] / result["e2e_img_per_s_workers0"], 3
+    )
     return result
 
 
@@ -270,19 +288,28 @@ def machine_info(default_threads: int) -> dict[str, Any]:
     from fewshot_trainer.hardware import cpu_info, has_native_bf16
 
     cpu = cpu_info()
-    return {"cpu": cpu.model_name, "cpu_flags": cpu.reported_flags(),
-            "native_bf16": has_native_bf16(cpu.flags), "cores": os.cpu_count(),
-            "default_threads": default_threads, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu.model_name,
+        "cpu_flags": cpu.reported_flags(),
+        "native_bf16": has_native_bf16(cpu.flags),
+        "cores": os.cpu_count(),
+        "default_threads": default_threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def print_table(record: dict[str, Any]) -> None:
     m = record["machine"]
     flags = " ".join(f for f, on in m["cpu_flags"].items() if on) or "none of the reported"
-    print(f"\n{m['cpu']} ({m['cores']} cores; {flags}); torch {m['torch']}, "
-          f"default {m['default_threads']} threads")
-    print(f"{record['config']}: batch {record['batch_size']}, {record['steps']} timed steps per "
-          f"variant (median); ratio to {record['variants'][0]['name']}")
+    print(
+        f"\n{m['cpu']} ({m['cores']} cores; {flags}); torch {m['torch']}, "
+        f"default {m['default_threads']} threads"
+    )
+    print(
+        f"{record['config']}: batch {record['batch_size']}, {record['steps']} timed steps per "
+        f"variant (median); ratio to {record['variants'][0]['name']}"
+    )
     print(f"{'variant':<26} {'img/s':>8} {'ratio':>7} {'step s':>8} {'first step s':>13}  note")
     base = record["variants"][0].get("img_per_s")
     for row in record["variants"]:
@@ -290,41 +317,60 @@ def print_table(record: dict[str, Any]) -> None:
             print(f"{row['name']:<26} {'-':>8} {'-':>7} {'-':>8} {'-':>13}  {row['error'][:60]}")
             continue
         ratio = f"{row['img_per_s'] / base:.2f}x" if base else "-"
-        note = (f"{row['graphs']} graph(s), {row['graph_breaks']} break(s)"
-                if "graphs" in row else "")
-        print(f"{row['name']:<26} {row['img_per_s']:>8.2f} {ratio:>7} {row['step_s']:>8.3f} "
-              f"{row['first_step_s']:>13.2f}  {note}")
+        note = f"{row['graphs']} graph(s), {row['graph_breaks']} break(s)" if "graphs" in row else ""
+        print(
+            f"{row['name']:<26} {row['img_per_s']:>8.2f} {ratio:>7} {row['step_s']:>8.3f} "
+            f"{row['first_step_s']:>13.2f}  {note}"
+        )
     load = record.get("loading")
     if load and "error" not in load:
         share = load.get("load_share_of_step")
-        print(f"\ndata loading ({load['source']}): {load['load_s_per_batch']:.3f} s per batch of "
-              f"{load['batch_size']} in-process"
-              + (f", {share:.0%} of a loading + baseline step" if share is not None else ""))
-        print(f"end to end, baseline: {load['e2e_img_per_s_workers0']:.2f} img/s with "
-              f"num_workers 0, {load['e2e_img_per_s_workers1']:.2f} with 1 "
-              f"({load['e2e_worker_speedup']:.2f}x)")
+        print(
+            f"\ndata loading ({load['source']}): {load['load_s_per_batch']:.3f} s per batch of "
+            f"{load['batch_size']} in-process"
+            + (f", {share:.0%} of a loading + baseline step" if share is not None else "")
+        )
+        print(
+            f"end to end, baseline: {load['e2e_img_per_s_workers0']:.2f} img/s with "
+            f"num_workers 0, {load['e2e_img_per_s_workers1']:.2f} with 1 "
+            f"({load['e2e_worker_speedup']:.2f}x)"
+        )
     elif load:
         print(f"\ndata loading: {load['error']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help="training config (default: the shipped model's recipe)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="training config (default: the shipped model's recipe)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
-                        default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="torch thread counts for the eager variants")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="image folder for the loading measurement")
-    parser.add_argument("--load-images", type=int, default=512,
-                        help="how many of --data's files to use (listing 51k costs a minute)")
-    parser.add_argument("--load-batches", type=int, default=5,
-                        help="timed batches per loading measurement and per end-to-end block")
-    parser.add_argument("--e2e-rounds", type=int, default=2,
-                        help="end-to-end blocks per num_workers setting (alternating)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts for the eager variants"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="image folder for the loading measurement"
+    )
+    parser.add_argument(
+        "--load-images",
+        type=int,
+        default=512,
+        help="how many of --data's files to use (listing 51k costs a minute)",
+    )
+    parser.add_argument(
+        "--load-batches",
+        type=int,
+        default=5,
+        help="timed batches per loading measurement and per end-to-end block",
+    )
+    parser.add_argument(
+        "--e2e-rounds", type=int, default=2, help="end-to-end blocks per num_workers setting (alternating)"
+    )
     parser.add_argument("--no-loading", action="store_true", help="skip the data-loading part")
     parser.add_argument("--append", type=Path, help="also append the JSON line to this file")
     args = parser.parse_args()
@@ -340,13 +386,20 @@ def main() -> None:
 
     config = load_config(args.config)
     record: dict[str, Any] = {
-        "bench": "train_throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(default_threads), "config": str(args.config),
-        "arch": config.model.arch, "batch_size": config.data.batch_size,
-        "focal_views": config.data.focal_views, "mask_ratio": config.masking.ratio,
-        "steps": args.steps, "recompiles_while_timed": recompiled,
-        "variants": [{"name": v.name, "precision": v.precision, "mode": v.mode,
-                      "threads": v.threads, **v.result} for v in variants],
+        "bench": "train_throughput",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(default_threads),
+        "config": str(args.config),
+        "arch": config.model.arch,
+        "batch_size": config.data.batch_size,
+        "focal_views": config.data.focal_views,
+        "mask_ratio": config.masking.ratio,
+        "steps": args.steps,
+        "recompiles_while_timed": recompiled,
+        "variants": [
+            {"name": v.name, "precision": v.precision, "mode": v.mode, "threads": v.threads, **v.result}
+            for v in variants
+        ],
     }
     base = record["variants"][0]
     for row in record["variants"]:

@@ -39,7 +39,12 @@ def png(width: int, height: int, pixel) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def red_discs(seed: int) -> bytes:
@@ -72,11 +77,16 @@ class Api:
         if files is not None:
             boundary = uuid.uuid4().hex
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-            body = b"".join(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-                for name, data in files
-            ) + f"--{boundary}--\r\n".encode()
+            body = (
+                b"".join(
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n".encode()
+                    + data
+                    + b"\r\n"
+                    for name, data in files
+                )
+                + f"--{boundary}--\r\n".encode()
+            )
         request = urllib.request.Request(f"{self.url}{path}?{query}", body, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -99,7 +109,9 @@ def folder_images(folder: Path) -> list[tuple[str, bytes]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default=os.environ.get("FEWSHOT_URL", "http://localhost:8000"))
     parser.add_argument("--namespace", default="quickstart", help="kept apart from your other classes")
     parser.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL=FOLDER")
@@ -110,15 +122,20 @@ def main() -> None:
     info = api.call("GET", "/v1/info")
     print(f"server {info['version']}, model {info['model_id']} ({info['precision']})")
     if args.classes:
-        shots = {label: folder_images(Path(folder)) for label, folder in (c.split("=", 1) for c in args.classes)}
+        shots = {
+            label: folder_images(Path(folder)) for label, folder in (c.split("=", 1) for c in args.classes)
+        }
         queries = [(p.name, p.read_bytes()) for p in args.query]
     else:
         shots = {
             "red discs": [(f"red{i}.png", red_discs(i)) for i in range(SHOTS)],
             "blue stripes": [(f"blue{i}.png", blue_stripes(i)) for i in range(SHOTS)],
         }
-        queries = [("new red discs", red_discs(7)), ("new blue stripes", blue_stripes(9)),
-                   ("grey noise (neither)", grey_noise(3))]  # fmt: skip
+        queries = [
+            ("new red discs", red_discs(7)),
+            ("new blue stripes", blue_stripes(9)),
+            ("grey noise (neither)", grey_noise(3)),
+        ]
 
     for label, images in shots.items():
         api.call("DELETE", api.class_path(label))  # start afresh (404 when it is not there)

@@ -28,7 +28,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def stack_settings(model: Path, redis_url: str, **extra: object) -> "Settings":
+def stack_settings(model: Path, redis_url: str, **extra: object) -> Settings:
     """Server settings for an in-process :class:`ServerStack` on free loopback ports."""
     from fewshot_service.settings import Settings
 
@@ -37,11 +37,11 @@ def stack_settings(model: Path, redis_url: str, **extra: object) -> "Settings":
 
 def _export_test_model(tmp_path_factory: pytest.TempPathFactory, name: str, seed: int) -> Path:
     """A real exported ONNX model: a randomly initialised ``vit_test_p8_32`` (seeded)."""
+    import torch
+
     from fewshot_common.modelmeta import Preprocess
     from fewshot_trainer.export import export_onnx
     from fewshot_trainer.vit import build_vit, get_arch
-
-    import torch
 
     torch.manual_seed(seed)
     spec = get_arch("vit_test_p8_32")
@@ -108,23 +108,36 @@ class ServeProcess:
 
         self.log_path = log_path
         self._log = log_path.open("w")
-        command = [sys.executable, "-m", "fewshot_common.cli", "serve", "--host", "127.0.0.1",
-                   "--grpc-port", "0", "--http-port", "0", *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "fewshot_common.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            *args,
+        ]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
             # Hermetic: the caller's own REDIS_URL / FEWSHOT_* settings must not leak in.
-            env={**{k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
-                 **(env or {})},  # fmt: skip
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
+                **(env or {}),
+            },
             cwd=cwd,
         )
         self.banner = ""
         self.stdout_tail = ""
         self.grpc_port = self.http_port = 0
 
-    def wait_ready(self, timeout: float = 60.0) -> "ServeProcess":
+    def wait_ready(self, timeout: float = 60.0) -> ServeProcess:
         """Read stdout until the banner with the bound ports; fail with the log if it dies."""
         import re
         import select
@@ -183,9 +196,7 @@ def serve_process(tmp_path: Path):
     ServeProcess (call ``.wait_ready()``). Every process it made is stopped after the test."""
     started: list[ServeProcess] = []
 
-    def start(
-        args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
-    ) -> ServeProcess:
+    def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> ServeProcess:
         log_path = tmp_path / f"serve-{len(started)}.log"
         process = ServeProcess([str(a) for a in args], env, log_path, cwd)
         started.append(process)

@@ -78,8 +78,12 @@ def free_port() -> int:
 
 def host_ca_bundle() -> Path | None:
     """The CA bundle this host's pip trusts (a proxy's CA included), for builds to mount."""
-    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
-                      ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"):  # fmt: skip
+    for candidate in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        ssl.get_default_verify_paths().cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
@@ -97,19 +101,23 @@ class Podman:
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
 
     @classmethod
-    def find(cls) -> "Podman | None":
+    def find(cls) -> Podman | None:
         executable = shutil.which("podman")
         needed = ("runc", "mmdebstrap", "tini-static")
         if executable is None or any(shutil.which(tool) is None for tool in needed):
             return None
         return cls(executable)
 
-    def run(self, *args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 120, check: bool = True, **kwargs
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [self.executable, *args], env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"podman {' '.join(args[:3])} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            raise AssertionError(
+                f"podman {' '.join(args[:3])} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+            )
         return result
 
     def label(self, image: str, name: str) -> str | None:
@@ -134,14 +142,27 @@ class Podman:
             partial = tarball.with_suffix(".partial.tar")  # mmdebstrap picks its output format by suffix
             hooks = [f"--customize-hook={hook}" for hook in recipe.hooks]
             subprocess.run(
-                ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(recipe.packages)}",
-                 *hooks, '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
-                 "bookworm", str(partial)],
-                check=True, capture_output=True, timeout=900,
-            )  # fmt: skip
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=minbase",
+                    f"--include={','.join(recipe.packages)}",
+                    *hooks,
+                    '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*',
+                    "bookworm",
+                    str(partial),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=900,
+            )
             partial.rename(tarball)
             how = "stand-in, made with mmdebstrap"
-        changes = [arg for change in (*recipe.changes, f"LABEL {RECIPE_LABEL}={recipe.key}") for arg in ("--change", change)]
+        changes = [
+            arg
+            for change in (*recipe.changes, f"LABEL {RECIPE_LABEL}={recipe.key}")
+            for arg in ("--change", change)
+        ]
         self.run("import", *changes, str(tarball), recipe.image, timeout=300)
         return how
 
@@ -154,8 +175,18 @@ class Podman:
         if ca is not None:
             mounts += ["--volume", f"{ca}:/etc/ssl/certs/ca-certificates.crt:ro"]
         start = time.monotonic()
-        self.run("build", "--format", "docker", "--target", target, "--tag", tag, *mounts, str(context),
-                 timeout=timeout)  # fmt: skip
+        self.run(
+            "build",
+            "--format",
+            "docker",
+            "--target",
+            target,
+            "--tag",
+            tag,
+            *mounts,
+            str(context),
+            timeout=timeout,
+        )
         return time.monotonic() - start
 
     def size_mb(self, image: str) -> float:
@@ -171,7 +202,9 @@ class Podman:
                     return
             except httpx.HTTPError:
                 pass
-            state = self.run("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+            state = self.run(
+                "inspect", "--format", "{{.State.Status}}", container, check=False
+            ).stdout.strip()
             if state in ("exited", "stopped"):
                 break
             time.sleep(0.5)

@@ -101,10 +101,16 @@ def parse_blocks(text: str, path: Path) -> list[Block]:
             end += 1
         marker = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
         not_run = NOT_RUN.match(marker)
-        blocks.append(Block(
-            path=path, line=i + 1, language=opening["info"], source="\n".join(lines[i + 1:end]) + "\n",
-            not_run=not_run["reason"].strip() if not_run else None, continues=bool(CONTINUES.match(marker)),
-        ))  # fmt: skip
+        blocks.append(
+            Block(
+                path=path,
+                line=i + 1,
+                language=opening["info"],
+                source="\n".join(lines[i + 1 : end]) + "\n",
+                not_run=not_run["reason"].strip() if not_run else None,
+                continues=bool(CONTINUES.match(marker)),
+            )
+        )
         i = end + 1
     return blocks
 
@@ -122,10 +128,14 @@ def problems(blocks: list[Block]) -> list[str]:
                 "<!-- not-run: WHY --> on the line before the fence, or make it bash/python"
             )
         elif block.continues and (
-            previous is None or previous.path != block.path or previous.not_run is not None
+            previous is None
+            or previous.path != block.path
+            or previous.not_run is not None
             or previous.runner != block.runner
         ):
-            found.append(f"{block.name}: 'continues-previous' needs a run block of the same language before it")
+            found.append(
+                f"{block.name}: 'continues-previous' needs a run block of the same language before it"
+            )
         previous = block
     return found
 

@@ -83,10 +83,12 @@ def rle_bmp_bomb(size: tuple[int, int] = (6000, 6000)) -> bytes:
     import struct
 
     return (
-        b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+        b"BM"
+        + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
         + struct.pack("<IiiHHIIiiII", info, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
-        + palette + pixels
-    )  # fmt: skip
+        + palette
+        + pixels
+    )
 
 
 def ico_with_huge_png(size: int = 13000) -> bytes:

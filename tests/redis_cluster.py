@@ -83,7 +83,7 @@ class LocalCluster:
     def masters(self) -> list[ClusterNode]:
         return self.nodes[: self.masters_count]
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             self._start()
         except BaseException:
@@ -160,12 +160,28 @@ class LocalCluster:
     def _spawn(self, binary: str, port: int, directory: Path) -> ClusterNode:
         directory.mkdir(parents=True, exist_ok=True)
         args = [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "no",
-            "--dir", str(directory.resolve()), "--logfile", "server.log",
-            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-            "--appendonly", "no", "--save", "",
-        ]  # fmt: skip
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(directory.resolve()),
+            "--logfile",
+            "server.log",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(NODE_TIMEOUT_MS),
+            "--appendonly",
+            "no",
+            "--save",
+            "",
+        ]
         process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -227,7 +243,9 @@ def _wait_for_ping(node: ClusterNode) -> None:
     with node.client() as client:
         while True:
             if not node.alive:
-                raise RuntimeError(f"cluster node on port {node.port} exited: see {node.directory}/server.log")
+                raise RuntimeError(
+                    f"cluster node on port {node.port} exited: see {node.directory}/server.log"
+                )
             try:
                 if client.ping():
                     return

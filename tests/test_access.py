@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 import httpx
@@ -29,17 +29,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from fewshot_api.fewshot.v1 import fewshot_pb2
+from fewshot_client import FewShotClient
+from fewshot_common import cli
+from fewshot_common.errors import NotFound, Unauthenticated
+from fewshot_service.app import ServerStack
+from fewshot_service.settings import Settings
+from fewshot_service.transport.access import AccessControl, Action, key_digest
+
 import image_samples as samples
 from conftest import stack_settings
 from tls_certs import Pki, make_pki
-
-from fewshot_api.fewshot.v1 import fewshot_pb2
-from fewshot_common import cli
-from fewshot_common.errors import NotFound, Unauthenticated
-from fewshot_service.transport.access import AccessControl, Action, key_digest
-from fewshot_service.app import ServerStack
-from fewshot_client import FewShotClient
-from fewshot_service.settings import Settings
 
 TEAM_A, TEAM_B = "team-a", "team-b"
 SEED_IMAGE = samples.solid_png((200, 30, 30))
@@ -87,7 +87,9 @@ class SecureServer:
 
     def http(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.https_url, verify=ssl_context(self.pki), headers=headers, timeout=60)
+        return httpx.Client(
+            base_url=self.https_url, verify=ssl_context(self.pki), headers=headers, timeout=60
+        )
 
     def grpc_client(self, key: str | None = None) -> FewShotClient:
         return FewShotClient(self.grpc_target, api_key=key or "", root_certificates=self.pki.ca)
@@ -110,9 +112,13 @@ def secure_server(
     key_file = tmp_path_factory.mktemp("keys") / "api-keys.toml"
     write_key_file(key_file, {n: (keys[n], *KEY_SPECS[n]) for n in KEY_SPECS})
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="access-matrix",
-        api_keys=key_file, tls_cert=pki.server_cert, tls_key=pki.server_key,
-    )  # fmt: skip
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="access-matrix",
+        api_keys=key_file,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+    )
     with ServerStack(settings) as stack:
         assert stack.core is not None
         for namespace in (TEAM_A, TEAM_B):
@@ -331,7 +337,7 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
 
 
 def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_body_is_read(
-    plain_keyed_stack: tuple[ServerStack, str, str]
+    plain_keyed_stack: tuple[ServerStack, str, str],
 ) -> None:
     stack, write_key, read_key = plain_keyed_stack
     assert stack.http_port is not None and stack.core is not None
@@ -344,9 +350,12 @@ def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_bod
         assert head.startswith(b"HTTP/1.1 403"), head
         assert seconds < 0.5 and taken < UPLOAD_BYTES, f"{path}: 403 after {seconds:.2f}s"
     with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
-        refused = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_B},
-                            files={"files": ("x.png", samples.grey_png())},
-                            headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        refused = http.post(
+            "/v1/classes/cat/examples",
+            params={"namespace": TEAM_B},
+            files={"files": ("x.png", samples.grey_png())},
+            headers={"Authorization": f"Bearer {write_key}"},
+        )
         assert refused.status_code == 403 and "team-b" in refused.json()["message"]
 
         def allowed_decisions() -> float:
@@ -355,9 +364,12 @@ def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_bod
             return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
 
         before = allowed_decisions()
-        added = http.post("/v1/classes/cat/examples", params={"namespace": TEAM_A},
-                          files={"files": ("x.png", samples.grey_png())},
-                          headers={"Authorization": f"Bearer {write_key}"})  # fmt: skip
+        added = http.post(
+            "/v1/classes/cat/examples",
+            params={"namespace": TEAM_A},
+            files={"files": ("x.png", samples.grey_png())},
+            headers={"Authorization": f"Bearer {write_key}"},
+        )
         assert added.status_code == 201, added.text
         # The early check is the route's check: one decision per request, not one per pass.
         assert allowed_decisions() - before == 1.0
@@ -366,7 +378,10 @@ def test_an_upload_outside_the_keys_role_or_namespaces_is_refused_before_its_bod
 @pytest.mark.parametrize("key", ["", "not-a-key"])
 def test_grpc_without_a_valid_key_is_unauthenticated(secure_server: SecureServer, key: str) -> None:
     with secure_server.grpc_client(key) as client:
-        for call in (lambda: client.embed([samples.grey_png()]), lambda: client.classify([samples.grey_png()])):
+        for call in (
+            lambda: client.embed([samples.grey_png()]),
+            lambda: client.classify([samples.grey_png()]),
+        ):
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -425,7 +440,9 @@ def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: 
 def test_plaintext_clients_cannot_talk_to_the_tls_server(secure_server: SecureServer) -> None:
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{secure_server.stack.http_port}/healthz", timeout=10)
-    with FewShotClient(secure_server.grpc_target, api_key=secure_server.keys["read-all"], timeout=10) as client:
+    with FewShotClient(
+        secure_server.grpc_target, api_key=secure_server.keys["read-all"], timeout=10
+    ) as client:
         with pytest.raises(grpc.RpcError) as refused:
             client.embed([samples.grey_png()])
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -435,7 +452,9 @@ def test_client_reads_the_key_from_the_environment(
     secure_server: SecureServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEWSHOT_API_KEY", secure_server.keys["read-a"])
-    with FewShotClient(secure_server.grpc_target, root_certificates=secure_server.pki.ca.read_bytes()) as client:
+    with FewShotClient(
+        secure_server.grpc_target, root_certificates=secure_server.pki.ca.read_bytes()
+    ) as client:
         assert client.classify([SEED_IMAGE], namespace=TEAM_A)[0][0].label == "seed"
 
 
@@ -445,9 +464,13 @@ def test_client_reads_the_key_from_the_environment(
 @pytest.fixture(scope="module")
 def mtls_stack(tiny_model_path: Path, private_redis, pki: Pki) -> Iterator[ServerStack]:
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="access-mtls",
-        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
-    )  # fmt: skip
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="access-mtls",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+    )
     with ServerStack(settings) as stack:
         yield stack
 
@@ -458,9 +481,11 @@ def test_mtls_accepts_a_client_certificate_from_its_ca(mtls_stack: ServerStack, 
         assert http.get("/healthz").status_code == 200
         assert http.get("/v1/classes").status_code == 200
     with FewShotClient(
-        f"127.0.0.1:{mtls_stack.grpc_port}", root_certificates=pki.ca,
-        private_key=pki.client_key, certificate_chain=pki.client_cert,
-    ) as client:  # fmt: skip
+        f"127.0.0.1:{mtls_stack.grpc_port}",
+        root_certificates=pki.ca,
+        private_key=pki.client_key,
+        certificate_chain=pki.client_cert,
+    ) as client:
         assert client.embed([samples.grey_png()]).shape[0] == 1
 
 
@@ -523,7 +548,9 @@ def test_keys_rotate_when_the_file_changes_and_a_bad_file_keeps_them(
     assert "new-key-456" not in caplog.text and "old-key-123" not in caplog.text
 
 
-def test_sighup_reloads_the_keys(tiny_model_path: Path, redis_url: str, tmp_path: Path, serve_process) -> None:
+def test_sighup_reloads_the_keys(
+    tiny_model_path: Path, redis_url: str, tmp_path: Path, serve_process
+) -> None:
     key_file = tmp_path / "keys.toml"
     write_key_file(key_file, {"old": ("old-key-123", "read", ["*"])})
     server = serve_process(
@@ -555,8 +582,11 @@ def test_keygen_prints_a_key_and_a_working_toml_entry(
     entry = captured.out  # stdout is the TOML entry and nothing else
     assert len(key) >= 43 and key not in entry
     assert tomllib.loads(entry)["keys"][0] == {
-        "name": "ingest-bot", "sha256": key_digest(key).hex(), "role": "write", "namespaces": [TEAM_A],
-    }  # fmt: skip
+        "name": "ingest-bot",
+        "sha256": key_digest(key).hex(),
+        "role": "write",
+        "namespaces": [TEAM_A],
+    }
     (tmp_path / "keys.toml").write_text(entry)
     access = AccessControl(tmp_path / "keys.toml")
     principal = access.check(key, Action.ADD, TEAM_A)
@@ -577,8 +607,12 @@ def test_keygen_appended_with_a_shell_redirect_gives_a_valid_file_for_any_unicod
         done = subprocess.run(
             f"{fewshot} keygen --name {shlex.quote(name)} --role read "
             f"--namespace {shlex.quote(namespace)} >> {keys_file}",
-            shell=True, capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
+            shell=True,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         keys[name] = done.stderr.split("\n")[1].strip()
         assert keys[name] not in keys_file.read_text(encoding="utf-8")
     access = AccessControl(keys_file)
@@ -621,8 +655,10 @@ def test_bad_bytes_and_bad_utf8_are_judged_after_the_key(secure_server: SecureSe
             "/fewshot.v1.FewShot/Classify", request_serializer=bytes, response_deserializer=bytes
         )
         junk = b"\xff\xff\xff\xff"
-        for key, expected in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                              (secure_server.keys["read-a"], grpc.StatusCode.INVALID_ARGUMENT)):  # fmt: skip
+        for key, expected in (
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            (secure_server.keys["read-a"], grpc.StatusCode.INVALID_ARGUMENT),
+        ):
             metadata = (("authorization", f"Bearer {key}"),) if key else None
             with pytest.raises(grpc.RpcError) as refused:
                 classify(junk, metadata=metadata, timeout=10)
@@ -688,9 +724,11 @@ def test_the_client_over_tls_with_a_key_and_typed_errors(seeded: SecureServer) -
 
     server = seeded
     with FewShotClient(
-        server.grpc_target, http_url=server.https_url, api_key=server.keys["read-a"],
+        server.grpc_target,
+        http_url=server.https_url,
+        api_key=server.keys["read-a"],
         root_certificates=server.pki.ca,
-    ) as client:  # fmt: skip
+    ) as client:
         assert [n.namespace for n in client.list_namespaces()] == [TEAM_A]
         assert [c.label for c in client.list_classes(namespace=TEAM_A)] == ["seed"]
         assert client.classify(SEED_IMAGE, namespace=TEAM_A)[0].predictions[0].label == "seed"

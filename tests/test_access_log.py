@@ -57,7 +57,8 @@ def test_access_log_lines_and_request_metrics(serve_process, tiny_model_path: Pa
 
     classes = "/v1/classes/{label:path}"
     assert re.search(
-        rf"http method=POST route={re.escape(classes)}/examples status=201 ms=[\d.]+ key=- request_id=req-42", log
+        rf"http method=POST route={re.escape(classes)}/examples status=201 ms=[\d.]+ key=- request_id=req-42",
+        log,
     ), log
     assert f"http method=GET route={classes} status=404" in log
     assert "http method=GET route=unmatched status=404" in log
@@ -66,9 +67,16 @@ def test_access_log_lines_and_request_metrics(serve_process, tiny_model_path: Pa
     # No image byte, no file name, no raw path of an unmatched request, no uvicorn access line.
     assert "secret-name" not in log and "/nope/" not in log and '"GET /' not in log
 
-    assert metric(metrics, "fewshot_http_requests_total", method="POST", route=f"{classes}/examples", status="201") == 1
+    assert (
+        metric(
+            metrics, "fewshot_http_requests_total", method="POST", route=f"{classes}/examples", status="201"
+        )
+        == 1
+    )
     assert metric(metrics, "fewshot_http_requests_total", method="GET", route="unmatched", status="404") == 2
-    assert metric(metrics, "fewshot_http_request_seconds_count", method="POST", route=f"{classes}/examples") == 1
+    assert (
+        metric(metrics, "fewshot_http_request_seconds_count", method="POST", route=f"{classes}/examples") == 1
+    )
     method = "/fewshot.v1.FewShot/Classify"
     assert metric(metrics, "fewshot_grpc_requests_total", method=method, code="OK") == 1
     assert metric(metrics, "fewshot_grpc_requests_total", method=method, code="INVALID_ARGUMENT") == 1

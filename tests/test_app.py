@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
+from fewshot_service.app import ServerStack
 
 import image_samples as samples
 from conftest import stack_settings
@@ -58,8 +58,16 @@ def test_a_cpu_server_shares_the_cores_among_batch_workers_and_does_not_spin(
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         # Runs of at most 8 images on a CPU, merged or of one request.
         assert stack.core.batch_config.max_batch_size == stack.core.embedder.max_batch_size == 8
-    with ServerStack(stack_settings(tiny_model_path, redis_url, intra_op_threads=3,
-                                    intra_op_spinning=True, batch_workers=1, max_batch_size=32)) as stack:  # fmt: skip
+    with ServerStack(
+        stack_settings(
+            tiny_model_path,
+            redis_url,
+            intra_op_threads=3,
+            intra_op_spinning=True,
+            batch_workers=1,
+            max_batch_size=32,
+        )
+    ) as stack:
         assert stack.core is not None
         options = stack.core.embedder.session_options
         assert options.intra_op_num_threads == 3
@@ -74,8 +82,12 @@ def test_a_gpu_server_keeps_large_batches() -> None:
     assert default_max_batch_size(["CPUExecutionProvider"]) == 8
 
 
-@pytest.mark.parametrize(("cores", "workers", "threads"), [(2, 2, 1), (16, 2, 8), (1, 2, 1), (3, 2, 1), (8, 1, 8)])
-def test_intra_op_threads_per_batch_is_an_equal_share_of_the_cores(cores: int, workers: int, threads: int) -> None:
+@pytest.mark.parametrize(
+    ("cores", "workers", "threads"), [(2, 2, 1), (16, 2, 8), (1, 2, 1), (3, 2, 1), (8, 1, 8)]
+)
+def test_intra_op_threads_per_batch_is_an_equal_share_of_the_cores(
+    cores: int, workers: int, threads: int
+) -> None:
     from fewshot_common.cores import intra_op_threads_per_batch
 
     assert intra_op_threads_per_batch(cores, workers) == threads

@@ -13,19 +13,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import image_samples as samples
-from conftest import stack_settings
 from fewshot_client import FewShotClient
 from fewshot_common import embedder as embedder_module
 from fewshot_common.cli import main
+from fewshot_common.cores import usable_cores
 from fewshot_common.embedder import Embedder
 from fewshot_common.modelmeta import INPUT_NAME, OUTPUT_NAME
-from fewshot_common.cores import usable_cores
-from fewshot_common.openvino_engine import OpenVinoRunner, bf16_is_fastest, cpu_flags
-from fewshot_common.openvino_engine import openvino_available
+from fewshot_common.openvino_engine import OpenVinoRunner, bf16_is_fastest, cpu_flags, openvino_available
 from fewshot_common.variants import choose_model_file, variant_path
 from fewshot_service.app import ServerStack
 from fewshot_trainer.variants import to_bfloat16_bits
+
+import image_samples as samples
+from conftest import stack_settings
 
 CPU = ["CPUExecutionProvider"]
 

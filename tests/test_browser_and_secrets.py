@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import httpx
 import pytest
 import redis
 
+from fewshot_client import FewShotClient
+from fewshot_service.app import ServerStack
+from fewshot_service.registry.redis_client import redacted_url
+from fewshot_service.registry.redis_server import ManagedRedis, free_port
+from fewshot_service.transport.rest.host_header import MalformedHost, parse_host
+
 import image_samples as samples
 from conftest import stack_settings
-
-from fewshot_service.app import ServerStack
-from fewshot_client import FewShotClient
-from fewshot_service.registry.redis_client import redacted_url
-from fewshot_service.transport.rest.host_header import MalformedHost, parse_host
-from fewshot_service.registry.redis_server import ManagedRedis, free_port
 
 ALLOWED_ORIGIN = "https://app.example"
 EVIL_ORIGIN = "http://evil.example"
@@ -66,9 +66,12 @@ def test_allowed_origins_get_cors_answers(open_server: httpx.Client) -> None:
     assert added.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     preflight = open_server.options(
         "/v1/classes/cat",
-        headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "DELETE",
-                 "Access-Control-Request-Headers": "authorization"},
-    )  # fmt: skip
+        headers={
+            "Origin": ALLOWED_ORIGIN,
+            "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert "DELETE" in preflight.headers["access-control-allow-methods"]
@@ -88,8 +91,11 @@ def test_an_open_server_refuses_foreign_host_names(open_server: httpx.Client, ho
     # A DNS-rebinding page is same-origin with itself, so only its Host header gives it away.
     refused = open_server.get("/v1/classes", headers={"Host": host})
     assert refused.status_code == 403 and refused.json()["error"] == "forbidden_host"
-    added = open_server.post("/v1/classes/cat/examples", headers={"Host": host, "Origin": f"http://{host}"},
-                             files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
+    added = open_server.post(
+        "/v1/classes/cat/examples",
+        headers={"Host": host, "Origin": f"http://{host}"},
+        files={"files": ("x.png", samples.grey_png(), "image/png")},
+    )
     assert added.status_code == 403
     assert open_server.get("/v1/classes").json()["classes"] == []  # nothing was added
     for own in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST.", "localhost:", "[0:0::1]"):
@@ -97,9 +103,18 @@ def test_an_open_server_refuses_foreign_host_names(open_server: httpx.Client, ho
 
 
 MALFORMED_HOSTS = [
-    "localhost:18000@evil.example", "[::1]evil.example", "localhost:evil", "127.0.0.1:80:80",
-    "[::1", "[fe80::1%25eth0]", "[localhost]", "localhost/x", "local host", ":8000", "",
-]  # fmt: skip
+    "localhost:18000@evil.example",
+    "[::1]evil.example",
+    "localhost:evil",
+    "127.0.0.1:80:80",
+    "[::1",
+    "[fe80::1%25eth0]",
+    "[localhost]",
+    "localhost/x",
+    "local host",
+    ":8000",
+    "",
+]
 
 
 @pytest.mark.parametrize("host", MALFORMED_HOSTS)
@@ -108,18 +123,29 @@ def test_an_open_server_answers_a_malformed_host_400(open_server: httpx.Client, 
     refused = open_server.get("/v1/classes", headers={"Host": host})
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"] == "bad_host"
-    added = open_server.post("/v1/classes/cat/examples", headers={"Host": host},
-                             files={"files": ("x.png", samples.grey_png(), "image/png")})  # fmt: skip
+    added = open_server.post(
+        "/v1/classes/cat/examples",
+        headers={"Host": host},
+        files={"files": ("x.png", samples.grey_png(), "image/png")},
+    )
     assert added.status_code == 400
     assert open_server.get("/v1/classes").json()["classes"] == []
 
 
 @pytest.mark.parametrize(
     ("value", "host"),
-    [("localhost", "localhost"), ("LocalHost.:8000", "localhost"), ("127.0.0.1:", "127.0.0.1"),
-     ("[::1]", "::1"), ("[0:0:0:0:0:0:0:1]:80", "::1"), ("[V1.fe:80]", "v1.fe:80"),
-     ("[::1]:", "::1"), ("xn--bcher-kva.example", "xn--bcher-kva.example"), ("a%2Db", "a%2db")],
-)  # fmt: skip
+    [
+        ("localhost", "localhost"),
+        ("LocalHost.:8000", "localhost"),
+        ("127.0.0.1:", "127.0.0.1"),
+        ("[::1]", "::1"),
+        ("[0:0:0:0:0:0:0:1]:80", "::1"),
+        ("[V1.fe:80]", "v1.fe:80"),
+        ("[::1]:", "::1"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("a%2Db", "a%2db"),
+    ],
+)
 def test_parse_host_reads_rfc_9110_hosts(value: str, host: str) -> None:
     assert parse_host(value) == host
 

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import redis
 
+from fewshot_common.embedder import Embedder
+from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.classify.prototypes import (
     INT8_SCAN_MIN_CLASSES,
-    PrototypeMatrix,
     Prediction,
+    PrototypeMatrix,
+    ScanStats,
     blas_error_bound,
     exact_scores,
-    ScanStats,
 )
 from fewshot_service.core.batcher import BatchConfig
 from fewshot_service.core.core import FewShotCore
 from fewshot_service.names import resolve_namespace, resolve_top_k
-from fewshot_common.embedder import Embedder
-from fewshot_common.errors import FailedPrecondition, ImageError, InvalidInput, ModelIncomplete, NotFound
 from fewshot_service.registry.registry import Registry
 
 import image_samples as samples
@@ -41,9 +41,7 @@ def test_scores_are_cosine_to_the_renormalised_prototype() -> None:
     expected = queries @ unit(prototypes).T
     for query, predictions in enumerate(top):
         assert [p.label for p in predictions] == [f"c{i}" for i in np.argsort(-expected[query])]
-        np.testing.assert_allclose(
-            [p.score for p in predictions], np.sort(expected[query])[::-1], atol=1e-6
-        )
+        np.testing.assert_allclose([p.score for p in predictions], np.sort(expected[query])[::-1], atol=1e-6)
 
 
 def test_ties_are_ordered_by_label_whatever_the_input_order() -> None:
@@ -115,8 +113,10 @@ def test_two_versions_patched_from_the_same_one_do_not_share_rows() -> None:
     right = base.patched({"c": np.array([0.8, 0.6], np.float32), "a": None})
     query = np.array([[1.0, 0.0]], np.float32)
     assert [(p.label, round(p.score, 3)) for p in left.top_k(query, 3)[0]] == [
-        ("a", 1.0), ("c", 0.6), ("b", 0.0)
-    ]  # fmt: skip
+        ("a", 1.0),
+        ("c", 0.6),
+        ("b", 0.0),
+    ]
     assert [(p.label, round(p.score, 3)) for p in right.top_k(query, 3)[0]] == [("c", 0.8), ("b", 0.0)]
     assert [p.label for p in base.top_k(query, 5)[0]] == ["a", "b"]
 
@@ -298,11 +298,19 @@ def test_another_models_examples_are_embedded_on_demand_or_refused_with_the_reas
         assert other.registry.status("default", other.model_id).embedded == 4
         # An example stored without its image cannot be embedded by the other model.
         blind.add_examples("", "blue", shots(COLOURS["blue"], 1, 2))
-        with pytest.raises(ModelIncomplete, match=r"4 of 5 examples embedded for model .*1 examples "
-                           rf"have no stored image.*{core.model_id}' \(5 of 5\)") as refused:
+        with pytest.raises(
+            ModelIncomplete,
+            match=r"4 of 5 examples embedded for model .*1 examples "
+            rf"have no stored image.*{core.model_id}' \(5 of 5\)",
+        ) as refused:
             other.classify(shots(COLOURS["red"], 1, 1), "", 5)
-        assert refused.value.progress == {"model_id": other.model_id, "embedded": 4, "total": 5,
-                                          "without_image": 1, "backfilling": False}
+        assert refused.value.progress == {
+            "model_id": other.model_id,
+            "embedded": 4,
+            "total": 5,
+            "without_image": 1,
+            "backfilling": False,
+        }
         # Asked again with nothing changed, the answer comes from the recorded finding: the
         # namespace's classes are not read again (one HGETALL: the state, for the message).
         redis_client.config_resetstat()
@@ -330,7 +338,6 @@ def test_ready_follows_redis(embedder: Embedder, tmp_path: Path) -> None:
         core.close()
         client.close()
         server.stop()
-
 
 
 # Names are checked by the core alone (the registry trusts it), before any inference or Redis call.
@@ -395,10 +402,14 @@ def test_the_int8_scan_answers_like_the_float32_scan(large_matrix) -> None:
     matrix, rng = large_matrix
     matrix.build_int8_scan()
     # Queries near a class (as real images are) and random ones.
-    queries = np.concatenate([
-        l2_normalize(matrix.matrix[rng.integers(len(matrix), size=20)] + 0.3 * rng.standard_normal((20, 32))),
-        l2_normalize(rng.standard_normal((20, 32))),
-    ]).astype(np.float32)  # fmt: skip
+    queries = np.concatenate(
+        [
+            l2_normalize(
+                matrix.matrix[rng.integers(len(matrix), size=20)] + 0.3 * rng.standard_normal((20, 32))
+            ),
+            l2_normalize(rng.standard_normal((20, 32))),
+        ]
+    ).astype(np.float32)
     for k in (1, 5, 32):
         # The same classes with bit-identical scores: both paths rank by the exact score.
         assert matrix.top_k(queries, k) == _float32_top_k(matrix, queries, k)
@@ -423,7 +434,9 @@ def test_the_int8_scan_falls_back_when_its_bound_cannot_decide(large_matrix) -> 
     matrix, rng = large_matrix
     # Rows that differ by less than int8 can tell apart: the candidates cannot be trusted.
     base = l2_normalize(rng.standard_normal(32))
-    rows = l2_normalize(base + 1e-4 * rng.standard_normal((INT8_SCAN_MIN_CLASSES + 10, 32))).astype(np.float32)
+    rows = l2_normalize(base + 1e-4 * rng.standard_normal((INT8_SCAN_MIN_CLASSES + 10, 32))).astype(
+        np.float32
+    )
     close = PrototypeMatrix([f"r{i:06d}" for i in range(len(rows))], rows)
     close.build_int8_scan()
     query = base[None, :].astype(np.float32)
@@ -483,7 +496,9 @@ def test_exact_scores_are_the_correctly_rounded_dot_products() -> None:
         assert np.abs(rows @ query - exact_scores(rows, query)).max() <= blas_error_bound(dim, 1.0)
 
 
-def _tied_matrix(rng: np.random.Generator, classes: int, dim: int = 32) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _tied_matrix(
+    rng: np.random.Generator, classes: int, dim: int = 32
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Rows with exact duplicates of the query's direction, rows one float32 step away from it,
     and random rows; labels in an order unrelated to the rows."""
     query = l2_normalize(rng.standard_normal(dim)).astype(np.float32)
@@ -508,7 +523,8 @@ def test_duplicate_and_near_duplicate_rows_rank_the_same_on_every_path(classes: 
     # A patched version whose tied rows were appended after the int8 copy.
     moved = {labels[i]: rows[i] for i in range(0, classes, 7)}
     patched = PrototypeMatrix(
-        [label for label in labels if label not in moved], np.stack([r for label, r in zip(labels, rows) if label not in moved])
+        [label for label in labels if label not in moved],
+        np.stack([r for label, r in zip(labels, rows) if label not in moved]),
     )
     patched.build_int8_scan()
     patched = patched.patched(moved)
@@ -548,7 +564,9 @@ print(json.dumps(out))
 
 def _cpu_flags() -> set[str]:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
+    return {
+        flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()
+    }
 
 
 @pytest.mark.slow
@@ -561,11 +579,18 @@ def test_answers_are_the_same_under_every_blas_kernel_this_cpu_can_run() -> None
     import sys
 
     flags = _cpu_flags()
-    kernels = [("Prescott", set()), ("Nehalem", {"sse4_2"}), ("Sandybridge", {"avx"}), ("Haswell", {"avx2", "fma"}),
-               ("SkylakeX", {"avx512f", "avx512bw", "avx512vl", "avx512dq"})]  # fmt: skip
+    kernels = [
+        ("Prescott", set()),
+        ("Nehalem", {"sse4_2"}),
+        ("Sandybridge", {"avx"}),
+        ("Haswell", {"avx2", "fma"}),
+        ("SkylakeX", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    ]
     runnable = [name for name, needs in kernels if needs <= flags]
     assert "Haswell" in runnable or "avx2" not in flags
-    numpy_features = [f for f in ("X86_V4", "AVX512_ICL", "AVX512_SPR") if f.lower() in flags or f == "X86_V4"]
+    numpy_features = [
+        f for f in ("X86_V4", "AVX512_ICL", "AVX512_SPR") if f.lower() in flags or f == "X86_V4"
+    ]
     answers = {}
     for kernel in runnable:
         env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
@@ -573,7 +598,11 @@ def test_answers_are_the_same_under_every_blas_kernel_this_cpu_can_run() -> None
             env["NPY_DISABLE_CPU_FEATURES"] = " ".join(numpy_features)
         tests_dir = str(Path(__file__).parent)
         done = subprocess.run(
-            [sys.executable, "-c", _KERNEL_PROBE, tests_dir], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", _KERNEL_PROBE, tests_dir],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         answers[kernel] = json.loads(done.stdout.splitlines()[-1])

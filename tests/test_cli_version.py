@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import fewshot_common
+
 from conftest import REPO_ROOT
 
 
 def test_version_flag_prints_the_package_version_and_exits_0() -> None:
-    result = subprocess.run([sys.executable, "-m", "fewshot_common.cli", "--version"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "fewshot_common.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     assert result.stdout.strip() == f"fewshot {fewshot_common.__version__}"
     assert re.fullmatch(r"\d+\.\d+\.\d+", fewshot_common.__version__)

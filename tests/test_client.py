@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
 import pytest
 
-import image_samples as samples
-from conftest import stack_settings
+from fewshot_client import DEFAULT_MAX_MESSAGE_BYTES, ClassifyResult, FewShotClient, errors
 from fewshot_common import errors as core_errors
 from fewshot_service.app import ServerStack
-from fewshot_client import DEFAULT_MAX_MESSAGE_BYTES, ClassifyResult, FewShotClient, errors
+from fewshot_service.settings import DEFAULT_MAX_REQUEST_BYTES
 from fewshot_service.transport.grpc.server import GRPC_STATUS
 from fewshot_service.transport.rest import HTTP_STATUS
-from fewshot_service.settings import DEFAULT_MAX_REQUEST_BYTES
+
+import image_samples as samples
+from conftest import stack_settings
 
 RED, GREEN = samples.solid_png((230, 20, 20)), samples.solid_png((20, 230, 20))
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def stack(private_redis, tiny_model_path: Path) -> Iterator[ServerStack]:
-    with ServerStack(stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="client-test")) as running:
+    with ServerStack(
+        stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="client-test")
+    ) as running:
         yield running
 
 
@@ -120,8 +123,19 @@ def test_error_tables_match_the_servers() -> None:
 def test_the_client_imports_without_the_servers_dependencies() -> None:
     # Make the server's packages and dependencies unimportable, as in an environment that lacks them
     # (tests/test_client_distribution.py installs the client into one that really does).
-    blocked = ["fastapi", "starlette", "uvicorn", "redis", "onnxruntime", "PIL", "pydantic", "prometheus_client",
-               "fewshot_common", "fewshot_service", "fewshot_trainer"]  # fmt: skip
+    blocked = [
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "redis",
+        "onnxruntime",
+        "PIL",
+        "pydantic",
+        "prometheus_client",
+        "fewshot_common",
+        "fewshot_service",
+        "fewshot_trainer",
+    ]
     code = (
         "import sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"

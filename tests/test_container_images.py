@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from container_engine import PYTHON_BASE, VALKEY_BASE, Podman, free_port
 from conftest import REPO_ROOT
+from container_engine import PYTHON_BASE, VALKEY_BASE, Podman, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,10 @@ CPU_TAG = f"localhost/fewshot-ci:cpu-{RUN_ID}"
 GPU_TAG = f"localhost/fewshot-ci:gpu-{RUN_ID}"
 PROJECT = f"fewshot-ci-{RUN_ID}"
 PINNED = dict(
-    line.split("==") for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    line.split("==")
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
     if line and not line.startswith("#")
-)  # fmt: skip
+)
 
 
 def load_quickstart():
@@ -91,10 +92,17 @@ class Container:
         self.http_port, self.grpc_port = free_port(), free_port()
         settings = [arg for pair in (("--env", item) for item in env) for arg in pair]
         self.id = podman.run(
-            "run", "--detach", "--publish", f"127.0.0.1:{self.http_port}:8000",
-            "--publish", f"127.0.0.1:{self.grpc_port}:50051",
-            "--env", "FEWSHOT_ALLOW_UNAUTHENTICATED=true", *settings, image,
-        ).stdout.strip()  # fmt: skip
+            "run",
+            "--detach",
+            "--publish",
+            f"127.0.0.1:{self.http_port}:8000",
+            "--publish",
+            f"127.0.0.1:{self.grpc_port}:50051",
+            "--env",
+            "FEWSHOT_ALLOW_UNAUTHENTICATED=true",
+            *settings,
+            image,
+        ).stdout.strip()
 
     @property
     def url(self) -> str:
@@ -131,8 +139,10 @@ def add_and_classify(http_url: str, grpc_target: str) -> None:
 
     run = subprocess.run(
         [sys.executable, "-I", str(REPO_ROOT / "examples" / "quickstart.py"), "--url", http_url],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "class 'red discs': 5 examples" in run.stdout and "new blue stripes: blue stripes  (" in run.stdout
     quickstart = load_quickstart()
@@ -145,9 +155,14 @@ def test_the_cpu_image_serves_rest_and_grpc_and_stops_cleanly_on_sigterm(
     podman: Podman, cpu_image: str, run_container
 ) -> None:
     checks = podman.run(
-        "run", "--rm", "--entrypoint", "sh", cpu_image, "-c",
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        cpu_image,
+        "-c",
         "pip check && python -c 'import onnxruntime; print(onnxruntime.__version__)'",
-    )  # fmt: skip
+    )
     assert "No broken requirements" in checks.stdout and PINNED["onnxruntime"] in checks.stdout
     started = time.monotonic()
     server = run_container(cpu_image)
@@ -173,14 +188,20 @@ def test_compose_default_profile_comes_up_and_serves_without_the_gpu_service(
     podman.run("tag", cpu_image, "localhost/fewshot:cpu")  # compose's image name, so it builds nothing
 
     def compose_run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*compose, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [*compose, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        )
 
     up = compose_run("up", "--detach", "--no-build")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        names = podman.run("ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
-                           "--format", "{{.Names}}").stdout.split()  # fmt: skip
-        assert sorted(name.removeprefix(f"{PROJECT}_").rsplit("_", 1)[0] for name in names) == ["fewshot", "redis"]
+        names = podman.run(
+            "ps", "--filter", f"label=io.podman.compose.project={PROJECT}", "--format", "{{.Names}}"
+        ).stdout.split()
+        assert sorted(name.removeprefix(f"{PROJECT}_").rsplit("_", 1)[0] for name in names) == [
+            "fewshot",
+            "redis",
+        ]
         http_url = f"http://127.0.0.1:{ports['FEWSHOT_HTTP_PORT']}"
         podman.wait_ready(http_url, next(name for name in names if "_fewshot_" in name))
         assert httpx.get(http_url + "/readyz").json()["redis"] is True
@@ -188,9 +209,18 @@ def test_compose_default_profile_comes_up_and_serves_without_the_gpu_service(
     finally:
         volumes = [
             mount["Name"]
-            for name in podman.run("ps", "--all", "--filter", f"label=io.podman.compose.project={PROJECT}",
-                                   "--format", "{{.ID}}", check=False).stdout.split()  # fmt: skip
-            for mount in json.loads(podman.run("inspect", "--format", "{{json .Mounts}}", name, check=False).stdout or "[]")
+            for name in podman.run(
+                "ps",
+                "--all",
+                "--filter",
+                f"label=io.podman.compose.project={PROJECT}",
+                "--format",
+                "{{.ID}}",
+                check=False,
+            ).stdout.split()
+            for mount in json.loads(
+                podman.run("inspect", "--format", "{{json .Mounts}}", name, check=False).stdout or "[]"
+            )
             if mount.get("Type") == "volume"
         ]
         down = compose_run("down", "--volumes")
@@ -232,7 +262,9 @@ def test_the_gpu_image_loads_cuda_and_without_a_gpu_falls_back_or_refuses_clearl
     auto = run_container(gpu_image)
     podman.wait_ready(auto.url, auto.id, timeout=120)
     logs = auto.logs()
-    assert re.search(r"CUDAExecutionProvider cannot start \(.+\); serving on CPUExecutionProvider", logs), logs
+    assert re.search(r"CUDAExecutionProvider cannot start \(.+\); serving on CPUExecutionProvider", logs), (
+        logs
+    )
     assert "fewshot serve: model" in logs  # and it serves, on the CPU
 
     named = run_container(gpu_image, "FEWSHOT_PROVIDERS=cuda")

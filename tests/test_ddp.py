@@ -27,14 +27,21 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     from fewshot_trainer import distributed as dist_utils
     from fewshot_trainer.train import MSNTrainer, TrainOptions
 
-    trainer = MSNTrainer(tiny_config(optimization={"epochs": 1}),
-                         TrainOptions(data=Path(data), output=Path(out), progress=False))
+    trainer = MSNTrainer(
+        tiny_config(optimization={"epochs": 1}),
+        TrainOptions(data=Path(data), output=Path(out), progress=False),
+    )
 
     # GlobalBatchNorm1d over two half batches must equal BatchNorm1d over the whole batch.
     torch.manual_seed(123)
@@ -50,7 +57,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         "target": trainer.target.state_dict(),
         "prototypes": trainer.prototypes.detach().clone(),
         "bn_running_mean": bn.running_mean.clone(),
-        "bn_input_grad": full.grad[rank * 4:(rank + 1) * 4].clone(),
+        "bn_input_grad": full.grad[rank * 4 : (rank + 1) * 4].clone(),
     }
     torch.save(state, Path(out) / f"rank{rank}.pt")
     dist_utils.shutdown()
@@ -101,15 +108,34 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "optimization": {"epochs": 1}}))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "fewshot_common.cli", "train",
-           "--config", str(config), "--data", str(data), "--output", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "fewshot_common.cli",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # report.png: drawn once, by rank 0, at the end of `fewshot train`.
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt", "config.yaml", "metrics.jsonl", "report.png"
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "report.png",
     ]
     assert proc.stdout.count("report ") == 1
     start = read_metrics(out)[0]

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_common.cancellation import Cancellation
 from fewshot_common.errors import Cancelled, Overloaded
-from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.core.batcher import BatchConfig, DynamicBatcher
 from fewshot_service.core.decode_pool import DecodePool
@@ -177,7 +177,11 @@ def assert_healthy_and_empty(http: httpx.Client, namespace: str) -> None:
 @pytest.mark.parametrize(
     ("name", "make", "message"),
     [
-        ("scan-repeating-jpeg", lambda: hostile.scan_repeating_jpeg(3000, (2000, 2000)), "more than 64 scans"),
+        (
+            "scan-repeating-jpeg",
+            lambda: hostile.scan_repeating_jpeg(3000, (2000, 2000)),
+            "more than 64 scans",
+        ),
         ("pixels-per-request", lambda: [hostile.sixteen_bit_png((6000, 6000))] * 6, "pixels in all"),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
@@ -188,9 +192,7 @@ def test_hostile_uploads_are_refused_fast_and_add_nothing(
     made = make()
     images = made if isinstance(made, list) else [samples.solid_png((1, 2, 3)), made]
     started = time.monotonic()
-    response = http.post(
-        "/v1/classes/cat/examples", params={"namespace": name}, files=upload(*images)
-    )
+    response = http.post("/v1/classes/cat/examples", params={"namespace": name}, files=upload(*images))
     assert time.monotonic() - started < 5.0
     assert response.status_code == 413, response.text
     body = response.json()
@@ -237,10 +239,13 @@ def test_a_busy_decode_pool_answers_429_and_the_slow_request_still_succeeds(
 def test_the_class_cap_is_409_and_the_class_keeps_its_examples(http: httpx.Client) -> None:
     images = [samples.solid_png((10 * i, 0, 0)) for i in range(MAX_EXAMPLES)]
     namespace = "cap"
-    assert http.post("/v1/classes/cat/examples", params={"namespace": namespace}, files=upload(*images)).status_code == 201
-    response = http.post(
-        "/v1/classes/cat/examples", params={"namespace": namespace}, files=upload(images[0])
+    assert (
+        http.post(
+            "/v1/classes/cat/examples", params={"namespace": namespace}, files=upload(*images)
+        ).status_code
+        == 201
     )
+    response = http.post("/v1/classes/cat/examples", params={"namespace": namespace}, files=upload(images[0]))
     assert response.status_code == 409
     assert f"would exceed the limit of {MAX_EXAMPLES} examples per class" in response.json()["message"]
     classes = http.get("/v1/classes", params={"namespace": namespace}).json()["classes"]

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import httpx
@@ -67,7 +67,9 @@ def pool() -> Iterator[DecodePool]:
 
 
 def test_the_worker_imports_no_onnxruntime() -> None:
-    code = "import sys, fewshot_service.core.decode_worker; print(sorted(m for m in sys.modules if 'onnx' in m))"
+    code = (
+        "import sys, fewshot_service.core.decode_worker; print(sorted(m for m in sys.modules if 'onnx' in m))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -156,9 +158,14 @@ def test_stored_copies_carry_no_gps_exif_or_comment(fmt: str) -> None:
 @pytest.fixture(scope="module")
 def stack(private_redis, tiny_model_path: Path) -> Iterator[ServerStack]:
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="decode-isolation",
-        decode_workers=1, decode_queue=2, decode_memory=MEMORY, decode_cpu_s=CPU_S,
-    )  # fmt: skip
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="decode-isolation",
+        decode_workers=1,
+        decode_queue=2,
+        decode_memory=MEMORY,
+        decode_cpu_s=CPU_S,
+    )
     with ServerStack(settings) as running:
         yield running
 

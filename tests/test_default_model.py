@@ -41,8 +41,9 @@ def test_default_model_scores_above_chance_on_a_slice_of_the_dev_set(
         (tmp_path / folder.name).mkdir()
         for image in sorted(folder.iterdir())[:20]:
             (tmp_path / folder.name / image.name).symlink_to(image)
-    assert fewshot(["eval", "--model", str(MODEL), "--data", str(tmp_path),
-                    "--episodes", "100", "--json"]) == 0
+    assert (
+        fewshot(["eval", "--model", str(MODEL), "--data", str(tmp_path), "--episodes", "100", "--json"]) == 0
+    )
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["model_id"] == Embedder(MODEL).model_id
     # Measured on this slice: 46.5 (5-shot) and 35.8 (1-shot), +-1.8 (v1: 42.0 and 33.6); on the

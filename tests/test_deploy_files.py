@@ -102,7 +102,9 @@ def test_tests_and_both_images_run_one_onnxruntime() -> None:
 def test_the_gpu_requirements_swap_only_onnxruntime(tmp_path) -> None:
     import importlib.util  # deploy/ is no package: the script as a module
 
-    spec = importlib.util.spec_from_file_location("image_requirements", REPO_ROOT / "deploy" / "image_requirements.py")
+    spec = importlib.util.spec_from_file_location(
+        "image_requirements", REPO_ROOT / "deploy" / "image_requirements.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     pyproject = REPO_ROOT / "pyproject.toml"

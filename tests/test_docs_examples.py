@@ -27,7 +27,9 @@ from doc_blocks import BASH_PRELUDE, Block, Unit, doc_files, localize, parse_blo
 # list only checks that the search did not lose one.
 MUST_FIND = ["README.md", "deploy/README.md", "service/client/README.md", "models/MODEL_CARD.md"]
 
-BLOCKS: list[Block] = [b for path in doc_files(REPO_ROOT) for b in parse_blocks((REPO_ROOT / path).read_text(), path)]
+BLOCKS: list[Block] = [
+    b for path in doc_files(REPO_ROOT) for b in parse_blocks((REPO_ROOT / path).read_text(), path)
+]
 UNITS: list[Unit] = units(BLOCKS)
 
 # What key examples must print, beyond exiting with 0: (file, a line of the block) -> patterns.
@@ -39,12 +41,16 @@ EXPECTED_OUTPUT: dict[tuple[str, str], list[str]] = {
         r'"deleted_classes":1,',  # the namespace "shop" held one class
     ],
     ("README.md", "[result] = client.classify"): [r"^(True|False) (cat|dog) "],
-    ("deploy/README.md", "fewshot keygen --name ingest-bot"): [r'name = "ingest-bot"', r'namespaces = \[\s*"\*",?\s*\]'],  # tomli-w may wrap the array
+    ("deploy/README.md", "fewshot keygen --name ingest-bot"): [
+        r'name = "ingest-bot"',
+        r'namespaces = \[\s*"\*",?\s*\]',
+    ],  # tomli-w may wrap the array
 }
 
 
 def make_images(folder: Path) -> None:
     """The image files the examples name: two red cats, a dog, a query, two for embedding."""
+
     def draw(name: str, background: str, shape: str, box: tuple[int, int, int, int]) -> None:
         image = Image.new("RGB", (96, 96), background)
         ImageDraw.Draw(image).ellipse(box, fill=shape)
@@ -59,7 +65,9 @@ def make_images(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[tuple[ServeProcess, Path]]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path
+) -> Iterator[tuple[ServeProcess, Path]]:
     """One server for every block, and the working folder the blocks run in."""
     root = tmp_path_factory.mktemp("docs")
     workdir = root / "work"
@@ -171,12 +179,17 @@ print("tildes")
 def test_markers_join_and_exclude_blocks_and_unmarked_or_reasonless_blocks_are_reported() -> None:
     blocks = parse_blocks(SAMPLE, Path("sample.md"))
     assert [(b.line, b.language, b.not_run, b.continues) for b in blocks] == [
-        (3, "bash", None, False), (8, "bash", None, True), (14, "sh", "needs Docker", False),
-        (18, "text", None, False), (23, "python", "", False), (27, "python", None, False),
-    ]  # fmt: skip
+        (3, "bash", None, False),
+        (8, "bash", None, True),
+        (14, "sh", "needs Docker", False),
+        (18, "text", None, False),
+        (23, "python", "", False),
+        (27, "python", None, False),
+    ]
     assert [(u.name, u.runner, u.source) for u in units(blocks)] == [
-        ("sample.md:3", "bash", "echo one\n\necho two\n"), ("sample.md:27", "python", 'print("tildes")\n'),
-    ]  # fmt: skip
+        ("sample.md:3", "bash", "echo one\n\necho two\n"),
+        ("sample.md:27", "python", 'print("tildes")\n'),
+    ]
     found = problems(blocks)
     assert len(found) == 2
     assert found[0].startswith("sample.md:18: a 'text' block can't be run")
@@ -191,7 +204,14 @@ def test_a_continuation_after_a_not_run_block_is_reported() -> None:
 
 
 def test_doc_files_take_new_docs_at_any_depth_and_skip_hidden_and_installed_folders(tmp_path: Path) -> None:
-    for name in ["README.md", "docs/a.md", "docs/deep/er/b.md", ".venv/lib/x.md", "pkg.egg-info/y.md", "notes.txt"]:
+    for name in [
+        "README.md",
+        "docs/a.md",
+        "docs/deep/er/b.md",
+        ".venv/lib/x.md",
+        "pkg.egg-info/y.md",
+        "notes.txt",
+    ]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("# x\n")
     assert [p.as_posix() for p in doc_files(tmp_path)] == ["README.md", "docs/a.md", "docs/deep/er/b.md"]

@@ -63,7 +63,9 @@ def broken_links(root: Path, path: Path) -> list[str]:
     return broken
 
 
-LINKED_DOCS = [p for p in doc_files(REPO_ROOT) if p.parts[0] in ("docs", "deploy") or p.as_posix() == "README.md"]
+LINKED_DOCS = [
+    p for p in doc_files(REPO_ROOT) if p.parts[0] in ("docs", "deploy") or p.as_posix() == "README.md"
+]
 
 
 def test_the_readme_is_the_front_door_of_at_most_300_lines() -> None:
@@ -95,13 +97,18 @@ def test_a_broken_link_is_reported_and_urls_anchors_and_code_are_not(tmp_path: P
         "```\n[fenced](nowhere.md)\n```\n"
         "[spaced](docs/here%2Emd)\n"
     )
-    assert broken_links(tmp_path, Path("README.md")) == ["README.md:1: docs/gone.md", "README.md:1: ../outside.md"]
+    assert broken_links(tmp_path, Path("README.md")) == [
+        "README.md:1: docs/gone.md",
+        "README.md:1: ../outside.md",
+    ]
 
 
 def test_configuration_page_is_what_the_generator_writes_from_settings() -> None:
     generator = _gen_config_doc()
     committed = (REPO_ROOT / "docs" / "configuration.md").read_text()
-    assert committed == generator.render(), "docs/configuration.md is stale: run python tools/gen_config_doc.py"
+    assert committed == generator.render(), (
+        "docs/configuration.md is stale: run python tools/gen_config_doc.py"
+    )
     assert generator.main(["--check"]) == 0
 
 
@@ -135,7 +142,7 @@ def test_every_benchmark_table_names_its_date_cpu_and_command() -> None:
             if line.startswith("#"):
                 meta_seen = False
             if line.startswith("Date:"):
-                paragraph = " ".join(itertools.takewhile(str.strip, lines[number - 1:]))
+                paragraph = " ".join(itertools.takewhile(str.strip, lines[number - 1 :]))
                 meta_seen = "CPU:" in paragraph and "Reproduce:" in paragraph
             if line.lstrip().startswith("|") and not in_table and not meta_seen:
                 missing.append(f"{path.relative_to(REPO_ROOT)}:{number}")

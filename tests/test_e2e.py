@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import grpc
@@ -18,8 +18,8 @@ import pytest
 import redis
 from PIL import Image
 
-from fewshot_service.app import ServerStack
 from fewshot_client import FewShotClient
+from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.registry.registry import Registry
 
@@ -28,7 +28,9 @@ from conftest import stack_settings
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
-def photo(colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 40), fmt: str = "PNG") -> bytes:
+def photo(
+    colour: tuple[int, int, int], seed: int, size: tuple[int, int] = (40, 40), fmt: str = "PNG"
+) -> bytes:
     """A noisy, slightly shifted shade of ``colour``: distinct bytes for every seed."""
     rng = np.random.default_rng(seed)
     shade = np.asarray(colour) + rng.integers(-20, 21, 3)
@@ -44,8 +46,9 @@ def upload(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 def add(http: str, label: str, images: list[bytes], namespace: str | None = None) -> dict:
     params = {"namespace": namespace} if namespace else {}
-    response = httpx.post(f"{http}/v1/classes/{quote(label, safe='')}/examples",
-                          files=upload(images), params=params, timeout=60)  # fmt: skip
+    response = httpx.post(
+        f"{http}/v1/classes/{quote(label, safe='')}/examples", files=upload(images), params=params, timeout=60
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -58,9 +61,10 @@ def unit_mean(vectors: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def replicas(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[list[ServerStack]]:
     """Two servers (each its own Redis client, registry cache and ports) sharing one Redis."""
-    with ServerStack(stack_settings(tiny_model_path, private_redis.url)) as a, ServerStack(
-        stack_settings(tiny_model_path, private_redis.url)
-    ) as b:
+    with (
+        ServerStack(stack_settings(tiny_model_path, private_redis.url)) as a,
+        ServerStack(stack_settings(tiny_model_path, private_redis.url)) as b,
+    ):
         yield [a, b]
 
 
@@ -79,8 +83,11 @@ def test_five_shots_over_rest_then_held_out_images_classified_over_grpc(
     for label, colour in COLOURS.items():
         info = add(http_of(a), label, [photo(colour, seed) for seed in range(5)])
         assert info["count"] == 5
-    held_out = [(label, photo(colour, 1000 + s, size=(56, 44), fmt=fmt))
-                for label, colour in COLOURS.items() for s, fmt in enumerate(["PNG", "JPEG", "WEBP"])]  # fmt: skip
+    held_out = [
+        (label, photo(colour, 1000 + s, size=(56, 44), fmt=fmt))
+        for label, colour in COLOURS.items()
+        for s, fmt in enumerate(["PNG", "JPEG", "WEBP"])
+    ]
     with grpc_of(a) as client:
         results = client.classify([image for _, image in held_out], top_k=3)
         assert client.model_id == a.core.model_id

@@ -5,18 +5,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import pytest
 
-from fewshot_service.core.batcher import BatchConfig, DynamicBatcher
 from fewshot_common.embedder import Embedder, InvalidModel, default_providers
 from fewshot_common.errors import ImageError, Unavailable
 from fewshot_common.modelmeta import METADATA_KEY, ModelMeta
+from fewshot_service.core.batcher import BatchConfig, DynamicBatcher
 
 import image_samples as samples
 
@@ -69,9 +69,7 @@ def test_large_inputs_are_chunked_by_max_batch_size(
     np.testing.assert_allclose(small_batches.embed_array(pixels), embedder.embed_array(pixels), atol=1e-5)
 
 
-def test_embed_paths_equals_embed_images(
-    embedder: Embedder, images: list[bytes], tmp_path: Path
-) -> None:
+def test_embed_paths_equals_embed_images(embedder: Embedder, images: list[bytes], tmp_path: Path) -> None:
     paths = []
     for i, data in enumerate(images):
         paths.append(tmp_path / f"{i}.png")

@@ -13,11 +13,11 @@ from PIL import Image
 from fewshot_common.cli import main
 from fewshot_common.fewshot_eval import (
     _accuracy,
-    nearest_prototype_scores,
     allway_accuracy,
     episode_accuracy,
     evaluate_embeddings,
     l2_normalize,
+    nearest_prototype_scores,
 )
 
 
@@ -91,9 +91,7 @@ def test_interval_is_1_96_std_over_sqrt_trials_and_counts_are_reported() -> None
     for _ in range(50):
         chosen = rng.choice(len(by_class), size=5, replace=False)
         drawn = [rng.permutation(by_class[c])[:16] for c in chosen]
-        accs.append(
-            _accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn], nearest_prototype_scores)
-        )
+        accs.append(_accuracy(norm, [d[:1] for d in drawn], [d[1:] for d in drawn], nearest_prototype_scores))
     accs = 100 * np.array(accs)
     assert a["mean"] == pytest.approx(accs.mean())
     assert a["ci95"] == pytest.approx(1.96 * accs.std() / np.sqrt(50))
@@ -153,9 +151,7 @@ def _class_folders(root: Path, per_class: int, *, shuffle_labels: bool = False) 
     images = []
     for c, colour in enumerate(COLOURS):
         for i in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 15, size=(36, 44, 3)), 0, 255).astype(
-                np.uint8
-            )
+            pixels = np.clip(np.array(colour) + rng.normal(0, 15, size=(36, 44, 3)), 0, 255).astype(np.uint8)
             img = Image.fromarray(pixels, "RGB")
             images.append((c, img.convert("L") if i % 10 == 9 else img))
     classes = rng.permutation([c for c, _ in images]) if shuffle_labels else [c for c, _ in images]

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_eval import _class_folders
 
 from fewshot_common.cli import main
 from fewshot_common.eval_plots import allway_confusion, most_confused_pairs, per_class_accuracy
-
-from test_eval import _class_folders
 
 
 def _points_with_two_overlapping_classes() -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +47,23 @@ def test_eval_plot_writes_a_png_with_both_panels(
 ) -> None:
     data = _class_folders(tmp_path / "data", per_class=20)
     plot = tmp_path / "plots" / "eval.png"
-    assert main(["eval", "--model", str(tiny_model_path), "--data", str(data), "--episodes", "20",
-                 "--json", "--plot", str(plot)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_path),
+                "--data",
+                str(data),
+                "--episodes",
+                "20",
+                "--json",
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plot"] == str(plot)
     with Image.open(plot) as image:
         image.verify()
@@ -69,13 +83,27 @@ def test_without_matplotlib_eval_plot_says_how_to_get_it_before_embedding_anythi
 
     data = _class_folders(tmp_path / "data", per_class=20)
     # None in sys.modules makes `import matplotlib` fail as in the serving install.
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from fewshot_common.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from fewshot_common.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", code, "eval", "--model", str(tiny_model_path), "--data", str(data),
-         "--plot", str(tmp_path / "eval.png")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            code,
+            "eval",
+            "--model",
+            str(tiny_model_path),
+            "--data",
+            str(data),
+            "--plot",
+            str(tmp_path / "eval.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "fewshot eval: plots need matplotlib: pip install matplotlib" in result.stderr
     assert "embedding" not in result.stderr and not (tmp_path / "eval.png").exists()

@@ -95,9 +95,7 @@ def test_model_id_is_a_content_hash(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pool", ["cls", "cls_prenorm", "cls_mean"])
-def test_pool_heads_export_the_vector_they_name(
-    tmp_path: Path, pixels: np.ndarray, pool: str
-) -> None:
+def test_pool_heads_export_the_vector_they_name(tmp_path: Path, pixels: np.ndarray, pool: str) -> None:
     encoder = _random_encoder(0)
     out = tmp_path / f"{pool}.onnx"
     meta = export_onnx(EmbeddingHead(encoder, pool), SPEC, default_preprocess(SPEC), out)
@@ -126,9 +124,7 @@ def test_blocks_concatenates_the_pooled_vector_of_each_of_the_last_blocks(
 ) -> None:
     encoder = _random_encoder(0)  # 2 blocks
     out = tmp_path / "blocks.onnx"
-    meta = export_onnx(
-        EmbeddingHead(encoder, "cls_mean", blocks=2), SPEC, default_preprocess(SPEC), out
-    )
+    meta = export_onnx(EmbeddingHead(encoder, "cls_mean", blocks=2), SPEC, default_preprocess(SPEC), out)
     got = _embed(out, pixels)
     assert meta.embedding_dim == 2 * 2 * 64
 
@@ -211,8 +207,7 @@ def test_cli_blocks_with_centering_records_it_and_refuses_more_blocks_than_the_m
     tmp_path: Path, pixels: np.ndarray, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _write_images(tmp_path / "imgs", 6, seed=3)
-    base = ["export", "--arch", "vit_test_p8_32", "--pool", "cls", "--center-data",
-            str(tmp_path / "imgs")]
+    base = ["export", "--arch", "vit_test_p8_32", "--pool", "cls", "--center-data", str(tmp_path / "imgs")]
     out = tmp_path / "two.onnx"
     assert main([*base, "--blocks", "2", "--output", str(out)]) == 0
     meta = _meta(out)
@@ -456,9 +451,7 @@ def test_bad_checkpoints_and_options_exit_non_zero_with_a_message(
     assert "does not match" in fails("--checkpoint", str(no_anchor), "--arch", "vit_tiny_p8_64")
 
     wrong = make_checkpoint(
-        arch=ArchSpec(
-            "vit_test_p8_32", 32, 8, 64, 3, 2
-        ).to_dict(),  # one block more than the weights
+        arch=ArchSpec("vit_test_p8_32", 32, 8, 64, 3, 2).to_dict(),  # one block more than the weights
         target_encoder=_random_encoder(0).state_dict(),
     )
     message = fails("--checkpoint", str(save_checkpoint(wrong, tmp_path / "wrong.pt")))

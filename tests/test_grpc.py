@@ -6,8 +6,8 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -21,14 +21,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client import REGISTRY
 
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
-from fewshot_service.core.batcher import BatchConfig
 from fewshot_client import FewShotClient
-from fewshot_service.core.core import FewShotCore
 from fewshot_common.embedder import Embedder
-from fewshot_service.transport.grpc.server import create_grpc_server
 from fewshot_common.images import ImageLimits
+from fewshot_service.core.batcher import BatchConfig
+from fewshot_service.core.core import FewShotCore
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.registry.registry import Registry
+from fewshot_service.transport.grpc.server import create_grpc_server
 
 import image_samples as samples
 
@@ -77,9 +77,7 @@ class Served:
 def served(tiny_model_path: Path, private_redis: ManagedRedis) -> Iterator[Served]:
     # A generous queue delay makes merging of concurrent requests certain enough to assert.
     # Keys of its own: other test modules use the same private Redis (and its "default").
-    served = Served(
-        tiny_model_path, private_redis.url, BatchConfig(max_queue_delay_ms=20), KEY_PREFIX
-    )
+    served = Served(tiny_model_path, private_redis.url, BatchConfig(max_queue_delay_ms=20), KEY_PREFIX)
     yield served
     served.close()
 

@@ -188,10 +188,11 @@ def test_load_batch_count_limits() -> None:
 
 import time  # noqa: E402
 
-import hostile_images as hostile  # noqa: E402
 from fewshot_common.cancellation import Cancellation  # noqa: E402
 from fewshot_common.errors import Cancelled  # noqa: E402
 from fewshot_common.jpeg_scans import count_jpeg_scans  # noqa: E402
+
+import hostile_images as hostile  # noqa: E402
 
 
 def test_scan_count_is_read_from_the_markers() -> None:
@@ -213,8 +214,11 @@ def test_restart_markers_and_stuffed_bytes_inside_a_scan_are_not_markers() -> No
     with_restarts = _noise_jpeg(restart_marker_blocks=1)
     assert sum(with_restarts.count(bytes([0xFF, m])) for m in range(0xD0, 0xD8)) > 100
     assert count_jpeg_scans(baseline) == count_jpeg_scans(with_restarts) == 1
-    assert count_jpeg_scans(progressive) == count_jpeg_scans(
-        _noise_jpeg(progressive=True, restart_marker_blocks=1)) == 10
+    assert (
+        count_jpeg_scans(progressive)
+        == count_jpeg_scans(_noise_jpeg(progressive=True, restart_marker_blocks=1))
+        == 10
+    )
 
 
 def test_fill_bytes_before_a_marker_are_skipped() -> None:

@@ -66,10 +66,7 @@ def onnx_embed(path: Path, pixels: torch.Tensor) -> np.ndarray:
 def import_and_export(fmt: str, source: Path, tmp_path: Path, *extra: str) -> Path:
     """The user's two commands; returns the ONNX path."""
     ckpt, onnx_path = tmp_path / f"{fmt}.pt", tmp_path / f"{fmt}.onnx"
-    assert (
-        main(["import-checkpoint", "--format", fmt, str(source), "--output", str(ckpt), *extra])
-        == 0
-    )
+    assert main(["import-checkpoint", "--format", fmt, str(source), "--output", str(ckpt), *extra]) == 0
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(onnx_path)]) == 0
     return onnx_path
 
@@ -128,25 +125,19 @@ def test_bin_sharded_and_classifier_checkpoints_give_the_same_weights(tmp_path: 
     # pytorch_model.bin with the same tensors.
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
-    torch.save(
-        load_file(tmp_path / "plain" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin"
-    )
+    torch.save(load_file(tmp_path / "plain" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
     # Sharded safetensors with an index.
     model.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     # A classification model: the backbone under `vit.`, plus a classifier that is not imported.
-    classifier = random_hf_model(
-        "vit_small_p16", model_class=ViTMSNForImageClassification, num_labels=3
-    )
+    classifier = random_hf_model("vit_small_p16", model_class=ViTMSNForImageClassification, num_labels=3)
     classifier.vit.load_state_dict(model.state_dict())
     classifier.save_pretrained(tmp_path / "cls")
 
     # transformers 5's in-memory module names (layers.N.attention.q_proj, ...), as a plain
     # save_file(model.state_dict()) writes them.
     (tmp_path / "memory").mkdir()
-    (tmp_path / "memory" / "config.json").write_text(
-        (tmp_path / "plain" / "config.json").read_text()
-    )
+    (tmp_path / "memory" / "config.json").write_text((tmp_path / "plain" / "config.json").read_text())
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         tmp_path / "memory" / "model.safetensors",
@@ -209,10 +200,7 @@ def _copy_with(src: Path, dst: Path, *, config: dict | None = None, edit=None) -
 
 def _fails(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
     out = tmp_path / "never.pt"
-    assert (
-        main(["import-checkpoint", "--format", "hf", str(source), "--output", str(out), *extra])
-        == 1
-    )
+    assert main(["import-checkpoint", "--format", "hf", str(source), "--output", str(out), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fewshot import-checkpoint: ") and "Traceback" not in err
     assert not out.exists()
@@ -253,17 +241,11 @@ def test_config_that_timm_cannot_reproduce_is_refused(
         capsys,
     )
     assert "layer_norm_eps 1e-12" in err
-    err = _fails(
-        _copy_with(saved_small, tmp_path / "act", config={"hidden_act": "relu"}), tmp_path, capsys
-    )
+    err = _fails(_copy_with(saved_small, tmp_path / "act", config={"hidden_act": "relu"}), tmp_path, capsys)
     assert "hidden_act 'relu'" in err
-    err = _fails(
-        _copy_with(saved_small, tmp_path / "bert", config={"model_type": "bert"}), tmp_path, capsys
-    )
+    err = _fails(_copy_with(saved_small, tmp_path / "bert", config={"model_type": "bert"}), tmp_path, capsys)
     assert "model_type is 'bert'" in err
-    err = _fails(
-        _copy_with(saved_small, tmp_path / "size", config={"image_size": 96}), tmp_path, capsys
-    )
+    err = _fails(_copy_with(saved_small, tmp_path / "size", config={"image_size": 96}), tmp_path, capsys)
     assert "image_size 96 but the weights give 64" in err
 
 

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_import_hf import SIZES, hf_cls, import_and_export, onnx_embed, pixels_for, random_hf_model
 from torch import nn
 
 from fewshot_common.cli import main
 from fewshot_trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fewshot_trainer.importers import CheckpointImportError, read_msn
-
-from test_import_hf import SIZES, hf_cls, import_and_export, onnx_embed, pixels_for, random_hf_model
 
 
 def deit_state_from_hf(hf: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
@@ -73,9 +72,7 @@ def reference_head(width: int, seed: int, hidden: int = 64, out: int = 32) -> nn
     return head
 
 
-def ddp_encoder(
-    backbone: dict[str, torch.Tensor], head: nn.Module | None
-) -> dict[str, torch.Tensor]:
+def ddp_encoder(backbone: dict[str, torch.Tensor], head: nn.Module | None) -> dict[str, torch.Tensor]:
     state = dict(backbone)
     if head is not None:
         state.update({f"fc.{k}": v for k, v in head.state_dict().items()})
@@ -112,12 +109,8 @@ def training_checkpoint(path: Path) -> tuple:
     opt.step()
     torch.save(
         {
-            "encoder": ddp_encoder(
-                deit_state_from_hf(anchor_model.state_dict(), depth), anchor_head
-            ),
-            "target_encoder": ddp_encoder(
-                deit_state_from_hf(target_model.state_dict(), depth), target_head
-            ),
+            "encoder": ddp_encoder(deit_state_from_hf(anchor_model.state_dict(), depth), anchor_head),
+            "target_encoder": ddp_encoder(deit_state_from_hf(target_model.state_dict(), depth), target_head),
             "opt": opt.state_dict(),
             "prototypes": torch.randn(16, 32),
             "epoch": 3,
@@ -205,9 +198,7 @@ def test_projection_head_and_prototypes_come_along_and_can_seed_training(tmp_pat
 
 
 @pytest.mark.parametrize(("role", "which"), [("target", 0), ("anchor", 1)])
-def test_training_checkpoint_exports_the_chosen_encoder(
-    tmp_path: Path, role: str, which: int
-) -> None:
+def test_training_checkpoint_exports_the_chosen_encoder(tmp_path: Path, role: str, which: int) -> None:
     models = training_checkpoint(tmp_path / "latest.pth.tar")
     onnx_path = import_and_export("msn", tmp_path / "latest.pth.tar", tmp_path, "--encoder", role)
     pixels = pixels_for("vit_small_p16")
@@ -217,9 +208,7 @@ def test_training_checkpoint_exports_the_chosen_encoder(
     head = models[2 + which]
     assert torch.equal(ckpt["target_head"]["fc3.weight"], head.fc3.weight)
     if role == "target":  # the anchor encoder and head are kept too, for continued training
-        assert ckpt["encoder"] is not None and torch.equal(
-            ckpt["head"]["fc1.bias"], models[3].fc1.bias
-        )
+        assert ckpt["encoder"] is not None and torch.equal(ckpt["head"]["fc1.bias"], models[3].fc1.bias)
 
 
 def test_arch_states_the_heads_and_must_fit_the_shapes(
@@ -255,9 +244,7 @@ def test_arch_states_the_heads_and_must_fit_the_shapes(
 
 def _fails(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
     out = tmp_path / "never.pt"
-    assert (
-        main(["import-checkpoint", "--format", "msn", str(path), "--output", str(out), *extra]) == 1
-    )
+    assert main(["import-checkpoint", "--format", "msn", str(path), "--output", str(out), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fewshot import-checkpoint: ") and "Traceback" not in err
     assert not out.exists()
@@ -303,9 +290,7 @@ def test_missing_unexpected_and_misshapen_keys_are_named(
 
     err = _fails(variant(lambda e: e.pop("module.blocks.1.attn.qkv.weight")), tmp_path, capsys)
     assert "missing ['module.blocks.1.attn.qkv.weight']" in err
-    err = _fails(
-        variant(lambda e: e.update({"module.pred.weight": torch.zeros(1)})), tmp_path, capsys
-    )
+    err = _fails(variant(lambda e: e.update({"module.pred.weight": torch.zeros(1)})), tmp_path, capsys)
     assert "unexpected ['module.pred.weight']" in err
     err = _fails(
         variant(lambda e: e.update({"module.blocks.0.mlp.fc2.weight": torch.zeros(384, 10)})),
@@ -315,13 +300,9 @@ def test_missing_unexpected_and_misshapen_keys_are_named(
     assert "module.blocks.0.mlp.fc2.weight (384, 10) (expected (384, 1536))" in err
     err = _fails(variant(lambda e: e.pop("module.fc.bn2.running_var")), tmp_path, capsys)
     assert "missing ['module.fc.bn2.running_var']" in err
-    err = _fails(
-        variant(lambda e: e.update({"module.pos_embed": torch.zeros(1, 18, 384)})), tmp_path, capsys
-    )
+    err = _fails(variant(lambda e: e.update({"module.pos_embed": torch.zeros(1, 18, 384)})), tmp_path, capsys)
     assert "17 position embeddings (+1 for CLS) is not a square grid" in err
-    err = _fails(
-        _write(tmp_path, "p.pt", {**released, "prototypes": torch.zeros(16, 8)}), tmp_path, capsys
-    )
+    err = _fails(_write(tmp_path, "p.pt", {**released, "prototypes": torch.zeros(16, 8)}), tmp_path, capsys)
     assert "prototypes (16, 8) do not match the head's output 32" in err
     with pytest.raises(CheckpointImportError, match="not a state dict of tensors"):
         read_msn(_write(tmp_path, "s.pt", {"target_encoder": [1, 2, 3]}))

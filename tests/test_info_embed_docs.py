@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, stack_settings
+from fewshot_client import FewShotClient
 from fewshot_common.embedder import Embedder
 from fewshot_common.model_license import model_license
 from fewshot_common.modelmeta import Preprocess
 from fewshot_common.openvino_engine import bf16_is_fastest
 from fewshot_service.app import ServerStack
-from fewshot_client import FewShotClient
+
+from conftest import REPO_ROOT, stack_settings
 
 
 def png(colour: tuple[int, int, int]) -> bytes:
@@ -75,8 +76,13 @@ def test_licence_from_the_model_metadata_wins_over_a_sidecar(tmp_path: Path) -> 
     torch.manual_seed(0)
     spec = get_arch("vit_test_p8_32")
     path = tmp_path / "licensed.onnx"
-    export_onnx(build_vit(spec), spec, Preprocess(input_size=32, resize_size=36), path,
-                extra={"license": "CC-BY-4.0, trained on my own photos"})  # fmt: skip
+    export_onnx(
+        build_vit(spec),
+        spec,
+        Preprocess(input_size=32, resize_size=36),
+        path,
+        extra={"license": "CC-BY-4.0, trained on my own photos"},
+    )
     (tmp_path / "licensed.onnx.license").write_text("the sidecar's text")
     assert model_license(path, Embedder(path).meta) == "CC-BY-4.0, trained on my own photos"
 
@@ -92,7 +98,9 @@ def test_licence_from_a_sidecar_next_to_the_model(tmp_path: Path, tiny_model_pat
 
 def test_embed_over_rest_gives_the_grpc_embeddings(http: httpx.Client, stack: ServerStack) -> None:
     images = [png((230, 20, 20)), png((20, 20, 230))]
-    response = http.post("/v1/embed", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)])
+    response = http.post(
+        "/v1/embed", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)]
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_id"] == stack.core.model_id

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -80,7 +79,9 @@ def test_the_objects_refer_to_each_other_by_the_right_names() -> None:
     assert container["envFrom"][0]["configMapRef"]["name"] == "fewshot-config"
 
     valkey = find("StatefulSet", "valkey")
-    assert valkey["spec"]["serviceName"] == "valkey" and find("Service", "valkey")["spec"]["clusterIP"] == "None"
+    assert (
+        valkey["spec"]["serviceName"] == "valkey" and find("Service", "valkey")["spec"]["clusterIP"] == "None"
+    )
     assert "valkey-0.valkey:6379" in next(e["value"] for e in container["env"] if e["name"] == "REDIS_URL")
     assert "appendonly yes" in find("ConfigMap", "valkey-config")["data"]["valkey.conf"]
     assert valkey["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"

@@ -21,8 +21,7 @@ def vit():
 
 @pytest.mark.parametrize(
     ("patches", "ratio", "kept"),
-    [(196, 0.15, 166), (196, 0.3, 137), (1024, 0.7, 307), (3136, 0.7, 940), (64, 0.3, 44),
-     (16, 0.0, 16)],
+    [(196, 0.15, 166), (196, 0.3, 137), (1024, 0.7, 307), (3136, 0.7, 940), (64, 0.3, 44), (16, 0.0, 16)],
 )
 def test_visible_token_counts_match_the_reference(patches: int, ratio: float, kept: int) -> None:
     assert num_kept(patches, ratio) == kept == math.floor(patches * (1 - ratio) + 1e-9)

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 from redis.cluster import RedisCluster
 
-import image_samples as samples
 from fewshot_common.embedder import Embedder
 from fewshot_service.core.backfill import Backfiller, FillResult
 from fewshot_service.registry.model_store import ModelStore
 from fewshot_service.registry.redis_client import RedisClient, connect_redis
 from fewshot_service.registry.registry import ModelIncompleteError, Registry
+
+import image_samples as samples
 
 NS = "roll/🐱"
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220)}
@@ -31,8 +32,10 @@ COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (20, 30, 220)}
 def shots(colour: str, n: int, seed: int) -> list[bytes]:
     rng = np.random.default_rng(seed)
     rgb = COLOURS[colour]
-    return [samples.solid_png(tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in rgb))
-            for _ in range(n)]  # fmt: skip
+    return [
+        samples.solid_png(tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in rgb))
+        for _ in range(n)
+    ]
 
 
 def unit_mean(vectors: np.ndarray) -> np.ndarray:
@@ -65,13 +68,17 @@ def registry(client: RedisClient) -> Registry:
 
 def backfiller(registry: Registry, model: Embedder, **options: int) -> Backfiller:
     """A replica of ``model``: its own registry client view, embedding with the real model."""
-    return Backfiller(ModelStore(registry), model.model_id,
-                      lambda images, _cancel: model.embed_images(images), **options)  # fmt: skip
+    return Backfiller(
+        ModelStore(registry), model.model_id, lambda images, _cancel: model.embed_images(images), **options
+    )
 
 
-def add(registry: Registry, model: Embedder, label: str, images: list[bytes], store: bool = True) -> list[str]:
-    info = registry.add_examples(NS, label, model.embed_images(images), model.model_id,
-                                 images if store else None)  # fmt: skip
+def add(
+    registry: Registry, model: Embedder, label: str, images: list[bytes], store: bool = True
+) -> list[str]:
+    info = registry.add_examples(
+        NS, label, model.embed_images(images), model.model_id, images if store else None
+    )
     return info.added_example_ids
 
 
@@ -87,7 +94,9 @@ def test_a_second_model_is_backfilled_from_stored_images_and_both_keep_their_pro
     add(registry, model_a, "red", reds)
     add(registry, model_a, "green", greens)
     before_a = registry.prototypes(NS, model_a.model_id).matrix.copy()
-    with pytest.raises(ModelIncompleteError, match=f"0 of 11 examples embedded for model '{model_b.model_id}'"):
+    with pytest.raises(
+        ModelIncompleteError, match=f"0 of 11 examples embedded for model '{model_b.model_id}'"
+    ):
         registry.prototypes(NS, model_b.model_id)
 
     replica_b = backfiller(registry, model_b, batch_size=4)
@@ -99,7 +108,8 @@ def test_a_second_model_is_backfilled_from_stored_images_and_both_keep_their_pro
     [listed] = registry.list_namespaces()
     assert (listed.class_count, listed.example_count) == (2, 11)
     assert {(m.model_id, m.embedded, m.complete) for m in listed.models} == {
-        (model_a.model_id, 11, True), (model_b.model_id, 11, True)
+        (model_a.model_id, 11, True),
+        (model_b.model_id, 11, True),
     }
     # A second pass finds nothing to do; an example added on B is then missing only for A,
     # and A's replica fills it on demand.
@@ -172,7 +182,9 @@ def test_fills_skip_examples_deleted_meanwhile_and_other_epochs(
     vectors = model_b.embed_images(images)
     registry.delete_example(NS, "red", ids[0])  # deleted between the read and the write
     assert store.fill(NS, model_b.model_id, missing.epoch, missing.examples, vectors) == 2
-    np.testing.assert_allclose(registry.prototypes(NS, model_b.model_id).matrix[0], unit_mean(vectors[1:]), atol=1e-5)
+    np.testing.assert_allclose(
+        registry.prototypes(NS, model_b.model_id).matrix[0], unit_mean(vectors[1:]), atol=1e-5
+    )
     # A second write of the same examples (another request filled them first) changes nothing.
     assert store.fill(NS, model_b.model_id, missing.epoch, missing.examples, vectors) == 0
     assert registry.status(NS, model_b.model_id).embedded == 2
@@ -191,21 +203,28 @@ def test_deleting_examples_classes_and_the_namespace_removes_every_model_s_keys(
     add(registry, model_a, "keep", shots("green", 1, 8))
     untouched = all_keys(client)
     NSX = "other"
-    ids = registry.add_examples(NSX, "red", model_a.embed_images(shots("red", 3, 9)), model_a.model_id,
-                                shots("red", 3, 9)).added_example_ids  # fmt: skip
-    registry.add_examples(NSX, "green", model_b.embed_images(shots("green", 2, 10)), model_b.model_id,
-                          shots("green", 2, 10))  # fmt: skip
+    ids = registry.add_examples(
+        NSX, "red", model_a.embed_images(shots("red", 3, 9)), model_a.model_id, shots("red", 3, 9)
+    ).added_example_ids
+    registry.add_examples(
+        NSX, "green", model_b.embed_images(shots("green", 2, 10)), model_b.model_id, shots("green", 2, 10)
+    )
     assert backfiller(registry, model_b).backfill(NSX) == FillResult(3, 0)
     # An example embedded by both models goes from both, its class's sums staying exact.
     registry.delete_example(NSX, "red", ids[0])
     for model in (model_a, model_b):
         snapshot = registry.example_snapshot(NSX, model_id=model.model_id, only_labels=["red"])
-        np.testing.assert_allclose(snapshot.means[snapshot.labels.index("red")],
-                                   unit_mean(model.embed_images(shots("red", 3, 9))[1:]), atol=1e-5)
+        np.testing.assert_allclose(
+            snapshot.means[snapshot.labels.index("red")],
+            unit_mean(model.embed_images(shots("red", 3, 9))[1:]),
+            atol=1e-5,
+        )
     assert registry.status(NSX, model_a.model_id).embedded == 2  # green is B's only: A lacks it
     registry.delete_class(NSX, "red")
-    assert not any(f":img:{'red'.encode().hex()}" in k or k.endswith(f":ex:{'red'.encode().hex()}")
-                   for k in all_keys(client))  # fmt: skip
+    assert not any(
+        f":img:{b'red'.hex()}" in k or k.endswith(f":ex:{b'red'.hex()}")
+        for k in all_keys(client)
+    )
     assert registry.status(NSX, model_b.model_id).embedded == 2
     deleted = registry.delete_namespace(NSX)
     assert (deleted.class_count, deleted.example_count) == (1, 2)
@@ -269,8 +288,9 @@ def test_a_stopped_backfill_ends_after_its_batch_and_releases_its_lease(
 # -- the layout before per-model keys ------------------------------------------------------------
 
 
-def write_legacy_namespace(client: RedisClient, namespace: str, model_id: str,
-                           classes: dict[str, np.ndarray]) -> None:  # fmt: skip
+def write_legacy_namespace(
+    client: RedisClient, namespace: str, model_id: str, classes: dict[str, np.ndarray]
+) -> None:
     """What the scripts before per-model keys left in Redis (see git history of registry.py)."""
     base = f"roll:{{ns:{namespace.encode().hex()}}}"
     dim = next(iter(classes.values())).shape[1]
@@ -283,8 +303,15 @@ def write_legacy_namespace(client: RedisClient, namespace: str, model_id: str,
             client.hset(f"{base}:ex:{field}", str(next_id), row.astype("<f4").tobytes())
         client.hset(f"{base}:counts", field, len(vectors))
         client.hset(f"{base}:prototypes", field, unit_mean(vectors).astype("<f4").tobytes())
-    client.hset(f"{base}:state", mapping={"epoch": uuid.uuid4().hex, "generation": len(classes),
-                                          "next_example_id": next_id, "logged": len(classes)})  # fmt: skip
+    client.hset(
+        f"{base}:state",
+        mapping={
+            "epoch": uuid.uuid4().hex,
+            "generation": len(classes),
+            "next_example_id": next_id,
+            "logged": len(classes),
+        },
+    )
 
 
 def test_a_namespace_of_the_old_layout_keeps_classifying_on_its_model_and_is_migrated_once(
@@ -325,6 +352,8 @@ def test_every_operation_migrates_an_old_namespace_first(
         client.flushall() if not isinstance(client, RedisCluster) else client.flushall(
             target_nodes=RedisCluster.PRIMARIES
         )
-        write_legacy_namespace(client, NS, model_a.model_id, {"red": model_a.embed_images(shots("red", 2, 17))})
+        write_legacy_namespace(
+            client, NS, model_a.model_id, {"red": model_a.embed_images(shots("red", 2, 17))}
+        )
         operation(Registry(client, key_prefix="roll"))  # a fresh replica: nothing cached
-        assert not [k for k in all_keys(client) if k.endswith(":model") or f"}}:ex:" in k]
+        assert not [k for k in all_keys(client) if k.endswith(":model") or "}:ex:" in k]

@@ -8,18 +8,18 @@ dropping A's embeddings once no server runs it."""
 from __future__ import annotations
 
 import io
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, stack_settings
 from fewshot_service.app import ServerStack
 from fewshot_service.client import FewShotClient, errors
+
+from conftest import REPO_ROOT, stack_settings
 from rolled_model import rolled_model
 
 PREFIX = "roll-e2e"
@@ -54,8 +54,11 @@ def add(client: httpx.Client, label: str, images: list[bytes], namespace: str = 
 
 
 def classify(client: httpx.Client, image: bytes, namespace: str = "shop") -> httpx.Response:
-    return client.post("/v1/classify", params={"namespace": namespace, "top_k": 1},
-                       files=[("files", ("q.jpg", image, "image/jpeg"))])  # fmt: skip
+    return client.post(
+        "/v1/classify",
+        params={"namespace": namespace, "top_k": 1},
+        files=[("files", ("q.jpg", image, "image/jpeg"))],
+    )
 
 
 def models_of(client: httpx.Client, namespace: str = "shop") -> dict[str, tuple[int, bool]]:
@@ -80,8 +83,9 @@ def test_classes_added_on_one_model_are_classified_on_the_other_without_reupload
 
     # B computes at most 2 missing embeddings itself per request; 6 are missing, so its first
     # Classify starts a background backfill and answers 409 with the progress.
-    settings_b = stack_settings(model_b, redis_url, redis_key_prefix=PREFIX, backfill_on_demand=2,
-                                backfill_on_start=False)  # fmt: skip
+    settings_b = stack_settings(
+        model_b, redis_url, redis_key_prefix=PREFIX, backfill_on_demand=2, backfill_on_start=False
+    )
     with ServerStack(settings_b) as server_b, http(server_b) as b, http(server_a) as a:
         model_id_a, model_id_b = server_a.core.model_id, server_b.core.model_id
         assert model_id_a != model_id_b
@@ -90,8 +94,13 @@ def test_classes_added_on_one_model_are_classified_on_the_other_without_reupload
         body = refused.json()
         assert body["error"] == "failed_precondition"
         assert f"0 of 6 examples embedded for model '{model_id_b}'" in body["message"]
-        assert body["progress"] == {"model_id": model_id_b, "embedded": 0, "total": 6,
-                                    "without_image": 0, "backfilling": True}  # fmt: skip
+        assert body["progress"] == {
+            "model_id": model_id_b,
+            "embedded": 0,
+            "total": 6,
+            "without_image": 0,
+            "backfilling": True,
+        }
         # A keeps serving with its own embeddings meanwhile.
         assert classify(a, photo("green", 97)).json()["results"][0][0]["label"] == "green"
 
@@ -137,21 +146,28 @@ def test_the_roll_finishes_by_dropping_the_old_models_embeddings(
         server_a.stop()  # the last server of model A is gone
         dropped = b.delete(f"/v1/models/{model_id_a}")
         assert dropped.status_code == 200, dropped.text
-        assert dropped.json() == {"model_id": model_id_a, "dropped_embeddings": 3,
-                                  "namespaces": ["other", "shop"]}  # fmt: skip
+        assert dropped.json() == {
+            "model_id": model_id_a,
+            "dropped_embeddings": 3,
+            "namespaces": ["other", "shop"],
+        }
         assert models_of(b) == {model_id_b: (2, True)}
         assert classify(b, photo("red", 6)).json()["results"][0][0]["label"] == "red"
         assert b.get("/v1/models").json()["models"] == [
-            {"model_id": model_id_b, "served_here": True, "namespaces": 2, "complete_namespaces": 2,
-             "embeddings": 3}
+            {
+                "model_id": model_id_b,
+                "served_here": True,
+                "namespaces": 2,
+                "complete_namespaces": 2,
+                "embeddings": 3,
+            }
         ]
 
 
-def test_with_store_images_off_a_roll_needs_a_reupload(
-    private_redis, redis_url: str, model_b: Path
-) -> None:
-    settings_a = stack_settings(REPO_ROOT / "models" / "default.onnx", redis_url,
-                                redis_key_prefix=PREFIX, store_images=False)  # fmt: skip
+def test_with_store_images_off_a_roll_needs_a_reupload(private_redis, redis_url: str, model_b: Path) -> None:
+    settings_a = stack_settings(
+        REPO_ROOT / "models" / "default.onnx", redis_url, redis_key_prefix=PREFIX, store_images=False
+    )
     settings_b = stack_settings(model_b, redis_url, redis_key_prefix=PREFIX, backfill_on_start=False)
     with ServerStack(settings_a) as server_a, ServerStack(settings_b) as server_b:
         with http(server_a) as a, http(server_b) as b:
@@ -163,5 +179,7 @@ def test_with_store_images_off_a_roll_needs_a_reupload(
             # Re-uploading through B (and deleting the old example) is the way out.
             add(b, "red", [photo("red", 1)])
             old = b.get("/v1/classes/red", params={"namespace": "shop"}).json()["example_ids"][0]
-            assert b.delete(f"/v1/classes/red/examples/{old}", params={"namespace": "shop"}).status_code == 200
+            assert (
+                b.delete(f"/v1/classes/red/examples/{old}", params={"namespace": "shop"}).status_code == 200
+            )
             assert classify(b, photo("red", 3)).json()["results"][0][0]["label"] == "red"

@@ -112,7 +112,9 @@ class Needs:
                 self._need(on, rhs, f"on ({', '.join(sorted(on))}), right side")
             if modifier is not None and modifier.card is not None and modifier.group_labels:
                 extra = frozenset(modifier.group_labels)
-                left = "OneToMany" not in str(modifier.card)  # group_left: the extra labels come from the right
+                left = "OneToMany" not in str(
+                    modifier.card
+                )  # group_left: the extra labels come from the right
                 self._need(extra, rhs if left else lhs, f"group labels {sorted(extra)}")
                 return (lhs if left else rhs) | extra
             return lhs
@@ -167,15 +169,29 @@ def exposed(tiny_model_path: Path, private_redis, tmp_path_factory: pytest.TempP
     key_file = tmp_path_factory.mktemp("keys") / "api-keys"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     key_file.write_text(f'[[keys]]\nname = "ops"\nsha256 = "{digest}"\nrole = "write"\nnamespaces = ["*"]\n')
-    settings = stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="monitoring", api_keys=key_file)
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="monitoring", api_keys=key_file
+    )
     red, green = samples.solid_png((200, 30, 30)), samples.solid_png((30, 200, 30))
     with ServerStack(settings) as stack:
         url = f"http://127.0.0.1:{stack.http_port}"
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
-            assert http.post("/v1/classes/red/examples", files=[("files", ("r.png", red, "image/png"))]).status_code == 201
-            assert http.post("/v1/classes/green/examples", files=[("files", ("g.png", green, "image/png"))]).status_code == 201
+            assert (
+                http.post(
+                    "/v1/classes/red/examples", files=[("files", ("r.png", red, "image/png"))]
+                ).status_code
+                == 201
+            )
+            assert (
+                http.post(
+                    "/v1/classes/green/examples", files=[("files", ("g.png", green, "image/png"))]
+                ).status_code
+                == 201
+            )
             assert http.post("/v1/embed", files=[("files", ("r.png", red, "image/png"))]).status_code == 200
-            assert http.post("/v1/classify", files=[("files", ("g.png", green, "image/png"))]).status_code == 200
+            assert (
+                http.post("/v1/classify", files=[("files", ("g.png", green, "image/png"))]).status_code == 200
+            )
             assert http.get("/v1/classes").status_code == 200
             assert http.get("/readyz").status_code == 200
             refused = http.post("/v1/embed", files=[("files", ("x.gif", b"GIF89a" + bytes(64), "image/gif"))])
@@ -216,27 +232,35 @@ def test_every_metric_and_label_of_the_alert_rules_is_on_metrics(exposed: Expose
 
 def test_the_check_finds_a_misspelt_metric_or_label(exposed: Exposed) -> None:
     """The two tests above can fail: a name that is not exported, or a label a series lacks."""
-    assert missing_in('rate(fewshot_http_request_total{job="x"}[5m])', exposed) == ["metric fewshot_http_request_total"]
+    assert missing_in('rate(fewshot_http_request_total{job="x"}[5m])', exposed) == [
+        "metric fewshot_http_request_total"
+    ]
     assert missing_in("sum by (route) (rate(fewshot_grpc_requests_total[5m]))", exposed) == [
         "label 'route' (by (route))"
     ]
-    assert missing_in('fewshot_images_total{stage="x"}', exposed) == ["label 'stage' ({stage=...} on fewshot_images_total)"]
+    assert missing_in('fewshot_images_total{stage="x"}', exposed) == [
+        "label 'stage' ({stage=...} on fewshot_images_total)"
+    ]
     # histogram_quantile needs the _bucket series (le), not the histogram's base name.
-    assert missing_in("histogram_quantile(0.99, sum by (le) (rate(fewshot_queue_seconds_count[5m])))", exposed) == [
-        "label 'le' (by (le))"
-    ]
-    assert missing_in("histogram_quantile(0.99, sum by (instance) (rate(fewshot_queue_seconds_bucket[5m])))", exposed) == [
-        "label 'le' (le of histogram_quantile (a _bucket series))"
-    ]
+    assert missing_in(
+        "histogram_quantile(0.99, sum by (le) (rate(fewshot_queue_seconds_count[5m])))", exposed
+    ) == ["label 'le' (by (le))"]
+    assert missing_in(
+        "histogram_quantile(0.99, sum by (instance) (rate(fewshot_queue_seconds_bucket[5m])))", exposed
+    ) == ["label 'le' (le of histogram_quantile (a _bucket series))"]
     assert missing_in("histogram_quantile(0.99, rate(fewshot_queue_seconds[5m]))", exposed) == [
-        "metric fewshot_queue_seconds", "label 'le' (le of histogram_quantile (a _bucket series))"
+        "metric fewshot_queue_seconds",
+        "label 'le' (le of histogram_quantile (a _bucket series))",
     ]
     # A counter the test's requests left without series is reported, unless it is listed.
     assert missing_in("fewshot_grpc_busy_refusals_total", {"fewshot_grpc_busy_refusals_total": None}) == []
     assert missing_in("fewshot_auth_decisions_total", {"fewshot_auth_decisions_total": None}) == [
         "series of fewshot_auth_decisions_total (make the test's requests create them)"
     ]
-    assert missing_in("histogram_quantile(0.99, sum by (le) (rate(fewshot_queue_seconds_bucket[5m])))", exposed) == []
+    assert (
+        missing_in("histogram_quantile(0.99, sum by (le) (rate(fewshot_queue_seconds_bucket[5m])))", exposed)
+        == []
+    )
 
 
 def test_only_the_listed_counters_lack_series_after_the_requests(exposed: Exposed) -> None:
@@ -247,7 +271,12 @@ def test_only_the_listed_counters_lack_series_after_the_requests(exposed: Expose
 
 def test_process_metrics_the_files_use_come_from_the_default_collector(exposed: Exposed) -> None:
     # prometheus-client's process collector exists on Linux only (it reads /proc): the image is Linux.
-    used = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds"}
+    used = {
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+    }
     assert used <= exposed.keys()
 
 
@@ -266,14 +295,20 @@ def promtool() -> str:
 
 
 def test_alert_rules_pass_promtool_check_rules() -> None:
-    result = subprocess.run([promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
     result = subprocess.run(
-        [promtool(), "test", "rules", ALERT_TESTS.name], capture_output=True, text=True, check=False, cwd=ALERT_TESTS.parent
+        [promtool(), "test", "rules", ALERT_TESTS.name],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ALERT_TESTS.parent,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

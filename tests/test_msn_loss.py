@@ -32,8 +32,14 @@ def test_prototype_logits_are_cosine_similarities_over_tau() -> None:
 
 
 def _loss(anchor: torch.Tensor, target: torch.Tensor, protos: torch.Tensor, **kw):
-    defaults = dict(temperature=0.1, sharpen_temperature=0.25, memax_weight=1.0,
-                    use_sinkhorn=False, sinkhorn_iterations=3, label_smoothing=0.0)
+    defaults = dict(
+        temperature=0.1,
+        sharpen_temperature=0.25,
+        memax_weight=1.0,
+        use_sinkhorn=False,
+        sinkhorn_iterations=3,
+        label_smoothing=0.0,
+    )
     return msn_loss(anchor, target, protos, **{**defaults, **kw})
 
 

@@ -9,16 +9,18 @@ import json
 import zipfile
 from pathlib import Path
 
-import image_samples as samples
 import pytest
 import redis
-from conftest import stack_settings
+from redis.cluster import RedisCluster
+
 from fewshot_client import FewShotClient
 from fewshot_common.cli import main as fewshot_main
 from fewshot_service.app import ServerStack
 from fewshot_service.registry.redis_client import connect_redis
 from fewshot_service.registry.registry import Registry
-from redis.cluster import RedisCluster
+
+import image_samples as samples
+from conftest import stack_settings
 
 QUERIES = [samples.noise_png(500 + i) for i in range(4)]
 
@@ -36,24 +38,17 @@ def fill(tiny_model_path: Path, other_model_path: Path, url: str) -> dict[str, l
             client.add_examples_bulk(items, namespace="shop")
             client.delete_example("class 0/x", "1", namespace="shop")  # ids with a gap
             answers[stack.core.model_id] = classify(client, "shop")
-    with ServerStack(
-        stack_settings(other_model_path, url)
-    ) as stack:  # fills its embeddings on demand
+    with ServerStack(stack_settings(other_model_path, url)) as stack:  # fills its embeddings on demand
         with FewShotClient(http_url=f"http://127.0.0.1:{stack.http_port}") as client:
             answers[stack.core.model_id] = classify(client, "shop")
     return answers
 
 
 def classify(client: FewShotClient, namespace: str) -> list:
-    return [
-        [(p.label, p.score) for p in r]
-        for r in client.classify(QUERIES, namespace=namespace, top_k=3)
-    ]
+    return [[(p.label, p.score) for p in r] for r in client.classify(QUERIES, namespace=namespace, top_k=3)]
 
 
-def dump(
-    client: redis.Redis | RedisCluster, registry: Registry, namespace: str
-) -> dict[str, object]:
+def dump(client: redis.Redis | RedisCluster, registry: Registry, namespace: str) -> dict[str, object]:
     """Every stored value of the namespace that a restore must reproduce, by role."""
     keys = registry.keys(namespace)
     labels = sorted(client.hkeys(keys.counts))
@@ -73,9 +68,7 @@ def dump(
         out[f"sums {model}"] = client.hgetall(mk.sums)
         out[f"mcounts {model}"] = client.hgetall(mk.counts)
     state = client.hgetall(keys.state)
-    out["state"] = {
-        k: state[k] for k in (b"examples", b"next_example_id") if k in state
-    }
+    out["state"] = {k: state[k] for k in (b"examples", b"next_example_id") if k in state}
     out["embedded"] = {k: v for k, v in state.items() if k.startswith(b"n:")}
     return out
 
@@ -92,9 +85,7 @@ def test_round_trip_into_another_database_and_the_cluster(
     assert len(answers) == 2
     source = connect_redis(redis_url)
     expected = dump(source, Registry(source), "shop")
-    assert (
-        len(expected["embedded"]) == 2
-    )  # both models' embeddings are in the namespace
+    assert len(expected["embedded"]) == 2  # both models' embeddings are in the namespace
 
     file = tmp_path / "shop.fewshot.zip"
     assert (
@@ -160,9 +151,7 @@ def test_round_trip_into_another_database_and_the_cluster(
     ):
         for model in (tiny_model_path, other_model_path):
             with ServerStack(stack_settings(model, url, **extra)) as stack:
-                with FewShotClient(
-                    http_url=f"http://127.0.0.1:{stack.http_port}"
-                ) as client:
+                with FewShotClient(http_url=f"http://127.0.0.1:{stack.http_port}") as client:
                     assert classify(client, namespace) == answers[stack.core.model_id]
                     # The content hashes came along: re-sending an example's bytes adds nothing.
                     again = client.add_examples_bulk(
@@ -196,12 +185,7 @@ def test_a_namespace_holding_classes_is_replaced_only_when_asked(
                 )
                 == 0
             )
-            assert (
-                fewshot_main(
-                    ["import-namespace", str(file), "--namespace", "two", *flags]
-                )
-                == 1
-            )
+            assert fewshot_main(["import-namespace", str(file), "--namespace", "two", *flags]) == 1
             assert "holds classes" in capsys.readouterr().err
             assert [c.label for c in client.list_classes(namespace="two")] == ["z"]
             assert (
@@ -219,12 +203,7 @@ def test_a_namespace_holding_classes_is_replaced_only_when_asked(
             )
             # The server that cached the old "two" sees the new one (a new epoch) on its next request.
             assert [c.label for c in client.list_classes(namespace="two")] == ["a", "b"]
-            assert (
-                client.classify(samples.noise_png(2), namespace="two", top_k=1)[0][
-                    0
-                ].label
-                == "b"
-            )
+            assert client.classify(samples.noise_png(2), namespace="two", top_k=1)[0][0].label == "b"
 
 
 @pytest.mark.parametrize(

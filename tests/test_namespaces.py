@@ -4,8 +4,8 @@ Redis, the real exported model. Access scoping is in test_access.py, the registr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import grpc
@@ -13,10 +13,11 @@ import httpx
 import pytest
 import redis
 
+from fewshot_client import FewShotClient, errors
+from fewshot_service.app import ServerStack
+
 import image_samples as samples
 from conftest import stack_settings
-from fewshot_service.app import ServerStack
-from fewshot_client import FewShotClient, errors
 
 RED, GREEN = samples.solid_png((230, 20, 20)), samples.solid_png((20, 230, 20))
 PREFIX = "ns-test"
@@ -35,7 +36,9 @@ def http_of(stack: ServerStack) -> httpx.Client:
 
 def add(http: httpx.Client, namespace: str, label: str, *images: bytes) -> None:
     files = [("files", (f"{i}.png", image, "image/png")) for i, image in enumerate(images)]
-    response = http.post(f"/v1/classes/{quote(label, safe='')}/examples", params={"namespace": namespace}, files=files)
+    response = http.post(
+        f"/v1/classes/{quote(label, safe='')}/examples", params={"namespace": namespace}, files=files
+    )
     assert response.status_code == 201, response.text
 
 
@@ -57,10 +60,20 @@ def test_namespaces_are_listed_with_class_and_example_counts_and_model(
     assert listed.status_code == 200, listed.text
     model = first.core.model_id
     assert listed.json()["namespaces"] == [
-        {"namespace": "default", "class_count": 1, "example_count": 1, "model_id": model,
-         "models": [{"model_id": model, "embedded": 1, "complete": True}]},
-        {"namespace": "shop/a", "class_count": 2, "example_count": 3, "model_id": model,
-         "models": [{"model_id": model, "embedded": 3, "complete": True}]},
+        {
+            "namespace": "default",
+            "class_count": 1,
+            "example_count": 1,
+            "model_id": model,
+            "models": [{"model_id": model, "embedded": 1, "complete": True}],
+        },
+        {
+            "namespace": "shop/a",
+            "class_count": 2,
+            "example_count": 3,
+            "model_id": model,
+            "models": [{"model_id": model, "embedded": 3, "complete": True}],
+        },
     ]
 
 

@@ -4,8 +4,8 @@ per-example consistency and confusions of a class."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import grpc
@@ -13,11 +13,10 @@ import httpx
 import numpy as np
 import pytest
 
-import image_samples as samples
+from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_common.errors import InvalidInput
 from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.vectors import l2_normalize
-from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_service.app import ServerStack
 from fewshot_service.classify.open_set import (
     DEFAULT_CONFIDENCE,
@@ -28,6 +27,7 @@ from fewshot_service.classify.open_set import (
 )
 from fewshot_service.registry.redis_server import ManagedRedis
 
+import image_samples as samples
 from conftest import stack_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +52,11 @@ def uploads(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 @pytest.fixture(scope="module")
 def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[ServerStack]:
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="open-set-test",
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="open-set-test",
         duplicate_similarity=TEST_DUPLICATE_SIMILARITY,
-    )  # fmt: skip
+    )
     with ServerStack(settings) as running:
         yield running
 
@@ -67,8 +69,11 @@ def http(stack: ServerStack, redis_url: str) -> Iterator[httpx.Client]:
 
 
 def add(http: httpx.Client, label: str, images: list[bytes], namespace: str = "shop") -> dict:
-    response = http.post(f"/v1/classes/{quote(label, safe='')}/examples", params={"namespace": namespace},
-                         files=uploads(images))  # fmt: skip
+    response = http.post(
+        f"/v1/classes/{quote(label, safe='')}/examples",
+        params={"namespace": namespace},
+        files=uploads(images),
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -128,8 +133,11 @@ def test_noise_is_unknown_and_held_out_colours_are_not(http: httpx.Client, stack
     add_colour_classes(http)
     noise = [samples.noise_png(seed) for seed in range(4)]
     colours = [shots(rgb, 1, 100 + i)[0] for i, rgb in enumerate(COLOURS.values())]
-    response = http.post("/v1/classify", params={"namespace": "shop", "top_k": 2, "unknown_rate": 0.05},
-                         files=uploads(noise + colours))  # fmt: skip
+    response = http.post(
+        "/v1/classify",
+        params={"namespace": "shop", "top_k": 2, "unknown_rate": 0.05},
+        files=uploads(noise + colours),
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["unknown"] == [True] * 4 + [False] * 4, body
@@ -146,7 +154,9 @@ def test_noise_is_unknown_and_held_out_colours_are_not(http: httpx.Client, stack
         )
     assert [r.unknown for r in reply.results] == body["unknown"]
     for mine, theirs in zip(reply.results, body["results"]):
-        assert [p.confidence for p in mine.predictions] == pytest.approx([p["confidence"] for p in theirs], abs=1e-5)
+        assert [p.confidence for p in mine.predictions] == pytest.approx(
+            [p["confidence"] for p in theirs], abs=1e-5
+        )
 
 
 def test_a_higher_unknown_rate_flags_at_least_as_many(http: httpx.Client) -> None:
@@ -154,8 +164,9 @@ def test_a_higher_unknown_rate_flags_at_least_as_many(http: httpx.Client) -> Non
     queries = [img for i, rgb in enumerate(COLOURS.values()) for img in shots(rgb, 4, 200 + i)]
     flagged = []
     for rate in (0.01, 0.5, 0.99):
-        body = http.post("/v1/classify", params={"namespace": "shop", "unknown_rate": rate},
-                         files=uploads(queries[:16])).json()  # fmt: skip
+        body = http.post(
+            "/v1/classify", params={"namespace": "shop", "unknown_rate": rate}, files=uploads(queries[:16])
+        ).json()
         flagged.append(sum(body["unknown"]))
     assert flagged[0] <= flagged[1] <= flagged[2] and flagged[0] < flagged[2], flagged
 
@@ -197,16 +208,25 @@ def test_a_duplicate_image_is_flagged_but_a_new_one_is_not(http: httpx.Client) -
     duplicates = [(w["example_id"], w["other"]) for w in body["warnings"] if w["kind"] == "near_duplicate"]
     # The re-sent image duplicates the stored one; the new image only its copy later in the request.
     assert duplicates == [(again, "1"), (twice, new)], body
-    assert all(w["similarity"] >= TEST_DUPLICATE_SIMILARITY for w in body["warnings"] if w["kind"] == "near_duplicate")
+    assert all(
+        w["similarity"] >= TEST_DUPLICATE_SIMILARITY
+        for w in body["warnings"]
+        if w["kind"] == "near_duplicate"
+    )
 
 
 def test_one_example_classes_have_no_consistency(http: httpx.Client) -> None:
     add(http, "red", shots(COLOURS["red"], 1, 0))
     detail = http.get("/v1/classes/red", params={"namespace": "shop"}).json()
-    assert detail["examples"] == [{
-        "example_id": detail["example_ids"][0], "consistency": None, "nearest_other_label": None,
-        "nearest_other_score": None, "likely_mislabel": False,
-    }]  # fmt: skip
+    assert detail["examples"] == [
+        {
+            "example_id": detail["example_ids"][0],
+            "consistency": None,
+            "nearest_other_label": None,
+            "nearest_other_score": None,
+            "likely_mislabel": False,
+        }
+    ]
 
 
 def test_confusions_of_an_unknown_class_is_404(http: httpx.Client) -> None:
@@ -225,14 +245,17 @@ DEV_TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def shipped_stack(private_redis: ManagedRedis) -> Iterator[ServerStack]:
-    settings = stack_settings(REPO / "models" / "default.onnx", private_redis.url,
-                              redis_key_prefix="open-set-dev-test")  # fmt: skip
+    settings = stack_settings(
+        REPO / "models" / "default.onnx", private_redis.url, redis_key_prefix="open-set-dev-test"
+    )
     with ServerStack(settings) as running:
         yield running
 
 
 @pytest.mark.slow
-def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_stack: ServerStack, redis_url: str) -> None:
+def test_unknown_rate_is_calibrated_on_the_dev_split(
+    shared_data: Path, shipped_stack: ServerStack, redis_url: str
+) -> None:
     files = list_labelled_image_files(shared_data / "fewshot-dev")
     flagged = 0
     with httpx.Client(base_url=f"http://127.0.0.1:{shipped_stack.http_port}", timeout=120) as http:
@@ -240,10 +263,13 @@ def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_
         for c, name in enumerate(files.classes):
             paths = [p for p, label in zip(files.paths, files.labels) if label == c]
             add(http, name, [p.read_bytes() for p in paths[:DEV_SHOTS]], namespace="dev")
-            queries += [p.read_bytes() for p in paths[DEV_SHOTS:DEV_SHOTS + DEV_QUERIES]]
+            queries += [p.read_bytes() for p in paths[DEV_SHOTS : DEV_SHOTS + DEV_QUERIES]]
         for start in range(0, len(queries), 50):
-            response = http.post("/v1/classify", params={"namespace": "dev", "unknown_rate": DEV_RATE},
-                                 files=uploads(queries[start:start + 50]))  # fmt: skip
+            response = http.post(
+                "/v1/classify",
+                params={"namespace": "dev", "unknown_rate": DEV_RATE},
+                files=uploads(queries[start : start + 50]),
+            )
             assert response.status_code == 200, response.text
             flagged += sum(response.json()["unknown"])
     assert abs(flagged / len(queries) - DEV_RATE) <= DEV_TOLERANCE, flagged / len(queries)
@@ -253,8 +279,8 @@ def test_unknown_rate_is_calibrated_on_the_dev_split(shared_data: Path, shipped_
 
 
 def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
-    from fewshot_service.classify.prototypes import PrototypeMatrix
     from fewshot_service.classify.open_set import Calibration, label_images, top_two
+    from fewshot_service.classify.prototypes import PrototypeMatrix
 
     rng = np.random.default_rng(3)
     matrix = PrototypeMatrix([f"c{i:03d}" for i in range(300)], l2_normalize(rng.standard_normal((300, 16))))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -31,24 +31,43 @@ def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[Server
 @pytest.mark.slow
 def test_schemathesis_finds_no_failure(stack: ServerStack, redis_url: str, tmp_path: Path) -> None:
     # Bounded (20 examples per operation, fixed seed): about 20 s on 2 CPU cores.
-    command = [str(SCHEMATHESIS), "run", f"http://127.0.0.1:{stack.http_port}/openapi.json",
-               "--checks", "all", "--max-examples", "20", "--seed", "1", "--request-timeout", "30",
-               "--generation-database", "none"]  # fmt: skip
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_images",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # its cache stays out of the checkout
+    command = [
+        str(SCHEMATHESIS),
+        "run",
+        f"http://127.0.0.1:{stack.http_port}/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        "20",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "30",
+        "--generation-database",
+        "none",
+    ]
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "schemathesis_images",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )  # its cache stays out of the checkout
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
 
 
 @pytest.mark.parametrize(
     "method,url,allow",
-    [("PUT", "/v1/classes/red", "GET, DELETE"),
-     ("PUT", "/v1/classes/red/examples", "POST"),
-     ("PUT", "/v1/classes/a%2Fb/examples/3", "DELETE"),
-     ("GET", "/v1/classify", "POST"),
-     ("POST", "/v1/classes", "GET")],
-)  # fmt: skip
+    [
+        ("PUT", "/v1/classes/red", "GET, DELETE"),
+        ("PUT", "/v1/classes/red/examples", "POST"),
+        ("PUT", "/v1/classes/a%2Fb/examples/3", "DELETE"),
+        ("GET", "/v1/classify", "POST"),
+        ("POST", "/v1/classes", "GET"),
+    ],
+)
 def test_405_names_every_method_of_the_path(stack: ServerStack, method: str, url: str, allow: str) -> None:
     response = httpx.request(method, f"http://127.0.0.1:{stack.http_port}{url}")
     assert response.status_code == 405

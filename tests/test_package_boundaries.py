@@ -77,9 +77,7 @@ def _imports(path: Path) -> set[str]:
 
 
 MODULES = {
-    _module_name(path): path
-    for folder in PACKAGE_DIRS.values()
-    for path in sorted(folder.rglob("*.py"))
+    _module_name(path): path for folder in PACKAGE_DIRS.values() for path in sorted(folder.rglob("*.py"))
 }
 
 
@@ -149,13 +147,17 @@ def _client_pyproject() -> dict:
     return tomllib.loads((CLIENT_DIST / "pyproject.toml").read_text())
 
 
-@pytest.mark.parametrize("start", ["fewshot_client", "fewshot_api.fewshot.v1.fewshot_pb2_grpc", "fewshot_api.errors"])
+@pytest.mark.parametrize(
+    "start", ["fewshot_client", "fewshot_api.fewshot.v1.fewshot_pb2_grpc", "fewshot_api.errors"]
+)
 def test_the_client_distribution_needs_only_its_own_dependencies(start: str) -> None:
     import sys
 
     closure = _project_closure(start)
     if start == "fewshot_client":
-        assert {"fewshot_client.client", "fewshot_api.errors", "fewshot_api.fewshot.v1.fewshot_pb2"} <= set(closure)
+        assert {"fewshot_client.client", "fewshot_api.errors", "fewshot_api.fewshot.v1.fewshot_pb2"} <= set(
+            closure
+        )
     outside = sorted(m for m in closure if m.split(".")[0] not in ("fewshot_client", "fewshot_api"))
     assert not outside, f"{start} reaches {outside}, which the client distribution does not ship"
     external = {name.split(".")[0] for imports in closure.values() for name in imports} - {""}
@@ -198,14 +200,25 @@ def test_the_server_imports_the_shared_api_package_and_never_the_client() -> Non
 # fewshot_service's groups: what each must not import (the floors, bottom up: classify, registry,
 # core, transport; app and cli on top).
 GROUP_FORBIDDEN = {
-    "fewshot_service.classify": {"fewshot_service.registry", "fewshot_service.core", "fewshot_service.transport",
-                                 "fewshot_service.app", "fewshot_service.cli", "fewshot_service.settings"},
-    "fewshot_service.registry": {"fewshot_service.core", "fewshot_service.transport", "fewshot_service.app",
-                                 "fewshot_service.cli", "fewshot_service.settings"},
+    "fewshot_service.classify": {
+        "fewshot_service.registry",
+        "fewshot_service.core",
+        "fewshot_service.transport",
+        "fewshot_service.app",
+        "fewshot_service.cli",
+        "fewshot_service.settings",
+    },
+    "fewshot_service.registry": {
+        "fewshot_service.core",
+        "fewshot_service.transport",
+        "fewshot_service.app",
+        "fewshot_service.cli",
+        "fewshot_service.settings",
+    },
     "fewshot_service.core": {"fewshot_service.transport", "fewshot_service.app", "fewshot_service.cli"},
     "fewshot_service.transport": {"fewshot_service.app", "fewshot_service.cli"},
     "fewshot_service.names": {"fewshot_service"},  # a leaf: checked without loading anything of ours
-}  # fmt: skip
+}
 
 
 def _group(module: str) -> str:
@@ -220,9 +233,10 @@ def _is_under(name: str, package: str) -> bool:
 def test_no_service_group_imports_a_group_above_it(module: str) -> None:
     forbidden = GROUP_FORBIDDEN[_group(module)]
     bad = sorted(
-        name for name in _imports(MODULES[module])
+        name
+        for name in _imports(MODULES[module])
         if any(_is_under(name, f) for f in forbidden) and not _is_under(name, _group(module))
-    )  # fmt: skip
+    )
     assert not bad, f"{module} imports {bad}"
 
 
@@ -247,7 +261,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         path.pop()

@@ -45,8 +45,9 @@ def test_probe_embeddings_are_the_exported_models_and_skip_unreadable_files(tmp_
     assert readable.tolist() == served_readable.tolist()
     assert [p.name for p, ok in zip(paths, readable, strict=True) if not ok] == ["zz_broken.jpg"]
     np.testing.assert_allclose(l2_normalize(probed), served, atol=1e-4)
-    scores = few_shot_probe(vit, tmp_path / "data", preprocess.__dict__, device=torch.device("cpu"),
-                            episodes=5)
+    scores = few_shot_probe(
+        vit, tmp_path / "data", preprocess.__dict__, device=torch.device("cpu"), episodes=5
+    )
     assert set(scores) == {"5way1shot", "5way5shot", "allway5shot"}
 
 

@@ -11,7 +11,9 @@ from google.protobuf import descriptor_pb2
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 # tools/ is a development folder, not a package: load the generator from its file.
-_SPEC = importlib.util.spec_from_file_location("protogen", Path(__file__).resolve().parents[1] / "tools" / "protogen.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "protogen", Path(__file__).resolve().parents[1] / "tools" / "protogen.py"
+)
 protogen = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(protogen)
 

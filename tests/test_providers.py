@@ -91,4 +91,3 @@ def test_fewshot_serve_with_providers_cuda_refuses_to_start_clearly(
     assert result.returncode == 1, result.stderr
     assert "fewshot serve: --providers asks for CUDAExecutionProvider" in result.stderr
     assert "Traceback" not in result.stderr
-

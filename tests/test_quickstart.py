@@ -23,13 +23,17 @@ def load_quickstart() -> ModuleType:
 
 
 def test_quickstart_script_adds_five_shots_and_classifies(serve_process, tmp_path: Path) -> None:
-    server = serve_process(["--model", REPO_ROOT / "models" / "default.onnx", "--data-dir", tmp_path / "data"])
+    server = serve_process(
+        ["--model", REPO_ROOT / "models" / "default.onnx", "--data-dir", tmp_path / "data"]
+    )
     server.wait_ready()
     # -I: isolated mode, so the script cannot lean on this project's packages or PYTHONPATH.
     run = subprocess.run(
         [sys.executable, "-I", str(QUICKSTART), "--url", server.http_url],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "model vit_tiny_d6_p8_64-cfc47f764064" in lines[0]
@@ -37,9 +41,14 @@ def test_quickstart_script_adds_five_shots_and_classifies(serve_process, tmp_pat
     # Each query's line names the server's answer: "unknown" where /v1/classify flags the image
     # (its top-level "unknown" list), else the top class; the ranking shows the nearest classes.
     quickstart = load_quickstart()
-    queries = [("new red discs", quickstart.red_discs(7)), ("new blue stripes", quickstart.blue_stripes(9)),
-               ("grey noise (neither)", quickstart.grey_noise(3))]  # fmt: skip
-    answer = quickstart.Api(server.http_url, None, "quickstart").call("POST", "/v1/classify", files=queries, top_k=3)
+    queries = [
+        ("new red discs", quickstart.red_discs(7)),
+        ("new blue stripes", quickstart.blue_stripes(9)),
+        ("grey noise (neither)", quickstart.grey_noise(3)),
+    ]
+    answer = quickstart.Api(server.http_url, None, "quickstart").call(
+        "POST", "/v1/classify", files=queries, top_k=3
+    )
     assert answer["unknown"][2] is True, answer  # the noise matches neither class
     for (name, _), predictions, unknown, nearest in zip(
         queries, answer["results"], answer["unknown"], ["red discs", "blue stripes", None]
@@ -53,6 +62,8 @@ def test_quickstart_script_adds_five_shots_and_classifies(serve_process, tmp_pat
     # Run twice: the script starts its classes afresh instead of piling up examples.
     again = subprocess.run(
         [sys.executable, "-I", str(QUICKSTART), "--url", server.http_url],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0 and "class 'red discs': 5 examples" in again.stdout.splitlines()

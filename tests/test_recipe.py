@@ -17,17 +17,32 @@ RECIPE = REPO_ROOT / "models" / "default.recipe.yaml"
 
 
 @pytest.mark.slow
-def test_recipe_trains_a_few_steps_on_real_images_and_exports(
-    tmp_path: Path, shared_data: Path
-) -> None:
+def test_recipe_trains_a_few_steps_on_real_images_and_exports(tmp_path: Path, shared_data: Path) -> None:
     pool = tmp_path / "pool"
     pool.mkdir()
     for path in sorted((shared_data / "pretrain").iterdir())[:200]:
         (pool / path.name).symlink_to(path)
     run = tmp_path / "run"
     # Batch 16 keeps the test fast; every other setting is the recipe's own.
-    assert fewshot(["train", "--config", str(RECIPE), "--data", str(pool), "--output", str(run),
-                    "--max-steps", "3", "--batch-size", "16", "--no-progress"]) == 0
+    assert (
+        fewshot(
+            [
+                "train",
+                "--config",
+                str(RECIPE),
+                "--data",
+                str(pool),
+                "--output",
+                str(run),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
     recipe = yaml.safe_load(RECIPE.read_text())
     resolved = yaml.safe_load((run / "config.yaml").read_text())

@@ -127,16 +127,20 @@ def test_a_second_server_on_the_same_folder_is_refused_until_the_first_stops(tmp
 
 def test_the_lock_outlives_a_killed_owner_until_its_server_has_exited(tmp_path: Path) -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from fewshot_service.registry.redis_server import ManagedRedis\n"
-         "server = ManagedRedis(sys.argv[1])\n"
-         "server.start()\n"
-         "print(server.pid, flush=True)\n"
-         "time.sleep(120)\n",
-         str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from fewshot_service.registry.redis_server import ManagedRedis\n"
+            "server = ManagedRedis(sys.argv[1])\n"
+            "server.start()\n"
+            "print(server.pid, flush=True)\n"
+            "time.sleep(120)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert owner.stdout is not None
         redis_pid = int(owner.stdout.readline())
@@ -248,15 +252,18 @@ def test_a_server_stack_compacts_its_embedded_valkey_after_a_deletion(
     import httpx
     from PIL import Image
 
-    from conftest import stack_settings
-    from fewshot_service.registry import redis_server
     from fewshot_service.app import ServerStack
+    from fewshot_service.registry import redis_server
+
+    from conftest import stack_settings
 
     monkeypatch.setattr(redis_server, "REWRITE_DELAY_S", 0.2)  # the default: 5 s
     noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
     png = tmp_path / "noise.png"
     noise.save(png)
-    settings = stack_settings(tiny_model_path, "", data_dir=tmp_path / "data").model_copy(update={"redis_url": None})
+    settings = stack_settings(tiny_model_path, "", data_dir=tmp_path / "data").model_copy(
+        update={"redis_url": None}
+    )
     with ServerStack(settings) as stack, httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}") as http:
         assert stack.managed_redis is not None
         folder = stack.managed_redis.data_dir
@@ -268,9 +275,14 @@ def test_a_server_stack_compacts_its_embedded_valkey_after_a_deletion(
             stored = [
                 value
                 for key in client.keys()
-                for value in (client.hvals(key) if client.type(key) == b"hash" else
-                              [client.get(key)] if client.type(key) == b"string" else [])
-            ]  # fmt: skip
+                for value in (
+                    client.hvals(key)
+                    if client.type(key) == b"hash"
+                    else [client.get(key)]
+                    if client.type(key) == b"string"
+                    else []
+                )
+            ]
         image = max(stored, key=len)  # the stored copy of the image: the largest value
         assert len(image) > 2000
         assert _wait_for(lambda: image in _aof_bytes(folder))

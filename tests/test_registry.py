@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -178,7 +178,8 @@ def test_two_models_share_the_examples_and_keep_their_own_embeddings(registry: R
     assert [(c.label, c.count) for c in registry.list_classes("shop")] == [("cat", 3)]
     [listed] = registry.list_namespaces()
     assert [(m.model_id, m.embedded, m.complete) for m in listed.models] == [
-        (MODEL, 2, False), ("other-model", 1, False)
+        (MODEL, 2, False),
+        ("other-model", 1, False),
     ]
     # Deleting the other model's example makes MODEL's prototypes complete again (its own two).
     other_id = registry.get_class("shop", "cat").example_ids[-1]
@@ -342,8 +343,10 @@ def sums_key(registry: Registry, namespace: str = "default") -> str:
 
 
 def examples_key(registry: Registry, label: str, namespace: str = "default") -> str:
-    return (f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:m:{MODEL.encode().hex()}"
-            f":ex:{label.encode().hex()}")
+    return (
+        f"{registry.key_prefix}:{{ns:{namespace.encode().hex()}}}:m:{MODEL.encode().hex()}"
+        f":ex:{label.encode().hex()}"
+    )
 
 
 def prototype_of(registry: Registry, label: str) -> np.ndarray:
@@ -413,7 +416,7 @@ def test_classes_written_before_sums_existed_still_work(
         prototype_of(registry, "cat"), unit_mean(np.concatenate([old[1:], new])), atol=1e-6
     )
     # A sum that covers another count (an old replica added examples meanwhile) is recomputed.
-    redis_client.hset(sums_key(registry), "cat".encode().hex() + ":n", 1)
+    redis_client.hset(sums_key(registry), b"cat".hex() + ":n", 1)
     registry.add_examples("default", "cat", new[:1], MODEL)
     np.testing.assert_allclose(
         prototype_of(registry, "cat"), unit_mean(np.concatenate([old[1:], new, new[:1]])), atol=1e-6
@@ -531,9 +534,12 @@ def test_an_unlogged_write_from_an_older_server_forces_a_full_reload(
     reader.prototypes("default", MODEL)
     # What a replica running the scripts from before the change log does: bump the generation
     # without logging (here: changing a prototype behind the registry's back).
-    base = f"{writer.key_prefix}:{{ns:{'default'.encode().hex()}}}"
-    reader_client.hset(f"{base}:m:{MODEL.encode().hex()}:prototypes", "cat".encode().hex(),
-                       rand(1, 61)[0].astype("<f4").tobytes())
+    base = f"{writer.key_prefix}:{{ns:{b'default'.hex()}}}"
+    reader_client.hset(
+        f"{base}:m:{MODEL.encode().hex()}:prototypes",
+        b"cat".hex(),
+        rand(1, 61)[0].astype("<f4").tobytes(),
+    )
     reader_client.hincrby(f"{base}:state", "generation", 1)
     np.testing.assert_allclose(reader.prototypes("default", MODEL).matrix[0], rand(1, 61)[0], atol=1e-6)
     assert reader.sync_stats.counts() == {"full": 2, "patch": 0}
@@ -686,9 +692,20 @@ def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
     registry.add_examples("ns", "cat", rand(1, 1), MODEL)
     registry.add_examples("ns", "dog", rand(1, 2), MODEL)
     keys, mk = registry.keys("ns"), registry.keys("ns").model(MODEL)
-    stale = [keys.state, keys.counts, keys.models, keys.changes, keys.images("cat"),
-             mk.counts, mk.prototypes, mk.sums, mk.lease, mk.backfill, mk.examples("cat")]
+    stale = [
+        keys.state,
+        keys.counts,
+        keys.models,
+        keys.changes,
+        keys.images("cat"),
+        mk.counts,
+        mk.prototypes,
+        mk.sums,
+        mk.lease,
+        mk.backfill,
+        mk.examples("cat"),
+    ]
     with pytest.raises(redis.exceptions.ResponseError, match="CHANGED"):
-        registry._delete_namespace(keys=stale, args=[1, "cat".encode().hex(), MODEL])
+        registry._delete_namespace(keys=stale, args=[1, b"cat".hex(), MODEL])
     assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
     assert registry.delete_namespace("ns").class_count == 2

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_eval import _class_folders
 
 from fewshot_common.cli import main as fewshot
 
-from test_eval import _class_folders
 from test_train import _cli, read_metrics, write_images
 
 
@@ -29,8 +29,24 @@ def test_a_training_run_ends_with_a_report_of_its_curves(
     probe_set = _class_folders(tmp_path / "probe", per_class=20)
     out = tmp_path / "run"
     # 16 images in batches of 8: two epochs of two steps, each epoch ending with a probe.
-    assert fewshot(_cli(tmp_path, "--data", str(data), "--output", str(out), "--max-steps", "4",
-                        "--batch-size", "8", "--eval-dir", str(probe_set))) == 0  # fmt: skip
+    assert (
+        fewshot(
+            _cli(
+                tmp_path,
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--eval-dir",
+                str(probe_set),
+            )
+        )
+        == 0
+    )
     assert f"report {out / 'report.png'}" in capsys.readouterr().out
     epochs = [r for r in read_metrics(out) if r["event"] == "epoch"]
     assert len(epochs) == 2 and "probe" in epochs[-1]  # what the four panels draw

@@ -4,8 +4,8 @@ a private Redis. Every error has its status and a JSON body; nothing answers 500
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import httpx
@@ -177,8 +177,9 @@ def test_limits_are_413(http: httpx.Client) -> None:
     assert_error(http.post(path("red", "/examples"), files=files(big.getvalue())), 413, "too_large")
     wide = io.BytesIO()
     Image.new("L", (1000, 1000)).save(wide, format="PNG")  # a few KiB, but a million pixels
-    assert_error(http.post(path("red", "/examples"), files=files(wide.getvalue())),
-                 413, "too_large", "pixels")  # fmt: skip
+    assert_error(
+        http.post(path("red", "/examples"), files=files(wide.getvalue())), 413, "too_large", "pixels"
+    )
     huge = b"\0" * (MAX_REQUEST_BYTES + 1)
     assert_error(http.post(path("red", "/examples"), files=files(huge)), 413, "too_large", "limit")
 
@@ -204,20 +205,37 @@ def test_not_found_and_failed_precondition(http: httpx.Client, redis_url: str, s
     assert_error(http.delete(path("nope")), 404, "not_found")
     http.post(path("red", "/examples"), files=files(RED))
     assert_error(http.delete(path("red", "/examples/999")), 404, "not_found", "999")
-    assert_error(http.post("/v1/classify", files=files(RED), params={"namespace": "empty"}),
-                 409, "failed_precondition", "no classes")  # fmt: skip
+    assert_error(
+        http.post("/v1/classify", files=files(RED), params={"namespace": "empty"}),
+        409,
+        "failed_precondition",
+        "no classes",
+    )
 
     # A namespace filled by another model without stored images: this server may add to it, but
     # cannot classify until the other model's example is re-uploaded; the 409 says how far it is.
     Registry(redis.Redis.from_url(redis_url)).add_examples(
         "old", "cat", np.ones((1, 8), np.float32), "some-older-model"
     )
-    assert http.post(path("dog", "/examples"), params={"namespace": "old"}, files=files(RED)).status_code == 201
-    body = assert_error(http.post("/v1/classify", params={"namespace": "old"}, files=files(RED)),
-                        409, "failed_precondition", "1 of 2 examples embedded", stack.core.model_id,
-                        "1 examples have no stored image", "'some-older-model' (1 of 2)")  # fmt: skip
-    assert body["progress"] == {"model_id": stack.core.model_id, "embedded": 1, "total": 2,
-                                "without_image": 1, "backfilling": False}
+    assert (
+        http.post(path("dog", "/examples"), params={"namespace": "old"}, files=files(RED)).status_code == 201
+    )
+    body = assert_error(
+        http.post("/v1/classify", params={"namespace": "old"}, files=files(RED)),
+        409,
+        "failed_precondition",
+        "1 of 2 examples embedded",
+        stack.core.model_id,
+        "1 examples have no stored image",
+        "'some-older-model' (1 of 2)",
+    )
+    assert body["progress"] == {
+        "model_id": stack.core.model_id,
+        "embedded": 1,
+        "total": 2,
+        "without_image": 1,
+        "backfilling": False,
+    }
 
 
 def test_bad_names_are_422(http: httpx.Client) -> None:
@@ -230,10 +248,18 @@ def test_bad_names_are_422(http: httpx.Client) -> None:
 def test_names_that_are_not_utf8_once_percent_decoded_are_422_and_add_nothing(http: httpx.Client) -> None:
     # Both used to become the one class "bad\ufffd"; now each is refused, naming what is wrong.
     for raw in ("bad%FF", "bad%FE", "caf%C3"):
-        assert_error(http.post(f"/v1/classes/{raw}/examples", files=files(RED)),
-                     422, "invalid_input", "label is not valid UTF-8")  # fmt: skip
-        assert_error(http.post(f"/v1/classes/red/examples?namespace={raw}", files=files(RED)),
-                     422, "invalid_input", "query parameter 'namespace' is not valid UTF-8")  # fmt: skip
+        assert_error(
+            http.post(f"/v1/classes/{raw}/examples", files=files(RED)),
+            422,
+            "invalid_input",
+            "label is not valid UTF-8",
+        )
+        assert_error(
+            http.post(f"/v1/classes/red/examples?namespace={raw}", files=files(RED)),
+            422,
+            "invalid_input",
+            "query parameter 'namespace' is not valid UTF-8",
+        )
         assert_error(http.get(f"/v1/classes?namespace={raw}"), 422, "invalid_input", "namespace")
         assert_error(http.post(f"/v1/classify?namespace={raw}", files=files(RED)), 422, "invalid_input")
     assert_error(http.delete("/v1/classes/red/examples/1%FF"), 422, "invalid_input", "example id")
@@ -245,13 +271,25 @@ def test_names_that_are_not_utf8_once_percent_decoded_are_422_and_add_nothing(ht
 
 
 JUNK = [
-    ("POST", "/v1/classes/red/examples", {"content": b"\x00\xff" * 50, "headers": {"content-type": "multipart/form-data"}}),
-    ("POST", "/v1/classes/red/examples", {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}}),
+    (
+        "POST",
+        "/v1/classes/red/examples",
+        {"content": b"\x00\xff" * 50, "headers": {"content-type": "multipart/form-data"}},
+    ),
+    (
+        "POST",
+        "/v1/classes/red/examples",
+        {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+    ),
     ("POST", "/v1/classes/red/examples", {"json": {"files": "abc"}}),
     ("POST", "/v1/classes/red/examples", {"data": {"files": "not a file"}}),
     ("POST", "/v1/classes/red/examples", {"content": b"junk", "headers": {"content-type": "text/plain"}}),
     ("POST", "/v1/classify", {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "-3"}}),
-    ("POST", "/v1/classify", {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "many"}}),
+    (
+        "POST",
+        "/v1/classify",
+        {"files": [("files", ("a.png", RED, "image/png"))], "params": {"top_k": "many"}},
+    ),
     ("POST", "/v1/classify", {"files": [("files", ("a.gif", b"GIF89a\x01\x00", "image/gif"))]}),
     ("GET", "/v1/classes/%FF%FE", {}),
     ("GET", "/v1/classes/%00", {}),
@@ -259,7 +297,7 @@ JUNK = [
     ("PUT", "/v1/classes/red", {}),
     ("GET", "/v1/nothing-here", {}),
     ("GET", "/v1/classes", {"params": {"namespace": ""}}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("method,url,kwargs", JUNK, ids=[f"{m} {u}" for m, u, _ in JUNK])
@@ -275,14 +313,21 @@ def test_health_readiness_metrics_and_docs(http: httpx.Client, stack: ServerStac
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "model_loaded": True, "model_id": stack.core.model_id, "redis": True}
+    assert ready.json() == {
+        "ready": True,
+        "model_loaded": True,
+        "model_id": stack.core.model_id,
+        "redis": True,
+    }
     http.post(path("red", "/examples"), files=files(RED))
     metrics = http.get("/metrics").text
     assert 'fewshot_http_responses_total{method="POST",status="201"}' in metrics
     assert "fewshot_images_total" in metrics
     # Which model, precision and engine this replica serves (the test model: fp32 on ONNX Runtime).
-    assert (f'fewshot_model_info{{engine="onnxruntime CPUExecutionProvider",model_id="{stack.core.model_id}",'
-            'precision="fp32"} 1.0') in metrics
+    assert (
+        f'fewshot_model_info{{engine="onnxruntime CPUExecutionProvider",model_id="{stack.core.model_id}",'
+        'precision="fp32"} 1.0'
+    ) in metrics
     assert http.get("/docs").status_code == 200
     openapi = http.get("/openapi.json").json()
     assert "/v1/classes/{label}/examples" in openapi["paths"]

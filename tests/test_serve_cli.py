@@ -3,6 +3,7 @@ model resolved from the working directory, clear errors, and a clean exit on SIG
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -13,16 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import argparse
-
 import httpx
 import pytest
 import redis
 
+from fewshot_service.cli.serve import add_arguments, settings_from_args
 from fewshot_service.registry.redis_client import redacted_url
 from fewshot_service.registry.redis_server import ManagedRedis
 from fewshot_service.registry.registry import Registry
-from fewshot_service.cli.serve import add_arguments, settings_from_args
 
 
 def managed_redis_pid(server) -> int:
@@ -57,9 +56,12 @@ def run_serve(*args: str, cwd: Path | None = None, timeout: float = 60) -> subpr
     """A `fewshot serve` expected to fail at start-up."""
     return subprocess.run(
         [sys.executable, "-m", "fewshot_common.cli", "serve", "--host", "127.0.0.1", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
         env={k: v for k, v in os.environ.items() if not k.startswith(("FEWSHOT_", "REDIS_URL"))},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -92,11 +94,15 @@ def test_default_model_is_models_default_onnx_in_the_working_directory(
 def test_settings_come_from_the_environment(
     serve_process, tiny_model_path: Path, redis_url: str, tmp_path: Path
 ) -> None:
-    env = {"FEWSHOT_MODEL": str(tiny_model_path), "REDIS_URL": redis_url,
-           "FEWSHOT_REDIS_KEY_PREFIX": "fromenv", "FEWSHOT_MAX_IMAGES": "1"}  # fmt: skip
+    env = {
+        "FEWSHOT_MODEL": str(tiny_model_path),
+        "REDIS_URL": redis_url,
+        "FEWSHOT_REDIS_KEY_PREFIX": "fromenv",
+        "FEWSHOT_MAX_IMAGES": "1",
+    }
     server = serve_process([], env=env, cwd=tmp_path).wait_ready()
     assert f"Redis {redacted_url(redis_url)}" in server.banner  # no private server was started
-    png = (tmp_path / "x.png")
+    png = tmp_path / "x.png"
     from PIL import Image
 
     Image.new("RGB", (20, 20), (200, 10, 10)).save(png)
@@ -128,8 +134,16 @@ def test_a_taken_http_port_fails_cleanly_and_leaves_no_redis_behind(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_serve("--model", str(tiny_model_path), "--data-dir", str(tmp_path),
-                           "--grpc-port", "0", "--http-port", str(port))  # fmt: skip
+        result = run_serve(
+            "--model",
+            str(tiny_model_path),
+            "--data-dir",
+            str(tmp_path),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            str(port),
+        )
     assert result.returncode == 1
     assert f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -169,8 +183,9 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_i
     one = [("files", ("x.png", png.read_bytes(), "image/png"))]
     assert httpx.post(f"{first.http_url}/v1/classes/red/examples", files=one).status_code == 201
 
-    second = run_serve("--model", str(tiny_model_path), "--data-dir", str(data),
-                       "--grpc-port", "0", "--http-port", "0")  # fmt: skip
+    second = run_serve(
+        "--model", str(tiny_model_path), "--data-dir", str(data), "--grpc-port", "0", "--http-port", "0"
+    )
     assert second.returncode == 1
     assert f"{(data / 'redis').resolve()} is in use by process {first.process.pid}" in second.stderr
 
@@ -178,6 +193,8 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_i
     third = serve_process(["--model", tiny_model_path, "--data-dir", data]).wait_ready()
     # Its Redis flushed on the way out: the new server has the first one's class.
     assert [c["label"] for c in httpx.get(f"{third.http_url}/v1/classes").json()["classes"]] == ["red"]
+
+
 def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
     from fewshot_service.settings import Settings
 
@@ -187,9 +204,20 @@ def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch: pytest.Mo
     for field in Settings.model_fields:
         assert "--" + field.replace("_", "-") in flags, field
     # The flags older releases had keep their names.
-    assert {"--grpc-port", "--http-port", "--host", "--model", "--redis-url", "--data-dir",
-            "--providers", "--max-batch-size", "--max-images", "--max-image-bytes",
-            "--log-level", "--no-batching"} <= flags  # fmt: skip
+    assert {
+        "--grpc-port",
+        "--http-port",
+        "--host",
+        "--model",
+        "--redis-url",
+        "--data-dir",
+        "--providers",
+        "--max-batch-size",
+        "--max-images",
+        "--max-image-bytes",
+        "--log-level",
+        "--no-batching",
+    } <= flags
     help_text = " ".join(parser.format_help().split())
     assert "env FEWSHOT_MAX_REQUEST_BYTES; default 67108864" in help_text
     assert "env FEWSHOT_MAX_BATCH_SIZE)" in help_text and "on a CPU, 8" in help_text
@@ -198,8 +226,21 @@ def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch: pytest.Mo
     monkeypatch.setenv("FEWSHOT_BATCHING", "false")
     monkeypatch.setenv("FEWSHOT_MAX_QUEUE_DELAY_MS", "7.5")
     assert settings_from_args(parser.parse_args([])).batching is False  # environment
-    args = parser.parse_args(["--batching", "--max-queue-delay-ms", "1.5", "--batch-workers", "3",
-                              "--intra-op-threads", "2", "--redis-key-prefix", "p", "--log-level", "debug"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "--batching",
+            "--max-queue-delay-ms",
+            "1.5",
+            "--batch-workers",
+            "3",
+            "--intra-op-threads",
+            "2",
+            "--redis-key-prefix",
+            "p",
+            "--log-level",
+            "debug",
+        ]
+    )
     settings = settings_from_args(args)
     assert settings.batching is True and settings.max_queue_delay_ms == 1.5  # flags over environment
     assert (settings.batch_workers, settings.intra_op_threads, settings.redis_key_prefix) == (3, 2, "p")

@@ -27,7 +27,9 @@ def _parser(model: type[BaseModel]) -> argparse.ArgumentParser:
     return parser
 
 
-def test_a_plain_model_gets_typed_flags_its_defaults_and_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plain_model_gets_typed_flags_its_defaults_and_no_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SIZE", "9")  # a plain model reads no environment
     parser = _parser(_Options)
     assert settings_flags.model_from_args(_Options, parser.parse_args([])) == _Options()
@@ -53,13 +55,24 @@ def test_export_flags_come_from_its_options_with_the_former_defaults() -> None:
     assert flags == set(export_cli.ExportOptions.model_fields)
     options = settings_flags.model_from_args(export_cli.ExportOptions, parser.parse_args([]))
     checks = CheckThresholds()
-    assert (options.precision, options.int8_method, options.encoder, options.pool) == ("fp32", "dynamic", "target", "cls")
+    assert (options.precision, options.int8_method, options.encoder, options.pool) == (
+        "fp32",
+        "dynamic",
+        "target",
+        "cls",
+    )
     assert (options.min_cosine, options.mean_cosine, options.max_accuracy_drop) == (
-        checks.min_cosine, checks.mean_cosine, checks.max_accuracy_drop
+        checks.min_cosine,
+        checks.mean_cosine,
+        checks.max_accuracy_drop,
     )
-    assert (options.blocks, options.center_samples, options.whiten, options.whiten_shrinkage, options.seed) == (
-        1, 2000, False, 0.3, 0
-    )
+    assert (
+        options.blocks,
+        options.center_samples,
+        options.whiten,
+        options.whiten_shrinkage,
+        options.seed,
+    ) == (1, 2000, False, 0.3, 0)
     assert options.output is None and options.arch is None and options.whiten_dim is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--arch", "no_such_arch"])

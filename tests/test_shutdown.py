@@ -5,7 +5,6 @@ exits 0 within ``--shutdown-grace-s``."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +29,7 @@ def slow_batch(count: int = 48) -> list[bytes]:
 
     base = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
     return [
-        samples.encode(Image.fromarray(np.roll(base, i, axis=1)), "JPEG", quality=95)
-        for i in range(count)
+        samples.encode(Image.fromarray(np.roll(base, i, axis=1)), "JPEG", quality=95) for i in range(count)
     ]
 
 
@@ -42,10 +40,20 @@ def timed(call, *args, **kwargs) -> tuple[object, float]:
 
 @pytest.fixture
 def server(serve_process, tiny_model_path: Path, tmp_path: Path):
-    return serve_process([
-        "--model", tiny_model_path, "--data-dir", tmp_path / "data", "--decode-workers", "1",
-        "--shutdown-grace-s", GRACE_S, "--shutdown-delay-s", "1.0",
-    ]).wait_ready()  # fmt: skip
+    return serve_process(
+        [
+            "--model",
+            tiny_model_path,
+            "--data-dir",
+            tmp_path / "data",
+            "--decode-workers",
+            "1",
+            "--shutdown-grace-s",
+            GRACE_S,
+            "--shutdown-delay-s",
+            "1.0",
+        ]
+    ).wait_ready()
 
 
 @pytest.mark.slow
@@ -60,12 +68,12 @@ def test_sigterm_turns_readiness_false_then_finishes_calls_in_flight_and_exits_0
         with ThreadPoolExecutor(max_workers=2) as pool:
             # One call per transport, both in flight when the signal arrives.
             rest: Future = pool.submit(
-                timed, http.post, "/v1/classes/crowd/examples",
+                timed,
+                http.post,
+                "/v1/classes/crowd/examples",
                 files=[("files", (f"{i}.jpg", img, "image/jpeg")) for i, img in enumerate(images)],
-            )  # fmt: skip
-            rpc: Future = pool.submit(
-                timed, stub.Embed, fewshot_pb2.EmbedRequest(images=images), timeout=60
             )
+            rpc: Future = pool.submit(timed, stub.Embed, fewshot_pb2.EmbedRequest(images=images), timeout=60)
             time.sleep(0.5)  # both requests sent and being decoded
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
@@ -106,10 +114,18 @@ def test_sigterm_turns_readiness_false_then_finishes_calls_in_flight_and_exits_0
 def test_a_call_longer_than_the_grace_is_cut_and_the_process_still_exits(
     serve_process, tiny_model_path: Path, tmp_path: Path
 ) -> None:
-    server = serve_process([
-        "--model", tiny_model_path, "--data-dir", tmp_path / "data", "--decode-workers", "1",
-        "--shutdown-grace-s", "0.2",
-    ]).wait_ready()  # fmt: skip
+    server = serve_process(
+        [
+            "--model",
+            tiny_model_path,
+            "--data-dir",
+            tmp_path / "data",
+            "--decode-workers",
+            "1",
+            "--shutdown-grace-s",
+            "0.2",
+        ]
+    ).wait_ready()
     images = slow_batch(64)
     channel = grpc.insecure_channel(server.grpc_target)
     try:

@@ -14,7 +14,9 @@ def _kinds(item: pytest.Item) -> list[str]:
 
 def test_every_collected_test_has_exactly_one_kind(request: pytest.FixtureRequest) -> None:
     items = request.session.items
-    assert all(len(_kinds(item)) == 1 for item in items), [item.nodeid for item in items if len(_kinds(item)) != 1]
+    assert all(len(_kinds(item)) == 1 for item in items), [
+        item.nodeid for item in items if len(_kinds(item)) != 1
+    ]
     by_id = {item.nodeid.split("[")[0]: _kinds(item)[0] for item in items}
     anchors = {  # one test of each kind, where this run collected it
         "tests/test_playground.py::test_playground_shows_an_api_error_clearly": "browser",
@@ -28,6 +30,7 @@ def test_every_collected_test_has_exactly_one_kind(request: pytest.FixtureReques
     # A unit test must not reach Redis: none of them asks for a Redis fixture.
     redis_fixtures = {"private_redis", "redis_url", "redis_client", "redis_cluster", "cluster_url"}
     assert not [
-        item.nodeid for item in items
+        item.nodeid
+        for item in items
         if _kinds(item) == ["unit"] and redis_fixtures & set(getattr(item, "fixturenames", ()))
-    ]  # fmt: skip
+    ]

@@ -61,7 +61,9 @@ def test_accepted_connections_of_both_transports_set_tcp_nodelay(stack: ServerSt
 
 def _embed_ms(connection: http.client.HTTPConnection, body: bytes, boundary: str) -> float:
     start = time.perf_counter()
-    connection.request("POST", "/v1/embed", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    connection.request(
+        "POST", "/v1/embed", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     response = connection.getresponse()
     assert response.status == 200, response.read()
     response.read()
@@ -73,9 +75,13 @@ def test_a_kept_alive_rest_request_is_not_slower_than_a_new_connection(stack: Se
     Linux) on a reused connection only; a new connection never showed it."""
     boundary = "nodelay-test"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + samples.noise_png(1) + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + samples.noise_png(1)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     kept = http.client.HTTPConnection("127.0.0.1", stack.http_port)
     _embed_ms(kept, body, boundary)  # warm-up on the kept connection
     kept_ms, new_ms = [], []

@@ -21,8 +21,7 @@ from fewshot_trainer.vit import build_vit, get_arch
 
 TINY: dict[str, Any] = {
     "model": {"arch": "vit_test_p8_32", "hidden_dim": 64, "output_dim": 32, "num_prototypes": 16},
-    "data": {"batch_size": 8, "num_workers": 0, "random_size": 32, "focal_size": 16,
-             "focal_views": 2},
+    "data": {"batch_size": 8, "num_workers": 0, "random_size": 32, "focal_size": 16, "focal_views": 2},
     "masking": {"ratio": 0.5},
     "optimization": {"epochs": 2, "warmup_epochs": 0.5},
     "logging": {"log_every": 1},
@@ -64,8 +63,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path
     # Stop mid-epoch 1, then resume with a loader worker: batches and augmentations must match.
     train(tiny_config(), TrainOptions(data=data, output=split, max_steps=4, progress=False))
     assert load_checkpoint(split / "checkpoint.pt")["step"] == 4
-    result = train(tiny_config(data={"num_workers": 1}),
-                   TrainOptions(data=data, output=split, resume=True, progress=False))
+    result = train(
+        tiny_config(data={"num_workers": 1}),
+        TrainOptions(data=data, output=split, resume=True, progress=False),
+    )
     assert result.step == 6
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
     assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 2
@@ -84,18 +85,26 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path: Path
 def test_checkpoint_holds_what_export_reads(tmp_path: Path) -> None:
     data = write_images(tmp_path / "data", 16)
     out = tmp_path / "run"
-    train(tiny_config(optimization={"epochs": 1}, logging={"keep_epoch_checkpoints": True}),
-          TrainOptions(data=data, output=out, progress=False))
+    train(
+        tiny_config(optimization={"epochs": 1}, logging={"keep_epoch_checkpoints": True}),
+        TrainOptions(data=data, output=out, progress=False),
+    )
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert (out / "checkpoint_epoch001.pt").is_file()
     vit = build_vit(get_arch(ckpt["arch"]["name"]))
     vit.load_state_dict(ckpt["target_encoder"], strict=True)
     assert set(ckpt["target_head"]) >= {"fc1.weight", "bn1.running_mean", "fc3.bias"}
     assert ckpt["prototypes"].shape == (16, 32)
-    assert ckpt["preprocess"] == {"input_size": 32, "resize_size": 32, "interpolation": "bicubic",
-                                  "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert ckpt["preprocess"] == {
+        "input_size": 32,
+        "resize_size": 32,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
     assert TrainConfig.model_validate(ckpt["config"]) == tiny_config(
-        optimization={"epochs": 1}, logging={"keep_epoch_checkpoints": True})
+        optimization={"epochs": 1}, logging={"keep_epoch_checkpoints": True}
+    )
     epoch = [r for r in read_metrics(out) if r["event"] == "epoch"]
     assert len(epoch) == 1
     for key in ("target_mean_entropy", "prototypes_in_use", "embedding_std", "max_target_prob"):
@@ -107,9 +116,10 @@ def test_init_from_a_checkpoint_loads_weights_with_fresh_optimizer(tmp_path: Pat
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_config(optimization={"epochs": 1}), TrainOptions(data=data, output=first, progress=False))
     source = load_checkpoint(first / "checkpoint.pt")
-    result = train(tiny_config(optimization={"epochs": 1}),
-                   TrainOptions(data=data, output=second, init=first / "checkpoint.pt",
-                                max_steps=1, progress=False))
+    result = train(
+        tiny_config(optimization={"epochs": 1}),
+        TrainOptions(data=data, output=second, init=first / "checkpoint.pt", max_steps=1, progress=False),
+    )
     assert result.step == 1  # fresh schedule, not the source's step
     after = load_checkpoint(second / "checkpoint.pt")
     # One small step away from the source, far from a fresh random init.
@@ -145,8 +155,23 @@ def test_cli_runs_skips_unreadable_files_and_saves_resolved_config(
     (data / "sub").mkdir()
     (data / "sub" / "zero.png").write_bytes(b"")
     out = tmp_path / "run"
-    code = fewshot_main(_cli(tmp_path, "--data", str(data), "--output", str(out), "--max-steps",
-                             "2", "--batch-size", "4", "--seed", "5", "--workers", "auto"))
+    code = fewshot_main(
+        _cli(
+            tmp_path,
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--seed",
+            "5",
+            "--workers",
+            "auto",
+        )
+    )
     assert code == 0
     assert "2 unreadable files skipped" in capsys.readouterr().out
     start = read_metrics(out)[0]
@@ -177,18 +202,23 @@ def test_cli_bad_settings_exit_2_with_a_message(
 
 def test_cli_workers_takes_a_count_or_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        fewshot_main(_cli(tmp_path, "--data", str(tmp_path), "--output", str(tmp_path / "o"),
-                          "--workers", "-1"))
+        fewshot_main(
+            _cli(tmp_path, "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "-1")
+        )
     assert exited.value.code == 2
     assert "--workers: must be >= 0 or auto" in capsys.readouterr().err
 
 
 def test_cli_missing_data_dir_and_misspelt_config_key(tmp_path: Path, capsys) -> None:
-    assert fewshot_main(_cli(tmp_path, "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))) == 2
+    assert (
+        fewshot_main(_cli(tmp_path, "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))) == 2
+    )
     assert "is not a directory" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimization:\n  learning_rate: 0.1\n")
-    code = fewshot_main(["train", "--config", str(bad), "--data", str(tmp_path), "--output", str(tmp_path / "o")])
+    code = fewshot_main(
+        ["train", "--config", str(bad), "--data", str(tmp_path), "--output", str(tmp_path / "o")]
+    )
     assert code == 2
     assert "learning_rate" in capsys.readouterr().err
 
@@ -208,17 +238,17 @@ def test_bf16_autocast_step_agrees_with_fp32(tmp_path: Path) -> None:
     losses = {}
     for bf16 in (False, True):
         out = tmp_path / f"bf16_{bf16}"
-        result = train(tiny_config(optimization={"bf16": bf16}),
-                       TrainOptions(data=data, output=out, max_steps=1, progress=False))
+        result = train(
+            tiny_config(optimization={"bf16": bf16}),
+            TrainOptions(data=data, output=out, max_steps=1, progress=False),
+        )
         losses[bf16] = result.last["loss"]
     assert np.isfinite(losses[True])
     assert losses[True] == pytest.approx(losses[False], rel=0.02)
 
 
 @pytest.mark.slow
-def test_short_real_run_on_tiny_imagenet_learns_without_collapse(
-    tmp_path: Path, shared_data: Path
-) -> None:
+def test_short_real_run_on_tiny_imagenet_learns_without_collapse(tmp_path: Path, shared_data: Path) -> None:
     data = tmp_path / "pool"
     data.mkdir()
     for path in sorted((shared_data / "pretrain").iterdir())[:256]:
@@ -248,8 +278,9 @@ def _tokens_per_block_call(config: TrainConfig, tmp_path: Path) -> list[int]:
     """Tokens entering the online encoder's first block, per call, over one training step."""
     from fewshot_trainer.train import MSNTrainer
 
-    trainer = MSNTrainer(config, TrainOptions(data=write_images(tmp_path / "data", 8),
-                                              output=tmp_path / "run", progress=False))
+    trainer = MSNTrainer(
+        config, TrainOptions(data=write_images(tmp_path / "data", 8), output=tmp_path / "run", progress=False)
+    )
     seen: list[int] = []
     trainer.online_module.backbone.blocks[0].register_forward_pre_hook(
         lambda _module, inputs: seen.append(inputs[0].shape[1])
@@ -259,9 +290,7 @@ def _tokens_per_block_call(config: TrainConfig, tmp_path: Path) -> list[int]:
 
 
 @pytest.mark.parametrize(("focal", "focal_tokens"), [(False, 1 + 4), (True, 1 + 2)])
-def test_masking_focal_drops_focal_view_patches_too(
-    tmp_path: Path, focal: bool, focal_tokens: int
-) -> None:
+def test_masking_focal_drops_focal_view_patches_too(tmp_path: Path, focal: bool, focal_tokens: int) -> None:
     # 32-px anchor: 16 patches, ratio 0.5 keeps 8; 16-px focal views: 4 patches, keeps 2 when on.
     seen = _tokens_per_block_call(tiny_config(masking={"ratio": 0.5, "focal": focal}), tmp_path)
     assert seen == [1 + 8, focal_tokens]
@@ -277,11 +306,27 @@ def test_shipped_recipe_pins_unmasked_focal_views_as_trained() -> None:
 def test_cli_set_overrides_any_setting_after_the_flags(tmp_path: Path) -> None:
     data = write_images(tmp_path / "data", 8)
     out = tmp_path / "run"
-    code = fewshot_main(_cli(
-        tmp_path, "--data", str(data), "--output", str(out), "--max-steps", "1",
-        "--batch-size", "4", "--set", "data.batch_size=8", "--set", "masking.ratio=0.25",
-        "--set", "masking.focal=true", "--set", "data.focal_scale=[0.1, 0.2]",
-    ))
+    code = fewshot_main(
+        _cli(
+            tmp_path,
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            "masking.ratio=0.25",
+            "--set",
+            "masking.focal=true",
+            "--set",
+            "data.focal_scale=[0.1, 0.2]",
+        )
+    )
     assert code == 0
     saved = load_config(out / "config.yaml")
     assert saved.data.batch_size == 8 and saved.masking.ratio == 0.25 and saved.masking.focal
@@ -302,8 +347,9 @@ def test_cli_set_bad_key_or_value_exits_2_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
 ) -> None:
     data = write_images(tmp_path / "data", 4)
-    code = fewshot_main(_cli(tmp_path, "--data", str(data), "--output", str(tmp_path / "o"),
-                             "--set", setting))
+    code = fewshot_main(
+        _cli(tmp_path, "--data", str(data), "--output", str(tmp_path / "o"), "--set", setting)
+    )
     assert code == 2
     assert message in capsys.readouterr().err
 

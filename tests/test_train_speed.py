@@ -13,7 +13,12 @@ from pydantic import ValidationError
 import fewshot_trainer.train as train_module
 from fewshot_trainer.checkpoint import load_checkpoint
 from fewshot_trainer.hardware import (
-    MAX_GPU_WORKERS, CpuInfo, has_native_bf16, parse_cpuinfo, resolve_bf16, resolve_num_workers,
+    MAX_GPU_WORKERS,
+    CpuInfo,
+    has_native_bf16,
+    parse_cpuinfo,
+    resolve_bf16,
+    resolve_num_workers,
 )
 from fewshot_trainer.train import MSNTrainer, TrainOptions, train
 
@@ -24,11 +29,17 @@ ZEN4 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16"}
 SAPPHIRE_RAPIDS = AVX2_ONLY | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 
 
-@pytest.mark.parametrize(("flags", "native"), [
-    (AVX2_ONLY, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True),
-    ({"avx512f"}, False),  # AVX-512 without its bf16 extension multiplies bf16 no faster
-    ({"amx_bf16"}, True), (set(), False),
-])
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        (AVX2_ONLY, False),
+        (ZEN4, True),
+        (SAPPHIRE_RAPIDS, True),
+        ({"avx512f"}, False),  # AVX-512 without its bf16 extension multiplies bf16 no faster
+        ({"amx_bf16"}, True),
+        (set(), False),
+    ],
+)
 def test_auto_bf16_follows_the_cpu_flags(flags: set[str], native: bool) -> None:
     assert has_native_bf16(flags) is native
     assert resolve_bf16("auto", device_type="cpu", cpu_flags=flags) is native
@@ -39,8 +50,7 @@ def test_auto_bf16_follows_the_cpu_flags(flags: set[str], native: bool) -> None:
 
 def test_auto_bf16_on_a_gpu_asks_the_gpu_not_the_cpu() -> None:
     assert resolve_bf16("auto", device_type="cuda", cpu_flags=AVX2_ONLY, cuda_bf16=True) is True
-    assert resolve_bf16("auto", device_type="cuda", cpu_flags=SAPPHIRE_RAPIDS,
-                        cuda_bf16=False) is False
+    assert resolve_bf16("auto", device_type="cuda", cpu_flags=SAPPHIRE_RAPIDS, cuda_bf16=False) is False
 
 
 def test_auto_workers_load_in_process_on_a_cpu_and_feed_a_gpu_from_the_spare_cores() -> None:
@@ -67,13 +77,14 @@ def test_num_workers_setting_accepts_a_count_or_auto_only() -> None:
 
 
 def test_parse_cpuinfo_reads_the_first_processor() -> None:
-    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
-            "flags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
-            "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
+        "flags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n"
+    )
     info = parse_cpuinfo(text)
     assert info.model_name == "AMD EPYC 9R14"
-    assert info.reported_flags() == {"avx2": True, "avx512f": True, "avx512_bf16": True,
-                                     "amx_bf16": False}
+    assert info.reported_flags() == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False}
     assert parse_cpuinfo("") == CpuInfo()
 
 
@@ -89,9 +100,10 @@ def test_trainer_resolves_auto_from_this_machines_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: set[str], bf16: bool
 ) -> None:
     monkeypatch.setattr(train_module, "cpu_info", lambda: CpuInfo("test cpu", frozenset(flags)))
-    trainer = MSNTrainer(tiny_config(optimization={"bf16": "auto"}),
-                         TrainOptions(data=write_images(tmp_path / "data", 8),
-                                      output=tmp_path / "run", progress=False))
+    trainer = MSNTrainer(
+        tiny_config(optimization={"bf16": "auto"}),
+        TrainOptions(data=write_images(tmp_path / "data", 8), output=tmp_path / "run", progress=False),
+    )
     assert trainer.bf16 is bf16
 
 
@@ -100,8 +112,10 @@ def _run(tmp_path: Path, name: str, steps: int, **optimization: Any) -> tuple[di
     if not data.is_dir():
         write_images(data, 16)
     out = tmp_path / name
-    train(tiny_config(optimization=optimization),
-          TrainOptions(data=data, output=out, max_steps=steps, progress=False))
+    train(
+        tiny_config(optimization=optimization),
+        TrainOptions(data=data, output=out, max_steps=steps, progress=False),
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return load_checkpoint(out / "checkpoint.pt"), records
 
@@ -141,8 +155,9 @@ def _failing_backward_backend() -> Any:
     return aot_autograd(fw_compiler=lambda gm, _inputs: gm, bw_compiler=fail)
 
 
-@pytest.mark.parametrize("backend", [_failing_forward_backend, _failing_backward_backend()],
-                         ids=["forward", "backward"])
+@pytest.mark.parametrize(
+    "backend", [_failing_forward_backend, _failing_backward_backend()], ids=["forward", "backward"]
+)
 @pytest.mark.slow
 def test_a_failing_compiler_falls_back_to_exactly_the_eager_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: Any

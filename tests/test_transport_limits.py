@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import httpx
@@ -39,10 +39,15 @@ def slow_images() -> list[bytes]:
 @pytest.fixture(scope="module")
 def stack(private_redis, tiny_model_path: Path) -> Iterator[ServerStack]:
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="transport-limits",
-        decode_workers=1, decode_queue=1, grpc_workers=GRPC_WORKERS,
-        http_header_timeout_s=HEADER_TIMEOUT_S, http_body_timeout_s=BODY_TIMEOUT_S,
-    )  # fmt: skip
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="transport-limits",
+        decode_workers=1,
+        decode_queue=1,
+        grpc_workers=GRPC_WORKERS,
+        http_header_timeout_s=HEADER_TIMEOUT_S,
+        http_body_timeout_s=BODY_TIMEOUT_S,
+    )
     with ServerStack(settings) as running:
         yield running
 
@@ -103,7 +108,9 @@ def test_a_passed_grpc_deadline_stops_decoding_and_nothing_reaches_the_model(
     # answered long before the ~9 s the whole request would have taken.
     assert embed_small(stub) < 4.0
     assert time.monotonic() - started < 6.0
-    assert eventually(lambda: metric("fewshot_cancelled_requests_total", stage="decode") == cancelled_before + 1)
+    assert eventually(
+        lambda: metric("fewshot_cancelled_requests_total", stage="decode") == cancelled_before + 1
+    )
     assert model_images() == model_before + 1  # only the small request's image was run
 
 
@@ -172,16 +179,24 @@ def test_health_answers_while_every_call_slot_is_busy_and_a_cancel_frees_them(
 @pytest.mark.parametrize(
     ("method", "payload", "message"),
     [
-        ("Embed", b"\xff\xff\xff\xff", "not a valid fewshot.v1.EmbedRequest message: Wire format was corrupt"),
+        (
+            "Embed",
+            b"\xff\xff\xff\xff",
+            "not a valid fewshot.v1.EmbedRequest message: Wire format was corrupt",
+        ),
         ("Classify", b"\x0a\x05", "not a valid fewshot.v1.ClassifyRequest message"),
         # namespace (field 3) of bytes that are not UTF-8: protobuf's own check, the same answer
         ("Classify", b"\x1a\x05bad\xff\xfe", "String field had bad UTF-8"),
     ],
 )
 def test_bytes_that_are_not_a_message_are_invalid_argument_and_logged_once(
-    stack: ServerStack, channel: grpc.Channel, caplog: pytest.LogCaptureFixture,
-    method: str, payload: bytes, message: str,
-) -> None:  # fmt: skip
+    stack: ServerStack,
+    channel: grpc.Channel,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    payload: bytes,
+    message: str,
+) -> None:
     call = channel.unary_unary(f"/fewshot.v1.FewShot/{method}")  # raw bytes both ways
     counted_before = metric("fewshot_grpc_undecodable_requests_total", method=method)
     with caplog.at_level(logging.INFO):
@@ -198,8 +213,9 @@ def test_bytes_that_are_not_a_message_are_invalid_argument_and_logged_once(
     assert embed_small(fewshot_pb2_grpc.FewShotStub(channel)) < 5
 
 
-def test_the_first_undecodable_request_is_a_warning(tiny_model_path: Path, private_redis,
-                                                     caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_the_first_undecodable_request_is_a_warning(
+    tiny_model_path: Path, private_redis, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = stack_settings(tiny_model_path, private_redis.url, redis_key_prefix="transport-warn")
     with ServerStack(settings) as fresh, grpc.insecure_channel(f"127.0.0.1:{fresh.grpc_port}") as channel:
         call = channel.unary_unary("/fewshot.v1.FewShot/Embed")
@@ -256,9 +272,11 @@ def test_a_body_that_stops_arriving_is_closed_and_adds_nothing(
     stack: ServerStack, http: httpx.Client
 ) -> None:
     request = http.build_request(
-        "POST", "/v1/classes/stalled/examples", params={"namespace": "stalled"},
+        "POST",
+        "/v1/classes/stalled/examples",
+        params={"namespace": "stalled"},
         files=[("files", ("a.png", samples.solid_png((1, 2, 3)), "image/png"))],
-    )  # fmt: skip
+    )
     body = request.read()
     head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
@@ -273,12 +291,15 @@ def test_a_slow_but_steady_client_is_served(stack: ServerStack, http: httpx.Clie
     """Headers in 0.6 s, then a body trickling in over ~2.4 s (longer than either timeout, but
     never idle for one): answered normally."""
     request = http.build_request(
-        "POST", "/v1/classes/steady/examples", params={"namespace": "steady"},
+        "POST",
+        "/v1/classes/steady/examples",
+        params={"namespace": "steady"},
         files=[("files", ("a.png", samples.solid_png((1, 2, 3)), "image/png"))],
-    )  # fmt: skip
+    )
     body = request.read()
-    head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + "".join(
-        f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
+    head = (
+        f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host")
     )
     with connect(stack) as sock:
         for part in (head[:10], head[10:] + "\r\n"):
@@ -302,9 +323,11 @@ def test_a_rest_client_that_disconnects_stops_its_work_and_adds_nothing(
     stack: ServerStack, http: httpx.Client, slow_images: list[bytes]
 ) -> None:
     request = http.build_request(
-        "POST", "/v1/classes/gone/examples", params={"namespace": "gone"},
+        "POST",
+        "/v1/classes/gone/examples",
+        params={"namespace": "gone"},
         files=[("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(slow_images)],
-    )  # fmt: skip
+    )
     body = request.read()
     head = f"POST {request.url.raw_path.decode()} HTTP/1.1\r\nHost: localhost\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in request.headers.items() if name.lower() != "host"
@@ -320,6 +343,8 @@ def test_a_rest_client_that_disconnects_stops_its_work_and_adds_nothing(
         # Not the ~9 s of decoding the whole request would cost: the decoder is free again.
         assert embed_small(fewshot_pb2_grpc.FewShotStub(stub_channel)) < 4.0
     assert time.monotonic() - started < 5.0
-    assert eventually(lambda: metric("fewshot_cancelled_requests_total", stage="decode") == cancelled_before + 1)
+    assert eventually(
+        lambda: metric("fewshot_cancelled_requests_total", stage="decode") == cancelled_before + 1
+    )
     assert model_images() == model_before + 1
     assert http.get("/v1/classes", params={"namespace": "gone"}).json()["classes"] == []

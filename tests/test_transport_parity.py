@@ -9,9 +9,9 @@ the core's answer: the same core call, mapped through ``grpc_server.GRPC_STATUS`
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import quote, urlencode
 
 import grpc
@@ -19,12 +19,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from fewshot_common import errors
 from fewshot_api.fewshot.v1 import fewshot_pb2
+from fewshot_common import errors
 from fewshot_service.app import ServerStack
 from fewshot_service.core.core import FewShotCore
-from fewshot_service.transport.grpc.server import GRPC_STATUS
 from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.transport.grpc.server import GRPC_STATUS
 from fewshot_service.transport.rest import HTTP_STATUS
 
 from conftest import stack_settings
@@ -134,9 +134,12 @@ def path_segment(value: str) -> str:
 @pytest.fixture(scope="module")
 def stack(private_redis: ManagedRedis, tiny_model_path: Path) -> Iterator[ServerStack]:
     settings = stack_settings(
-        tiny_model_path, private_redis.url, redis_key_prefix="parity-test",
-        max_images=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES,
-    )  # fmt: skip
+        tiny_model_path,
+        private_redis.url,
+        redis_key_prefix="parity-test",
+        max_images=MAX_IMAGES,
+        max_image_bytes=MAX_IMAGE_BYTES,
+    )
     with ServerStack(settings) as running:
         yield running
 
@@ -146,8 +149,10 @@ def clients(stack: ServerStack, redis_url: str) -> Iterator[tuple[httpx.Client, 
     # redis_url empties the private server first; then the namespace every case uses is filled.
     for i, label in enumerate(CLASSES):
         stack.core.add_examples("parity", label, [png((30 * i, 255 - 30 * i, 90))])
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=30) as http, \
-            grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:  # fmt: skip
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{stack.http_port}", timeout=30) as http,
+        grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel,
+    ):
         yield http, channel
 
 
@@ -172,7 +177,9 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
 
 def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
     calls: dict[str, Callable[[], object]] = {
-        "classify": lambda: core.classify_open_set(case.images, case.namespace, case.top_k, case.unknown_rate),
+        "classify": lambda: core.classify_open_set(
+            case.images, case.namespace, case.top_k, case.unknown_rate
+        ),
         "add": lambda: core.add_examples(case.namespace, case.label, case.images),
         "list": lambda: core.list_classes(case.namespace),
         "get": lambda: core.get_class(case.namespace, case.label),
@@ -237,9 +244,17 @@ class UnmappedError(errors.FewshotError):
 
 @pytest.mark.parametrize(
     "error",
-    [errors.InvalidInput, errors.ImageError, errors.UnsupportedFormat, errors.TooLarge, errors.NotFound,
-     errors.FailedPrecondition, errors.Unavailable, UnmappedError],
-)  # fmt: skip
+    [
+        errors.InvalidInput,
+        errors.ImageError,
+        errors.UnsupportedFormat,
+        errors.TooLarge,
+        errors.NotFound,
+        errors.FailedPrecondition,
+        errors.Unavailable,
+        UnmappedError,
+    ],
+)
 def test_the_two_tables_agree_on_every_error_type(error: type[errors.FewshotError]) -> None:
     instance = error(0, "x") if issubclass(error, errors.ImageError) else error("x")
     status, _kind = errors.lookup(HTTP_STATUS, instance)

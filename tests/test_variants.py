@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fewshot_client import FewShotClient
 from fewshot_common.cli import main
 from fewshot_common.embedder import Embedder
 from fewshot_common.modelmeta import ModelMeta, Preprocess
 from fewshot_common.variants import VariantError, choose_model_file, variant_path
 from fewshot_service.app import ServerStack
-from fewshot_client import FewShotClient
 
 import image_samples as samples
 from conftest import stack_settings
@@ -135,9 +135,14 @@ def test_fp32_metadata_is_written_as_before_and_variants_round_trip() -> None:
     fp32 = ModelMeta("arch-abc", "arch", 8, preprocess)
     assert not {"precision", "variant_id", "variant_check"} & set(json.loads(fp32.to_json()))
     variant = ModelMeta(
-        "arch-abc", "arch", 8, preprocess, precision="int8", variant_id="arch-def",
+        "arch-abc",
+        "arch",
+        8,
+        preprocess,
+        precision="int8",
+        variant_id="arch-def",
         variant_check={"cosine_min": 0.999},
-    )  # fmt: skip
+    )
     assert ModelMeta.from_json(variant.to_json()) == variant
     with pytest.raises(ValueError, match="needs a variant_id"):
         ModelMeta("arch-abc", "arch", 8, preprocess, precision="int8")

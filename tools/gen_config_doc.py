@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         if OUTPUT.read_text() != text:
-            print(f"{OUTPUT.relative_to(REPO_ROOT)} is stale: run python tools/gen_config_doc.py", file=sys.stderr)
+            print(
+                f"{OUTPUT.relative_to(REPO_ROOT)} is stale: run python tools/gen_config_doc.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.write_text(text)

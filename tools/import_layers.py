@@ -147,7 +147,8 @@ def back_arrows(edges: dict[str, set[str]], package: str) -> list[tuple[str, str
         (s, t)
         for s, targets in edges.items()
         for t in targets
-        if group(s, package) != group(t, package) and group_floor[group(t, package)] >= group_floor[group(s, package)]
+        if group(s, package) != group(t, package)
+        and group_floor[group(t, package)] >= group_floor[group(s, package)]
     )
 
 

@@ -28,7 +28,7 @@ class Cancellation:
         self.deadline = deadline
 
     @classmethod
-    def after(cls, seconds: float | None) -> "Cancellation":
+    def after(cls, seconds: float | None) -> Cancellation:
         """A handle that cancels itself ``seconds`` from now (None: only by :meth:`cancel`)."""
         return cls(None if seconds is None else time.monotonic() + seconds)
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from fewshot_common import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fewshot_service.cli.serve", "run the gRPC + REST inference server"),
-    "import": ("fewshot_service.cli.import_dir", "add a folder per class to a running server (bulk, resumable)"),
+    "import": (
+        "fewshot_service.cli.import_dir",
+        "add a folder per class to a running server (bulk, resumable)",
+    ),
     "export-namespace": ("fewshot_service.cli.export_namespace", "write one namespace of a Redis to a file"),
     "import-namespace": ("fewshot_service.cli.import_namespace", "restore a namespace file into a Redis"),
     "keygen": ("fewshot_service.cli.keygen", "make a new API key and its entry for the --api-keys file"),

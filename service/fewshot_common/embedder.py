@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from collections.abc import Iterable, Sequence, Sized
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +22,7 @@ from .providers import default_providers
 from .vectors import l2_normalize
 
 log = logging.getLogger(__name__)
+
 
 class InvalidModel(ValueError):
     """The file is not a model this server can serve (no fewshot metadata, wrong graph shape)."""
@@ -89,8 +90,10 @@ class Embedder:
         self.providers: list[str]
         self.engine: str  # what runs the model, for /v1/info and logs
         self.compute_precision: str  # the arithmetic it runs in ("bf16" only on bf16 units)
-        if not (uses_openvino(self.meta.precision, providers)
-                and self._open_openvino(intra_op_threads, concurrent_runs)):
+        if not (
+            uses_openvino(self.meta.precision, providers)
+            and self._open_openvino(intra_op_threads, concurrent_runs)
+        ):
             self._open_onnxruntime(providers, intra_op_threads, spinning)
 
     def _open_openvino(self, intra_op_threads: int | None, concurrent_runs: int) -> bool:
@@ -103,7 +106,8 @@ class Embedder:
         except Exception as exc:  # noqa: BLE001 -- OpenVINO's errors are untyped
             log.warning(
                 "OpenVINO cannot compile %s (%s); ONNX Runtime serves it, in fp32 arithmetic",
-                self.path.name, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                self.path.name,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
             )
             return False
         self.providers = ["CPUExecutionProvider"]
@@ -112,9 +116,7 @@ class Embedder:
         self._bind_io = False
         return True
 
-    def _open_onnxruntime(
-        self, providers: list[str], intra_op_threads: int | None, spinning: bool
-    ) -> None:
+    def _open_onnxruntime(self, providers: list[str], intra_op_threads: int | None, spinning: bool) -> None:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
@@ -212,9 +214,7 @@ class Embedder:
         embeddings, _ = self._embed_files(paths, skip_unreadable=False)
         return embeddings
 
-    def embed_readable_paths(
-        self, paths: Iterable[str | os.PathLike[str]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def embed_readable_paths(self, paths: Iterable[str | os.PathLike[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Embed the files that can be read, skipping the others (a data set with a few broken
         files stays usable); returns the embeddings and a boolean mask of the readable files."""
         return self._embed_files(paths, skip_unreadable=True)

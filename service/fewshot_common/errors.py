@@ -21,7 +21,8 @@ falls back to ``FewshotError``'s entry -- the same answer class on every transpo
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 # The classes live in fewshot_api (shipped with the client too), so the client raises the very
 # classes the core does; this module adds the transports' lookup.
@@ -44,7 +45,7 @@ from fewshot_api.errors import (  # noqa: F401 (re-exported)
 T = TypeVar("T")
 
 
-def lookup(table: "Mapping[type[FewshotError], T]", error: FewshotError) -> T:
+def lookup(table: Mapping[type[FewshotError], T], error: FewshotError) -> T:
     """``table``'s entry for the nearest class of ``error`` (its own first, then its bases).
 
     ``table`` must map :class:`FewshotError` itself, the fallback for unmapped error types.

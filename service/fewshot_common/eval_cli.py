@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from .embedder import Embedder, InvalidModel
 from .fewshot_eval import check_class_sizes, evaluate_embeddings
 from .image_files import list_labelled_image_files
@@ -34,9 +35,7 @@ class EvalError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, type=Path, help="an ONNX model from `fewshot export`"
-    )
+    parser.add_argument("--model", required=True, type=Path, help="an ONNX model from `fewshot export`")
     parser.add_argument(
         "--data",
         required=True,
@@ -59,14 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)"
     )
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png",
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
         help="also draw accuracy per class and the most confused class pairs into this PNG",
     )
 
 
-def labelled_paths(
-    root: Path, max_per_class: int | None = None
-) -> tuple[list[Path], np.ndarray, list[str]]:
+def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """``root/<class>/**/<image>``: paths, integer labels and class names (sorted)."""
     if not root.is_dir():
         raise EvalError(f"--data {root} is not a folder")
@@ -106,9 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     check_class_sizes(labels)  # before the slow part
     embeddings, readable = embed_files(embedder, paths)
     skipped = int((~readable).sum())
-    results = evaluate_embeddings(
-        embeddings, labels[readable], episodes=args.episodes, seed=args.seed
-    )
+    results = evaluate_embeddings(embeddings, labels[readable], episodes=args.episodes, seed=args.seed)
 
     summary = {
         **results,

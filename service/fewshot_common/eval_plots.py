@@ -7,8 +7,9 @@ class competes with every other: 5-way episodes would hide which classes a model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,9 +73,7 @@ def most_confused_pairs(
     return sorted(pairs, key=lambda pair: -pair.rate)[:top]
 
 
-def write_eval_plot(
-    confusion: np.ndarray, classes: Sequence[str], path: Path, *, title: str
-) -> Path:
+def write_eval_plot(confusion: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> Path:
     """Two panels: accuracy per class (worst at the top) and the most confused pairs."""
     plt = load_pyplot()
     accuracy = per_class_accuracy(confusion)

@@ -15,7 +15,8 @@ trainer's probe and the ``fewshot eval`` command both call :func:`evaluate_embed
 
 from __future__ import annotations
 
-from typing import Callable, TypedDict
+from collections.abc import Callable
+from typing import TypedDict
 
 import numpy as np
 
@@ -170,9 +171,7 @@ def evaluate_embeddings(
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
     if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
-        raise ValueError(
-            f"need embeddings [N, D] and labels [N], got {embeddings.shape} and {labels.shape}"
-        )
+        raise ValueError(f"need embeddings [N, D] and labels [N], got {embeddings.shape} and {labels.shape}")
     if not np.all(np.isfinite(embeddings)):
         raise ValueError("embeddings contain NaN or infinite values")
     if episodes < 1:
@@ -189,7 +188,5 @@ def evaluate_embeddings(
         "5way5shot": episode_accuracy(
             normalized, labels, shots=5, queries=queries, episodes=episodes, rng=rng_5shot, scorer=scorer
         ),
-        "allway5shot": allway_accuracy(
-            normalized, labels, draws=allway_draws, rng=rng_allway, scorer=scorer
-        ),
+        "allway5shot": allway_accuracy(normalized, labels, draws=allway_draws, rng=rng_allway, scorer=scorer),
     }

@@ -8,7 +8,7 @@ wall (a file that sniffs as PNG yet only another plugin accepts is still refused
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import UnsupportedFormat
 
@@ -53,8 +53,10 @@ def check_format(data: bytes, index: int, allowed: tuple[str, ...]) -> str:
     """``data``'s format if it is one of ``allowed``, else :class:`UnsupportedFormat`."""
     name = sniff_format(data)
     if name is None or name not in allowed:
-        what = f"{name} images are not accepted" if name else (
-            "not a decodable image (unknown or unsupported format)"
+        what = (
+            f"{name} images are not accepted"
+            if name
+            else ("not a decodable image (unknown or unsupported format)")
         )
         raise UnsupportedFormat(index, f"{what}: send one of {', '.join(allowed)}")
     return name

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -312,9 +312,7 @@ def load_batch(
     if len(images) == 0:
         raise InvalidInput("the request has no images")
     if len(images) > limits.max_images:
-        raise TooLarge(
-            f"{len(images)} images in one request exceeds the limit of {limits.max_images}"
-        )
+        raise TooLarge(f"{len(images)} images in one request exceeds the limit of {limits.max_images}")
     opened = []
     for index, data in enumerate(images):
         if before_step is not None:

@@ -63,8 +63,28 @@ def _skip_entropy_coded(data: bytes, pos: int) -> int:
 # Segments a stored JPEG keeps: what decoding needs (frame, tables, scans, restart interval),
 # JFIF's APP0 and Adobe's APP14 (it says how the colours are coded). Every other APPn (EXIF,
 # XMP, ICC, maker notes), COM, and bytes that start no marker are metadata or junk.
-_KEPT = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
-         0xC4, 0xCC, 0xDB, 0xDD, 0xDE, 0xDF, _SOS}  # fmt: skip
+_KEPT = {
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC3,
+    0xC5,
+    0xC6,
+    0xC7,
+    0xC9,
+    0xCA,
+    0xCB,
+    0xCD,
+    0xCE,
+    0xCF,
+    0xC4,
+    0xCC,
+    0xDB,
+    0xDD,
+    0xDE,
+    0xDF,
+    _SOS,
+}
 
 
 def strip_jpeg_metadata(data: bytes) -> bytes | None:
@@ -88,8 +108,10 @@ def strip_jpeg_metadata(data: bytes) -> bytes | None:
         if segment_end > end:
             return None
         body = data[pos + 2 : segment_end]
-        keep = marker in _KEPT or (marker == 0xE0 and body.startswith(b"JFIF\0")) or (
-            marker == 0xEE and body.startswith(b"Adobe")
+        keep = (
+            marker in _KEPT
+            or (marker == 0xE0 and body.startswith(b"JFIF\0"))
+            or (marker == 0xEE and body.startswith(b"Adobe"))
         )
         if keep:
             out.append(bytes((0xFF, marker)) + data[pos:segment_end])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 METADATA_KEY = "fewshot"
 SCHEMA_VERSION = 1
@@ -45,14 +46,12 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.input_size <= 0 or self.resize_size < self.input_size:
-            raise ValueError(
-                f"need 0 < input_size <= resize_size, got {self.input_size}, {self.resize_size}"
-            )
+            raise ValueError(f"need 0 < input_size <= resize_size, got {self.input_size}, {self.resize_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std > 0")
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "Preprocess":
+    def from_dict(cls, raw: Mapping[str, Any]) -> Preprocess:
         """From its dict form as JSON, YAML or a checkpoint hold it (mean/std as lists)."""
         return cls(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
 
@@ -104,7 +103,7 @@ class ModelMeta:
         return json.dumps(raw, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMeta":
+    def from_json(cls, text: str) -> ModelMeta:
         raw = json.loads(text)
         if raw.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
@@ -117,11 +116,9 @@ class ModelMeta:
         return {METADATA_KEY: self.to_json()}
 
     @classmethod
-    def from_metadata_props(cls, props: Mapping[str, str]) -> "ModelMeta":
+    def from_metadata_props(cls, props: Mapping[str, str]) -> ModelMeta:
         if METADATA_KEY not in props:
-            raise ValueError(
-                f"ONNX model has no '{METADATA_KEY}' metadata; export it with `fewshot export`"
-            )
+            raise ValueError(f"ONNX model has no '{METADATA_KEY}' metadata; export it with `fewshot export`")
         return cls.from_json(props[METADATA_KEY])
 
 

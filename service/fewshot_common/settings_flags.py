@@ -67,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> No
     """One flag per field of ``model``, named, typed and described by the field itself."""
     for field, info in model.model_fields.items():
         kind = _value_type(info.annotation)
-        options: dict[str, Any] = {"dest": field, "default": argparse.SUPPRESS, "help": _help(model, field, info)}
+        options: dict[str, Any] = {
+            "dest": field,
+            "default": argparse.SUPPRESS,
+            "help": _help(model, field, info),
+        }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is typing.Literal:

@@ -20,24 +20,24 @@ import uvicorn
 
 from fewshot_common.cores import intra_op_threads_per_batch, usable_cores
 from fewshot_common.embedder import Embedder
-from fewshot_common.providers import choose_providers
 from fewshot_common.images import ImageLimits
+from fewshot_common.providers import choose_providers
 from fewshot_common.variants import choose_model_file
 
-from .transport.access import AccessControl
-from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .classify.prototypes import limit_blas_threads
+from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
 from .core.decode_pool import DecodePool
-from .transport.grpc.server import create_grpc_server
-from .transport.rest.http_timeouts import timed_http_protocol
 from .core.metrics import MODEL_INFO
-from .registry.redis_client import RedisClient, connect_redis, redacted_url
 from .registry.durability import appendfsync_for, check_external
+from .registry.redis_client import RedisClient, connect_redis, redacted_url
 from .registry.redis_server import ManagedRedis
 from .registry.registry import Registry
-from .transport.rest import create_app
 from .settings import Settings
+from .transport.access import AccessControl
+from .transport.grpc.server import create_grpc_server
+from .transport.rest import create_app
+from .transport.rest.http_timeouts import timed_http_protocol
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,16 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
     )
     decode_pool = DecodePool(settings.decode_workers, max_queued=settings.decode_queue)
     return FewShotCore(
-        embedder, registry, batching=batching, decode_pool=decode_pool,
-        unknown_rate=settings.unknown_rate, duplicate_similarity=settings.duplicate_similarity,
-        store_images=settings.store_images, max_bulk_images=settings.max_bulk_images,
+        embedder,
+        registry,
+        batching=batching,
+        decode_pool=decode_pool,
+        unknown_rate=settings.unknown_rate,
+        duplicate_similarity=settings.duplicate_similarity,
+        store_images=settings.store_images,
+        max_bulk_images=settings.max_bulk_images,
         backfill_options={"on_demand_limit": settings.backfill_on_demand},
-    )  # fmt: skip
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -144,7 +149,7 @@ class ServerStack:
         self._http_thread: threading.Thread | None = None
         self._cleanup = ExitStack()
 
-    def start(self) -> "ServerStack":
+    def start(self) -> ServerStack:
         try:
             self._start()
         except BaseException:
@@ -163,9 +168,7 @@ class ServerStack:
             )
             self.redis_url = self.managed_redis.start()
             self._cleanup.callback(self.managed_redis.stop)
-        client = connect_redis(
-            self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster
-        )
+        client = connect_redis(self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
         self._cleanup.callback(client.close)
         if settings.redis_url:  # the embedded server is started as --durability asks
             check_external(client, settings.durability)
@@ -205,11 +208,14 @@ class ServerStack:
         )
         tls_options = settings.tls.uvicorn_options() if settings.tls else {}
         config = uvicorn.Config(
-            app, log_level=settings.log_level, access_log=False, lifespan="off",
+            app,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="off",
             http=timed_http_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
             timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),  # whole seconds
             **tls_options,
-        )  # fmt: skip
+        )
         self._http = uvicorn.Server(config)
         # Uvicorn in a thread of ours: signals stay with the main thread (see cli/serve.py).
         self._http_thread = threading.Thread(
@@ -227,10 +233,15 @@ class ServerStack:
             self.core.backfill_incomplete_namespaces()
         log.info(
             "serving model %s: gRPC on %s:%d, HTTP on %s:%d, Redis %s",
-            self.core.model_id, host, self.grpc_port, host, self.http_port,
-            "managed in " + str(settings.redis_data_dir) if self.managed_redis
+            self.core.model_id,
+            host,
+            self.grpc_port,
+            host,
+            self.http_port,
+            "managed in " + str(settings.redis_data_dir)
+            if self.managed_redis
             else redacted_url(self.redis_url),
-        )  # fmt: skip
+        )
 
     def _stop_http(self) -> None:
         if self._http is not None and self._http_thread is not None:
@@ -249,13 +260,15 @@ class ServerStack:
             return  # not fully started (start() failed), or drained already
         settings = self.settings
         self.core.begin_draining()  # /readyz 503, gRPC health NOT_SERVING
-        log.info("shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s)
+        log.info(
+            "shutting down: not ready; finishing calls in flight (up to %.1fs)", settings.shutdown_grace_s
+        )
         time.sleep(settings.shutdown_delay_s)
         grpc_done = self._grpc.stop(settings.shutdown_grace_s)  # refuses new RPCs at once
         self._stop_http()  # uvicorn closes its socket, then waits for open requests
         grpc_done.wait(settings.shutdown_grace_s + 1.0)
 
-    def __enter__(self) -> "ServerStack":
+    def __enter__(self) -> ServerStack:
         return self.start()
 
     def __exit__(

@@ -44,9 +44,7 @@ def resolve_namespace(namespace: str | None) -> str:
     if not namespace:
         return DEFAULT_NAMESPACE
     if isinstance(namespace, str) and len(namespace) > MAX_NAME_CHARS:
-        raise InvalidInput(
-            f"namespace must be at most {MAX_NAME_CHARS} characters, got {len(namespace)}"
-        )
+        raise InvalidInput(f"namespace must be at most {MAX_NAME_CHARS} characters, got {len(namespace)}")
     return resolve_name(namespace, "namespace")
 
 

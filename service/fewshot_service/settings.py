@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEWSHOT_", extra="forbid")
 
     model: Path | None = Field(
-        default=None, description=f"ONNX model to serve (none: {DEFAULT_MODEL} in the working directory or the checkout)"
+        default=None,
+        description=f"ONNX model to serve (none: {DEFAULT_MODEL} in the working directory or the checkout)",
     )
     precision: Literal["auto", "fp32", "int8", "fp16", "bf16"] = Field(
         default="auto",
@@ -106,12 +107,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(
         default=_IMAGE_LIMITS.max_image_bytes, gt=0, description="bytes per image file"
     )
-    max_pixels: int = Field(
-        default=_IMAGE_LIMITS.max_pixels, gt=0, description="pixels per decoded image"
-    )
+    max_pixels: int = Field(default=_IMAGE_LIMITS.max_pixels, gt=0, description="pixels per decoded image")
     max_images: int = Field(default=_IMAGE_LIMITS.max_images, gt=0, description="images per request")
     max_bulk_images: int = Field(
-        default=1024, gt=0, le=65536,
+        default=1024,
+        gt=0,
+        le=65536,
         description="images per bulk add (POST /v1/examples:bulk); each batch of them within the "
         "per-request limits",
     )
@@ -120,15 +121,18 @@ class Settings(BaseSettings):
     )
     # Decode budget (refused with 413 / RESOURCE_EXHAUSTED before any pixel is decoded).
     max_jpeg_scans: int = Field(
-        default=_IMAGE_LIMITS.max_jpeg_scans, gt=0,
+        default=_IMAGE_LIMITS.max_jpeg_scans,
+        gt=0,
         description="scans a progressive JPEG may have (encoders write ~10)",
     )
     max_decoded_bytes: int = Field(
-        default=_IMAGE_LIMITS.max_decoded_bytes, gt=0,
+        default=_IMAGE_LIMITS.max_decoded_bytes,
+        gt=0,
         description="decoded memory one image may need (w x h x bytes/pixel)",
     )
     max_request_pixels: int = Field(
-        default=_IMAGE_LIMITS.max_request_pixels, gt=0,
+        default=_IMAGE_LIMITS.max_request_pixels,
+        gt=0,
         description="decoded pixels of one request, summed over its images",
     )
     image_formats: Annotated[list[str], NoDecode] = Field(
@@ -138,11 +142,13 @@ class Settings(BaseSettings):
     )
     # Each decode runs in a worker process under hard limits (413 beyond; decode_worker.py).
     decode_cpu_s: int = Field(
-        default=_IMAGE_LIMITS.max_decode_cpu_s, gt=0,
+        default=_IMAGE_LIMITS.max_decode_cpu_s,
+        gt=0,
         description="CPU seconds one image's decode may take in its worker (RLIMIT_CPU)",
     )
     decode_memory: int = Field(
-        default=_IMAGE_LIMITS.max_decode_memory, gt=0,
+        default=_IMAGE_LIMITS.max_decode_memory,
+        gt=0,
         description="bytes of memory a decode worker may take for an image beyond its own (RLIMIT_AS)",
     )
     # Decode pool: a full queue answers 429 / RESOURCE_EXHAUSTED at once.
@@ -154,16 +160,19 @@ class Settings(BaseSettings):
     )
     # Slow or stuck clients (the connection is closed; see http_timeouts.py).
     http_header_timeout_s: float = Field(
-        default=10.0, gt=0,
+        default=10.0,
+        gt=0,
         description="seconds an HTTP client may take to send a request line and headers",
     )
     http_body_timeout_s: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="seconds an HTTP request body may go without a byte arriving",
     )
     # gRPC: calls beyond this are refused at once; health checks keep threads of their own.
     grpc_workers: int = Field(
-        default=16, gt=0,
+        default=16,
+        gt=0,
         description="FewShot gRPC calls that may run at once (more: RESOURCE_EXHAUSTED)",
     )
     # Registry.
@@ -177,7 +186,8 @@ class Settings(BaseSettings):
         "a server of another model can embed it without a re-upload",
     )
     backfill_on_demand: int = Field(
-        default=32, ge=0,
+        default=32,
+        ge=0,
         description="missing embeddings of this model a Classify computes itself from stored images "
         "before answering; more start a background backfill and a 409 with the progress",
     )
@@ -188,11 +198,15 @@ class Settings(BaseSettings):
     )
     # Open set and shot quality (open_set.py, shot_quality.py).
     unknown_rate: float = Field(
-        default=0.05, gt=0, lt=1,
+        default=0.05,
+        gt=0,
+        lt=1,
         description="share of images of registered classes flagged unknown when a request sets none",
     )
     duplicate_similarity: float = Field(
-        default=0.98, gt=0, le=1,
+        default=0.98,
+        gt=0,
+        le=1,
         description="cosine at which a new example is reported as a near-duplicate of its class's",
     )
 
@@ -204,7 +218,8 @@ class Settings(BaseSettings):
         "tensorrt or ONNX Runtime's names. Named, the first must start or the server refuses to",
     )
     intra_op_threads: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="ONNX Runtime threads per model run (none: on a CPU, the cores shared equally "
         "among batch_workers; on a GPU, ONNX Runtime's choice)",
     )
@@ -216,15 +231,17 @@ class Settings(BaseSettings):
         "(faster for one process doing only inference; slower beside decoding)",
     )
     max_batch_size: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="largest inference batch, merged or of one request (none: on a CPU, "
         f"{CPU_MAX_BATCH_SIZE}, what one ONNX Runtime thread runs fastest; on a GPU, "
         f"{_BATCHING.max_batch_size})",
     )
     max_queue_delay_ms: float = Field(
-        default=_BATCHING.max_queue_delay_ms, ge=0,
+        default=_BATCHING.max_queue_delay_ms,
+        ge=0,
         description="how long a request may wait for others to share its model run",
-    )  # fmt: skip
+    )
     # Dynamic batching merges concurrent requests into one model run. On a small shared CPU,
     # independent runs have measured faster (docs/benchmarks/code-notes.md), so it can be switched off.
     batching: bool = Field(
@@ -236,12 +253,14 @@ class Settings(BaseSettings):
 
     # Graceful shutdown (SIGTERM): readiness goes false, then in-flight calls get this long.
     shutdown_delay_s: float = Field(
-        default=0.0, ge=0,
+        default=0.0,
+        ge=0,
         description="seconds to keep serving with readiness false before refusing new "
         "connections (time for a load balancer to notice; e.g. 5 behind Kubernetes)",
-    )  # fmt: skip
+    )
     shutdown_grace_s: float = Field(
-        default=10.0, ge=0,
+        default=10.0,
+        ge=0,
         description="seconds in-flight calls may take to finish on shutdown; then they are cut",
     )
 
@@ -274,14 +293,14 @@ class Settings(BaseSettings):
         return provider_names(value)
 
     @model_validator(mode="after")
-    def _cluster_needs_a_url(self) -> "Settings":
+    def _cluster_needs_a_url(self) -> Settings:
         # The private server that starts without a URL is a single node, never a cluster.
         if self.redis_cluster and not self.redis_url:
             raise ValueError("redis_cluster needs a Redis URL naming a node of the cluster")
         return self
 
     @model_validator(mode="after")
-    def _protected_mode(self) -> "Settings":
+    def _protected_mode(self) -> Settings:
         # Like Redis' protected mode: without keys, only this machine may reach the server.
         if self.host is None:
             self.host = "0.0.0.0" if self.api_keys else "127.0.0.1"
@@ -295,7 +314,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _tls_files_together(self) -> "Settings":
+    def _tls_files_together(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

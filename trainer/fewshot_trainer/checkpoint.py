@@ -27,8 +27,19 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "fewshot-msn"
 VERSION = 1
 KEYS = (
-    "arch", "preprocess", "target_encoder", "encoder", "target_head", "head", "prototypes",
-    "optimizer", "step", "epoch", "config", "rng", "extra",
+    "arch",
+    "preprocess",
+    "target_encoder",
+    "encoder",
+    "target_head",
+    "head",
+    "prototypes",
+    "optimizer",
+    "step",
+    "epoch",
+    "config",
+    "rng",
+    "extra",
 )
 
 

@@ -106,7 +106,7 @@ class TrainConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
-    def _check_consistent(self) -> "TrainConfig":
+    def _check_consistent(self) -> TrainConfig:
         spec = get_arch(self.model.arch)
         for name in ("random_size", "focal_size"):
             size = getattr(self.data, name)
@@ -115,8 +115,7 @@ class TrainConfig(_Section):
         if self.data.random_size != spec.img_size:
             # The exported model runs at the arch's size; training at another would need resampling.
             raise ValueError(
-                f"data.random_size={self.data.random_size} must equal {spec.name}'s img_size "
-                f"{spec.img_size}"
+                f"data.random_size={self.data.random_size} must equal {spec.name}'s img_size {spec.img_size}"
             )
         return self
 

@@ -8,8 +8,8 @@ an uninterrupted one would, whatever the number of loader workers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,8 +48,9 @@ class UnlabelledImages(Dataset):
     as the list of views ``transform`` makes from the image.
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Image.Image], list[torch.Tensor]],
-                 seed: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable[[Image.Image], list[torch.Tensor]], seed: int = 0
+    ) -> None:
         candidates = find_images(root)
         self.paths: list[Path] = []
         self.skipped: list[Path] = []
@@ -91,10 +92,23 @@ class UnlabelledImages(Dataset):
 class EpochIndexSampler(Sampler[tuple[int, int]]):
     """``DistributedSampler`` order for one epoch, as ``(epoch, index)``, minus batches already done."""
 
-    def __init__(self, dataset_len: int, *, epoch: int, seed: int, rank: int, world_size: int,
-                 batch_size: int, skip_batches: int = 0) -> None:
+    def __init__(
+        self,
+        dataset_len: int,
+        *,
+        epoch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        skip_batches: int = 0,
+    ) -> None:
         self.order = DistributedSampler(
-            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+            range(dataset_len),
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
             drop_last=True,
         )
         self.order.set_epoch(epoch)
@@ -107,7 +121,7 @@ class EpochIndexSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         usable = self.batches_per_epoch() * self.batch_size
-        indices = list(self.order)[self.skip:usable]
+        indices = list(self.order)[self.skip : usable]
         return iter([(self.epoch, i) for i in indices])
 
     def __len__(self) -> int:

@@ -83,7 +83,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         total = dist_nn.all_reduce(local)
         count = total[-1]
         mean = total[:channels] / count
-        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)
+        var = (total[channels : 2 * channels] / count - mean * mean).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
             unbiased = var * count / (count - 1).clamp_min(1)
@@ -98,8 +98,11 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
     """Swap every ``BatchNorm1d`` for a :class:`GlobalBatchNorm1d` holding the same state."""
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlobalBatchNorm1d):
         replacement = GlobalBatchNorm1d(
-            module.num_features, eps=module.eps, momentum=module.momentum,
-            affine=module.affine, track_running_stats=module.track_running_stats,
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
         )
         replacement.load_state_dict(module.state_dict())
         replacement.train(module.training)

@@ -170,13 +170,9 @@ def encoder_from_checkpoint(
     except (TypeError, KeyError) as exc:
         raise ExportError(f"{path}: 'arch' is not an ArchSpec dict ({exc})") from None
     preprocess = (
-        Preprocess.from_dict(ckpt["preprocess"])
-        if ckpt.get("preprocess")
-        else default_preprocess(spec)
+        Preprocess.from_dict(ckpt["preprocess"]) if ckpt.get("preprocess") else default_preprocess(spec)
     )
-    with torch.device(
-        "meta"
-    ):  # no random init of weights that are overwritten next (seconds for ViT-L)
+    with torch.device("meta"):  # no random init of weights that are overwritten next (seconds for ViT-L)
         encoder = build_vit(spec)
     missing, unexpected = encoder.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

@@ -46,56 +46,115 @@ class ExportOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    output: Path | None = Field(None, description=(
-        "where to write the .onnx file (required, except with --from-onnx: then the variant "
-        "goes next to that file as NAME.PRECISION.onnx)"))
-    precision: Precision = Field("fp32", description=(
-        "fp32; int8, fp16 or bf16 also write a variant next to the fp32 file "
-        "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
-        "--check-data); the server serves the fastest checked variant for its hardware (bf16: "
-        "bf16 weights, run in bf16 by OpenVINO on CPUs with bf16 units)"))
-    from_onnx: Path | None = Field(None, description=(
-        "derive the --precision variant from this existing fp32 export instead of exporting"))
-    int8_method: Literal["dynamic", "static"] = Field("dynamic", description=(
-        "dynamic: int8 weights, activations quantized per batch (needs no data); "
-        "static: QDQ with activation ranges calibrated on --calibration-data, per-channel weights"))
+    output: Path | None = Field(
+        None,
+        description=(
+            "where to write the .onnx file (required, except with --from-onnx: then the variant "
+            "goes next to that file as NAME.PRECISION.onnx)"
+        ),
+    )
+    precision: Precision = Field(
+        "fp32",
+        description=(
+            "fp32; int8, fp16 or bf16 also write a variant next to the fp32 file "
+            "(NAME.int8.onnx), checked against it first (cosine, and the few-shot protocol with "
+            "--check-data); the server serves the fastest checked variant for its hardware (bf16: "
+            "bf16 weights, run in bf16 by OpenVINO on CPUs with bf16 units)"
+        ),
+    )
+    from_onnx: Path | None = Field(
+        None,
+        description=("derive the --precision variant from this existing fp32 export instead of exporting"),
+    )
+    int8_method: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description=(
+            "dynamic: int8 weights, activations quantized per batch (needs no data); "
+            "static: QDQ with activation ranges calibrated on --calibration-data, per-channel weights"
+        ),
+    )
     calibration_data: Path | None = Field(None, description="folder of unlabelled images for static int8")
-    check_data: Path | None = Field(None, description=(
-        "folder-per-class labelled images: the variant must match fp32 on the few-shot protocol"))
-    min_cosine: float = Field(_CHECKS.min_cosine, description=(
-        "refuse a variant whose embedding of any checked image has a lower cosine to fp32's"))
-    mean_cosine: float = Field(_CHECKS.mean_cosine, description=(
-        "refuse a variant whose mean cosine to fp32 is lower"))
-    max_accuracy_drop: float = Field(_CHECKS.max_accuracy_drop, description=(
-        "refuse a variant more than this many points below fp32 on 5-way 5-shot or all-way "
-        "5-shot of --check-data"))
-    checkpoint: Path | None = Field(None, description=(
-        "a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
-        "without it the model is randomly initialised"))
-    arch: Arch | None = Field(None, description=(
-        f"architecture of a random model (default {DEFAULT_ARCH}); "
-        "with --checkpoint it must match the checkpoint's"))
-    encoder: Encoder = Field("target", description=(
-        "which encoder of the checkpoint: the EMA target (as MSN evaluates) or the anchor"))
-    pool: Pool = Field("cls", description="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items()))
-    blocks: int = Field(1, description=(
-        "pool each of the last N blocks' outputs (through the final norm) and concatenate "
-        "them, last block first (1: the last block only)"))
-    input_size: int | None = Field(None, description=(
-        "input resolution of the exported graph, a multiple of the patch size (default: the "
-        "trained one); the position embedding is resampled to the larger patch grid"))
-    center_data: Path | None = Field(None, description=(
-        "folder of images (searched recursively): subtract their mean embedding inside the graph"))
-    center_samples: int = Field(2000, description=(
-        "how many images of --center-data to average (drawn at random with --seed)"))
-    whiten: bool = Field(False, description=(
-        "also whiten with the covariance of the --center-data embeddings (PCA whitening with "
-        "shrinkage, inside the graph): directions that a few dominant factors inflate count less"))
-    whiten_shrinkage: float = Field(0.3, description=(
-        "added to every variance, as a fraction of the mean variance (smaller "
-        "whitens harder, larger is closer to plain centering)"))
-    whiten_dim: int | None = Field(None, description=(
-        "keep this many leading principal directions (default: all; the embedding size)"))
+    check_data: Path | None = Field(
+        None,
+        description=(
+            "folder-per-class labelled images: the variant must match fp32 on the few-shot protocol"
+        ),
+    )
+    min_cosine: float = Field(
+        _CHECKS.min_cosine,
+        description=("refuse a variant whose embedding of any checked image has a lower cosine to fp32's"),
+    )
+    mean_cosine: float = Field(
+        _CHECKS.mean_cosine, description=("refuse a variant whose mean cosine to fp32 is lower")
+    )
+    max_accuracy_drop: float = Field(
+        _CHECKS.max_accuracy_drop,
+        description=(
+            "refuse a variant more than this many points below fp32 on 5-way 5-shot or all-way "
+            "5-shot of --check-data"
+        ),
+    )
+    checkpoint: Path | None = Field(
+        None,
+        description=(
+            "a fewshot checkpoint (from `fewshot train` or `fewshot import-checkpoint`); "
+            "without it the model is randomly initialised"
+        ),
+    )
+    arch: Arch | None = Field(
+        None,
+        description=(
+            f"architecture of a random model (default {DEFAULT_ARCH}); "
+            "with --checkpoint it must match the checkpoint's"
+        ),
+    )
+    encoder: Encoder = Field(
+        "target",
+        description=("which encoder of the checkpoint: the EMA target (as MSN evaluates) or the anchor"),
+    )
+    pool: Pool = Field(
+        "cls", description="; ".join(f"{name}: {text}" for name, text in POOL_DESCRIPTIONS.items())
+    )
+    blocks: int = Field(
+        1,
+        description=(
+            "pool each of the last N blocks' outputs (through the final norm) and concatenate "
+            "them, last block first (1: the last block only)"
+        ),
+    )
+    input_size: int | None = Field(
+        None,
+        description=(
+            "input resolution of the exported graph, a multiple of the patch size (default: the "
+            "trained one); the position embedding is resampled to the larger patch grid"
+        ),
+    )
+    center_data: Path | None = Field(
+        None,
+        description=(
+            "folder of images (searched recursively): subtract their mean embedding inside the graph"
+        ),
+    )
+    center_samples: int = Field(
+        2000, description=("how many images of --center-data to average (drawn at random with --seed)")
+    )
+    whiten: bool = Field(
+        False,
+        description=(
+            "also whiten with the covariance of the --center-data embeddings (PCA whitening with "
+            "shrinkage, inside the graph): directions that a few dominant factors inflate count less"
+        ),
+    )
+    whiten_shrinkage: float = Field(
+        0.3,
+        description=(
+            "added to every variance, as a fraction of the mean variance (smaller "
+            "whitens harder, larger is closer to plain centering)"
+        ),
+    )
+    whiten_dim: int | None = Field(
+        None, description=("keep this many leading principal directions (default: all; the embedding size)")
+    )
     seed: int = Field(0, description="random init and centering sample")
 
 
@@ -158,9 +217,7 @@ def _run(args: ExportOptions) -> int:
     else:
         spec, encoder, preprocess = encoder_from_checkpoint(args.checkpoint, args.encoder)
         if args.arch is not None and args.arch != spec.name:
-            raise ExportError(
-                f"--arch {args.arch} does not match the checkpoint's arch {spec.name}"
-            )
+            raise ExportError(f"--arch {args.arch} does not match the checkpoint's arch {spec.name}")
         extra["weights"] = f"{args.encoder} encoder of {args.checkpoint.name}"
     if args.input_size is not None and args.input_size != spec.img_size:
         trained = spec.img_size
@@ -193,14 +250,11 @@ def _run(args: ExportOptions) -> int:
             dim = projection.shape[1]
             print(f"whitening: {dim} principal directions, shrinkage {args.whiten_shrinkage}")
             embedding += (
-                f", PCA-whitened over the same images ({dim} directions, "
-                f"shrinkage {args.whiten_shrinkage:g})"
+                f", PCA-whitened over the same images ({dim} directions, shrinkage {args.whiten_shrinkage:g})"
             )
             extra["whiten_shrinkage"] = f"{args.whiten_shrinkage:g}"
             extra["whiten_dim"] = str(dim)
-        head = EmbeddingHead(
-            encoder, args.pool, center=center, blocks=args.blocks, projection=projection
-        )
+        head = EmbeddingHead(encoder, args.pool, center=center, blocks=args.blocks, projection=projection)
 
     meta = export_onnx(head, spec, preprocess, args.output, embedding=embedding, extra=extra)
     print(

@@ -61,8 +61,9 @@ def has_native_bf16(flags: frozenset[str] | set[str]) -> bool:
     return bool(NATIVE_BF16_FLAGS & set(flags))
 
 
-def resolve_bf16(setting: Bf16Setting, *, device_type: str, cpu_flags: frozenset[str] | set[str],
-                 cuda_bf16: bool = False) -> bool:
+def resolve_bf16(
+    setting: Bf16Setting, *, device_type: str, cpu_flags: frozenset[str] | set[str], cuda_bf16: bool = False
+) -> bool:
     """``true``/``false`` as given; ``"auto"``: on a CPU with native bf16, or a GPU that supports it."""
     if setting != "auto":
         return bool(setting)
@@ -71,8 +72,9 @@ def resolve_bf16(setting: Bf16Setting, *, device_type: str, cpu_flags: frozenset
     return device_type == "cpu" and has_native_bf16(cpu_flags)
 
 
-def resolve_num_workers(setting: WorkersSetting, *, device_type: str, cores: int,
-                        local_processes: int = 1) -> int:
+def resolve_num_workers(
+    setting: WorkersSetting, *, device_type: str, cores: int, local_processes: int = 1
+) -> int:
     """Data-loader processes per training process: an int as given; ``"auto"``:
 
     - on a GPU, the host's cores less one for each training process, shared among those processes

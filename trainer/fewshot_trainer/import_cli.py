@@ -18,12 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("msn", "hf"),
         help="msn: a .pth.tar from facebookresearch/msn; hf: a ViTMSNModel.save_pretrained folder",
     )
-    parser.add_argument(
-        "source", type=Path, metavar="SRC", help="the checkpoint file (msn) or folder (hf)"
-    )
-    parser.add_argument(
-        "--output", required=True, type=Path, help="where to write the fewshot checkpoint"
-    )
+    parser.add_argument("source", type=Path, metavar="SRC", help="the checkpoint file (msn) or folder (hf)")
+    parser.add_argument("--output", required=True, type=Path, help="where to write the fewshot checkpoint")
     parser.add_argument(
         "--arch",
         choices=sorted(ARCHS),

@@ -99,9 +99,7 @@ def _arch_name(spec_fields: dict[str, Any]) -> str:
         if all(getattr(spec, k) == v for k, v in spec_fields.items()):
             return spec.name
     f = spec_fields
-    return (
-        f"vit_w{f['embed_dim']}_d{f['depth']}_h{f['num_heads']}_p{f['patch_size']}_{f['img_size']}"
-    )
+    return f"vit_w{f['embed_dim']}_d{f['depth']}_h{f['num_heads']}_p{f['patch_size']}_{f['img_size']}"
 
 
 def infer_arch(
@@ -111,9 +109,7 @@ def infer_arch(
     notes: list[str] = []
     for key in ("patch_embed.proj.weight", "pos_embed"):
         if key not in state:
-            raise CheckpointImportError(
-                f"{source}: missing key {key!r}; cannot infer the architecture"
-            )
+            raise CheckpointImportError(f"{source}: missing key {key!r}; cannot infer the architecture")
     proj, pos = state["patch_embed.proj.weight"], state["pos_embed"]
     if proj.ndim != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
         raise CheckpointImportError(
@@ -146,15 +142,11 @@ def infer_arch(
     if arch is not None:
         named = ARCHS.get(arch)
         if named is None:
-            raise CheckpointImportError(
-                f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCHS))}"
-            )
+            raise CheckpointImportError(f"unknown --arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
         differ = {k: (getattr(named, k), v) for k, v in inferred.items() if getattr(named, k) != v}
         if differ:
             detail = ", ".join(f"{k} {a} (--arch) vs {b} (weights)" for k, (a, b) in differ.items())
-            raise CheckpointImportError(
-                f"{source}: --arch {arch} does not fit the weights: {detail}"
-            )
+            raise CheckpointImportError(f"{source}: --arch {arch} does not fit the weights: {detail}")
         if num_heads is not None and num_heads != named.num_heads:
             raise CheckpointImportError(
                 f"{source}: --arch {arch} has {named.num_heads} heads but {heads_from} says {num_heads}"
@@ -172,9 +164,7 @@ def infer_arch(
             f"heads for width {embed_dim} (pass --arch to state it)"
         )
     if embed_dim % num_heads:
-        raise CheckpointImportError(
-            f"{source}: width {embed_dim} is not divisible by {num_heads} heads"
-        )
+        raise CheckpointImportError(f"{source}: width {embed_dim} is not divisible by {num_heads} heads")
     spec_fields = dict(inferred, num_heads=num_heads)
     return ArchSpec(name=_arch_name(spec_fields), **spec_fields), notes
 
@@ -229,9 +219,7 @@ def _split_msn_encoder(state: Any, key: str, source: str) -> tuple[StateDict, St
     return backbone, {k: head[k].detach().clone() for k in MSN_HEAD_KEYS}
 
 
-def read_msn(
-    path: str | Path, *, arch: str | None = None, role: EncoderRole = "target"
-) -> Imported:
+def read_msn(path: str | Path, *, arch: str | None = None, role: EncoderRole = "target") -> Imported:
     """A facebookresearch/msn checkpoint. ``role`` picks the encoder written as the checkpoint's
     ``target_encoder`` (the one ``fewshot export`` serves); with ``target`` the anchor encoder,
     where the file has one, is kept as ``encoder``."""
@@ -244,9 +232,7 @@ def read_msn(
     except Exception as exc:  # torch raises several unrelated types for a file that is not a pickle
         raise CheckpointImportError(f"{path} is not a readable torch checkpoint ({exc})") from None
     if not isinstance(raw, dict):
-        raise CheckpointImportError(
-            f"{path}: expected a dict of checkpoint parts, got {type(raw).__name__}"
-        )
+        raise CheckpointImportError(f"{path}: expected a dict of checkpoint parts, got {type(raw).__name__}")
     if raw.get("format") == "fewshot-msn":
         raise CheckpointImportError(
             f"{path} is already a fewshot checkpoint; export or train from it directly"
@@ -277,9 +263,7 @@ def read_msn(
     )
     if role == "target" and "encoder" in raw:
         anchor, anchor_head = _split_msn_encoder(raw["encoder"], "encoder", str(path))
-        imported.encoder = _check_against_model(
-            anchor, spec, f"{path} (encoder)", lambda k: f"module.{k}"
-        )
+        imported.encoder = _check_against_model(anchor, spec, f"{path} (encoder)", lambda k: f"module.{k}")
         imported.head = anchor_head
 
     prototypes = raw.get("prototypes")
@@ -390,17 +374,13 @@ def _hf_to_timm(state: StateDict, source: str) -> tuple[StateDict, dict[str, str
                     qkv.setdefault((block, param), {})[_QKV_ORDER[part]] = value
                     # For messages: "...attention.{query,key,value}.weight".
                     fused = "{query,key,value}" if len(part) > 1 else "{q,k,v}"
-                    origin[f"blocks.{block}.attn.qkv.{param}"] = (
-                        key[: m.start(2)] + fused + key[m.end(2) :]
-                    )
+                    origin[f"blocks.{block}.attn.qkv.{param}"] = key[: m.start(2)] + fused + key[m.end(2) :]
                     break
             else:
                 if not any(re.fullmatch(p, key) for p in _HF_IGNORED):
                     unexpected.append(key)
     if unexpected:
-        raise CheckpointImportError(
-            f"{source}: unexpected keys for a ViTMSN model: {sorted(unexpected)}"
-        )
+        raise CheckpointImportError(f"{source}: unexpected keys for a ViTMSN model: {sorted(unexpected)}")
     for (block, param), parts in qkv.items():
         if len(parts) != 3:
             names = ["query", "key", "value"]
@@ -421,20 +401,14 @@ def read_hf(folder: str | Path, *, arch: str | None = None) -> Imported:
     """A ``ViTMSNModel.save_pretrained`` folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointImportError(
-            f"{folder} is not a folder (--format hf takes a save_pretrained folder)"
-        )
+        raise CheckpointImportError(f"{folder} is not a folder (--format hf takes a save_pretrained folder)")
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise CheckpointImportError(
-            f"{folder}: no config.json (a folder from ViTMSNModel.save_pretrained)"
-        )
+        raise CheckpointImportError(f"{folder}: no config.json (a folder from ViTMSNModel.save_pretrained)")
     config = json.loads(config_path.read_text())
     model_type = config.get("model_type")
     if model_type not in ("vit_msn", "vit"):
-        raise CheckpointImportError(
-            f"{folder}: config.json model_type is {model_type!r}, not 'vit_msn'"
-        )
+        raise CheckpointImportError(f"{folder}: config.json model_type is {model_type!r}, not 'vit_msn'")
     eps = float(config.get("layer_norm_eps", 1e-12 if model_type == "vit" else TIMM_LAYER_NORM_EPS))
     if not math.isclose(eps, TIMM_LAYER_NORM_EPS, rel_tol=1e-6):
         raise CheckpointImportError(
@@ -445,9 +419,7 @@ def read_hf(folder: str | Path, *, arch: str | None = None) -> Imported:
             f"{folder}: hidden_act {config['hidden_act']!r}; only exact 'gelu' matches timm"
         )
     if config.get("num_channels", 3) != 3:
-        raise CheckpointImportError(
-            f"{folder}: num_channels {config['num_channels']}; RGB models only"
-        )
+        raise CheckpointImportError(f"{folder}: num_channels {config['num_channels']}; RGB models only")
 
     state, origin = _hf_to_timm(_read_hf_weights(folder), str(folder))
     if not config.get("qkv_bias", True):
@@ -495,7 +467,5 @@ def read_source(
     if fmt == "msn":
         return read_msn(source, arch=arch, role=role)
     if role != "target":
-        raise CheckpointImportError(
-            "--format hf holds one encoder; --encoder anchor applies to msn only"
-        )
+        raise CheckpointImportError("--format hf holds one encoder; --encoder anchor applies to msn only")
     return read_hf(source, arch=arch)

@@ -62,8 +62,14 @@ def embed_images(
     return torch.cat(out).numpy(), readable
 
 
-def few_shot_probe(vit: VisionTransformer, eval_dir: Path, preprocess: Preprocess | dict[str, Any],
-                   *, device: torch.device, episodes: int = 200) -> dict[str, float]:
+def few_shot_probe(
+    vit: VisionTransformer,
+    eval_dir: Path,
+    preprocess: Preprocess | dict[str, Any],
+    *,
+    device: torch.device,
+    episodes: int = 200,
+) -> dict[str, float]:
     paths, labels = labelled_images(eval_dir)
     embeddings, readable = embed_images(vit, paths, preprocess, device)
     results = evaluate_embeddings(embeddings, labels[readable], episodes=episodes)

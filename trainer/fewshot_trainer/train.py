@@ -15,9 +15,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,15 +88,18 @@ def build_networks(config: TrainConfig) -> tuple[MSNEncoder, MSNEncoder, nn.Para
     return online, target, prototypes
 
 
-def load_init_weights(path: Path, online: MSNEncoder, target: MSNEncoder,
-                      prototypes: nn.Parameter) -> list[str]:
+def load_init_weights(
+    path: Path, online: MSNEncoder, target: MSNEncoder, prototypes: nn.Parameter
+) -> list[str]:
     """Start from a checkpoint's weights (whatever parts it has); returns the parts loaded."""
     ckpt = load_checkpoint(path)
     _check_same_shape(path, ckpt, online)
     loaded = []
     parts = (
-        ("target_encoder", target.backbone), ("encoder", online.backbone),
-        ("target_head", target.head), ("head", online.head),
+        ("target_encoder", target.backbone),
+        ("encoder", online.backbone),
+        ("target_head", target.head),
+        ("head", online.head),
     )
     for key, module in parts:
         if ckpt.get(key) is not None:
@@ -199,11 +203,14 @@ class MSNTrainer:
         np.random.seed(config.seed)
 
         views = MSNViews(
-            random_size=config.data.random_size, focal_size=config.data.focal_size,
-            focal_views=config.data.focal_views, random_scale=config.data.random_scale,
+            random_size=config.data.random_size,
+            focal_size=config.data.focal_size,
+            focal_views=config.data.focal_views,
+            random_scale=config.data.random_scale,
             focal_scale=config.data.focal_scale,
             color_jitter_strength=config.data.color_jitter_strength,
-            mean=config.data.mean, std=config.data.std,
+            mean=config.data.mean,
+            std=config.data.std,
         )
         self.dataset = UnlabelledImages(options.data, views, seed=config.seed)
         self.steps_per_epoch = self._sampler(0).batches_per_epoch()
@@ -238,11 +245,15 @@ class MSNTrainer:
         self.log = JsonlLog(options.output / METRICS_NAME) if dist_utils.is_main() else None
         opt = config.optimization
         self.bf16 = resolve_bf16(
-            opt.bf16, device_type=self.device.type, cpu_flags=cpu_info().flags,
+            opt.bf16,
+            device_type=self.device.type,
+            cpu_flags=cpu_info().flags,
             cuda_bf16=self.device.type == "cuda" and torch.cuda.is_bf16_supported(),
         )
         self.num_workers = resolve_num_workers(
-            config.data.num_workers, device_type=self.device.type, cores=usable_cores(),
+            config.data.num_workers,
+            device_type=self.device.type,
+            cores=usable_cores(),
             local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
         # A compiled *function* over the unchanged modules: their state_dict keys (checkpoints)
@@ -256,16 +267,25 @@ class MSNTrainer:
     # -- data -------------------------------------------------------------------------------
     def _sampler(self, epoch: int, skip_batches: int = 0) -> EpochIndexSampler:
         return EpochIndexSampler(
-            len(self.dataset), epoch=epoch, seed=self.config.seed, rank=self.rank,
-            world_size=self.world, batch_size=self.config.data.batch_size, skip_batches=skip_batches,
+            len(self.dataset),
+            epoch=epoch,
+            seed=self.config.seed,
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=self.config.data.batch_size,
+            skip_batches=skip_batches,
         )
 
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         workers = self.num_workers
         return DataLoader(
-            self.dataset, batch_size=self.config.data.batch_size,
-            sampler=self._sampler(epoch, skip_batches), num_workers=workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            self.dataset,
+            batch_size=self.config.data.batch_size,
+            sampler=self._sampler(epoch, skip_batches),
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
             # Its own generator: creating the iterator must not consume the global RNG.
             generator=torch.Generator().manual_seed(self.config.seed + epoch),
         )
@@ -285,8 +305,11 @@ class MSNTrainer:
             epoch=epoch,
             config=self.config.model_dump(mode="json"),
             rng=rng_state(),
-            extra={"skipped_files": len(self.dataset.skipped), "world_size": self.world,
-                   "steps_per_epoch": self.steps_per_epoch},
+            extra={
+                "skipped_files": len(self.dataset.skipped),
+                "world_size": self.world,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
         )
 
     def save(self, *, epoch_copy: bool = False) -> None:
@@ -312,7 +335,8 @@ class MSNTrainer:
             log.warning(
                 "resuming with %d steps per epoch where the run had %d (other data, batch size or "
                 "world size): the data order is no longer the uninterrupted run's",
-                self.steps_per_epoch, saved_steps,
+                self.steps_per_epoch,
+                saved_steps,
             )
         if ckpt.get("rng"):
             set_rng_state(ckpt["rng"])
@@ -322,21 +346,38 @@ class MSNTrainer:
     def _apply_schedules(self) -> dict[str, float]:
         opt = self.config.optimization
         warmup = round(opt.warmup_epochs * self.steps_per_epoch)
-        lr = learning_rate(self.step, total_steps=self.total_steps, warmup_steps=warmup,
-                           start_lr=opt.start_lr, ref_lr=opt.lr, final_lr=opt.final_lr,
-                           horizon=opt.schedule_horizon)
-        wd = weight_decay(self.step, total_steps=self.total_steps, start_wd=opt.weight_decay,
-                          final_wd=opt.final_weight_decay, horizon=opt.schedule_horizon)
+        lr = learning_rate(
+            self.step,
+            total_steps=self.total_steps,
+            warmup_steps=warmup,
+            start_lr=opt.start_lr,
+            ref_lr=opt.lr,
+            final_lr=opt.final_lr,
+            horizon=opt.schedule_horizon,
+        )
+        wd = weight_decay(
+            self.step,
+            total_steps=self.total_steps,
+            start_wd=opt.weight_decay,
+            final_wd=opt.final_weight_decay,
+            horizon=opt.schedule_horizon,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group["apply_wd"]:
                 group["weight_decay"] = wd
-        momentum = ema_momentum(self.step, total_steps=self.total_steps, start=opt.ema_start,
-                                end=opt.ema_end, horizon=opt.schedule_horizon)
+        momentum = ema_momentum(
+            self.step,
+            total_steps=self.total_steps,
+            start=opt.ema_start,
+            end=opt.ema_end,
+            horizon=opt.schedule_horizon,
+        )
         return {"lr": lr, "wd": wd, "momentum": momentum}
 
-    def _forward_loss(self, views: list[torch.Tensor], keep: torch.Tensor,
-                      focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+    def _forward_loss(
+        self, views: list[torch.Tensor], keep: torch.Tensor, focal_keep: torch.Tensor | None
+    ) -> tuple[LossParts, torch.Tensor]:
         """Target (EMA, unmasked, no grad) and anchors (masked random view + focal views, masked
         too with ``masking.focal``), then the MSN loss. Shapes are fixed across steps (a fixed
         number of kept tokens), so a compiled version of this compiles once."""
@@ -347,23 +388,33 @@ class MSNTrainer:
             anchor_z = self.online(views[1:], keep, focal_keep)
         crit = self.config.criterion
         parts = msn_loss(
-            anchor_z, target_z, self.prototypes, temperature=crit.temperature,
-            sharpen_temperature=crit.sharpen_temperature, memax_weight=crit.memax_weight,
-            use_sinkhorn=crit.use_sinkhorn, sinkhorn_iterations=crit.sinkhorn_iterations,
+            anchor_z,
+            target_z,
+            self.prototypes,
+            temperature=crit.temperature,
+            sharpen_temperature=crit.sharpen_temperature,
+            memax_weight=crit.memax_weight,
+            use_sinkhorn=crit.use_sinkhorn,
+            sinkhorn_iterations=crit.sinkhorn_iterations,
             label_smoothing=crit.label_smoothing,
         )
         return parts, target_z
 
-    def _forward_backward(self, fn: Callable[..., tuple[LossParts, torch.Tensor]],
-                          views: list[torch.Tensor], keep: torch.Tensor,
-                          focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+    def _forward_backward(
+        self,
+        fn: Callable[..., tuple[LossParts, torch.Tensor]],
+        views: list[torch.Tensor],
+        keep: torch.Tensor,
+        focal_keep: torch.Tensor | None,
+    ) -> tuple[LossParts, torch.Tensor]:
         parts, target_z = fn(views, keep, focal_keep)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         return parts, target_z
 
-    def _first_compiled_step(self, views: list[torch.Tensor], keep: torch.Tensor,
-                             focal_keep: torch.Tensor | None) -> tuple[LossParts, torch.Tensor]:
+    def _first_compiled_step(
+        self, views: list[torch.Tensor], keep: torch.Tensor, focal_keep: torch.Tensor | None
+    ) -> tuple[LossParts, torch.Tensor]:
         """Forward + backward through the compiled function; on a compiler failure, eager instead.
 
         Inductor compiles the forward in the first call and the backward in the first backward,
@@ -373,8 +424,9 @@ class MSNTrainer:
         so a long run goes on rather than dying on a machine without a toolchain.
         """
         assert self._compiled_forward_loss is not None
-        buffers = [(b, b.detach().clone()) for module in (self.online_module, self.target)
-                   for b in module.buffers()]
+        buffers = [
+            (b, b.detach().clone()) for module in (self.online_module, self.target) for b in module.buffers()
+        ]
         try:
             result = self._forward_backward(self._compiled_forward_loss, views, keep, focal_keep)
         except Exception as exc:  # noqa: BLE001 -- whatever the compiler raised: fall back, say why
@@ -399,7 +451,8 @@ class MSNTrainer:
         # Drawn after `keep`, and only when on, so runs without focal masking are unchanged.
         focal_keep = (
             random_keep_indices(self.focal_patches, cfg.masking.ratio, mask_rng)
-            if cfg.masking.focal and cfg.data.focal_views else None
+            if cfg.masking.focal and cfg.data.focal_views
+            else None
         )
 
         # 1-3. forwards, loss, backward
@@ -408,15 +461,15 @@ class MSNTrainer:
         elif not self._compile_checked:
             parts, target_z = self._first_compiled_step(views, keep, focal_keep)
         else:
-            parts, target_z = self._forward_backward(self._compiled_forward_loss, views, keep,
-                                                     focal_keep)
+            parts, target_z = self._forward_backward(self._compiled_forward_loss, views, keep, focal_keep)
         # 3. prototype grads summed over ranks, clip the encoder, step
         if self.prototypes.grad is not None:
             dist_utils.all_reduce_sum_(self.prototypes.grad)
         grad_norm = float("nan")
         if cfg.optimization.clip_grad > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                self.online_module.parameters(), cfg.optimization.clip_grad))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.online_module.parameters(), cfg.optimization.clip_grad)
+            )
         self.optimizer.step()
         # 4. EMA target
         ema_update(self.target, self.online_module, sched["momentum"])
@@ -424,8 +477,12 @@ class MSNTrainer:
 
         meter.update(parts.target_probs, target_z)
         return {
-            "loss": parts.total.item(), "ce": parts.ce.item(), "memax": parts.memax.item(),
-            "grad_norm": grad_norm, **sched, **batch_indicators(parts.target_probs),
+            "loss": parts.total.item(),
+            "ce": parts.ce.item(),
+            "memax": parts.memax.item(),
+            "grad_norm": grad_norm,
+            **sched,
+            **batch_indicators(parts.target_probs),
         }
 
     # -- the loop ---------------------------------------------------------------------------
@@ -437,11 +494,20 @@ class MSNTrainer:
             skipped = len(self.dataset.skipped)
             if skipped:
                 log.warning("skipped %d unreadable files under %s", skipped, opts.data)
-            self._write({"event": "start", "images": len(self.dataset), "skipped_files": skipped,
-                         "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                         "world_size": self.world, "start_step": self.step,
-                         "bf16": self.bf16, "compile": self._compiled_forward_loss is not None,
-                         "loader_workers": self.num_workers})
+            self._write(
+                {
+                    "event": "start",
+                    "images": len(self.dataset),
+                    "skipped_files": skipped,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "total_steps": self.total_steps,
+                    "world_size": self.world,
+                    "start_step": self.step,
+                    "bf16": self.bf16,
+                    "compile": self._compiled_forward_loss is not None,
+                    "loader_workers": self.num_workers,
+                }
+            )
         limit = self.total_steps if opts.max_steps is None else min(opts.max_steps, self.total_steps)
         self.online.train()
         self.target.train()
@@ -450,8 +516,13 @@ class MSNTrainer:
         while self.step < limit:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             meter = CollapseMeter(self.config.model.num_prototypes)
-            bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch}",
-                       disable=not (opts.progress and dist_utils.is_main()), dynamic_ncols=True)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=done,
+                desc=f"epoch {epoch}",
+                disable=not (opts.progress and dist_utils.is_main()),
+                dynamic_ncols=True,
+            )
             tick = time.perf_counter()
             for views in self._loader(epoch, done):
                 last = self.train_step(views, meter)
@@ -459,8 +530,12 @@ class MSNTrainer:
                 last["img_per_s"] = global_batch / (now - tick)
                 tick = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
-                                img_s=f"{last['img_per_s']:.1f}", np=last["np"])
+                bar.set_postfix(
+                    loss=f"{last['loss']:.3f}",
+                    lr=f"{last['lr']:.2e}",
+                    img_s=f"{last['img_per_s']:.1f}",
+                    np=last["np"],
+                )
                 if self.step % self.config.logging.log_every == 0:
                     self._write({"event": "step", "step": self.step, "epoch": epoch, **last})
                 every = self.config.logging.checkpoint_every_steps
@@ -479,18 +554,27 @@ class MSNTrainer:
                 self.save(epoch_copy=self.config.logging.keep_epoch_checkpoints)
             else:
                 self.save()
-        return TrainResult(step=self.step, epoch=self.step // self.steps_per_epoch,
-                           skipped_files=len(self.dataset.skipped), last=last)
+        return TrainResult(
+            step=self.step,
+            epoch=self.step // self.steps_per_epoch,
+            skipped_files=len(self.dataset.skipped),
+            last=last,
+        )
 
     def _probe(self) -> dict[str, Any]:
         if self.options.eval_dir is None or not dist_utils.is_main():
             return {}
         from .probe import few_shot_probe
 
-        return {"probe": few_shot_probe(
-            self.target.backbone, self.options.eval_dir, self.config.preprocess_dict(),
-            device=self.device, episodes=self.config.logging.probe_episodes,
-        )}
+        return {
+            "probe": few_shot_probe(
+                self.target.backbone,
+                self.options.eval_dir,
+                self.config.preprocess_dict(),
+                device=self.device,
+                episodes=self.config.logging.probe_episodes,
+            )
+        }
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.log is not None:

@@ -26,22 +26,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (default: the arch's packaged one)")
     parser.add_argument("--arch", help="model architecture, e.g. vit_tiny_p8_64")
     parser.add_argument("--epochs", type=int, help="optimization.epochs")
-    parser.add_argument("--max-steps", type=int,
-                        help="stop after this many steps in all (schedules still span --epochs)")
+    parser.add_argument(
+        "--max-steps", type=int, help="stop after this many steps in all (schedules still span --epochs)"
+    )
     parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
-    parser.add_argument("--resume", action="store_true",
-                        help=f"continue exactly from <output>/{CHECKPOINT_NAME}")
+    parser.add_argument(
+        "--resume", action="store_true", help=f"continue exactly from <output>/{CHECKPOINT_NAME}"
+    )
     parser.add_argument("--eval-dir", type=Path, help="folder-per-class set for a per-epoch probe")
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     parser.add_argument("--seed", type=int, help="seed")
-    parser.add_argument("--workers", type=_workers, metavar="N|auto",
-                        help="data.num_workers: loader processes, or auto (0 on a CPU, the spare "
-                        "cores on a GPU)")
-    parser.add_argument("--bf16", action="store_true", default=None,
-                        help="bf16 autocast (optimization.bf16)")
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N|auto",
+        help="data.num_workers: loader processes, or auto (0 on a CPU, the spare cores on a GPU)",
+    )
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (optimization.bf16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override any config setting, e.g. --set masking.ratio=0.6 --set "
         "'data.focal_scale=[0.05, 0.3]' (value read as YAML; applied after the flags above)",
     )
@@ -76,9 +84,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return deep_update(nested, parse_overrides(args.settings))
 
 
-def resolve_config(
-    args: argparse.Namespace, resumed: dict[str, Any] | None = None
-) -> TrainConfig:
+def resolve_config(args: argparse.Namespace, resumed: dict[str, Any] | None = None) -> TrainConfig:
     """The run's config; ``resumed`` is the checkpoint of a ``--resume`` run."""
     overrides = overrides_from_args(args)
     if resumed is not None:
@@ -105,8 +111,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"fewshot train: bad configuration: {exc}", file=sys.stderr)
         return 2
     options = TrainOptions(
-        data=args.data, output=args.output, max_steps=args.max_steps, resume=args.resume,
-        resume_checkpoint=resumed, init=args.init, eval_dir=args.eval_dir, progress=not args.no_progress,
+        data=args.data,
+        output=args.output,
+        max_steps=args.max_steps,
+        resume=args.resume,
+        resume_checkpoint=resumed,
+        init=args.init,
+        eval_dir=args.eval_dir,
+        progress=not args.no_progress,
     )
     try:
         result = train(config, options)

@@ -8,7 +8,7 @@ caller can make a sample's views reproducible by seeding it (see ``data.py``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageFilter

@@ -26,7 +26,6 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from fewshot_common.embedder import Embedder
 from fewshot_common.fewshot_eval import check_class_sizes, evaluate_embeddings
@@ -94,8 +93,13 @@ def _convert(
         # since dynamic activations dominate the error. MatMul/Gemm only: ORT's ConvInteger for
         # the patch embedding is slower than the fp32 Conv, at the same cosine to fp32
         # (docs/benchmarks/code-notes.md).
-        q.quantize_dynamic(parent, output, weight_type=q.QuantType.QInt8, per_channel=False,
-                           op_types_to_quantize=["MatMul", "Gemm"])
+        q.quantize_dynamic(
+            parent,
+            output,
+            weight_type=q.QuantType.QInt8,
+            per_channel=False,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
     else:
         if not calibration:
             raise ExportError("static int8 needs --calibration-data: images to calibrate ranges on")
@@ -137,13 +141,18 @@ def bf16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         if not np.isfinite(values).all():
             raise ExportError(f"weight {name} has non-finite values")
         stored = onnx.helper.make_tensor(
-            f"{name}.bf16", onnx.TensorProto.BFLOAT16, values.shape,
-            to_bfloat16_bits(values).tobytes(), raw=True,
-        )  # fmt: skip
+            f"{name}.bf16",
+            onnx.TensorProto.BFLOAT16,
+            values.shape,
+            to_bfloat16_bits(values).tobytes(),
+            raw=True,
+        )
         model.graph.initializer[index].CopyFrom(stored)  # `tensor` is this same message
-        casts.append(onnx.helper.make_node(
-            "Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT, name=f"{name}.cast"
-        ))  # fmt: skip
+        casts.append(
+            onnx.helper.make_node(
+                "Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT, name=f"{name}.cast"
+            )
+        )
     if not casts:
         raise ExportError("the model has no float32 MatMul/Gemm/Conv weights to store as bf16")
     # Casts first: nodes must be in topological order.

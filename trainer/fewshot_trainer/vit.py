@@ -38,7 +38,7 @@ class ArchSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ArchSpec":
+    def from_dict(cls, raw: dict[str, Any]) -> ArchSpec:
         return cls(**raw)
 
 

@@ -9,10 +9,20 @@ works for the core, REST and gRPC alike. Plain Python: no dependency.
 from __future__ import annotations
 
 __all__ = [
-    "Cancelled", "FailedPrecondition", "FewshotError", "ImageError", "InvalidInput", "ModelIncomplete",
-    "NotFound", "Overloaded", "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable",
+    "Cancelled",
+    "FailedPrecondition",
+    "FewshotError",
+    "ImageError",
+    "InvalidInput",
+    "ModelIncomplete",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "TooLarge",
+    "Unauthenticated",
+    "Unavailable",
     "UnsupportedFormat",
-]  # fmt: skip
+]
 
 
 class FewshotError(Exception):

@@ -6,15 +6,40 @@ and the typed errors), which ships with it; nothing here imports the server's mo
 
 from . import errors
 from .client import API_KEY_ENV, DEFAULT_BULK_SIZE, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
-from .types import BulkAdded, BulkClassResult, ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel
-from .types import ModelCompleteness, ModelInfo, NamespaceInfo, Prediction
+from .types import (
+    BulkAdded,
+    BulkClassResult,
+    ClassifyResult,
+    ClassInfo,
+    ClassSummary,
+    DeletedNamespace,
+    DroppedModel,
+    ModelCompleteness,
+    ModelInfo,
+    NamespaceInfo,
+    Prediction,
+)
 
 # The fewshot-client distribution's version (service/client/pyproject.toml reads it here: that
 # build cannot see fewshot_common). A test keeps it equal to fewshot_common.__version__.
 __version__ = "0.1.0"
 
 __all__ = [
-    "API_KEY_ENV", "BulkAdded", "BulkClassResult", "DEFAULT_BULK_SIZE", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
-    "DeletedNamespace", "DroppedModel", "FewShotClient", "ImageInput", "ModelCompleteness",
-    "ModelInfo", "NamespaceInfo", "Prediction", "errors",
-]  # fmt: skip
+    "API_KEY_ENV",
+    "BulkAdded",
+    "BulkClassResult",
+    "DEFAULT_BULK_SIZE",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ClassInfo",
+    "ClassSummary",
+    "ClassifyResult",
+    "DeletedNamespace",
+    "DroppedModel",
+    "FewShotClient",
+    "ImageInput",
+    "ModelCompleteness",
+    "ModelInfo",
+    "NamespaceInfo",
+    "Prediction",
+    "errors",
+]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Union
 from urllib.parse import quote
 
 import grpc
@@ -21,8 +22,19 @@ import numpy as np
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 from .errors import from_grpc, from_http
-from .types import BulkAdded, BulkClassResult, ClassifyResult, ClassInfo, ClassSummary, DeletedNamespace, DroppedModel, ModelCompleteness
-from .types import ModelInfo, NamespaceInfo, Prediction
+from .types import (
+    BulkAdded,
+    BulkClassResult,
+    ClassifyResult,
+    ClassInfo,
+    ClassSummary,
+    DeletedNamespace,
+    DroppedModel,
+    ModelCompleteness,
+    ModelInfo,
+    NamespaceInfo,
+    Prediction,
+)
 
 ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): file bytes or a path
 Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007: one image or several
@@ -315,7 +327,7 @@ class FewShotClient:
         if self._http is not None:
             self._http.close()
 
-    def __enter__(self) -> "FewShotClient":
+    def __enter__(self) -> FewShotClient:
         return self
 
     def __exit__(

@@ -28,9 +28,19 @@ from fewshot_api.errors import (
 )
 
 __all__ = [
-    "Cancelled", "FailedPrecondition", "FewshotError", "InvalidInput", "NotFound", "Overloaded",
-    "PermissionDenied", "TooLarge", "Unauthenticated", "Unavailable", "from_grpc", "from_http",
-]  # fmt: skip
+    "Cancelled",
+    "FailedPrecondition",
+    "FewshotError",
+    "InvalidInput",
+    "NotFound",
+    "Overloaded",
+    "PermissionDenied",
+    "TooLarge",
+    "Unauthenticated",
+    "Unavailable",
+    "from_grpc",
+    "from_http",
+]
 
 # The REST body's "error" -> class; the server's table is rest/http_errors.HTTP_STATUS (a test
 # keeps the two in step: this module must not import the server's FastAPI code).

@@ -73,7 +73,9 @@ class Int8Scan:
             quantized = np.clip(np.rint(chunk / self._scale), -127, 127).astype(np.int8)
             quantized_t[:, start : start + len(chunk)] = quantized.T
             dequantised = quantized * self._scale
-            self._max_row_error = max(self._max_row_error, float(np.linalg.norm(chunk - dequantised, axis=1).max()))
+            self._max_row_error = max(
+                self._max_row_error, float(np.linalg.norm(chunk - dequantised, axis=1).max())
+            )
             self._max_row_norm = max(self._max_row_norm, float(np.linalg.norm(dequantised, axis=1).max()))
         options = ort.SessionOptions()
         # One thread without spinning: it runs beside the embedder's session on a few cores.
@@ -89,9 +91,14 @@ class Int8Scan:
         row indices, and a bound on |approximate - float32 score| that holds for every row."""
         queries = np.asarray(queries, dtype=np.float32)
         quantized, scale, zero = _quantize_batch(queries)
-        dots, indices = self._session.run(None, {
-            "xq": quantized, "x_zero": np.array(zero, np.uint8), "k": np.array([min(k, self.rows)], np.int64),
-        })  # fmt: skip
+        dots, indices = self._session.run(
+            None,
+            {
+                "xq": quantized,
+                "x_zero": np.array(zero, np.uint8),
+                "k": np.array([min(k, self.rows)], np.int64),
+            },
+        )
         values = dots.astype(np.float32) * (scale * self._scale)
         query_error = np.linalg.norm(queries - scale * (quantized.astype(np.float32) - zero), axis=1)
         bounds = (

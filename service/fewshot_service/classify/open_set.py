@@ -1,4 +1,4 @@
-""""None of these": the unknown flag and the confidence of a classification, calibrated per namespace.
+""" "None of these": the unknown flag and the confidence of a classification, calibrated per namespace.
 
 Both come from the namespace's own examples, scored leave-one-out (LOO): example ``e`` of class
 ``c`` is scored against the prototype of ``c`` without it, ``(sum_c - e) / (n_c - 1)``, and against
@@ -95,9 +95,7 @@ class LooScores:
         return self.own_scores >= self.scores.max(axis=1)
 
 
-def leave_one_out_scores(
-    means: np.ndarray, counts: np.ndarray, examples: list[np.ndarray]
-) -> LooScores:
+def leave_one_out_scores(means: np.ndarray, counts: np.ndarray, examples: list[np.ndarray]) -> LooScores:
     """``means`` [C, D]: class means of unit vectors over all ``counts`` [C] examples;
     ``examples[c]`` [n, D]: (some of) class c's unit embeddings. Classes of one example add none."""
     prototypes = l2_normalize(means.astype(np.float64))
@@ -188,12 +186,14 @@ def calibrate_top_two(
     return Calibration(statistics, curve, kind)
 
 
-def calibrate_snapshot(snapshot: "ExampleSnapshot", kind: UnknownStatistic = UNKNOWN_STATISTIC) -> Calibration:
+def calibrate_snapshot(
+    snapshot: ExampleSnapshot, kind: UnknownStatistic = UNKNOWN_STATISTIC
+) -> Calibration:
     return calibrate(leave_one_out_scores(snapshot.means, snapshot.counts, snapshot.embeddings), kind)
 
 
 def loo_top_two_against(
-    classifier: PrototypeMatrix, sample: "ExampleSnapshot", chunk: int = 64
+    classifier: PrototypeMatrix, sample: ExampleSnapshot, chunk: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LOO best and second-best scores (and whether the own class won) of ``sample``'s examples
     against every class of ``classifier``, without an [examples x classes] matrix: each example's
@@ -263,8 +263,10 @@ def label_images(
         scores = np.array([p.score for p in preds])
         rival = np.where(scores >= best, second, best)
         confidence = calibration.confidence(scores, rival) if len(preds) else []
-        results.append(OpenSetResult(
-            [dataclasses.replace(p, confidence=float(c)) for p, c in zip(preds, confidence)],
-            bool(flagged),
-        ))  # fmt: skip
+        results.append(
+            OpenSetResult(
+                [dataclasses.replace(p, confidence=float(c)) for p, c in zip(preds, confidence)],
+                bool(flagged),
+            )
+        )
     return results

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Mapping, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -80,9 +80,12 @@ def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     float32, and it depends only on the inputs.
     """
     if len(rows) > _EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
-        return np.concatenate([
-            exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query) for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
-        ])  # fmt: skip
+        return np.concatenate(
+            [
+                exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query)
+                for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
+            ]
+        )
     products = np.asarray(rows, dtype=np.float64) * np.asarray(query, dtype=np.float64)[None, :]
     width = products.shape[1]
     padded = 1 << max(width - 1, 0).bit_length()
@@ -209,7 +212,9 @@ class PrototypeMatrix:
             raise ValueError(f"{len(labels)} labels for a prototype matrix of shape {matrix.shape}")
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
-        store = _RowStore(_capacity(len(labels)), matrix.shape[1], stats if stats is not None else ScanStats())
+        store = _RowStore(
+            _capacity(len(labels)), matrix.shape[1], stats if stats is not None else ScanStats()
+        )
         store.append(matrix, labels)
         self._init(store, np.zeros(len(labels), dtype=bool))
 
@@ -221,7 +226,7 @@ class PrototypeMatrix:
         self.dim = store.unit.shape[1]
 
     @classmethod
-    def _version(cls, store: _RowStore, dead: np.ndarray) -> "PrototypeMatrix":
+    def _version(cls, store: _RowStore, dead: np.ndarray) -> PrototypeMatrix:
         version = cls.__new__(cls)
         version._init(store, dead)
         return version
@@ -273,7 +278,7 @@ class PrototypeMatrix:
     def _rows_in_label_order(self) -> np.ndarray:
         return np.array([slot for _, slot in self._labels_and_slots], dtype=np.int64)
 
-    def patched(self, changes: Mapping[str, np.ndarray | None]) -> "PrototypeMatrix":
+    def patched(self, changes: Mapping[str, np.ndarray | None]) -> PrototypeMatrix:
         """A new version with ``changes`` applied (label -> new class mean, or None: deleted).
 
         This version is left as it was. Costs O(changed x D) plus a copy of the [C] dead-row
@@ -306,7 +311,7 @@ class PrototypeMatrix:
 
     def _compacted(
         self, changes: Mapping[str, np.ndarray | None], rows: np.ndarray, labels: list[str]
-    ) -> "PrototypeMatrix":
+    ) -> PrototypeMatrix:
         """This version's unchanged live rows and the new ones, copied into a fresh buffer
         with room to grow (when the buffer is full, mostly masked, or already patched)."""
         store_labels = self._store.labels
@@ -326,8 +331,7 @@ class PrototypeMatrix:
         """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
         if embeddings.shape[1] != self.dim:
             raise ValueError(
-                f"embedding size {embeddings.shape[1]} does not match prototypes of size "
-                f"{self.dim}"
+                f"embedding size {embeddings.shape[1]} does not match prototypes of size {self.dim}"
             )
         embeddings = embeddings.astype(np.float32, copy=False)
         k = min(k, len(self))

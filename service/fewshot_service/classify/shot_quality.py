@@ -62,11 +62,11 @@ class Confusion:
     examples_closer: int  # examples of the class closer (LOO) to this class than to their own
 
 
-def _class_index(snapshot: "ExampleSnapshot", label: str) -> int:
+def _class_index(snapshot: ExampleSnapshot, label: str) -> int:
     return snapshot.labels.index(label)
 
 
-def example_quality(snapshot: "ExampleSnapshot", label: str) -> list[ExampleQuality]:
+def example_quality(snapshot: ExampleSnapshot, label: str) -> list[ExampleQuality]:
     """Every fetched example of ``label`` (which must be in the snapshot), in id order."""
     c = _class_index(snapshot, label)
     vectors = snapshot.embeddings[c]
@@ -87,7 +87,7 @@ def example_quality(snapshot: "ExampleSnapshot", label: str) -> list[ExampleQual
 
 
 def add_warnings(
-    snapshot: "ExampleSnapshot", label: str, added_ids: list[str], duplicate_similarity: float
+    snapshot: ExampleSnapshot, label: str, added_ids: list[str], duplicate_similarity: float
 ) -> list[ShotWarning]:
     """Warnings for the examples ``added_ids`` of ``label`` (already stored), in request order."""
     c = _class_index(snapshot, label)
@@ -103,11 +103,16 @@ def add_warnings(
             continue
         q = quality[example_id]
         if q.likely_mislabel:
-            warnings.append(ShotWarning(
-                example_id, "likely_mislabel", q.nearest_other_label or "", q.nearest_other_score or 0.0,
-                f"example {example_id} is closer to class {q.nearest_other_label!r} "
-                f"({q.nearest_other_score:.3f}) than to {label!r} without it ({q.consistency:.3f})",
-            ))  # fmt: skip
+            warnings.append(
+                ShotWarning(
+                    example_id,
+                    "likely_mislabel",
+                    q.nearest_other_label or "",
+                    q.nearest_other_score or 0.0,
+                    f"example {example_id} is closer to class {q.nearest_other_label!r} "
+                    f"({q.nearest_other_score:.3f}) than to {label!r} without it ({q.consistency:.3f})",
+                )
+            )
         # Compared with the examples before it: those already stored and earlier ones of this add.
         earlier = [row for other, row in row_of.items() if other != example_id and other not in later]
         if earlier:
@@ -115,15 +120,20 @@ def add_warnings(
             best = int(np.argmax(similarities))
             if similarities[best] >= duplicate_similarity:
                 twin = ids[earlier[best]]
-                warnings.append(ShotWarning(
-                    example_id, "near_duplicate", twin, float(similarities[best]),
-                    f"example {example_id} nearly duplicates example {twin} of {label!r} "
-                    f"(cosine {similarities[best]:.4f}); it counts twice in the prototype",
-                ))  # fmt: skip
+                warnings.append(
+                    ShotWarning(
+                        example_id,
+                        "near_duplicate",
+                        twin,
+                        float(similarities[best]),
+                        f"example {example_id} nearly duplicates example {twin} of {label!r} "
+                        f"(cosine {similarities[best]:.4f}); it counts twice in the prototype",
+                    )
+                )
     return warnings
 
 
-def confusions(snapshot: "ExampleSnapshot", label: str, top_k: int) -> list[Confusion]:
+def confusions(snapshot: ExampleSnapshot, label: str, top_k: int) -> list[Confusion]:
     """The ``top_k`` other classes most similar to ``label``, most similar first."""
     c = _class_index(snapshot, label)
     prototypes = l2_normalize(snapshot.means.astype(np.float64))

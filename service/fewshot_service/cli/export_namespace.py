@@ -38,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     registry, client = opened
     try:
-        summary = export_namespace(
-            registry, resolve_namespace(args.namespace), args.output
-        )
+        summary = export_namespace(registry, resolve_namespace(args.namespace), args.output)
     except (FewshotError, RuntimeError) as exc:
         print(f"fewshot export-namespace: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
-    print(f"exported namespace {summary.namespace!r}: {summary.classes} classes, {summary.examples} "
-          f"examples, embeddings of {', '.join(summary.models) or 'no model'} -> {args.output}")  # fmt: skip
+    print(
+        f"exported namespace {summary.namespace!r}: {summary.classes} classes, {summary.examples} "
+        f"examples, embeddings of {', '.join(summary.models) or 'no model'} -> {args.output}"
+    )
     return 0

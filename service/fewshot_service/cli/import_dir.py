@@ -19,22 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-from fewshot_common.image_files import list_labelled_image_files
-from fewshot_common.settings_flags import add_arguments as add_model_arguments
-from fewshot_common.settings_flags import model_from_args
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-if (
-    TYPE_CHECKING
-):  # the client, through the server package's one door to it (package boundaries)
+from fewshot_common.image_files import list_labelled_image_files
+from fewshot_common.settings_flags import add_arguments as add_model_arguments
+from fewshot_common.settings_flags import model_from_args
+
+if TYPE_CHECKING:  # the client, through the server package's one door to it (package boundaries)
     from ..client import FewShotClient
 
 
 class ImportOptions(BaseModel):
-    url: str = Field(
-        default="http://localhost:8000", description="the server's REST URL"
-    )
+    url: str = Field(default="http://localhost:8000", description="the server's REST URL")
     namespace: str = Field(default="", description="namespace to fill (empty: default)")
     batch: int = Field(
         default=256,
@@ -45,15 +42,11 @@ class ImportOptions(BaseModel):
         default=None,
         description="API key with the write role (default: $FEWSHOT_API_KEY)",
     )
-    timeout_s: float = Field(
-        default=300.0, gt=0, description="seconds one bulk request may take"
-    )
+    timeout_s: float = Field(default=300.0, gt=0, description="seconds one bulk request may take")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "dir", type=Path, metavar="DIR", help="one folder per class, named by its label"
-    )
+    parser.add_argument("dir", type=Path, metavar="DIR", help="one folder per class, named by its label")
     add_model_arguments(parser, ImportOptions)
 
 
@@ -80,9 +73,7 @@ def _send(
     refused: list[tuple[Path, str]] = []
     while pending:
         try:
-            return client.add_examples_bulk(
-                pending, namespace=namespace, batch_size=len(pending)
-            ), refused
+            return client.add_examples_bulk(pending, namespace=namespace, batch_size=len(pending)), refused
         except errors.FewshotError as exc:
             index = getattr(exc, "index", None)
             if index is None or not 0 <= index < len(pending):
@@ -92,20 +83,13 @@ def _send(
     return None, refused
 
 
-def import_dir(
-    client: FewShotClient, root: Path, namespace: str, batch: int, progress: tqdm
-) -> Summary:
+def import_dir(client: FewShotClient, root: Path, namespace: str, batch: int, progress: tqdm) -> Summary:
     listed = list_labelled_image_files(root)
-    items = [
-        (listed.classes[int(label)], path)
-        for path, label in zip(listed.paths, listed.labels)
-    ]
+    items = [(listed.classes[int(label)], path) for path, label in zip(listed.paths, listed.labels)]
     batches = [items[start : start + batch] for start in range(0, len(items), batch)]
     summary = Summary()
     with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="import") as pool:
-        futures = deque(
-            pool.submit(_send, client, b, namespace) for b in batches[:IN_FLIGHT]
-        )
+        futures = deque(pool.submit(_send, client, b, namespace) for b in batches[:IN_FLIGHT])
         queued = batches[IN_FLIGHT:]
         try:
             for sent in batches:
@@ -127,9 +111,7 @@ def import_dir(
         finally:
             for future in futures:
                 future.cancel()
-    summary.warnings = {
-        label: messages for label, messages in summary.warnings.items() if messages
-    }
+    summary.warnings = {label: messages for label, messages in summary.warnings.items() if messages}
     return summary
 
 
@@ -145,14 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if total == 0:
         print(f"fewshot import: no image files under {root}/<class>/", file=sys.stderr)
         return 2
-    with FewShotClient(
-        http_url=options.url, api_key=options.api_key, timeout=options.timeout_s
-    ) as client:
+    with FewShotClient(http_url=options.url, api_key=options.api_key, timeout=options.timeout_s) as client:
         with tqdm(total=total, unit="img", desc="import", file=sys.stderr) as progress:
             try:
-                summary = import_dir(
-                    client, root, options.namespace, options.batch, progress
-                )
+                summary = import_dir(client, root, options.namespace, options.batch, progress)
             except (errors.FewshotError, httpx.HTTPError, OSError) as exc:
                 progress.close()
                 print(
@@ -167,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {path}: {message}", file=sys.stderr)
     for label, message in sorted(summary.class_errors.items()):
         print(f"error: class {label!r}: {message}", file=sys.stderr)
-    print(f"added {summary.added}, skipped {summary.skipped} already present, "
-          f"refused {len(summary.refused_files)} files and {len(summary.class_errors)} classes")  # fmt: skip
+    print(
+        f"added {summary.added}, skipped {summary.skipped} already present, "
+        f"refused {len(summary.refused_files)} files and {len(summary.class_errors)} classes"
+    )
     return 1 if summary.refused_files or summary.class_errors else 0

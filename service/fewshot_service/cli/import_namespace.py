@@ -16,9 +16,7 @@ from .redis_options import RedisOptions, registry_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "file", type=Path, metavar="FILE", help="a file of fewshot export-namespace"
-    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="a file of fewshot export-namespace")
     parser.add_argument(
         "--namespace",
         default=None,
@@ -48,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
-    print(f"restored namespace {summary.namespace!r}: {summary.classes} classes, {summary.examples} "
-          f"examples, embeddings of {', '.join(summary.models) or 'no model'}")  # fmt: skip
+    print(
+        f"restored namespace {summary.namespace!r}: {summary.classes} classes, {summary.examples} "
+        f"examples, embeddings of {', '.join(summary.models) or 'no model'}"
+    )
     return 0

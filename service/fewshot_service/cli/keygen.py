@@ -21,13 +21,19 @@ KEY_BYTES = 32  # 256 random bits, URL-safe base64 (43 characters)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="shows up in logs and metrics (never the key)")
     parser.add_argument(
-        "--role", required=True, choices=[r.value for r in Role],
+        "--role",
+        required=True,
+        choices=[r.value for r in Role],
         help="read: embed, classify, list, get; write: also add and delete",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--namespace", dest="namespaces", action="append", required=True, metavar="NS",
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        required=True,
+        metavar="NS",
         help=f"a namespace the key may use (repeat for several; '{ANY_NAMESPACE}': all)",
-    )  # fmt: skip
+    )
 
 
 def toml_entry(name: str, digest_hex: str, role: str, namespaces: list[str]) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from fewshot_common.settings_flags import model_from_args
 from pydantic import BaseModel, Field, ValidationError
+
+from fewshot_common.settings_flags import model_from_args
 
 from ..registry.redis_client import RedisClient, connect_redis
 from ..registry.registry import Registry
@@ -25,17 +26,15 @@ class RedisOptions(BaseModel):
     redis_timeout_s: float = _FIELDS["redis_timeout_s"]
 
 
-def registry_from_args(
-    args: object, command: str
-) -> tuple[Registry, RedisClient] | None:
+def registry_from_args(args: object, command: str) -> tuple[Registry, RedisClient] | None:
     """The registry the flags name, or None after printing why not (a missing --redis-url)."""
     try:
         options = model_from_args(RedisOptions, args)  # type: ignore[arg-type]
     except ValidationError as exc:
-        print(f"fewshot {command}: {'; '.join(e['loc'][0] + ': ' + e['msg'] for e in exc.errors())}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fewshot {command}: {'; '.join(e['loc'][0] + ': ' + e['msg'] for e in exc.errors())}",
+            file=sys.stderr,
+        )
         return None
-    client = connect_redis(
-        options.redis_url, options.redis_timeout_s, cluster=options.redis_cluster
-    )
+    client = connect_redis(options.redis_url, options.redis_timeout_s, cluster=options.redis_cluster)
     return Registry(client, key_prefix=options.redis_key_prefix), client

@@ -50,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Installed before anything starts, so a signal during start-up still shuts down in order.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    from ..transport.access import KeyFileError
+    from fewshot_common.embedder import InvalidModel
+
     from ..app import ServerStack
     from ..registry.redis_client import redacted_url
-    from fewshot_common.embedder import InvalidModel
     from ..registry.redis_server import RedisBinaryNotFound
+    from ..transport.access import KeyFileError
 
     stack = ServerStack(settings)
 
@@ -67,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             stack.start()
         except (
-            FileNotFoundError, InvalidModel, RedisBinaryNotFound, KeyFileError, OSError, RuntimeError
+            FileNotFoundError,
+            InvalidModel,
+            RedisBinaryNotFound,
+            KeyFileError,
+            OSError,
+            RuntimeError,
         ) as exc:
             print(f"fewshot serve: {exc}", file=sys.stderr)
             return 1

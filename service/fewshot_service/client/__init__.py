@@ -24,7 +24,21 @@ from fewshot_client import (
 )
 
 __all__ = [
-    "API_KEY_ENV", "BulkAdded", "BulkClassResult", "DEFAULT_BULK_SIZE", "DEFAULT_MAX_MESSAGE_BYTES", "ClassInfo", "ClassSummary", "ClassifyResult",
-    "DeletedNamespace", "DroppedModel", "FewShotClient", "ImageInput", "ModelCompleteness",
-    "ModelInfo", "NamespaceInfo", "Prediction", "errors",
-]  # fmt: skip
+    "API_KEY_ENV",
+    "BulkAdded",
+    "BulkClassResult",
+    "DEFAULT_BULK_SIZE",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ClassInfo",
+    "ClassSummary",
+    "ClassifyResult",
+    "DeletedNamespace",
+    "DroppedModel",
+    "FewShotClient",
+    "ImageInput",
+    "ModelCompleteness",
+    "ModelInfo",
+    "NamespaceInfo",
+    "Prediction",
+    "errors",
+]

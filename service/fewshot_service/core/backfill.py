@@ -22,8 +22,8 @@ import itertools
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,7 +77,9 @@ class Backfiller:
 
     # -- on demand -----------------------------------------------------------------------------
 
-    def fill_on_demand(self, namespace: str, cancellation: CancellationCheck | None = None) -> FillResult | None:
+    def fill_on_demand(
+        self, namespace: str, cancellation: CancellationCheck | None = None
+    ) -> FillResult | None:
         """Embed the few examples this model lacks, or None when there are more than
         ``on_demand_limit`` (a background pass is for those). One request per namespace at a
         time fills; the others wait for it rather than embed the same images again."""
@@ -187,7 +189,9 @@ class Backfiller:
             try:
                 self.backfill(namespace)
             except Exception:  # Redis away, a bug: logged; a later request queues it again
-                log.exception("backfill of a namespace for model %s failed; it is retried on demand", self.model_id)
+                log.exception(
+                    "backfill of a namespace for model %s failed; it is retried on demand", self.model_id
+                )
             finally:
                 with self._cond:
                     self._busy = None
@@ -226,8 +230,13 @@ class Backfiller:
             generation = self.store.registry.generation(namespace)
             self.store.record(namespace, self.model_id, without_image, generation)
             if filled or without_image:
-                log.info("backfill for model %s: %d embeddings computed from stored images, %d "
-                         "examples without one (re-upload them)", self.model_id, filled, without_image)  # fmt: skip
+                log.info(
+                    "backfill for model %s: %d embeddings computed from stored images, %d "
+                    "examples without one (re-upload them)",
+                    self.model_id,
+                    filled,
+                    without_image,
+                )
             return FillResult(filled, without_image)
         finally:
             try:

@@ -18,15 +18,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from . import metrics
 from fewshot_common.cancellation import CancellationCheck, raise_if_cancelled
 from fewshot_common.errors import Cancelled, Unavailable
+
+from . import metrics
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,7 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0 or self.max_queue_delay_ms < 0 or self.workers <= 0:
-            raise ValueError(
-                f"need max_batch_size > 0, max_queue_delay_ms >= 0 and workers > 0, got {self}"
-            )
+            raise ValueError(f"need max_batch_size > 0, max_queue_delay_ms >= 0 and workers > 0, got {self}")
 
 
 @dataclass
@@ -76,9 +75,7 @@ class _Request:
 class DynamicBatcher:
     """Merges concurrent :meth:`submit` calls into runs of ``run`` (``[N, ...] -> [N, D]``)."""
 
-    def __init__(
-        self, run: Callable[[np.ndarray], np.ndarray], config: BatchConfig = BatchConfig()
-    ) -> None:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], config: BatchConfig = BatchConfig()) -> None:
         self._run = run
         self.config = config
         self._queue: deque[_Request] = deque()
@@ -89,15 +86,11 @@ class DynamicBatcher:
         self._workers: list[threading.Thread] = []
         if config.enabled:
             for number in range(config.workers):
-                worker = threading.Thread(
-                    target=self._loop, name=f"fewshot-batcher-{number}", daemon=True
-                )
+                worker = threading.Thread(target=self._loop, name=f"fewshot-batcher-{number}", daemon=True)
                 worker.start()
                 self._workers.append(worker)
 
-    def submit(
-        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
-    ) -> np.ndarray:
+    def submit(self, pixels: np.ndarray, cancellation: CancellationCheck | None = None) -> np.ndarray:
         """Embed ``pixels`` (blocking); the result rows are this call's, in its order.
 
         A request whose ``cancellation`` is set before its batch leaves the queue is dropped
@@ -263,4 +256,3 @@ class DynamicBatcher:
 # image than 4 or 8, as a batch's activations outgrow the core's cache
 # (docs/benchmarks/code-notes.md). A GPU wants large batches (BatchConfig's default).
 CPU_MAX_BATCH_SIZE = 8
-

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.errors import ImageError, InvalidInput, TooLarge, Unavailable
 
@@ -68,9 +69,7 @@ class BulkClassReport:
     added_example_ids: list[str] = field(default_factory=list)
     skipped: list[SkippedExample] = field(default_factory=list)
     warnings: list[ShotWarning] = field(default_factory=list)
-    error: str | None = (
-        None  # this class's add was refused (over its cap): nothing of it added
-    )
+    error: str | None = None  # this class's add was refused (over its cap): nothing of it added
 
 
 @dataclass(frozen=True)
@@ -107,13 +106,9 @@ def add_examples_bulk(
     if not images:
         raise InvalidInput("a bulk add needs at least one image")
     if len(labels) != len(images):
-        raise InvalidInput(
-            f"{len(labels)} labels for {len(images)} images: give one label per image"
-        )
+        raise InvalidInput(f"{len(labels)} labels for {len(images)} images: give one label per image")
     if len(images) > max_images:
-        raise TooLarge(
-            f"{len(images)} images in one bulk request exceeds the limit of {max_images}"
-        )
+        raise TooLarge(f"{len(images)} images in one bulk request exceeds the limit of {max_images}")
     resolved = [resolve_label(label) for label in labels]
     hashes = [content_hash(data) for data in images]
 
@@ -137,23 +132,21 @@ def add_examples_bulk(
             first_in_request[label, digest] = index
             to_add.append(index)
 
-    embeddings, stored = _embed_in_batches(
-        core, [images[i] for i in to_add], to_add, cancellation
-    )
+    embeddings, stored = _embed_in_batches(core, [images[i] for i in to_add], to_add, cancellation)
     uploads: list[ClassUpload] = []
     rows_of: dict[str, list[int]] = {}
     for row, index in enumerate(to_add):
         rows_of.setdefault(resolved[index], []).append(row)
     for label, rows in rows_of.items():
-        uploads.append(ClassUpload(
-            label, embeddings[rows], [stored[r] for r in rows] if stored is not None else None,
-            [hashes[to_add[r]] for r in rows],
-        ))  # fmt: skip
-    outcomes = (
-        add_classes_with_hashes(core.registry, namespace, uploads, core.model_id)
-        if uploads
-        else []
-    )
+        uploads.append(
+            ClassUpload(
+                label,
+                embeddings[rows],
+                [stored[r] for r in rows] if stored is not None else None,
+                [hashes[to_add[r]] for r in rows],
+            )
+        )
+    outcomes = add_classes_with_hashes(core.registry, namespace, uploads, core.model_id) if uploads else []
 
     example_of: dict[int, str] = {}  # request index -> the example id it was given
     for upload, outcome in zip(uploads, outcomes):
@@ -164,12 +157,8 @@ def add_examples_bulk(
             example_of[to_add[row]] = example_id
     for index, first in duplicates:
         if first in example_of:  # else its class was refused, and the report says so
-            reports[resolved[index]].skipped.append(
-                SkippedExample(index, example_of[first])
-            )
-    only_skipped = [
-        r for r in reports.values() if not r.added_example_ids and r.error is None
-    ]
+            reports[resolved[index]].skipped.append(SkippedExample(index, example_of[first]))
+    only_skipped = [r for r in reports.values() if not r.added_example_ids and r.error is None]
     counts = class_counts(core.registry, namespace, [r.label for r in only_skipped])
     for report in reports.values():
         report.skipped.sort(key=lambda s: s.index)
@@ -202,16 +191,13 @@ def _embed_in_batches(
             if stored is None:
                 pixels = core.decode_pool.load_batch(part, pre, limits, cancellation)
             else:
-                pixels, copies = core.decode_pool.load_batch_and_copies(
-                    part, pre, limits, cancellation
-                )
+                pixels, copies = core.decode_pool.load_batch_and_copies(part, pre, limits, cancellation)
                 stored.extend(copies)
         except ImageError as exc:  # name the upload by its place in the request
             raise _reindexed(exc, indices[start + exc.index]) from None
         metrics.IMAGES_TOTAL.labels("add_examples").inc(len(pixels))
         pending += [
-            core.start_inference(pixels[i : i + batch], cancellation)
-            for i in range(0, len(pixels), batch)
+            core.start_inference(pixels[i : i + batch], cancellation) for i in range(0, len(pixels), batch)
         ]
     return np.concatenate([rows() for rows in pending]), stored
 
@@ -238,4 +224,6 @@ def _add_warnings(core: BulkCore, namespace: str, reports: list[BulkClassReport]
         return
     for report in reports:
         if report.label in snapshot.labels:  # else deleted by another request in between
-            report.warnings = add_warnings(snapshot, report.label, report.added_example_ids, core.duplicate_similarity)
+            report.warnings = add_warnings(
+                snapshot, report.label, report.added_example_ids, core.duplicate_similarity
+            )

@@ -16,8 +16,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..classify.open_set import DEFAULT_CONFIDENCE, Calibration, calibrate_snapshot, calibrate_top_two
-from ..classify.open_set import loo_top_two_against, sampled_labels
+from ..classify.open_set import (
+    DEFAULT_CONFIDENCE,
+    Calibration,
+    calibrate_snapshot,
+    calibrate_top_two,
+    loo_top_two_against,
+    sampled_labels,
+)
 
 if TYPE_CHECKING:
     from ..classify.snapshot import PrototypeSet
@@ -40,7 +46,7 @@ class OpenSetCalibrator:
     """One :class:`Calibration` per namespace, rebuilt when the namespace's state changes:
     on the request for a small namespace, in the background (sampled) for a large one."""
 
-    def __init__(self, registry: "Registry", max_examples_per_class: int = MAX_EXAMPLES_PER_CLASS) -> None:
+    def __init__(self, registry: Registry, max_examples_per_class: int = MAX_EXAMPLES_PER_CLASS) -> None:
         self._registry = registry
         self._max_examples_per_class = max_examples_per_class
         self._cache: dict[str, tuple[tuple[str, int], Calibration]] = {}
@@ -50,7 +56,7 @@ class OpenSetCalibrator:
         self._pending: set[str] = set()
         self._next_allowed: dict[str, float] = {}  # monotonic time of a namespace's next refresh
 
-    def calibration(self, namespace: str, prototypes: "PrototypeSet") -> Calibration:
+    def calibration(self, namespace: str, prototypes: PrototypeSet) -> Calibration:
         """The calibration for ``prototypes``' state of ``namespace`` (or a newer one; for a large
         namespace possibly an older one while a newer is computed)."""
         state = (prototypes.epoch, prototypes.generation)
@@ -66,7 +72,7 @@ class OpenSetCalibrator:
             return cached[1]
         return Calibration(np.zeros(0), DEFAULT_CONFIDENCE)  # the defaults until the first one
 
-    def _schedule(self, namespace: str, prototypes: "PrototypeSet") -> None:
+    def _schedule(self, namespace: str, prototypes: PrototypeSet) -> None:
         now = time.monotonic()
         with self._lock:
             if namespace in self._pending or now < self._next_allowed.get(namespace, 0.0):
@@ -78,12 +84,15 @@ class OpenSetCalibrator:
             with self._lock:
                 self._pending.discard(namespace)
 
-    def _recalibrate_in_background(self, namespace: str, prototypes: "PrototypeSet") -> None:
+    def _recalibrate_in_background(self, namespace: str, prototypes: PrototypeSet) -> None:
         started = time.monotonic()
         try:
             labels = sampled_labels(prototypes.labels, SAMPLED_CLASSES)
             sample = self._registry.example_snapshot(
-                namespace, SAMPLED_EXAMPLES_PER_CLASS, only_labels=labels, only_their_means=True,
+                namespace,
+                SAMPLED_EXAMPLES_PER_CLASS,
+                only_labels=labels,
+                only_their_means=True,
                 model_id=prototypes.model_id,
             )
             calibration = calibrate_top_two(*loo_top_two_against(prototypes.classifier, sample))

@@ -7,38 +7,56 @@ whichever door it came through. The registry below trusts the names it is given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fewshot_common.cancellation import CancellationCheck
 from fewshot_common.embedder import Embedder
-from fewshot_common.errors import Cancelled, FailedPrecondition, InvalidInput, ModelIncomplete
-from fewshot_common.errors import NotFound, Unavailable
+from fewshot_common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    ModelIncomplete,
+    NotFound,
+    Unavailable,
+)
 
+from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images, resolve_unknown_rate
+from ..classify.prototypes import Prediction, PrototypeMatrix
+from ..classify.shot_quality import (
+    DEFAULT_DUPLICATE_SIMILARITY,
+    Confusion,
+    ExampleQuality,
+    ShotWarning,
+    add_warnings,
+    confusions,
+    example_quality,
+)
+from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
-from ..classify.prototypes import Prediction, PrototypeMatrix
 from .calibrator import OpenSetCalibrator
 from .decode_pool import DecodePool
-from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
-from ..classify.open_set import DEFAULT_UNKNOWN_RATE, OpenSetResult, label_images
-from ..classify.open_set import resolve_unknown_rate
-from ..classify.shot_quality import DEFAULT_DUPLICATE_SIMILARITY, Confusion, add_warnings, confusions
-from ..classify.shot_quality import ExampleQuality, ShotWarning, example_quality
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
+    from ..classify.snapshot import PrototypeSet
+    from ..registry.registry import (
+        ClassInfo,
+        ClassSummary,
+        DeletedNamespace,
+        NamespaceStatus,
+        NamespaceSummary,
+        Registry,
+    )
     from .backfill import Backfiller
     from .bulk_add import BulkReport
-    from ..classify.snapshot import PrototypeSet
-    from ..registry.registry import ClassInfo, ClassSummary, DeletedNamespace, NamespaceSummary
-    from ..registry.registry import NamespaceStatus, Registry
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +75,7 @@ class ClassReport:
     examples: list[ExampleQuality] = field(default_factory=list)  # get_class's per-example fit
 
     @classmethod
-    def of(cls, info: "ClassInfo", **judged: list) -> "ClassReport":
+    def of(cls, info: ClassInfo, **judged: list) -> ClassReport:
         return cls(info.label, info.count, info.example_ids, info.added_example_ids, **judged)
 
 
@@ -68,7 +86,7 @@ class FewShotCore:
     def __init__(
         self,
         embedder: Embedder,
-        registry: "Registry",
+        registry: Registry,
         *,
         batching: BatchConfig | None = None,
         decode_pool: DecodePool | None = None,
@@ -78,8 +96,8 @@ class FewShotCore:
         backfill_options: dict[str, int] | None = None,
         max_bulk_images: int = 1024,
     ) -> None:
-        from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
         from ..registry.model_store import ModelStore
+        from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
 
         self.embedder = embedder
         self.registry = registry
@@ -101,10 +119,11 @@ class FewShotCore:
         # that may run at once is plenty: each holds its thread for about a Redis round trip.
         self._prefetch = ThreadPoolExecutor(max_workers=32, thread_name_prefix="classify-check")
         self.backfill: Backfiller = Backfiller(
-            ModelStore(registry), embedder.model_id,
+            ModelStore(registry),
+            embedder.model_id,
             lambda images, cancellation: self.embed(images, operation="backfill", cancellation=cancellation),
             **(backfill_options or {}),
-        )  # fmt: skip
+        )
 
     @property
     def model_id(self) -> str:
@@ -138,8 +157,13 @@ class FewShotCore:
         return self._start_embed(images, operation, cancellation, run_here_if_idle=True)()
 
     def _start_embed(
-        self, images: Sequence[bytes], operation: str, cancellation: CancellationCheck | None,
-        *, run_here_if_idle: bool = False, copies: list[bytes] | None = None,
+        self,
+        images: Sequence[bytes],
+        operation: str,
+        cancellation: CancellationCheck | None,
+        *,
+        run_here_if_idle: bool = False,
+        copies: list[bytes] | None = None,
     ) -> Callable[[], np.ndarray]:
         """Decode ``images`` and queue them for the model; returns the function that waits for
         the embeddings (see :meth:`DynamicBatcher.start`).
@@ -194,9 +218,7 @@ class FewShotCore:
             metrics.CANCELLED_REQUESTS.labels("queue").inc()
             raise
 
-    def _run_here_or_queue(
-        self, pixels: np.ndarray, cancellation: CancellationCheck | None
-    ) -> np.ndarray:
+    def _run_here_or_queue(self, pixels: np.ndarray, cancellation: CancellationCheck | None) -> np.ndarray:
         rows = self._batcher.run_if_idle(pixels, cancellation)
         return rows if rows is not None else self._batcher.start(pixels, cancellation)()
 
@@ -253,7 +275,7 @@ class FewShotCore:
     def _prototype_matrix(self, namespace: str) -> PrototypeMatrix:
         return self._prototypes(namespace, None).classifier
 
-    def _prototypes(self, namespace: str, cancellation: CancellationCheck | None) -> "PrototypeSet":
+    def _prototypes(self, namespace: str, cancellation: CancellationCheck | None) -> PrototypeSet:
         """This model's prototypes of ``namespace``. The registry caches one ready matrix per
         namespace state and refuses (FailedPrecondition) an empty namespace; when this model
         lacks the embeddings of a few examples (added on a replica of another model), they are
@@ -284,7 +306,7 @@ class FewShotCore:
             without_image = self._start_backfill(namespace, status)
         raise self._incomplete(namespace, status, without_image)
 
-    def _start_backfill(self, namespace: str, status: "NamespaceStatus") -> int:
+    def _start_backfill(self, namespace: str, status: NamespaceStatus) -> int:
         """Queue a background pass unless the last one found that the rest cannot be embedded;
         returns how many examples that pass found without a stored image."""
         record = self.backfill.store.last_record(namespace, self.model_id)
@@ -294,7 +316,7 @@ class FewShotCore:
             self.backfill.request(namespace)
         return min(without_image, missing)
 
-    def _incomplete(self, namespace: str, status: "NamespaceStatus", without_image: int) -> ModelIncomplete:
+    def _incomplete(self, namespace: str, status: NamespaceStatus, without_image: int) -> ModelIncomplete:
         missing = status.examples - status.embedded
         backfilling = missing > without_image
         others = [m for m in self.registry.model_progress(namespace) if m.model_id != self.model_id]
@@ -305,16 +327,20 @@ class FewShotCore:
         if backfilling:
             message += "; computing the rest from their stored images, retry shortly"
         if without_image:
-            message += (
-                f"; {without_image} examples have no stored image: re-upload them (or delete them)"
-            )
+            message += f"; {without_image} examples have no stored image: re-upload them (or delete them)"
         if others:
             held = ", ".join(f"{m.model_id!r} ({m.embedded} of {status.examples})" for m in others)
             message += f"; embeddings of other models: {held}"
-        return ModelIncomplete(message, {
-            "model_id": self.model_id, "embedded": status.embedded, "total": status.examples,
-            "without_image": without_image, "backfilling": backfilling,
-        })  # fmt: skip
+        return ModelIncomplete(
+            message,
+            {
+                "model_id": self.model_id,
+                "embedded": status.embedded,
+                "total": status.examples,
+                "without_image": without_image,
+                "backfilling": backfilling,
+            },
+        )
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -332,7 +358,9 @@ class FewShotCore:
         namespace, label = resolve_namespace(namespace), resolve_label(label)
         # One decode job per upload: the model input and the stored copies share each image's budget.
         stored: list[bytes] | None = [] if self.store_images else None
-        embeddings = self._start_embed(images, "add_examples", cancellation, run_here_if_idle=True, copies=stored)()
+        embeddings = self._start_embed(
+            images, "add_examples", cancellation, run_here_if_idle=True, copies=stored
+        )()
         info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
         try:
             snapshot = self.registry.example_snapshot(namespace, only_labels=[label], model_id=self.model_id)
@@ -350,14 +378,14 @@ class FewShotCore:
         labels: Sequence[str],
         images: Sequence[bytes],
         cancellation: CancellationCheck | None = None,
-    ) -> "BulkReport":
+    ) -> BulkReport:
         """``images[i]`` as an example of ``labels[i]``, many classes at once, skipping bytes a
         class already holds (bulk_add.py)."""
         from .bulk_add import add_examples_bulk
 
         return add_examples_bulk(self, namespace, labels, images, self.max_bulk_images, cancellation)
 
-    def list_classes(self, namespace: str | None = None) -> "list[ClassSummary]":
+    def list_classes(self, namespace: str | None = None) -> list[ClassSummary]:
         return self.registry.list_classes(resolve_namespace(namespace))
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:
@@ -382,9 +410,7 @@ class FewShotCore:
         self.registry.delete_class(resolve_namespace(namespace), resolve_label(label))
         self._deleted()
 
-    def delete_example(
-        self, namespace: str | None, label: str, example_id: str
-    ) -> ClassReport | None:
+    def delete_example(self, namespace: str | None, label: str, example_id: str) -> ClassReport | None:
         """The class as it is after the deletion, or None when that was its last example."""
         info = self.registry.delete_example(
             resolve_namespace(namespace), resolve_label(label), resolve_example_id(example_id)
@@ -398,11 +424,11 @@ class FewShotCore:
         for listener in self.deletion_listeners:
             listener()
 
-    def list_namespaces(self) -> "list[NamespaceSummary]":
+    def list_namespaces(self) -> list[NamespaceSummary]:
         """Every namespace holding classes, with class and example counts and its model."""
         return self.registry.list_namespaces()
 
-    def delete_namespace(self, namespace: str | None) -> "DeletedNamespace":
+    def delete_namespace(self, namespace: str | None) -> DeletedNamespace:
         """Remove a namespace with all its classes and examples, atomically."""
         deleted = self.registry.delete_namespace(resolve_namespace(namespace))
         self._deleted()
@@ -416,9 +442,10 @@ class FewShotCore:
 
         def incomplete() -> list[str]:
             return [
-                n.name for n in self.registry.list_namespaces()
+                n.name
+                for n in self.registry.list_namespaces()
                 if not any(m.model_id == self.model_id and m.complete for m in n.models)
-            ]  # fmt: skip
+            ]
 
         self.backfill.request_incomplete(incomplete)
 

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +61,11 @@ class DecodeWorker:
         self._reap()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "fewshot_service.core.decode_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
             env={**os.environ, **_WORKER_ENV},
-        )  # fmt: skip
+        )
         self.started += 1
 
     def stop(self) -> None:
@@ -89,7 +92,10 @@ class DecodeWorker:
     # -- jobs --------------------------------------------------------------------------------
 
     def load_batch(
-        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        self,
+        images: Sequence[bytes],
+        pre: Preprocess,
+        limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> np.ndarray:
         """:func:`images.load_batch`, in the worker: ``[N, 3, S, S]`` float32."""
@@ -102,13 +108,19 @@ class DecodeWorker:
         return batch
 
     def load_batch_and_copies(
-        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        self,
+        images: Sequence[bytes],
+        pre: Preprocess,
+        limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> tuple[np.ndarray, list[bytes]]:
         """:meth:`load_batch` and the stored copies (stored_images.py) in one job: each image's two decodes
         share its CPU budget (an example upload must not cost twice an image's limit)."""
         header, payload = self._call(
-            {"op": "load_batch_and_copies", "preprocess": dataclasses.asdict(pre)}, images, limits, cancellation
+            {"op": "load_batch_and_copies", "preprocess": dataclasses.asdict(pre)},
+            images,
+            limits,
+            cancellation,
         )
         batch = self._batch(header, payload, len(images), pre)
         return batch, self._copies(header, payload[batch.nbytes :], len(images))
@@ -135,7 +147,10 @@ class DecodeWorker:
         return FewshotError(f"the image decoder answered {what}")
 
     def _call(
-        self, header: dict[str, Any], images: Sequence[bytes], limits: ImageLimits,
+        self,
+        header: dict[str, Any],
+        images: Sequence[bytes],
+        limits: ImageLimits,
         cancellation: CancellationCheck | None,
     ) -> tuple[dict[str, Any], bytearray]:
         with self._lock:
@@ -225,12 +240,16 @@ class DecodeWorker:
 
 def _limits_dict(limits: ImageLimits) -> dict[str, Any]:
     return {
-        "max_image_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels,
-        "max_images": limits.max_images, "max_jpeg_scans": limits.max_jpeg_scans,
-        "max_decoded_bytes": limits.max_decoded_bytes, "max_request_pixels": limits.max_request_pixels,
-        "formats": list(limits.formats), "max_decode_cpu_s": limits.max_decode_cpu_s,
+        "max_image_bytes": limits.max_image_bytes,
+        "max_pixels": limits.max_pixels,
+        "max_images": limits.max_images,
+        "max_jpeg_scans": limits.max_jpeg_scans,
+        "max_decoded_bytes": limits.max_decoded_bytes,
+        "max_request_pixels": limits.max_request_pixels,
+        "formats": list(limits.formats),
+        "max_decode_cpu_s": limits.max_decode_cpu_s,
         "max_decode_memory": limits.max_decode_memory,
-    }  # fmt: skip
+    }
 
 
 def _error_from(reply: dict[str, Any]) -> FewshotError:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -47,7 +48,10 @@ class DecodePool:
         self.processes = [DecodeWorker() for _ in range(workers)]
 
     def load_batch(
-        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        self,
+        images: Sequence[bytes],
+        pre: Preprocess,
+        limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> np.ndarray:
         """A request's images decoded and preprocessed in a worker: ``[N, 3, S, S]`` float32."""
@@ -55,7 +59,10 @@ class DecodePool:
             return self.processes[slot].load_batch(images, pre, limits, cancellation)
 
     def load_batch_and_copies(
-        self, images: Sequence[bytes], pre: Preprocess, limits: ImageLimits,
+        self,
+        images: Sequence[bytes],
+        pre: Preprocess,
+        limits: ImageLimits,
         cancellation: CancellationCheck | None = None,
     ) -> tuple[np.ndarray, list[bytes]]:
         """The model input and the stored copies (stored_images.py) of an example upload, in one worker job."""

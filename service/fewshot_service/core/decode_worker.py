@@ -45,9 +45,11 @@ MAX_HEADER_BYTES = 1 << 20
 # image) exits after its reply, and the parent starts a fresh one.
 RECYCLE_GROWTH = 64 * 1024 * 1024
 ERROR_KINDS: dict[str, type[FewshotError]] = {
-    "ImageError": ImageError, "UnsupportedFormat": UnsupportedFormat,
-    "InvalidInput": InvalidInput, "TooLarge": TooLarge,
-}  # fmt: skip
+    "ImageError": ImageError,
+    "UnsupportedFormat": UnsupportedFormat,
+    "InvalidInput": InvalidInput,
+    "TooLarge": TooLarge,
+}
 
 
 def write_frame(stream: IO[bytes], header: dict[str, Any], payload: bytes | memoryview = b"") -> None:

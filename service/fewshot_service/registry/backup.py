@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fewshot_common import __version__
 from fewshot_common.errors import FailedPrecondition, InvalidInput, Unavailable
 
@@ -46,9 +47,7 @@ class Summary:
 
 def _labels(registry: Registry, namespace: str) -> list[str]:
     with redis_errors(registry.client):
-        return sorted(
-            decode(f) for f in registry.client.hkeys(registry.keys(namespace).counts)
-        )
+        return sorted(decode(f) for f in registry.client.hkeys(registry.keys(namespace).counts))
 
 
 def _read(registry: Registry, namespace: str) -> dict[str, Any]:
@@ -81,9 +80,7 @@ def _read(registry: Registry, namespace: str) -> dict[str, Any]:
                     "state": state,
                     "replies": replies,
                 }
-    raise Unavailable(
-        f"namespace {namespace!r} kept changing while being read; retry later"
-    )
+    raise Unavailable(f"namespace {namespace!r} kept changing while being read; retry later")
 
 
 def export_namespace(registry: Registry, namespace: str, output: Path) -> Summary:
@@ -91,9 +88,7 @@ def export_namespace(registry: Registry, namespace: str, output: Path) -> Summar
     data = _read(registry, namespace)
     labels, models, state = data["labels"], data["models"], data["state"]
     if not labels:
-        raise FailedPrecondition(
-            f"namespace {namespace!r} holds no classes: nothing to export"
-        )
+        raise FailedPrecondition(f"namespace {namespace!r} holds no classes: nothing to export")
     replies = iter(data["replies"])
     epoch = state.get("epoch", "")
     classes: list[dict[str, Any]] = []
@@ -121,9 +116,7 @@ def export_namespace(registry: Registry, namespace: str, output: Path) -> Summar
             for example_id in sorted((text(k) for k in embedded), key=int):
                 rows.append([index, example_id])
                 vectors.append(bytes(embedded[example_id.encode()]))
-        class_rows = [
-            i for i, label in enumerate(labels) if encode(label).encode() in prototypes
-        ]
+        class_rows = [i for i, label in enumerate(labels) if encode(label).encode() in prototypes]
         fields = [encode(labels[i]).encode() for i in class_rows]
         arrays += [
             (f"models/{m}/embeddings.npy", _stack(vectors, "<f4", dim)),
@@ -136,13 +129,17 @@ def export_namespace(registry: Registry, namespace: str, output: Path) -> Summar
                 _stack([sums.get(f, b"") for f in fields], "<f8", dim),
             ),
         ]
-        model_entries.append({
-            "model_id": model_id, "dim": dim, "dir": f"models/{m}",
-            "examples": rows,  # [class index, example id] per row of embeddings.npy
-            "classes": class_rows,  # class index per row of prototypes.npy and sums.npy
-            "class_counts": [int(counts.get(f, 0)) for f in fields],
-            "sum_counts": [int(sums.get(f + b":n", 0)) for f in fields],
-        })  # fmt: skip
+        model_entries.append(
+            {
+                "model_id": model_id,
+                "dim": dim,
+                "dir": f"models/{m}",
+                "examples": rows,  # [class index, example id] per row of embeddings.npy
+                "classes": class_rows,  # class index per row of prototypes.npy and sums.npy
+                "class_counts": [int(counts.get(f, 0)) for f in fields],
+                "sum_counts": [int(sums.get(f + b":n", 0)) for f in fields],
+            }
+        )
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -156,13 +153,9 @@ def export_namespace(registry: Registry, namespace: str, output: Path) -> Summar
     }
     tmp = output.with_name(output.name + ".part")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(
-            "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1)
-        )
+        archive.writestr("manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1))
         for name, blob in images:
-            archive.writestr(
-                zipfile.ZipInfo(name), blob, compress_type=zipfile.ZIP_STORED
-            )
+            archive.writestr(zipfile.ZipInfo(name), blob, compress_type=zipfile.ZIP_STORED)
         for name, array in arrays:
             buffer = io.BytesIO()
             np.save(buffer, array, allow_pickle=False)
@@ -181,9 +174,7 @@ def read_manifest(archive: zipfile.ZipFile) -> dict[str, Any]:
     try:
         manifest = json.loads(archive.read("manifest.json"))
     except (KeyError, ValueError) as exc:
-        raise InvalidInput(
-            f"not a {FORMAT} file: no readable manifest.json ({exc})"
-        ) from None
+        raise InvalidInput(f"not a {FORMAT} file: no readable manifest.json ({exc})") from None
     if manifest.get("format") != FORMAT:
         raise InvalidInput(f"not a {FORMAT} file (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
@@ -196,9 +187,7 @@ def read_manifest(archive: zipfile.ZipFile) -> dict[str, Any]:
 def _load(archive: zipfile.ZipFile, name: str, dtype: str, dim: int) -> np.ndarray:
     array = np.load(io.BytesIO(archive.read(name)), allow_pickle=False)
     if array.dtype != np.dtype(dtype) or array.ndim != 2 or array.shape[1] != dim:
-        raise InvalidInput(
-            f"{name}: expected {dtype} rows of {dim}, found {array.dtype} {array.shape}"
-        )
+        raise InvalidInput(f"{name}: expected {dtype} rows of {dim}, found {array.dtype} {array.shape}")
     return array
 
 
@@ -224,9 +213,7 @@ def import_namespace(
             stored = {}
             for example_id in entry["example_ids"]:
                 name = f"images/{index}/{example_id}"
-                stored[example_id] = (
-                    archive.read(name) if name in archive.NameToInfo else b""
-                )
+                stored[example_id] = archive.read(name) if name in archive.NameToInfo else b""
             writes.append(("hset", keys.images(label), stored))
             if entry["sha256"]:
                 writes.append(
@@ -236,15 +223,17 @@ def import_namespace(
                         {d: f"{epoch}:{i}" for i, d in entry["sha256"].items()},
                     )
                 )
-        counts = {
-            encode(label): len(c["example_ids"])
-            for label, c in zip(labels, manifest["classes"])
-        }
+        counts = {encode(label): len(c["example_ids"]) for label, c in zip(labels, manifest["classes"])}
         writes.append(("hset", keys.counts, counts))
         state: dict[str, Any] = {
-            "epoch": epoch, "generation": 1, "logged": 1, "log_start": 1, "layout": LAYOUT,
-            "examples": manifest["examples"], "next_example_id": manifest["next_example_id"],
-        }  # fmt: skip
+            "epoch": epoch,
+            "generation": 1,
+            "logged": 1,
+            "log_start": 1,
+            "layout": LAYOUT,
+            "examples": manifest["examples"],
+            "next_example_id": manifest["next_example_id"],
+        }
         models: dict[str, int] = {}
         for entry in manifest["models"]:
             model_id, dim, base = entry["model_id"], int(entry["dim"]), entry["dir"]
@@ -254,9 +243,7 @@ def import_namespace(
             sums = _load(archive, f"{base}/sums.npy", "<f8", dim)
             per_class: dict[str, dict[str, bytes]] = {}
             for (class_index, example_id), row in zip(entry["examples"], embeddings):
-                per_class.setdefault(labels[class_index], {})[example_id] = (
-                    row.tobytes()
-                )
+                per_class.setdefault(labels[class_index], {})[example_id] = row.tobytes()
             for label, mapping in per_class.items():
                 writes.append(("hset", mk.examples(label), mapping))
             fields = [encode(labels[i]) for i in entry["classes"]]
@@ -272,16 +259,12 @@ def import_namespace(
                 for f, s, n in zip(fields, sums, entry["sum_counts"]):
                     sum_fields[f], sum_fields[f + ":n"] = s.tobytes(), n
                 writes.append(("hset", mk.sums, sum_fields))
-                writes.append(
-                    ("hset", mk.counts, dict(zip(fields, entry["class_counts"])))
-                )
+                writes.append(("hset", mk.counts, dict(zip(fields, entry["class_counts"]))))
             models[model_id] = dim
             state[f"n:{model_id}"] = len(entry["examples"])
         if models:
             writes.append(("hset", keys.models, models))
-        writes.append(
-            ("hset", keys.state, state)
-        )  # last: the namespace exists from here on
+        writes.append(("hset", keys.state, state))  # last: the namespace exists from here on
         _write(registry, writes)
     return Summary(target, len(labels), int(manifest["examples"]), sorted(models))
 
@@ -294,9 +277,7 @@ def _make_room(registry: Registry, namespace: str, replace: bool) -> None:
                 f"namespace {namespace!r} holds classes: give another namespace, or --replace to overwrite it"
             )
         registry.delete_namespace(namespace)
-    with redis_errors(
-        registry.client
-    ):  # what an emptied namespace keeps (its state and log)
+    with redis_errors(registry.client):  # what an emptied namespace keeps (its state and log)
         for key in (keys.state, keys.changes, keys.models):
             registry.client.delete(key)
 

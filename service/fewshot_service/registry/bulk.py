@@ -42,9 +42,7 @@ class ClassOutcome:
     label: str
     count: int = 0  # the class's examples after the add
     added_example_ids: list[str] = field(default_factory=list)
-    error: str | None = (
-        None  # the class's add was refused (e.g. over its cap); nothing added
-    )
+    error: str | None = None  # the class's add was refused (e.g. over its cap); nothing added
 
 
 def known_hashes(
@@ -83,19 +81,13 @@ def known_hashes(
     return found
 
 
-def class_counts(
-    registry: Registry, namespace: str, labels: Sequence[str]
-) -> dict[str, int]:
+def class_counts(registry: Registry, namespace: str, labels: Sequence[str]) -> dict[str, int]:
     """label -> its example count, for those of ``labels`` that exist: one round trip."""
     if not labels:
         return {}
     with redis_errors(registry.client):
-        values = registry.client.hmget(
-            registry.keys(namespace).counts, [encode(label) for label in labels]
-        )
-    return {
-        label: int(value) for label, value in zip(labels, values) if value is not None
-    }
+        values = registry.client.hmget(registry.keys(namespace).counts, [encode(label) for label in labels])
+    return {label: int(value) for label, value in zip(labels, values) if value is not None}
 
 
 def add_classes_with_hashes(
@@ -110,11 +102,7 @@ def add_classes_with_hashes(
     pipelined = not isinstance(registry.client, RedisCluster)
     replies: list[object] = []
     with redis_errors(registry.client):
-        runner = (
-            registry.client.pipeline(transaction=False)
-            if pipelined
-            else registry.client
-        )
+        runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
         for upload in uploads:
             vectors = registry._check_embeddings(upload.embeddings)
             args = registry._add_args(upload.label, model_id, vectors, upload.images)
@@ -142,9 +130,7 @@ def add_classes_with_hashes(
             outcomes.append(ClassOutcome(upload.label, error=str(error)))
             continue
         _generation, count, *added = reply  # type: ignore[misc]
-        outcomes.append(
-            ClassOutcome(upload.label, int(count), [text(i) for i in added])
-        )
+        outcomes.append(ClassOutcome(upload.label, int(count), [text(i) for i in added]))
     _record_hashes(registry, namespace, uploads, outcomes)
     return outcomes
 
@@ -165,9 +151,7 @@ def _record_hashes(
             if outcome.added_example_ids:
                 mapping = {
                     digest: f"{text(epoch)}:{example_id}"
-                    for digest, example_id in zip(
-                        upload.hashes, outcome.added_example_ids
-                    )
+                    for digest, example_id in zip(upload.hashes, outcome.added_example_ids)
                 }
                 pipe.hset(keys.hashes(upload.label), mapping=mapping)
         pipe.execute()

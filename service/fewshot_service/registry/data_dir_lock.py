@@ -75,7 +75,7 @@ class DataDirLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "DataDirLock":
+    def __enter__(self) -> DataDirLock:
         self.acquire()
         return self
 

@@ -34,9 +34,9 @@ tag, or look like a glob. Namespaces written before per-model keys (``:model``, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
-from typing import Iterator
 
 import redis
 
@@ -48,8 +48,13 @@ LAYOUT = "2"
 
 # The codes the registry scripts answer with (redis.error_reply); see scripts/*.lua.
 SCRIPT_ERRORS = {
-    "DIM_MISMATCH", "NO_CLASS", "NO_EXAMPLE", "TOO_MANY_EXAMPLES", "CHANGED", "LEGACY",
-}  # fmt: skip
+    "DIM_MISMATCH",
+    "NO_CLASS",
+    "NO_EXAMPLE",
+    "TOO_MANY_EXAMPLES",
+    "CHANGED",
+    "LEGACY",
+}
 REFUSED = "the class store (Redis) refused the request; retry later"
 
 

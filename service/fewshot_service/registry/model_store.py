@@ -8,16 +8,16 @@ Every script touches only the keys it is passed, all under the namespace's hash 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import redis
 
 from fewshot_common.errors import FailedPrecondition, Unavailable
 
-from .registry import Registry
 from .keys import REFUSED, decode, encode, load_script, redis_errors, script_code, text
+from .registry import Registry
 
 _FLOAT32_LE = np.dtype("<f4")
 # What a backfill pass found is kept this long (the record would otherwise outlive a namespace
@@ -82,9 +82,7 @@ class ModelStore:
             epoch, counts, embedded = pipe.execute()
         epoch_text = text(epoch or b"")
         yield Missing(epoch_text, [])
-        incomplete = sorted(
-            decode(f) for f, n in counts.items() if int(n) > int(embedded.get(f, 0))
-        )
+        incomplete = sorted(decode(f) for f, n in counts.items() if int(n) > int(embedded.get(f, 0)))
         found = 0
         for start in range(0, len(incomplete), _CLASSES_PER_ROUND_TRIP):
             labels = incomplete[start : start + _CLASSES_PER_ROUND_TRIP]
@@ -183,8 +181,14 @@ class ModelStore:
         key = self.registry.keys(namespace).model(model_id).backfill
         with redis_errors(self._client):
             pipe = self._client.pipeline(transaction=True)
-            pipe.hset(key, mapping={"without_image": without_image, "generation": generation,
-                                    "finished": f"{time.time():.3f}"})  # fmt: skip
+            pipe.hset(
+                key,
+                mapping={
+                    "without_image": without_image,
+                    "generation": generation,
+                    "finished": f"{time.time():.3f}",
+                },
+            )
             pipe.expire(key, _RECORD_TTL_S)
             pipe.execute()
 
@@ -207,8 +211,16 @@ class ModelStore:
         for _attempt in range(_ATTEMPTS):
             with redis_errors(self._client):
                 fields = [text(f) for f in self._client.hkeys(mk.counts)]
-                script_keys = [keys.state, keys.models, mk.counts, mk.prototypes, mk.sums, mk.lease,
-                               mk.backfill, *(mk.examples(decode(f)) for f in fields)]  # fmt: skip
+                script_keys = [
+                    keys.state,
+                    keys.models,
+                    mk.counts,
+                    mk.prototypes,
+                    mk.sums,
+                    mk.lease,
+                    mk.backfill,
+                    *(mk.examples(decode(f)) for f in fields),
+                ]
                 try:
                     return int(self._drop(keys=script_keys, args=[model_id, *fields]))
                 except redis.exceptions.ResponseError as exc:

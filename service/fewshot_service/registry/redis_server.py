@@ -158,7 +158,10 @@ class ManagedRedis:
         """A client of this server (with its password)."""
         assert self.port is not None
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self._password, **options  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=self.port,
+            password=self._password,
+            **options,  # type: ignore[arg-type]
         )
 
     @property
@@ -256,7 +259,7 @@ class ManagedRedis:
         self._lock.release()
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "ManagedRedis":
+    def __enter__(self) -> ManagedRedis:
         self.start()
         return self
 
@@ -272,16 +275,25 @@ class ManagedRedis:
         args = [
             binary,
             "-",  # the configuration (here: the password) comes from stdin, not the command line
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--dir", str(self.data_dir.resolve()),
-            "--save", "",  # snapshots off: the append-only file is the persistence
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", self.appendfsync,
-            "--logfile", "",
-        ]  # fmt: skip
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--save",
+            "",  # snapshots off: the append-only file is the persistence
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--logfile",
+            "",
+        ]
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
         server_log = os.fdopen(log_fd, "ab")
         try:
@@ -326,8 +338,12 @@ class ManagedRedis:
                     # Our process must be the one answering, not whoever else holds the port.
                     if client.info("server").get("process_id") == process.pid:
                         return None
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                        redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                except (
+                    redis.exceptions.ConnectionError,
+                    redis.exceptions.TimeoutError,
+                    redis.exceptions.AuthenticationError,
+                    redis.exceptions.ResponseError,
+                ):
                     pass  # not listening yet, still replaying the append-only file, or someone else's
                 time.sleep(0.05)
             return f"no answer to PING within {_START_TIMEOUT_S:.0f}s: {self._log_tail()}"

@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import redis
@@ -34,9 +35,19 @@ from fewshot_common.vectors import l2_normalize
 
 from ..classify.prototypes import PrototypeMatrix, ScanStats
 from ..classify.snapshot import ExampleSnapshot, PrototypeSet
+from .keys import (
+    REFUSED,
+    NamespaceKeys,
+    decode,
+    encode,
+    load_script,
+    namespace_of_state_key,
+    redis_errors,
+    script_code,
+    state_key_pattern,
+    text,
+)
 from .redis_client import CLUSTER_ERRORS, RedisClient
-from .keys import LAYOUT, REFUSED, NamespaceKeys, decode, encode
-from .keys import load_script, namespace_of_state_key, redis_errors, script_code, state_key_pattern, text
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +253,25 @@ class Registry:
         for i, row in enumerate(vectors):
             pairs += [row.astype(_FLOAT32_LE).tobytes(), images[i] if images is not None else b""]
         return [
-            encode(label), model_id, vectors.shape[1], uuid.uuid4().hex,
-            self.max_examples_per_class, self.change_log_size, *pairs,
-        ]  # fmt: skip
+            encode(label),
+            model_id,
+            vectors.shape[1],
+            uuid.uuid4().hex,
+            self.max_examples_per_class,
+            self.change_log_size,
+            *pairs,
+        ]
 
     @staticmethod
     def _add_keys(keys: NamespaceKeys, label: str, model_id: str) -> list[str]:
-        return [keys.state, keys.counts, keys.models, keys.changes, keys.images(label),
-                *keys.model(model_id).for_class(label)]  # fmt: skip
+        return [
+            keys.state,
+            keys.counts,
+            keys.models,
+            keys.changes,
+            keys.images(label),
+            *keys.model(model_id).for_class(label),
+        ]
 
     def add_classes(
         self, namespace: str, classes: dict[str, np.ndarray], model_id: str, *, chunk: int = 1000
@@ -389,9 +411,11 @@ class Registry:
         pattern = state_key_pattern(self._prefix)
         with redis_errors(self.client):
             names = sorted(
-                {namespace_of_state_key(self._prefix, key)
-                 for key in self.client.scan_iter(match=pattern, count=1000)}
-            )  # fmt: skip
+                {
+                    namespace_of_state_key(self._prefix, key)
+                    for key in self.client.scan_iter(match=pattern, count=1000)
+                }
+            )
         for name in names:
             self._ensure_layout(name)
         with redis_errors(self.client):
@@ -428,12 +452,23 @@ class Registry:
                 if not fields:
                     raise NotFound(f"no namespace {namespace!r} (it holds no classes)")
                 labels = [decode(f) for f in fields]
-                script_keys = [keys.state, keys.counts, keys.models, keys.changes,
-                               *(keys.images(label) for label in labels)]  # fmt: skip
+                script_keys = [
+                    keys.state,
+                    keys.counts,
+                    keys.models,
+                    keys.changes,
+                    *(keys.images(label) for label in labels),
+                ]
                 for model in models:
                     mk = keys.model(model)
-                    script_keys += [mk.counts, mk.prototypes, mk.sums, mk.lease, mk.backfill,
-                                    *(mk.examples(label) for label in labels)]  # fmt: skip
+                    script_keys += [
+                        mk.counts,
+                        mk.prototypes,
+                        mk.sums,
+                        mk.lease,
+                        mk.backfill,
+                        *(mk.examples(label) for label in labels),
+                    ]
                 try:
                     classes, examples = self._delete_namespace(
                         keys=script_keys, args=[len(fields), *fields, *models]
@@ -669,8 +704,17 @@ class Registry:
                 model = text(model_id) if model_id is not None else ""
                 mk = keys.model(model)
                 fields = [text(f) for f in raw_fields]
-                script_keys = [keys.state, keys.legacy_model, keys.counts, keys.legacy_prototypes,
-                               keys.legacy_sums, keys.models, mk.counts, mk.prototypes, mk.sums]  # fmt: skip
+                script_keys = [
+                    keys.state,
+                    keys.legacy_model,
+                    keys.counts,
+                    keys.legacy_prototypes,
+                    keys.legacy_sums,
+                    keys.models,
+                    mk.counts,
+                    mk.prototypes,
+                    mk.sums,
+                ]
                 for f in fields:
                     label = decode(f)
                     script_keys += [keys.legacy_examples(label), keys.images(label), mk.examples(label)]
@@ -681,8 +725,13 @@ class Registry:
                         continue
                     raise Unavailable(REFUSED, detail=f"Redis: {exc}") from None
             if migrated:
-                log.info("namespace %r moved to per-model keys: its %d classes are model %s's "
-                         "embeddings, without stored images", namespace, len(fields), model or "-")  # fmt: skip
+                log.info(
+                    "namespace %r moved to per-model keys: its %d classes are model %s's "
+                    "embeddings, without stored images",
+                    namespace,
+                    len(fields),
+                    model or "-",
+                )
             self._current_layout.add(namespace)
             return
         raise Unavailable(f"namespace {namespace!r} kept changing while being migrated; retry later")

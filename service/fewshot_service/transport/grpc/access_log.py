@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -23,9 +24,11 @@ GRPC_REQUESTS = Counter(
     "fewshot_grpc_requests_total", "gRPC calls by full method name and status code.", ["method", "code"]
 )
 GRPC_SECONDS = Histogram(
-    "fewshot_grpc_request_seconds", "gRPC call latency by full method name.", ["method"],
+    "fewshot_grpc_request_seconds",
+    "gRPC call latency by full method name.",
+    ["method"],
     buckets=LATENCY_BUCKETS,
-)  # fmt: skip
+)
 
 
 def _record(method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:

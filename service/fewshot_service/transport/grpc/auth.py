@@ -13,7 +13,8 @@ the message is in and before the servicer sees it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -64,9 +65,7 @@ def lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], Any]
     return parse
 
 
-def add_leniently_parsed_servicer(
-    servicer: object, service: ServiceDescriptor, server: grpc.Server
-) -> None:
+def add_leniently_parsed_servicer(servicer: object, service: ServiceDescriptor, server: grpc.Server) -> None:
     """Register ``servicer``'s unary methods of ``service`` (what the generated
     ``add_*Servicer_to_server`` does) with deserializers that never raise."""
     handlers = {}
@@ -78,9 +77,7 @@ def add_leniently_parsed_servicer(
             request_deserializer=lenient_deserializer(GetMessageClass(method.input_type)),
             response_serializer=GetMessageClass(method.output_type).SerializeToString,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
@@ -100,8 +97,10 @@ class UndecodableRequests:
             log.warning(
                 "a %s request was not a valid %s message (%s); answering INVALID_ARGUMENT. Further "
                 "ones are counted in fewshot_grpc_undecodable_requests_total, not logged",
-                method, request.message_type, request.reason,
-            )  # fmt: skip
+                method,
+                request.message_type,
+                request.reason,
+            )
         context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"the request is not a valid {request.message_type} message: {request.reason}",

@@ -10,8 +10,9 @@ import functools
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,13 +22,13 @@ from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_common import errors
 from fewshot_common.cancellation import Cancellation
 
-from . import guards
-from ..access import AccessControl
 from ...core.core import FewShotCore
-from .access_log import AccessLogInterceptor
-from .auth import AuthInterceptor
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
 from ...tls import TlsFiles
+from ..access import AccessControl
+from . import guards
+from .access_log import AccessLogInterceptor
+from .auth import AuthInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _translate_errors(handler: Handler) -> Handler:
     """
 
     @functools.wraps(handler)
-    def wrapper(self: "FewShotServicer", request: Request, context: grpc.ServicerContext) -> Response:
+    def wrapper(self: FewShotServicer, request: Request, context: grpc.ServicerContext) -> Response:
         request_id = uuid.uuid4().hex
         context.set_trailing_metadata((("request-id", request_id),))
         if isinstance(request, guards.UndecodableRequest):
@@ -91,8 +92,14 @@ def _translate_errors(handler: Handler) -> Handler:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             message = str(exc)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                log.warning("request %s: %s in %s: %s%s", request_id, type(exc).__name__,
-                            handler.__name__, exc, f" ({exc.detail})" if exc.detail else "")  # fmt: skip
+                log.warning(
+                    "request %s: %s in %s: %s%s",
+                    request_id,
+                    type(exc).__name__,
+                    handler.__name__,
+                    exc,
+                    f" ({exc.detail})" if exc.detail else "",
+                )
                 message = f"{message} (request id {request_id})"
             context.abort(code, message)
         except Exception:
@@ -220,9 +227,7 @@ def create_grpc_server(
     )
     health_servicer = ReadinessHealth(core)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
     if tls is not None:
         bound_port = server.add_secure_port(address, tls.grpc_credentials())

@@ -7,17 +7,26 @@ Handlers only translate HTTP <-> :class:`FewShotCore` calls; the core checks eve
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from ... import __version__
-from ..access import AccessControl
 from ...core.core import FewShotCore
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
-from . import routes_bulk, routes_classes, routes_classify, routes_embed, routes_health, routes_info, routes_models
-from . import routes_namespaces, ui
+from ..access import AccessControl
+from . import (
+    routes_bulk,
+    routes_classes,
+    routes_classify,
+    routes_embed,
+    routes_health,
+    routes_info,
+    routes_models,
+    routes_namespaces,
+    ui,
+)
 from .access_log import AccessLog, NoteRoute
 from .http_errors import HTTP_STATUS, install_error_handlers
 from .middleware import BodyLimit, CountResponses, RawClassPath

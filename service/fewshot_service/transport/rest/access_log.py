@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import MutableHeaders
@@ -121,5 +121,10 @@ class AccessLog:
             HTTP_SECONDS.labels(method, route).observe(seconds)
             log.info(
                 "http method=%s route=%s status=%d ms=%.1f key=%s request_id=%s",
-                method, route, status, seconds * 1000, state.get(KEY_NAME_STATE) or "-", request_id,
-            )  # fmt: skip
+                method,
+                route,
+                status,
+                seconds * 1000,
+                state.get(KEY_NAME_STATE) or "-",
+                request_id,
+            )

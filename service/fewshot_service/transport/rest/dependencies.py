@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Annotated, AsyncIterator, Iterator
+from typing import Annotated
 from urllib.parse import unquote, unquote_to_bytes
 
 from fastapi import Depends, File, Query, Request, UploadFile
@@ -113,12 +114,15 @@ class Uploads:
 
 
 def read_uploads(
-    files: Annotated[list[UploadFile], File(
-        description="one or more image files (JPEG, PNG, WebP, ...)",
-        min_length=1,
-        # An empty file is never an image: say so in the schema, as the core refuses it.
-        json_schema_extra={"items": {"type": "string", "format": "binary", "minLength": 1}},
-    )],  # fmt: skip
+    files: Annotated[
+        list[UploadFile],
+        File(
+            description="one or more image files (JPEG, PNG, WebP, ...)",
+            min_length=1,
+            # An empty file is never an image: say so in the schema, as the core refuses it.
+            json_schema_extra={"items": {"type": "string", "format": "binary", "minLength": 1}},
+        ),
+    ],
 ) -> Iterator[Uploads]:
     """The request's files; an image the core refuses is reported by its file name (the one
     place that does so for every route that takes uploads)."""

@@ -116,18 +116,24 @@ def install_error_handlers(app: FastAPI) -> None:
             request_id = extra["request_id"] = request_id_of(request)
             detail = f" ({exc.detail})" if exc.detail else ""
             if isinstance(exc, errors.Unavailable):
-                log.warning("request %s: %s %s: %s%s", request_id, request.method,
-                            request.url.path, exc, detail)  # fmt: skip
+                log.warning(
+                    "request %s: %s %s: %s%s", request_id, request.method, request.url.path, exc, detail
+                )
             else:
-                log.error("request %s: unmapped %s in %s %s: %s%s", request_id, type(exc).__name__,
-                          request.method, request.url.path, exc, detail)  # fmt: skip
+                log.error(
+                    "request %s: unmapped %s in %s %s: %s%s",
+                    request_id,
+                    type(exc).__name__,
+                    request.method,
+                    request.url.path,
+                    exc,
+                    detail,
+                )
         return error_response(status, kind, str(exc), headers=headers, **extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
-        ]
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
         return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

@@ -16,6 +16,7 @@ HTTP_RESPONSES = Counter(
     "fewshot_http_responses_total", "HTTP responses by method and status code.", ["method", "status"]
 )
 
+
 class RawClassPath:
     """Route ``/v1/classes/...``, ``/v1/namespaces/...`` and ``/v1/models/...`` on the raw path,
     so ``%2F`` (or a decoded newline) inside a label, namespace or model id is not a separator.
@@ -27,7 +28,9 @@ class RawClassPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith((CLASSES_PREFIX, NAMESPACES_PREFIX, MODELS_PREFIX)):
+        if scope["type"] == "http" and scope["path"].startswith(
+            (CLASSES_PREFIX, NAMESPACES_PREFIX, MODELS_PREFIX)
+        ):
             raw = scope.get("raw_path")
             if raw:
                 scope = dict(scope, path=raw.decode("latin-1"))
@@ -107,4 +110,3 @@ class CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
-

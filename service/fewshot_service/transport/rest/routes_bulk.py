@@ -33,10 +33,14 @@ from .security import require
 
 router = APIRouter(prefix="/v1", tags=["classes"], dependencies=[StrictQuery])
 
-Labels = Annotated[list[str], Form(
-    description="the class of each file, in the order of the files (one `labels` field per file)",
-    min_length=1, json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
-)]  # fmt: skip
+Labels = Annotated[
+    list[str],
+    Form(
+        description="the class of each file, in the order of the files (one `labels` field per file)",
+        min_length=1,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
+    ),
+]
 
 
 @router.post(
@@ -66,10 +70,7 @@ def add_examples_bulk(
                 label=c.label,
                 count=c.count,
                 added_example_ids=c.added_example_ids,
-                skipped=[
-                    SkippedExampleBody(index=s.index, example_id=s.example_id)
-                    for s in c.skipped
-                ],
+                skipped=[SkippedExampleBody(index=s.index, example_id=s.example_id) for s in c.skipped],
                 warnings=[ShotWarningBody(**dataclasses.asdict(w)) for w in c.warnings],
                 error=c.error,
             )

@@ -13,8 +13,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from ..access import Action
 from ...names import MAX_NAME_CHARS, resolve_namespace
+from ..access import Action
 from .dependencies import (
     IMAGE_UPLOAD_OPENAPI,
     Core,
@@ -32,10 +32,10 @@ from .schemas import (
     ClassSummaryBody,
     ConfusionBody,
     ConfusionsBody,
-    ExampleQualityBody,
-    ShotWarningBody,
     DeletedClassBody,
     DeletedExampleBody,
+    ExampleQualityBody,
+    ShotWarningBody,
     error_responses,
 )
 from .security import require
@@ -43,10 +43,20 @@ from .security import require
 router = APIRouter(prefix="/v1/classes", tags=["classes"], dependencies=[StrictQuery])
 
 # Described for the schema (lengths of the percent-decoded value); the core checks them.
-Label = Annotated[str, Path(description="the class label (encode `/` as `%2F`)",
-                            json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
-ExampleId = Annotated[str, Path(description="an example id, as returned on upload",
-                                json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+Label = Annotated[
+    str,
+    Path(
+        description="the class label (encode `/` as `%2F`)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
+ExampleId = Annotated[
+    str,
+    Path(
+        description="an example id, as returned on upload",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
 
 
 @router.post(
@@ -79,7 +89,9 @@ def add_examples(
 
 
 @router.get(
-    "", response_model=ClassListBody, responses=error_responses(401, 403, 422, 503),
+    "",
+    response_model=ClassListBody,
+    responses=error_responses(401, 403, 422, 503),
     dependencies=[require(Action.LIST)],
 )
 def list_classes(core: Core, namespace: Namespace = None) -> ClassListBody:
@@ -154,8 +166,10 @@ def delete_example(
 
 
 @router.delete(
-    "/{label:path}", response_model=DeletedClassBody,
-    responses=error_responses(401, 403, 404, 422, 503), dependencies=[require(Action.DELETE)],
+    "/{label:path}",
+    response_model=DeletedClassBody,
+    responses=error_responses(401, 403, 404, 422, 503),
+    dependencies=[require(Action.DELETE)],
 )
 def delete_class(label: Label, core: Core, namespace: Namespace = None) -> DeletedClassBody:
     label = decode_path_param(label, "label")

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..access import Action
-from ...names import resolve_namespace
 from ...classify.open_set import resolve_unknown_rate
-from .dependencies import IMAGE_UPLOAD_OPENAPI, Core, Images, Namespace, RequestCancellation, StrictQuery, TopK
-from .dependencies import UnknownRate
+from ...names import resolve_namespace
+from ..access import Action
+from .dependencies import (
+    IMAGE_UPLOAD_OPENAPI,
+    Core,
+    Images,
+    Namespace,
+    RequestCancellation,
+    StrictQuery,
+    TopK,
+    UnknownRate,
+)
 from .schemas import ClassifyBody, PredictionBody, error_responses
 from .security import require
 

@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..access import Action
 from .dependencies import Core
-from .security import require
 from .schemas import HealthBody, ReadyBody, error_responses
+from .security import require
 
 router = APIRouter(tags=["health"])
 
@@ -36,8 +36,10 @@ def readyz(core: Core) -> JSONResponse:
     summary="Prometheus metrics (with --api-keys: any valid key)",
     response_class=Response,
     dependencies=[require(Action.METRICS)],
-    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
-               **error_responses(401)},  # fmt: skip
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}},
+        **error_responses(401),
+    },
 )
 def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -10,16 +10,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from ..access import Action, Principal
 from ...names import MAX_NAME_CHARS
+from ..access import Action, Principal
 from .dependencies import Core, StrictQuery, decode_path_param
 from .schemas import DroppedModelBody, ModelListBody, ModelSummaryBody, error_responses
 from .security import require
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[StrictQuery])
 
-ModelId = Annotated[str, Path(description="the model id (as /v1/info and /v1/namespaces show it)",
-                              json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+ModelId = Annotated[
+    str,
+    Path(
+        description="the model id (as /v1/info and /v1/namespaces show it)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
 
 
 @router.get(
@@ -38,12 +43,18 @@ def list_models(core: Core, caller: Annotated[Principal, require(Action.LIST_MOD
             entry["namespaces"] += 1
             entry["complete"] += int(m.complete)
             entry["embeddings"] += m.embedded
-    return ModelListBody(models=[
-        ModelSummaryBody(model_id=model_id, served_here=model_id == core.model_id,
-                         namespaces=entry["namespaces"], complete_namespaces=entry["complete"],
-                         embeddings=entry["embeddings"])
-        for model_id, entry in sorted(models.items())
-    ])  # fmt: skip
+    return ModelListBody(
+        models=[
+            ModelSummaryBody(
+                model_id=model_id,
+                served_here=model_id == core.model_id,
+                namespaces=entry["namespaces"],
+                complete_namespaces=entry["complete"],
+                embeddings=entry["embeddings"],
+            )
+            for model_id, entry in sorted(models.items())
+        ]
+    )
 
 
 @router.delete(
@@ -58,8 +69,9 @@ def drop_model(
 ) -> DroppedModelBody:
     model_id = decode_path_param(model_id, "model id")
     holding = [
-        n.name for n in core.list_namespaces()
+        n.name
+        for n in core.list_namespaces()
         if caller.may_use(n.name) and any(m.model_id == model_id for m in n.models)
-    ]  # fmt: skip
+    ]
     dropped = core.drop_model(model_id, holding)
     return DroppedModelBody(model_id=model_id, dropped_embeddings=sum(dropped.values()), namespaces=holding)

@@ -10,17 +10,27 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from ..access import Action, Principal
 from ...names import MAX_NAME_CHARS
+from ..access import Action, Principal
 from .dependencies import Core, StrictQuery, decode_path_param
-from .schemas import DeletedNamespaceBody, ModelCompletenessBody, NamespaceListBody, NamespaceSummaryBody
-from .schemas import error_responses
+from .schemas import (
+    DeletedNamespaceBody,
+    ModelCompletenessBody,
+    NamespaceListBody,
+    NamespaceSummaryBody,
+    error_responses,
+)
 from .security import require
 
 router = APIRouter(prefix="/v1/namespaces", tags=["namespaces"], dependencies=[StrictQuery])
 
-NamespaceName = Annotated[str, Path(description="the namespace (encode `/` as `%2F`)",
-                                    json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]  # fmt: skip
+NamespaceName = Annotated[
+    str,
+    Path(
+        description="the namespace (encode `/` as `%2F`)",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS},
+    ),
+]
 Caller = Annotated[Principal, require(Action.LIST_NAMESPACES)]
 
 
@@ -39,8 +49,10 @@ def list_namespaces(core: Core, caller: Caller) -> NamespaceListBody:
                 class_count=n.class_count,
                 example_count=n.example_count,
                 model_id=n.model_id,
-                models=[ModelCompletenessBody(model_id=m.model_id, embedded=m.embedded, complete=m.complete)
-                        for m in n.models],
+                models=[
+                    ModelCompletenessBody(model_id=m.model_id, embedded=m.embedded, complete=m.complete)
+                    for m in n.models
+                ],
             )
             for n in core.list_namespaces()
             if caller.may_use(n.name)

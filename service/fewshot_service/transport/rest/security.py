@@ -21,7 +21,8 @@ failures quote them (``http_errors``), with the detail in the log only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
