@@ -15,6 +15,12 @@ from fewshot_common import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fewshot_service.cli.serve", "run the gRPC + REST inference server"),
+    "import": (
+        "fewshot_service.cli.import_dir",
+        "add a folder per class to a running server (bulk, resumable)",
+    ),
+    "export-namespace": ("fewshot_service.cli.export_namespace", "write one namespace of a Redis to a file"),
+    "import-namespace": ("fewshot_service.cli.import_namespace", "restore a namespace file into a Redis"),
     "keygen": ("fewshot_service.cli.keygen", "make a new API key and its entry for the --api-keys file"),
     "train": ("fewshot_trainer.train_cli", "MSN-pretrain a ViT on a folder of unlabelled images"),
     "export": ("fewshot_trainer.export_cli", "export a ViT (random or from a checkpoint) to ONNX"),

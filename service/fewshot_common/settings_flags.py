@@ -54,7 +54,9 @@ def _help(model: type[BaseModel], field: str, info: FieldInfo) -> str:
     envs = " or ".join(env_names(model, field, info))
     default = info.get_default(call_default_factory=True)
     notes = [f"env {envs}"] if envs else []
-    if not (default is None or default == []):
+    if info.is_required():
+        notes.append("required")
+    elif not (default is None or default == []):
         if isinstance(default, bool):
             default = "on" if default else "off"
         notes.append(f"default {default}")

@@ -31,6 +31,7 @@ from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
 from .core.decode_pool import DecodePool
 from .core.metrics import MODEL_INFO
+from .registry.durability import appendfsync_for, check_external
 from .registry.heartbeats import Heartbeat, new_server_id
 from .registry.redis_client import RedisClient, connect_redis, redacted_url
 from .registry.redis_health import PROBE_TIMEOUT_SHARE, RedisHealth
@@ -117,6 +118,7 @@ def build_core(settings: Settings, client: RedisClient) -> FewShotCore:
         unknown_rate=settings.unknown_rate,
         duplicate_similarity=settings.duplicate_similarity,
         store_images=settings.store_images,
+        max_bulk_images=settings.max_bulk_images,
         backfill_options={
             "on_demand_limit": settings.backfill_on_demand,
             "lease_ms": int(settings.backfill_lease_s * 1000),
@@ -177,7 +179,9 @@ class ServerStack:
         if settings.redis_url:
             self.redis_url = settings.redis_url
         else:
-            self.managed_redis = ManagedRedis(settings.redis_data_dir, persistent=True)
+            self.managed_redis = ManagedRedis(
+                settings.redis_data_dir, persistent=True, appendfsync=appendfsync_for(settings.durability)
+            )
             self.redis_url = self.managed_redis.start()
             self._cleanup.callback(self.managed_redis.stop)
         client = connect_redis(self.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
@@ -188,6 +192,8 @@ class ServerStack:
         )
         self.redis_health = RedisHealth(client, probe_client, timeout_s=settings.redis_timeout_s).start()
         self._cleanup.callback(self.redis_health.stop)
+        if settings.redis_url:  # the embedded server is started as --durability asks
+            check_external(client, settings.durability)
 
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)

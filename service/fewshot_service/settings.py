@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         default=False,
         description="the Redis URL names one node of a Redis Cluster: use the cluster client",
     )
+    durability: Literal["everysec", "always"] = Field(
+        default="everysec",
+        description="when an add is acknowledged: everysec (Redis fsyncs once a second; a power loss "
+        "can lose about the last second of adds) or always (after Redis fsynced it; the embedded "
+        "server runs appendfsync always, an external one must, else the server refuses to start)",
+    )
     redis_key_prefix: str = Field(
         default="fewshot", pattern=r"^[^{}]+$", description="prefix of every Redis key (no braces)"
     )
@@ -103,6 +109,13 @@ class Settings(BaseSettings):
     )
     max_pixels: int = Field(default=_IMAGE_LIMITS.max_pixels, gt=0, description="pixels per decoded image")
     max_images: int = Field(default=_IMAGE_LIMITS.max_images, gt=0, description="images per request")
+    max_bulk_images: int = Field(
+        default=1024,
+        gt=0,
+        le=65536,
+        description="images per bulk add (POST /v1/examples:bulk); each batch of them within the "
+        "per-request limits",
+    )
     max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES, gt=0, description="bytes per HTTP body or gRPC message"
     )

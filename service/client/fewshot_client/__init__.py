@@ -5,8 +5,10 @@ and the typed errors), which ships with it; nothing here imports the server's mo
 """
 
 from . import errors
-from .client import API_KEY_ENV, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
+from .client import API_KEY_ENV, DEFAULT_BULK_SIZE, DEFAULT_MAX_MESSAGE_BYTES, FewShotClient, ImageInput
 from .types import (
+    BulkAdded,
+    BulkClassResult,
     ClassifyResult,
     ClassInfo,
     ClassSummary,
@@ -24,6 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "API_KEY_ENV",
+    "BulkAdded",
+    "BulkClassResult",
+    "DEFAULT_BULK_SIZE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ClassInfo",
     "ClassSummary",

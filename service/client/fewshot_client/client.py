@@ -23,6 +23,8 @@ from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
 
 from .errors import from_grpc, from_http
 from .types import (
+    BulkAdded,
+    BulkClassResult,
     ClassifyResult,
     ClassInfo,
     ClassSummary,
@@ -35,9 +37,10 @@ from .types import (
 )
 
 ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): file bytes or a path
-Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007 (runtime alias): one image or several
+Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007: one image or several
 PemInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): PEM bytes or a file path
 DEFAULT_CHUNK_SIZE = 32
+DEFAULT_BULK_SIZE = 256  # uploads per bulk request (the server's --max-bulk-images: 1024)
 # What the server accepts by default (settings.DEFAULT_MAX_REQUEST_BYTES; a test keeps them equal).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 API_KEY_ENV = "FEWSHOT_API_KEY"
@@ -209,6 +212,43 @@ class FewShotClient:
         self.model_id = body["model_id"]
         return ClassInfo(
             body["namespace"], body["label"], body["count"], body["example_ids"], added, warnings
+        )
+
+    def add_examples_bulk(
+        self,
+        items: Sequence[tuple[str, ImageInput]],
+        *,
+        namespace: str = "",
+        batch_size: int = DEFAULT_BULK_SIZE,
+    ) -> BulkAdded:
+        """Add each ``(label, image)`` of ``items`` (many classes at once), ``batch_size`` per
+        request (POST /v1/examples:bulk). An image whose bytes its class already holds is
+        skipped, so sending the same items again adds nothing. Each request is all or none for
+        bad images; a class the server refuses (at its cap) comes back with its ``error``."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not items:
+            raise ValueError("add_examples_bulk() needs at least one item")
+        classes: dict[str, BulkClassResult] = {}
+        body: dict[str, Any] = {}
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            form = {"labels": [label for label, _ in chunk]}  # one field per file, in order
+            files = _files([_read(image) for _, image in chunk])
+            body = self._rest("POST", "/v1/examples:bulk", params=_ns(namespace), data=form, files=files)
+            for answer in body["classes"]:
+                merged = classes.setdefault(answer["label"], BulkClassResult(answer["label"], 0))
+                merged.count = answer["count"]
+                merged.added_example_ids += answer["added_example_ids"]
+                merged.skipped += [(start + s["index"], s["example_id"]) for s in answer["skipped"]]
+                merged.warnings += answer.get("warnings", [])
+                merged.error = answer.get("error") or merged.error
+        self.model_id = body["model_id"]
+        return BulkAdded(
+            body["namespace"],
+            sum(len(c.added_example_ids) for c in classes.values()),
+            sum(len(c.skipped) for c in classes.values()),
+            list(classes.values()),
         )
 
     def list_classes(self, *, namespace: str = "", query: str = "") -> list[ClassSummary]:

@@ -87,3 +87,23 @@ class DeletedNamespace:
     namespace: str
     deleted_classes: int
     deleted_examples: int
+
+
+@dataclass
+class BulkClassResult:
+    """One class's part of :meth:`FewShotClient.add_examples_bulk`, over all its requests."""
+
+    label: str
+    count: int  # the class's examples after the last request that named it
+    added_example_ids: list[str] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (upload index, example holding its bytes)
+    warnings: list[dict] = field(default_factory=list)  # likely mislabels, near duplicates
+    error: str | None = None  # a request refused this class (e.g. at its cap)
+
+
+@dataclass
+class BulkAdded:
+    namespace: str
+    added: int
+    skipped: int
+    classes: list[BulkClassResult]  # in order of first appearance

@@ -5,7 +5,10 @@ these are its very objects. New code imports ``fewshot_client``.
 
 from fewshot_client import (
     API_KEY_ENV,
+    DEFAULT_BULK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
+    BulkAdded,
+    BulkClassResult,
     ClassifyResult,
     ClassInfo,
     ClassSummary,
@@ -22,6 +25,9 @@ from fewshot_client import (
 
 __all__ = [
     "API_KEY_ENV",
+    "BulkAdded",
+    "BulkClassResult",
+    "DEFAULT_BULK_SIZE",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ClassInfo",
     "ClassSummary",

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # the registry imports redis; keep this module importable on 
         Registry,
     )
     from .backfill import Backfiller
+    from .bulk_add import BulkReport
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class FewShotCore:
         duplicate_similarity: float = DEFAULT_DUPLICATE_SIMILARITY,
         store_images: bool = True,
         backfill_options: dict[str, int] | None = None,
+        max_bulk_images: int = 1024,
     ) -> None:
         from ..registry.model_store import ModelStore
         from .backfill import Backfiller  # imports redis (see TYPE_CHECKING above)
@@ -105,6 +107,7 @@ class FewShotCore:
         # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
+        self.max_bulk_images = max_bulk_images  # uploads one bulk add may carry (bulk_add.py)
         self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
         self.liveness_checks: list[Callable[[], bool]] = []  # all true while the process is alive
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
@@ -208,6 +211,17 @@ class FewShotCore:
                 raise
 
         return embeddings
+
+    def start_inference(
+        self, pixels: np.ndarray, cancellation: CancellationCheck | None = None
+    ) -> Callable[[], np.ndarray]:
+        """Queue decoded ``pixels`` for the model; returns the function that waits for their
+        rows (bulk_add.py queues one full batch while it decodes the next)."""
+        try:
+            return self._batcher.start(pixels, cancellation)
+        except Cancelled:
+            metrics.CANCELLED_REQUESTS.labels("queue").inc()
+            raise
 
     def _run_here_or_queue(self, pixels: np.ndarray, cancellation: CancellationCheck | None) -> np.ndarray:
         rows = self._batcher.run_if_idle(pixels, cancellation)
@@ -381,6 +395,19 @@ class FewShotCore:
             namespace, only_labels=[label], only_their_means=others is not None, model_id=self.model_id
         )
         return snapshot, others
+
+    def add_examples_bulk(
+        self,
+        namespace: str | None,
+        labels: Sequence[str],
+        images: Sequence[bytes],
+        cancellation: CancellationCheck | None = None,
+    ) -> BulkReport:
+        """``images[i]`` as an example of ``labels[i]``, many classes at once, skipping bytes a
+        class already holds (bulk_add.py)."""
+        from .bulk_add import add_examples_bulk
+
+        return add_examples_bulk(self, namespace, labels, images, self.max_bulk_images, cancellation)
 
     def list_classes(self, namespace: str | None = None) -> list[ClassSummary]:
         namespace = resolve_namespace(namespace)

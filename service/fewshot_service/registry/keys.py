@@ -13,6 +13,9 @@ One hash tag per namespace, so every script of a namespace runs on one Cluster s
     {prefix}:{ns:<hex>}:models       hash   <model id> -> embedding dim, for each model holding
                                             embeddings here
     {prefix}:{ns:<hex>}:img:<label hex>  hash  <example id> -> the stored image ('' for none)
+    {prefix}:{ns:<hex>}:sha:<label hex>  hash  sha256 hex of an uploaded file -> <epoch>:<example id>
+                                            (bulk import's dedupe, bulk.py; an entry counts only
+                                            while that example exists in that epoch)
 
     and per model id (``m`` = ``{prefix}:{ns:<hex>}:m:<model id hex>``):
 
@@ -168,6 +171,7 @@ class NamespaceKeys:
         self.models = f"{base}:models"
         self.changes = f"{base}:changes"
         self._images = f"{base}:img:"
+        self._hashes = f"{base}:sha:"
         # The layout before per-model keys (read once, by the migration).
         self.legacy_model = f"{base}:model"
         self.legacy_prototypes = f"{base}:prototypes"
@@ -176,6 +180,9 @@ class NamespaceKeys:
 
     def images(self, label: str) -> str:
         return self._images + encode(label)
+
+    def hashes(self, label: str) -> str:
+        return self._hashes + encode(label)
 
     def legacy_examples(self, label: str) -> str:
         return self._legacy_examples + encode(label)

@@ -144,12 +144,14 @@ class ManagedRedis:
         max_restarts: int = MAX_RESTARTS,
         restart_window_s: float = RESTART_WINDOW_S,
         restart_backoff_s: float = RESTART_BACKOFF_S,
+        appendfsync: str = "everysec",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.persistent = persistent
         self.binary = binary
         self.rewrite_delay_s = rewrite_delay_s
         self.rewrite_interval_s = rewrite_interval_s
+        self.appendfsync = appendfsync  # "always": each write fsynced before it is answered (durability.py)
         self._requested_port = port
         self.port: int | None = None
         self._requested_password = password  # None: a fresh random one per start
@@ -385,7 +387,7 @@ class ManagedRedis:
             "--appendonly",
             "yes" if self.persistent else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--logfile",
             "",
         ]

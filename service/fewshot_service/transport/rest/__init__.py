@@ -17,6 +17,7 @@ from ...core.core import FewShotCore
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
 from ..access import AccessControl
 from . import (
+    routes_bulk,
     routes_classes,
     routes_classify,
     routes_embed,
@@ -58,6 +59,7 @@ def create_app(
     app.state.core = core
     install_error_handlers(app)
     app.include_router(routes_classes.router)
+    app.include_router(routes_bulk.router)
     app.include_router(routes_classify.router)
     app.include_router(routes_namespaces.router)
     app.include_router(routes_models.router)

@@ -84,6 +84,28 @@ class AddedBody(ClassBody):
     warnings: list[ShotWarningBody] = []  # per added example: likely mislabel, near duplicate
 
 
+class SkippedExampleBody(BaseModel):
+    index: int  # the upload's position in the request
+    example_id: str  # the example of the class that already holds these bytes (sha256)
+
+
+class BulkClassBody(BaseModel):
+    label: str
+    count: int  # the class's examples after this request
+    added_example_ids: list[str]
+    skipped: list[SkippedExampleBody] = []  # uploads whose bytes the class already held
+    warnings: list[ShotWarningBody] = []  # as a single add's: likely mislabel, near duplicate
+    error: str | None = None  # this class was refused (e.g. at its cap): none of its uploads added
+
+
+class BulkAddedBody(BaseModel):
+    namespace: str
+    model_id: str
+    added: int
+    skipped: int
+    classes: list[BulkClassBody]  # in order of first appearance in the request
+
+
 class DeletedClassBody(BaseModel):
     namespace: str
     label: str

@@ -1,0 +1,147 @@
+"""``fewshot import`` against the engine it feeds, in one run; prints one JSON line.
+
+- ``engine_img_s``: the served model's images/s on preprocessed tensors, fed through the server's
+  own batcher (its workers and max batch, as ``fewshot serve`` sets them on this machine): enough
+  full batches queued at once that the model never waits. Measured before and after the import
+  (the figure is their mean; both are printed).
+- ``import_img_s``: ``fewshot import DIR`` (a subprocess, as a user runs it) filling ``--classes``
+  one-image classes of 64-px JPEGs into a fresh namespace of an in-process server with a private
+  Valkey: decode in the decode workers, the model, the Redis writes and the HTTP, end to end.
+- ``ratio``: import / engine (the goal: >= 0.8). ``resume_s``: the same import again, every file
+  skipped as already present.
+
+Usage:
+    PYTHONPATH=service:service/client python bench/bench_import.py [--classes 10000] [--model models/default.onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fewshot_common.images import load_batch
+from fewshot_service.app import ServerStack
+from fewshot_service.registry.redis_server import ManagedRedis
+from fewshot_service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jpeg(seed: int, side: int = 64) -> bytes:
+    """A photo-like (smooth plus noise) JPEG, different for every seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC)
+    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_set(root: Path, classes: int) -> None:
+    for c in range(classes):
+        folder = root / f"class-{c:06d}"
+        folder.mkdir(parents=True)
+        (folder / "0.jpg").write_bytes(jpeg(c))
+
+
+def engine_img_s(stack: ServerStack, seconds: float) -> float:
+    """Images/s of the model through the server's batcher, kept busy for about ``seconds``."""
+    core = stack.core
+    batch = core.batch_config.max_batch_size
+    pixels = load_batch([jpeg(i) for i in range(batch)], core.embedder.meta.preprocess)
+    for wait in [core.start_inference(pixels) for _ in range(2)]:  # warm-up
+        wait()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        waits = [core.start_inference(pixels) for _ in range(4 * core.batch_config.workers)]
+        for wait in waits:
+            wait()
+        done += batch * len(waits)
+    return done / (time.perf_counter() - started)
+
+
+def run_import(root: Path, url: str, namespace: str, batch: int) -> float:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'service'}:{REPO / 'service' / 'client'}",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "fewshot_common.cli",
+        "import",
+        str(root),
+        "--url",
+        url,
+        "--namespace",
+        namespace,
+        "--batch",
+        str(batch),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"fewshot import failed ({done.returncode}): {done.stdout}")
+    print(done.stdout.strip(), file=sys.stderr)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--classes", type=int, default=10_000)
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
+    parser.add_argument("--batch", type=int, default=256, help="fewshot import --batch")
+    parser.add_argument("--engine-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "set"
+        write_set(root, args.classes)
+        with ManagedRedis(Path(tmp) / "redis", persistent=False) as redis_server:
+            settings = Settings(
+                model=args.model,
+                redis_url=redis_server.url,
+                host="127.0.0.1",
+                grpc_port=0,
+                http_port=0,
+                backfill_on_start=False,
+            )
+            with ServerStack(settings) as stack:
+                url = f"http://127.0.0.1:{stack.http_port}"
+                before = engine_img_s(stack, args.engine_seconds)
+                import_s = run_import(root, url, "bench", args.batch)
+                resume_s = run_import(root, url, "bench", args.batch)
+                after = engine_img_s(stack, args.engine_seconds)
+                engine = (before + after) / 2
+                result = {
+                    "classes": args.classes,
+                    "model": args.model.name,
+                    "engine": stack.core.embedder.engine,
+                    "max_batch_size": stack.core.batch_config.max_batch_size,
+                    "batch_workers": stack.core.batch_config.workers,
+                    "engine_img_s": round(engine, 1),
+                    "engine_img_s_before_after": [round(before, 1), round(after, 1)],
+                    "import_s": round(import_s, 1),
+                    "import_img_s": round(args.classes / import_s, 1),
+                    "ratio": round(args.classes / import_s / engine, 3),
+                    "resume_s": round(resume_s, 1),
+                    "classes_listed": len(stack.core.list_classes("bench")),
+                }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Bulk writes of many classes at once (``POST /v1/examples:bulk``, ``fewshot import``): which
+uploads a class already holds (by content hash), and the adds of many classes pipelined.
+
+Each class is added by the same script as a single add (add_examples.lua), so each class is
+all-or-none and its cap holds; the request as a whole is not atomic. The content hashes are
+written after the adds in the same round trip: a failure in between leaves examples that merely
+do not dedupe. A hash entry names the namespace epoch and the example id, so an entry left behind
+by a deleted example (or a deleted and re-created namespace, whose ids restart) never matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from redis.cluster import RedisCluster
+
+from .keys import encode, redis_errors, script_code, text
+from .registry import Registry
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ClassUpload:
+    """One class's part of a bulk request, after dedupe: embeddings [n, D], stored images (or
+    None) and the content hashes of the files, all parallel."""
+
+    label: str
+    embeddings: np.ndarray
+    images: Sequence[bytes] | None
+    hashes: list[str]
+
+
+@dataclass
+class ClassOutcome:
+    label: str
+    count: int = 0  # the class's examples after the add
+    added_example_ids: list[str] = field(default_factory=list)
+    error: str | None = None  # the class's add was refused (e.g. over its cap); nothing added
+
+
+def known_hashes(
+    registry: Registry, namespace: str, wanted: dict[str, list[str]]
+) -> dict[str, dict[str, str]]:
+    """label -> {content hash -> example id} for those of ``wanted`` (label -> hashes) that the
+    class holds now: two pipelined round trips, whatever the number of classes."""
+    keys = registry.keys(namespace)
+    labels = [label for label, hashes in wanted.items() if hashes]
+    if not labels:
+        return {}
+    with redis_errors(registry.client):
+        pipe = registry.client.pipeline(transaction=False)
+        pipe.hget(keys.state, "epoch")
+        for label in labels:
+            pipe.hmget(keys.hashes(label), wanted[label])
+        epoch, *replies = pipe.execute()
+        if epoch is None:
+            return {}
+        prefix = text(epoch) + ":"
+        candidates: list[tuple[str, str, str]] = []  # (label, hash, example id)
+        for label, values in zip(labels, replies):
+            for digest, value in zip(wanted[label], values):
+                if value is not None and text(value).startswith(prefix):
+                    candidates.append((label, digest, text(value)[len(prefix) :]))
+        if not candidates:
+            return {}
+        pipe = registry.client.pipeline(transaction=False)
+        for label, _digest, example_id in candidates:
+            pipe.hexists(keys.images(label), example_id)
+        present = pipe.execute()
+    found: dict[str, dict[str, str]] = {}
+    for (label, digest, example_id), exists in zip(candidates, present):
+        if exists:
+            found.setdefault(label, {})[digest] = example_id
+    return found
+
+
+def class_counts(registry: Registry, namespace: str, labels: Sequence[str]) -> dict[str, int]:
+    """label -> its example count, for those of ``labels`` that exist: one round trip."""
+    if not labels:
+        return {}
+    with redis_errors(registry.client):
+        values = registry.client.hmget(registry.keys(namespace).counts, [encode(label) for label in labels])
+    return {label: int(value) for label, value in zip(labels, values) if value is not None}
+
+
+def add_classes_with_hashes(
+    registry: Registry, namespace: str, uploads: Sequence[ClassUpload], model_id: str
+) -> list[ClassOutcome]:
+    """Add every class of ``uploads`` (one script each, pipelined in one round trip; on a
+    Cluster one round trip a class, as redis-py's cluster pipeline refuses scripts), then record
+    the added examples' content hashes. A class the script refuses gets its ``error``; the
+    others are added all the same."""
+    keys = registry.keys(namespace)
+    registry._ensure_layout(namespace)
+    pipelined = not isinstance(registry.client, RedisCluster)
+    replies: list[object] = []
+    with redis_errors(registry.client):
+        runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
+        for upload in uploads:
+            vectors = registry._check_embeddings(upload.embeddings)
+            args = registry._add_args(upload.label, model_id, vectors, upload.images)
+            try:
+                replies.append(
+                    registry._add(
+                        keys=registry._add_keys(keys, upload.label, model_id),
+                        args=args,
+                        client=runner,
+                    )
+                )
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        if pipelined:
+            # Errors as values: redis-py's raised form quotes the command, keys included.
+            replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+    outcomes: list[ClassOutcome] = []
+    for upload, reply in zip(uploads, replies):
+        if isinstance(reply, redis.exceptions.ResponseError):
+            error = registry._script_error(
+                reply, namespace, upload.label, model_id, adding=len(upload.hashes)
+            )
+            if script_code(reply) != "TOO_MANY_EXAMPLES":
+                raise error  # the namespace's model, or Redis refusing: not one class's problem
+            outcomes.append(ClassOutcome(upload.label, error=str(error)))
+            continue
+        _generation, count, *added = reply  # type: ignore[misc]
+        outcomes.append(ClassOutcome(upload.label, int(count), [text(i) for i in added]))
+    _record_hashes(registry, namespace, uploads, outcomes)
+    return outcomes
+
+
+def _record_hashes(
+    registry: Registry,
+    namespace: str,
+    uploads: Sequence[ClassUpload],
+    outcomes: Sequence[ClassOutcome],
+) -> None:
+    keys = registry.keys(namespace)
+    with redis_errors(registry.client):
+        epoch = registry.client.hget(keys.state, "epoch")
+        if epoch is None:  # deleted meanwhile: nothing to dedupe against
+            return
+        pipe = registry.client.pipeline(transaction=False)
+        for upload, outcome in zip(uploads, outcomes):
+            if outcome.added_example_ids:
+                mapping = {
+                    digest: f"{text(epoch)}:{example_id}"
+                    for digest, example_id in zip(upload.hashes, outcome.added_example_ids)
+                }
+                pipe.hset(keys.hashes(upload.label), mapping=mapping)
+        pipe.execute()
