@@ -37,7 +37,7 @@ from .types import (
 )
 
 ImageInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): file bytes or a path
-Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007: one image or several
+Images = Union[ImageInput, Sequence[ImageInput]]  # noqa: UP007 (runtime alias): one image or several
 PemInput = Union[bytes, str, os.PathLike]  # noqa: UP007 (runtime alias): PEM bytes or a file path
 DEFAULT_CHUNK_SIZE = 32
 DEFAULT_BULK_SIZE = 256  # uploads per bulk request (the server's --max-bulk-images: 1024)

@@ -111,7 +111,7 @@ def export_namespace(registry: Registry, namespace: str, output: Path) -> Summar
         counts, prototypes, sums = (next(replies) for _ in range(3))
         rows: list[list[Any]] = []
         vectors: list[bytes] = []
-        for index, label in enumerate(labels):
+        for index in range(len(labels)):
             embedded = next(replies)
             for example_id in sorted((text(k) for k in embedded), key=int):
                 rows.append([index, example_id])
