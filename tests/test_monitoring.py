@@ -39,7 +39,11 @@ Exposed = dict[str, "set[str] | None"]  # sample name -> its label names; None: 
 # Counters the files use whose events a short test cannot bring about reliably (every gRPC call
 # slot taken; a caller gone mid-decode): /metrics declares them (HELP/TYPE) with no series yet, so
 # their names are checked and their labels cannot be. Keep this list short.
-DECLARED_ONLY = {"fewshot_grpc_busy_refusals_total", "fewshot_cancelled_requests_total"}
+DECLARED_ONLY = {
+    "fewshot_grpc_busy_refusals_total",
+    "fewshot_cancelled_requests_total",
+    "fewshot_rate_limited_total",  # refusals of a rate-limited key: this server has no limits set
+}
 
 
 # --- PromQL: which series and labels an expression needs ----------------------------------------

@@ -45,6 +45,11 @@ def test_schemathesis_finds_no_failure(stack: ServerStack, redis_url: str, tmp_p
         "30",
         "--generation-database",
         "none",
+        # The bulk route's `labels` are form fields: a JSON object schemathesis sends there arrives
+        # as the text "{}", a valid label, so its "schema-violating request accepted" cannot hold
+        # for that route. Its behaviour is tested in test_bulk_import.py.
+        "--exclude-path",
+        "/v1/examples:bulk",
     ]
     env = {
         **os.environ,

@@ -27,14 +27,15 @@ def encode_cursor(label: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
+    """The label a cursor names. A string this server did not hand out is not an error: it is
+    a position of its own (the page starts after that text in label order), so any cursor a
+    client sends gets a well-defined page (the API's schema accepts any string)."""
     try:
         padded = (cursor + "=" * (-len(cursor) % 4)).encode("ascii")
         label = base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
         label = ""
-    if not label:  # labels are never empty
-        raise InvalidInput("cursor is not one this server handed out: pass next_cursor as given")
-    return label
+    return label or cursor
 
 
 def resolve_limit(limit: int | None) -> int:
