@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -55,25 +55,22 @@ def _module_name(path: Path) -> str:
     raise ValueError(path)
 
 
+def _load_import_layers():
+    """tools/import_layers.py, the layering report: its import scanner is the one this test uses."""
+    spec = importlib.util.spec_from_file_location("import_layers", ROOT / "tools" / "import_layers.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_imports_of = _load_import_layers().imports_of
+
+
 def _imports(path: Path) -> set[str]:
-    """Absolute names of every module ``path`` imports, at any depth (function-level included)."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                prefix = ".".join(base + ([node.module] if node.module else []))
-            else:
-                prefix = node.module or ""
-            names.add(prefix)
-            # `from pkg import sub` may import a submodule: count it, a name is harmless extra.
-            names.update(f"{prefix}.{alias.name}" for alias in node.names)
-    return names
+    """Absolute names of every module ``path`` imports, at any depth (function-level included;
+    ``from pkg import sub`` counts ``pkg.sub``: a submodule it may import, a name is harmless extra)."""
+    return _imports_of(path, _module_name(path))
 
 
 MODULES = {
