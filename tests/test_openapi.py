@@ -69,6 +69,7 @@ def test_schemathesis_finds_no_failure(stack: ServerStack, redis_url: str, tmp_p
         ("PUT", "/v1/classes/red", "GET, DELETE"),
         ("PUT", "/v1/classes/red/examples", "POST"),
         ("PUT", "/v1/classes/a%2Fb/examples/3", "DELETE"),
+        ("POST", "/v1/classes/a%2Fb/examples/3/image", "GET"),
         ("GET", "/v1/classify", "POST"),
         ("POST", "/v1/classes", "GET"),
     ],

@@ -290,6 +290,16 @@ class FewShotClient:
             return None
         return ClassInfo(body["namespace"], body["label"], body["count"], body["example_ids"])
 
+    def example_image(
+        self, label: str, example_id: str, *, size: int | None = None, namespace: str = ""
+    ) -> bytes:
+        """The stored copy of an example's image (JPEG or PNG bytes, no metadata), or with
+        ``size`` (16..512) a thumbnail whose longer side is at most ``size`` (never enlarged).
+        NotFound for an example added while the server ran with ``--no-store-images``."""
+        path = _class_path(label, f"/examples/{quote(example_id, safe='')}/image")
+        params = {**_ns(namespace), **({"size": str(size)} if size is not None else {})}
+        return self._rest_bytes("GET", path, params=params)
+
     # -- namespaces (REST) ---------------------------------------------------------------------
 
     def list_namespaces(self) -> list[NamespaceInfo]:
@@ -327,16 +337,27 @@ class FewShotClient:
             raise from_grpc(exc) from None
 
     def _rest(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._rest_response(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def _rest_bytes(self, method: str, path: str, **kwargs: Any) -> bytes:
+        return self._rest_response(method, path, **kwargs).content
+
+    def _rest_response(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer when it is a success, else the typed error its JSON body describes."""
         if self._http is None:
             raise ValueError(f"{method} {path} is a REST call: create the client with http_url=")
         response = self._http.request(method, path, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
         if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
             raise from_http(response.status_code, body, retry_after=response.headers.get("Retry-After"))
-        return body
+        return response
 
     def _chunks(self, images: Images) -> Iterator[list[bytes]]:
         listed = _image_list(images)

@@ -47,6 +47,7 @@ from .batcher import BatchConfig, DynamicBatcher
 from .calibrator import OpenSetCalibrator
 from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
 from .decode_pool import DecodePool
+from .example_images import StoredImage, Thumbnails
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
     from ..classify.snapshot import ExampleSnapshot, PrototypeSet
@@ -107,6 +108,7 @@ class FewShotCore:
         # Each added example keeps a bounded copy of its image (stored_images.py), so a replica
         # of another model can embed it later; without, a model roll needs a re-upload.
         self.store_images = store_images
+        self.thumbnails = Thumbnails()  # of stored images, for GET .../examples/{id}/image
         self.max_bulk_images = max_bulk_images  # uploads one bulk add may carry (bulk_add.py)
         self.deletion_listeners: list[Callable[[], None]] = []  # called after a deletion succeeds
         self.liveness_checks: list[Callable[[], bool]] = []  # all true while the process is alive
@@ -448,6 +450,23 @@ class FewShotCore:
         if label not in snapshot.labels:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
         return confusions(snapshot, label, top_k, others)
+
+    def example_image(self, namespace: str | None, label: str, example_id: str) -> StoredImage:
+        """The stored copy of an example's image; NotFound for an example stored without one."""
+        namespace, label, example_id = (
+            resolve_namespace(namespace),
+            resolve_label(label),
+            resolve_example_id(example_id),
+        )
+        with _registry_span("example_image"):
+            data = self.registry.example_image(namespace, label, example_id)
+        if not data:
+            raise NotFound(
+                f"example {example_id!r} of class {label!r} in namespace {namespace!r} has no stored "
+                "image: it was added while the server ran with --no-store-images (or before images "
+                "were stored)"
+            )
+        return StoredImage.of(data)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
         namespace, label = resolve_namespace(namespace), resolve_label(label)

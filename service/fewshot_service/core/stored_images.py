@@ -48,6 +48,8 @@ def bounded_copy(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 
         if stripped is not None:
             return stripped
     image = opened.decode()  # RGB, upright
+    # Pillow writes some of what it read back out (a JPEG's COM comment): keep only pixels.
+    image.info.clear()
     if small and not is_jpeg:
         out = io.BytesIO()
         image.save(out, format="PNG")

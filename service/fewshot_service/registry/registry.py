@@ -414,6 +414,22 @@ class Registry:
             raise NotFound(f"no class {label!r} in namespace {namespace!r}")
         return ClassInfo(label=label, count=len(example_ids), example_ids=example_ids)
 
+    def example_image(self, namespace: str, label: str, example_id: str) -> bytes:
+        """The stored copy of one example's image: b"" when it was stored without one
+        (``--no-store-images``, or migrated from the layout before stored images)."""
+        keys = self.keys(namespace)
+        self._ensure_layout(namespace)
+        with redis_errors(self.client):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hget(keys.images(label), example_id)
+            pipe.exists(keys.images(label))
+            stored, class_exists = pipe.execute()
+        if stored is None:
+            if not class_exists:
+                raise NotFound(f"no class {label!r} in namespace {namespace!r}")
+            raise NotFound(f"class {label!r} in namespace {namespace!r} has no example {example_id!r}")
+        return bytes(stored)
+
     def models(self, namespace: str) -> dict[str, int]:
         """Model id -> embedding dim, for every model holding embeddings in ``namespace``."""
         self._ensure_layout(namespace)

@@ -3,7 +3,7 @@
 Labels may contain ``/``. Routes are matched on the raw (still percent-encoded) path (see
 :class:`middleware.RawClassPath`), so a client that encodes ``/`` as ``%2F`` never collides with
 the ``/examples`` or ``/confusions`` suffix; an unencoded ``/`` works too unless the label itself
-ends in ``/examples``, ``/examples/<id>`` or ``/confusions``. Handlers percent-decode path parameters themselves, once.
+ends in ``/examples``, ``/examples/<id>``, ``/examples/<id>/image`` or ``/confusions``. Handlers percent-decode path parameters themselves, once.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from ...core.class_pages import MAX_PAGE_SIZE, MAX_QUERY_CHARS
+from ...core.example_images import MAX_THUMBNAIL, MIN_THUMBNAIL, check_size
 from ...names import MAX_NAME_CHARS, resolve_namespace
 from ..access import Action
 from .dependencies import (
@@ -138,6 +139,69 @@ def get_confusions(label: Label, core: Core, namespace: Namespace = None, top_k:
         label=label,
         confusions=[ConfusionBody(**dataclasses.asdict(c)) for c in found],
     )
+
+
+ThumbnailSize = Annotated[
+    int | None,
+    Query(
+        description="longest side in pixels of a thumbnail made from the stored copy (never enlarged; "
+        "absent: the stored copy as it is)",
+        json_schema_extra={"minimum": MIN_THUMBNAIL, "maximum": MAX_THUMBNAIL},
+    ),
+]
+# The id of an example is reused after its namespace is deleted (ids restart), so the same URL
+# may later name other bytes: browsers keep the image but ask again (If-None-Match -> 304).
+IMAGE_CACHE_CONTROL = "private, no-cache"
+IMAGE_OPENAPI = {
+    "responses": {
+        "200": {
+            "description": "the stored image (JPEG or PNG), or a thumbnail of it in the same format",
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("image/jpeg", "image/png")
+            },
+        },
+        "304": {"description": "not modified (If-None-Match holds the ETag)"},
+    }
+}
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+# Declared before GET /v1/classes/{label}: a raw path ending in /examples/<id>/image is an image.
+@router.get(
+    "/{label:path}/examples/{example_id}/image",
+    response_class=Response,
+    responses=error_responses(401, 403, 404, 409, 422, 503),
+    dependencies=[require(Action.GET)],
+    openapi_extra=IMAGE_OPENAPI,
+    summary="The stored (reduced, metadata-free) copy of an example's image, or a thumbnail of it",
+)
+def get_example_image(
+    label: Label,
+    example_id: ExampleId,
+    core: Core,
+    namespace: Namespace = None,
+    size: ThumbnailSize = None,
+    if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    label = decode_path_param(label, "label")
+    example_id = decode_path_param(example_id, "example id")
+    size = check_size(size)
+    stored = core.example_image(namespace, label, example_id)
+    etag = stored.etag(size)
+    headers = {"ETag": etag, "Cache-Control": IMAGE_CACHE_CONTROL, "Vary": "Authorization"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(core.thumbnails.of(stored, size), media_type=stored.media_type, headers=headers)
 
 
 @router.get(
