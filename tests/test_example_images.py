@@ -205,3 +205,24 @@ def test_thumbnail_cache_stays_within_its_bytes() -> None:
         assert max(Image.open(io.BytesIO(made)).size) == 48
         assert cache.of(image, 48) is made  # the second ask is the cached bytes
     assert cache._held <= 3000 and len(cache._cache) < len(images)
+
+
+def test_get_class_names_the_example_each_near_duplicate_repeats(server: dict) -> None:
+    stack = server["stack"]
+    first, other, again = (samples.noise_png(1), samples.noise_png(2), samples.noise_png(1))
+    ids = stack.core.add_examples(TEAM_A, "dups", [first, other, again]).added_example_ids
+    with http(server, "read-a") as client:
+        examples = client.get("/v1/classes/dups", params={"namespace": TEAM_A}).json()["examples"]
+    assert [e["near_duplicate_of"] for e in examples] == [None, None, ids[0]]
+
+
+def test_near_duplicates_are_found_across_row_blocks() -> None:
+    from fewshot_service.classify.shot_quality import near_duplicates
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(600, 32)).astype(np.float32)
+    vectors[550] = vectors[3]  # past the first block of rows
+    vectors[300] = vectors[299] * 0.999 + vectors[7] * 0.001
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    twins = near_duplicates(vectors, 0.98)
+    assert {i: t for i, t in enumerate(twins) if t is not None} == {300: 299, 550: 3}

@@ -225,6 +225,7 @@ def test_one_example_classes_have_no_consistency(http: httpx.Client) -> None:
             "nearest_other_label": None,
             "nearest_other_score": None,
             "likely_mislabel": False,
+            "near_duplicate_of": None,
         }
     ]
 

@@ -18,6 +18,7 @@ other classes come from").
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -42,6 +43,8 @@ class ExampleQuality:
     consistency: float | None  # LOO cosine to its own class; None when it is the class's only one
     nearest_other_label: str | None  # the closest other class, None in a one-class namespace
     nearest_other_score: float | None
+    # The earlier example (id order) it nearly duplicates, when asked with duplicate_similarity.
+    near_duplicate_of: str | None = None
 
     @property
     def likely_mislabel(self) -> bool:
@@ -87,12 +90,16 @@ def _nearest_others(
 
 
 def example_quality(
-    snapshot: ExampleSnapshot, label: str, others: PrototypeMatrix | None = None
+    snapshot: ExampleSnapshot,
+    label: str,
+    others: PrototypeMatrix | None = None,
+    duplicate_similarity: float | None = None,
 ) -> list[ExampleQuality]:
     """Every fetched example of ``label`` (which must be in the snapshot), in id order.
 
     With ``others``, the nearest other class comes from that matrix and the snapshot need only
-    hold ``label``; without, from the snapshot's prototypes (it must hold every class)."""
+    hold ``label``; without, from the snapshot's prototypes (it must hold every class). With
+    ``duplicate_similarity``, each example also names the earlier one it nearly duplicates."""
     c = _class_index(snapshot, label)
     vectors = snapshot.embeddings[c]
     only_mine = [v if i == c else v[:0] for i, v in enumerate(snapshot.embeddings)]
@@ -111,7 +118,34 @@ def example_quality(
         else:
             nearest_label, nearest_score = None, None
         qualities.append(ExampleQuality(example_id, consistency, nearest_label, nearest_score))
+    if duplicate_similarity is not None:
+        twins = near_duplicates(vectors, duplicate_similarity)
+        ids = snapshot.example_ids[c]
+        qualities = [
+            dataclasses.replace(q, near_duplicate_of=ids[t]) if t is not None else q
+            for q, t in zip(qualities, twins)
+        ]
     return qualities
+
+
+# Rows of the similarity matrix computed at a time: a class at its cap never needs n x n floats.
+_DUPLICATE_BLOCK = 256
+
+
+def near_duplicates(vectors: np.ndarray, duplicate_similarity: float) -> list[int | None]:
+    """Per row of ``vectors`` (unit rows, in id order): the most similar *earlier* row when
+    their cosine is at least ``duplicate_similarity``, else None. The first of a pair is not
+    flagged: deleting the later one leaves the class as it was before the duplicate came."""
+    n = len(vectors)
+    twins: list[int | None] = [None] * n
+    for start in range(1, n, _DUPLICATE_BLOCK):
+        block = vectors[start : start + _DUPLICATE_BLOCK] @ vectors[: start + _DUPLICATE_BLOCK].T
+        for offset, row in enumerate(block):
+            earlier = row[: start + offset]
+            best = int(np.argmax(earlier))
+            if earlier[best] >= duplicate_similarity:
+                twins[start + offset] = best
+    return twins
 
 
 def add_warnings(

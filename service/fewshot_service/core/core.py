@@ -439,7 +439,8 @@ class FewShotCore:
             snapshot, others = self._class_view(namespace, label)
         if label not in snapshot.labels:  # deleted by another request in between
             return ClassReport.of(info)
-        return ClassReport.of(info, examples=example_quality(snapshot, label, others))
+        quality = example_quality(snapshot, label, others, duplicate_similarity=self.duplicate_similarity)
+        return ClassReport.of(info, examples=quality)
 
     def class_confusions(self, namespace: str | None, label: str, top_k: int | None = 0) -> list[Confusion]:
         """The ``top_k`` classes ``label`` is most easily confused with, most similar first."""

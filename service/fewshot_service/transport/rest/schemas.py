@@ -52,6 +52,8 @@ class ExampleQualityBody(BaseModel):
     nearest_other_label: str | None  # the closest other class; null in a one-class namespace
     nearest_other_score: float | None
     likely_mislabel: bool  # the other class is closer than its own
+    # The earlier example (by id) this one nearly duplicates (cosine >= the server's threshold).
+    near_duplicate_of: str | None = None
 
 
 class ClassDetailBody(ClassBody):
