@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import shutil
 import threading
 from collections.abc import Iterator
@@ -124,9 +125,15 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
 
     add_class(browser, "red discs", reds)
     add_class(browser, "blue stripes", blues)
-    # Thumbnails of the examples added in this browser come from its own cache.
-    thumbs = browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="red discs"] .thumb img')
-    assert len(thumbs) == 5
+    # Each example shows the server's stored copy (fetched with the key, shown from a blob: URL).
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, '.class-card[data-label="red discs"] .thumb img')) == 5
+    )
+    sources = [
+        img.get_attribute("src")
+        for img in browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="red discs"] .thumb img')
+    ]
+    assert all(src.startswith("blob:") for src in sources), sources
 
     browser.find_element(By.ID, "classify-files").send_keys(str(query))
     top = wait_for(browser, "#results .prediction .label")
@@ -158,25 +165,33 @@ def test_playground_deletes_examples_and_classes_and_switches_namespace(
     stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
 ) -> None:
     base = f"http://127.0.0.1:{stack.http_port}"
-    # A class added by another client: no thumbnails here, a neutral tile with the example id.
+    # A class added by another client shows its stored images too; one added while the server
+    # kept no images (--no-store-images) shows a neutral tile with the example id.
     with httpx.Client(base_url=base) as client:
-        added = client.post(
+        client.post(
             "/v1/classes/elsewhere/examples",
             files=[("files", ("b.png", blue_stripes(tmp_path / "b.png", 1).read_bytes(), "image/png"))],
-        ).json()
+        ).raise_for_status()
+    assert stack.core is not None
+    stack.core.store_images = False
+    try:
+        bare = stack.core.add_examples(None, "bare", [red_discs(tmp_path / "x.png", 3).read_bytes()])
+    finally:
+        stack.core.store_images = True
     browser.get(base + "/ui/")
-    tile = wait_for(browser, '.class-card[data-label="elsewhere"] .thumb.no-image')
-    assert added["example_ids"][0][:8] in tile.text
+    wait_for(browser, '.class-card[data-label="elsewhere"] .thumb img')
+    tile = wait_for(browser, '.class-card[data-label="bare"] .thumb.no-image')
+    assert bare.example_ids[0][:8] in tile.text
 
     add_class(browser, "two", [red_discs(tmp_path / f"r{i}.png", i) for i in range(2)])
     remove = browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove')
-    browser.execute_script("arguments[0].click()", remove)  # shown on hover only
+    assert remove.is_displayed()  # no hover needed: touch screens have none
+    remove.click()
     asked = WebDriverWait(browser, WAIT_S).until(EC.alert_is_present())
     assert 'of class "two"' in asked.text
     asked.dismiss()  # a stray click, taken back: nothing is deleted
     assert httpx.get(base + "/v1/classes/two").json()["count"] == 2
-    remove = browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove')
-    browser.execute_script("arguments[0].click()", remove)
+    browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="two"] .thumb .remove').click()
     WebDriverWait(browser, WAIT_S).until(EC.alert_is_present()).accept()
     wait_for(browser, '.class-card[data-label="two"] .count', "1 example")
     assert httpx.get(base + "/v1/classes/two").json()["count"] == 1
@@ -287,4 +302,110 @@ def test_playground_lists_many_classes_a_page_at_a_time_with_a_search(
         browser.execute_script("arguments[0].click()", browser.find_element(By.ID, "more-classes"))
         WebDriverWait(browser, WAIT_S).until(lambda _, count=count: len(cards()) > count)
     assert cards() == labels  # every page once, none twice
+    assert csp_violations(browser) == []
+
+
+# --- the class galleries (gallery.js) -------------------------------------------------------------
+
+
+def use_namespace(driver: WebDriver, namespace: str) -> None:
+    field = driver.find_element(By.ID, "namespace-input")
+    field.clear()
+    field.send_keys(namespace)
+    driver.find_element(By.CSS_SELECTOR, "#settings-form button").click()
+    wait_for(driver, "#namespace-name", namespace)
+
+
+def tiny_png(i: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (24, 24), (i % 256, (i * 7) % 256, (i * 13) % 256)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_requests(driver: WebDriver) -> list[str]:
+    """The example images this page has fetched (the browser's resource timing entries)."""
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/image?'))"
+    )
+
+
+def test_gallery_tiles_show_the_flags_the_server_reports(
+    stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """Embeddings written directly (with real stored images), so each flag is there by design:
+    one shot of "cats" is a dog (closer to "dogs"), one repeats another, one fits cats poorly."""
+    assert stack.core is not None
+    registry, model_id = stack.core.registry, stack.core.model_id
+    dim = stack.core.embedder.meta.embedding_dim
+    rng = np.random.default_rng(35)
+    axis = np.eye(dim, dtype=np.float32)
+    # Noise enough that no two distinct cats reach the duplicate threshold.
+    cats = [axis[0] + 0.05 * rng.standard_normal(dim) for _ in range(8)]
+    cats += [0.3 * axis[0] + 0.95 * axis[5], axis[1] + 0.05 * rng.standard_normal(dim), cats[0]]
+    ids = registry.add_examples(
+        "flags", "cats", np.array(cats), model_id, [tiny_png(i) for i in range(11)]
+    ).example_ids
+    dogs = [axis[1] + 0.05 * rng.standard_normal(dim) for _ in range(3)]
+    registry.add_examples("flags", "dogs", np.array(dogs), model_id, [tiny_png(50 + i) for i in range(3)])
+    odd, dog, twin = ids[8], ids[9], ids[10]
+
+    base = f"http://127.0.0.1:{stack.http_port}"
+    browser.get(base + "/ui/")
+    use_namespace(browser, "flags")
+    wait_for(browser, '.class-card[data-label="cats"] .gallery-tile img')
+
+    def flags() -> dict[str, list[str]]:
+        return browser.execute_script(
+            "const out = {};"
+            "for (const t of document.querySelectorAll('.class-card[data-label=\"cats\"] .gallery-tile'))"
+            "  out[t.dataset.exampleId] = [...t.querySelectorAll('.flag')].map(f => f.dataset.flag + ':' + f.textContent);"
+            "return out;"
+        )
+
+    shown = flags()
+    assert shown[dog] == ['mislabel:closer to "dogs"']
+    assert shown[twin] == [f"duplicate:duplicate of #{ids[0]}"]
+    assert shown[odd] == ["low:low consistency"]
+    assert all(not shown[i] for i in ids[:8]), shown
+    order = browser.execute_script(
+        "return [...document.querySelectorAll('.class-card[data-label=\"cats\"] .gallery-tile')].map(t => t.dataset.exampleId)"
+    )
+    assert set(order[:3]) == {odd, dog, twin}  # flagged shots first: they are what needs a look
+    browser.save_screenshot(str(tmp_path / "gallery.png"))
+
+    # Deleting the dog from its tile: one tap, a confirmation, and the flag is gone with it.
+    browser.find_element(By.CSS_SELECTOR, f'.gallery-tile[data-example-id="{dog}"] .remove').click()
+    WebDriverWait(browser, WAIT_S).until(EC.alert_is_present()).accept()
+    wait_for(browser, '.class-card[data-label="cats"] .count', "10 examples")
+    assert dog not in flags()
+    assert csp_violations(browser) == []  # blob: images are allowed by the playground's policy
+
+
+def test_gallery_loads_images_lazily(stack: ServerStack, redis_url: str, browser: WebDriver) -> None:
+    assert stack.core is not None
+    dim = stack.core.embedder.meta.embedding_dim
+    rng = np.random.default_rng(200)
+    vectors = rng.standard_normal((200, dim)).astype(np.float32)
+    stack.core.registry.add_examples(
+        "lazy", "many", vectors, stack.core.model_id, [tiny_png(i) for i in range(200)]
+    )
+
+    base = f"http://127.0.0.1:{stack.http_port}"
+    browser.get(base + "/ui/")
+    use_namespace(browser, "lazy")
+    wait_for(browser, '.class-card[data-label="many"] .gallery-tile img')
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, '.class-card[data-label="many"] .gallery-tile.loading')
+    )
+    first_view = image_requests(browser)
+    assert 0 < len(first_view) <= 24, len(first_view)  # a screenful, not 200
+
+    browser.find_element(By.CSS_SELECTOR, '.class-card[data-label="many"] .show-all').click()
+    last = browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="many"] .gallery-tile')[-1]
+    assert len(browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="many"] .gallery-tile')) == 200
+    browser.execute_script("arguments[0].scrollIntoView()", last)
+    WebDriverWait(browser, WAIT_S).until(lambda _: last.find_elements(By.TAG_NAME, "img"))
+    after = image_requests(browser)
+    assert len(after) < 200, len(after)  # the tiles scrolled past were never in view
+    assert len(after) == len(set(after))  # and none was fetched twice
     assert csp_violations(browser) == []

@@ -4,8 +4,6 @@
 const API = "../v1/"; // the page lives at /ui/: the API is one level up, whatever the prefix
 const KEY_STORE = "fewshot.apiKey"; // sessionStorage: the key is forgotten with the tab
 const NS_STORE = "fewshot.namespace";
-const THUMB_PREFIX = "fewshot.thumb:"; // localStorage: namespace \0 label \0 example id -> data URL
-const THUMB_PX = 96;
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -59,36 +57,11 @@ function banner(text, kind = "info") {
   element.hidden = !text;
 }
 
-// --- thumbnails (client-side only) -------------------------------------------------------------
-
-const thumbKey = (label, id) => `${THUMB_PREFIX}${state.namespace}\u0000${label}\u0000${id}`;
-
-async function thumbnail(file) {
-  const bitmap = await createImageBitmap(file);
-  const scale = THUMB_PX / Math.max(bitmap.width, bitmap.height);
-  const canvas = document.createElement("canvas");
-  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
-  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
-  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
-  return canvas.toDataURL("image/jpeg", 0.8);
-}
-
-async function rememberThumbnails(label, ids, files) {
-  for (let i = 0; i < ids.length && i < files.length; i++) {
-    try {
-      localStorage.setItem(thumbKey(label, ids[i]), await thumbnail(files[i]));
-    } catch (_) {
-      // Not decodable here, or storage full: that example shows its id instead.
-    }
-  }
-}
-
 // --- classes -----------------------------------------------------------------------------------
 
 async function addExamples(label, files) {
   if (!label || !files.length) return;
   const added = await api("POST", `${classPath(label)}/examples`, { files });
-  await rememberThumbnails(label, added.added_example_ids, files);
   banner(`Added ${added.added_example_ids.length} example(s) to "${label}".`);
   await refreshClasses();
 }
@@ -182,44 +155,9 @@ function classCard(info) {
     })
   );
   head.append(title, count, more, remove);
-  const thumbs = document.createElement("div");
-  thumbs.className = "thumbs";
-  for (const id of info.example_ids) thumbs.append(exampleTile(info.label, id));
-  card.append(head, thumbs);
+  // The examples themselves: gallery.js (the server's stored copies, lazily loaded, flagged).
+  card.append(head, Gallery.render(info, { state, api, run, banner, classPath, onChange: refreshClasses }));
   return card;
-}
-
-function exampleTile(label, id) {
-  const tile = document.createElement("div");
-  tile.className = "thumb";
-  tile.title = `example ${id}`;
-  const cached = localStorage.getItem(thumbKey(label, id));
-  if (cached) {
-    const img = document.createElement("img");
-    img.src = cached;
-    img.alt = `example ${id}`;
-    tile.append(img);
-  } else {
-    // Added elsewhere (another browser, the API): the server keeps no image to show.
-    tile.classList.add("no-image");
-    tile.textContent = id.slice(0, 8);
-  }
-  const remove = document.createElement("button");
-  remove.className = "remove";
-  remove.title = "Delete this example";
-  remove.textContent = "×";
-  remove.addEventListener("click", () =>
-    run(async () => {
-      // Asked, like deleting a class: one stray click must not lose a shot.
-      if (!confirm(`Delete example ${id.slice(0, 8)} of class "${label}"?`)) return;
-      const result = await api("DELETE", `${classPath(label)}/examples/${encodeURIComponent(id)}`);
-      localStorage.removeItem(thumbKey(label, id));
-      banner(result.class_deleted ? `Deleted the last example: class "${label}" is gone.` : "Example deleted.");
-      await refreshClasses();
-    })
-  );
-  tile.append(remove);
-  return tile;
 }
 
 // --- classify ----------------------------------------------------------------------------------
@@ -334,6 +272,7 @@ function init() {
     if (state.apiKey) sessionStorage.setItem(KEY_STORE, state.apiKey);
     else sessionStorage.removeItem(KEY_STORE);
     banner("");
+    Gallery.forget(); // ids of another namespace (or seen with another key) name other images
     $("results").replaceChildren();
     run(refreshClasses);
   });
