@@ -261,3 +261,5 @@ def test_every_response_carries_the_security_headers(open_server: httpx.Client) 
         assert response.headers["content-security-policy"] == csp, what
         assert "frame-ancestors 'none'" in csp
     assert "script-src 'self'" in UI_CSP and "unsafe-inline" not in UI_CSP
+    # The gallery shows fetched example images from blob: URLs; nothing needs data: any more.
+    assert "img-src 'self' blob:;" in UI_CSP and "data:" not in UI_CSP

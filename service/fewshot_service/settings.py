@@ -182,8 +182,9 @@ class Settings(BaseSettings):
     # Model rolls (backfill.py): a stored image per example lets a new model embed it later.
     store_images: bool = Field(
         default=True,
-        description="keep a bounded copy of each added example's image (shorter side <= 384 px), so "
-        "a server of another model can embed it without a re-upload",
+        description="keep a bounded copy of each added example's image (shorter side <= 384 px, no "
+        "metadata), so a server of another model can embed it without a re-upload; any key that may "
+        "read the namespace can read it (GET .../examples/{id}/image, the playground's gallery)",
     )
     backfill_on_demand: int = Field(
         default=32,

@@ -6,7 +6,8 @@
   playground deletes with a click; a page on another origin must not frame it (clickjacking).
 * ``Referrer-Policy: no-referrer``: the playground's URLs (namespace, labels) stay here.
 * The playground (``/ui/``) gets a full Content-Security-Policy: its own script and style only,
-  images from its own thumbnails (``data:``) and previews (``blob:``), requests to this server.
+  images from ``blob:`` URLs (the example images it fetches with the API key, which an
+  ``<img src>`` could not send, and its previews), requests to this server.
   Swagger UI and ReDoc (``/docs``, ``/redoc``) start from an inline script of fastapi-offline's
   pages, so they get only the framing rule; the API's own answers (JSON, metrics) load nothing.
 """
@@ -19,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UI_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
     "media-src 'self' blob:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
