@@ -132,7 +132,7 @@ def secure_server(
 ROLES = ["read", "write"]
 # allowed: a team-a key on team-a; denied: a team-a key on team-b; star: a "*" key on team-b.
 NAMESPACE_CASES = {"allowed": ("-a", TEAM_A), "denied": ("-a", TEAM_B), "star": ("-all", TEAM_B)}
-REST_OPERATIONS = ["embed", "classify", "list", "get", "add", "delete"]
+REST_OPERATIONS = ["embed", "classify", "list", "get", "image", "add", "delete"]
 GRPC_OPERATIONS = ["embed", "classify"]  # the gRPC API has no class management
 
 
@@ -195,6 +195,10 @@ def test_role_namespace_transport_matrix(
             "classify": lambda: http.post("/v1/classify", params=params, files=files),
             "list": lambda: http.get("/v1/classes", params=params),
             "get": lambda: http.get("/v1/classes/seed", params=params),
+            "image": lambda: http.get(
+                f"/v1/classes/seed/examples/{core.get_class(namespace, 'seed').example_ids[0]}/image",
+                params=params,
+            ),
             "add": lambda: http.post(f"/v1/classes/{label}/examples", params=params, files=files),
             "delete": lambda: http.delete(f"/v1/classes/{label}", params=params),
         }[operation]()
@@ -205,6 +209,8 @@ def test_role_namespace_transport_matrix(
                 core.get_class(namespace, label)
         if operation == "add":
             assert core.get_class(namespace, label).count == 1
+        if operation == "image":
+            assert response.headers["content-type"] == "image/png"
         return
     assert response.status_code == 403, response.text
     body = response.json()

@@ -61,7 +61,7 @@ CLASSES = [f"c{i}" for i in range(7)]  # more than the default top_k of 5
 @dataclass(frozen=True)
 class Case:
     id: str
-    op: str  # classify | add | list | get | delete | delete_example
+    op: str  # classify | add | list | get | delete | delete_example | image
     expected: Code
     namespace: str = "parity"
     label: str = "c0"
@@ -117,6 +117,13 @@ CASES = [
     Case("namespace '..'", "classify", Code.INVALID_ARGUMENT, namespace=".."),
     Case("namespace '.' (add)", "add", Code.INVALID_ARGUMENT, namespace="."),
     Case("dots inside a name are fine", "add", Code.OK, label="v1.2..x"),
+    # The stored image of an example (REST only): the same checks as the class's other routes.
+    Case("stored image", "image", Code.OK),
+    Case("unknown example (image)", "image", Code.NOT_FOUND, example_id="999"),
+    Case("unknown class (image)", "image", Code.NOT_FOUND, label="nope"),
+    Case("example id too long (image)", "image", Code.INVALID_ARGUMENT, example_id="9" * 129),
+    Case("example id not UTF-8 (image)", "image", Code.INVALID_ARGUMENT, example_id="1\udcfe"),
+    Case("label '..' (image)", "image", Code.INVALID_ARGUMENT, label=".."),
 ]
 
 
@@ -172,6 +179,8 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
         return http.get(f"{label}{query}")
     if case.op == "delete":
         return http.delete(f"{label}{query}")
+    if case.op == "image":
+        return http.get(f"{label}/examples/{path_segment(case.example_id)}/image{query}")
     return http.delete(f"{label}/examples/{path_segment(case.example_id)}{query}")
 
 
@@ -185,6 +194,7 @@ def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
         "get": lambda: core.get_class(case.namespace, case.label),
         "delete": lambda: core.delete_class(case.namespace, case.label),
         "delete_example": lambda: core.delete_example(case.namespace, case.label, case.example_id),
+        "image": lambda: core.example_image(case.namespace, case.label, case.example_id),
     }
     try:
         calls[case.op]()
