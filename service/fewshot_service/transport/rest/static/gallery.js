@@ -92,6 +92,12 @@ const Gallery = (() => {
     const path = `${ctx.classPath(label)}/examples/${encodeURIComponent(exampleId)}/image`;
     try {
       const response = await fetch(`../v1/${path}?${query}`, { headers });
+      if (response.status === 429 && observer) {
+        // The key's rate limit: ask again after Retry-After, if the tile is still in view then.
+        const wait = Math.min(30, Number(response.headers.get("Retry-After")) || 1);
+        setTimeout(() => tile.isConnected && observer.observe(tile), wait * 1000);
+        return;
+      }
       if (response.status === 404) {
         remember(key, ""); // stored without an image (--no-store-images)
         return show(tile, "");
