@@ -153,6 +153,23 @@ def test_stored_copies_carry_no_gps_exif_or_comment(fmt: str) -> None:
     assert np.array_equal(np.asarray(copy.convert("RGB")), np.asarray(original.convert("RGB")))
 
 
+def test_a_scaled_down_copy_carries_no_comment_or_profile() -> None:
+    """Over the stored bounds the copy is re-encoded from pixels; Pillow would carry a JPEG's
+    comment over into the new file unless the copy drops it."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out = io.BytesIO()
+    Image.new("RGB", (900, 600), (10, 120, 200)).save(
+        out, format="JPEG", comment=b"secret comment", icc_profile=icc, quality=90
+    )
+    stored = bounded_copy(out.getvalue())
+    copy = Image.open(io.BytesIO(stored))
+    assert copy.size == (576, 384)
+    assert b"secret" not in stored and b"ICC_PROFILE" not in stored
+    assert not {"comment", "icc_profile", "exif"} & set(copy.info)
+
+
 # -- over a real server -------------------------------------------------------------------------
 
 
