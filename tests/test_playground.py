@@ -409,3 +409,39 @@ def test_gallery_loads_images_lazily(stack: ServerStack, redis_url: str, browser
     assert len(after) < 200, len(after)  # the tiles scrolled past were never in view
     assert len(after) == len(set(after))  # and none was fetched twice
     assert csp_violations(browser) == []
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(
+    private_redis, tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerStack]:
+    from test_access import write_key_file
+
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys.toml"
+    write_key_file(key_file, {"reader": ("gallery-reader-key", "read", ["default"])})
+    settings = stack_settings(
+        tiny_model_path, private_redis.url, redis_key_prefix="gallery-keys", api_keys=key_file
+    )
+    with ServerStack(settings) as running:
+        yield running
+
+
+def test_gallery_fetches_images_with_the_api_key(keyed_stack: ServerStack, browser: WebDriver) -> None:
+    """An <img src> cannot carry the key: the page fetches each image with it and shows a blob."""
+    assert keyed_stack.core is not None
+    keyed_stack.core.add_examples(None, "kept", [tiny_png(1), tiny_png(2)])
+    base = f"http://127.0.0.1:{keyed_stack.http_port}"
+    assert httpx.get(base + "/v1/classes/kept/examples/1/image").status_code == 401
+    browser.get(base + "/ui/")
+    browser.find_element(By.ID, "api-key-input").send_keys("gallery-reader-key")
+    browser.find_element(By.CSS_SELECTOR, "#settings-form button").click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, '.class-card[data-label="kept"] .gallery-tile img')) == 2
+        )
+    )
+    sources = browser.execute_script(
+        "return [...document.querySelectorAll('.gallery-tile img')].map(i => i.src)"
+    )
+    assert all(src.startswith("blob:") for src in sources), sources
+    assert csp_violations(browser) == []
