@@ -10,7 +10,7 @@ TEST_VENV := .venv
 # file is newer than all of them.
 SERVE_STAMP := $(SERVE_VENV)/.installed
 SERVE_SOURCES := pyproject.toml constraints.txt README.md $(shell find service trainer -type f \
-	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/__pycache__/*')
+	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' -o -name '*.ico' -o -name '*.svg' \) -not -path '*/__pycache__/*')
 
 $(SERVE_STAMP): $(SERVE_SOURCES)
 	$(PYTHON) -m venv $(SERVE_VENV)
