@@ -660,14 +660,17 @@ def test_a_non_loopback_bind_without_tls_warns_at_start(
     open_bind = Settings(host="0.0.0.0", allow_unauthenticated=True).plain_http_warning()
     assert open_bind is not None and "API keys" not in open_bind
 
-    settings = stack_settings(tiny_model_path, redis_url, api_keys=keys).model_copy(update={"host": "0.0.0.0"})
+    settings = stack_settings(tiny_model_path, redis_url, api_keys=keys).model_copy(
+        update={"host": "0.0.0.0"}
+    )
     with caplog.at_level("WARNING", logger="fewshot_service.app"), ServerStack(settings):
         pass
     [warning] = [r.getMessage() for r in caplog.records if "plain HTTP" in r.getMessage()]
     assert "0.0.0.0" in warning and "API keys" in warning and "--tls-cert" in warning
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fewshot_service.app"), ServerStack(
-        stack_settings(tiny_model_path, redis_url, api_keys=keys)
+    with (
+        caplog.at_level("WARNING", logger="fewshot_service.app"),
+        ServerStack(stack_settings(tiny_model_path, redis_url, api_keys=keys)),
     ):
         pass
     assert not [r for r in caplog.records if "plain HTTP" in r.getMessage()]

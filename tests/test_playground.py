@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,7 +84,8 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
+    # CSP violations land in "browser"; every request the page makes in "performance".
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     # An explicit driver path: Selenium Manager never tries to download one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
@@ -237,6 +240,44 @@ def test_redoc_renders_the_api_from_local_assets(stack: ServerStack, browser: We
     browser.get(f"http://127.0.0.1:{stack.http_port}/redoc")
     wait_for(browser, "body", "/v1/classify")  # ReDoc's bundle ran and rendered the operations
     assert csp_violations(browser) == []
+
+
+def requested_urls(driver: WebDriver) -> list[str]:
+    """Every URL the browser asked for since the last call (DevTools' network events)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("page", "rendered"), [("/ui/", "#model-info"), ("/docs", ".opblock"), ("/redoc", "[role=menuitem]")]
+)
+def test_pages_load_nothing_from_another_host(
+    stack: ServerStack, browser: WebDriver, page: str, rendered: str
+) -> None:
+    """Offline-ready and private: the page, its scripts, styles, images (ReDoc's logo too) and icon
+    all come from this server; no element points a src at another host."""
+    base = f"http://127.0.0.1:{stack.http_port}"
+    requested_urls(browser)  # drained: the browser's own start page is not this one's
+    browser.get(base + page)
+    wait_for(browser, rendered)
+    time.sleep(1)  # images a rendered page draws after its first paint (ReDoc's logo was one)
+    urls = requested_urls(browser)
+    assert any(u.endswith(".js") for u in urls), urls
+    elsewhere = [u for u in urls if not u.startswith((base + "/", "data:", "blob:", "chrome:"))]
+    assert elsewhere == [], elsewhere
+    sources = browser.execute_script(
+        "return [...document.querySelectorAll('[src], link[href]')].map(e => e.src || e.href)"
+    )
+    assert [u for u in sources if re.match(r"https?://", u) and not u.startswith(base + "/")] == []
+    favicon = browser.execute_script(
+        "const l = document.querySelector('link[rel~=icon]'); return l && l.href"
+    )
+    assert favicon and favicon.startswith(base + "/"), favicon
+    assert httpx.get(favicon).status_code == 200
 
 
 @pytest.mark.parametrize("page", ["/ui/", "/docs", "/v1/classes"])
@@ -425,7 +466,9 @@ def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
     assert httpx.get(base + "/v1/classes/blue stripes").json()["count"] == 6
     assert not browser.find_element(By.ID, "correct-form").is_displayed()  # added once
     # Its thumbnail is the query's, cached like any example added here.
-    assert len(browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="blue stripes"] .thumb img')) == 6
+    assert (
+        len(browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="blue stripes"] .thumb img')) == 6
+    )
 
     # Again, into a new class: the shot-quality warnings of the add are shown with it.
     browser.find_element(By.ID, "classify-files").send_keys(str(query))

@@ -77,7 +77,13 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(CountResponses)
     # On every answer, refusals included; Swagger UI and ReDoc keep their inline start-up script.
-    docs_paths = [DOCS_URL, REDOC_URL, app.swagger_ui_oauth2_redirect_url or DOCS_URL, DOCS_ASSETS_URL + "/", api_docs.REDOC_ASSETS_URL + "/"]
+    docs_paths = [
+        DOCS_URL,
+        REDOC_URL,
+        app.swagger_ui_oauth2_redirect_url or DOCS_URL,
+        DOCS_ASSETS_URL + "/",
+        api_docs.REDOC_ASSETS_URL + "/",
+    ]
     app.add_middleware(SecurityHeaders, ui_prefix=ui.UI_PREFIX, docs_paths=docs_paths)
     app.add_middleware(AccessLog, routes=app.router.routes)  # logs even a refused body
     app.add_middleware(RequestSpans)  # outermost: the access log line runs inside the request's span
