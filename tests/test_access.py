@@ -429,6 +429,8 @@ def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: 
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").json()["ready"] is True
         assert http.get("/docs").status_code == 200
+        for page in ("/redoc", "/redoc-assets/redoc.standalone.js", "/redoc-assets/logo.svg", "/favicon.ico"):
+            assert http.get(page).status_code == 200, page
         assert http.get("/openapi.json").status_code == 200
         assert http.get("/metrics").status_code == 401
     with secure_server.http(secure_server.keys["read-a"]) as http:
