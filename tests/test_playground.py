@@ -35,6 +35,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 30
 GREEN, AMBER = "rgba(22, 163, 74, 1)", "rgba(217, 119, 6, 1)"  # style.css --top, --amber
 PHONE, DESKTOP = (390, 844), (1280, 800)
+CLASS_ROWS = "#results .prediction:not(.unknown-row)"  # one per predicted class
 MIN_TARGET_PX = 24  # WCAG 2.2's minimum target size: a finger must hit every control
 
 
@@ -139,7 +140,7 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
 
     browser.find_element(By.ID, "classify-files").send_keys(str(query))
     top = wait_for(browser, "#results .prediction .label")
-    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .prediction .label")]
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{CLASS_ROWS} .label")]
     assert top.text == "red discs", labels
     assert sorted(labels) == ["blue stripes", "red discs"]
     browser.save_screenshot(str(tmp_path / "playground.png"))
@@ -434,7 +435,7 @@ def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
     wait_for(browser, "#results .prediction .label")
     assert not browser.find_element(By.ID, "banner").is_displayed()  # "Added ..." was the last step's
     # Each prediction's confidence is on the page as a percentage, beside its score.
-    rows = browser.find_elements(By.CSS_SELECTOR, "#results .prediction")
+    rows = browser.find_elements(By.CSS_SELECTOR, CLASS_ROWS)
     assert len(rows) == len(answer["results"][0]) == 3
     for row, prediction in zip(rows, answer["results"][0], strict=True):
         assert row.find_element(By.CSS_SELECTOR, ".label").get_attribute("title") == prediction["label"]
@@ -442,6 +443,15 @@ def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
         shown = row.find_element(By.CSS_SELECTOR, ".confidence").text
         assert re.fullmatch(r"\d+(\.\d)?%", shown), shown
         assert abs(float(shown[:-1]) / 100 - prediction["confidence"]) <= 0.005, (shown, prediction)
+    unknown_rows = browser.find_elements(By.CSS_SELECTOR, "#results .prediction.unknown-row")
+    if "unknown_probability" in answer:  # a row of its own when the server gives it
+        [row] = unknown_rows
+        shown = row.find_element(By.CSS_SELECTOR, ".confidence").text
+        probability = answer["unknown_probability"]
+        probability = probability[0] if isinstance(probability, list) else probability
+        assert abs(float(shown[:-1]) / 100 - probability) <= 0.005, (shown, probability)
+    else:
+        assert unknown_rows == []
 
     # Every control on screen and tappable, at both sizes (the screenshots of docs/ are these).
     layout = assert_fits(browser, DESKTOP)
