@@ -473,6 +473,10 @@ def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
     browser.find_element(By.ID, "correct-button").click()
     wait_for(browser, '.class-card[data-label="blue stripes"] .count', "6 examples")
     wait_for(browser, "#banner", '"blue stripes" (now 6 examples)')
+    # The message stays in view where the page has scrolled to (on a phone the form is a screen down).
+    assert browser.execute_script("return window.scrollY") > 0
+    top = browser.execute_script("return document.getElementById('banner').getBoundingClientRect().top")
+    assert 0 <= top < PHONE[1] / 2, top
     assert httpx.get(base + "/v1/classes/blue stripes").json()["count"] == 6
     assert not browser.find_element(By.ID, "correct-form").is_displayed()  # added once
     # Its thumbnail is the query's, cached like any example added here.
@@ -501,11 +505,10 @@ def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
     browser.find_element(By.ID, "correct-button").click()
     banner = wait_for(browser, "#banner.warn li")
     assert "duplicate" in banner.text.lower(), banner.text
-    browser.find_element(By.ID, "classify-files").send_keys(str(query))
-    wait_for(browser, "#correct-label")
+    assert_fits(browser, PHONE)  # with the warnings' banner too
+    browser.find_element(By.CSS_SELECTOR, "#banner .banner-close").click()
     assert not browser.find_element(By.ID, "banner").is_displayed()
 
-    assert_fits(browser, PHONE)  # with the warnings' banner too
     assert csp_violations(browser) == []
 
     # An answer that carries the probability of "none of these" (`unknown_probability`, one per

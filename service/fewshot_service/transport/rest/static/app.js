@@ -55,9 +55,13 @@ function showError(error) {
 }
 
 // One message at a time; `details` (e.g. shot-quality warnings) as a list under it.
+// It stays in view while the page scrolls (sticky): on a phone the form that caused it may be
+// a screen away. Dismissed with its x, or replaced by the next message.
 function banner(text, kind = "info", details = []) {
   const element = $("banner");
-  element.textContent = text;
+  const message = document.createElement("div");
+  message.className = "banner-text";
+  message.textContent = text;
   if (details.length) {
     const list = document.createElement("ul");
     for (const line of details) {
@@ -65,8 +69,16 @@ function banner(text, kind = "info", details = []) {
       item.textContent = line;
       list.append(item);
     }
-    element.append(list);
+    message.append(list);
   }
+  const close = document.createElement("button");
+  close.type = "button";
+  close.className = "banner-close";
+  close.title = "Dismiss";
+  close.setAttribute("aria-label", "Dismiss");
+  close.textContent = "×";
+  close.addEventListener("click", () => banner(""));
+  element.replaceChildren(message, close);
   element.className = `banner ${kind}`;
   element.hidden = !text;
 }
