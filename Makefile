@@ -3,14 +3,14 @@ PYTHON ?= python3
 SERVE_VENV := .venv-serve
 TEST_VENV := .venv
 
-.PHONY: serve test lint format install-serve install-test install-browser install-containers
+.PHONY: serve keygen test lint format install-serve install-test install-browser install-containers
 
 # Serving install: no torch (the server never imports it). A regular (non-editable) install, so it
 # is redone when pyproject.toml or a packaged source file changes, and skipped otherwise: the stamp
 # file is newer than all of them.
 SERVE_STAMP := $(SERVE_VENV)/.installed
 SERVE_SOURCES := pyproject.toml constraints.txt README.md $(shell find service trainer -type f \
-	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' \) -not -path '*/__pycache__/*')
+	\( -name '*.py' -o -name '*.pyi' -o -name '*.lua' -o -name '*.yaml' -o -name '*.html' -o -name '*.js' -o -name '*.css' -o -name '*.ico' -o -name '*.svg' \) -not -path '*/__pycache__/*')
 
 $(SERVE_STAMP): $(SERVE_SOURCES)
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -20,8 +20,18 @@ $(SERVE_STAMP): $(SERVE_SOURCES)
 
 install-serve: $(SERVE_STAMP)
 
+# ARGS: flags for the command, e.g. make serve ARGS="--port 9000 --api-keys keys.toml"
+# (`fewshot serve --help` lists them all; each also has a FEWSHOT_* environment variable).
+ARGS ?=
+
 serve: install-serve
-	$(SERVE_VENV)/bin/fewshot serve
+	$(SERVE_VENV)/bin/fewshot serve $(ARGS)
+
+# make keygen ARGS="--name bot --role read --namespace team-a" >> keys.toml: only the TOML entry
+# reaches stdout (the install's output and the key itself go to stderr).
+keygen:
+	@$(MAKE) --no-print-directory install-serve >&2
+	@$(SERVE_VENV)/bin/fewshot keygen $(ARGS)
 
 # Test install: torch/torchvision pinned to a pair that imports together (timm needs torchvision).
 install-test:

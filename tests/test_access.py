@@ -435,6 +435,8 @@ def test_health_docs_and_reflection_stay_open_metrics_need_a_key(secure_server: 
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").json()["ready"] is True
         assert http.get("/docs").status_code == 200
+        for page in ("/redoc", "/redoc-assets/redoc.standalone.js", "/redoc-assets/logo.svg", "/favicon.ico"):
+            assert http.get(page).status_code == 200, page
         assert http.get("/openapi.json").status_code == 200
         assert http.get("/metrics").status_code == 401
     with secure_server.http(secure_server.keys["read-a"]) as http:
@@ -651,6 +653,35 @@ def test_protected_mode_defaults_to_loopback_and_refuses_open_networks(
     assert cli.main(["serve", "--model", str(tiny_model_path), "--host", "0.0.0.0"]) == 2
     message = capsys.readouterr().err
     assert "--allow-unauthenticated" in message and "--api-keys" in message
+
+
+def test_a_non_loopback_bind_without_tls_warns_at_start(
+    tiny_model_path: Path, redis_url: str, tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys make 0.0.0.0 the default bind: over plain HTTP those keys cross the network in clear,
+    so the start says so (a warning, not a refusal: a TLS-terminating proxy may guard it)."""
+    keys = tmp_path / "keys.toml"
+    write_key_file(keys, {"k": ("key-1", "read", ["*"])})
+    assert Settings(host="127.0.0.1", api_keys=keys).plain_http_warning() is None
+    tls = {"tls_cert": pki.server_cert, "tls_key": pki.server_key}
+    assert Settings(api_keys=keys, **tls).plain_http_warning() is None
+    open_bind = Settings(host="0.0.0.0", allow_unauthenticated=True).plain_http_warning()
+    assert open_bind is not None and "API keys" not in open_bind
+
+    settings = stack_settings(tiny_model_path, redis_url, api_keys=keys).model_copy(
+        update={"host": "0.0.0.0"}
+    )
+    with caplog.at_level("WARNING", logger="fewshot_service.app"), ServerStack(settings):
+        pass
+    [warning] = [r.getMessage() for r in caplog.records if "plain HTTP" in r.getMessage()]
+    assert "0.0.0.0" in warning and "API keys" in warning and "--tls-cert" in warning
+    caplog.clear()
+    with (
+        caplog.at_level("WARNING", logger="fewshot_service.app"),
+        ServerStack(stack_settings(tiny_model_path, redis_url, api_keys=keys)),
+    ):
+        pass
+    assert not [r for r in caplog.records if "plain HTTP" in r.getMessage()]
 
 
 def test_tls_files_go_together(pki: Pki) -> None:

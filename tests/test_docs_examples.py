@@ -41,6 +41,7 @@ EXPECTED_OUTPUT: dict[tuple[str, str], list[str]] = {
         r'"deleted_classes":1,',  # the namespace "shop" held one class
     ],
     ("README.md", "[result] = client.classify"): [r"^(True|False) (cat|dog) "],
+    ("docs/api.md", "added = client.add_examples(right, image)"): [r"^predicted (cat|dog) \d+%"],
     ("deploy/README.md", "fewshot keygen --name ingest-bot"): [
         r'name = "ingest-bot"',
         r'namespaces = \[\s*"\*",?\s*\]',

@@ -127,5 +127,16 @@ def test_api_docs_load_every_asset_from_this_server(http: httpx.Client, page: st
     assert len(urls) >= 2, html
     for url in urls:
         assert url.startswith("/") and not url.startswith("//"), f"{page} loads {url} from elsewhere"
-        assert http.get(url).status_code == 200, url
+        response = http.get(url)
+        assert response.status_code == 200, url
+        if url.endswith(".js"):  # nor does a script draw an image from elsewhere (ReDoc's logo did)
+            assert not re.search(r'src\s*:\s*"https?://', response.text), url
     assert not re.search(r"https?://", re.sub(r"<!--.*?-->", "", html, flags=re.S)), html
+
+
+def test_the_favicon_is_served(http: httpx.Client) -> None:
+    for url in ("/favicon.ico", "/ui/favicon.ico"):
+        response = http.get(url)
+        assert response.status_code == 200, url
+        assert Image.open(io.BytesIO(response.content)).format == "ICO"
+    assert '<link rel="icon" href="favicon.ico">' in http.get("/ui/").text

@@ -1,14 +1,19 @@
 """The /ui/ playground in a real headless Chromium (Debian's, through its chromedriver; nothing is
-downloaded): two classes from files, a classification with the right top label, deleting an
-example and a class, switching namespace. Screenshots land in the test's tmp dir."""
+downloaded): two classes from files, a classification with the right top label, correcting it
+(the image added to another class), deleting an example and a class, switching namespace, and the
+layout on a 390x844 phone and a desktop. Screenshots land in the test's tmp dir; docs/development.md
+says how to refresh the checked-in ones (docs/playground.png, docs/playground-phone.png)."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import io
+import json
+import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +34,10 @@ from conftest import REPO_ROOT, stack_settings
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 30
+GREEN, AMBER = "rgba(22, 163, 74, 1)", "rgba(217, 119, 6, 1)"  # style.css --top, --amber
+PHONE, DESKTOP = (390, 844), (1280, 800)
+CLASS_ROWS = "#results .prediction:not(.unknown-row)"  # one per predicted class
+MIN_TARGET_PX = 24  # WCAG 2.2's minimum target size: a finger must hit every control
 
 
 def red_discs(path: Path, seed: int) -> Path:
@@ -77,7 +86,8 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
+    # CSP violations land in "browser"; every request the page makes in "performance".
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     # An explicit driver path: Selenium Manager never tries to download one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
@@ -137,7 +147,7 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
 
     browser.find_element(By.ID, "classify-files").send_keys(str(query))
     top = wait_for(browser, "#results .prediction .label")
-    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .prediction .label")]
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{CLASS_ROWS} .label")]
     assert top.text == "red discs", labels
     assert sorted(labels) == ["blue stripes", "red discs"]
     browser.save_screenshot(str(tmp_path / "playground.png"))
@@ -155,6 +165,10 @@ def test_playground_creates_two_classes_from_files_and_classifies_an_image(
         wait_for(browser, "#results .prediction .label")  # this image's answer, not the last one
         shown = browser.find_elements(By.CSS_SELECTOR, "#results .unknown")
         assert bool(shown) == answer["unknown"][0], (image.name, answer)
+        # The top bar is green for an answer, amber when the image is flagged unknown.
+        top_fill = browser.find_element(By.CSS_SELECTOR, "#results .prediction.top .fill")
+        colour = top_fill.value_of_css_property("background-color")
+        assert colour == (AMBER if answer["unknown"][0] else GREEN), (image.name, colour)
 
     # The page used the public API: the server holds what the page shows.
     listed = httpx.get(base + "/v1/classes").json()["classes"]
@@ -241,6 +255,44 @@ def test_redoc_renders_the_api_from_local_assets(stack: ServerStack, browser: We
     browser.get(f"http://127.0.0.1:{stack.http_port}/redoc")
     wait_for(browser, "body", "/v1/classify")  # ReDoc's bundle ran and rendered the operations
     assert csp_violations(browser) == []
+
+
+def requested_urls(driver: WebDriver) -> list[str]:
+    """Every URL the browser asked for since the last call (DevTools' network events)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("page", "rendered"), [("/ui/", "#model-info"), ("/docs", ".opblock"), ("/redoc", "[role=menuitem]")]
+)
+def test_pages_load_nothing_from_another_host(
+    stack: ServerStack, browser: WebDriver, page: str, rendered: str
+) -> None:
+    """Offline-ready and private: the page, its scripts, styles, images (ReDoc's logo too) and icon
+    all come from this server; no element points a src at another host."""
+    base = f"http://127.0.0.1:{stack.http_port}"
+    requested_urls(browser)  # drained: the browser's own start page is not this one's
+    browser.get(base + page)
+    wait_for(browser, rendered)
+    time.sleep(1)  # images a rendered page draws after its first paint (ReDoc's logo was one)
+    urls = requested_urls(browser)
+    assert any(u.endswith(".js") for u in urls), urls
+    elsewhere = [u for u in urls if not u.startswith((base + "/", "data:", "blob:", "chrome:"))]
+    assert elsewhere == [], elsewhere
+    sources = browser.execute_script(
+        "return [...document.querySelectorAll('[src], link[href]')].map(e => e.src || e.href)"
+    )
+    assert [u for u in sources if re.match(r"https?://", u) and not u.startswith(base + "/")] == []
+    favicon = browser.execute_script(
+        "const l = document.querySelector('link[rel~=icon]'); return l && l.href"
+    )
+    assert favicon and favicon.startswith(base + "/"), favicon
+    assert httpx.get(favicon).status_code == 200
 
 
 @pytest.mark.parametrize("page", ["/ui/", "/docs", "/v1/classes"])
@@ -445,3 +497,181 @@ def test_gallery_fetches_images_with_the_api_key(keyed_stack: ServerStack, brows
     )
     assert all(src.startswith("blob:") for src in sources), sources
     assert csp_violations(browser) == []
+
+
+# Every visible control, whatever panel it is in (panels added later are covered too): inside the
+# viewport horizontally, and tall enough to tap. Inline text links are exempt from the size rule.
+LAYOUT_SCRIPT = """
+const width = document.documentElement.clientWidth;
+const controls = [], outside = [], small = [];
+for (const el of document.querySelectorAll('button, input, select, textarea, a, label.button')) {
+  const r = el.getBoundingClientRect();
+  const style = getComputedStyle(el);
+  if (!r.width || !r.height || style.visibility === 'hidden') continue;
+  const name = el.id || el.className || el.textContent.trim().slice(0, 20) || el.tagName;
+  controls.push(name);
+  if (r.left < -0.5 || r.right > width + 0.5) outside.push([name, r.left, r.right]);
+  if (el.tagName !== 'A' && el.type !== 'file' && r.height < arguments[0]) small.push([name, r.height]);
+}
+const results = document.getElementById('results').getBoundingClientRect().width;
+const bars = [...document.querySelectorAll('#results .prediction .bar')].map(b => b.getBoundingClientRect());
+return {
+  width, innerWidth: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
+  controls, outside, small, results,
+  bars: bars.map(r => [r.width, r.height]),
+};
+"""
+
+
+def set_viewport(driver: WebDriver, size: tuple[int, int], *, mobile: bool) -> None:
+    """Emulate the screen (as DevTools' device mode does): the meta viewport applies on `mobile`."""
+    width, height = size
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile},
+    )
+    driver.execute_script("window.scrollTo(0, 0)")
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script("return window.innerWidth") == width)
+
+
+def assert_fits(driver: WebDriver, size: tuple[int, int]) -> dict:
+    layout = driver.execute_script(LAYOUT_SCRIPT, MIN_TARGET_PX)
+    assert layout["innerWidth"] == size[0], layout
+    assert layout["scrollWidth"] <= layout["width"], f"sideways scroll at {size}: {layout}"
+    assert len(layout["controls"]) >= 10, layout  # the page's controls were found
+    assert layout["outside"] == [], f"controls off screen at {size}: {layout['outside']}"
+    assert layout["small"] == [], f"controls too small to tap at {size}: {layout['small']}"
+    # Score bars span most of the answer, readable on a phone (they were 20 px pills).
+    assert layout["bars"], layout
+    for bar_width, bar_height in layout["bars"]:
+        assert bar_width >= 0.5 * layout["results"] and bar_width >= 150, layout
+        assert bar_height >= 8, layout
+    # The key field and its button are on the first screen, without scrolling.
+    for element_id in ("namespace-input", "api-key-input"):
+        box = driver.find_element(By.ID, element_id).rect
+        assert box["y"] + box["height"] <= size[1], (element_id, box)
+    use = driver.find_element(By.CSS_SELECTOR, "#settings-form button").rect
+    assert use["y"] + use["height"] <= size[1] and use["x"] + use["width"] <= size[0], use
+    return layout
+
+
+def small_screenshot(driver: WebDriver, path: Path) -> Path:
+    """The viewport as a 64-colour PNG: small enough to check in (the page has few colours)."""
+    raw = path.with_suffix(".raw.png")
+    driver.save_screenshot(str(raw))
+    Image.open(raw).convert("RGB").quantize(64).save(path, optimize=True)
+    raw.unlink()
+    return path
+
+
+def test_playground_corrects_an_answer_and_fits_a_phone_and_a_desktop(
+    stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{stack.http_port}"
+    long_label = "a class whose label is far too long to fit on one line of a phone screen at all"
+    with httpx.Client(base_url=base) as client:  # added elsewhere: a long label in the list
+        for i in range(2):
+            image = blue_stripes(tmp_path / f"long{i}.png", i + 5)
+            client.post(
+                f"/v1/classes/{long_label}/examples", files=[("files", (image.name, image.read_bytes()))]
+            ).raise_for_status()
+    browser.get(base + "/ui/")
+    set_viewport(browser, DESKTOP, mobile=False)
+    wait_for(browser, "#model-info", stack.core.model_id)
+    add_class(browser, "red discs", [red_discs(tmp_path / f"red{i}.png", i) for i in range(5)])
+    add_class(browser, "blue stripes", [blue_stripes(tmp_path / f"blue{i}.png", i) for i in range(5)])
+    title = browser.find_element(By.CSS_SELECTOR, f'.class-card[data-label="{long_label}"] .class-label')
+    assert title.get_attribute("title") == long_label  # cut with an ellipsis: the whole label on hover
+    wait_for(browser, "#banner", 'Added 5 example(s) to new class "blue stripes"')
+
+    query = red_discs(tmp_path / "query.png", 7)
+    with query.open("rb") as handle:
+        answer = httpx.post(base + "/v1/classify?top_k=5", files={"files": (query.name, handle)}).json()
+    browser.find_element(By.ID, "classify-files").send_keys(str(query))
+    wait_for(browser, "#results .prediction .label")
+    assert not browser.find_element(By.ID, "banner").is_displayed()  # "Added ..." was the last step's
+    # Each prediction's confidence is on the page as a percentage, beside its score.
+    rows = browser.find_elements(By.CSS_SELECTOR, CLASS_ROWS)
+    assert len(rows) == len(answer["results"][0]) == 3
+    for row, prediction in zip(rows, answer["results"][0], strict=True):
+        assert row.find_element(By.CSS_SELECTOR, ".label").get_attribute("title") == prediction["label"]
+        assert row.find_element(By.CSS_SELECTOR, ".score").text == f"{prediction['score']:.3f}"
+        shown = row.find_element(By.CSS_SELECTOR, ".confidence").text
+        assert re.fullmatch(r"\d+(\.\d)?%", shown), shown
+        assert abs(float(shown[:-1]) / 100 - prediction["confidence"]) <= 0.005, (shown, prediction)
+    unknown_rows = browser.find_elements(By.CSS_SELECTOR, "#results .prediction.unknown-row")
+    if "unknown_probability" in answer:  # a row of its own when the server gives it
+        [row] = unknown_rows
+        shown = row.find_element(By.CSS_SELECTOR, ".confidence").text
+        probability = answer["unknown_probability"]
+        probability = probability[0] if isinstance(probability, list) else probability
+        assert abs(float(shown[:-1]) / 100 - probability) <= 0.005, (shown, probability)
+    else:
+        assert unknown_rows == []
+
+    # Every control on screen and tappable, at both sizes (the screenshots of docs/ are these).
+    layout = assert_fits(browser, DESKTOP)
+    small_screenshot(browser, tmp_path / "playground.png")
+    set_viewport(browser, PHONE, mobile=True)
+    phone = assert_fits(browser, PHONE)
+    assert set(layout["controls"]) == set(phone["controls"])  # nothing hidden away on the phone
+    small_screenshot(browser, tmp_path / "playground-phone.png")
+    for name in ("playground.png", "playground-phone.png"):
+        assert 5_000 < (tmp_path / name).stat().st_size < 150_000, name
+
+    # Correct-and-add (on the phone): prefilled with the predicted class; corrected to another,
+    # that class grows by one.
+    correct = wait_for(browser, "#correct-label")
+    assert correct.get_attribute("value") == answer["results"][0][0]["label"]
+    correct.clear()
+    correct.send_keys("blue stripes")
+    assert "existing class" in browser.find_element(By.ID, "correct-hint").text
+    browser.find_element(By.ID, "correct-button").click()
+    wait_for(browser, '.class-card[data-label="blue stripes"] .count', "6 examples")
+    wait_for(browser, "#banner", '"blue stripes" (now 6 examples)')
+    # The message stays in view where the page has scrolled to (on a phone the form is a screen down).
+    assert browser.execute_script("return window.scrollY") > 0
+    top = browser.execute_script("return document.getElementById('banner').getBoundingClientRect().top")
+    assert 0 <= top < PHONE[1] / 2, top
+    assert httpx.get(base + "/v1/classes/blue stripes").json()["count"] == 6
+    assert not browser.find_element(By.ID, "correct-form").is_displayed()  # added once
+    # Its thumbnail is the query's, cached like any example added here.
+    assert (
+        len(browser.find_elements(By.CSS_SELECTOR, '.class-card[data-label="blue stripes"] .thumb img')) == 6
+    )
+
+    # Again, into a new class: the shot-quality warnings of the add are shown with it.
+    browser.find_element(By.ID, "classify-files").send_keys(str(query))
+    correct = wait_for(browser, "#correct-label")
+    correct.clear()
+    correct.send_keys("more red")
+    assert "new class" in browser.find_element(By.ID, "correct-hint").text
+    browser.find_element(By.ID, "correct-button").click()
+    wait_for(browser, '.class-card[data-label="more red"] .count', "1 example")
+    banner = wait_for(browser, "#banner", 'new class "more red"')
+    with query.open("rb") as handle:  # the same bytes again: a near duplicate of "more red"'s shot
+        again = httpx.post(
+            base + "/v1/classes/more red/examples", files={"files": (query.name, handle)}
+        ).json()
+    assert again["warnings"], again
+    browser.find_element(By.ID, "classify-files").send_keys(str(query))
+    correct = wait_for(browser, "#correct-label")
+    correct.clear()
+    correct.send_keys("more red")
+    browser.find_element(By.ID, "correct-button").click()
+    banner = wait_for(browser, "#banner.warn li")
+    assert "duplicate" in banner.text.lower(), banner.text
+    assert_fits(browser, PHONE)  # with the warnings' banner too
+    browser.find_element(By.CSS_SELECTOR, "#banner .banner-close").click()
+    assert not browser.find_element(By.ID, "banner").is_displayed()
+
+    assert csp_violations(browser) == []
+
+    # An answer that carries the probability of "none of these" (`unknown_probability`, one per
+    # image) shows it as a row of its own, amber like the flagged top bar.
+    browser.execute_script(
+        "renderResults(new File([''], 'x.png'), [{label: 'x', score: 0.41, confidence: 0.55}], true, 0.3)"
+    )
+    row = wait_for(browser, "#results .prediction.unknown-row")
+    assert row.find_element(By.CSS_SELECTOR, ".confidence").text == "30%"
+    assert row.find_element(By.CSS_SELECTOR, ".fill").value_of_css_property("background-color") == AMBER

@@ -217,6 +217,8 @@ class ServerStack:
         self._cleanup.callback(self.access.close)
         host = settings.host
         assert host is not None  # Settings fills it in (protected mode)
+        if (warning := settings.plain_http_warning()) is not None:
+            log.warning(warning)
 
         self._grpc, self.grpc_port = create_grpc_server(
             self.core,

@@ -353,6 +353,19 @@ class Settings(BaseSettings):
             return None
         return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
 
+    def plain_http_warning(self) -> str | None:
+        """Why this bind is readable by others on the network, or None: a non-loopback address
+        without TLS sends API keys (and every image) in clear text. Said at start, not refused: a
+        TLS-terminating proxy or a private network may guard it."""
+        if self.tls is not None or self.host is None or is_loopback(self.host):
+            return None
+        keys = "API keys, images and answers" if self.api_keys else "images and answers"
+        return (
+            f"listening on {self.host} over plain HTTP and gRPC: {keys} cross the network in clear "
+            "text. Pass --tls-cert and --tls-key (docs/security.md), or put a TLS-terminating proxy "
+            "in front and bind 127.0.0.1"
+        )
+
     @property
     def redis_data_dir(self) -> Path:
         return self.data_dir / "redis"

@@ -17,6 +17,7 @@ from ...core.core import FewShotCore
 from ...settings import DEFAULT_MAX_REQUEST_BYTES
 from ..access import AccessControl
 from . import (
+    api_docs,
     routes_bulk,
     routes_classes,
     routes_classify,
@@ -50,7 +51,7 @@ def create_app(
     # /docs and /redoc with Swagger UI and ReDoc served from a package, not a CDN: they work offline.
     app = FastAPIOffline(
         docs_url=DOCS_URL,
-        redoc_url=REDOC_URL,
+        redoc_url=None,  # api_docs serves ReDoc: its bundle's logo comes from this server too
         static_url=DOCS_ASSETS_URL,
         title="fewshot",
         version=__version__,
@@ -67,6 +68,7 @@ def create_app(
     app.include_router(routes_embed.router)
     app.include_router(routes_info.router)
     ui.install(app)
+    api_docs.install(app, REDOC_URL)
     install_security(app, access, cors_origins, allowed_hosts)  # API keys, Host and Origin rules
     # The last added wraps the others: a request meets CountResponses, then BodyLimit, then
     # RawClassPath, so even a refused body is counted and routing sees the raw path.
@@ -75,7 +77,13 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(CountResponses)
     # On every answer, refusals included; Swagger UI and ReDoc keep their inline start-up script.
-    docs_paths = [DOCS_URL, REDOC_URL, app.swagger_ui_oauth2_redirect_url or DOCS_URL, DOCS_ASSETS_URL + "/"]
+    docs_paths = [
+        DOCS_URL,
+        REDOC_URL,
+        app.swagger_ui_oauth2_redirect_url or DOCS_URL,
+        DOCS_ASSETS_URL + "/",
+        api_docs.REDOC_ASSETS_URL + "/",
+    ]
     app.add_middleware(SecurityHeaders, ui_prefix=ui.UI_PREFIX, docs_paths=docs_paths)
     app.add_middleware(AccessLog, routes=app.router.routes)  # logs even a refused body
     app.add_middleware(RequestSpans)  # outermost: the access log line runs inside the request's span

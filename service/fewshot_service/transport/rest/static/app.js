@@ -9,6 +9,8 @@ const $ = (id) => document.getElementById(id);
 const state = {
   namespace: localStorage.getItem(NS_STORE) || "",
   apiKey: sessionStorage.getItem(KEY_STORE) || "",
+  query: null, // the last classified image (a File): what correct-and-add uploads
+  predicted: [], // its predicted labels, best first
 };
 
 // --- API calls ---------------------------------------------------------------------------------
@@ -50,9 +52,31 @@ function showError(error) {
   banner(text, "error");
 }
 
-function banner(text, kind = "info") {
+// One message at a time; `details` (e.g. shot-quality warnings) as a list under it.
+// It stays in view while the page scrolls (sticky): on a phone the form that caused it may be
+// a screen away. Dismissed with its x, or replaced by the next message.
+function banner(text, kind = "info", details = []) {
   const element = $("banner");
-  element.textContent = text;
+  const message = document.createElement("div");
+  message.className = "banner-text";
+  message.textContent = text;
+  if (details.length) {
+    const list = document.createElement("ul");
+    for (const line of details) {
+      const item = document.createElement("li");
+      item.textContent = line;
+      list.append(item);
+    }
+    message.append(list);
+  }
+  const close = document.createElement("button");
+  close.type = "button";
+  close.className = "banner-close";
+  close.title = "Dismiss";
+  close.setAttribute("aria-label", "Dismiss");
+  close.textContent = "×";
+  close.addEventListener("click", () => banner(""));
+  element.replaceChildren(message, close);
   element.className = `banner ${kind}`;
   element.hidden = !text;
 }
@@ -60,10 +84,15 @@ function banner(text, kind = "info") {
 // --- classes -----------------------------------------------------------------------------------
 
 async function addExamples(label, files) {
-  if (!label || !files.length) return;
+  if (!label || !files.length) return null;
   const added = await api("POST", `${classPath(label)}/examples`, { files });
-  banner(`Added ${added.added_example_ids.length} example(s) to "${label}".`);
+  const n = added.added_example_ids.length;
+  const where = added.count === n ? `new class "${label}"` : `"${label}" (now ${added.count} examples)`;
+  // The server stores a flagged shot all the same: say why it may hurt, so it can be deleted.
+  const warnings = (added.warnings || []).map((w) => w.message);
+  banner(`Added ${n} example(s) to ${where}.`, warnings.length ? "warn" : "info", warnings);
   await refreshClasses();
+  return added;
 }
 
 // Classes come a page at a time (GET /v1/classes?limit&cursor&q): a namespace of thousands
@@ -130,6 +159,7 @@ function classCard(info) {
   const title = document.createElement("strong");
   title.className = "class-label";
   title.textContent = info.label;
+  title.title = info.label; // cut with an ellipsis when long: the whole label on hover
   const count = document.createElement("span");
   count.className = "count muted";
   count.textContent = `${info.count} example${info.count === 1 ? "" : "s"}`;
@@ -163,12 +193,24 @@ function classCard(info) {
 // --- classify ----------------------------------------------------------------------------------
 
 async function classify(file) {
+  banner(""); // an "Added ..." message belongs to the previous step
+  $("correct-form").hidden = true; // until this image has its answer
   const answer = await api("POST", "classify", { files: [file], params: { top_k: 5 } });
   // `unknown` runs parallel to `results`: one flag per image (calibrated on the namespace's shots).
-  renderResults(file, answer.results[0], Boolean(answer.unknown && answer.unknown[0]));
+  const unknown = Boolean(answer.unknown && answer.unknown[0]);
+  const unknownProbability = first(answer.unknown_probability);
+  renderResults(file, answer.results[0], unknown, unknownProbability);
+  state.query = file;
+  state.predicted = answer.results[0].map((p) => p.label);
+  offerCorrection();
 }
 
-function renderResults(file, predictions, unknown) {
+// A field per image (a list parallel to results) or a single number: the first image's value.
+const first = (value) => (Array.isArray(value) ? value[0] : value);
+
+const percent = (p) => `${(p * 100).toFixed(p < 0.1 ? 1 : 0)}%`;
+
+function renderResults(file, predictions, unknown, unknownProbability) {
   const container = $("results");
   container.replaceChildren();
   const preview = document.createElement("img");
@@ -183,8 +225,21 @@ function renderResults(file, predictions, unknown) {
     unknown.textContent = "unknown: none of the classes";
     list.append(unknown);
   }
-  for (const prediction of predictions) list.append(scoreBar(prediction));
+  if (unknown) list.classList.add("is-unknown"); // the top bar turns amber: it is probably wrong
+  predictions.forEach((prediction, i) => {
+    const row = scoreBar(prediction);
+    if (i === 0) row.classList.add("top");
+    list.append(row);
+  });
+  if (typeof unknownProbability === "number") list.append(unknownRow(unknownProbability));
   container.append(list);
+}
+
+function unknownRow(probability) {
+  const row = scoreBar({ label: "unknown (none of these)", score: probability, confidence: probability });
+  row.classList.add("unknown-row");
+  row.querySelector(".score").remove(); // a probability, not a cosine: one number
+  return row;
 }
 
 function scoreBar(prediction) {
@@ -193,20 +248,66 @@ function scoreBar(prediction) {
   const label = document.createElement("span");
   label.className = "label";
   label.textContent = prediction.label;
+  label.title = prediction.label;
   const bar = document.createElement("div");
   bar.className = "bar";
   const fill = document.createElement("div");
   fill.className = "fill";
   fill.style.width = `${Math.max(0, Math.min(1, prediction.score)) * 100}%`;
   bar.append(fill);
+  // The bar and the score are the cosine similarity; the confidence (a probability) is shown
+  // beside it as a percentage, not only in a tooltip.
+  const numbers = document.createElement("span");
+  numbers.className = "numbers";
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = prediction.score.toFixed(3);
+  score.title = "score: cosine similarity to the class";
+  numbers.append(score);
   if (typeof prediction.confidence === "number") {
-    score.title = `confidence ${(prediction.confidence * 100).toFixed(0)}%`;
+    const confidence = document.createElement("span");
+    confidence.className = "confidence";
+    confidence.textContent = percent(prediction.confidence);
+    confidence.title = "confidence: estimated probability that this is the right class";
+    numbers.append(confidence);
   }
-  row.append(label, bar, score);
+  row.append(label, numbers, bar);
   return row;
+}
+
+// --- correct-and-add ---------------------------------------------------------------------------
+
+// The last classified image, offered as an example of the predicted class (prefilled), another
+// class (suggested from the predictions and the listed classes) or a new one (typed).
+function offerCorrection() {
+  const known = new Set(state.predicted);
+  for (const card of document.querySelectorAll(".class-card")) known.add(card.dataset.label);
+  const options = [...known].map((label) => {
+    const option = document.createElement("option");
+    option.value = label;
+    return option;
+  });
+  $("known-labels").replaceChildren(...options);
+  $("correct-label").value = state.predicted[0] || "";
+  describeCorrection();
+  $("correct-form").hidden = false;
+}
+
+function describeCorrection() {
+  const label = $("correct-label").value.trim();
+  const known = [...$("known-labels").options].some((o) => o.value === label);
+  let hint = "";
+  if (label && label === state.predicted[0]) hint = "the predicted class: more shots of it";
+  else if (known) hint = "an existing class: a correction";
+  else if (label) hint = `a new class "${label}", unless one by that name exists`;
+  $("correct-hint").textContent = hint;
+}
+
+async function addQueryAsExample() {
+  const label = $("correct-label").value.trim();
+  if (!label || !state.query) return;
+  const added = await addExamples(label, [state.query]);
+  if (added) $("correct-form").hidden = true; // added once; classify again to add it elsewhere
 }
 
 // --- webcam ------------------------------------------------------------------------------------
@@ -274,6 +375,7 @@ function init() {
     banner("");
     Gallery.forget(); // ids of another namespace (or seen with another key) name other images
     $("results").replaceChildren();
+    $("correct-form").hidden = true; // the image was classified against the other namespace
     run(refreshClasses);
   });
 
@@ -290,7 +392,7 @@ function init() {
       await addExamples(label, pending);
       pending = [];
       $("add-files").value = "";
-      $("add-count").textContent = "Drop images or click to choose";
+      $("add-count").textContent = "Drop images or tap to choose";
     });
   });
 
@@ -302,6 +404,11 @@ function init() {
     const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
     if (file) run(() => classify(file));
   });
+  $("correct-label").addEventListener("input", describeCorrection);
+  $("correct-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    run(addQueryAsExample);
+  });
   $("webcam-button").addEventListener("click", () => run(startWebcam));
   $("snap-button").addEventListener("click", snapFrame);
 
@@ -309,5 +416,9 @@ function init() {
   loadInfo();
   run(refreshClasses);
 }
+
+// What add-on scripts (loaded after this one) build on: the API call with the page's key and
+// namespace, messages, and the class list to refresh after a change.
+window.fewshot = { api, classPath, banner, showError, run, state, refreshClasses };
 
 init();
