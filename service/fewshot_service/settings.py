@@ -287,7 +287,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=2.0,
         gt=0,
-        description="Redis timeout, seconds: a call's whole time in Redis, each command's wait included",
+        description="Redis connect/read timeout, seconds; the server also bounds each registry "
+        "operation's whole time in Redis by it",
     )
     log_level: LogLevel = Field(default="info", description="log level")
     # Tracing (docs/observability.md): off unless an endpoint is set here or in the environment.
