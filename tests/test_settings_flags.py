@@ -1,17 +1,20 @@
 """Every command's flags derive from one declared model (fewshot_common.settings_flags): ``fewshot
-serve`` from ``Settings`` (a BaseSettings: flags over environment over defaults), ``fewshot export``
-from ``ExportOptions`` (a plain model: flags over defaults, no environment)."""
+serve`` from ``Settings`` (a BaseSettings: flags over environment over defaults), the others
+(``export``, ``train``, ``keygen`` ...) from a plain model of their own (flags over defaults, no
+environment)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
 
-from fewshot_common import settings_flags
+from fewshot_common import cli, settings_flags
 
 
 class _Options(BaseModel):
@@ -76,3 +79,52 @@ def test_export_flags_come_from_its_options_with_the_former_defaults() -> None:
     assert options.output is None and options.arch is None and options.whiten_dim is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--arch", "no_such_arch"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.SUBCOMMANDS))
+def test_every_command_offers_exactly_the_flags_its_options_declare(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fewshot COMMAND --help``, as a user sees it: the usage names every declared flag (and
+    positional argument) and nothing else, and the help carries each field's description."""
+    options = importlib.import_module(cli.SUBCOMMANDS[command][0]).OPTIONS
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n", 1)[0]
+    names = settings_flags.option_strings(options)
+    assert set(re.findall(r"--[\w-]+", usage)) == {n for flags in names.values() for n in flags}
+    squeezed = "".join(out.split())
+    for field, info in options.model_fields.items():
+        flag = settings_flags.flag_of(info)
+        if flag.positional:
+            assert (flag.metavar or field) in usage.split(), field
+        assert info.description and "".join(info.description.split()) in squeezed, field
+
+
+def test_flags_that_name_repeat_or_stand_alone_as_declared(capsys: pytest.CaptureFixture[str]) -> None:
+    """``Flag``: another flag name, a repeated flag for a list, a positional argument; a required
+    field left out, or a refused value, exits 2 naming its flag."""
+
+    class _Command(BaseModel):
+        folder: Annotated[Path, settings_flags.Flag(positional=True, metavar="DIR")] = Field(description="in")
+        tags: Annotated[list[str], settings_flags.Flag(name="tag", repeat=True)] = Field(
+            [], description="tags"
+        )
+        name: str = Field(description="who")
+        count: int = Field(1, gt=0, description="how many")
+
+    parser = _parser(_Command)
+    parsed = parser.parse_args(["d", "--name", "n", "--tag", "a", "--tag", "b"])
+    assert settings_flags.model_from_args(_Command, parsed) == _Command(
+        folder=Path("d"), tags=["a", "b"], name="n"
+    )
+    for argv, message in (
+        (["d"], "test: error: --name: required"),
+        (["d", "--name", "n", "--count", "0"], "--count: Input should be greater than 0"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            settings_flags.options_or_exit(_Command, parser.parse_args(argv), "test")
+        assert exited.value.code == 2
+        assert message in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """The ``fewshot`` command. Each subcommand lives in its own module, imported only when chosen,
 so ``fewshot serve`` never imports torch and ``fewshot --help`` is instant.
 
-A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+A subcommand module provides ``OPTIONS``, the pydantic model that declares its options (flags,
+types, defaults and help derive from it: :mod:`fewshot_common.settings_flags`), and
+``run(args) -> int``. No command writes argparse by hand.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from fewshot_common import __version__
+from fewshot_common import __version__, settings_flags
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fewshot_service.cli.serve", "run the gRPC + REST inference server"),
@@ -46,15 +49,21 @@ def _top_level_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
+    """The parser of ``fewshot NAME``: its flags are those of the module's ``OPTIONS``."""
+    parser = argparse.ArgumentParser(prog=f"fewshot {name}", description=SUBCOMMANDS[name][1])
+    settings_flags.add_arguments(parser, module.OPTIONS)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS:
         _top_level_parser().parse_args(argv or ["--help"])
         return 2
     name, rest = argv[0], argv[1:]
-    module_name, help_text = SUBCOMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(SUBCOMMANDS[name][0])
     except ModuleNotFoundError as exc:
         if name in TRAIN_ONLY and exc.name in {"torch", "timm", "torchvision", "onnx"}:
             print(
@@ -63,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"fewshot {name}", description=help_text)
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    return int(module.run(command_parser(name, module).parse_args(rest)) or 0)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from . import settings_flags
 from .embedder import Embedder, InvalidModel
 from .fewshot_eval import check_class_sizes, evaluate_embeddings
 from .image_files import list_labelled_image_files
 from .plotting import PlottingUnavailable, load_pyplot
+from .settings_flags import Flag
 
 try:  # a progress bar where the training extras are installed; eval itself works without them
     from tqdm import tqdm
@@ -34,35 +38,31 @@ class EvalError(Exception):
     """The model or the data set cannot be evaluated; the message says why."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="an ONNX model from `fewshot export`")
-    parser.add_argument(
-        "--data",
-        required=True,
-        type=Path,
-        help="a folder with one sub-folder of images per class (e.g. tiny-imagenet/fewshot-dev)",
+class EvalOptions(BaseModel):
+    """Every option of ``fewshot eval``, declared once: its flags and help derive from it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Path = Field(description="an ONNX model from `fewshot export`")
+    data: Path = Field(
+        description="a folder with one sub-folder of images per class (e.g. tiny-imagenet/fewshot-dev)"
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object (last line) instead of a table"
+    # Not ``json``: a field of that name would shadow BaseModel.json.
+    as_json: Annotated[bool, Flag(name="json")] = Field(
+        False, description="print one JSON object (last line) instead of a table"
     )
-    parser.add_argument(
-        "--episodes", type=int, default=600, help="5-way episodes per shot count (default 600)"
+    episodes: int = Field(600, description="5-way episodes per shot count")
+    seed: int = Field(0, description="seed of the episode draws")
+    max_per_class: int | None = Field(
+        None, description="use only the first N images (in name order) of each class, for a quick check"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the episode draws (default 0)")
-    parser.add_argument(
-        "--max-per-class",
-        type=int,
-        help="use only the first N images (in name order) of each class, for a quick check",
+    batch_size: int = Field(64, description="images per ONNX Runtime call")
+    plot: Annotated[Path | None, Flag(metavar="FILE.png")] = Field(
+        None, description="also draw accuracy per class and the most confused class pairs into this PNG"
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="images per ONNX Runtime call (default 64)"
-    )
-    parser.add_argument(
-        "--plot",
-        type=Path,
-        metavar="FILE.png",
-        help="also draw accuracy per class and the most confused class pairs into this PNG",
-    )
+
+
+OPTIONS = EvalOptions
 
 
 def labelled_paths(root: Path, max_per_class: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -89,13 +89,13 @@ def embed_files(embedder: Embedder, paths: list[Path]) -> tuple[np.ndarray, np.n
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        return _run(settings_flags.options_or_exit(EvalOptions, args, "fewshot eval"))
     except (EvalError, InvalidModel, FileNotFoundError, ValueError, PlottingUnavailable) as exc:
         print(f"fewshot eval: {exc}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: EvalOptions) -> int:
     if args.batch_size < 1 or args.episodes < 1:
         raise EvalError("--batch-size and --episodes must be >= 1")
     if args.plot is not None:
@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         confusion = allway_confusion(embeddings, labels[readable], len(classes), seed=args.seed)
         write_eval_plot(confusion, classes, args.plot, title=f"{embedder.model_id} on {args.data}")
         summary["plot"] = str(args.plot)
-    if args.json:
+    if args.as_json:
         print(json.dumps(summary))
         return 0
     print(f"model  {embedder.model_id} ({embedder.embedding_dim}-d, {embedder.meta.embedding})")

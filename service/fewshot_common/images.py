@@ -102,8 +102,8 @@ def decode_image(
     applied; alpha is composited onto :data:`ALPHA_BACKGROUND`; 16-bit images are scaled to 8 bits.
 
     With ``min_short_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-    scaling) as long as its shorter side stays at least that long: a 12 MP photo then decodes
-    about 5x faster, and the model, which sees a few dozen pixels, cannot tell.
+    scaling) as long as its shorter side stays at least that long: libjpeg then skips most of the
+    inverse DCT work of a large photo, and the model, which sees a few dozen pixels, cannot tell.
 
     The rest of the decode budget is checked before decoding too: a JPEG's scan count (walked
     from its markers) and the decoded image's memory (size x bytes per pixel of its mode).

@@ -285,7 +285,12 @@ class Settings(BaseSettings):
     )
 
     # Redis client: short timeouts so a lost Redis answers 503 quickly instead of hanging.
-    redis_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect/read timeout, seconds")
+    redis_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Redis connect/read timeout, seconds; the server also bounds each registry "
+        "operation's whole time in Redis by it",
+    )
     log_level: LogLevel = Field(default="info", description="log level")
     # Tracing (docs/observability.md): off unless an endpoint is set here or in the environment.
     otlp_endpoint: str | None = Field(

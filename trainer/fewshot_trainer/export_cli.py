@@ -158,7 +158,11 @@ class ExportOptions(BaseModel):
     seed: int = Field(0, description="random init and centering sample")
 
 
+OPTIONS = ExportOptions
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags ``fewshot export`` parses, on another parser (tests)."""
     settings_flags.add_arguments(parser, ExportOptions)
 
 

@@ -5,37 +5,48 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fewshot_common.settings_flags import Flag, options_or_exit
 
 from .checkpoint import save_checkpoint
 from .importers import CheckpointImportError, read_source
 from .vit import ARCHS
 
+Arch = Literal[tuple(sorted(ARCHS))]  # type: ignore[valid-type]
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format",
-        required=True,
-        choices=("msn", "hf"),
-        help="msn: a .pth.tar from facebookresearch/msn; hf: a ViTMSNModel.save_pretrained folder",
+
+class ImportCheckpointOptions(BaseModel):
+    """Every option of ``fewshot import-checkpoint``, declared once: its flags derive from it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["msn", "hf"] = Field(
+        description="msn: a .pth.tar from facebookresearch/msn; hf: a ViTMSNModel.save_pretrained folder"
     )
-    parser.add_argument("source", type=Path, metavar="SRC", help="the checkpoint file (msn) or folder (hf)")
-    parser.add_argument("--output", required=True, type=Path, help="where to write the fewshot checkpoint")
-    parser.add_argument(
-        "--arch",
-        choices=sorted(ARCHS),
-        help="state the architecture (its head count above all) instead of inferring it; "
+    source: Annotated[Path, Flag(positional=True, metavar="SRC")] = Field(
+        description="the checkpoint file (msn) or folder (hf)"
+    )
+    output: Path = Field(description="where to write the fewshot checkpoint")
+    arch: Arch | None = Field(
+        None,
+        description="state the architecture (its head count above all) instead of inferring it; "
         "it must fit the weights' shapes",
     )
-    parser.add_argument(
-        "--encoder",
-        choices=("target", "anchor"),
-        default="target",
-        help="msn: which encoder becomes the one exported and served (default: the EMA target, "
+    encoder: Literal["target", "anchor"] = Field(
+        "target",
+        description="msn: which encoder becomes the one exported and served (the EMA target, "
         "as MSN evaluates; the released files hold only this one)",
     )
 
 
-def run(args: argparse.Namespace) -> int:
+OPTIONS = ImportCheckpointOptions
+
+
+def run(parsed: argparse.Namespace) -> int:
+    args = options_or_exit(ImportCheckpointOptions, parsed, "fewshot import-checkpoint")
     try:
         imported = read_source(args.format, args.source, arch=args.arch, role=args.encoder)
     except CheckpointImportError as exc:

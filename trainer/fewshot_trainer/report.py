@@ -13,9 +13,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
 
 from fewshot_common.plotting import PlottingUnavailable, load_pyplot
+from fewshot_common.settings_flags import Flag, options_or_exit
 
 METRICS_NAME = "metrics.jsonl"  # train.METRICS_NAME, not imported: that would import torch
 REPORT_NAME = "report.png"
@@ -108,12 +111,20 @@ def write_training_report(run_dir: Path, path: Path | None = None) -> Path:
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="the --output folder of a `fewshot train` run")
-    parser.add_argument("--output", type=Path, help=f"PNG to write (default RUN_DIR/{REPORT_NAME})")
+class ReportOptions(BaseModel):
+    """The options of ``fewshot report``: its flags derive from them."""
+
+    run_dir: Annotated[Path, Flag(positional=True, metavar="RUN_DIR")] = Field(
+        description="the --output folder of a `fewshot train` run"
+    )
+    output: Path | None = Field(None, description=f"PNG to write (default RUN_DIR/{REPORT_NAME})")
 
 
-def run(args: argparse.Namespace) -> int:
+OPTIONS = ReportOptions
+
+
+def run(parsed: argparse.Namespace) -> int:
+    args = options_or_exit(ReportOptions, parsed, "fewshot report")
     try:
         path = write_training_report(args.run_dir, args.output)
     except (FileNotFoundError, PlottingUnavailable) as exc:

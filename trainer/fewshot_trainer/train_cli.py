@@ -12,59 +12,66 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fewshot_common import settings_flags
+from fewshot_common.settings_flags import Flag
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import TrainConfig, deep_update, load_config, parse_overrides
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="folder of images (recursive)")
-    parser.add_argument("--output", type=Path, required=True, help="run folder: checkpoints, logs")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the arch's packaged one)")
-    parser.add_argument("--arch", help="model architecture, e.g. vit_tiny_p8_64")
-    parser.add_argument("--epochs", type=int, help="optimization.epochs")
-    parser.add_argument(
-        "--max-steps", type=int, help="stop after this many steps in all (schedules still span --epochs)"
+class TrainArgs(BaseModel):
+    """Every option of ``fewshot train``, declared once: its flags and help derive from it. The
+    config settings among them (``--epochs`` ...) are left out of the config when not given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: Path = Field(description="folder of images (recursive)")
+    output: Path = Field(description="run folder: checkpoints, logs")
+    config: Path | None = Field(None, description="YAML config (default: the arch's packaged one)")
+    arch: str | None = Field(None, description="model architecture, e.g. vit_tiny_p8_64")
+    epochs: int | None = Field(None, description="optimization.epochs")
+    max_steps: int | None = Field(
+        None, description="stop after this many steps in all (schedules still span --epochs)"
     )
-    parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
-    parser.add_argument(
-        "--resume", action="store_true", help=f"continue exactly from <output>/{CHECKPOINT_NAME}"
+    batch_size: int | None = Field(None, description="data.batch_size, per process")
+    resume: bool = Field(False, description=f"continue exactly from <output>/{CHECKPOINT_NAME}")
+    eval_dir: Path | None = Field(None, description="folder-per-class set for a per-epoch probe")
+    init: Path | None = Field(None, description="start from this checkpoint's weights")
+    seed: int | None = Field(None, description="seed")
+    workers: Annotated[int | Literal["auto"] | None, Flag(metavar="N|auto")] = Field(
+        None,
+        description="data.num_workers: loader processes, or auto (0 on a CPU, the spare cores on a GPU)",
     )
-    parser.add_argument("--eval-dir", type=Path, help="folder-per-class set for a per-epoch probe")
-    parser.add_argument("--init", type=Path, help="start from this checkpoint's weights")
-    parser.add_argument("--seed", type=int, help="seed")
-    parser.add_argument(
-        "--workers",
-        type=_workers,
-        metavar="N|auto",
-        help="data.num_workers: loader processes, or auto (0 on a CPU, the spare cores on a GPU)",
-    )
-    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (optimization.bf16)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any config setting, e.g. --set masking.ratio=0.6 --set "
+    bf16: bool | None = Field(None, description="bf16 autocast (optimization.bf16)")
+    progress: bool = Field(True, description="a progress bar")
+    settings: Annotated[list[str], Flag(name="set", repeat=True, metavar="SECTION.KEY=VALUE")] = Field(
+        [],
+        description="override any config setting, e.g. --set masking.ratio=0.6 --set "
         "'data.focal_scale=[0.05, 0.3]' (value read as YAML; applied after the flags above)",
     )
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        if value is None or value == "auto":
+            return value
+        try:
+            count = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            count = -1
+        if count < 0:
+            raise ValueError("must be >= 0 or auto")
+        return count
 
-def _workers(value: str) -> int | str:
-    if value == "auto":
-        return value
-    count = int(value)
-    if count < 0:
-        raise argparse.ArgumentTypeError("must be >= 0 or auto")
-    return count
+
+OPTIONS = TrainArgs
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_from_args(args: TrainArgs) -> dict[str, Any]:
     """The command-line flags as a nested config dict; flags not given are left out."""
     pairs = {
         ("optimization", "epochs"): args.epochs,
@@ -84,7 +91,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return deep_update(nested, parse_overrides(args.settings))
 
 
-def resolve_config(args: argparse.Namespace, resumed: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_config(args: TrainArgs, resumed: dict[str, Any] | None = None) -> TrainConfig:
     """The run's config; ``resumed`` is the checkpoint of a ``--resume`` run."""
     overrides = overrides_from_args(args)
     if resumed is not None:
@@ -95,9 +102,10 @@ def resolve_config(args: argparse.Namespace, resumed: dict[str, Any] | None = No
     return load_config(args.config, args.arch, overrides)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     from .train import TrainOptions, train
 
+    args = settings_flags.options_or_exit(TrainArgs, parsed, "fewshot train")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     checkpoint_path = args.output / CHECKPOINT_NAME
     if args.resume and not checkpoint_path.is_file():
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         resume_checkpoint=resumed,
         init=args.init,
         eval_dir=args.eval_dir,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     try:
         result = train(config, options)

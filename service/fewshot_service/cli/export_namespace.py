@@ -6,39 +6,35 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fewshot_common.errors import FewshotError
-from fewshot_common.settings_flags import add_arguments as add_model_arguments
+from fewshot_common.settings_flags import Flag, options_or_exit
 
 from .redis_options import RedisOptions, registry_from_args
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--namespace",
-        default="default",
-        help="the namespace to export (default: default)",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="the file to write (a zip)",
-    )
-    add_model_arguments(parser, RedisOptions)
+class ExportNamespaceOptions(RedisOptions):
+    namespace: str = Field("default", description="the namespace to export")
+    output: Annotated[Path, Flag(metavar="FILE")] = Field(description="the file to write (a zip)")
+
+
+OPTIONS = ExportNamespaceOptions
 
 
 def run(args: argparse.Namespace) -> int:
     from ..names import resolve_namespace
     from ..registry.backup import export_namespace
 
-    opened = registry_from_args(args, "export-namespace")
+    opened = registry_from_args(args, "export-namespace")  # first: a missing --redis-url is its message
     if opened is None:
         return 2
     registry, client = opened
     try:
-        summary = export_namespace(registry, resolve_namespace(args.namespace), args.output)
+        options = options_or_exit(ExportNamespaceOptions, args, "fewshot export-namespace")
+        summary = export_namespace(registry, resolve_namespace(options.namespace), options.output)
     except (FewshotError, RuntimeError) as exc:
         print(f"fewshot export-namespace: {exc}", file=sys.stderr)
         return 1
@@ -46,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         client.close()
     print(
         f"exported namespace {summary.namespace!r}: {summary.classes} classes, {summary.examples} "
-        f"examples, embeddings of {', '.join(summary.models) or 'no model'} -> {args.output}"
+        f"examples, embeddings of {', '.join(summary.models) or 'no model'} -> {options.output}"
     )
     return 0

@@ -16,21 +16,23 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from fewshot_common.image_files import list_labelled_image_files
-from fewshot_common.settings_flags import add_arguments as add_model_arguments
-from fewshot_common.settings_flags import model_from_args
+from fewshot_common.settings_flags import Flag, options_or_exit
 
 if TYPE_CHECKING:  # the client, through the server package's one door to it (package boundaries)
     from ..client import FewShotClient
 
 
 class ImportOptions(BaseModel):
+    dir: Annotated[Path, Flag(positional=True, metavar="DIR")] = Field(
+        description="one folder per class, named by its label"
+    )
     url: str = Field(default="http://localhost:8000", description="the server's REST URL")
     namespace: str = Field(default="", description="namespace to fill (empty: default)")
     batch: int = Field(
@@ -45,9 +47,7 @@ class ImportOptions(BaseModel):
     timeout_s: float = Field(default=300.0, gt=0, description="seconds one bulk request may take")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, metavar="DIR", help="one folder per class, named by its label")
-    add_model_arguments(parser, ImportOptions)
+OPTIONS = ImportOptions
 
 
 @dataclass
@@ -118,8 +118,8 @@ def import_dir(client: FewShotClient, root: Path, namespace: str, batch: int, pr
 def run(args: argparse.Namespace) -> int:
     from ..client import FewShotClient, errors
 
-    options = model_from_args(ImportOptions, args)
-    root: Path = args.dir
+    options = options_or_exit(ImportOptions, args, "fewshot import")
+    root = options.dir
     if not root.is_dir():
         print(f"fewshot import: {root} is not a folder", file=sys.stderr)
         return 2

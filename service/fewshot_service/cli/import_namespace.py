@@ -8,39 +8,39 @@ import argparse
 import sys
 import zipfile
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fewshot_common.errors import FewshotError
-from fewshot_common.settings_flags import add_arguments as add_model_arguments
+from fewshot_common.settings_flags import Flag, options_or_exit
 
 from .redis_options import RedisOptions, registry_from_args
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, metavar="FILE", help="a file of fewshot export-namespace")
-    parser.add_argument(
-        "--namespace",
-        default=None,
-        help="restore under this name (default: the exported one)",
+class ImportNamespaceOptions(RedisOptions):
+    file: Annotated[Path, Flag(positional=True, metavar="FILE")] = Field(
+        description="a file of fewshot export-namespace"
     )
-    parser.add_argument(
-        "--replace",
-        action="store_true",
-        help="overwrite the namespace if it holds classes",
-    )
-    add_model_arguments(parser, RedisOptions)
+    namespace: str | None = Field(None, description="restore under this name (default: the exported one)")
+    replace: bool = Field(False, description="overwrite the namespace if it holds classes")
+
+
+OPTIONS = ImportNamespaceOptions
 
 
 def run(args: argparse.Namespace) -> int:
     from ..names import resolve_namespace
     from ..registry.backup import import_namespace
 
-    opened = registry_from_args(args, "import-namespace")
+    opened = registry_from_args(args, "import-namespace")  # first: a missing --redis-url is its message
     if opened is None:
         return 2
     registry, client = opened
-    target = resolve_namespace(args.namespace) if args.namespace else None
     try:
-        summary = import_namespace(registry, args.file, target, replace=args.replace)
+        options = options_or_exit(ImportNamespaceOptions, args, "fewshot import-namespace")
+        target = resolve_namespace(options.namespace) if options.namespace else None
+        summary = import_namespace(registry, options.file, target, replace=options.replace)
     except (FewshotError, RuntimeError, OSError, zipfile.BadZipFile) as exc:
         print(f"fewshot import-namespace: {exc}", file=sys.stderr)
         return 1

@@ -20,9 +20,11 @@ from fewshot_common import settings_flags
 
 from ..settings import Settings
 
+OPTIONS = Settings  # one flag per field (fewshot_common.cli, fewshot_common.settings_flags)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`Settings` field (:mod:`fewshot_common.settings_flags`)."""
+    """The flags ``fewshot serve`` parses, on another parser (tests, embedding)."""
     settings_flags.add_arguments(parser, Settings)
 
 

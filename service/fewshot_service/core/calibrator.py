@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 # Examples per class used to calibrate (the calibration cost per namespace change is bounded).
 MAX_EXAMPLES_PER_CLASS = 64
 # Up to this many classes a namespace is calibrated from all of them, on the request that first
-# sees a new state (<= 256 x 64 examples x 256 classes: a few ms). Larger ones: sampled, background.
+# sees a new state (at most 256 x 64 examples against 256 classes: small enough to do inline).
+# Larger ones: sampled, in the background.
 SYNC_CALIBRATION_CLASSES = 256
 SAMPLED_CLASSES = 128
 SAMPLED_EXAMPLES_PER_CLASS = 4

@@ -11,9 +11,9 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ from ..classify.shot_quality import (
     example_quality,
 )
 from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
+from ..registry.redis_client import redis_time_budget
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .calibrator import OpenSetCalibrator
@@ -578,6 +579,9 @@ class FewShotCore:
         return all(check() for check in self.liveness_checks)
 
 
-def _registry_span(operation: str) -> AbstractContextManager[object]:
-    """A ``registry`` span (Redis round trips, prototype builds) of the current request."""
-    return tracing.span("registry", **{"fewshot.registry_op": operation})
+@contextmanager
+def _registry_span(operation: str) -> Iterator[object]:
+    """A ``registry`` span (Redis round trips, prototype builds) of the current request, whose
+    Redis commands share one ``--redis-timeout-s`` in total however many registry calls it makes."""
+    with tracing.span("registry", **{"fewshot.registry_op": operation}) as span, redis_time_budget():
+        yield span

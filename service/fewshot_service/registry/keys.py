@@ -46,7 +46,7 @@ import redis
 
 from fewshot_common.errors import Unavailable
 
-from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_client import CLUSTER_ERRORS, RedisClient, RedisTimeSpent, redis_time_budget
 from .redis_health import health_of
 
 LAYOUT = "2"
@@ -62,6 +62,7 @@ SCRIPT_ERRORS = {
 }
 REFUSED = "the class store (Redis) refused the request; retry later"
 UNREACHABLE = "the class store (Redis) is unreachable; retry later"
+TOO_SLOW = "the class store (Redis) did not answer in time; retry later"
 
 
 def encode(name: str) -> str:
@@ -94,12 +95,19 @@ def redis_errors(client: RedisClient) -> Iterator[None]:
     """Every Redis failure becomes Unavailable; redis-py reconnects by itself on the next call.
 
     While the client's :class:`RedisHealth` knows Redis unreachable, fail at once rather than wait
-    for a socket timeout per command; the first timeout tells it so (see redis_health.py)."""
+    for a socket timeout per command; the first timeout tells it so (see redis_health.py). The
+    commands inside share one ``--redis-timeout-s`` (:func:`redis_time_budget`; an enclosing scope,
+    e.g. the core's per-operation one, makes its own budget the shared one)."""
     health = health_of(client)
     if health is not None and not health.reachable:
         raise Unavailable(UNREACHABLE, detail=f"not tried: Redis failed {health.last_error}")
     try:
-        yield
+        with redis_time_budget(health.timeout_s if health is not None else None):
+            yield
+    except RedisTimeSpent as exc:
+        if health is not None:
+            health.timed_out(exc)  # it decides whether this says Redis stopped answering
+        raise Unavailable(TOO_SLOW, detail=str(exc)) from None
     except redis.exceptions.TimeoutError as exc:
         if health is not None:
             health.timed_out(exc)

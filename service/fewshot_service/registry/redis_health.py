@@ -10,6 +10,12 @@ several commands would wait once per command. The first command that times out m
 unreachable, and from then on every registry block (:func:`keys.redis_errors`) fails at once with
 Unavailable until the probe gets an answer again. So a call spends at most about one
 ``--redis-timeout-s`` in Redis, and the calls that arrive meanwhile none.
+
+The timeout bounds a call's time in Redis in total (redis_client.redis_time_budget): a call of
+several commands that are each slow but in time runs out of its budget. That trips the breaker
+only when the last command itself waited at least the probe's share of the timeout (a Redis
+that slow fails the probe too); a call whose budget earlier commands used up says nothing about
+whether Redis answers now.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import weakref
 
 import redis
 
-from .redis_client import CLUSTER_ERRORS, RedisClient
+from .redis_client import CLUSTER_ERRORS, RedisClient, RedisTimeSpent
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ class RedisHealth:
 
     def __init__(self, client: RedisClient, probe_client: RedisClient, *, timeout_s: float) -> None:
         self._probe_client = probe_client
+        self.timeout_s = timeout_s  # a call's whole time in Redis (redis_errors' budget)
         self.interval_s = min(MAX_PROBE_INTERVAL_S, timeout_s / 4)
         self.last_error = ""  # why Redis was last found unreachable (server log only)
         self._reachable = self._ping()  # known before the first request
@@ -67,6 +74,8 @@ class RedisHealth:
 
     def timed_out(self, error: Exception) -> None:
         """A request's command timed out: Redis is unreachable until the probe says otherwise."""
+        if isinstance(error, RedisTimeSpent) and error.waited_s < PROBE_TIMEOUT_SHARE * self.timeout_s:
+            return  # the call's budget ran out, not Redis' patience: the probe still decides
         self.last_error = f"a command: {error}"
         self._set(False)
 
