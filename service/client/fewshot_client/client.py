@@ -176,7 +176,9 @@ class FewShotClient:
                 self.model_id = response.model_id
                 results += [
                     ClassifyResult(
-                        [Prediction(p.label, p.score, p.confidence) for p in r.predictions], r.unknown
+                        [Prediction(p.label, p.score, p.confidence) for p in r.predictions],
+                        r.unknown,
+                        r.unknown_probability,
                     )
                     for r in response.results
                 ]
@@ -185,9 +187,10 @@ class FewShotClient:
                 body = self._rest("POST", "/v1/classify", params=params, files=_files(chunk))
                 self.model_id = body["model_id"]
                 unknown = body.get("unknown") or [False] * len(body["results"])
+                p_unknown = body.get("unknown_probability") or [None] * len(body["results"])
                 results += [
-                    ClassifyResult([Prediction(**p) for p in predictions], flag)
-                    for predictions, flag in zip(body["results"], unknown, strict=True)
+                    ClassifyResult([Prediction(**p) for p in predictions], flag, probability)
+                    for predictions, flag, probability in zip(body["results"], unknown, p_unknown, strict=True)
                 ]
         if not results:
             raise ValueError("classify() needs at least one image")

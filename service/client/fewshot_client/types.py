@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 class Prediction:
     label: str
     score: float  # cosine similarity to the class prototype
-    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
+    # Estimated P(label is right): its share of one distribution over the namespace's classes and
+    # "unknown" (the confidences of an image's predictions and its unknown_probability sum to <= 1).
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
 class ClassifyResult:
-    """One image's answer: its top classes, best first, and whether it matches none of them.
+    """One image's answer: its top classes, best first, whether it matches none of them, and the
+    probability of that in the same distribution as the predictions' confidences.
 
     Iterating or indexing it walks ``predictions``, so ``client.classify(x)[0][0].label`` reads
     the best label as it did when classify returned plain lists.
@@ -23,6 +26,7 @@ class ClassifyResult:
 
     predictions: list[Prediction]
     unknown: bool = False
+    unknown_probability: float | None = None  # None from a server older than this field
 
     def __iter__(self) -> Iterator[Prediction]:
         return iter(self.predictions)

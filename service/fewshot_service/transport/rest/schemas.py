@@ -166,7 +166,8 @@ class DeletedNamespaceBody(BaseModel):
 class PredictionBody(BaseModel):
     label: str
     score: float
-    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
+    # Estimated P(label is right): its share of one softmax over the classes and "unknown".
+    confidence: float | None = None
 
 
 class ClassifyBody(BaseModel):
@@ -176,6 +177,9 @@ class ClassifyBody(BaseModel):
     # Per image, parallel to results: it matches none of the classes well enough.
     unknown: list[bool] = []
     unknown_rate: float | None = None  # the rate the unknown flags were calibrated for
+    # Per image, parallel to results: P(none of the classes), in the same distribution as the
+    # confidences (they and this sum to <= 1); unknown is true exactly when it outweighs every class.
+    unknown_probability: list[float] = []
 
 
 class HealthBody(BaseModel):
