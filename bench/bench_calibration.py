@@ -23,8 +23,8 @@ import platform
 from pathlib import Path
 
 import numpy as np
-
 from bench_open_set import embed_dev, synthetic_embeddings
+
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.classify.open_set import (
     DEFAULT_UNKNOWN_RATE,
@@ -82,7 +82,9 @@ def one_draw(
     truth = np.asarray(query_labels)
     calibration = calibrate(loo)
     beta = calibration.inverse_temperature
-    probabilities, unknown = calibration.distribution(scores, log_sum_exp(scores * beta), DEFAULT_UNKNOWN_RATE)
+    probabilities, unknown = calibration.distribution(
+        scores, log_sum_exp(scores * beta), DEFAULT_UNKNOWN_RATE
+    )
     top3 = -np.sort(-probabilities, axis=1)[:, :3]
     return {
         "correct": scores.argmax(axis=1) == truth,

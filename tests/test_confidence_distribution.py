@@ -89,7 +89,9 @@ def test_the_fitted_temperature_beats_a_wrong_one_on_new_images() -> None:
     assert INVERSE_TEMPERATURE_RANGE[0] <= fitted <= INVERSE_TEMPERATURE_RANGE[1]
     for wrong in (1.0, 200.0):  # far too soft, far too sharp
         assert softmax_nll(scores, truth, threshold, fitted) < softmax_nll(scores, truth, threshold, wrong)
-        assert top1_log_loss(scores, truth, threshold, fitted) < top1_log_loss(scores, truth, threshold, wrong)
+        assert top1_log_loss(scores, truth, threshold, fitted) < top1_log_loss(
+            scores, truth, threshold, wrong
+        )
 
 
 def test_better_separated_classes_get_a_sharper_distribution() -> None:

@@ -145,7 +145,9 @@ def test_noise_is_unknown_and_held_out_colours_are_not(http: httpx.Client, stack
             fewshot_pb2.ClassifyRequest(images=noise + colours, namespace="shop", top_k=2), timeout=60
         )
     assert [r.unknown for r in reply.results] == body["unknown"]
-    assert [r.unknown_probability for r in reply.results] == pytest.approx(body["unknown_probability"], abs=1e-5)
+    assert [r.unknown_probability for r in reply.results] == pytest.approx(
+        body["unknown_probability"], abs=1e-5
+    )
     for mine, theirs in zip(reply.results, body["results"]):
         assert [p.confidence for p in mine.predictions] == pytest.approx(
             [p["confidence"] for p in theirs], abs=1e-5
@@ -288,7 +290,9 @@ def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
     for i, (result, best, unknown) in enumerate(zip(results, top1, expected_unknown)):
         assert len(result.predictions) == 1
         assert result.predictions[0].score == pytest.approx(best, abs=1e-6)
-        assert result.predictions[0].confidence == pytest.approx(np.exp(best * 10.0 - log_partition[i]), abs=1e-5)
+        assert result.predictions[0].confidence == pytest.approx(
+            np.exp(best * 10.0 - log_partition[i]), abs=1e-5
+        )
         assert result.unknown_probability == pytest.approx(
             np.exp(calibration.threshold(0.3) * 10.0 - log_partition[i]), abs=1e-5
         )

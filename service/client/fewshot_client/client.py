@@ -190,7 +190,9 @@ class FewShotClient:
                 p_unknown = body.get("unknown_probability") or [None] * len(body["results"])
                 results += [
                     ClassifyResult([Prediction(**p) for p in predictions], flag, probability)
-                    for predictions, flag, probability in zip(body["results"], unknown, p_unknown, strict=True)
+                    for predictions, flag, probability in zip(
+                        body["results"], unknown, p_unknown, strict=True
+                    )
                 ]
         if not results:
             raise ValueError("classify() needs at least one image")
