@@ -7,6 +7,7 @@ so ``pip install ./service/client`` installs all it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections.abc import Iterator, Sequence
@@ -27,12 +28,15 @@ from .types import (
     BulkClassResult,
     ClassifyResult,
     ClassInfo,
+    ClassJudgement,
     ClassSummary,
+    ConfusedPair,
     DeletedNamespace,
     DroppedModel,
     ModelCompleteness,
     ModelInfo,
     NamespaceInfo,
+    NamespaceReport,
     Prediction,
 )
 
@@ -295,6 +299,19 @@ class FewShotClient:
             return None
         return ClassInfo(body["namespace"], body["label"], body["count"], body["example_ids"])
 
+    def report(self, namespace: str = "") -> NamespaceReport:
+        """Will the namespace's classes work: each class's leave-one-out accuracy, the most
+        confused pairs, classes needing more or cleaner shots, the expected accuracy."""
+        body = self._rest("GET", "/v1/report", params=_ns(namespace))
+        self.model_id = body["model_id"]
+        return NamespaceReport(
+            **{
+                **_known(NamespaceReport, body),
+                "per_class": [ClassJudgement(**_known(ClassJudgement, c)) for c in body["per_class"]],
+                "confused_pairs": [ConfusedPair(**_known(ConfusedPair, p)) for p in body["confused_pairs"]],
+            }
+        )
+
     # -- namespaces (REST) ---------------------------------------------------------------------
 
     def list_namespaces(self) -> list[NamespaceInfo]:
@@ -366,6 +383,12 @@ class FewShotClient:
 def _class_path(label: str, suffix: str = "") -> str:
     # Every reserved character encoded, '/' too: the server routes on the raw path.
     return f"/v1/classes/{quote(label, safe='')}{suffix}"
+
+
+def _known(cls: type, body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``body`` that dataclass ``cls`` has: a newer server may answer more."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in body.items() if key in names}
 
 
 def _ns(namespace: str) -> dict[str, str]:

@@ -111,3 +111,40 @@ class BulkAdded:
     added: int
     skipped: int
     classes: list[BulkClassResult]  # in order of first appearance
+
+
+@dataclass(frozen=True)
+class ClassJudgement:
+    """One class of :class:`NamespaceReport`, judged leave-one-out on its own examples."""
+
+    label: str
+    count: int
+    loo_accuracy: float | None  # None: fewer than two examples
+    nearest_label: str | None  # the class with the closest prototype
+    nearest_similarity: float | None
+    needs: list[str] = field(default_factory=list)  # "more_shots", "cleaner_shots"
+    suspect_example_ids: list[str] = field(default_factory=list)  # likely mislabels
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    a: str
+    b: str
+    similarity: float  # cosine between the two prototypes
+    a_as_b: int  # examples of a classified (leave-one-out) as b
+    b_as_a: int
+
+
+@dataclass(frozen=True)
+class NamespaceReport:
+    """GET /v1/report: will the namespace's classes work (docs/api.md, "Report")."""
+
+    namespace: str
+    model_id: str
+    classes: int
+    examples: int
+    sampled: bool  # only some classes or examples were judged (the server bounds the work)
+    judged_examples: int
+    expected_accuracy: float | None  # leave-one-out accuracy over the judged examples
+    per_class: list[ClassJudgement]  # lowest loo_accuracy first
+    confused_pairs: list[ConfusedPair]
