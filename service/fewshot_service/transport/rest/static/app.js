@@ -226,11 +226,12 @@ function exampleTile(label, id) {
 
 async function classify(file) {
   const answer = await api("POST", "classify", { files: [file], params: { top_k: 5 } });
-  // `unknown` runs parallel to `results`: one flag per image (calibrated on the namespace's shots).
-  renderResults(file, answer.results[0], Boolean(answer.unknown && answer.unknown[0]));
+  // `unknown` and `unknown_probability` run parallel to `results`: one per image.
+  const pUnknown = answer.unknown_probability ? answer.unknown_probability[0] : null;
+  renderResults(file, answer.results[0], Boolean(answer.unknown && answer.unknown[0]), pUnknown);
 }
 
-function renderResults(file, predictions, unknown) {
+function renderResults(file, predictions, unknown, pUnknown = null) {
   const container = $("results");
   container.replaceChildren();
   const preview = document.createElement("img");
@@ -239,13 +240,21 @@ function renderResults(file, predictions, unknown) {
   container.append(preview);
   const list = document.createElement("div");
   list.className = "predictions";
+  // The confidences and P(unknown) are one distribution: together they sum to at most 100%.
+  const unknownText = pUnknown === null ? "" : ` (${(pUnknown * 100).toFixed(0)}%)`;
   if (unknown) {
     const unknown = document.createElement("div");
     unknown.className = "unknown";
-    unknown.textContent = "unknown: none of the classes";
+    unknown.textContent = `unknown: none of the classes${unknownText}`;
     list.append(unknown);
   }
   for (const prediction of predictions) list.append(scoreBar(prediction));
+  if (!unknown && pUnknown !== null) {
+    const none = document.createElement("div");
+    none.className = "muted none-of-these";
+    none.textContent = `none of these${unknownText}`;
+    list.append(none);
+  }
   container.append(list);
 }
 
@@ -264,8 +273,13 @@ function scoreBar(prediction) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = prediction.score.toFixed(3);
+  score.title = "score: cosine similarity to the class";
   if (typeof prediction.confidence === "number") {
-    score.title = `confidence ${(prediction.confidence * 100).toFixed(0)}%`;
+    const confidence = document.createElement("span");
+    confidence.className = "confidence";
+    confidence.textContent = `${(prediction.confidence * 100).toFixed(0)}%`;
+    confidence.title = "confidence: the chance this label is right";
+    score.append(" · ", confidence);
   }
   row.append(label, bar, score);
   return row;
