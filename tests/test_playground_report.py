@@ -6,18 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import test_playground as playground
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from test_playground import (  # noqa: F401 (fixtures)
-    blue_stripes,
-    browser,
-    csp_violations,
-    red_discs,
-    stack,
-    wait_for,
-)
+from test_playground import blue_stripes, csp_violations, red_discs, wait_for
 
 from fewshot_service.app import ServerStack
+
+# The same server (shipped model) and the same headless Chromium as test_playground.
+stack = playground.stack
+browser = playground.browser
 
 
 def upload(client: httpx.Client, label: str, paths: list[Path]) -> dict:
