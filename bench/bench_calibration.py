@@ -11,7 +11,7 @@ expected calibration error over ``--bins`` equal-width bins (default 10). Also p
 of the query's true class (after only: the old curves are no distribution), the mean sum of the
 top-3 confidences (the old ones sum past 1), the mean fitted 1/T, and the mean P(unknown).
 
-Usage: PYTHONPATH=service:service/client python bench/bench_calibration.py [--model models/default.onnx]
+Usage: PYTHONPATH=service:service/client python bench/bench_calibration.py [--model models/default.int8.onnx]
        [--cache /tmp/dev-embeddings.npz] [--synthetic NOISE]
 """
 
@@ -141,7 +141,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.onnx")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "default.int8.onnx")
     parser.add_argument("--cache", type=Path, default=None, help="npz to reuse the dev embeddings")
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--bins", type=int, default=10)

@@ -61,7 +61,7 @@ def test_the_top_k_and_unknown_sum_to_at_most_one_and_all_classes_to_exactly_one
 
 def test_confidence_rises_with_the_score_and_the_unknown_flag_agrees_with_the_distribution() -> None:
     calibration = Calibration(np.linspace(0.2, 0.6, 40), inverse_temperature=12.0)
-    others = np.array([0.3, 0.1])
+    others = np.array([0.1, 0.05])
     own = np.linspace(-0.5, 1.0, 61)
     scores = np.column_stack([own, np.tile(others, (len(own), 1))])
     probabilities, unknown = calibration.distribution(
@@ -69,8 +69,8 @@ def test_confidence_rises_with_the_score_and_the_unknown_flag_agrees_with_the_di
     )
     assert np.all(np.diff(probabilities[:, 0]) > 0)  # more similar: more confident
     assert np.all(np.diff(unknown) < 0)  # and less likely unknown
-    flagged = calibration.unknown(np.maximum(own, 0.3), np.full(len(own), 0.1), 0.05)
-    # Flagged exactly where "unknown" outweighs the best class (the top-1 here: own or 0.3).
+    flagged = calibration.unknown(np.maximum(own, 0.1), np.full(len(own), 0.05), 0.05)
+    # Flagged exactly where "unknown" outweighs the best class (the top-1 here: own or 0.1).
     best = np.maximum(probabilities[:, 0], probabilities[:, 1])
     assert 0 < flagged.sum() < len(flagged)
     assert np.array_equal(flagged, unknown > best)
