@@ -364,10 +364,14 @@ class PrototypeMatrix:
         out = np.empty(len(embeddings), dtype=np.float64)
         per_chunk = max(1, (_EXACT_CHUNK_ROWS * 1024) // max(self._slots, 1))
         for start in range(0, len(embeddings), per_chunk):
-            logits = self._scores(embeddings[start : start + per_chunk]).astype(np.float64)
-            logits *= inverse_temperature
+            # float32 throughout (in place): the terms are at most 1 after the shift, and a float32
+            # sum of them is far more precise than any confidence is read.
+            logits = self._scores(embeddings[start : start + per_chunk])
+            logits *= np.float32(inverse_temperature)
             peak = logits.max(axis=1, keepdims=True)
-            out[start : start + per_chunk] = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
+            logits -= peak
+            np.exp(logits, out=logits)
+            out[start : start + per_chunk] = peak[:, 0] + np.log(logits.sum(axis=1, dtype=np.float64))
         return out
 
     def build_int8_scan(self) -> None:
