@@ -154,3 +154,28 @@ def test_the_log_partition_matches_a_full_softmax_and_survives_patches() -> None
     for version in (matrix, patched):
         expected = log_sum_exp((queries @ l2_normalize(version.prototypes).T).astype(np.float64) * 9.0)
         assert version.log_partition(queries, 9.0) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_sampled_calibration_reads_the_best_few_classes_and_fits_about_the_same_temperature() -> None:
+    from fewshot_service.classify.open_set import SAMPLED_SCORES_PER_EXAMPLE, calibrate_rows, loo_rows_against
+    from fewshot_service.classify.snapshot import ExampleSnapshot
+
+    vectors, labels = clusters(40, 6, 1.0, seed=8)
+    means, support = namespace(vectors, labels, 6)
+    names = [f"c{i:02d}" for i in range(40)]
+    snapshot = ExampleSnapshot(
+        names, means, np.full(40, 6), [[str(j) for j in range(6)]] * 40, support, "e", 1
+    )
+    matrix = PrototypeMatrix(names, means)
+    top1, scores, own, fresh = loo_rows_against(matrix, snapshot)
+    full = leave_one_out_scores(means, np.full(40, 6), support)
+    assert scores.shape == (240, SAMPLED_SCORES_PER_EXAMPLE) and not own.any()
+    # Column 0 is the LOO own score, the rest the best other classes, best first.
+    assert scores[:, 0] == pytest.approx(full.own_scores, abs=1e-5)
+    others = np.sort(np.where(np.eye(40, dtype=bool)[full.own], -np.inf, full.scores), axis=1)[:, ::-1]
+    assert scores[:, 1:] == pytest.approx(others[:, : SAMPLED_SCORES_PER_EXAMPLE - 1], abs=1e-5)
+    assert fresh[:, 0] == pytest.approx(full.fresh_own, abs=1e-5)
+    sampled = calibrate_rows(top1, scores, own, fit_scores=fresh)
+    exact = calibrate(full)
+    assert sampled.threshold(0.05) == pytest.approx(exact.threshold(0.05), abs=1e-5)
+    assert sampled.inverse_temperature == pytest.approx(exact.inverse_temperature, rel=0.25)
