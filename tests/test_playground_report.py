@@ -55,6 +55,17 @@ def test_the_report_panel_shows_what_the_api_reports(
     browser.execute_script("arguments[0].scrollIntoView()", panel)
     panel.screenshot(str(tmp_path / "report-panel.png"))
 
+    # On a phone (390 px) the panel fits its width: each class is a card, nothing scrolls sideways.
+    browser.set_window_size(390, 844)
+    fits = "const e = document.getElementById(arguments[0]); return e.scrollWidth <= e.clientWidth;"
+    assert browser.execute_script(fits, "report-panel") and browser.execute_script(fits, "report")
+    assert browser.execute_script("return window.innerWidth") <= 400
+    card = "return getComputedStyle(document.querySelector('#report tbody tr')).display"
+    assert browser.execute_script(card) == "block"  # a card, its cells named by ::before
+    browser.execute_script("arguments[0].scrollIntoView()", panel)
+    panel.screenshot(str(tmp_path / "report-panel-phone.png"))
+    browser.set_window_size(1280, 960)
+
     # Classify: each score carries its confidence, and "none of these" its probability; the page
     # shows the API's numbers, which sum to at most 100%.
     query = red_discs(tmp_path / "query.png", 7)

@@ -41,10 +41,9 @@ function renderReport(report) {
   container.append(summary);
 
   const table = reportElement("table", "report-classes");
+  const titles = ["class", "shots", "accuracy", "closest class", "advice"];
   const head = table.createTHead().insertRow();
-  for (const title of ["class", "shots", "accuracy", "closest class", "advice"]) {
-    head.append(reportElement("th", "", title));
-  }
+  for (const title of titles) head.append(reportElement("th", "", title));
   const body = table.createTBody();
   for (const judged of report.per_class) {
     const row = body.insertRow();
@@ -71,6 +70,8 @@ function renderReport(report) {
     }
     if (!advice.childNodes.length) advice.textContent = "ok";
     row.append(advice);
+    // On a phone each row is a card; every cell carries its column's name (report.css).
+    [...row.cells].forEach((cell, i) => { cell.dataset.title = titles[i]; });
   }
   container.append(table);
 
