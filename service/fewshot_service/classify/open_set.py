@@ -10,9 +10,11 @@ the other classes' full prototypes -- what a new image of ``c`` would see. So
 - ``confidence``: one probability distribution over the namespace's classes *and* "unknown": a
   softmax of ``score / T`` over every class plus an "unknown" logit ``threshold / T`` (the threshold
   above, so an image is flagged unknown exactly when "unknown" is the distribution's most likely
-  answer). The temperature ``T`` is fitted per namespace by minimising the negative log-likelihood
-  of each example's own class, LOO: one parameter, sane with 3 classes x 5 shots. The confidences of
-  the top-k and P(unknown) therefore sum to at most 1 (exactly 1 over every class and unknown).
+  answer). The temperature ``T`` is fitted per namespace on the LOO scores (the own score as a new
+  image would see it, :func:`fresh_own_scores`) by minimising the log loss of "the top-1 is right"
+  under the top-1's probability (:func:`fit_inverse_temperature`): one parameter, sane with 3
+  classes x 5 shots. The confidences of the top-k and P(unknown) therefore sum to at most 1
+  (exactly 1 over every class and unknown).
 
 Classes with one example have no LOO score; a namespace with fewer than
 :data:`MIN_CALIBRATION_EXAMPLES` LOO scores uses the global defaults below (measured on the
@@ -62,7 +64,7 @@ INVERSE_TEMPERATURE_RANGE = (1.0, 400.0)
 # Weight (in examples) of a prior pulling log(1/T) towards the default: a handful of perfectly
 # separated examples would otherwise fit T -> 0 and answer every image with certainty.
 TEMPERATURE_PRIOR_EXAMPLES = 2.0
-# Rows used to fit T: enough for one parameter, and a fit stays ~ms at 256 classes x 64 shots.
+# Rows used to fit T: plenty for one parameter, and the fit stays small beside the LOO scores.
 MAX_TEMPERATURE_FIT_ROWS = 512
 # When a class has no second class to compare with, the "second" score is this (cosines >= -1).
 NO_SECOND_SCORE = -1.0
