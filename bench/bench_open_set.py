@@ -10,7 +10,8 @@ spread):
 - ``auroc``: known queries vs images of held-out classes (1.0 = perfectly separated, 0.5 = chance);
 - ``flagged_known`` at each target rate: the fraction of known queries flagged unknown;
 - ``flagged_unknown`` at each rate: the fraction of held-out images flagged (detection rate).
-And for ``confidence`` (known queries): ``ece`` (15 equal-width bins), the accuracy, and a
+And for ``confidence`` (known queries; the top-1's share of the softmax over classes and unknown,
+bench/bench_calibration.py compares it with the old margin curve): ``ece`` (15 equal-width bins), the accuracy, and a
 reliability table (bin, images, mean confidence, accuracy).
 
 Usage: PYTHONPATH=service:service/client python bench/bench_open_set.py [--model models/default.int8.onnx]
@@ -38,6 +39,7 @@ from fewshot_service.classify.open_set import (
     LooScores,
     calibrate,
     leave_one_out_scores,
+    log_sum_exp,
     top_two,
 )
 
@@ -131,11 +133,12 @@ def one_draw(
             "flagged_unknown": {r: float((unknown_stats[kind] < t).mean()) for r, t in thresholds.items()},
         }
     calibration = calibrate(loo)
-    top1, top2 = top_two(known)
-    confidence = calibration.confidence(top1, top2)
+    beta = calibration.inverse_temperature
+    log_partition = log_sum_exp(known * beta)
+    confidence = calibration.distribution(known.max(axis=1, keepdims=True), log_partition, 0.05)[0][:, 0]
     correct = known.argmax(axis=1) == np.asarray(query_labels)
     result["confidence"] = (confidence, correct)
-    result["curve"] = calibration.confidence_curve
+    result["curve"] = calibration.inverse_temperature
     return result
 
 
@@ -201,7 +204,7 @@ def main() -> None:
         "ece": round(ece, 4),
         "accuracy": round(float(correct.mean()), 3),
         "mean_confidence": round(float(confidence.mean()), 3),
-        "mean_curve": [round(float(np.mean([d["curve"][i] for d in draws])), 2) for i in range(2)],
+        "mean_inverse_temperature": round(float(np.mean([d["curve"] for d in draws])), 2),
         "reliability": table,
     }
     print(json.dumps(summary, indent=1))

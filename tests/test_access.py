@@ -132,7 +132,7 @@ def secure_server(
 ROLES = ["read", "write"]
 # allowed: a team-a key on team-a; denied: a team-a key on team-b; star: a "*" key on team-b.
 NAMESPACE_CASES = {"allowed": ("-a", TEAM_A), "denied": ("-a", TEAM_B), "star": ("-all", TEAM_B)}
-REST_OPERATIONS = ["embed", "classify", "list", "get", "image", "add", "delete"]
+REST_OPERATIONS = ["embed", "classify", "list", "get", "image", "report", "add", "delete"]
 GRPC_OPERATIONS = ["embed", "classify"]  # the gRPC API has no class management
 
 
@@ -199,6 +199,7 @@ def test_role_namespace_transport_matrix(
                 f"/v1/classes/seed/examples/{core.get_class(namespace, 'seed').example_ids[0]}/image",
                 params=params,
             ),
+            "report": lambda: http.get("/v1/report", params=params),
             "add": lambda: http.post(f"/v1/classes/{label}/examples", params=params, files=files),
             "delete": lambda: http.delete(f"/v1/classes/{label}", params=params),
         }[operation]()

@@ -95,3 +95,20 @@ def test_the_engine_benchmark_times_each_file_on_the_engine_the_server_gives_it(
     for key in files:
         assert set(rates[key]) == set(bench.LAYOUTS)
         assert all(rate > 0 for by_batch in rates[key].values() for rate in by_batch.values())
+
+
+def test_the_calibration_benchmark_measures_both_confidences_on_a_tiny_synthetic_set() -> None:
+    bench = load(BENCH / "bench_calibration.py")
+    embeddings, labels = load(BENCH / "bench_open_set.py").synthetic_embeddings(
+        1.0, seed=0, classes=6, per_class=12, dim=32
+    )
+    summary = bench.measure(embeddings, labels, draws=2, seed=0, bins=10, ways=4)
+    assert summary["queries"] == 2 * 4 * (12 - bench.SHOTS)
+    for name in ("old", "new"):
+        assert 0.0 <= summary[name]["ece"] <= 1.0
+        table = summary[name]["reliability"]
+        assert sum(row["images"] for row in table) == summary["queries"]
+    # The old per-prediction curves were no distribution; the new top-3 never sum past 1.
+    assert summary["new"]["max_top3_sum"] <= 1.0 + 1e-9
+    assert 0.0 < summary["new"]["mean_p_unknown"] < 1.0
+    assert summary["new"]["nll_true_class"] > 0.0

@@ -19,9 +19,6 @@ from fewshot_common.image_files import list_labelled_image_files
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.app import ServerStack
 from fewshot_service.classify.open_set import (
-    DEFAULT_CONFIDENCE,
-    LooScores,
-    calibrate,
     leave_one_out_scores,
     resolve_unknown_rate,
 )
@@ -100,21 +97,6 @@ def test_leave_one_out_scores_match_a_prototype_rebuilt_without_the_example() ->
         assert loo.scores[row, other] == pytest.approx(examples[c][i] @ l2_normalize(means[other]))
 
 
-def test_confidence_rises_with_the_margin_even_when_few_examples_fit_it_backwards() -> None:
-    # 12 LOO examples where the right ones happen to have the smaller margins: a fitted curve
-    # would fall with the margin; the namespace keeps the dev-split curve instead.
-    rng = np.random.default_rng(0)
-    scores = rng.uniform(0.1, 0.3, size=(12, 3))
-    best = scores.argmax(1)
-    margins = np.sort(scores, 1)[:, -1] - np.sort(scores, 1)[:, -2]
-    wrong_on_large_margins = margins > np.median(margins)
-    own = np.where(wrong_on_large_margins, (best + 1) % 3, best)
-    calibration = calibrate(LooScores(scores, own))
-    assert calibration.confidence_curve == DEFAULT_CONFIDENCE
-    low, high = calibration.confidence(np.array([0.3, 0.5]), np.array([0.29, 0.2]))
-    assert high > low
-
-
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan")])
 def test_unknown_rate_outside_0_1_is_refused(rate: float) -> None:
     with pytest.raises(InvalidInput, match="unknown_rate"):
@@ -143,16 +125,29 @@ def test_noise_is_unknown_and_held_out_colours_are_not(http: httpx.Client, stack
     assert body["unknown"] == [True] * 4 + [False] * 4, body
     assert body["unknown_rate"] == 0.05
     assert [r[0]["label"] for r in body["results"][4:]] == list(COLOURS)
-    for result in body["results"]:
+    for result, p_unknown in zip(body["results"], body["unknown_probability"], strict=True):
         top, second = result
         assert 0.0 <= second["confidence"] <= top["confidence"] <= 1.0
-    # A held-out shot of a registered colour is confidently right; noise much less so.
-    assert min(r[0]["confidence"] for r in body["results"][4:]) > 0.9
+        # One distribution: the top 2 and unknown sum to at most 1; unknown flagged where it leads.
+        assert top["confidence"] + second["confidence"] + p_unknown <= 1.0 + 1e-6
+    assert [p > r[0]["confidence"] for p, r in zip(body["unknown_probability"], body["results"])] == body[
+        "unknown"
+    ]
+    # A held-out shot of a registered colour: its class far ahead of the next; noise: mostly
+    # unknown, no class likely. (The tiny test model's shots of a colour all score ~0.997, so the
+    # fitted distribution stays soft between a colour and the threshold just below it.)
+    colour_results, noise_results = body["results"][4:], body["results"][:4]
+    assert all(r[0]["confidence"] > 10 * r[1]["confidence"] for r in colour_results)
+    assert min(r[0]["confidence"] for r in colour_results) > max(r[0]["confidence"] for r in noise_results)
+    assert min(body["unknown_probability"][:4]) > 0.5 > max(body["unknown_probability"][4:])
     with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
         reply = fewshot_pb2_grpc.FewShotStub(channel).Classify(
             fewshot_pb2.ClassifyRequest(images=noise + colours, namespace="shop", top_k=2), timeout=60
         )
     assert [r.unknown for r in reply.results] == body["unknown"]
+    assert [r.unknown_probability for r in reply.results] == pytest.approx(
+        body["unknown_probability"], abs=1e-5
+    )
     for mine, theirs in zip(reply.results, body["results"]):
         assert [p.confidence for p in mine.predictions] == pytest.approx(
             [p["confidence"] for p in theirs], abs=1e-5
@@ -280,21 +275,27 @@ def test_unknown_rate_is_calibrated_on_the_dev_split(
 
 
 def test_label_images_takes_the_runner_up_from_its_one_scan() -> None:
-    from fewshot_service.classify.open_set import Calibration, label_images, top_two
+    from fewshot_service.classify.open_set import Calibration, label_images, log_sum_exp, top_two
     from fewshot_service.classify.prototypes import PrototypeMatrix
 
     rng = np.random.default_rng(3)
     matrix = PrototypeMatrix([f"c{i:03d}" for i in range(300)], l2_normalize(rng.standard_normal((300, 16))))
     queries = l2_normalize(rng.standard_normal((7, 16))).astype(np.float32)
     top1, top2 = top_two(queries @ matrix.matrix.T)  # the full matmul the one scan replaced
-    calibration = Calibration(np.sort(np.concatenate([top1, top1 + 1e-3])), DEFAULT_CONFIDENCE)
+    calibration = Calibration(np.sort(np.concatenate([top1, top1 + 1e-3])), inverse_temperature=10.0)
     results = label_images(matrix, calibration, queries, 1, 0.3)
     expected_unknown = calibration.unknown(top1, top2, 0.3)
-    for result, best, second, unknown in zip(results, top1, top2, expected_unknown):
-        assert len(result.predictions) == 1  # top_k=1 still gets the runner-up's margin
+    # The softmax over every class (the full matmul) and unknown, at the rate's threshold.
+    everything = (queries @ matrix.matrix.T).astype(np.float64) * 10.0
+    log_partition = np.logaddexp(log_sum_exp(everything), calibration.threshold(0.3) * 10.0)
+    for i, (result, best, unknown) in enumerate(zip(results, top1, expected_unknown)):
+        assert len(result.predictions) == 1
         assert result.predictions[0].score == pytest.approx(best, abs=1e-6)
         assert result.predictions[0].confidence == pytest.approx(
-            float(calibration.confidence(np.array([best]), np.array([second]))[0]), abs=1e-6
+            np.exp(best * 10.0 - log_partition[i]), abs=1e-5
+        )
+        assert result.unknown_probability == pytest.approx(
+            np.exp(calibration.threshold(0.3) * 10.0 - log_partition[i]), abs=1e-5
         )
         assert result.unknown == unknown
     assert 0 < sum(r.unknown for r in results) < len(results)  # the threshold splits this batch
@@ -378,7 +379,7 @@ def test_the_threshold_is_numpys_quantile(rate: float) -> None:
     from fewshot_service.classify.open_set import Calibration
 
     statistics = np.sort(np.random.default_rng(2).normal(0.4, 0.1, 57))
-    assert Calibration(statistics, DEFAULT_CONFIDENCE).threshold(rate) == pytest.approx(
+    assert Calibration(statistics).threshold(rate) == pytest.approx(
         float(np.quantile(statistics, rate)), abs=1e-12
     )
 

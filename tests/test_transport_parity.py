@@ -61,7 +61,7 @@ CLASSES = [f"c{i}" for i in range(7)]  # more than the default top_k of 5
 @dataclass(frozen=True)
 class Case:
     id: str
-    op: str  # classify | add | list | get | delete | delete_example | image
+    op: str  # classify | add | list | get | report | delete | delete_example | image
     expected: Code
     namespace: str = "parity"
     label: str = "c0"
@@ -124,6 +124,11 @@ CASES = [
     Case("example id too long (image)", "image", Code.INVALID_ARGUMENT, example_id="9" * 129),
     Case("example id not UTF-8 (image)", "image", Code.INVALID_ARGUMENT, example_id="1\udcfe"),
     Case("label '..' (image)", "image", Code.INVALID_ARGUMENT, label=".."),
+    Case("report", "report", Code.OK),
+    Case("report of a namespace without classes", "report", Code.FAILED_PRECONDITION, namespace="empty"),
+    Case("namespace too long (report)", "report", Code.INVALID_ARGUMENT, namespace="n" * 129),
+    Case("namespace not UTF-8 (report)", "report", Code.INVALID_ARGUMENT, namespace="bad\udcfe"),
+    Case("namespace '..' (report)", "report", Code.INVALID_ARGUMENT, namespace=".."),
 ]
 
 
@@ -177,6 +182,8 @@ def via_rest(http: httpx.Client, case: Case) -> httpx.Response:
         return http.get(f"/v1/classes{query}")
     if case.op == "get":
         return http.get(f"{label}{query}")
+    if case.op == "report":
+        return http.get(f"/v1/report{query}")
     if case.op == "delete":
         return http.delete(f"{label}{query}")
     if case.op == "image":
@@ -192,6 +199,7 @@ def via_core_and_grpc_table(core: FewShotCore, case: Case) -> Code:
         "add": lambda: core.add_examples(case.namespace, case.label, case.images),
         "list": lambda: core.list_classes(case.namespace),
         "get": lambda: core.get_class(case.namespace, case.label),
+        "report": lambda: core.report(case.namespace),
         "delete": lambda: core.delete_class(case.namespace, case.label),
         "delete_example": lambda: core.delete_example(case.namespace, case.label, case.example_id),
         "image": lambda: core.example_image(case.namespace, case.label, case.example_id),

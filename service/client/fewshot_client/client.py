@@ -7,6 +7,7 @@ so ``pip install ./service/client`` installs all it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 from collections.abc import Iterator, Sequence
@@ -27,12 +28,15 @@ from .types import (
     BulkClassResult,
     ClassifyResult,
     ClassInfo,
+    ClassJudgement,
     ClassSummary,
+    ConfusedPair,
     DeletedNamespace,
     DroppedModel,
     ModelCompleteness,
     ModelInfo,
     NamespaceInfo,
+    NamespaceReport,
     Prediction,
 )
 
@@ -176,7 +180,9 @@ class FewShotClient:
                 self.model_id = response.model_id
                 results += [
                     ClassifyResult(
-                        [Prediction(p.label, p.score, p.confidence) for p in r.predictions], r.unknown
+                        [Prediction(p.label, p.score, p.confidence) for p in r.predictions],
+                        r.unknown,
+                        r.unknown_probability,
                     )
                     for r in response.results
                 ]
@@ -185,9 +191,12 @@ class FewShotClient:
                 body = self._rest("POST", "/v1/classify", params=params, files=_files(chunk))
                 self.model_id = body["model_id"]
                 unknown = body.get("unknown") or [False] * len(body["results"])
+                p_unknown = body.get("unknown_probability") or [None] * len(body["results"])
                 results += [
-                    ClassifyResult([Prediction(**p) for p in predictions], flag)
-                    for predictions, flag in zip(body["results"], unknown, strict=True)
+                    ClassifyResult([Prediction(**p) for p in predictions], flag, probability)
+                    for predictions, flag, probability in zip(
+                        body["results"], unknown, p_unknown, strict=True
+                    )
                 ]
         if not results:
             raise ValueError("classify() needs at least one image")
@@ -300,6 +309,19 @@ class FewShotClient:
         params = {**_ns(namespace), **({"size": str(size)} if size is not None else {})}
         return self._rest_bytes("GET", path, params=params)
 
+    def report(self, namespace: str = "") -> NamespaceReport:
+        """Will the namespace's classes work: each class's leave-one-out accuracy, the most
+        confused pairs, classes needing more or cleaner shots, the expected accuracy."""
+        body = self._rest("GET", "/v1/report", params=_ns(namespace))
+        self.model_id = body["model_id"]
+        return NamespaceReport(
+            **{
+                **_known(NamespaceReport, body),
+                "per_class": [ClassJudgement(**_known(ClassJudgement, c)) for c in body["per_class"]],
+                "confused_pairs": [ConfusedPair(**_known(ConfusedPair, p)) for p in body["confused_pairs"]],
+            }
+        )
+
     # -- namespaces (REST) ---------------------------------------------------------------------
 
     def list_namespaces(self) -> list[NamespaceInfo]:
@@ -382,6 +404,12 @@ class FewShotClient:
 def _class_path(label: str, suffix: str = "") -> str:
     # Every reserved character encoded, '/' too: the server routes on the raw path.
     return f"/v1/classes/{quote(label, safe='')}{suffix}"
+
+
+def _known(cls: type, body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``body`` that dataclass ``cls`` has: a newer server may answer more."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in body.items() if key in names}
 
 
 def _ns(namespace: str) -> dict[str, str]:

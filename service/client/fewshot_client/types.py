@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 class Prediction:
     label: str
     score: float  # cosine similarity to the class prototype
-    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
+    # Estimated P(label is right): its share of one distribution over the namespace's classes and
+    # "unknown" (the confidences of an image's predictions and its unknown_probability sum to <= 1).
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
 class ClassifyResult:
-    """One image's answer: its top classes, best first, and whether it matches none of them.
+    """One image's answer: its top classes, best first, whether it matches none of them, and the
+    probability of that in the same distribution as the predictions' confidences.
 
     Iterating or indexing it walks ``predictions``, so ``client.classify(x)[0][0].label`` reads
     the best label as it did when classify returned plain lists.
@@ -23,6 +26,7 @@ class ClassifyResult:
 
     predictions: list[Prediction]
     unknown: bool = False
+    unknown_probability: float | None = None  # None from a server older than this field
 
     def __iter__(self) -> Iterator[Prediction]:
         return iter(self.predictions)
@@ -107,3 +111,40 @@ class BulkAdded:
     added: int
     skipped: int
     classes: list[BulkClassResult]  # in order of first appearance
+
+
+@dataclass(frozen=True)
+class ClassJudgement:
+    """One class of :class:`NamespaceReport`, judged leave-one-out on its own examples."""
+
+    label: str
+    count: int
+    loo_accuracy: float | None  # None: fewer than two examples
+    nearest_label: str | None  # the class with the closest prototype
+    nearest_similarity: float | None
+    needs: list[str] = field(default_factory=list)  # "more_shots", "cleaner_shots"
+    suspect_example_ids: list[str] = field(default_factory=list)  # likely mislabels
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    a: str
+    b: str
+    similarity: float  # cosine between the two prototypes
+    a_as_b: int  # examples of a classified (leave-one-out) as b
+    b_as_a: int
+
+
+@dataclass(frozen=True)
+class NamespaceReport:
+    """GET /v1/report: will the namespace's classes work (docs/api.md, "Report")."""
+
+    namespace: str
+    model_id: str
+    classes: int
+    examples: int
+    sampled: bool  # only some classes or examples were judged (the server bounds the work)
+    judged_examples: int
+    expected_accuracy: float | None  # leave-one-out accuracy over the judged examples
+    per_class: list[ClassJudgement]  # lowest loo_accuracy first
+    confused_pairs: list[ConfusedPair]

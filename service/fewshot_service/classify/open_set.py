@@ -7,9 +7,14 @@ the other classes' full prototypes -- what a new image of ``c`` would see. So
 - ``unknown``: an image is flagged when its unknown statistic (see :data:`UNKNOWN_STATISTIC`) is
   below the ``unknown_rate`` quantile of the examples' LOO statistics, i.e. about ``unknown_rate``
   of the images of registered classes are flagged;
-- ``confidence``: a logistic curve over the top-1 margin (top-1 minus top-2 score), fitted to
-  whether each example's LOO top-1 class was its own: an estimate of P(top-1 label is right),
-  for an image of one of the registered classes.
+- ``confidence``: one probability distribution over the namespace's classes *and* "unknown": a
+  softmax of ``score / T`` over every class plus an "unknown" logit ``threshold / T`` (the threshold
+  above, so an image is flagged unknown exactly when "unknown" is the distribution's most likely
+  answer). The temperature ``T`` is fitted per namespace on the LOO scores (the own score as a new
+  image would see it, :func:`fresh_own_scores`) by minimising the log loss of "the top-1 is right"
+  under the top-1's probability (:func:`fit_inverse_temperature`): one parameter, sane with 3
+  classes x 5 shots. The confidences of the top-k and P(unknown) therefore sum to at most 1
+  (exactly 1 over every class and unknown).
 
 Classes with one example have no LOO score; a namespace with fewer than
 :data:`MIN_CALIBRATION_EXAMPLES` LOO scores uses the global defaults below (measured on the
@@ -51,7 +56,16 @@ UnknownStatistic = Literal["score", "margin"]
 UNKNOWN_STATISTIC: UnknownStatistic = "score"
 # Fallbacks for namespaces too small to calibrate (dev split, shipped int8 model, 5 shots).
 DEFAULT_THRESHOLD = 0.29  # on the unknown statistic: the dev split's 5% LOO quantile
-DEFAULT_CONFIDENCE = (5.7, -2.1)  # logistic (slope, intercept) over the margin, dev split
+# 1 / temperature of the softmax for namespaces too small to fit their own (dev split, shipped
+# model, 50 classes x 5 shots, fitted as below: bench/bench_calibration.py).
+DEFAULT_INVERSE_TEMPERATURE = 8.5
+# The fitted 1/T stays in this range (cosines span [-1, 1]: 1/T = 1 is nearly uniform, 400 a hard max).
+INVERSE_TEMPERATURE_RANGE = (1.0, 400.0)
+# Weight (in examples) of a prior pulling log(1/T) towards the default: a handful of perfectly
+# separated examples would otherwise fit T -> 0 and answer every image with certainty.
+TEMPERATURE_PRIOR_EXAMPLES = 2.0
+# Rows used to fit T: plenty for one parameter, and the fit stays small beside the LOO scores.
+MAX_TEMPERATURE_FIT_ROWS = 512
 # When a class has no second class to compare with, the "second" score is this (cosines >= -1).
 NO_SECOND_SCORE = -1.0
 
@@ -84,6 +98,17 @@ class LooScores:
 
     scores: np.ndarray  # [M, C] cosine; column own[i] is the LOO score
     own: np.ndarray  # [M] class index of each example
+    # [M] each example's LOO score as a new image would see its class (see fresh_own_scores).
+    fresh_own: np.ndarray | None = None
+
+    @property
+    def fresh_scores(self) -> np.ndarray:
+        """``scores`` with each own column replaced by ``fresh_own``: what the temperature is fitted on."""
+        if self.fresh_own is None:
+            return self.scores
+        scores = self.scores.copy()
+        scores[np.arange(len(self.own)), self.own] = self.fresh_own
+        return scores
 
     @property
     def own_scores(self) -> np.ndarray:
@@ -95,11 +120,21 @@ class LooScores:
         return self.own_scores >= self.scores.max(axis=1)
 
 
+def fresh_own_scores(mean: np.ndarray, count: int, vectors: np.ndarray) -> np.ndarray:
+    """Each of ``vectors``' (unit rows of a class of ``count`` examples with mean ``mean``) score
+    against its class without it, as a *new* image scores against the whole class: the LOO
+    mean's dot product over the norm of the full mean. The plain LOO cosine divides by the norm
+    of a mean of one example fewer, which is larger on average (more noise left in it), so a
+    temperature fitted on it came out too high for new images, whose prototype has every shot."""
+    loo_mean = (mean.astype(np.float64) * count - vectors) / (count - 1)
+    return np.sum(vectors * loo_mean, axis=1) / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 def leave_one_out_scores(means: np.ndarray, counts: np.ndarray, examples: list[np.ndarray]) -> LooScores:
     """``means`` [C, D]: class means of unit vectors over all ``counts`` [C] examples;
     ``examples[c]`` [n, D]: (some of) class c's unit embeddings. Classes of one example add none."""
     prototypes = l2_normalize(means.astype(np.float64))
-    rows, own = [], []
+    rows, own, fresh = [], [], []
     for c, vectors in enumerate(examples):
         if counts[c] < 2 or len(vectors) == 0:
             continue
@@ -108,26 +143,81 @@ def leave_one_out_scores(means: np.ndarray, counts: np.ndarray, examples: list[n
         without_self = l2_normalize(means[c] * counts[c] - vectors)  # / (n - 1): direction only
         scores[:, c] = np.sum(vectors * without_self, axis=1)
         rows.append(scores)
+        fresh.append(fresh_own_scores(means[c], int(counts[c]), vectors))
         own += [c] * len(vectors)
     if not rows:
-        return LooScores(np.zeros((0, len(means))), np.zeros(0, dtype=np.int64))
-    return LooScores(np.concatenate(rows), np.asarray(own, dtype=np.int64))
+        return LooScores(np.zeros((0, len(means))), np.zeros(0, dtype=np.int64), np.zeros(0))
+    return LooScores(np.concatenate(rows), np.asarray(own, dtype=np.int64), np.concatenate(fresh))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> tuple[float, float]:
-    """P(y | x) = sigmoid(a x + b) by Newton's method; the small L2 term keeps a separable set
-    (every example right) finite. Returns (a, b)."""
-    features = np.stack([x, np.ones_like(x)], axis=1)
-    weights = np.zeros(2)
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-features @ weights))
-        gradient = features.T @ (p - y) + l2 * weights
-        hessian = (features.T * (p * (1 - p))) @ features + l2 * np.eye(2)
-        step = np.linalg.solve(hessian, gradient)
-        weights -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(weights[0]), float(weights[1])
+def log_sum_exp(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log(sum(exp(values))) along ``axis``, without overflow; rows of -inf give -inf."""
+    peak = np.max(values, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(peak, axis=axis) + np.log(np.sum(np.exp(values - peak), axis=axis))
+
+
+def softmax_nll(scores: np.ndarray, own: np.ndarray, threshold: float, inverse_temperature: float) -> float:
+    """Mean negative log-likelihood of each row's ``own`` column under the softmax of
+    ``scores * 1/T`` over the columns plus an unknown logit ``threshold * 1/T``."""
+    logits = scores * inverse_temperature
+    log_partition = np.logaddexp(log_sum_exp(logits), threshold * inverse_temperature)
+    return float(np.mean(log_partition - logits[np.arange(len(own)), own]))
+
+
+def top1_log_loss(scores: np.ndarray, own: np.ndarray, threshold: float, inverse_temperature: float) -> float:
+    """Mean negative log-likelihood of "the top-1 is right" under the top-1's softmax
+    probability (the number Classify calls its confidence): what :func:`fit_inverse_temperature`
+    minimises."""
+    logits = scores * inverse_temperature
+    log_partition = np.logaddexp(log_sum_exp(logits), threshold * inverse_temperature)
+    top1 = np.clip(np.exp(logits.max(axis=1) - log_partition), 1e-12, 1.0 - 1e-12)
+    right = scores[np.arange(len(own)), own] >= scores.max(axis=1)
+    return float(-np.mean(np.where(right, np.log(top1), np.log1p(-top1))))
+
+
+def fit_inverse_temperature(
+    scores: np.ndarray,
+    own: np.ndarray,
+    threshold: float,
+    prior: float = DEFAULT_INVERSE_TEMPERATURE,
+    prior_examples: float = TEMPERATURE_PRIOR_EXAMPLES,
+) -> float:
+    """The 1/T minimising :func:`top1_log_loss` over the rows, plus a weak prior on log(1/T)
+    towards ``prior``: a grid over :data:`INVERSE_TEMPERATURE_RANGE` (log-spaced), refined by a
+    golden-section search around its best point. ``scores`` [M, K] may hold only some columns
+    per row (the best few: a large namespace's sample); ``own`` [M]: each row's own column.
+
+    Why the top-1's log loss and not the NLL of the own class over the whole distribution: one
+    temperature cannot fit both, and the full NLL's optimum left the top-1 (what a person reads)
+    underconfident on the dev split; docs/open-set.md has the figures."""
+    weight = prior_examples / len(scores)  # against every row, though the fit reads a spread of them
+    if len(scores) > MAX_TEMPERATURE_FIT_ROWS:
+        keep = np.linspace(0, len(scores) - 1, MAX_TEMPERATURE_FIT_ROWS).astype(np.int64)
+        scores, own = scores[keep], own[keep]
+    scores = scores.astype(np.float64)
+
+    def objective(log_beta: float) -> float:
+        beta = float(np.exp(log_beta))
+        return top1_log_loss(scores, own, threshold, beta) + weight * (log_beta - np.log(prior)) ** 2
+
+    grid = np.linspace(np.log(INVERSE_TEMPERATURE_RANGE[0]), np.log(INVERSE_TEMPERATURE_RANGE[1]), 16)
+    best = int(np.argmin([objective(g) for g in grid]))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    golden = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = high - golden * (high - low), low + golden * (high - low)
+    fa, fb = objective(a), objective(b)
+    for _ in range(14):  # the bracket (two grid steps, ~0.8 in log) shrinks to 0.618^14 of it: < 0.1%
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - golden * (high - low)
+            fa = objective(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + golden * (high - low)
+            fb = objective(b)
+    return float(np.exp((low + high) / 2.0))
 
 
 def _quantile(sorted_values: np.ndarray, q: float) -> float:
@@ -141,10 +231,10 @@ def _quantile(sorted_values: np.ndarray, q: float) -> float:
 
 @dataclass(frozen=True)
 class Calibration:
-    """A namespace's unknown thresholds and confidence curve, for one state of it."""
+    """A namespace's unknown thresholds and softmax temperature, for one state of it."""
 
     sorted_statistics: np.ndarray  # LOO unknown statistics of the examples, ascending
-    confidence_curve: tuple[float, float]  # (slope, intercept) over the margin
+    inverse_temperature: float = DEFAULT_INVERSE_TEMPERATURE  # 1/T of the softmax over scores
     kind: UnknownStatistic = UNKNOWN_STATISTIC
 
     @property
@@ -159,65 +249,93 @@ class Calibration:
     def unknown(self, top1: np.ndarray, top2: np.ndarray, unknown_rate: float) -> np.ndarray:
         return unknown_statistic(top1, top2, self.kind) < self.threshold(unknown_rate)
 
-    def confidence(self, top1: np.ndarray, top2: np.ndarray) -> np.ndarray:
-        slope, intercept = self.confidence_curve
-        return 1.0 / (1.0 + np.exp(-(slope * (top1 - top2) + intercept)))
+    def unknown_logit(self, unknown_rate: float) -> float:
+        """The score "unknown" competes with in the softmax: the threshold on the top-1 score (the
+        default statistic), so the flag and the distribution agree (flagged <=> unknown is the
+        likeliest answer); for the margin statistic, the dev split's threshold on the score."""
+        return self.threshold(unknown_rate) if self.kind == "score" else DEFAULT_THRESHOLD
+
+    def distribution(
+        self, scores: np.ndarray, log_partition: np.ndarray, unknown_rate: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``scores`` [N, k] (some classes of each image), ``log_partition`` [N]: log sum over
+        *every* class of exp(score/T) -> (P(class) [N, k], P(unknown) [N]), one distribution."""
+        beta = self.inverse_temperature
+        unknown = self.unknown_logit(unknown_rate) * beta
+        total = np.logaddexp(log_partition, unknown)
+        return np.exp(scores * beta - total[:, None]), np.exp(unknown - total)
 
 
 def calibrate(loo: LooScores, kind: UnknownStatistic = UNKNOWN_STATISTIC) -> Calibration:
-    top1, top2 = top_two(loo.scores)
-    return calibrate_top_two(top1, top2, loo.correct, kind)
+    top1, _ = top_two(loo.scores)
+    return calibrate_rows(top1, loo.scores, loo.own, kind, loo.fresh_scores)
 
 
-def calibrate_top_two(
-    top1: np.ndarray, top2: np.ndarray, correct: np.ndarray, kind: UnknownStatistic = UNKNOWN_STATISTIC
+def calibrate_rows(
+    top1: np.ndarray,
+    scores: np.ndarray,
+    own: np.ndarray,
+    kind: UnknownStatistic = UNKNOWN_STATISTIC,
+    fit_scores: np.ndarray | None = None,
 ) -> Calibration:
-    """From each calibration example's LOO best and second-best score, and whether its own class
-    was the best."""
+    """From each calibration example's LOO best score ``top1``, its LOO scores against (some of)
+    the classes ``scores`` [M, K] and the column of its own class ``own`` [M]; the temperature
+    from ``fit_scores`` (the same with fresh own scores, :func:`fresh_own_scores`) if given."""
     if len(top1) < MIN_CALIBRATION_EXAMPLES:
-        return Calibration(np.zeros(0), DEFAULT_CONFIDENCE, kind)
-    statistics = np.sort(unknown_statistic(top1, top2, kind))
-    curve = fit_logistic(top1 - top2, correct.astype(np.float64))
-    if curve[0] <= 0:
-        # A few noisy examples can fit a curve on which a larger margin means *less* confidence
-        # (seen with 3 classes x 5 shots): confidence must rise with the margin, so such a
-        # namespace keeps the dev-split curve until its own examples say something sensible.
-        curve = DEFAULT_CONFIDENCE
-    return Calibration(statistics, curve, kind)
+        return Calibration(np.zeros(0), DEFAULT_INVERSE_TEMPERATURE, kind)
+    if kind == "score":
+        statistics = np.sort(top1)
+    else:
+        second = -np.partition(-scores, 1, axis=1)[:, 1] if scores.shape[1] > 1 else NO_SECOND_SCORE
+        statistics = np.sort(unknown_statistic(top1, second, kind))
+    unfitted = Calibration(statistics, DEFAULT_INVERSE_TEMPERATURE, kind)
+    fit_on = scores if fit_scores is None else fit_scores
+    beta = fit_inverse_temperature(fit_on, own, unfitted.unknown_logit(DEFAULT_UNKNOWN_RATE))
+    return dataclasses.replace(unfitted, inverse_temperature=beta)
 
 
 def calibrate_snapshot(snapshot: ExampleSnapshot, kind: UnknownStatistic = UNKNOWN_STATISTIC) -> Calibration:
     return calibrate(leave_one_out_scores(snapshot.means, snapshot.counts, snapshot.embeddings), kind)
 
 
-def loo_top_two_against(
+# Classes per example a large namespace's sampled calibration scores (its own LOO and the best
+# others): the softmax's partition is dominated by them at the temperatures fitted.
+SAMPLED_SCORES_PER_EXAMPLE = 8
+
+
+def loo_rows_against(
     classifier: PrototypeMatrix, sample: ExampleSnapshot, chunk: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LOO best and second-best scores (and whether the own class won) of ``sample``'s examples
-    against every class of ``classifier``, without an [examples x classes] matrix: each example's
-    top-3 from one top-k scan, its own class replaced by its LOO score. ``sample`` holds some
-    classes only (their means and counts as of one state; the classifier may be a moment newer)."""
-    own_scores, rows, own_labels = [], [], []
+    """LOO best score, and LOO scores against the best few classes (own class in column 0), of
+    ``sample``'s examples against every class of ``classifier``, without an [examples x classes]
+    matrix: one top-k scan per example, its own class replaced by its LOO score. ``sample``
+    holds some classes only (their means and counts as of one state; the classifier may be a
+    moment newer). Returns (top1 [M], scores [M, K], own column [M] = 0, scores with the own
+    column as a new image would see it [M, K])."""
+    own_scores, rows, own_labels, fresh = [], [], [], []
     for c, vectors in enumerate(sample.embeddings):
         if sample.counts[c] < 2 or len(vectors) == 0:
             continue
         without_self = l2_normalize(sample.means[c] * sample.counts[c] - vectors)  # / (n - 1)
         own_scores.append(np.sum(vectors * without_self, axis=1))
+        fresh.append(fresh_own_scores(sample.means[c], int(sample.counts[c]), vectors))
         rows.append(vectors)
         own_labels += [sample.labels[c]] * len(vectors)
+    width = SAMPLED_SCORES_PER_EXAMPLE
     if not rows:
-        empty = np.zeros(0, dtype=np.float32)
-        return empty, empty, np.zeros(0, dtype=bool)
+        empty = np.zeros((0, width))
+        return np.zeros(0), empty, np.zeros(0, dtype=np.int64), empty
     examples, own = np.concatenate(rows).astype(np.float32), np.concatenate(own_scores)
-    top1, top2, correct = np.empty(len(own)), np.empty(len(own)), np.empty(len(own), dtype=bool)
+    scores = np.full((len(own), width), NO_SECOND_SCORE, dtype=np.float64)
+    scores[:, 0] = own
     for start in range(0, len(examples), chunk):
-        ranked = classifier.top_k(examples[start : start + chunk], 3)
+        ranked = classifier.top_k(examples[start : start + chunk], width)
         for i, preds in enumerate(ranked, start):
-            others = [p.score for p in preds if p.label != own_labels[i]][:2]
-            others += [NO_SECOND_SCORE] * (2 - len(others))
-            best_two = sorted([own[i], *others], reverse=True)[:2]
-            top1[i], top2[i], correct[i] = best_two[0], best_two[1], own[i] >= others[0]
-    return top1, top2, correct
+            others = [p.score for p in preds if p.label != own_labels[i]][: width - 1]
+            scores[i, 1 : 1 + len(others)] = others
+    fresh_scores = scores.copy()
+    fresh_scores[:, 0] = np.concatenate(fresh)
+    return scores.max(axis=1), scores, np.zeros(len(own), dtype=np.int64), fresh_scores
 
 
 def sampled_labels(labels: list[str], count: int) -> list[str]:
@@ -231,10 +349,12 @@ def sampled_labels(labels: list[str], count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class OpenSetResult:
-    """One image's answer: its best classes (with confidences), and whether it matches none."""
+    """One image's answer: its best classes (with confidences), whether it matches none, and the
+    probability of "unknown" in the same distribution as the confidences."""
 
     predictions: list[Prediction]
     unknown: bool
+    unknown_probability: float = 0.0
 
 
 def label_images(
@@ -246,8 +366,8 @@ def label_images(
 ) -> list[OpenSetResult]:
     """Top-k predictions of each image, each with its confidence, and the unknown flag.
 
-    A prediction's confidence is the curve at its score minus the best *other* class's score
-    (the margin to the runner-up for the top-1; negative below it)."""
+    A prediction's confidence is its class's probability in the softmax over every class and
+    "unknown" (:meth:`Calibration.distribution`): the partition reads every class's score."""
     # One scan of the prototypes: the best two scores come with the top-k (at least 2).
     ranked = classifier.top_k(embeddings, max(top_k, 2))
     top1 = np.array([preds[0].score for preds in ranked], dtype=np.float32)
@@ -255,16 +375,26 @@ def label_images(
         [preds[1].score if len(preds) > 1 else NO_SECOND_SCORE for preds in ranked], dtype=np.float32
     )
     unknown = calibration.unknown(top1, top2, unknown_rate)
-    results = []
-    for ranked_preds, best, second, flagged in zip(ranked, top1, top2, unknown):
-        preds = ranked_preds[:top_k]
-        scores = np.array([p.score for p in preds])
-        rival = np.where(scores >= best, second, best)
-        confidence = calibration.confidence(scores, rival) if len(preds) else []
-        results.append(
-            OpenSetResult(
-                [dataclasses.replace(p, confidence=float(c)) for p, c in zip(preds, confidence)],
-                bool(flagged),
-            )
+    beta = calibration.inverse_temperature
+    # The partition's BLAS scores may round a hair off the exact ones the predictions carry: it is
+    # never taken below the exact ranked classes' own sum, so the top-k never sum past 1; where
+    # they are every class, it is their sum, so all of them and unknown sum to 1.
+    ranked_scores = np.array([[p.score for p in preds] for preds in ranked], dtype=np.float64)
+    exact = log_sum_exp(ranked_scores.reshape(len(ranked), -1) * beta)
+    if ranked_scores.size and ranked_scores.shape[1] == len(classifier):
+        log_partition = exact
+    else:
+        log_partition = np.maximum(classifier.log_partition(embeddings, beta), exact)
+    width = min(top_k, len(classifier))
+    scores = np.array([[p.score for p in preds[:width]] for preds in ranked], dtype=np.float64)
+    confidences, unknown_probability = calibration.distribution(
+        scores.reshape(len(ranked), width), log_partition, unknown_rate
+    )
+    return [
+        OpenSetResult(
+            [dataclasses.replace(p, confidence=float(c)) for p, c in zip(preds[:width], row)],
+            bool(flagged),
+            float(p_unknown),
         )
-    return results
+        for preds, row, flagged, p_unknown in zip(ranked, confidences, unknown, unknown_probability)
+    ]

@@ -129,7 +129,7 @@ def limit_blas_threads(threads: int = 1) -> None:
 class Prediction:
     label: str
     score: float
-    # P(this label is right), from the score's margin over the best other class (open_set.py).
+    # P(this label is right): its share of the softmax over every class and "unknown" (open_set.py).
     confidence: float | None = None
 
 
@@ -354,6 +354,25 @@ class PrototypeMatrix:
             if scan is not None:
                 return self._top_k_int8(scan, embeddings, k)
         return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)]
+
+    def log_partition(self, embeddings: np.ndarray, inverse_temperature: float) -> np.ndarray:
+        """Per row of ``embeddings`` [N, D]: log sum over every class of exp(score / T), the
+        softmax's normaliser (open_set.py). A float32 pass over every row, the cost of one scan
+        (the int8 scan's shortcut cannot bound a sum); images a chunk at a time, so the
+        temporary stays near ``_EXACT_CHUNK_ROWS`` x 1024 floats however many classes."""
+        embeddings = embeddings.astype(np.float32, copy=False)
+        out = np.empty(len(embeddings), dtype=np.float64)
+        per_chunk = max(1, (_EXACT_CHUNK_ROWS * 1024) // max(self._slots, 1))
+        for start in range(0, len(embeddings), per_chunk):
+            # float32 throughout (in place): the terms are at most 1 after the shift, and a float32
+            # sum of them is far more precise than any confidence is read.
+            logits = self._scores(embeddings[start : start + per_chunk])
+            logits *= np.float32(inverse_temperature)
+            peak = logits.max(axis=1, keepdims=True)
+            logits -= peak
+            np.exp(logits, out=logits)
+            out[start : start + per_chunk] = peak[:, 0] + np.log(logits.sum(axis=1, dtype=np.float64))
+        return out
 
     def build_int8_scan(self) -> None:
         """Build the int8 copy for this version now, not in the background (tests, benchmarks)."""

@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..classify.open_set import (
-    DEFAULT_CONFIDENCE,
     Calibration,
+    calibrate_rows,
     calibrate_snapshot,
-    calibrate_top_two,
-    loo_top_two_against,
+    loo_rows_against,
     sampled_labels,
 )
 
@@ -71,7 +70,7 @@ class OpenSetCalibrator:
         self._schedule(namespace, prototypes)
         if cached is not None and cached[0][0] == prototypes.epoch:
             return cached[1]
-        return Calibration(np.zeros(0), DEFAULT_CONFIDENCE)  # the defaults until the first one
+        return Calibration(np.zeros(0))  # the defaults until the first one
 
     def _schedule(self, namespace: str, prototypes: PrototypeSet) -> None:
         now = time.monotonic()
@@ -96,7 +95,8 @@ class OpenSetCalibrator:
                 only_their_means=True,
                 model_id=prototypes.model_id,
             )
-            calibration = calibrate_top_two(*loo_top_two_against(prototypes.classifier, sample))
+            top1, scores, own, fresh = loo_rows_against(prototypes.classifier, sample)
+            calibration = calibrate_rows(top1, scores, own, fit_scores=fresh)
             self._store(namespace, (sample.epoch, sample.generation), calibration)
         except Exception:  # noqa: BLE001 -- a failed refresh keeps the last calibration
             logging.getLogger(__name__).warning("recalibrating a namespace failed", exc_info=True)

@@ -49,8 +49,10 @@ from .calibrator import OpenSetCalibrator
 from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
 from .decode_pool import DecodePool
 from .example_images import StoredImage, Thumbnails
+from .reports import NamespaceReports
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
+    from ..classify.report import NamespaceReport
     from ..classify.snapshot import ExampleSnapshot, PrototypeSet
     from ..registry.registry import (
         ClassInfo,
@@ -116,6 +118,7 @@ class FewShotCore:
         self.unknown_rate = resolve_unknown_rate(unknown_rate)
         self.duplicate_similarity = duplicate_similarity
         self.open_set = OpenSetCalibrator(registry)
+        self.reports = NamespaceReports(registry)
         self.decode_pool = decode_pool or DecodePool()
         self._batcher = DynamicBatcher(
             embedder.embed_array,
@@ -469,6 +472,16 @@ class FewShotCore:
                 "were stored)"
             )
         return StoredImage.of(data)
+
+    def report(self, namespace: str | None, cancellation: CancellationCheck | None = None) -> NamespaceReport:
+        """Will the namespace's classes work: per-class leave-one-out accuracy, the most confused
+        pairs, classes needing more or cleaner shots, the expected accuracy (classify/report.py),
+        from a bounded sample of its examples (core/reports.py)."""
+        namespace = resolve_namespace(namespace)
+        with _registry_span("prototypes"):
+            prototypes = self._prototypes(namespace, cancellation)
+        with _registry_span("report"):
+            return self.reports.report(namespace, prototypes)
 
     def delete_class(self, namespace: str | None, label: str) -> None:
         namespace, label = resolve_namespace(namespace), resolve_label(label)

@@ -150,6 +150,7 @@ class FewShotServicer(fewshot_pb2_grpc.FewShotServicer):
                         for p in result.predictions
                     ],
                     unknown=result.unknown,
+                    unknown_probability=result.unknown_probability,
                 )
                 for result in results
             ],

@@ -26,6 +26,7 @@ from . import (
     routes_info,
     routes_models,
     routes_namespaces,
+    routes_report,
     ui,
 )
 from .access_log import AccessLog, NoteRoute
@@ -62,6 +63,7 @@ def create_app(
     app.include_router(routes_classes.router)
     app.include_router(routes_bulk.router)
     app.include_router(routes_classify.router)
+    app.include_router(routes_report.router)
     app.include_router(routes_namespaces.router)
     app.include_router(routes_models.router)
     app.include_router(routes_health.router)

@@ -49,5 +49,6 @@ def classify(
             for r in results
         ],
         unknown=[r.unknown for r in results],
+        unknown_probability=[r.unknown_probability for r in results],
         unknown_rate=resolve_unknown_rate(unknown_rate, core.unknown_rate),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -168,7 +168,8 @@ class DeletedNamespaceBody(BaseModel):
 class PredictionBody(BaseModel):
     label: str
     score: float
-    confidence: float | None = None  # estimated P(label is right), calibrated per namespace
+    # Estimated P(label is right): its share of one softmax over the classes and "unknown".
+    confidence: float | None = None
 
 
 class ClassifyBody(BaseModel):
@@ -178,6 +179,41 @@ class ClassifyBody(BaseModel):
     # Per image, parallel to results: it matches none of the classes well enough.
     unknown: list[bool] = []
     unknown_rate: float | None = None  # the rate the unknown flags were calibrated for
+    # Per image, parallel to results: P(none of the classes), in the same distribution as the
+    # confidences (they and this sum to <= 1); unknown is true exactly when it outweighs every class.
+    unknown_probability: list[float] = []
+
+
+class ClassJudgementBody(BaseModel):
+    label: str
+    count: int  # the class's examples
+    loo_accuracy: float | None  # its judged examples classified as it, leave-one-out; null below 2
+    nearest_label: str | None  # the class with the closest prototype; null with one class
+    nearest_similarity: float | None  # cosine between the two prototypes
+    needs: list[Literal["more_shots", "cleaner_shots"]]
+    suspect_example_ids: list[str]  # likely mislabels: another class is closer than its own
+
+
+class ConfusedPairBody(BaseModel):
+    a: str
+    b: str
+    similarity: float  # cosine between the two prototypes
+    a_as_b: int  # judged examples of a classified as b, leave-one-out
+    b_as_a: int
+
+
+class ReportBody(BaseModel):
+    namespace: str
+    model_id: str
+    classes: int
+    examples: int
+    # Only some classes or examples were judged (a bounded sample: docs/api.md, "Report").
+    sampled: bool
+    judged_examples: int
+    # Leave-one-out accuracy over the judged examples; null when no class has two examples.
+    expected_accuracy: float | None
+    per_class: list[ClassJudgementBody]  # the judged classes, lowest loo_accuracy first
+    confused_pairs: list[ConfusedPairBody]  # most confusions first, then most similar
 
 
 class HealthBody(BaseModel):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"L\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.Embedding\x12\x10\n\x08model_id\x18\x02 \x01(\t\"Y\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x14\n\x0cunknown_rate\x18\x04 \x01(\x02\">\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"N\n\x0e\x43lassification\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0f\n\x07unknown\x18\x02 \x01(\x08\"Q\n\x10\x43lassifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.fewshot.v1.Classification\x12\x10\n\x08model_id\x18\x02 \x01(\t2\x8e\x01\n\x07\x46\x65wShot\x12<\n\x05\x45mbed\x12\x18.fewshot.v1.EmbedRequest\x1a\x19.fewshot.v1.EmbedResponse\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"L\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.Embedding\x12\x10\n\x08model_id\x18\x02 \x01(\t\"Y\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x14\n\x0cunknown_rate\x18\x04 \x01(\x02\">\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"k\n\x0e\x43lassification\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0f\n\x07unknown\x18\x02 \x01(\x08\x12\x1b\n\x13unknown_probability\x18\x03 \x01(\x02\"Q\n\x10\x43lassifyResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.fewshot.v1.Classification\x12\x10\n\x08model_id\x18\x02 \x01(\t2\x8e\x01\n\x07\x46\x65wShot\x12<\n\x05\x45mbed\x12\x18.fewshot.v1.EmbedRequest\x1a\x19.fewshot.v1.EmbedResponse\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION']._serialized_start=270
   _globals['_PREDICTION']._serialized_end=332
   _globals['_CLASSIFICATION']._serialized_start=334
-  _globals['_CLASSIFICATION']._serialized_end=412
-  _globals['_CLASSIFYRESPONSE']._serialized_start=414
-  _globals['_CLASSIFYRESPONSE']._serialized_end=495
-  _globals['_FEWSHOT']._serialized_start=498
-  _globals['_FEWSHOT']._serialized_end=640
+  _globals['_CLASSIFICATION']._serialized_end=441
+  _globals['_CLASSIFYRESPONSE']._serialized_start=443
+  _globals['_CLASSIFYRESPONSE']._serialized_end=524
+  _globals['_FEWSHOT']._serialized_start=527
+  _globals['_FEWSHOT']._serialized_end=669
 # @@protoc_insertion_point(module_scope)

@@ -49,12 +49,14 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("predictions", "unknown")
+    __slots__ = ("predictions", "unknown", "unknown_probability")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     unknown: bool
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., unknown: _Optional[bool] = ...) -> None: ...
+    unknown_probability: float
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., unknown: _Optional[bool] = ..., unknown_probability: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("results", "model_id")
