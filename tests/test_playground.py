@@ -120,6 +120,21 @@ def add_class(driver: WebDriver, label: str, images: list[Path]) -> None:
     wait_for(driver, f'.class-card[data-label="{label}"] .count', f"{len(images)} example{plural}")
 
 
+def test_every_playground_script_loads_without_an_error(stack: ServerStack, browser: WebDriver) -> None:
+    """app.js, gallery.js and report.js share one global scope: a name declared twice (or any other
+    error) stops a whole script, which no single panel's test would name."""
+    base = f"http://127.0.0.1:{stack.http_port}"
+    browser.get_log("browser")  # drain what earlier pages left
+    browser.get(base + "/ui/")
+    wait_for(browser, "#model-info", stack.core.model_id)
+    loaded = browser.execute_script(
+        "return [typeof window.fewshot, typeof Gallery, typeof loadReport].join(' ')"
+    )
+    assert loaded == "object object function"
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+
+
 def test_playground_creates_two_classes_from_files_and_classifies_an_image(
     stack: ServerStack, redis_url: str, browser: WebDriver, tmp_path: Path
 ) -> None:

@@ -7,7 +7,7 @@ const NEEDS_TEXT = {
   cleaner_shots: "check its shots: some look like another class",
 };
 
-const percent = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 100)}%`);
+const reportPercent = (value) => (value === null || value === undefined ? "–" : `${Math.round(value * 100)}%`);
 
 function reportElement(tag, className, text) {
   const element = document.createElement(tag);
@@ -36,7 +36,7 @@ function renderReport(report) {
   summary.textContent = report.expected_accuracy === null
     ? `${report.classes} class(es), ${report.examples} example(s): add a second example to a class ` +
       "to judge it."
-    : `Expected accuracy ${percent(report.expected_accuracy)} at ${report.classes} classes ` +
+    : `Expected accuracy ${reportPercent(report.expected_accuracy)} at ${report.classes} classes ` +
       `(each example classified without itself; ${report.examples} examples).${judged}`;
   container.append(summary);
 
@@ -57,7 +57,7 @@ function renderReport(report) {
     fill.style.width = `${(judged.loo_accuracy ?? 0) * 100}%`;
     if (judged.loo_accuracy !== null && judged.loo_accuracy < 0.5) fill.classList.add("low");
     bar.append(fill);
-    accuracy.append(bar, reportElement("span", "num", percent(judged.loo_accuracy)));
+    accuracy.append(bar, reportElement("span", "num", reportPercent(judged.loo_accuracy)));
     row.append(accuracy);
     row.append(reportElement("td", "", judged.nearest_label === null
       ? "–"
