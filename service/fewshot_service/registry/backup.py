@@ -54,7 +54,7 @@ def _read(registry: Registry, namespace: str) -> dict[str, Any]:
     """Everything of ``namespace`` as of one generation (read again while it changes)."""
     keys = registry.keys(namespace)
     client = registry.client
-    registry._ensure_layout(namespace)
+    registry.ensure_layout(namespace)
     for _attempt in range(_READ_ATTEMPTS):
         with redis_errors(client):
             generation = client.hget(keys.state, "generation")
