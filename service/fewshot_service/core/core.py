@@ -45,7 +45,7 @@ from ..names import resolve_example_id, resolve_label, resolve_name, resolve_nam
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .calibrator import OpenSetCalibrator
-from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
+from .class_pages import decode_cursor, encode_cursor, label_matcher, resolve_limit
 from .decode_pool import DecodePool
 
 if TYPE_CHECKING:  # the registry imports redis; keep this module importable on its own
@@ -424,9 +424,8 @@ class FewShotCore:
         """One page of the classes by label (class_pages.py) and the next page's cursor."""
         namespace, limit = resolve_namespace(namespace), resolve_limit(limit)
         after = decode_cursor(cursor) if cursor else None  # refused before Redis is asked
-        if query:  # a search decodes every label: one pass over the namespace
-            return page(self.registry.list_classes(namespace), limit, cursor, query)
-        found, last = self.registry.class_page(namespace, after, limit)
+        matches = label_matcher(query) if query else None
+        found, last = self.registry.class_page(namespace, after, limit, matches=matches)
         return found, None if last is None else encode_cursor(last)
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:

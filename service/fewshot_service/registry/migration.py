@@ -1,5 +1,7 @@
 """Namespaces written before per-model keys: moved to the current layout on first touch, once per
 namespace (migrate_layout.lua), and the retry of a write that found one (its script answers LEGACY).
+Namespaces written before the label index (keys.py, ``labels``) get it built on first touch, once
+(index_labels.lua); from then on every script that creates or deletes a class keeps it.
 """
 
 from __future__ import annotations
@@ -26,16 +28,27 @@ class Migration:
         self._current_layout: set[str] = set()
 
     def ensure_layout(self, namespace: str) -> None:
-        """Migrate ``namespace`` if it is still in the old layout (checked once per replica)."""
+        """Migrate ``namespace`` if it is still in the old layout, and index its labels if they
+        are not yet (checked once per replica)."""
         if namespace in self._current_layout:
             return
         keys = self._store.keys(namespace)
         with redis_errors(self._store.client):
-            epoch, layout = self._store.client.hmget(keys.state, "epoch", "layout")
+            epoch, layout, indexed = self._store.client.hmget(keys.state, "epoch", "layout", "label_index")
         if epoch is not None and layout is None:
-            self.migrate_namespace(namespace)
+            self.migrate_namespace(namespace)  # indexes the labels too
+        elif epoch is not None and indexed is None:
+            self.index_labels(namespace)
         if epoch is not None:
             self._current_layout.add(namespace)
+
+    def index_labels(self, namespace: str) -> None:
+        """Build the label index of a namespace written before it (one script: O(namespace), once)."""
+        keys = self._store.keys(namespace)
+        with redis_errors(self._store.client):
+            indexed = self._store.scripts.index_labels(keys=[keys.state, keys.counts, keys.labels])
+        if indexed:
+            log.info("namespace %r: its %d labels indexed for paging", namespace, int(indexed))
 
     def migrate_namespace(self, namespace: str) -> None:
         """Old layout -> per-model keys, in one script: the recorded model's embeddings become
@@ -61,6 +74,7 @@ class Migration:
                     mk.counts,
                     mk.prototypes,
                     mk.sums,
+                    keys.labels,
                 ]
                 for f in fields:
                     label = decode(f)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Callable
 
 from fewshot_common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 
@@ -10,6 +10,9 @@ from .keys import decode, encode, namespace_of_state_key, redis_errors, state_ke
 from .migration import Migration
 from .store import Store
 from .types import ClassInfo, ClassSummary, ModelCompleteness, NamespaceStatus, NamespaceSummary
+
+# Labels a search reads from the index per round trip while it fills a page.
+_SEARCH_CHUNK = 1000
 
 
 class Reads:
@@ -25,24 +28,50 @@ class Reads:
         return sorted(summaries, key=lambda s: s.label)
 
     def class_page(
-        self, namespace: str, after: str | None, limit: int
+        self,
+        namespace: str,
+        after: str | None,
+        limit: int,
+        *,
+        prefix: str = "",
+        matches: Callable[[str], bool] | None = None,
     ) -> tuple[list[ClassSummary], str | None]:
         """Up to ``limit`` classes by label after ``after``, and the label the next page starts
         after (None: this is the last page).
 
-        Only the page's labels are decoded and only its counts read: the fields are hex of the
-        labels' UTF-8, which sorts as the labels do (code point order), so the cursor is found by
-        bisection among the raw fields. Still one HKEYS of the namespace (no index of labels in
-        Redis). A class deleted between the two reads is left out of the page."""
+        Read from the namespace's label index (keys.py, ``labels``): the fields are hex of the
+        labels' UTF-8, which sorts as the labels do (code point order), so ZRANGEBYLEX finds the
+        cursor and a ``prefix`` in O(log n + page). ``matches`` (a search the index cannot answer,
+        e.g. a substring) walks the index from the cursor in chunks until the page is full: a
+        page costs the labels walked to fill it, the whole namespace only when few match. A
+        class deleted between the reads is left out of the page."""
+        self._migration.ensure_layout(namespace)  # builds the index of an older namespace once
         keys = self._store.keys(namespace)
         client = self._store.client
+        low = f"({encode(after)}" if after else "-"
+        if prefix and (not after or encode(prefix) > encode(after)):
+            low = f"[{encode(prefix)}"
+        high = f"({encode(prefix)}g" if prefix else "+"  # 'g' sorts after every hex digit
+        chosen: list[bytes] = []
+        more = False
         with redis_errors(client):
-            fields = sorted(client.hkeys(keys.counts))
-            start = bisect.bisect_right(fields, encode(after).encode()) if after else 0
-            chosen = fields[start : start + limit]
+            while True:
+                wanted = limit + 1 - len(chosen)
+                batch = max(wanted, _SEARCH_CHUNK) if matches is not None else wanted
+                fields = client.zrangebylex(keys.labels, low, high, start=0, num=batch)
+                for f in fields:
+                    if matches is None or matches(decode(f)):
+                        chosen.append(f)
+                    if len(chosen) > limit:
+                        break
+                if len(chosen) > limit or len(fields) < batch:
+                    break
+                low = f"({text(fields[-1])}"
+            more = len(chosen) > limit
+            chosen = chosen[:limit]
             counts = client.hmget(keys.counts, chosen) if chosen else []
         found = [ClassSummary(decode(f), int(c)) for f, c in zip(chosen, counts) if c is not None]
-        return found, decode(chosen[-1]) if start + limit < len(fields) else None
+        return found, decode(chosen[-1]) if more else None
 
     def get_class(self, namespace: str, label: str) -> ClassInfo:
         keys = self._store.keys(namespace)

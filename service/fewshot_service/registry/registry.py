@@ -21,7 +21,7 @@ it in step on a Cluster. SCAN costs a pass over the keyspace, which an admin cal
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import redis
@@ -160,9 +160,15 @@ class Registry:
         return self.reads.list_classes(namespace)
 
     def class_page(
-        self, namespace: str, after: str | None, limit: int
+        self,
+        namespace: str,
+        after: str | None,
+        limit: int,
+        *,
+        prefix: str = "",
+        matches: Callable[[str], bool] | None = None,
     ) -> tuple[list[ClassSummary], str | None]:
-        return self.reads.class_page(namespace, after, limit)
+        return self.reads.class_page(namespace, after, limit, prefix=prefix, matches=matches)
 
     def get_class(self, namespace: str, label: str) -> ClassInfo:
         return self.reads.get_class(namespace, label)

@@ -32,6 +32,7 @@ class Scripts:
         self.changes_since = client.register_script(load_script("changes_since.lua", prelude=False))
         self.delete_namespace = client.register_script(load_script("delete_namespace.lua"))
         self.migrate = client.register_script(load_script("migrate_layout.lua"))
+        self.index_labels = client.register_script(load_script("index_labels.lua", prelude=False))
 
 
 class Store:

@@ -93,6 +93,7 @@ class Writes:
             keys.changes,
             keys.images(label),
             *keys.model(model_id).for_class(label),
+            keys.labels,
         ]
 
     def add_classes(
@@ -192,7 +193,9 @@ class Writes:
                     keys.counts,
                     keys.models,
                     keys.changes,
+                    keys.labels,
                     *(keys.images(label) for label in labels),
+                    *(keys.hashes(label) for label in labels),
                 ]
                 for model in models:
                     mk = keys.model(model)
