@@ -40,10 +40,10 @@ DEFAULT_MAX_ROWS = 2048
 class NearestOthers:
     """The cache one lineage of a namespace's matrix versions shares; valid for one version."""
 
-    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    def __init__(self, version: object, max_rows: int = DEFAULT_MAX_ROWS) -> None:
         self._lock = threading.Lock()
         self._max_rows = max_rows
-        self._version: object | None = None  # the matrix version the entries hold for
+        self._version = version  # the matrix version the entries hold for
         self._slots: OrderedDict[str, list[int]] = OrderedDict()  # class -> its rows, LRU order
         self._free: list[int] = list(range(max_rows - 1, -1, -1))
         self._vectors: np.ndarray | None = None  # [max_rows, D], allocated on the first entry

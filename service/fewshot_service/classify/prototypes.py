@@ -179,7 +179,7 @@ class PrototypeMatrix:
         )
         store.append(matrix, labels)
         self._init(store, np.zeros(len(labels), dtype=bool))
-        self._nearest = NearestOthers()  # shared with the versions patched from this one
+        self._nearest = NearestOthers(self)  # shared with the versions patched from this one
 
     def _init(self, store: _RowStore, dead: np.ndarray) -> None:
         self._store = store
