@@ -221,3 +221,28 @@ def command_counter(client: RedisClient) -> Callable[[], dict[str, int]]:
         return {name: n for name, n in used.items() if n}
 
     return since
+
+
+def test_the_migration_from_the_layout_before_per_model_keys_indexes_the_labels(
+    registry: Registry, client: RedisClient
+) -> None:
+    """What the scripts before per-model keys left (as in test_model_roll): migrated on first
+    touch, its labels indexed in the same script."""
+    import uuid
+
+    base = f"fewshot:{{ns:{encode('legacy')}}}"
+    labels = ["b", "a", "ü", "c d"]
+    client.hset(f"{base}:model", mapping={"model_id": MODEL, "dim": DIM})
+    for i, label in enumerate(labels, start=1):
+        row = vectors(1, i)[0]
+        client.hset(f"{base}:ex:{encode(label)}", str(i), row.tobytes())
+        client.hset(f"{base}:counts", encode(label), 1)
+        client.hset(f"{base}:prototypes", encode(label), (row / np.linalg.norm(row)).astype("<f4").tobytes())
+    client.hset(
+        f"{base}:state",
+        mapping={"epoch": uuid.uuid4().hex, "generation": 4, "next_example_id": 4, "logged": 4},
+    )
+    page, after = registry.class_page("legacy", None, 3)
+    assert [s.label for s in page] == sorted(labels)[:3] and after == sorted(labels)[2]
+    assert client.hget(registry.keys("legacy").state, "layout") == b"2"  # migrated, then paged
+    assert_index_matches(registry, "legacy")

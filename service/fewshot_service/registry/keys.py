@@ -7,13 +7,15 @@ One hash tag per namespace, so every script of a namespace runs on one Cluster s
                                             prototypes), epoch, next_example_id, log_start,
                                             logged (what the change log covers), layout (2),
                                             examples (how many the namespace holds),
-                                            n:<model id> (how many of them that model embedded)
+                                            n:<model id> (how many of them that model embedded),
+                                            label_index (1: the labels zset is complete)
     {prefix}:{ns:<hex>}:changes      zset   <label hex> -> generation of its last change
     {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
     {prefix}:{ns:<hex>}:labels       zset   <label hex>, score 0: the classes in label order
                                             (ZRANGEBYLEX: cursor pages, prefix search), kept by
                                             every script that creates or deletes a class; state's
-                                            label_index (1) says it is complete (labels.py)
+                                            label_index says it is complete (index_labels.lua
+                                            builds it for a namespace written before it)
     {prefix}:{ns:<hex>}:models       hash   <model id> -> embedding dim, for each model holding
                                             embeddings here
     {prefix}:{ns:<hex>}:img:<label hex>  hash  <example id> -> the stored image ('' for none)
