@@ -99,3 +99,31 @@ def test_a_class_asked_again_after_other_classes_changed_needs_no_scan() -> None
     # A class alone in its namespace has no other class.
     single = PrototypeMatrix(["only"], rng.standard_normal((1, DIM)))
     assert single.nearest_others("only", probe) == [(None, None), (None, None)]
+
+
+def test_the_cache_holds_at_most_its_rows_and_forgets_the_least_recently_asked() -> None:
+    from fewshot_service.classify.nearest_others import NearestOthers
+
+    rng = np.random.default_rng(4)
+    labels = [f"c{i:02d}" for i in range(40)]
+    matrix = PrototypeMatrix(labels, rng.standard_normal((40, DIM)))
+    cache = NearestOthers(matrix, max_rows=8)
+    probes = {label: unit(rng.standard_normal((3, DIM))) for label in labels[:6]}
+
+    def ask(m: PrototypeMatrix, label: str) -> list[tuple[str | None, float | None]]:
+        return cache.lookup(m, label, probes[label], lambda: brute_force(m, label, probes[label]))
+
+    for label in labels[:4]:  # 12 rows asked; the cache keeps the last two classes' 6
+        ask(matrix, label)
+    assert cache.rows == 6 and cache.misses == 4
+    ask(matrix, labels[3])
+    assert cache.hits == 1
+    ask(matrix, labels[0])  # evicted: computed again
+    assert cache.misses == 5 and cache.rows == 6
+    changes = {"c10": rng.standard_normal(DIM).astype(np.float32), "c11": None}
+    patched = PrototypeMatrix(labels, matrix.prototypes).patched(changes)  # any next version
+    cache.follow(matrix, patched, changes, patched.unit_row)
+    for label in (labels[0], labels[3]):
+        assert ask(patched, label) == brute_force(patched, label, probes[label])
+    cache.follow(matrix, patched, changes, patched.unit_row)  # from a version it does not hold: empty
+    assert cache.rows == 0

@@ -32,8 +32,8 @@ from .exact import blas_error_bound, exact_scores
 
 Nearest = tuple[str | None, float | None]  # (label, exact score) or (None, None): no other class
 
-# Example rows kept per namespace lineage (float32 [rows, D]: a few MB at D=384); the least
-# recently asked classes go first. A patch costs one [rows x D] . [D] product per changed class.
+# Example rows kept at most per namespace lineage (float32 [rows, D]); the least recently asked
+# classes go first. A patch costs one [rows x D] . [D] product per changed class.
 DEFAULT_MAX_ROWS = 2048
 
 
@@ -45,11 +45,12 @@ class NearestOthers:
         self._max_rows = max_rows
         self._version = version  # the matrix version the entries hold for
         self._slots: OrderedDict[str, list[int]] = OrderedDict()  # class -> its rows, LRU order
-        self._free: list[int] = list(range(max_rows - 1, -1, -1))
-        self._vectors: np.ndarray | None = None  # [max_rows, D], allocated on the first entry
-        self._owner = np.full(max_rows, None, dtype=object)  # per row: its class (None: free)
-        self._best = np.full(max_rows, None, dtype=object)  # per row: its nearest other class
-        self._score = np.full(max_rows, -np.inf, dtype=np.float32)  # and that class's exact score
+        # Rows grow by doubling up to max_rows: a namespace asked about a few classes holds a few.
+        self._free: list[int] = []
+        self._vectors: np.ndarray | None = None  # [capacity, D], allocated on the first entry
+        self._owner = np.full(0, None, dtype=object)  # per row: its class (None: free)
+        self._best = np.full(0, None, dtype=object)  # per row: its nearest other class
+        self._score = np.full(0, -np.inf, dtype=np.float32)  # and that class's exact score
         self.hits = 0  # answered from the cache (tests, benchmarks)
         self.misses = 0
 
@@ -77,9 +78,15 @@ class NearestOthers:
 
     def _put(self, label: str, vectors: np.ndarray, answer: list[Nearest]) -> None:
         if self._vectors is None or self._vectors.shape[1] != vectors.shape[1]:
-            self._forget_all()
-            self._vectors = np.zeros((self._max_rows, vectors.shape[1]), dtype=np.float32)
+            self._slots.clear()
+            self._free = []
+            self._vectors = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+            self._owner = np.full(0, None, dtype=object)
+            self._best = np.full(0, None, dtype=object)
+            self._score = np.full(0, -np.inf, dtype=np.float32)
         self._forget(label)
+        while len(self._free) < len(vectors) and len(self._owner) < self._max_rows:
+            self._grow(min(self._max_rows, max(64, 2 * len(self._owner))))
         while len(self._free) < len(vectors):
             self._forget(next(iter(self._slots)))
         slots = [self._free.pop() for _ in range(len(vectors))]
@@ -89,6 +96,17 @@ class NearestOthers:
         self._score[slots] = [-np.inf if score is None else score for _, score in answer]
         self._slots[label] = slots
 
+    def _grow(self, capacity: int) -> None:
+        assert self._vectors is not None
+        old = len(self._owner)
+        vectors = np.zeros((capacity, self._vectors.shape[1]), dtype=np.float32)
+        vectors[:old] = self._vectors
+        self._vectors = vectors
+        self._owner = np.concatenate([self._owner, np.full(capacity - old, None, dtype=object)])
+        self._best = np.concatenate([self._best, np.full(capacity - old, None, dtype=object)])
+        self._score = np.concatenate([self._score, np.full(capacity - old, -np.inf, dtype=np.float32)])
+        self._free.extend(range(capacity - 1, old - 1, -1))
+
     def _forget(self, label: str) -> None:
         slots = self._slots.pop(label, None)
         if slots:
@@ -96,6 +114,12 @@ class NearestOthers:
             self._best[slots] = None
             self._score[slots] = -np.inf
             self._free.extend(slots)
+
+    @property
+    def rows(self) -> int:
+        """Example rows held now (at most ``max_rows``)."""
+        with self._lock:
+            return sum(len(slots) for slots in self._slots.values())
 
     def _forget_all(self) -> None:
         for label in list(self._slots):
