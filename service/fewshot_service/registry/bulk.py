@@ -4,8 +4,9 @@ uploads a class already holds (by content hash), and the adds of many classes pi
 Each class is added by the same script as a single add (add_examples.lua), so each class is
 all-or-none and its cap holds; the request as a whole is not atomic. The content hashes are
 written after the adds in the same round trip: a failure in between leaves examples that merely
-do not dedupe. A hash entry names the namespace epoch and the example id, so an entry left behind
-by a deleted example (or a deleted and re-created namespace, whose ids restart) never matches.
+do not dedupe. The delete scripts drop the entries of what they delete; an entry names the
+namespace epoch and the example id all the same, so one written just after its example was deleted
+(between the add and this write) never matches.
 """
 
 from __future__ import annotations
