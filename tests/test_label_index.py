@@ -30,8 +30,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def client(backend: str, request: pytest.FixtureRequest) -> Iterator[RedisClient]:
-    url = request.getfixturevalue("cluster_url" if backend == "cluster" else "redis_url")
+def client(backend: str, redis_url: str, request: pytest.FixtureRequest) -> Iterator[RedisClient]:
+    url = request.getfixturevalue("cluster_url") if backend == "cluster" else redis_url
     opened = connect_redis(url, cluster=backend == "cluster")
     yield opened
     opened.close()

@@ -11,8 +11,6 @@ import pytest
 from fewshot_service.classify.exact import exact_scores
 from fewshot_service.classify.prototypes import PrototypeMatrix
 
-pytestmark = pytest.mark.unit
-
 DIM = 16
 
 
