@@ -229,7 +229,7 @@ def _check_beside_the_inference(core: FewShotCore, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(core.registry, "prototypes", prototypes)
     monkeypatch.setattr(core._batcher, "_run", run)
-    core.registry._cache.clear()  # as on a replica that never answered for this namespace
+    core.registry.prototype_cache.clear()  # as on a replica that never answered for this namespace
     assert [p.label for p in core.classify(image, "", 1)[0]] == ["red"]
     assert events == [("check sees the inference", False), "inference"]  # the check, then inference
     events.clear(), embed_started.clear()

@@ -706,7 +706,7 @@ def test_namespace_deletion_refuses_a_class_list_that_is_out_of_date(
         mk.examples("cat"),
     ]
     with pytest.raises(redis.exceptions.ResponseError, match="CHANGED"):
-        registry._delete_namespace(keys=stale, args=[1, b"cat".hex(), MODEL])
+        registry.store.scripts.delete_namespace(keys=stale, args=[1, b"cat".hex(), MODEL])
     assert [c.label for c in registry.list_classes("ns")] == ["cat", "dog"]  # nothing deleted
     assert registry.delete_namespace("ns").class_count == 2
 

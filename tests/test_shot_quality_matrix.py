@@ -99,3 +99,36 @@ def test_confusions_and_quality_across_the_int8_scan_size(registry: Registry) ->
         c.label for c in confusions(whole, "c0042", 5)
     ]
     assert matrix.scan_stats.counts()["int8"] > 0  # the large namespace was answered by the int8 scan
+
+
+def test_nearest_others_kept_across_random_writes_equal_brute_force(registry: Registry) -> None:
+    """The replica keeps each asked class's nearest others and carries them over the classes
+    each write changed (no top-2 over the matrix again); after random adds and deletes through
+    Redis they equal an exact scoring of every class, and the whole-namespace judgement."""
+    from fewshot_service.classify.exact import exact_scores
+
+    data = _fill(registry, 120, seed=5)
+    rng = np.random.default_rng(9)
+    asked = ["c0001", "c0040", "c0077", "c0119"]
+    for step in range(40):
+        label = f"c{int(rng.integers(0, 130)):04d}"
+        classes = {c.label: c for c in registry.list_classes("ns")}
+        if label in asked or rng.random() < 0.6 or label not in classes:
+            near = data[asked[int(rng.integers(len(asked)))]][0]  # sometimes right next to an asked one
+            registry.add_examples("ns", label, l2_normalize(near + 0.3 * rng.standard_normal((1, DIM))), "m")
+        elif rng.random() < 0.5:
+            registry.delete_class("ns", label)
+        else:
+            registry.delete_example("ns", label, registry.get_class("ns", label).example_ids[0])
+        for target in asked:
+            whole, own, matrix = _views(registry, target)
+            new = example_quality(own, target, matrix)
+            for q, vector in zip(new, own.embeddings[0]):
+                scores = exact_scores(matrix.matrix, vector)
+                best = min((-float(s), other) for other, s in zip(matrix.labels, scores) if other != target)
+                assert (q.nearest_other_label, q.nearest_other_score) == (best[1], -best[0]), step
+            old = example_quality(whole, target)
+            assert [q.nearest_other_label for q in new] == [q.nearest_other_label for q in old]
+    cache = registry.prototypes("ns", "m").classifier.nearest_cache
+    assert cache.hits > 3 * cache.misses  # carried over the writes, not recomputed
+    assert registry.sync_stats.counts()["full"] == 1  # every write was a patch of the replica's copy

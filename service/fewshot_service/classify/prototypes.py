@@ -35,7 +35,9 @@ from functools import cached_property
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .exact import blas_error_bound, exact_scores
 from .int8_scan import Int8Scan
+from .nearest_others import Nearest, NearestOthers
 
 # Rebuild compactly once masked-out rows outnumber the live ones (they cost matmul time).
 _MIN_ROWS_BEFORE_COMPACTING = 64
@@ -45,8 +47,6 @@ INT8_SCAN_MIN_CLASSES = 8192
 INT8_CANDIDATES = 128  # rows the int8 scan hands over for re-scoring; k above it scans in float32
 # The int8 copy is rebuilt once this many rows were appended after it (and 1/16 of the buffer).
 _INT8_STALE_ROWS = 2048
-# Rows re-scored exactly at a time (float64 temporaries of 4096 x D).
-_EXACT_CHUNK_ROWS = 4096
 # One background thread builds int8 copies, one buffer at a time: a build is short next to the
 # 2,048 appended rows that make the next one (docs/benchmarks/code-notes.md).
 _int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
@@ -69,44 +69,6 @@ class ScanStats:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
-
-
-def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """``rows [N, D] . query [D]`` as float32, bit-identical on every CPU.
-
-    A product of two float32 is exact in float64 (24 + 24 significant bits < 53), and the sum
-    adds halves of the columns elementwise (a fixed pairwise tree, no reduction whose order a
-    SIMD kernel may choose), so the one rounding that depends on anything is the final one to
-    float32, and it depends only on the inputs.
-    """
-    if len(rows) > _EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
-        return np.concatenate(
-            [
-                exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query)
-                for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
-            ]
-        )
-    products = np.asarray(rows, dtype=np.float64) * np.asarray(query, dtype=np.float64)[None, :]
-    width = products.shape[1]
-    padded = 1 << max(width - 1, 0).bit_length()
-    if padded != width:  # zeros are exact: pad to a power of two so every level halves evenly
-        products = np.concatenate([products, np.zeros((len(products), padded - width))], axis=1)
-    while products.shape[1] > 1:
-        half = products.shape[1] // 2
-        products = products[:, :half] + products[:, half:]
-    return products[:, 0].astype(np.float32)
-
-
-def blas_error_bound(dim: int, query_norm: float, row_norm: float = 1.0) -> float:
-    """A bound on ``|BLAS float32 dot product - exact score|`` for any summation order.
-
-    A float32 dot product of ``dim`` terms errs by at most ``gamma_dim * sum|q_i w_i|`` <=
-    ``gamma_dim |q| |w|`` (Higham, 3.1; FMA only tightens it), and the exact score's own rounding
-    to float32 adds half an ulp (< 2**-24 in [-1, 1]).
-    """
-    unit_roundoff = 2.0**-24
-    gamma = dim * unit_roundoff / (1 - dim * unit_roundoff)
-    return gamma * query_norm * row_norm * 1.01 + unit_roundoff  # 1.01: rows re-normalised in float32
 
 
 def _capacity(live: int) -> int:
@@ -217,6 +179,7 @@ class PrototypeMatrix:
         )
         store.append(matrix, labels)
         self._init(store, np.zeros(len(labels), dtype=bool))
+        self._nearest = NearestOthers(self)  # shared with the versions patched from this one
 
     def _init(self, store: _RowStore, dead: np.ndarray) -> None:
         self._store = store
@@ -282,8 +245,38 @@ class PrototypeMatrix:
         """A new version with ``changes`` applied (label -> new class mean, or None: deleted).
 
         This version is left as it was. Costs O(changed x D) plus a copy of the [C] dead-row
-        mask while the buffer has room and masked-out rows stay few; else one compacting copy.
+        mask while the buffer has room and masked-out rows stay few; else one compacting copy;
+        plus carrying the cached nearest others (nearest_others.py) over the changed rows.
         """
+        version = self._patched(changes)
+        version._nearest = self._nearest
+        self._nearest.follow(self, version, changes, version.unit_row)
+        return version
+
+    def nearest_others(self, label: str, vectors: np.ndarray) -> list[Nearest]:
+        """Per row of ``vectors`` (unit norm): the closest class but ``label`` and its exact
+        score, (None, None) where there is none: a top-2 (the int8 scan answers large ones),
+        kept for ``label`` and carried to the next versions by their changed rows alone
+        (nearest_others.py), so asking again after a few changes costs no scan."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(vectors) == 0 or len(self) == 0:
+            return [(None, None)] * len(vectors)
+
+        def top_2() -> list[Nearest]:
+            nearest: list[Nearest] = []
+            for predictions in self.top_k(vectors, 2):
+                other = next((p for p in predictions if p.label != label), None)
+                nearest.append((other.label, other.score) if other is not None else (None, None))
+            return nearest
+
+        return self._nearest.lookup(self, label, vectors, top_2)
+
+    @property
+    def nearest_cache(self) -> NearestOthers:
+        """The cache of :meth:`nearest_others` this version shares with its lineage (tests)."""
+        return self._nearest
+
+    def _patched(self, changes: Mapping[str, np.ndarray | None]) -> PrototypeMatrix:
         updates = {label: row for label, row in changes.items() if row is not None}
         rows = (
             np.stack([np.asarray(r, dtype=np.float32) for r in updates.values()])

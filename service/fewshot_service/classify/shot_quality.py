@@ -79,14 +79,8 @@ def _nearest_others(
     others: PrototypeMatrix, label: str, vectors: np.ndarray
 ) -> list[tuple[str | None, float | None]]:
     """Per row of ``vectors``: the closest class of ``others`` but ``label``, and its score
-    (the top 2, so ``label``'s own row may be one of them; the int8 scan answers large ones)."""
-    if len(vectors) == 0 or len(others) == 0:
-        return [(None, None)] * len(vectors)
-    nearest: list[tuple[str | None, float | None]] = []
-    for predictions in others.top_k(np.ascontiguousarray(vectors, dtype=np.float32), 2):
-        other = next((p for p in predictions if p.label != label), None)
-        nearest.append((other.label, other.score) if other is not None else (None, None))
-    return nearest
+    (a top-2, kept by the matrix for ``label`` while only other classes change)."""
+    return others.nearest_others(label, vectors)
 
 
 def example_quality(

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from fewshot_common.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from ..registry.registry import ClassSummary
 
 DEFAULT_PAGE_SIZE = 1000  # also the most a page holds: a request's work stays bounded
 MAX_PAGE_SIZE = 1000
@@ -47,26 +43,10 @@ def resolve_limit(limit: int | None) -> int:
     return int(limit)
 
 
-def page(
-    summaries: Sequence[ClassSummary],
-    limit: int | None,
-    cursor: str | None,
-    query: str | None,
-) -> tuple[list[ClassSummary], str | None]:
-    """One page of ``summaries`` (sorted by label): the classes after ``cursor`` whose label
-    contains ``query`` (case-insensitive), and the cursor of the next page (None: the last)."""
-    limit = resolve_limit(limit)
-    if query and len(query) > MAX_QUERY_CHARS:
+def label_matcher(query: str) -> Callable[[str], bool]:
+    """The search of ``q``: labels containing ``query``, case-insensitive (a substring, which no
+    index answers: the registry walks its label index from the cursor until the page is full)."""
+    if len(query) > MAX_QUERY_CHARS:
         raise InvalidInput(f"q must be at most {MAX_QUERY_CHARS} characters")
-    after = decode_cursor(cursor) if cursor else None
-    needle = query.casefold() if query else ""
-    found: list[ClassSummary] = []
-    for summary in summaries:
-        if after is not None and summary.label <= after:
-            continue
-        if needle and needle not in summary.label.casefold():
-            continue
-        if len(found) == limit:  # one more exists: the page is full and not the last
-            return found, encode_cursor(found[-1].label)
-        found.append(summary)
-    return found, None
+    needle = query.casefold()
+    return lambda label: needle in label.casefold()

@@ -46,7 +46,7 @@ from ..registry.redis_client import redis_time_budget
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
 from .calibrator import OpenSetCalibrator
-from .class_pages import decode_cursor, encode_cursor, page, resolve_limit
+from .class_pages import decode_cursor, encode_cursor, label_matcher, resolve_limit
 from .decode_pool import DecodePool
 from .example_images import StoredImage, Thumbnails
 from .reports import NamespaceReports
@@ -430,9 +430,8 @@ class FewShotCore:
         """One page of the classes by label (class_pages.py) and the next page's cursor."""
         namespace, limit = resolve_namespace(namespace), resolve_limit(limit)
         after = decode_cursor(cursor) if cursor else None  # refused before Redis is asked
-        if query:  # a search decodes every label: one pass over the namespace
-            return page(self.registry.list_classes(namespace), limit, cursor, query)
-        found, last = self.registry.class_page(namespace, after, limit)
+        matches = label_matcher(query) if query else None
+        found, last = self.registry.class_page(namespace, after, limit, matches=matches)
         return found, None if last is None else encode_cursor(last)
 
     def get_class(self, namespace: str | None, label: str) -> ClassReport:

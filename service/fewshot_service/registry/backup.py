@@ -54,7 +54,7 @@ def _read(registry: Registry, namespace: str) -> dict[str, Any]:
     """Everything of ``namespace`` as of one generation (read again while it changes)."""
     keys = registry.keys(namespace)
     client = registry.client
-    registry._ensure_layout(namespace)
+    registry.ensure_layout(namespace)
     for _attempt in range(_READ_ATTEMPTS):
         with redis_errors(client):
             generation = client.hget(keys.state, "generation")
@@ -225,6 +225,7 @@ def import_namespace(
                 )
         counts = {encode(label): len(c["example_ids"]) for label, c in zip(labels, manifest["classes"])}
         writes.append(("hset", keys.counts, counts))
+        writes.append(("zadd", keys.labels, dict.fromkeys(counts, 0)))
         state: dict[str, Any] = {
             "epoch": epoch,
             "generation": 1,
@@ -233,6 +234,7 @@ def import_namespace(
             "layout": LAYOUT,
             "examples": manifest["examples"],
             "next_example_id": manifest["next_example_id"],
+            "label_index": 1,
         }
         models: dict[str, int] = {}
         for entry in manifest["models"]:
@@ -278,7 +280,7 @@ def _make_room(registry: Registry, namespace: str, replace: bool) -> None:
             )
         registry.delete_namespace(namespace)
     with redis_errors(registry.client):  # what an emptied namespace keeps (its state and log)
-        for key in (keys.state, keys.changes, keys.models):
+        for key in (keys.state, keys.changes, keys.models, keys.labels):
             registry.client.delete(key)
 
 
@@ -288,8 +290,10 @@ def _write(registry: Registry, writes: list[tuple[str, str, dict[Any, Any]]]) ->
     with redis_errors(registry.client):
         for start in range(0, len(body), _WRITE_CHUNK):
             pipe = registry.client.pipeline(transaction=False)
-            for _command, key, mapping in body[start : start + _WRITE_CHUNK]:
-                if mapping:
+            for command, key, mapping in body[start : start + _WRITE_CHUNK]:
+                if mapping and command == "zadd":
+                    pipe.zadd(key, mapping)
+                elif mapping:
                     pipe.hset(key, mapping=mapping)
             pipe.execute()
         registry.client.hset(last[1], mapping=last[2])

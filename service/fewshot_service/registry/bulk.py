@@ -4,8 +4,9 @@ uploads a class already holds (by content hash), and the adds of many classes pi
 Each class is added by the same script as a single add (add_examples.lua), so each class is
 all-or-none and its cap holds; the request as a whole is not atomic. The content hashes are
 written after the adds in the same round trip: a failure in between leaves examples that merely
-do not dedupe. A hash entry names the namespace epoch and the example id, so an entry left behind
-by a deleted example (or a deleted and re-created namespace, whose ids restart) never matches.
+do not dedupe. The delete scripts drop the entries of what they delete; an entry names the
+namespace epoch and the example id all the same, so one written just after its example was deleted
+(between the add and this write) never matches.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from redis.cluster import RedisCluster
 
 from .keys import encode, redis_errors, script_code, text
 from .registry import Registry
+from .store import check_embeddings, script_error
 
 
 def content_hash(data: bytes) -> str:
@@ -98,18 +100,18 @@ def add_classes_with_hashes(
     the added examples' content hashes. A class the script refuses gets its ``error``; the
     others are added all the same."""
     keys = registry.keys(namespace)
-    registry._ensure_layout(namespace)
+    registry.ensure_layout(namespace)
     pipelined = not isinstance(registry.client, RedisCluster)
     replies: list[object] = []
     with redis_errors(registry.client):
         runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
         for upload in uploads:
-            vectors = registry._check_embeddings(upload.embeddings)
-            args = registry._add_args(upload.label, model_id, vectors, upload.images)
+            vectors = check_embeddings(upload.embeddings)
+            args = registry.writes.add_args(upload.label, model_id, vectors, upload.images)
             try:
                 replies.append(
-                    registry._add(
-                        keys=registry._add_keys(keys, upload.label, model_id),
+                    registry.store.scripts.add(
+                        keys=registry.writes.add_keys(keys, upload.label, model_id),
                         args=args,
                         client=runner,
                     )
@@ -122,9 +124,7 @@ def add_classes_with_hashes(
     outcomes: list[ClassOutcome] = []
     for upload, reply in zip(uploads, replies):
         if isinstance(reply, redis.exceptions.ResponseError):
-            error = registry._script_error(
-                reply, namespace, upload.label, model_id, adding=len(upload.hashes)
-            )
+            error = script_error(reply, namespace, upload.label, model_id, adding=len(upload.hashes))
             if script_code(reply) != "TOO_MANY_EXAMPLES":
                 raise error  # the namespace's model, or Redis refusing: not one class's problem
             outcomes.append(ClassOutcome(upload.label, error=str(error)))

@@ -7,15 +7,22 @@ One hash tag per namespace, so every script of a namespace runs on one Cluster s
                                             prototypes), epoch, next_example_id, log_start,
                                             logged (what the change log covers), layout (2),
                                             examples (how many the namespace holds),
-                                            n:<model id> (how many of them that model embedded)
+                                            n:<model id> (how many of them that model embedded),
+                                            label_index (1: the labels zset is complete)
     {prefix}:{ns:<hex>}:changes      zset   <label hex> -> generation of its last change
     {prefix}:{ns:<hex>}:counts       hash   <label hex> -> number of examples
+    {prefix}:{ns:<hex>}:labels       zset   <label hex>, score 0: the classes in label order
+                                            (ZRANGEBYLEX: cursor pages, prefix search), kept by
+                                            every script that creates or deletes a class; state's
+                                            label_index says it is complete (index_labels.lua
+                                            builds it for a namespace written before it)
     {prefix}:{ns:<hex>}:models       hash   <model id> -> embedding dim, for each model holding
                                             embeddings here
     {prefix}:{ns:<hex>}:img:<label hex>  hash  <example id> -> the stored image ('' for none)
     {prefix}:{ns:<hex>}:sha:<label hex>  hash  sha256 hex of an uploaded file -> <epoch>:<example id>
                                             (bulk import's dedupe, bulk.py; an entry counts only
-                                            while that example exists in that epoch)
+                                            while that example exists in that epoch; the delete
+                                            scripts drop an example's entries with it)
 
     and per model id (``m`` = ``{prefix}:{ns:<hex>}:m:<model id hex>``):
 
@@ -178,6 +185,7 @@ class NamespaceKeys:
         self.counts = f"{base}:counts"
         self.models = f"{base}:models"
         self.changes = f"{base}:changes"
+        self.labels = f"{base}:labels"
         self._images = f"{base}:img:"
         self._hashes = f"{base}:sha:"
         # The layout before per-model keys (read once, by the migration).
@@ -200,7 +208,15 @@ class NamespaceKeys:
 
     def for_class(self, label: str, model_ids: list[str]) -> list[str]:
         """The KEYS of a class script: the namespace's, then each model's, in ``model_ids`` order."""
-        keys = [self.state, self.counts, self.models, self.changes, self.images(label)]
+        keys = [
+            self.state,
+            self.counts,
+            self.models,
+            self.changes,
+            self.images(label),
+            self.labels,
+            self.hashes(label),
+        ]
         for model_id in model_ids:
             keys += self.model(model_id).for_class(label)
         return keys

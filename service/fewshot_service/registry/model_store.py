@@ -72,7 +72,7 @@ class ModelStore:
     def iter_missing(self, namespace: str, model_id: str, limit: int | None = None) -> Iterator[Missing]:
         """First an empty :class:`Missing` carrying the epoch, then the missing examples class
         batch by class batch (so a backfill of a large namespace starts without reading it all)."""
-        self.registry._ensure_layout(namespace)
+        self.registry.ensure_layout(namespace)
         keys, mk = self.registry.keys(namespace), self.registry.keys(namespace).model(model_id)
         with redis_errors(self._client):
             pipe = self._client.pipeline(transaction=True)
@@ -205,7 +205,7 @@ class ModelStore:
     def drop(self, namespace: str, model_id: str) -> int:
         """Forget every embedding of ``model_id`` in ``namespace`` (examples and images stay);
         returns how many were dropped."""
-        self.registry._ensure_layout(namespace)
+        self.registry.ensure_layout(namespace)
         keys = self.registry.keys(namespace)
         mk = keys.model(model_id)
         for _attempt in range(_ATTEMPTS):

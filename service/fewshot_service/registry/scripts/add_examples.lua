@@ -1,5 +1,5 @@
 -- KEYS: state, counts, models, changes, images (of this class), then this model's counts,
--- prototypes, sums and embeddings (of this class)
+-- prototypes, sums and embeddings (of this class), then the namespace's label index
 -- ARGV: label field, model id, embedding dim, epoch, max examples per class, change log size,
 -- then per example: its float32 blob and its stored image ('' when none is stored).
 -- Returns {generation, count, example id...}; refuses a dim other than the one this model id
@@ -9,6 +9,7 @@
 -- so no replica mistakes a restarted generation count for the one it cached.
 local state_key, counts_key, models_key, changes_key, images_key = unpack(KEYS, 1, 5)
 local mcounts_key, protos_key, sums_key, examples_key = unpack(KEYS, 6, 9)
+local labels_key = KEYS[10]
 local field, model_id, dim, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local max_examples, log_size = tonumber(ARGV[5]), tonumber(ARGV[6])
 local first = 7
@@ -24,7 +25,10 @@ if existing + adding > max_examples then
   return redis.error_reply('TOO_MANY_EXAMPLES ' .. existing .. ' ' .. max_examples)
 end
 redis.call('HSET', models_key, model_id, dim)
-redis.call('HSETNX', state_key, 'epoch', epoch)
+if redis.call('HSETNX', state_key, 'epoch', epoch) == 1 then
+  -- A new namespace: its label index starts complete (an older one is indexed once, labels.lua).
+  if redis.call('HLEN', counts_key) == 0 then redis.call('HSET', state_key, 'label_index', 1) end
+end
 redis.call('HSET', state_key, 'layout', 2)
 
 local embedded = redis.call('HLEN', examples_key)
@@ -40,6 +44,7 @@ for i = first, #ARGV, 2 do
 end
 store_model_class(mcounts_key, protos_key, sums_key, examples_key, field, sum, embedded + adding, dim)
 redis.call('HSET', counts_key, field, existing + adding)
+redis.call('ZADD', labels_key, 0, field)
 redis.call('HINCRBY', state_key, 'examples', adding)
 redis.call('HINCRBY', state_key, 'n:' .. model_id, adding)
 local generation = bump_generation(state_key, changes_key, field, log_size)

@@ -1,5 +1,5 @@
--- KEYS: state, counts, models, changes, then every other key of the namespace (images of each
--- class; per model its counts, prototypes, sums, backfill lease and record, and embeddings of
+-- KEYS: state, counts, models, changes, then every other key of the namespace (its label index;
+-- images and content hashes of each class; per model its counts, prototypes, sums, backfill lease and record, and embeddings of
 -- each class)
 -- ARGV: the number of classes, their label fields, then the model ids.
 -- Removes the whole namespace, state included: the next add starts a new epoch, so every

@@ -121,3 +121,13 @@ local function bump_generation(state_key, changes_key, field, log_size)
   redis.call('HSET', state_key, 'logged', generation)
   return generation
 end
+
+-- Drops the content hashes (bulk import's dedupe, bulk.py) that name `example_id` in this epoch:
+-- one pass over the class's entries, which its cap on examples bounds.
+local function forget_content_hashes(hashes_key, state_key, example_id)
+  local wanted = (redis.call('HGET', state_key, 'epoch') or '') .. ':' .. example_id
+  local entries = redis.call('HGETALL', hashes_key)
+  for i = 1, #entries, 2 do
+    if entries[i + 1] == wanted then redis.call('HDEL', hashes_key, entries[i]) end
+  end
+end
