@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 # Rows re-scored exactly at a time (float64 temporaries of 4096 x D).
-_EXACT_CHUNK_ROWS = 4096
+EXACT_CHUNK_ROWS = 4096
 
 
 def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -17,11 +17,11 @@ def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     SIMD kernel may choose), so the one rounding that depends on anything is the final one to
     float32, and it depends only on the inputs.
     """
-    if len(rows) > _EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
+    if len(rows) > EXACT_CHUNK_ROWS:  # many tied rows: keep the float64 temporaries small
         return np.concatenate(
             [
-                exact_scores(rows[start : start + _EXACT_CHUNK_ROWS], query)
-                for start in range(0, len(rows), _EXACT_CHUNK_ROWS)
+                exact_scores(rows[start : start + EXACT_CHUNK_ROWS], query)
+                for start in range(0, len(rows), EXACT_CHUNK_ROWS)
             ]
         )
     products = np.asarray(rows, dtype=np.float64) * np.asarray(query, dtype=np.float64)[None, :]

@@ -35,7 +35,7 @@ from functools import cached_property
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .exact import blas_error_bound, exact_scores
+from .exact import EXACT_CHUNK_ROWS, blas_error_bound, exact_scores
 from .int8_scan import Int8Scan
 from .nearest_others import Nearest, NearestOthers
 
@@ -352,10 +352,10 @@ class PrototypeMatrix:
         """Per row of ``embeddings`` [N, D]: log sum over every class of exp(score / T), the
         softmax's normaliser (open_set.py). A float32 pass over every row, the cost of one scan
         (the int8 scan's shortcut cannot bound a sum); images a chunk at a time, so the
-        temporary stays near ``_EXACT_CHUNK_ROWS`` x 1024 floats however many classes."""
+        temporary stays near ``EXACT_CHUNK_ROWS`` x 1024 floats however many classes."""
         embeddings = embeddings.astype(np.float32, copy=False)
         out = np.empty(len(embeddings), dtype=np.float64)
-        per_chunk = max(1, (_EXACT_CHUNK_ROWS * 1024) // max(self._slots, 1))
+        per_chunk = max(1, (EXACT_CHUNK_ROWS * 1024) // max(self._slots, 1))
         for start in range(0, len(embeddings), per_chunk):
             # float32 throughout (in place): the terms are at most 1 after the shift, and a float32
             # sum of them is far more precise than any confidence is read.
