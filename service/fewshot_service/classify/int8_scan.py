@@ -57,7 +57,9 @@ def _graph(quantized_t: np.ndarray, with_rest: bool = False) -> onnx.ModelProto:
             helper.make_node("ScatterElements", ["live", "indices", "fill"], ["others"], axis=1),
             # log-sum-exp, the peak subtracted first (no overflow however large the logits). Spelt
             # out: ONNX Runtime's ReduceLogSumExp took three times as long as these six nodes.
-            helper.make_node("Constant", [], ["axis"], value=numpy_helper.from_array(np.array([1], np.int64))),
+            helper.make_node(
+                "Constant", [], ["axis"], value=numpy_helper.from_array(np.array([1], np.int64))
+            ),
             helper.make_node("ReduceMax", ["others"], ["peak"], axes=[1], keepdims=1),
             helper.make_node("Sub", ["others", "peak"], ["shifted"]),
             helper.make_node("Exp", ["shifted"], ["terms"]),
