@@ -369,13 +369,13 @@ def label_images(
     A prediction's confidence is its class's probability in the softmax over every class and
     "unknown" (:meth:`Calibration.distribution`): the partition reads every class's score."""
     # One scan of the prototypes: the best two scores come with the top-k (at least 2).
-    ranked = classifier.top_k(embeddings, max(top_k, 2))
+    beta = calibration.inverse_temperature
+    ranked, approximate = classifier.top_k_and_log_partition(embeddings, max(top_k, 2), beta)
     top1 = np.array([preds[0].score for preds in ranked], dtype=np.float32)
     top2 = np.array(
         [preds[1].score if len(preds) > 1 else NO_SECOND_SCORE for preds in ranked], dtype=np.float32
     )
     unknown = calibration.unknown(top1, top2, unknown_rate)
-    beta = calibration.inverse_temperature
     # The partition's BLAS scores may round a hair off the exact ones the predictions carry: it is
     # never taken below the exact ranked classes' own sum, so the top-k never sum past 1; where
     # they are every class, it is their sum, so all of them and unknown sum to 1.
@@ -384,7 +384,7 @@ def label_images(
     if ranked_scores.size and ranked_scores.shape[1] == len(classifier):
         log_partition = exact
     else:
-        log_partition = np.maximum(classifier.log_partition(embeddings, beta), exact)
+        log_partition = np.maximum(approximate, exact)
     width = min(top_k, len(classifier))
     scores = np.array([[p.score for p in preds[:width]] for preds in ranked], dtype=np.float64)
     confidences, unknown_probability = calibration.distribution(

@@ -45,6 +45,11 @@ _MIN_ROWS_BEFORE_COMPACTING = 64
 # 10,000 classes of 128-wide rows (docs/benchmarks/code-notes.md).
 INT8_SCAN_MIN_CLASSES = 8192
 INT8_CANDIDATES = 128  # rows the int8 scan hands over for re-scoring; k above it scans in float32
+# The confidence normaliser from the int8 copy (_int8_log_partition): used where its worst-case
+# error (log units, the relative error of every confidence) is at most the tolerance, or where
+# each approximate term's own bound, times 1/T, is at most the spread; else the float32 pass.
+INT8_PARTITION_TOLERANCE = 1e-3
+INT8_PARTITION_MAX_SPREAD = 0.5
 # The int8 copy is rebuilt once this many rows were appended after it (and 1/16 of the buffer).
 _INT8_STALE_ROWS = 2048
 # One background thread builds int8 copies, one buffer at a time: a build is short next to the
@@ -93,6 +98,31 @@ class Prediction:
     score: float
     # P(this label is right): its share of the softmax over every class and "unknown" (open_set.py).
     confidence: float | None = None
+
+
+def _int8_log_partition(scores: np.ndarray, inverse_temperature: float, rest: float, bound: float) -> float:
+    """log(sum exp(scores / T) + exp(rest)) in float64 (``scores``: float32, -inf for masked-out
+    rows; ``rest``: the int8 copy's log-sum-exp of the other live rows, each within ``bound`` of
+    its float32 score). NaN where it may be off by more than the float32 pass should redo:
+
+    - the worst case proves the error below :data:`INT8_PARTITION_TOLERANCE` (the rows the copy
+      summed weigh little next to the candidates: large 1/T, a few clear best classes), or
+    - ``bound / T`` is at most :data:`INT8_PARTITION_MAX_SPREAD`: each approximate term is then
+      within a factor of 1.65 of its own, but the rounding errors of many rows, some up and some
+      down, cancel in their sum (the worst case does not happen in practice; the test states the
+      error measured on random data).
+    """
+    logits = scores.astype(np.float64) * inverse_temperature
+    peak = max(float(logits.max(initial=-np.inf)), rest)
+    if not np.isfinite(peak):
+        return peak
+    total = peak + float(np.log(np.exp(logits - peak).sum() + np.exp(rest - peak)))
+    spread = inverse_temperature * bound
+    if spread <= INT8_PARTITION_MAX_SPREAD:
+        return total
+    share = float(np.exp(rest - total))  # of the partition, the part the copy approximated
+    worst = max(np.log1p(share * np.expm1(spread)), -np.log1p(-share * -np.expm1(-spread)))
+    return total if worst <= INT8_PARTITION_TOLERANCE else float("nan")
 
 
 class _RowStore:
@@ -345,8 +375,35 @@ class PrototypeMatrix:
         if len(self) >= INT8_SCAN_MIN_CLASSES and k <= INT8_CANDIDATES // 2:
             scan = self._store.int8_scan(self._slots)
             if scan is not None:
-                return self._top_k_int8(scan, embeddings, k)
+                return self._top_k_int8(scan, embeddings, k)[0]
         return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)]
+
+    def top_k_and_log_partition(
+        self, embeddings: np.ndarray, k: int, inverse_temperature: float
+    ) -> tuple[list[list[Prediction]], np.ndarray]:
+        """:meth:`top_k` and :meth:`log_partition` in one scan of the rows.
+
+        Where top-k reads the int8 copy, so does the partition: its candidates' and the rows
+        appended after the copy's float32 scores, and for every other live row the copy's
+        approximate score (summed by the same ONNX Runtime run that finds the candidates), so the
+        partition costs about what the int8 scan does, not a float32 pass. Each approximate term
+        is within a factor exp(bound / T) of its float32 one, and the rows it covers are the
+        ones outside the best candidates, whose terms are the smallest: the partition's error
+        stays far below the bound's (tests/test_confidence_distribution.py states it). Else the
+        float32 pass of :meth:`log_partition`."""
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"embedding size {embeddings.shape[1]} does not match prototypes of size {self.dim}"
+            )
+        embeddings = embeddings.astype(np.float32, copy=False)
+        k = min(k, len(self))
+        if len(self) >= INT8_SCAN_MIN_CLASSES and k <= INT8_CANDIDATES // 2:
+            scan = self._store.int8_scan(self._slots)
+            if scan is not None:
+                ranked, log_partition = self._top_k_int8(scan, embeddings, k, inverse_temperature)
+                assert log_partition is not None
+                return ranked, log_partition
+        return self.top_k(embeddings, k), self.log_partition(embeddings, inverse_temperature)
 
     def log_partition(self, embeddings: np.ndarray, inverse_temperature: float) -> np.ndarray:
         """Per row of ``embeddings`` [N, D]: log sum over every class of exp(score / T), the
@@ -378,15 +435,34 @@ class PrototypeMatrix:
             scores[:, self._dead[start:]] = -np.inf
         return scores
 
-    def _top_k_int8(self, scan: Int8Scan, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
-        values, indices, bounds = scan.candidates(embeddings, INT8_CANDIDATES)
+    def _top_k_int8(
+        self,
+        scan: Int8Scan,
+        embeddings: np.ndarray,
+        k: int,
+        inverse_temperature: float | None = None,
+    ) -> tuple[list[list[Prediction]], np.ndarray | None]:
+        """Top-k from the int8 copy's candidates; with ``inverse_temperature``, also the log
+        partition: the candidates' and the appended rows' float32 scores, the copy's
+        approximate ones for every other live row (summed by the scan itself)."""
+        beta = inverse_temperature
+        if beta is None:
+            values, indices, bounds = scan.candidates(embeddings, INT8_CANDIDATES)
+            rest = None
+        else:
+            values, indices, bounds, rest = scan.candidates_and_rest(
+                embeddings, INT8_CANDIDATES, beta, self._int8_live_mask(scan.rows)
+            )
         appended = self._scores(embeddings, scan.rows)  # rows added after the copy: all exact
         unit, appended_slots, results = self._store.unit, np.arange(scan.rows, self._slots), []
+        log_partition = np.empty(len(embeddings), dtype=np.float64) if beta is not None else None
         for i, query in enumerate(embeddings):
             candidates = indices[i]
             candidate_scores = unit[candidates] @ query
             candidate_scores[self._dead[candidates]] = -np.inf
             scores = np.concatenate([candidate_scores, appended[i]])
+            if beta is not None and log_partition is not None and rest is not None:
+                log_partition[i] = _int8_log_partition(scores, beta, float(rest[i]), float(bounds[i]))
             slots = np.concatenate([candidates, appended_slots])
             # Every row the int8 scan left out scores at most its k-th value plus the bound; strictly
             # below the k-th best exact score found, none of them can enter (or tie).
@@ -398,7 +474,21 @@ class PrototypeMatrix:
                     continue
             self._store.stats.add("float32_fallback")
             results.append(self._best(self._scores(query[None, :])[0], k, query))
-        return results
+        if beta is not None and log_partition is not None:
+            unsure = np.flatnonzero(np.isnan(log_partition))
+            if len(unsure):  # the approximation's worst case too wide: the float32 pass decides
+                log_partition[unsure] = self.log_partition(embeddings[unsure], beta)
+        return results, log_partition
+
+    def _int8_live_mask(self, rows: int) -> np.ndarray:
+        """float32 [rows]: 0 where this version's row is live, -inf where masked out; the int8
+        copy's log-sum-exp adds it. Kept per version (its mask never changes) for one copy size."""
+        cached = self.__dict__.get("_live_mask_cache")
+        if cached is None or cached[0] != rows:
+            mask = np.where(self._dead[:rows], np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+            cached = (rows, mask)
+            self.__dict__["_live_mask_cache"] = cached
+        return cached[1]
 
     def _best(
         self, scores: np.ndarray, k: int, query: np.ndarray, slots: np.ndarray | None = None
