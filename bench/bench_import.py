@@ -7,7 +7,9 @@
 - ``import_img_s``: ``fewshot import DIR`` (a subprocess, as a user runs it) filling ``--classes``
   one-image classes of 64-px JPEGs into a fresh namespace of an in-process server with a private
   Valkey: decode in the decode workers, the model, the Redis writes and the HTTP, end to end.
-- ``ratio``: import / engine (the goal: >= 0.8). ``resume_s``: the same import again, every file
+- ``ratio``: import / engine (the goal: >= 0.8). ``client_cpu_share``: the ``fewshot import``
+  process's CPU time over the import's wall time x this machine's cores: here the client shares
+  the server's cores, where a user's would run on another machine. ``resume_s``: the same import again, every file
   skipped as already present.
 - ``--prefill N``: before the import, the namespace gets ``N`` classes through the registry's own
   bulk path (one random unit embedding each, the add script pipelined, no model): the import then
@@ -27,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -93,6 +96,12 @@ def prefill(stack: ServerStack, namespace: str, classes: int) -> float:
     return time.perf_counter() - started
 
 
+def client_cpu_s() -> float:
+    """CPU seconds of every finished child process so far (the ``fewshot import`` runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_import(root: Path, url: str, namespace: str, batch: int) -> float:
     env = {
         **os.environ,
@@ -152,7 +161,9 @@ def main() -> None:
                 if args.prefill and not args.large_first:
                     empty_s = run_import(root, url, "bench-empty", args.batch)
                 prefill_s = prefill(stack, "bench", args.prefill)
+                cpu_before = client_cpu_s()
                 import_s = run_import(root, url, "bench", args.batch)
+                import_cpu_s = client_cpu_s() - cpu_before
                 if args.prefill and args.large_first:
                     empty_s = run_import(root, url, "bench-empty", args.batch)
                 resume_s = run_import(root, url, "bench", args.batch)
@@ -171,6 +182,7 @@ def main() -> None:
                     "import_s": round(import_s, 1),
                     "import_img_s": round(args.classes / import_s, 1),
                     "ratio": round(args.classes / import_s / engine, 3),
+                    "client_cpu_share": round(import_cpu_s / (import_s * (os.cpu_count() or 1)), 3),
                     "resume_s": round(resume_s, 1),
                     "empty_import_img_s": round(args.classes / empty_s, 1) if empty_s else None,
                     "empty_ratio": round(args.classes / empty_s / engine, 3) if empty_s else None,
