@@ -366,17 +366,7 @@ class PrototypeMatrix:
 
     def top_k(self, embeddings: np.ndarray, k: int) -> list[list[Prediction]]:
         """For each row of ``embeddings`` ``[N, D]`` (unit norm): the ``k`` best classes."""
-        if embeddings.shape[1] != self.dim:
-            raise ValueError(
-                f"embedding size {embeddings.shape[1]} does not match prototypes of size {self.dim}"
-            )
-        embeddings = embeddings.astype(np.float32, copy=False)
-        k = min(k, len(self))
-        if len(self) >= INT8_SCAN_MIN_CLASSES and k <= INT8_CANDIDATES // 2:
-            scan = self._store.int8_scan(self._slots)
-            if scan is not None:
-                return self._top_k_int8(scan, embeddings, k)[0]
-        return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)]
+        return self._rank(embeddings, k, None)[0]
 
     def top_k_and_log_partition(
         self, embeddings: np.ndarray, k: int, inverse_temperature: float
@@ -391,6 +381,16 @@ class PrototypeMatrix:
         ones outside the best candidates, whose terms are the smallest: the partition's error
         stays far below the bound's (tests/test_confidence_distribution.py states it). Else the
         float32 pass of :meth:`log_partition`."""
+        ranked, log_partition = self._rank(embeddings, k, inverse_temperature)
+        if log_partition is None:  # ranked by the float32 scan: no int8 run summed the rows
+            log_partition = self.log_partition(embeddings, inverse_temperature)
+        return ranked, log_partition
+
+    def _rank(
+        self, embeddings: np.ndarray, k: int, inverse_temperature: float | None
+    ) -> tuple[list[list[Prediction]], np.ndarray | None]:
+        """Top-k from the int8 copy where it can answer (with ``inverse_temperature``, also its log
+        partition), else from the float32 scan (and no partition)."""
         if embeddings.shape[1] != self.dim:
             raise ValueError(
                 f"embedding size {embeddings.shape[1]} does not match prototypes of size {self.dim}"
@@ -400,16 +400,15 @@ class PrototypeMatrix:
         if len(self) >= INT8_SCAN_MIN_CLASSES and k <= INT8_CANDIDATES // 2:
             scan = self._store.int8_scan(self._slots)
             if scan is not None:
-                ranked, log_partition = self._top_k_int8(scan, embeddings, k, inverse_temperature)
-                assert log_partition is not None
-                return ranked, log_partition
-        return self.top_k(embeddings, k), self.log_partition(embeddings, inverse_temperature)
+                return self._top_k_int8(scan, embeddings, k, inverse_temperature)
+        return [self._best(row, k, query) for row, query in zip(self._scores(embeddings), embeddings)], None
 
     def log_partition(self, embeddings: np.ndarray, inverse_temperature: float) -> np.ndarray:
         """Per row of ``embeddings`` [N, D]: log sum over every class of exp(score / T), the
         softmax's normaliser (open_set.py). A float32 pass over every row, the cost of one scan
-        (the int8 scan's shortcut cannot bound a sum); images a chunk at a time, so the
-        temporary stays near ``EXACT_CHUNK_ROWS`` x 1024 floats however many classes."""
+        (where no int8 copy answers, and the reference its approximate sum is tested against);
+        images a chunk at a time, so the temporary stays near ``EXACT_CHUNK_ROWS`` x 1024 floats
+        however many classes."""
         embeddings = embeddings.astype(np.float32, copy=False)
         out = np.empty(len(embeddings), dtype=np.float64)
         per_chunk = max(1, (EXACT_CHUNK_ROWS * 1024) // max(self._slots, 1))
