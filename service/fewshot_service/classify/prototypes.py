@@ -35,6 +35,8 @@ from functools import cached_property
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from fewshot_common.counts import LockedCounts
+
 from .exact import EXACT_CHUNK_ROWS, blas_error_bound, exact_scores
 from .int8_scan import Int8Scan
 from .nearest_others import Nearest, NearestOthers
@@ -57,23 +59,13 @@ _INT8_STALE_ROWS = 2048
 _int8_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="int8-scan")
 
 
-class ScanStats:
+class ScanStats(LockedCounts):
     """How the queries that could use an int8 copy were answered (tests, benchmarks): from the
     copy's candidates (``int8``), or by the float32 scan because the bound could not rule the other
-    rows out (``float32_fallback``). Passed to a matrix, shared by its patched versions; request
-    threads count at once, hence the lock."""
+    rows out (``float32_fallback``). Passed to a matrix, shared by its patched versions."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = {"int8": 0, "float32_fallback": 0}
-
-    def add(self, how: str) -> None:
-        with self._lock:
-            self._counts[how] += 1
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        super().__init__("int8", "float32_fallback")
 
 
 def _capacity(live: int) -> int:

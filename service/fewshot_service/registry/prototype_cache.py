@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from fewshot_common.counts import LockedCounts
 from fewshot_common.errors import FailedPrecondition
 
 from ..classify.prototypes import PrototypeMatrix, ScanStats
@@ -28,21 +29,12 @@ from .types import ModelIncompleteError
 MAX_PATCHED_CLASSES = 4096
 
 
-class SyncStats:
+class SyncStats(LockedCounts):
     """How a replica caught up with Redis (tests, benchmarks): ``full`` reloads and ``patch``es of
-    the changed classes. Counted by request threads, hence the lock."""
+    the changed classes."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = {"full": 0, "patch": 0}
-
-    def add(self, how: str) -> None:
-        with self._lock:
-            self._counts[how] += 1
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        super().__init__("full", "patch")
 
 
 class PrototypeCache:
