@@ -45,7 +45,7 @@ tag, or look like a glob. Namespaces written before per-model keys (``:model``, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 
@@ -176,6 +176,18 @@ class ModelKeys:
     def for_class(self, label: str) -> list[str]:
         """This model's keys of one class, in the order the class scripts take them."""
         return [self.counts, self.prototypes, self.sums, self.examples(label)]
+
+    def every_key(self, labels: Iterable[str]) -> list[str]:
+        """Every key this model holds in the namespace, its classes ``labels``, in the order the
+        scripts that drop a whole model (delete_namespace, drop_model) take them."""
+        return [
+            self.counts,
+            self.prototypes,
+            self.sums,
+            self.lease,
+            self.backfill,
+            *(self.examples(label) for label in labels),
+        ]
 
 
 class NamespaceKeys:

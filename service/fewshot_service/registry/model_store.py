@@ -211,16 +211,7 @@ class ModelStore:
         for _attempt in range(_ATTEMPTS):
             with redis_errors(self._client):
                 fields = [text(f) for f in self._client.hkeys(mk.counts)]
-                script_keys = [
-                    keys.state,
-                    keys.models,
-                    mk.counts,
-                    mk.prototypes,
-                    mk.sums,
-                    mk.lease,
-                    mk.backfill,
-                    *(mk.examples(decode(f)) for f in fields),
-                ]
+                script_keys = [keys.state, keys.models, *mk.every_key(decode(f) for f in fields)]
                 try:
                     return int(self._drop(keys=script_keys, args=[model_id, *fields]))
                 except redis.exceptions.ResponseError as exc:

@@ -198,15 +198,7 @@ class Writes:
                     *(keys.hashes(label) for label in labels),
                 ]
                 for model in models:
-                    mk = keys.model(model)
-                    script_keys += [
-                        mk.counts,
-                        mk.prototypes,
-                        mk.sums,
-                        mk.lease,
-                        mk.backfill,
-                        *(mk.examples(label) for label in labels),
-                    ]
+                    script_keys += keys.model(model).every_key(labels)
                 try:
                     classes, examples = store.scripts.delete_namespace(
                         keys=script_keys, args=[len(fields), *fields, *models]
