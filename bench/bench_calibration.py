@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from bench_open_set import embed_dev, synthetic_embeddings
+from bench_open_set import embed_dev, reliability, synthetic_embeddings
 
 from fewshot_common.vectors import l2_normalize
 from fewshot_service.classify.open_set import (
@@ -94,26 +94,6 @@ def one_draw(
         "unknown": unknown,
         "beta": np.array([beta]),
     }
-
-
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int) -> tuple[float, list[dict]]:
-    """ECE over ``bins`` equal-width bins, and per non-empty bin: images, mean confidence, accuracy."""
-    index = np.minimum((confidence * bins).astype(int), bins - 1)
-    ece, table = 0.0, []
-    for b in range(bins):
-        inside = index == b
-        if not inside.any():
-            continue
-        ece += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
-        table.append(
-            {
-                "bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
-                "images": int(inside.sum()),
-                "confidence": round(float(confidence[inside].mean()), 3),
-                "accuracy": round(float(correct[inside].mean()), 3),
-            }
-        )
-    return float(ece), table
 
 
 def measure(

@@ -142,18 +142,22 @@ def one_draw(
     return result
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, list[dict]]:
-    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+def reliability(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> tuple[float, list[dict]]:
+    """ECE over ``bins`` equal-width bins, and per non-empty bin: images, mean confidence, accuracy
+    (bin edges with one decimal where they need no more, as with 10 bins)."""
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    digits = 1 if 10 % bins == 0 else 2
     ece, table = 0.0, []
-    for b in range(ECE_BINS):
-        inside = bins == b
+    for b in range(bins):
+        inside = index == b
         if not inside.any():
             continue
-        gap = abs(confidence[inside].mean() - correct[inside].mean())
-        ece += inside.mean() * gap
+        ece += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
         table.append(
             {
-                "bin": f"{b / ECE_BINS:.2f}-{(b + 1) / ECE_BINS:.2f}",
+                "bin": f"{b / bins:.{digits}f}-{(b + 1) / bins:.{digits}f}",
                 "images": int(inside.sum()),
                 "confidence": round(float(confidence[inside].mean()), 3),
                 "accuracy": round(float(correct[inside].mean()), 3),
