@@ -26,6 +26,7 @@ from fewshot_common.images import ImageLimits, open_image
 from fewshot_common.jpeg_scans import count_jpeg_scans
 from fewshot_common.modelmeta import Preprocess
 from fewshot_service.app import ServerStack
+from fewshot_service.core.decode_isolation import DecodeWorker
 from fewshot_service.core.decode_pool import DecodePool
 from fewshot_service.core.stored_images import bounded_copy
 
@@ -81,17 +82,71 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_next_job_succeeds(pool: Dec
     worker = pool.processes[0]
     first_pid = worker.pid
     slow = hostile.scan_repeating_jpeg(54, (6000, 6000))  # about 1.5 s of decoding
+    quick = samples.solid_png((9, 9, 9))
     errors: list[Exception] = []
-    job = threading.Thread(target=lambda: _catch(errors, pool.load_batch, [slow], PRE, limits))
+    job = threading.Thread(target=lambda: _catch(errors, pool.load_batch, [quick, quick, slow], PRE, limits))
     job.start()
     time.sleep(0.5)
     assert first_pid is not None
     os.kill(first_pid, signal.SIGKILL)
     job.join(10)
     assert len(errors) == 1 and isinstance(errors[0], TooLarge), errors
-    assert "image 0" in str(errors[0])
+    assert "image 2" in str(errors[0])  # the one it died on, told through the shared page
     assert pool.load_batch([samples.solid_png((4, 5, 6))], PRE, limits).shape == (1, 3, 32, 32)
     assert worker.pid not in (None, first_pid) and worker.started == 2
+
+
+def _wait_for_image(worker: DecodeWorker, index: int, seconds: float = 10) -> None:
+    give_up = time.monotonic() + seconds
+    while worker.current_image != index:
+        assert time.monotonic() < give_up, f"the worker never reached image {index}"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_mid_job_is_stopped_at_the_wall_clock_deadline_naming_its_image(
+    pool: DecodePool,
+) -> None:
+    """The backstop for a decoder the CPU limit cannot see (here: SIGSTOP, which pauses its CPU
+    clock too): 5 s of wall clock per CPU second of an image's budget, from that image's start."""
+    limits = ImageLimits(max_decode_cpu_s=1)
+    assert pool.load_batch([samples.solid_png((1, 2, 3))], PRE, limits).shape == (1, 3, 32, 32)
+    worker = pool.processes[0]
+    stopped_pid = worker.pid
+    assert stopped_pid is not None
+    slow = hostile.scan_repeating_jpeg(54, (3000, 3000))  # about 0.4 s of CPU
+    quick = samples.solid_png((9, 9, 9))
+    errors: list[Exception] = []
+    job = threading.Thread(target=lambda: _catch(errors, pool.load_batch, [quick, slow, quick], PRE, limits))
+    job.start()
+    _wait_for_image(worker, 1)
+    os.kill(stopped_pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    job.join(15)
+    waited = time.monotonic() - stopped_at
+    assert len(errors) == 1 and isinstance(errors[0], TooLarge), errors
+    assert "image 1: decoding took longer than 5 s" in str(errors[0])
+    assert 4 < waited < 8, waited
+    assert not Path(f"/proc/{stopped_pid}").exists() or worker.pid != stopped_pid
+    assert pool.load_batch([quick], PRE, limits).shape == (1, 3, 32, 32)  # a fresh worker
+
+
+def test_the_wall_clock_deadline_restarts_with_every_image(pool: DecodePool) -> None:
+    """A job of many images may take far longer than one image's deadline, as long as each
+    image keeps within its own."""
+    unbounded_scans = ImageLimits(max_jpeg_scans=10**6)
+    probe = hostile.scan_repeating_jpeg(20, (1000, 1000))
+    walls = []
+    for _ in range(3):  # the least of three, in the worker itself: its wall clock per scan
+        started = time.monotonic()
+        pool.load_batch([probe] * 4, PRE, unbounded_scans)
+        walls.append((time.monotonic() - started) / 4 / 20)
+    image = hostile.scan_repeating_jpeg(max(1, round(0.05 / min(walls))), (1000, 1000))  # ~0.05 s
+    # 0.2 s of CPU an image, so 1 s of wall clock from each image's start; 60 images ~ 3 s.
+    limits = ImageLimits(max_decode_cpu_s=0.2, max_jpeg_scans=10**6)
+    started = time.monotonic()
+    assert pool.load_batch([image] * 60, PRE, limits).shape == (60, 3, 32, 32)
+    assert time.monotonic() - started > 1.5  # well past one image's deadline: it restarted
 
 
 def _catch(errors: list[Exception], fn, *args) -> None:

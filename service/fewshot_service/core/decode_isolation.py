@@ -28,6 +28,7 @@ from fewshot_common.errors import Cancelled, FewshotError, ImageError, TooLarge,
 from fewshot_common.images import ImageLimits
 from fewshot_common.modelmeta import Preprocess
 
+from .decode_progress import DecodeProgress
 from .decode_worker import _FRAME, ERROR_KINDS, MAX_HEADER_BYTES, write_frame
 
 # Wall-clock seconds an image may take per CPU second of its budget: slack for a busy machine
@@ -48,22 +49,31 @@ class DecodeWorker:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # the pool gives a slot to one thread; this is a guard
+        self._progress: DecodeProgress | None = None  # kept across restarts of the process
         self.started = 0  # processes started so far (tests, metrics)
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    @property
+    def current_image(self) -> int | None:
+        """The image the running (or last) job is on, by its index; None while its headers are checked."""
+        return self._progress.image if self._progress is not None else None
+
     def start(self) -> None:
         """Start the process unless it runs (it imports Pillow and numpy while the caller goes on)."""
         if self._proc is not None and self._proc.poll() is None:
             return
         self._reap()
+        if self._progress is None:
+            self._progress = DecodeProgress()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "fewshot_service.core.decode_worker"],
+            [sys.executable, "-m", "fewshot_service.core.decode_worker", str(self._progress.fd)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            pass_fds=(self._progress.fd,),
             env={**os.environ, **_WORKER_ENV},
         )
         self.started += 1
@@ -77,6 +87,9 @@ class DecodeWorker:
         except (OSError, subprocess.TimeoutExpired):
             pass
         self._reap()
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def _reap(self) -> None:
         if self._proc is None:
@@ -155,26 +168,20 @@ class DecodeWorker:
     ) -> tuple[dict[str, Any], bytearray]:
         with self._lock:
             self.start()
-            assert self._proc is not None
-            proc = self._proc
+            assert self._proc is not None and self._progress is not None
+            proc, progress = self._proc, self._progress
             header = {**header, "limits": _limits_dict(limits), "sizes": [len(i) for i in images]}
-            wall = WALL_PER_CPU_SECOND * limits.max_decode_cpu_s
-            index: int | None = None  # the image being decoded (None: the header checks)
             try:
+                progress.new_job()
                 write_frame(proc.stdin, header, b"".join(images))  # type: ignore[arg-type]
-                deadline = time.monotonic() + wall
-                while True:
-                    reply, payload = self._read_frame(deadline, cancellation)
-                    if reply.get("t") == "image":
-                        index, deadline = int(reply["i"]), time.monotonic() + wall
-                        continue
-                    break
+                clock = _ImageClock(progress, WALL_PER_CPU_SECOND * limits.max_decode_cpu_s)
+                reply, payload = self._read_frame(clock, cancellation)
             except Cancelled:
                 self._reap()  # it may be deep in a decode: stop it, and have a fresh one ready
                 self.start()
                 raise
             except (_WorkerGone, OSError, ValueError) as exc:
-                raise self._died(index, limits, timed_out=str(exc) == "deadline") from None
+                raise self._died(progress.image, limits, timed_out=str(exc) == "deadline") from None
             if reply.get("exiting"):
                 self._reap()
                 self.start()
@@ -206,24 +213,24 @@ class DecodeWorker:
         return Unavailable("the image decoder stopped unexpectedly; retry")
 
     def _read_frame(
-        self, deadline: float, cancellation: CancellationCheck | None
+        self, clock: _ImageClock, cancellation: CancellationCheck | None
     ) -> tuple[dict[str, Any], bytearray]:
-        head = self._read(_FRAME.size, deadline, cancellation)
+        head = self._read(_FRAME.size, clock, cancellation)
         header_len, payload_len = _FRAME.unpack(head)
         if header_len > MAX_HEADER_BYTES:
             raise _WorkerGone("protocol")
-        header = json.loads(self._read(header_len, deadline, cancellation))
+        header = json.loads(self._read(header_len, clock, cancellation))
         if not isinstance(header, dict):
             raise _WorkerGone("protocol")
-        return header, self._read(payload_len, deadline, cancellation)
+        return header, self._read(payload_len, clock, cancellation)
 
-    def _read(self, size: int, deadline: float, cancellation: CancellationCheck | None) -> bytearray:
+    def _read(self, size: int, clock: _ImageClock, cancellation: CancellationCheck | None) -> bytearray:
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         buffer = bytearray(size)
         view, got = memoryview(buffer), 0
         while got < size:
-            left = deadline - time.monotonic()
+            left = clock.left()
             if left <= 0:
                 raise _WorkerGone("deadline")
             ready, _, _ = select.select([fd], [], [], min(left, _POLL_S))
@@ -236,6 +243,22 @@ class DecodeWorker:
                 raise _WorkerGone("exited")
             got += n
         return buffer
+
+
+class _ImageClock:
+    """A job's wall-clock deadline, restarted whenever the worker has moved on to another image
+    (seen at each poll: at most ``_POLL_S`` after the move)."""
+
+    def __init__(self, progress: DecodeProgress, wall_per_image: float) -> None:
+        self._progress, self._wall = progress, wall_per_image
+        self._step = progress.step
+        self._deadline = time.monotonic() + wall_per_image
+
+    def left(self) -> float:
+        now, step = time.monotonic(), self._progress.step
+        if step != self._step:
+            self._step, self._deadline = step, now + self._wall
+        return self._deadline - now
 
 
 def _limits_dict(limits: ImageLimits) -> dict[str, Any]:

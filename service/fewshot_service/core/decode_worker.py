@@ -16,7 +16,9 @@ small, and starts in a fraction of a second). The full decoded image never leave
 gets the preprocessed float32 input, or the bounded stored copies.
 
 Wire format, both ways: ``>II`` (header length, payload length), a JSON header, the payload. The
-parent trusts nothing it reads (sizes and shapes are checked), and nothing is pickled.
+parent trusts nothing it reads (sizes and shapes are checked), and nothing is pickled: one frame
+each way per job. Which image the job is on goes through a shared page instead (decode_progress.py),
+whose file descriptor is the worker's one argument.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fewshot_common.errors import FewshotError, ImageError, InvalidInput, TooLar
 from fewshot_common.images import ImageLimits, load_batch
 from fewshot_common.modelmeta import Preprocess
 
+from .decode_progress import DecodeProgress
 from .stored_images import bounded_copy
 
 _FRAME = struct.Struct(">II")
@@ -105,7 +108,9 @@ def _limits(header: dict[str, Any]) -> ImageLimits:
     return ImageLimits(**raw)
 
 
-def _run_job(header: dict[str, Any], payload: bytes, out: IO[bytes]) -> tuple[dict[str, Any], bytes]:
+def _run_job(
+    header: dict[str, Any], payload: bytes, progress: DecodeProgress
+) -> tuple[dict[str, Any], bytes]:
     limits = _limits(header)
     images, offset = [], 0
     for size in header["sizes"]:
@@ -125,7 +130,7 @@ def _run_job(header: dict[str, Any], payload: bytes, out: IO[bytes]) -> tuple[di
         account()
         arm_cpu(max(limits.max_decode_cpu_s - spent[index], 0.01))
         current[:] = [index, cpu_seconds()]
-        write_frame(out, {"t": "image", "i": index})  # the parent's deadline restarts
+        progress.on_image(index)  # the parent's deadline restarts
 
     if header["op"] not in ("load_batch", "load_batch_and_copies"):
         raise InvalidInput(f"unknown decode job {header['op']!r}")
@@ -152,7 +157,7 @@ def _error_header(exc: FewshotError) -> dict[str, Any]:
     return header
 
 
-def serve(inp: IO[bytes], out: IO[bytes]) -> None:
+def serve(inp: IO[bytes], out: IO[bytes], progress: DecodeProgress) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed decoder leaves no core file
     Image.init()  # every allowed plugin imported now, inside the start-up size
     base = vm_size()
@@ -162,7 +167,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
         exiting = False
         try:
-            reply, data = _run_job(header, payload, out)
+            reply, data = _run_job(header, payload, progress)
         except FewshotError as exc:
             reply, data = _error_header(exc), b""
         except MemoryError:
@@ -183,7 +188,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     np.seterr(all="ignore")
-    serve(inp, out)
+    serve(inp, out, DecodeProgress(int(sys.argv[1])))
 
 
 if __name__ == "__main__":
