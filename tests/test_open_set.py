@@ -210,6 +210,42 @@ def test_a_duplicate_image_is_flagged_but_a_new_one_is_not(http: httpx.Client) -
     )
 
 
+def test_a_bulk_add_warns_as_each_class_stands_after_it(http: httpx.Client) -> None:
+    """A bulk request's warnings judge each class as the request left it (its stored examples
+    too), against the request's other classes: the same warnings as a single add of them."""
+
+    def bulk(items: list[tuple[str, bytes]]) -> dict[str, dict]:
+        response = http.post(
+            "/v1/examples:bulk",
+            params={"namespace": "shop"},
+            data={"labels": [label for label, _ in items]},
+            files=uploads([data for _, data in items]),
+        )
+        assert response.status_code == 200, response.text
+        return {c["label"]: c for c in response.json()["classes"]}
+
+    reds = [(230, 20, 20), (240, 10, 30), (220, 30, 15)]
+    first = bulk(
+        [("red", samples.solid_png(rgb)) for rgb in reds]
+        + [("blue", b) for b in shots(COLOURS["blue"], 3, 3)]
+    )
+    assert [first[label]["count"] for label in ("red", "blue")] == [3, 3]
+    # One upload per class here, but each class holds more: the first red's pixels again in other
+    # bytes (a larger canvas of its colour) nearly duplicate the stored red, and a red shot
+    # planted in blue is closer to red than to blue without it.
+    twin = samples.solid_png(reds[0], size=(64, 40))
+    planted = shots(COLOURS["red"], 1, 51)[0]
+    second = bulk([("red", twin), ("blue", planted), ("green", shots(COLOURS["green"], 1, 4)[0])])
+    [twin_id], [planted_id] = second["red"]["added_example_ids"], second["blue"]["added_example_ids"]
+    assert [(w["example_id"], w["kind"], w["other"]) for w in second["red"]["warnings"]] == [
+        (twin_id, "near_duplicate", first["red"]["added_example_ids"][0])
+    ], second["red"]
+    assert [(w["example_id"], w["kind"], w["other"]) for w in second["blue"]["warnings"]] == [
+        (planted_id, "likely_mislabel", "red")
+    ], second["blue"]
+    assert second["green"]["warnings"] == []  # one example: nothing to compare it with
+
+
 def test_one_example_classes_have_no_consistency(http: httpx.Client) -> None:
     add(http, "red", shots(COLOURS["red"], 1, 0))
     detail = http.get("/v1/classes/red", params={"namespace": "shop"}).json()

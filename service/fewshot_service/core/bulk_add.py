@@ -213,7 +213,11 @@ def _add_warnings(core: BulkCore, namespace: str, reports: list[BulkClassReport]
     this request (one snapshot of their means): O(request), not O(namespace), as a bulk import
     of 100k classes cannot re-read the namespace per request. GET /v1/classes/{label} judges an
     example against every class."""
-    if not reports:
+    # Both warnings compare an example with the other examples of its class (a mislabel: its own
+    # class without it; a duplicate: an earlier one), so a class this request left with one
+    # example has none to give: a catalog of one-image classes skips the re-read and the maths.
+    can_warn = [r for r in reports if r.count >= 2]
+    if not can_warn:
         return
     try:
         snapshot = core.registry.example_snapshot(
@@ -222,7 +226,7 @@ def _add_warnings(core: BulkCore, namespace: str, reports: list[BulkClassReport]
     except Unavailable:  # the adds are stored: answer them (without warnings) rather than a 503
         log.warning("bulk add stored, but could not re-read its classes for warnings")
         return
-    for report in reports:
+    for report in can_warn:
         if report.label in snapshot.labels:  # else deleted by another request in between
             report.warnings = add_warnings(
                 snapshot, report.label, report.added_example_ids, core.duplicate_similarity
