@@ -208,6 +208,28 @@ def test_stored_copies_carry_no_gps_exif_or_comment(fmt: str) -> None:
     assert np.array_equal(np.asarray(copy.convert("RGB")), np.asarray(original.convert("RGB")))
 
 
+def _rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the copy must be decoded upright, not kept as uploaded
+    out = io.BytesIO()
+    Image.new("RGB", (60, 40), (200, 30, 40)).save(out, format="JPEG", exif=exif)
+    return out.getvalue()
+
+
+def test_the_workers_copies_are_bounded_copys(pool: DecodePool) -> None:
+    """The worker keeps a small upright JPEG as uploaded from the header it opened for the model
+    (no second parse); every copy must still be what :func:`bounded_copy` makes of the bytes."""
+    uploads = [
+        _photo_with_gps_and_comment("JPEG"),  # small, upright: kept, metadata stripped
+        _rotated_jpeg(),  # small but rotated: decoded
+        _photo_with_gps_and_comment("PNG"),  # small PNG: re-encoded as PNG
+        samples.encode(Image.new("RGB", (900, 600), (10, 120, 200)), "JPEG"),  # over the bounds: scaled
+    ]
+    _, copies = pool.load_batch_and_copies(uploads, PRE, ImageLimits())
+    assert copies == [bounded_copy(data) for data in uploads]
+    assert copies[0] != uploads[0] and Image.open(io.BytesIO(copies[1])).size == (40, 60)
+
+
 def test_a_scaled_down_copy_carries_no_comment_or_profile() -> None:
     """Over the stored bounds the copy is re-encoded from pixels; Pillow would carry a JPEG's
     comment over into the new file unless the copy drops it."""

@@ -117,6 +117,9 @@ class OpenedImage:
 
     image: Image.Image
     index: int
+    # Width and height as the file states them: a JPEG's ``image.size`` is its reduced decode
+    # size once ``min_short_side`` picked one.
+    source_size: tuple[int, int] = (0, 0)
 
     @property
     def decoded_pixels(self) -> int:
@@ -196,7 +199,7 @@ def open_image(
             f"image {index}: decoding {img.width}x{img.height} in mode {img.mode} needs "
             f"{decoded_bytes} bytes, over the limit of {limits.max_decoded_bytes} bytes"
         )
-    return OpenedImage(img, index)
+    return OpenedImage(img, index, (width, height))
 
 
 def _corrupt(index: int, exc: Exception) -> FewshotError:
@@ -300,6 +303,7 @@ def load_batch(
     limits: ImageLimits = ImageLimits(),
     cancellation: CancellationCheck | None = None,
     before_step: Callable[[int], None] | None = None,
+    on_open: Callable[[OpenedImage], None] | None = None,
 ) -> np.ndarray:
     """Decode and preprocess a request's images into one ``[N, 3, S, S]`` float32 array.
 
@@ -307,7 +311,8 @@ def load_batch(
     checked before any pixel is decoded, so a request over its pixel budget costs nothing; a
     ``cancellation`` is checked before each decode. ``before_step(index)`` is called before each
     image's header is parsed and before it is decoded: the decode worker charges the CPU time of
-    both to that image's budget there.
+    both to that image's budget there. ``on_open`` sees each image once its header is checked,
+    before its pixels are decoded (in that image's header step).
     """
     if len(images) == 0:
         raise InvalidInput("the request has no images")
@@ -318,6 +323,8 @@ def load_batch(
         if before_step is not None:
             before_step(index)
         opened.append(open_image(data, index, limits, min_short_side=DRAFT_FACTOR * pre.resize_size))
+        if on_open is not None:
+            on_open(opened[-1])
     total = sum(image.decoded_pixels for image in opened)
     if total > limits.max_request_pixels:
         raise TooLarge(

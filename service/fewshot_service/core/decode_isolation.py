@@ -10,6 +10,7 @@ answered with :class:`TooLarge` (413 / RESOURCE_EXHAUSTED) naming the image.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import select
@@ -34,6 +35,7 @@ from .decode_worker import _FRAME, ERROR_KINDS, MAX_HEADER_BYTES, write_frame
 # Wall-clock seconds an image may take per CPU second of its budget: slack for a busy machine
 # (the CPU limit is the real bound; this catches what it cannot, e.g. a decoder that blocks).
 WALL_PER_CPU_SECOND = 5
+PIPE_BYTES = 1 << 20
 _POLL_S = 0.1  # how often a waiting job looks at its request's cancellation
 # One BLAS/OpenMP thread: the worker runs one decode, and each thread's buffers count in RLIMIT_AS.
 _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -76,6 +78,8 @@ class DecodeWorker:
             pass_fds=(self._progress.fd,),
             env={**os.environ, **_WORKER_ENV},
         )
+        for stream in (self._proc.stdin, self._proc.stdout):
+            _widen_pipe(stream.fileno())  # type: ignore[union-attr]
         self.started += 1
 
     def stop(self) -> None:
@@ -173,7 +177,7 @@ class DecodeWorker:
             header = {**header, "limits": _limits_dict(limits), "sizes": [len(i) for i in images]}
             try:
                 progress.new_job()
-                write_frame(proc.stdin, header, b"".join(images))  # type: ignore[arg-type]
+                write_frame(proc.stdin, header, *images)  # type: ignore[arg-type]
                 clock = _ImageClock(progress, WALL_PER_CPU_SECOND * limits.max_decode_cpu_s)
                 reply, payload = self._read_frame(clock, cancellation)
             except Cancelled:
@@ -243,6 +247,16 @@ class DecodeWorker:
                 raise _WorkerGone("exited")
             got += n
         return buffer
+
+
+def _widen_pipe(fd: int) -> None:
+    """A job's pixels (megabytes of float32) cross in a few large reads, not one wake-up of the
+    server per 64 KiB (Linux's default pipe size); an unprivileged process may ask for up to
+    ``/proc/sys/fs/pipe-max-size`` (1 MiB by default), and a smaller pipe still works."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass
 
 
 class _ImageClock:

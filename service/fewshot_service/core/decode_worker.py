@@ -36,11 +36,11 @@ import numpy as np
 from PIL import Image
 
 from fewshot_common.errors import FewshotError, ImageError, InvalidInput, TooLarge, UnsupportedFormat
-from fewshot_common.images import ImageLimits, load_batch
+from fewshot_common.images import ImageLimits, OpenedImage, load_batch
 from fewshot_common.modelmeta import Preprocess
 
 from .decode_progress import DecodeProgress
-from .stored_images import bounded_copy
+from .stored_images import bounded_copy, kept_as_uploaded
 
 _FRAME = struct.Struct(">II")
 MAX_HEADER_BYTES = 1 << 20
@@ -55,12 +55,19 @@ ERROR_KINDS: dict[str, type[FewshotError]] = {
 }
 
 
-def write_frame(stream: IO[bytes], header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+def write_frame(stream: IO[bytes], header: dict[str, Any], *payload: bytes | np.ndarray) -> None:
+    """One frame; the payload is its parts one after another, written as they are (a batch of
+    pixels is megabytes: no copy of it is made to join the parts)."""
     encoded = json.dumps(header).encode()
-    stream.write(_FRAME.pack(len(encoded), len(payload)))
+    stream.write(
+        _FRAME.pack(
+            len(encoded), sum(part.nbytes if isinstance(part, np.ndarray) else len(part) for part in payload)
+        )
+    )
     stream.write(encoded)
-    if len(payload):
-        stream.write(payload)
+    for part in payload:
+        if len(part):
+            stream.write(part)
     stream.flush()
 
 
@@ -93,13 +100,20 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def arm_cpu(seconds: float) -> None:
+_cpu_soft_limit: list[int | None] = [None]  # RLIMIT_CPU's soft value as last set here
+
+
+def arm_cpu(seconds: float, now: float | None = None) -> None:
     """Let the next ``seconds`` of CPU run, then die. ITIMER_PROF counts this process's CPU time
     exactly and its SIGPROF (never handled here) kills; RLIMIT_CPU, whole seconds of the
-    process's total and so a second or two later, is the kernel's backstop (SIGXCPU)."""
+    process's total and so a second or two later, is the kernel's backstop (SIGXCPU).
+    ``now``: :func:`cpu_seconds` if the caller just read it. The whole-second backstop is only
+    set when it moves (small images are armed three times each, within one second)."""
     signal.setitimer(signal.ITIMER_PROF, seconds)
-    soft = math.ceil(cpu_seconds() + seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+    soft = math.ceil((cpu_seconds() if now is None else now) + seconds) + 1
+    if soft != _cpu_soft_limit[0]:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+        _cpu_soft_limit[0] = soft
 
 
 def _limits(header: dict[str, Any]) -> ImageLimits:
@@ -110,7 +124,7 @@ def _limits(header: dict[str, Any]) -> ImageLimits:
 
 def _run_job(
     header: dict[str, Any], payload: bytes, progress: DecodeProgress
-) -> tuple[dict[str, Any], bytes]:
+) -> tuple[dict[str, Any], list[bytes | np.ndarray]]:
     limits = _limits(header)
     images, offset = [], 0
     for size in header["sizes"]:
@@ -127,26 +141,41 @@ def _run_job(
             current[0] = None
 
     def before_step(index: int) -> None:
-        account()
-        arm_cpu(max(limits.max_decode_cpu_s - spent[index], 0.01))
-        current[:] = [index, cpu_seconds()]
+        now = cpu_seconds()  # one clock read ends the last step and starts this one
+        if current[0] is not None:
+            spent[current[0]] += now - current[1]
+        arm_cpu(max(limits.max_decode_cpu_s - spent[index], 0.01), now)
+        current[:] = [index, now]
         progress.on_image(index)  # the parent's deadline restarts
 
     if header["op"] not in ("load_batch", "load_batch_and_copies"):
         raise InvalidInput(f"unknown decode job {header['op']!r}")
     arm_cpu(limits.max_decode_cpu_s)  # until the first image's step
     pre = Preprocess.from_dict(header["preprocess"])
-    batch = load_batch(images, pre, limits, before_step=before_step)
+    with_copies = header["op"] == "load_batch_and_copies"
+    # A small upright JPEG is stored as it came, which its header opened for the model already
+    # tells: no second parse of it (Pillow's JPEG header parsing is most of a small image's cost).
+    kept: dict[int, bytes | None] = {}
+
+    def keep_as_uploaded(opened: OpenedImage) -> None:
+        kept[opened.index] = kept_as_uploaded(images[opened.index], opened)
+
+    batch = load_batch(
+        images, pre, limits, before_step=before_step, on_open=keep_as_uploaded if with_copies else None
+    )
     account()
     reply: dict[str, Any] = {"t": "done", "shape": list(batch.shape)}
-    if header["op"] == "load_batch":
-        return reply, batch.tobytes()
+    if not with_copies:
+        return reply, [batch]
     copies = []
     for index, image in enumerate(images):
-        before_step(index)
-        copies.append(bounded_copy(image, limits, index))
+        copy = kept.get(index)
+        if copy is None:
+            before_step(index)
+            copy = bounded_copy(image, limits, index)
+        copies.append(copy)
     reply["sizes"] = [len(c) for c in copies]
-    return reply, batch.tobytes() + b"".join(copies)
+    return reply, [batch, *copies]
 
 
 def _error_header(exc: FewshotError) -> dict[str, Any]:
@@ -169,14 +198,14 @@ def serve(inp: IO[bytes], out: IO[bytes], progress: DecodeProgress) -> None:
         try:
             reply, data = _run_job(header, payload, progress)
         except FewshotError as exc:
-            reply, data = _error_header(exc), b""
+            reply, data = _error_header(exc), []
         except MemoryError:
-            reply, data = _error_header(TooLarge("decoding needs more memory than the limit")), b""
+            reply, data = _error_header(TooLarge("decoding needs more memory than the limit")), []
         del payload
         if vm_size() > base + RECYCLE_GROWTH or reply.get("kind") == "TooLarge":
             reply["exiting"] = exiting = True
         signal.setitimer(signal.ITIMER_PROF, 0)  # idle between jobs costs nothing anyway
-        write_frame(out, reply, data)
+        write_frame(out, reply, *data)
         if exiting:
             return
 

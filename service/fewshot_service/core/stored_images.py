@@ -22,7 +22,7 @@ import io
 
 from PIL import Image
 
-from fewshot_common.images import ImageLimits, open_image
+from fewshot_common.images import ImageLimits, OpenedImage, open_image
 from fewshot_common.jpeg_scans import strip_jpeg_metadata
 
 MAX_SHORT_SIDE = 384
@@ -36,17 +36,27 @@ def fits(width: int, height: int) -> bool:
     return min(width, height) <= MAX_SHORT_SIDE and max(width, height) <= MAX_LONG_SIDE
 
 
+def kept_as_uploaded(data: bytes, opened: OpenedImage) -> bytes | None:
+    """The upload minus every segment decoding does not need, when it may be stored as it came
+    (a small upright JPEG: the copy's pixels are the very ones the model saw); else None. Needs
+    only the header ``opened`` already parsed, so the decode worker asks it of the image it
+    opened for the model."""
+    is_jpeg = opened.image.format in ("JPEG", "MPO")
+    if not (is_jpeg and len(data) <= KEEP_ORIGINAL_BYTES and fits(*opened.source_size)):
+        return None
+    if opened.image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        return None
+    return strip_jpeg_metadata(data)
+
+
 def bounded_copy(data: bytes, limits: ImageLimits = ImageLimits(), index: int = 0) -> bytes:
     """The bytes to store for an uploaded image (already accepted by the embedder's checks)."""
     opened = open_image(data, index, limits, min_short_side=MAX_SHORT_SIDE)
-    original = opened.image
-    is_jpeg = original.format in ("JPEG", "MPO")
-    width, height = Image.open(io.BytesIO(data)).size if is_jpeg else original.size
-    small = len(data) <= KEEP_ORIGINAL_BYTES and fits(width, height)
-    if small and is_jpeg and original.getexif().get(_EXIF_ORIENTATION, 1) == 1:
-        stripped = strip_jpeg_metadata(data)
-        if stripped is not None:
-            return stripped
+    kept = kept_as_uploaded(data, opened)
+    if kept is not None:
+        return kept
+    is_jpeg = opened.image.format in ("JPEG", "MPO")
+    small = len(data) <= KEEP_ORIGINAL_BYTES and fits(*opened.source_size)
     image = opened.decode()  # RGB, upright
     # Pillow writes some of what it read back out (a JPEG's COM comment): keep only pixels.
     image.info.clear()
