@@ -30,6 +30,7 @@ from .classify.prototypes import limit_blas_threads
 from .core.batcher import CPU_MAX_BATCH_SIZE, BatchConfig
 from .core.core import FewShotCore
 from .core.decode_pool import DecodePool
+from .core.malloc_tuning import reuse_freed_buffers
 from .core.metrics import MODEL_INFO
 from .registry.durability import appendfsync_for, check_external
 from .registry.heartbeats import Heartbeat, new_server_id
@@ -196,6 +197,7 @@ class ServerStack:
             check_external(client, settings.durability)
 
         limit_blas_threads()  # top-k beside ONNX Runtime: see classifier.limit_blas_threads
+        reuse_freed_buffers()  # pixels and batches: see malloc_tuning
         self.core = build_core(settings.model_copy(update={"model": model_path}), client)
         self._cleanup.callback(self.core.close)
         if self.managed_redis is not None:  # deleted images leave its append-only file soon
