@@ -59,9 +59,11 @@ class Summary:
     warnings: dict[str, list[str]] = field(default_factory=dict)
 
 
-# Requests in flight at once: while the server writes one batch and answers, the next is being
-# decoded and embedded, so the model does not wait on HTTP and Redis (bench/bench_import.py).
-IN_FLIGHT = 2
+# Requests in flight at once, so the model does not wait on HTTP and Redis. The server's batcher
+# runs the parts of concurrent requests in turn, so they end at about the same time and each
+# writes, answers and waits for its successor while the model has nothing queued: the more in
+# flight, the rarer that gap (bench/bench_import.py; the server holds each one's pixels).
+IN_FLIGHT = 4
 
 
 def _send(
