@@ -36,6 +36,7 @@ from .decode_worker import _FRAME, ERROR_KINDS, MAX_HEADER_BYTES, write_frame
 # (the CPU limit is the real bound; this catches what it cannot, e.g. a decoder that blocks).
 WALL_PER_CPU_SECOND = 5
 PIPE_BYTES = 1 << 20
+MAX_OUTPUT_BYTES = 1 << 34  # a sanity bound only: the batch's shape and the copies' sizes are checked
 _POLL_S = 0.1  # how often a waiting job looks at its request's cancellation
 # One BLAS/OpenMP thread: the worker runs one decode, and each thread's buffers count in RLIMIT_AS.
 _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -52,6 +53,7 @@ class DecodeWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # the pool gives a slot to one thread; this is a guard
         self._progress: DecodeProgress | None = None  # kept across restarts of the process
+        self._output_fd: int | None = None  # the jobs' output file (decode_worker.write_output)
         self.started = 0  # processes started so far (tests, metrics)
 
     @property
@@ -70,12 +72,17 @@ class DecodeWorker:
         self._reap()
         if self._progress is None:
             self._progress = DecodeProgress()
+        if self._output_fd is None:
+            # Kept at its largest job's size: its pages are reused, not allocated per job.
+            self._output_fd = os.memfd_create("fewshot-decode-output", os.MFD_CLOEXEC)
+        fds = (self._progress.fd, self._output_fd)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "fewshot_service.core.decode_worker", str(self._progress.fd)],
+            [sys.executable, "-m", "fewshot_service.core.decode_worker", *map(str, fds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            bufsize=PIPE_BYTES,  # a job's images reach the worker in one write, not one per 8 KiB
             close_fds=True,
-            pass_fds=(self._progress.fd,),
+            pass_fds=fds,
             env={**os.environ, **_WORKER_ENV},
         )
         for stream in (self._proc.stdin, self._proc.stdout):
@@ -94,6 +101,9 @@ class DecodeWorker:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        if self._output_fd is not None:
+            os.close(self._output_fd)
+            self._output_fd = None
 
     def _reap(self) -> None:
         if self._proc is None:
@@ -142,13 +152,17 @@ class DecodeWorker:
         batch = self._batch(header, payload, len(images), pre)
         return batch, self._copies(header, payload[batch.nbytes :], len(images))
 
-    def _batch(self, header: dict[str, Any], payload: bytearray, count: int, pre: Preprocess) -> np.ndarray:
+    def _batch(
+        self, header: dict[str, Any], payload: bytearray | np.ndarray, count: int, pre: Preprocess
+    ) -> np.ndarray:
         shape = tuple(header.get("shape", ()))
         if shape != (count, 3, pre.input_size, pre.input_size) or len(payload) < 4 * np.prod(shape):
             raise self._protocol_error("a batch of the wrong shape")
         return np.frombuffer(payload, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
 
-    def _copies(self, header: dict[str, Any], payload: bytearray | memoryview, count: int) -> list[bytes]:
+    def _copies(
+        self, header: dict[str, Any], payload: bytearray | memoryview | np.ndarray, count: int
+    ) -> list[bytes]:
         sizes = header.get("sizes")
         if not isinstance(sizes, list) or len(sizes) != count or sum(sizes) != len(payload):
             raise self._protocol_error("copies of the wrong size")
@@ -169,7 +183,7 @@ class DecodeWorker:
         images: Sequence[bytes],
         limits: ImageLimits,
         cancellation: CancellationCheck | None,
-    ) -> tuple[dict[str, Any], bytearray]:
+    ) -> tuple[dict[str, Any], bytearray | np.ndarray]:
         with self._lock:
             self.start()
             assert self._proc is not None and self._progress is not None
@@ -191,7 +205,19 @@ class DecodeWorker:
                 self.start()
             if reply.get("t") == "error":
                 raise _error_from(reply)
-            return reply, payload
+            return reply, self._output(reply, payload)
+
+    def _output(self, reply: dict[str, Any], payload: bytearray) -> bytearray | np.ndarray:
+        """The job's output: from the output file when the reply states its length."""
+        size = reply.get("output_bytes")
+        if size is None:
+            return payload
+        if not isinstance(size, int) or not 0 <= size <= MAX_OUTPUT_BYTES or self._output_fd is None:
+            raise self._protocol_error("an output of an impossible size")
+        output = np.empty(size, dtype=np.uint8)
+        if os.preadv(self._output_fd, [output], 0) != size:
+            raise self._protocol_error("less output than it said")
+        return output
 
     def _died(self, index: int | None, limits: ImageLimits, *, timed_out: bool) -> FewshotError:
         proc = self._proc

@@ -18,7 +18,8 @@ gets the preprocessed float32 input, or the bounded stored copies.
 Wire format, both ways: ``>II`` (header length, payload length), a JSON header, the payload. The
 parent trusts nothing it reads (sizes and shapes are checked), and nothing is pickled: one frame
 each way per job. Which image the job is on goes through a shared page instead (decode_progress.py),
-whose file descriptor is the worker's one argument.
+and a job's output (pixels, copies) through an in-memory file (``memfd``), whose length the reply
+states; their file descriptors are the worker's two arguments.
 """
 
 from __future__ import annotations
@@ -186,7 +187,24 @@ def _error_header(exc: FewshotError) -> dict[str, Any]:
     return header
 
 
-def serve(inp: IO[bytes], out: IO[bytes], progress: DecodeProgress) -> None:
+def write_output(fd: int, parts: list[bytes | np.ndarray]) -> int:
+    """A job's pixels and copies, one after another from the start of the output file: the
+    server reads them in one go once the reply says how many bytes (a pipe holds 1 MiB at most,
+    so megabytes through it would wake both sides again and again). Returns the byte count."""
+    offset = 0
+    for start in range(0, len(parts), 512):  # pwritev takes at most IOV_MAX (1024) buffers
+        group = [memoryview(part).cast("B") for part in parts[start : start + 512]]
+        while group:
+            written = os.pwritev(fd, group, offset)
+            offset += written
+            while group and written >= len(group[0]):
+                written -= len(group.pop(0))
+            if group and written:
+                group[0] = group[0][written:]
+    return offset
+
+
+def serve(inp: IO[bytes], out: IO[bytes], progress: DecodeProgress, output_fd: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed decoder leaves no core file
     Image.init()  # every allowed plugin imported now, inside the start-up size
     base = vm_size()
@@ -205,7 +223,9 @@ def serve(inp: IO[bytes], out: IO[bytes], progress: DecodeProgress) -> None:
         if vm_size() > base + RECYCLE_GROWTH or reply.get("kind") == "TooLarge":
             reply["exiting"] = exiting = True
         signal.setitimer(signal.ITIMER_PROF, 0)  # idle between jobs costs nothing anyway
-        write_frame(out, reply, *data)
+        if data:
+            reply["output_bytes"] = write_output(output_fd, data)
+        write_frame(out, reply)
         if exiting:
             return
 
@@ -217,7 +237,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     np.seterr(all="ignore")
-    serve(inp, out, DecodeProgress(int(sys.argv[1])))
+    serve(inp, out, DecodeProgress(int(sys.argv[1])), int(sys.argv[2]))
 
 
 if __name__ == "__main__":
