@@ -85,8 +85,7 @@ class DecodeWorker:
             pass_fds=fds,
             env={**os.environ, **_WORKER_ENV},
         )
-        for stream in (self._proc.stdin, self._proc.stdout):
-            _widen_pipe(stream.fileno())  # type: ignore[union-attr]
+        _widen_pipe(self._proc.stdin.fileno())  # type: ignore[union-attr]
         self.started += 1
 
     def stop(self) -> None:
@@ -152,17 +151,13 @@ class DecodeWorker:
         batch = self._batch(header, payload, len(images), pre)
         return batch, self._copies(header, payload[batch.nbytes :], len(images))
 
-    def _batch(
-        self, header: dict[str, Any], payload: bytearray | np.ndarray, count: int, pre: Preprocess
-    ) -> np.ndarray:
+    def _batch(self, header: dict[str, Any], payload: np.ndarray, count: int, pre: Preprocess) -> np.ndarray:
         shape = tuple(header.get("shape", ()))
         if shape != (count, 3, pre.input_size, pre.input_size) or len(payload) < 4 * np.prod(shape):
             raise self._protocol_error("a batch of the wrong shape")
         return np.frombuffer(payload, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
 
-    def _copies(
-        self, header: dict[str, Any], payload: bytearray | memoryview | np.ndarray, count: int
-    ) -> list[bytes]:
+    def _copies(self, header: dict[str, Any], payload: np.ndarray, count: int) -> list[bytes]:
         sizes = header.get("sizes")
         if not isinstance(sizes, list) or len(sizes) != count or sum(sizes) != len(payload):
             raise self._protocol_error("copies of the wrong size")
@@ -183,7 +178,7 @@ class DecodeWorker:
         images: Sequence[bytes],
         limits: ImageLimits,
         cancellation: CancellationCheck | None,
-    ) -> tuple[dict[str, Any], bytearray | np.ndarray]:
+    ) -> tuple[dict[str, Any], np.ndarray]:
         with self._lock:
             self.start()
             assert self._proc is not None and self._progress is not None
@@ -193,7 +188,7 @@ class DecodeWorker:
                 progress.new_job()
                 write_frame(proc.stdin, header, *images)  # type: ignore[arg-type]
                 clock = _ImageClock(progress, WALL_PER_CPU_SECOND * limits.max_decode_cpu_s)
-                reply, payload = self._read_frame(clock, cancellation)
+                reply = self._read_reply(clock, cancellation)
             except Cancelled:
                 self._reap()  # it may be deep in a decode: stop it, and have a fresh one ready
                 self.start()
@@ -205,13 +200,11 @@ class DecodeWorker:
                 self.start()
             if reply.get("t") == "error":
                 raise _error_from(reply)
-            return reply, self._output(reply, payload)
+            return reply, self._output(reply)
 
-    def _output(self, reply: dict[str, Any], payload: bytearray) -> bytearray | np.ndarray:
-        """The job's output: from the output file when the reply states its length."""
+    def _output(self, reply: dict[str, Any]) -> np.ndarray:
+        """The job's output, from the output file: as many bytes as the reply states."""
         size = reply.get("output_bytes")
-        if size is None:
-            return payload
         if not isinstance(size, int) or not 0 <= size <= MAX_OUTPUT_BYTES or self._output_fd is None:
             raise self._protocol_error("an output of an impossible size")
         output = np.empty(size, dtype=np.uint8)
@@ -242,17 +235,16 @@ class DecodeWorker:
             )
         return Unavailable("the image decoder stopped unexpectedly; retry")
 
-    def _read_frame(
-        self, clock: _ImageClock, cancellation: CancellationCheck | None
-    ) -> tuple[dict[str, Any], bytearray]:
+    def _read_reply(self, clock: _ImageClock, cancellation: CancellationCheck | None) -> dict[str, Any]:
+        """The job's reply: one frame of a header and no payload (the output is in its file)."""
         head = self._read(_FRAME.size, clock, cancellation)
         header_len, payload_len = _FRAME.unpack(head)
-        if header_len > MAX_HEADER_BYTES:
+        if header_len > MAX_HEADER_BYTES or payload_len:
             raise _WorkerGone("protocol")
         header = json.loads(self._read(header_len, clock, cancellation))
         if not isinstance(header, dict):
             raise _WorkerGone("protocol")
-        return header, self._read(payload_len, clock, cancellation)
+        return header
 
     def _read(self, size: int, clock: _ImageClock, cancellation: CancellationCheck | None) -> bytearray:
         assert self._proc is not None and self._proc.stdout is not None
@@ -276,9 +268,10 @@ class DecodeWorker:
 
 
 def _widen_pipe(fd: int) -> None:
-    """A job's pixels (megabytes of float32) cross in a few large reads, not one wake-up of the
-    server per 64 KiB (Linux's default pipe size); an unprivileged process may ask for up to
-    ``/proc/sys/fs/pipe-max-size`` (1 MiB by default), and a smaller pipe still works."""
+    """A job's images reach the worker in one write, not one wake-up of the worker per 64 KiB
+    (Linux's default pipe size); an unprivileged process may ask for up to
+    ``/proc/sys/fs/pipe-max-size`` (1 MiB by default), and a smaller pipe still works. (Replies
+    are a small frame; a job's output goes through the output file.)"""
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     except OSError:

@@ -56,18 +56,14 @@ ERROR_KINDS: dict[str, type[FewshotError]] = {
 }
 
 
-def write_frame(stream: IO[bytes], header: dict[str, Any], *payload: bytes | np.ndarray) -> None:
-    """One frame; the payload is its parts one after another, written as they are (a batch of
-    pixels is megabytes: no copy of it is made to join the parts)."""
+def write_frame(stream: IO[bytes], header: dict[str, Any], *payload: bytes) -> None:
+    """One frame; the payload is its parts one after another, written as they are (not joined
+    into new bytes first)."""
     encoded = json.dumps(header).encode()
-    stream.write(
-        _FRAME.pack(
-            len(encoded), sum(part.nbytes if isinstance(part, np.ndarray) else len(part) for part in payload)
-        )
-    )
+    stream.write(_FRAME.pack(len(encoded), sum(len(part) for part in payload)))
     stream.write(encoded)
     for part in payload:
-        if len(part):
+        if part:
             stream.write(part)
     stream.flush()
 
