@@ -206,7 +206,15 @@ def test_the_data_folder_and_its_files_are_private(tmp_path: Path) -> None:
 
 
 def _aof_bytes(folder: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted(folder.rglob("appendonly.aof.*")))
+    """Every append-only file's bytes, read as one consistent set: a rewrite that finishes while
+    they are read removes the old files, so a set with a file gone is read again, whole."""
+    for attempt in range(100):
+        try:
+            return b"".join(p.read_bytes() for p in sorted(folder.rglob("appendonly.aof.*")))
+        except FileNotFoundError:
+            if attempt == 99:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_compact_soon_rewrites_deleted_bytes_out_of_the_append_only_file(tmp_path: Path) -> None:
