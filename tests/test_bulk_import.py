@@ -93,6 +93,16 @@ def test_sending_the_same_bytes_again_skips_them(url: str, client: FewShotClient
     assert yellow.count == 1 and yellow.skipped == [(1, yellow.added_example_ids[0])]
 
 
+def test_files_added_one_class_at_a_time_are_skipped_by_a_bulk_add(url: str, client: FewShotClient) -> None:
+    """A user adds a few examples in the playground, then imports the folder they came from."""
+    cat, dog = [samples.noise_png(40), samples.noise_png(41)], samples.noise_png(42)
+    added = client.add_examples("cat", cat)
+    bulk_report = client.add_examples_bulk([("cat", cat[1]), ("cat", samples.noise_png(43)), ("dog", dog)])
+    by_label = {c.label: c for c in bulk_report.classes}
+    assert by_label["cat"].skipped == [(0, added.added_example_ids[1])]
+    assert by_label["cat"].count == 3 and by_label["dog"].count == 1
+
+
 def test_a_deleted_example_s_bytes_are_added_again(url: str, client: FewShotClient) -> None:
     image = samples.noise_png(7)
     [added] = client.add_examples_bulk([("cat", image), ("cat", samples.noise_png(8))]).classes

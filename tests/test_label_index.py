@@ -197,6 +197,38 @@ def test_deletes_drop_the_content_hashes_of_what_they_delete(registry: Registry,
     assert namespace_keys(client, "h") == set()  # no content hash (nor anything else) left behind
 
 
+def test_a_bulk_add_reads_no_class_of_a_fresh_import_and_records_hashes_with_the_examples(
+    registry: Registry, client: RedisClient
+) -> None:
+    """Filling a catalog: the dedupe asks Redis two commands whatever the number of new classes,
+    and each class's content hashes go in with its examples (its add script), not afterwards.
+    (Valkey's command counts include the commands scripts call, so only reads are counted.)"""
+    files = {f"c{i}": [f"{i}a".encode(), f"{i}b".encode()] for i in range(30)}
+    wanted = {label: [content_hash(b) for b in images] for label, images in files.items()}
+    add_classes_with_hashes(registry, "fill", [upload("c0", files["c0"], 0)], MODEL)  # layout checked
+    calls = command_counter(client)
+    assert set(known_hashes(registry, "fill", wanted)) == {"c0"}
+    assert calls() == {"hget": 1, "hmget": 2, "hexists": 2}  # epoch, counts; c0's hashes and ids
+    calls = command_counter(client)
+    new = {label: images for label, images in files.items() if label != "c0"}
+    assert known_hashes(registry, "fill", {label: wanted[label] for label in new}) == {}
+    assert calls() == {"hget": 1, "hmget": 1}  # none of them exists: no per-class read
+    calls = command_counter(client)
+    outcomes = add_classes_with_hashes(
+        registry, "fill", [upload(label, images, i) for i, (label, images) in enumerate(new.items())], MODEL
+    )
+    assert calls()["evalsha"] == len(new)  # the hashes: written by these scripts, nothing after
+    epoch = client.hget(registry.keys("fill").state, "epoch").decode()
+    for outcome in outcomes:
+        entries = client.hgetall(registry.keys("fill").hashes(outcome.label))
+        assert entries == {
+            digest.encode(): f"{epoch}:{example_id}".encode()
+            for digest, example_id in zip(wanted[outcome.label], outcome.added_example_ids)
+        }
+    held = known_hashes(registry, "fill", wanted)
+    assert {label: set(h) for label, h in held.items()} == {label: set(w) for label, w in wanted.items()}
+
+
 def command_counter(client: RedisClient) -> Callable[[], dict[str, int]]:
     """Calls per command from now on, summed over every master of a cluster."""
 

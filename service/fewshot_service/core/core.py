@@ -42,6 +42,7 @@ from ..classify.shot_quality import (
     example_quality,
 )
 from ..names import resolve_example_id, resolve_label, resolve_name, resolve_namespace, resolve_top_k
+from ..registry.bulk import content_hash
 from ..registry.redis_client import redis_time_budget
 from . import metrics
 from .batcher import BatchConfig, DynamicBatcher
@@ -374,7 +375,9 @@ class FewShotCore:
             images, "add_examples", cancellation, run_here_if_idle=True, copies=stored
         )()
         with _registry_span("add_examples"):
-            info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored)
+            # The content hashes let a later bulk import skip these same files (bulk_add.py).
+            hashes = [content_hash(data) for data in images]
+            info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored, hashes)
         try:
             with _registry_span("example_snapshot"):
                 snapshot, others = self._class_view(namespace, label)

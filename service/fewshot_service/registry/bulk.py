@@ -2,16 +2,16 @@
 uploads a class already holds (by content hash), and the adds of many classes pipelined.
 
 Each class is added by the same script as a single add (add_examples.lua), so each class is
-all-or-none and its cap holds; the request as a whole is not atomic. The content hashes are
-written after the adds in the same round trip: a failure in between leaves examples that merely
-do not dedupe. The delete scripts drop the entries of what they delete; an entry names the
-namespace epoch and the example id all the same, so one written just after its example was deleted
-(between the add and this write) never matches.
+all-or-none and its cap holds; the request as a whole is not atomic. The script records each
+example's content hash with it, and the delete scripts drop the entries of what they delete, so
+an entry names an example that exists; it also names the namespace epoch, so an entry left from
+before Redis lost its data never matches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +51,8 @@ def known_hashes(
     registry: Registry, namespace: str, wanted: dict[str, list[str]]
 ) -> dict[str, dict[str, str]]:
     """label -> {content hash -> example id} for those of ``wanted`` (label -> hashes) that the
-    class holds now: two pipelined round trips, whatever the number of classes."""
+    class holds now. One round trip of two commands when none of the labels exists yet (a fresh
+    import: no per-class reads), else up to two more, pipelined, whatever the number of classes."""
     keys = registry.keys(namespace)
     labels = [label for label, hashes in wanted.items() if hashes]
     if not labels:
@@ -59,19 +60,25 @@ def known_hashes(
     with redis_errors(registry.client):
         pipe = registry.client.pipeline(transaction=False)
         pipe.hget(keys.state, "epoch")
-        for label in labels:
-            pipe.hmget(keys.hashes(label), wanted[label])
-        epoch, *replies = pipe.execute()
-        if epoch is None:
+        pipe.hmget(keys.counts, [encode(label) for label in labels])
+        epoch, counts = pipe.execute()
+        existing = [label for label, count in zip(labels, counts) if count is not None]
+        if epoch is None or not existing:
             return {}
+        pipe = registry.client.pipeline(transaction=False)
+        for label in existing:
+            pipe.hmget(keys.hashes(label), wanted[label])
+        replies = pipe.execute()
         prefix = text(epoch) + ":"
         candidates: list[tuple[str, str, str]] = []  # (label, hash, example id)
-        for label, values in zip(labels, replies):
+        for label, values in zip(existing, replies):
             for digest, value in zip(wanted[label], values):
                 if value is not None and text(value).startswith(prefix):
                     candidates.append((label, digest, text(value)[len(prefix) :]))
         if not candidates:
             return {}
+        # Entries written before the add script recorded them (a separate, later write) may name
+        # an example deleted in between: only an example that exists is a match.
         pipe = registry.client.pipeline(transaction=False)
         for label, _digest, example_id in candidates:
             pipe.hexists(keys.images(label), example_id)
@@ -95,19 +102,21 @@ def class_counts(registry: Registry, namespace: str, labels: Sequence[str]) -> d
 def add_classes_with_hashes(
     registry: Registry, namespace: str, uploads: Sequence[ClassUpload], model_id: str
 ) -> list[ClassOutcome]:
-    """Add every class of ``uploads`` (one script each, pipelined in one round trip; on a
-    Cluster one round trip a class, as redis-py's cluster pipeline refuses scripts), then record
-    the added examples' content hashes. A class the script refuses gets its ``error``; the
-    others are added all the same."""
+    """Add every class of ``uploads`` with its content hashes (one script each, pipelined in one
+    round trip; on a Cluster one round trip a class, as redis-py's cluster pipeline refuses
+    scripts). A class the script refuses gets its ``error``; the others are added all the same."""
     keys = registry.keys(namespace)
     registry.ensure_layout(namespace)
     pipelined = not isinstance(registry.client, RedisCluster)
     replies: list[object] = []
+    epoch = uuid.uuid4().hex  # the namespace's, should this request create it
     with redis_errors(registry.client):
         runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
         for upload in uploads:
             vectors = check_embeddings(upload.embeddings)
-            args = registry.writes.add_args(upload.label, model_id, vectors, upload.images)
+            args = registry.writes.add_args(
+                upload.label, model_id, vectors, upload.images, upload.hashes, epoch=epoch
+            )
             try:
                 replies.append(
                     registry.store.scripts.add(
@@ -131,27 +140,4 @@ def add_classes_with_hashes(
             continue
         _generation, count, *added = reply  # type: ignore[misc]
         outcomes.append(ClassOutcome(upload.label, int(count), [text(i) for i in added]))
-    _record_hashes(registry, namespace, uploads, outcomes)
     return outcomes
-
-
-def _record_hashes(
-    registry: Registry,
-    namespace: str,
-    uploads: Sequence[ClassUpload],
-    outcomes: Sequence[ClassOutcome],
-) -> None:
-    keys = registry.keys(namespace)
-    with redis_errors(registry.client):
-        epoch = registry.client.hget(keys.state, "epoch")
-        if epoch is None:  # deleted meanwhile: nothing to dedupe against
-            return
-        pipe = registry.client.pipeline(transaction=False)
-        for upload, outcome in zip(uploads, outcomes):
-            if outcome.added_example_ids:
-                mapping = {
-                    digest: f"{text(epoch)}:{example_id}"
-                    for digest, example_id in zip(upload.hashes, outcome.added_example_ids)
-                }
-                pipe.hset(keys.hashes(upload.label), mapping=mapping)
-        pipe.execute()

@@ -137,8 +137,9 @@ class Registry:
         embeddings: np.ndarray,
         model_id: str,
         images: Sequence[bytes] | None = None,
+        hashes: Sequence[str] | None = None,
     ) -> ClassInfo:
-        return self.writes.add_examples(namespace, label, embeddings, model_id, images)
+        return self.writes.add_examples(namespace, label, embeddings, model_id, images, hashes)
 
     def add_classes(
         self, namespace: str, classes: dict[str, np.ndarray], model_id: str, *, chunk: int = 1000

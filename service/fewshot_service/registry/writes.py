@@ -33,10 +33,12 @@ class Writes:
         embeddings: np.ndarray,
         model_id: str,
         images: Sequence[bytes] | None = None,
+        hashes: Sequence[str] | None = None,
     ) -> ClassInfo:
         """Store ``embeddings`` [n, D] of ``model_id`` as new examples of ``label``, all or none,
         each with its stored image (``images``, parallel; none: stored without, so another model
-        can never embed them).
+        can never embed them) and the content hash of its uploaded file (``hashes``, parallel),
+        by which a bulk import skips what the class already holds.
 
         Refused (FailedPrecondition) when the class would exceed ``max_examples_per_class``.
         """
@@ -45,7 +47,7 @@ class Writes:
         if not model_id:
             raise InvalidInput("model_id must not be empty")
         vectors = check_embeddings(embeddings)
-        args = self.add_args(label, model_id, vectors, images)
+        args = self.add_args(label, model_id, vectors, images, hashes)
         self._migration.ensure_layout(namespace)
         with redis_errors(store.client):
             try:
@@ -65,22 +67,35 @@ class Writes:
         )
 
     def add_args(
-        self, label: str, model_id: str, vectors: np.ndarray, images: Sequence[bytes] | None
+        self,
+        label: str,
+        model_id: str,
+        vectors: np.ndarray,
+        images: Sequence[bytes] | None,
+        hashes: Sequence[str] | None = None,
+        epoch: str | None = None,
     ) -> list[object]:
-        """The ARGV of add_examples.lua for ``vectors`` (checked) and their stored images."""
-        if images is not None and len(images) != len(vectors):
-            raise InvalidInput(f"{len(images)} stored images for {len(vectors)} embeddings")
-        pairs: list[object] = []
+        """The ARGV of add_examples.lua for ``vectors`` (checked), their stored images and their
+        files' content hashes. ``epoch`` is the namespace's epoch should this add create it (one
+        per request is enough: only the first add of a new namespace uses it)."""
+        for name, parallel in (("stored images", images), ("content hashes", hashes)):
+            if parallel is not None and len(parallel) != len(vectors):
+                raise InvalidInput(f"{len(parallel)} {name} for {len(vectors)} embeddings")
+        triples: list[object] = []
         for i, row in enumerate(vectors):
-            pairs += [row.astype(FLOAT32_LE).tobytes(), images[i] if images is not None else b""]
+            triples += [
+                row.astype(FLOAT32_LE).tobytes(),
+                images[i] if images is not None else b"",
+                hashes[i] if hashes is not None else "",
+            ]
         return [
             encode(label),
             model_id,
             vectors.shape[1],
-            uuid.uuid4().hex,
+            epoch or uuid.uuid4().hex,
             self._store.max_examples_per_class,
             self._store.change_log_size,
-            *pairs,
+            *triples,
         ]
 
     @staticmethod
@@ -94,6 +109,7 @@ class Writes:
             keys.images(label),
             *keys.model(model_id).for_class(label),
             keys.labels,
+            keys.hashes(label),
         ]
 
     def add_classes(
@@ -117,8 +133,9 @@ class Writes:
             with redis_errors(store.client):
                 runner = store.client.pipeline(transaction=False) if pipelined else store.client
                 replies: list[object] = []
+                epoch = uuid.uuid4().hex
                 for label, vectors in batch:
-                    args = self.add_args(label, model_id, vectors, None)
+                    args = self.add_args(label, model_id, vectors, None, epoch=epoch)
                     try:
                         replies.append(
                             store.scripts.add(

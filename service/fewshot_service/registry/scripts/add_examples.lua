@@ -1,7 +1,10 @@
 -- KEYS: state, counts, models, changes, images (of this class), then this model's counts,
--- prototypes, sums and embeddings (of this class), then the namespace's label index
+-- prototypes, sums and embeddings (of this class), then the namespace's label index, then the
+-- class's content hashes
 -- ARGV: label field, model id, embedding dim, epoch, max examples per class, change log size,
--- then per example: its float32 blob and its stored image ('' when none is stored).
+-- then per example: its float32 blob, its stored image ('' when none is stored) and the sha256
+-- of its uploaded file ('' when not recorded), which bulk import dedupes by (bulk.py). Recorded
+-- here, with the example, so an entry never outlives or predates what it names.
 -- Returns {generation, count, example id...}; refuses a dim other than the one this model id
 -- was recorded with, and an add that would take the class over its cap (before changing anything).
 -- Any model may add: the examples are the namespace's, the embeddings this model's.
@@ -9,7 +12,7 @@
 -- so no replica mistakes a restarted generation count for the one it cached.
 local state_key, counts_key, models_key, changes_key, images_key = unpack(KEYS, 1, 5)
 local mcounts_key, protos_key, sums_key, examples_key = unpack(KEYS, 6, 9)
-local labels_key = KEYS[10]
+local labels_key, hashes_key = KEYS[10], KEYS[11]
 local field, model_id, dim, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local max_examples, log_size = tonumber(ARGV[5]), tonumber(ARGV[6])
 local first = 7
@@ -20,7 +23,7 @@ if recorded and tonumber(recorded) ~= dim then
   return redis.error_reply('DIM_MISMATCH ' .. recorded)
 end
 local existing = redis.call('HLEN', images_key)
-local adding = (#ARGV - first + 1) / 2
+local adding = (#ARGV - first + 1) / 3
 if existing + adding > max_examples then
   return redis.error_reply('TOO_MANY_EXAMPLES ' .. existing .. ' ' .. max_examples)
 end
@@ -33,11 +36,13 @@ redis.call('HSET', state_key, 'layout', 2)
 
 local embedded = redis.call('HLEN', examples_key)
 local sum = load_sum(sums_key, examples_key, field, dim, embedded)
+local current_epoch = redis.call('HGET', state_key, 'epoch')
 local ids = {}
-for i = first, #ARGV, 2 do
+for i = first, #ARGV, 3 do
   local id = tostring(redis.call('HINCRBY', state_key, 'next_example_id', 1))
   redis.call('HSET', images_key, id, ARGV[i + 1])
   redis.call('HSET', examples_key, id, ARGV[i])
+  if ARGV[i + 2] ~= '' then redis.call('HSET', hashes_key, ARGV[i + 2], current_epoch .. ':' .. id) end
   local v = unit_vector(ARGV[i], dim)
   for j = 1, dim do sum[j] = sum[j] + v[j] end
   ids[#ids + 1] = id
