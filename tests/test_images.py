@@ -90,22 +90,32 @@ def test_decompression_bomb_beyond_pillows_limit_is_too_large() -> None:
         decode_image(samples.png_header_only(60_000, 60_000), 3, ImageLimits(max_pixels=10**10))
 
 
-def test_preprocess_matches_torchvision_eval_transform() -> None:
+@pytest.mark.parametrize(
+    "height, width, resize, crop",
+    [
+        (50, 77, 36, 32),  # resized, then centre-cropped
+        (64, 64, 96, 96),  # the shipped model's 64-px case: resized straight to the input (no crop)
+        (32, 32, 32, 32),  # already the input size: neither
+    ],
+)
+def test_preprocess_matches_torchvision_eval_transform(
+    height: int, width: int, resize: int, crop: int
+) -> None:
     """Same sizes, interpolation and normalisation as the trainer's eval transform."""
     from torchvision import transforms
 
     rng = np.random.default_rng(1)
-    img = Image.fromarray(rng.integers(0, 256, (50, 77, 3), dtype=np.uint8))
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
     reference = transforms.Compose(
         [
-            transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(32),
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )(img).numpy()
-    ours = preprocess(img, PRE)
-    assert ours.shape == (3, 32, 32) and ours.dtype == np.float32
+    ours = preprocess(img, Preprocess(input_size=crop, resize_size=resize))
+    assert ours.shape == (3, crop, crop) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 

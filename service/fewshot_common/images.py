@@ -280,7 +280,8 @@ def preprocess(img: Image.Image, pre: Preprocess, out: np.ndarray | None = None)
     if new_long <= _MAX_ASPECT_RESIZED * new_short:
         if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), resample)
-        img = img.crop((left, top, left + crop, top + crop))
+        if img.size != (crop, crop):  # a square image at the input size needs no crop (a copy)
+            img = img.crop((left, top, left + crop, top + crop))
     else:
         scale_x, scale_y = width / new_w, height / new_h
         box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
