@@ -2,8 +2,10 @@
 
 - ``engine_img_s``: the served model's images/s on preprocessed tensors, fed through the server's
   own batcher (its workers and max batch, as ``fewshot serve`` sets them on this machine): enough
-  full batches queued at once that the model never waits. Measured before and after the import
-  (the figure is their mean; both are printed).
+  full batches queued at once that the model never waits. Measured in 5-s windows for
+  ``--engine-seconds`` before and again after the import; the figure is the best window (so a
+  dip of the engine while it was measured cannot raise the ratio), ``engine_windows`` lists them
+  all and ``engine_img_s_before_after`` their means before and after.
 - ``import_img_s``: ``fewshot import DIR`` (a subprocess, as a user runs it) filling ``--classes``
   one-image classes of 64-px JPEGs into a fresh namespace of an in-process server with a private
   Valkey: decode in the decode workers, the model, the Redis writes and the HTTP, end to end.
@@ -65,20 +67,27 @@ def write_set(root: Path, classes: int) -> None:
         (folder / "0.jpg").write_bytes(jpeg(c))
 
 
-def engine_img_s(stack: ServerStack, seconds: float) -> float:
-    """Images/s of the model through the server's batcher, kept busy for about ``seconds``."""
+ENGINE_WINDOW_S = 5.0
+
+
+def engine_windows(stack: ServerStack, seconds: float) -> list[float]:
+    """Images/s of the model through the server's batcher, kept busy for about ``seconds``, one
+    figure per window of :data:`ENGINE_WINDOW_S` (a shared machine's dips show as low windows)."""
     core = stack.core
     batch = core.batch_config.max_batch_size
     pixels = load_batch([jpeg(i) for i in range(batch)], core.embedder.meta.preprocess)
     for wait in [core.start_inference(pixels) for _ in range(2)]:  # warm-up
         wait()
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        waits = [core.start_inference(pixels) for _ in range(4 * core.batch_config.workers)]
-        for wait in waits:
-            wait()
-        done += batch * len(waits)
-    return done / (time.perf_counter() - started)
+    figures: list[float] = []
+    for _ in range(max(1, round(seconds / ENGINE_WINDOW_S))):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < ENGINE_WINDOW_S:
+            waits = [core.start_inference(pixels) for _ in range(4 * core.batch_config.workers)]
+            for wait in waits:
+                wait()
+            done += batch * len(waits)
+        figures.append(done / (time.perf_counter() - started))
+    return figures
 
 
 def prefill(stack: ServerStack, namespace: str, classes: int) -> float:
@@ -156,7 +165,7 @@ def main() -> None:
             )
             with ServerStack(settings) as stack:
                 url = f"http://127.0.0.1:{stack.http_port}"
-                before = engine_img_s(stack, args.engine_seconds)
+                before = engine_windows(stack, args.engine_seconds)
                 empty_s = None
                 if args.prefill and not args.large_first:
                     empty_s = run_import(root, url, "bench-empty", args.batch)
@@ -167,8 +176,10 @@ def main() -> None:
                 if args.prefill and args.large_first:
                     empty_s = run_import(root, url, "bench-empty", args.batch)
                 resume_s = run_import(root, url, "bench", args.batch)
-                after = engine_img_s(stack, args.engine_seconds)
-                engine = (before + after) / 2
+                after = engine_windows(stack, args.engine_seconds)
+                # The reference is the model's best window: a dip of the engine (another
+                # process, the host) can then only lower the ratio, never flatter it.
+                engine = max(before + after)
                 result = {
                     "classes": args.classes,
                     "prefill": args.prefill,
@@ -178,7 +189,8 @@ def main() -> None:
                     "max_batch_size": stack.core.batch_config.max_batch_size,
                     "batch_workers": stack.core.batch_config.workers,
                     "engine_img_s": round(engine, 1),
-                    "engine_img_s_before_after": [round(before, 1), round(after, 1)],
+                    "engine_img_s_before_after": [round(float(np.mean(w)), 1) for w in (before, after)],
+                    "engine_windows": [round(f, 1) for f in before + after],
                     "import_s": round(import_s, 1),
                     "import_img_s": round(args.classes / import_s, 1),
                     "ratio": round(args.classes / import_s / engine, 3),
