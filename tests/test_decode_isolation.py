@@ -5,6 +5,7 @@ server stack (REST, gRPC, model, private Redis)."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from fewshot_api.fewshot.v1 import fewshot_pb2, fewshot_pb2_grpc
-from fewshot_common.errors import TooLarge
+from fewshot_common.errors import TooLarge, Unavailable
 from fewshot_common.images import ImageLimits, open_image
 from fewshot_common.jpeg_scans import count_jpeg_scans
 from fewshot_common.modelmeta import Preprocess
@@ -30,6 +31,7 @@ from fewshot_service.core.decode_isolation import DecodeWorker
 from fewshot_service.core.decode_pool import DecodePool
 from fewshot_service.core.stored_images import bounded_copy
 
+import broken_decode_worker as broken_worker
 import hostile_images as hostile
 import image_samples as samples
 from conftest import stack_settings
@@ -94,6 +96,27 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_next_job_succeeds(pool: Dec
     assert "image 2" in str(errors[0])  # the one it died on, told through the shared page
     assert pool.load_batch([samples.solid_png((4, 5, 6))], PRE, limits).shape == (1, 3, 32, 32)
     assert worker.pid not in (None, first_pid) and worker.started == 2
+
+
+@pytest.mark.parametrize("reply", sorted(broken_worker.REPLIES))
+def test_a_worker_that_answers_out_of_protocol_is_replaced_and_the_request_may_retry(
+    reply: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the image's fault (no 4xx naming it) nor a bug to show as a 500: a 503 to retry,
+    the reason in the server log, and a fresh process for the next job."""
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FEWSHOT_BROKEN_REPLY", reply)
+    worker = DecodeWorker(module="broken_decode_worker")
+    try:
+        for job in (1, 2):  # the second job goes to the replacement, broken in the same way
+            with caplog.at_level(logging.ERROR, logger="fewshot_service.core.decode_isolation"):
+                with pytest.raises(Unavailable, match="out of protocol; retry"):
+                    worker.load_batch_and_copies([samples.solid_png((1, 2, 3))], PRE, ImageLimits())
+            assert worker.started == job + 1 and worker.pid is not None
+        assert "decode worker answered" in caplog.text
+    finally:
+        worker.stop()
 
 
 def _wait_for_image(worker: DecodeWorker, index: int, seconds: float = 10) -> None:

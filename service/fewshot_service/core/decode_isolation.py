@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import select
 import signal
@@ -32,6 +33,9 @@ from fewshot_common.modelmeta import Preprocess
 from .decode_progress import DecodeProgress
 from .decode_worker import _FRAME, ERROR_KINDS, MAX_HEADER_BYTES, write_frame
 
+log = logging.getLogger(__name__)
+WORKER_MODULE = "fewshot_service.core.decode_worker"
+
 # Wall-clock seconds an image may take per CPU second of its budget: slack for a busy machine
 # (the CPU limit is the real bound; this catches what it cannot, e.g. a decoder that blocks).
 WALL_PER_CPU_SECOND = 5
@@ -49,7 +53,8 @@ class _WorkerGone(Exception):
 class DecodeWorker:
     """One worker process, used by one request at a time (the decode pool's slot)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = WORKER_MODULE) -> None:
+        self._module = module  # the worker's code (``python -m``); tests give a broken one
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # the pool gives a slot to one thread; this is a guard
         self._progress: DecodeProgress | None = None  # kept across restarts of the process
@@ -77,7 +82,7 @@ class DecodeWorker:
             self._output_fd = os.memfd_create("fewshot-decode-output", os.MFD_CLOEXEC)
         fds = (self._progress.fd, self._output_fd)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "fewshot_service.core.decode_worker", *map(str, fds)],
+            [sys.executable, "-m", self._module, *map(str, fds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=PIPE_BYTES,  # a job's images reach the worker in one write, not one per 8 KiB
@@ -168,9 +173,13 @@ class DecodeWorker:
         return copies
 
     def _protocol_error(self, what: str) -> FewshotError:
+        """A reply the protocol does not allow: a bug, or a decoder an image subverted. Not
+        the image's fault to report, nor to trust: the process is replaced and the request may
+        be retried (503), as when a worker stops unexpectedly."""
+        log.error("decode worker answered %s: replaced", what)
         self._reap()
         self.start()
-        return FewshotError(f"the image decoder answered {what}")
+        return Unavailable("the image decoder answered out of protocol; retry")
 
     def _call(
         self,
@@ -193,14 +202,30 @@ class DecodeWorker:
                 self._reap()  # it may be deep in a decode: stop it, and have a fresh one ready
                 self.start()
                 raise
-            except (_WorkerGone, OSError, ValueError) as exc:
+            except _WorkerGone as exc:
+                if str(exc) == "protocol":
+                    raise self._protocol_error("a frame out of protocol") from None
                 raise self._died(progress.image, limits, timed_out=str(exc) == "deadline") from None
+            except (OSError, ValueError):
+                raise self._died(progress.image, limits, timed_out=False) from None
             if reply.get("exiting"):
                 self._reap()
                 self.start()
             if reply.get("t") == "error":
-                raise _error_from(reply)
+                raise self._error_from(reply)
             return reply, self._output(reply)
+
+    def _error_from(self, reply: dict[str, Any]) -> FewshotError:
+        """The error the worker reported (the worker names only ERROR_KINDS, with an int index)."""
+        cls = ERROR_KINDS.get(str(reply.get("kind")))
+        if cls is None:
+            return self._protocol_error("an error of no known kind")
+        if issubclass(cls, ImageError):
+            index = reply.get("index")
+            if not isinstance(index, int):
+                return self._protocol_error("an image error naming no image")
+            return cls(index, str(reply.get("reason", "")))
+        return cls(str(reply.get("message", "")))
 
     def _output(self, reply: dict[str, Any]) -> np.ndarray:
         """The job's output, from the output file: as many bytes as the reply states."""
@@ -241,7 +266,10 @@ class DecodeWorker:
         header_len, payload_len = _FRAME.unpack(head)
         if header_len > MAX_HEADER_BYTES or payload_len:
             raise _WorkerGone("protocol")
-        header = json.loads(self._read(header_len, clock, cancellation))
+        try:
+            header = json.loads(self._read(header_len, clock, cancellation))
+        except ValueError:  # not JSON (UnicodeDecodeError included)
+            raise _WorkerGone("protocol") from None
         if not isinstance(header, dict):
             raise _WorkerGone("protocol")
         return header
@@ -306,10 +334,3 @@ def _limits_dict(limits: ImageLimits) -> dict[str, Any]:
         "max_decode_cpu_s": limits.max_decode_cpu_s,
         "max_decode_memory": limits.max_decode_memory,
     }
-
-
-def _error_from(reply: dict[str, Any]) -> FewshotError:
-    cls = ERROR_KINDS.get(str(reply.get("kind")), FewshotError)
-    if issubclass(cls, ImageError):
-        return cls(int(reply.get("index", 0)), str(reply.get("reason", "")))
-    return cls(str(reply.get("message", "")))
