@@ -374,9 +374,9 @@ class FewShotCore:
         embeddings = self._start_embed(
             images, "add_examples", cancellation, run_here_if_idle=True, copies=stored
         )()
+        # The content hashes let a later bulk import skip these same files (bulk_add.py).
+        hashes = [content_hash(data) for data in images]
         with _registry_span("add_examples"):
-            # The content hashes let a later bulk import skip these same files (bulk_add.py).
-            hashes = [content_hash(data) for data in images]
             info = self.registry.add_examples(namespace, label, embeddings, self.model_id, stored, hashes)
         try:
             with _registry_span("example_snapshot"):

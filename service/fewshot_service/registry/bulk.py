@@ -11,13 +11,11 @@ before Redis lost its data never matches.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis
-from redis.cluster import RedisCluster
 
 from .keys import encode, redis_errors, script_code, text
 from .registry import Registry
@@ -105,31 +103,12 @@ def add_classes_with_hashes(
     """Add every class of ``uploads`` with its content hashes (one script each, pipelined in one
     round trip; on a Cluster one round trip a class, as redis-py's cluster pipeline refuses
     scripts). A class the script refuses gets its ``error``; the others are added all the same."""
-    keys = registry.keys(namespace)
     registry.ensure_layout(namespace)
-    pipelined = not isinstance(registry.client, RedisCluster)
-    replies: list[object] = []
-    epoch = uuid.uuid4().hex  # the namespace's, should this request create it
-    with redis_errors(registry.client):
-        runner = registry.client.pipeline(transaction=False) if pipelined else registry.client
-        for upload in uploads:
-            vectors = check_embeddings(upload.embeddings)
-            args = registry.writes.add_args(
-                upload.label, model_id, vectors, upload.images, upload.hashes, epoch=epoch
-            )
-            try:
-                replies.append(
-                    registry.store.scripts.add(
-                        keys=registry.writes.add_keys(keys, upload.label, model_id),
-                        args=args,
-                        client=runner,
-                    )
-                )
-            except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
-        if pipelined:
-            # Errors as values: redis-py's raised form quotes the command, keys included.
-            replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+    replies = registry.writes.run_adds(
+        registry.keys(namespace),
+        model_id,
+        [(u.label, check_embeddings(u.embeddings), u.images, u.hashes) for u in uploads],
+    )
     outcomes: list[ClassOutcome] = []
     for upload, reply in zip(uploads, replies):
         if isinstance(reply, redis.exceptions.ResponseError):

@@ -112,6 +112,37 @@ class Writes:
             keys.hashes(label),
         ]
 
+    def run_adds(
+        self,
+        keys: NamespaceKeys,
+        model_id: str,
+        adds: Sequence[tuple[str, np.ndarray, Sequence[bytes] | None, Sequence[str] | None]],
+    ) -> list[object]:
+        """Run add_examples.lua for each (label, checked vectors, stored images, content hashes)
+        of ``adds``, pipelined in one round trip; on a Cluster one round trip each, as redis-py's
+        cluster pipeline refuses scripts. Each reply, or the ResponseError of a refused add, in
+        order: the caller decides what a refusal means. The layout must be ensured already."""
+        client = self._store.client
+        pipelined = not isinstance(client, RedisCluster)
+        epoch = uuid.uuid4().hex  # the namespace's, should these adds create it
+        replies: list[object] = []
+        with redis_errors(client):
+            runner = client.pipeline(transaction=False) if pipelined else client
+            for label, vectors, images, hashes in adds:
+                args = self.add_args(label, model_id, vectors, images, hashes, epoch=epoch)
+                try:
+                    replies.append(
+                        self._store.scripts.add(
+                            keys=self.add_keys(keys, label, model_id), args=args, client=runner
+                        )
+                    )
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            if pipelined:
+                # Errors as values: redis-py's raised form quotes the command, keys included.
+                replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+        return replies
+
     def add_classes(
         self, namespace: str, classes: dict[str, np.ndarray], model_id: str, *, chunk: int = 1000
     ) -> None:
@@ -127,26 +158,12 @@ class Writes:
             raise InvalidInput("model_id must not be empty")
         items = [(label, check_embeddings(vectors)) for label, vectors in classes.items()]
         self._migration.ensure_layout(namespace)
-        pipelined = not isinstance(store.client, RedisCluster)
-        for start in range(0, len(items), chunk if pipelined else 1):
-            batch = items[start : start + chunk] if pipelined else items[start : start + 1]
-            with redis_errors(store.client):
-                runner = store.client.pipeline(transaction=False) if pipelined else store.client
-                replies: list[object] = []
-                epoch = uuid.uuid4().hex
-                for label, vectors in batch:
-                    args = self.add_args(label, model_id, vectors, None, epoch=epoch)
-                    try:
-                        replies.append(
-                            store.scripts.add(
-                                keys=self.add_keys(keys, label, model_id), args=args, client=runner
-                            )
-                        )
-                    except redis.exceptions.ResponseError as exc:
-                        replies.append(exc)
-                if pipelined:
-                    # Errors as values: redis-py's raised form quotes the command, keys included.
-                    replies = runner.execute(raise_on_error=False)  # type: ignore[union-attr]
+        step = chunk if not isinstance(store.client, RedisCluster) else 1
+        for start in range(0, len(items), step):
+            batch = items[start : start + step]
+            replies = self.run_adds(
+                keys, model_id, [(label, vectors, None, None) for label, vectors in batch]
+            )
             for (label, vectors), reply in zip(batch, replies):
                 if isinstance(reply, redis.exceptions.ResponseError):
                     raise script_error(reply, namespace, label, model_id, adding=len(vectors))
